@@ -1,0 +1,40 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Kernels compile once per process and are cached next to the sources.
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.venv/numba_cache
+
+.PHONY: demo test test-all bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf demo_output && mkdir -p demo_output
+	cd demo_output && ../$(BIN)/dials.vmerge ../examples/integrated.expt ../examples/integrated.refl \
+		partiality_cutoff=0.4
+	@echo
+	@echo "Demo outputs (scaled quartz sweep, from dials/data-files) are in $(CURDIR)/demo_output:"
+	@ls -1 demo_output | sed 's/^/  /'
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/run.py --out bench_results.json
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

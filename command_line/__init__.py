@@ -1,0 +1,1 @@
+"""The programs: thin wrappers that parse, call the library and report."""

@@ -1,0 +1,193 @@
+"""DIALS `.refl` files: the msgpack reflection-table container (dials-formats.md section 1).
+
+Reading never trusts the file: every length is checked against the bytes actually present
+before any array is built, so a lying header cannot trigger a huge allocation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from typing import Iterable
+
+import msgpack
+import numpy as np
+
+from ..errors import FileFormatError
+from ..table import COLUMN_TYPES, ReflectionTable
+from .atomic import write_bytes_atomic
+from .shoebox import Shoeboxes, ShoeboxFormatError
+
+MAGIC = "dials::af::reflection_table"
+WRITE_VERSION = 1
+READ_VERSIONS = (1, 2)
+
+_ELEMENT_BYTES = {
+    name: dtype.itemsize * int(np.prod(shape))
+    for name, (dtype, shape) in COLUMN_TYPES.items()
+    if dtype is not None
+}
+
+
+def sniff_container(head: bytes) -> str:
+    """Name the container from the first bytes of a file."""
+    if head[:1] == b"\x93":
+        return "msgpack"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x89HDF":
+        return "hdf5"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if head[:1] in (b"{", b"["):
+        return "json"
+    return "unknown"
+
+
+def _read_file_bytes(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise FileFormatError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise FileFormatError(f"{path}: is a directory, expected a .refl file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot read file ({e.strerror})") from None
+
+
+def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")) -> ReflectionTable:
+    """Read a DIALS reflection table; raise FileFormatError naming the file and the problem."""
+    raw = _read_file_bytes(path)
+    if not raw:
+        raise FileFormatError(f"{path}: file is empty, expected a DIALS .refl file")
+    container = sniff_container(raw[:4])
+    if container == "gzip":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
+        container = sniff_container(raw[:4])
+    if container == "pickle":
+        raise FileFormatError(
+            f"{path}: old DIALS 2.x pickle reflection table; not supported, "
+            "convert it to msgpack with a current DIALS (any program that writes .refl)"
+        )
+    if container == "hdf5":
+        raise FileFormatError(
+            f"{path}: HDF5 reflection table (DIALS_USE_H5); not supported, "
+            "rewrite it as msgpack with a current DIALS"
+        )
+    if container == "json":
+        raise FileFormatError(f"{path}: is a JSON file (an experiment list?), expected a .refl file")
+    if container != "msgpack":
+        raise FileFormatError(f"{path}: not a DIALS reflection file (unrecognised first bytes)")
+    table = decode_reflections(raw, path)
+    missing = [name for name in required if name not in table]
+    if missing:
+        raise FileFormatError(f"{path}: reflection table has no '{missing[0]}' column")
+    return table
+
+
+def decode_reflections(raw: bytes, path: str = "<bytes>") -> ReflectionTable:
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
+    except msgpack.ExtraData:
+        raise FileFormatError(f"{path}: trailing bytes after the reflection table") from None
+    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{path}: truncated or corrupt msgpack reflection file ({e})") from None
+    if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MAGIC):
+        raise FileFormatError(f"{path}: msgpack data is not a DIALS reflection table (wrong magic)")
+    version, body = obj[1], obj[2]
+    if version not in READ_VERSIONS:
+        raise FileFormatError(f"{path}: unsupported reflection table version {version!r}")
+    if not isinstance(body, dict):
+        raise FileFormatError(f"{path}: reflection table header is not a map")
+    unknown = set(body) - {"identifiers", "nrows", "data"}
+    if unknown:
+        raise FileFormatError(f"{path}: unknown key '{sorted(map(str, unknown))[0]}' in reflection file")
+    nrows = body.get("nrows")
+    data = body.get("data")
+    if not isinstance(nrows, int) or nrows < 0:
+        raise FileFormatError(f"{path}: reflection table has no valid 'nrows'")
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: reflection table has no 'data' map")
+    identifiers = body.get("identifiers", {}) or {}
+    if not isinstance(identifiers, dict) or not all(
+        isinstance(k, int) and k >= 0 and isinstance(v, str) for k, v in identifiers.items()
+    ):
+        raise FileFormatError(f"{path}: malformed experiment identifiers map")
+
+    table = ReflectionTable(nrows, identifiers)
+    for name, entry in data.items():
+        if not (
+            isinstance(name, str)
+            and isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+            and len(entry[1]) == 2
+        ):
+            raise FileFormatError(f"{path}: malformed entry for column {name!r}")
+        type_name, (count, blob) = entry[0], entry[1]
+        if type_name not in COLUMN_TYPES:
+            raise FileFormatError(f"{path}: column '{name}' has unknown type '{type_name}'")
+        if not isinstance(count, int) or count != nrows:
+            raise FileFormatError(f"{path}: column '{name}' has {count} rows, table has {nrows}")
+        if not isinstance(blob, bytes):
+            raise FileFormatError(f"{path}: column '{name}' payload is not binary")
+        if type_name == "std::string":
+            raise FileFormatError(
+                f"{path}: column '{name}' is a std::string column, which is not portable between processes"
+            )
+        if type_name == "Shoebox<>":
+            try:
+                column = Shoeboxes.from_bytes(blob, nrows)
+            except ShoeboxFormatError as e:
+                raise FileFormatError(f"{path}: column '{name}': {e}") from None
+            table.set_column(name, column, "Shoebox<>")
+            continue
+        expected = _ELEMENT_BYTES[type_name] * nrows
+        if len(blob) != expected:
+            raise FileFormatError(
+                f"{path}: column '{name}' holds {len(blob)} bytes, expected {expected} for {nrows} rows"
+            )
+        dtype, shape = COLUMN_TYPES[type_name]
+        if type_name == "bool":
+            values = np.frombuffer(blob, dtype=np.uint8)
+            if values.size and values.max() > 1:
+                raise FileFormatError(f"{path}: bool column '{name}' holds values other than 0/1")
+            values = values.astype(bool)
+        else:
+            values = np.frombuffer(blob, dtype=dtype).reshape((nrows,) + shape).copy()
+        table.set_column(name, values, type_name)
+    return table
+
+
+def encode_reflections(table: ReflectionTable) -> bytes:
+    """The msgpack bytes DIALS would write for this table (version 1)."""
+    data = {}
+    for name in sorted(table.keys(), key=lambda s: s.encode()):
+        type_name = table.column_type(name)
+        values = table[name]
+        if type_name == "Shoebox<>":
+            blob = values.to_bytes()
+        elif type_name == "std::string":
+            raise FileFormatError(f"cannot write std::string column '{name}'")
+        elif type_name == "bool":
+            blob = np.ascontiguousarray(values, dtype=np.uint8).tobytes()
+        else:
+            dtype, _ = COLUMN_TYPES[type_name]
+            blob = np.ascontiguousarray(values, dtype=dtype).tobytes()
+        data[name] = [type_name, [int(table.nrows), blob]]
+    body = {
+        "identifiers": {int(k): str(v) for k, v in sorted(table.identifiers.items())},
+        "nrows": int(table.nrows),
+        "data": data,
+    }
+    return msgpack.packb([MAGIC, WRITE_VERSION, body], use_bin_type=True)
+
+
+def write_reflections(table: ReflectionTable, path: str) -> None:
+    """Write a `.refl` atomically (temp file + rename)."""
+    write_bytes_atomic(path, encode_reflections(table))

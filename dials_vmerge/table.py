@@ -1,0 +1,206 @@
+"""The reflection table: named numpy columns with DIALS column types, identifiers and flags.
+
+Columns are plain numpy arrays (structure of arrays). Each column also carries the DIALS C++
+type name it is written as, so a table read from a `.refl` file writes back byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+import numpy as np
+
+from . import flags as _flags
+from .errors import VmergeError
+
+# DIALS type name -> (numpy dtype, shape of one row)
+COLUMN_TYPES = {
+    "double": (np.dtype("<f8"), ()),
+    "int": (np.dtype("<i4"), ()),
+    "std::size_t": (np.dtype("<u8"), ()),
+    "bool": (np.dtype("bool"), ()),
+    "int6": (np.dtype("<i4"), (6,)),
+    "vec2<double>": (np.dtype("<f8"), (2,)),
+    "vec3<double>": (np.dtype("<f8"), (3,)),
+    "mat3<double>": (np.dtype("<f8"), (3, 3)),
+    "cctbx::miller::index<>": (np.dtype("<i4"), (3,)),
+    "std::string": (None, ()),
+    "Shoebox<>": (None, ()),
+}
+
+# Column names whose DIALS type is fixed whatever numpy dtype a caller hands us.
+KNOWN_COLUMN_TYPES = {
+    "miller_index": "cctbx::miller::index<>",
+    "original_index": "std::size_t",
+    "flags": "std::size_t",
+    "panel": "std::size_t",
+    "partial_id": "std::size_t",
+    "id": "int",
+    "imageset_id": "int",
+    "bbox": "int6",
+    "entering": "bool",
+}
+
+
+def infer_column_type(name: str, values: np.ndarray) -> str:
+    """The DIALS type name a new column should be written as."""
+    if name in KNOWN_COLUMN_TYPES:
+        return KNOWN_COLUMN_TYPES[name]
+    shape = values.shape[1:]
+    kind = values.dtype.kind
+    if kind == "b":
+        return "bool"
+    if kind == "f":
+        return {(): "double", (2,): "vec2<double>", (3,): "vec3<double>", (3, 3): "mat3<double>"}[
+            shape
+        ]
+    if kind == "u" and shape == ():
+        return "std::size_t"
+    if kind in "iu":
+        return {(): "int", (3,): "cctbx::miller::index<>", (6,): "int6"}[shape]
+    raise ValueError(f"cannot store a column of dtype {values.dtype} and shape {shape}")
+
+
+class ReflectionTable:
+    """Columns of equal length, the `identifiers` map (id -> experiment identifier) and types."""
+
+    def __init__(self, nrows: int = 0, identifiers: Dict[int, str] | None = None):
+        self._columns: Dict[str, object] = {}
+        self._types: Dict[str, str] = {}
+        self.nrows = int(nrows)
+        self.identifiers: Dict[int, str] = dict(identifiers or {})
+
+    # -- columns -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.nrows
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._columns
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns)
+
+    def keys(self):
+        return list(self._columns)
+
+    def __getitem__(self, name: str):
+        try:
+            return self._columns[name]
+        except KeyError:
+            raise KeyError(f"reflection table has no column '{name}'") from None
+
+    def __setitem__(self, name: str, values) -> None:
+        self.set_column(name, values)
+
+    def __delitem__(self, name: str) -> None:
+        del self._columns[name]
+        del self._types[name]
+
+    def column_type(self, name: str) -> str:
+        return self._types[name]
+
+    def set_column(self, name: str, values, type_name: str | None = None) -> None:
+        """Add or replace a column; its DIALS type is kept, given, or inferred."""
+        if type_name is None:
+            type_name = self._types.get(name)
+        if type_name in ("Shoebox<>", "std::string"):
+            if len(values) != self.nrows:
+                raise ValueError(f"column '{name}' has {len(values)} rows, table has {self.nrows}")
+            self._columns[name] = values
+            self._types[name] = type_name
+            return
+        values = np.asarray(values)
+        if type_name is None:
+            type_name = infer_column_type(name, values)
+        dtype, shape = COLUMN_TYPES[type_name]
+        if values.ndim == 0:
+            values = np.full((self.nrows,) + shape, values, dtype=dtype)
+        values = np.ascontiguousarray(values, dtype=dtype)
+        if values.shape != (self.nrows,) + shape:
+            raise ValueError(
+                f"column '{name}' has shape {values.shape}, expected {(self.nrows,) + shape}"
+            )
+        self._columns[name] = values
+        self._types[name] = type_name
+
+    def del_column(self, name: str) -> None:
+        if name in self._columns:
+            del self[name]
+
+    # -- rows ----------------------------------------------------------------------------
+    def select(self, selection) -> "ReflectionTable":
+        """A new table with the rows of a boolean mask or an integer index array."""
+        selection = np.asarray(selection)
+        if selection.dtype == bool:
+            if selection.shape != (self.nrows,):
+                raise ValueError("boolean selection length differs from the table")
+            index = np.flatnonzero(selection)
+        else:
+            index = selection.astype(np.int64, copy=False)
+        out = ReflectionTable(len(index), self.identifiers)
+        for name, values in self._columns.items():
+            if isinstance(values, np.ndarray):
+                out._columns[name] = np.ascontiguousarray(values[index])
+            else:
+                out._columns[name] = values.select(index)
+            out._types[name] = self._types[name]
+        return out
+
+    def copy(self) -> "ReflectionTable":
+        return self.select(np.arange(self.nrows))
+
+    @staticmethod
+    def concatenate(tables) -> "ReflectionTable":
+        """Rows of several tables with the same columns; `id` values are kept (DIALS `extend`)."""
+        tables = list(tables)
+        if not tables:
+            return ReflectionTable()
+        names = tables[0].keys()
+        for t in tables[1:]:
+            if set(t.keys()) != set(names):
+                missing = set(names) ^ set(t.keys())
+                raise VmergeError(
+                    "cannot combine reflection tables with different columns: "
+                    + ", ".join(sorted(missing))
+                )
+        identifiers: Dict[int, str] = {}
+        for t in tables:
+            for key, value in t.identifiers.items():
+                if identifiers.get(key, value) != value:
+                    raise VmergeError(
+                        f"reflection tables use id {key} for two experiments "
+                        f"({identifiers[key]} and {value})"
+                    )
+                identifiers[key] = value
+        out = ReflectionTable(sum(t.nrows for t in tables), identifiers)
+        for name in names:
+            first = tables[0][name]
+            if isinstance(first, np.ndarray):
+                out._columns[name] = np.concatenate([t[name] for t in tables])
+            else:
+                out._columns[name] = type(first).concatenate([t[name] for t in tables])
+            out._types[name] = tables[0].column_type(name)
+        return out
+
+    # -- flags ---------------------------------------------------------------------------
+    def get_flags(self, mask: int, all: bool = True) -> np.ndarray:
+        """DIALS get_flags: all=True means every bit of mask set, all=False means any bit."""
+        if "flags" not in self:
+            return np.zeros(self.nrows, dtype=bool)
+        f = self["flags"] & np.uint64(mask)
+        return f == np.uint64(mask) if all else f != 0
+
+    def set_flags(self, selection, mask: int) -> None:
+        if "flags" not in self:
+            self["flags"] = np.zeros(self.nrows, dtype=np.uint64)
+        self._columns["flags"][selection] |= np.uint64(mask)
+
+    def unset_flags(self, selection, mask: int) -> None:
+        if "flags" not in self:
+            return
+        self._columns["flags"][selection] &= ~np.uint64(mask)
+
+    flags = _flags
+
+    def __repr__(self) -> str:
+        return f"<ReflectionTable {self.nrows} rows, {len(self._columns)} columns>"

@@ -1,0 +1,1 @@
+"""Shared PHIL scope files, one per concern."""
