@@ -1,0 +1,114 @@
+"""One free-parameter vector over the models of several datasets (concurrent refinement).
+
+The only coupling to dials_vmerge.model is the ScalingModel interface:
+  parameter_vector() -> (P,), set_parameter_vector(p), free_parameter_mask() -> (P,) bool,
+  restraint_weights() -> (P,), configure(table, experiment),
+  evaluate() -> (g (n,), deriv_values (n,K) float64, deriv_index (n,K) int32)
+with deriv_index indexing the model's full parameter vector. Used when present:
+  supports_fix_initial + free_parameter_mask(fix_initial=True) (the first scale parameter,
+  fixed in the last full-matrix iteration), evaluate(rows=...) (a subset of the configured
+  rows), set_est_standard_devs(esds (P,)).
+
+Free parameters of dataset d occupy columns offset[d]:offset[d+1] of the global vector,
+dataset by dataset in the order of the model list (DIALS concurrent order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ParameterManager:
+    def __init__(self, models, fix_initial_dataset=None):
+        """fix_initial_dataset: the dataset whose first scale parameter is held fixed."""
+        self.models = list(models)
+        self.column_of_parameter = []  # per dataset: full index -> global column or -1
+        self.free_index = []  # per dataset: full indices of the free parameters
+        offset = 0
+        self.offsets = [0]
+        for d, model in enumerate(self.models):
+            if d == fix_initial_dataset:
+                mask = np.asarray(model.free_parameter_mask(fix_initial=True), dtype=bool)
+            else:
+                mask = np.asarray(model.free_parameter_mask(), dtype=bool)
+            free = np.flatnonzero(mask)
+            col = np.full(mask.size, -1, dtype=np.int32)
+            col[free] = offset + np.arange(free.size, dtype=np.int32)
+            self.column_of_parameter.append(col)
+            self.free_index.append(free)
+            offset += free.size
+            self.offsets.append(offset)
+        self.n_free = offset
+
+    def get_free(self):
+        if self.n_free == 0:
+            return np.zeros(0)
+        return np.concatenate([np.asarray(m.parameter_vector(), dtype=np.float64)[f]
+                               for m, f in zip(self.models, self.free_index)])
+
+    def set_free(self, x):
+        for d, (model, free) in enumerate(zip(self.models, self.free_index)):
+            p = np.array(model.parameter_vector(), dtype=np.float64)
+            p[free] = x[self.offsets[d]:self.offsets[d + 1]]
+            model.set_parameter_vector(p)
+
+    def restraint_weights(self):
+        if self.n_free == 0:
+            return np.zeros(0)
+        return np.concatenate([np.asarray(m.restraint_weights(), dtype=np.float64)[f]
+                               for m, f in zip(self.models, self.free_index)])
+
+    def evaluate(self, rows=None):
+        """Per dataset (g, deriv_values, deriv_col) with columns in the global free vector.
+
+        rows: optional per-dataset row selections of the configured observations.
+        """
+        out = []
+        for d, (model, col) in enumerate(zip(self.models, self.column_of_parameter)):
+            if rows is None or rows[d] is None:
+                g, values, index = model.evaluate()
+            else:
+                g, values, index = evaluate_rows(model, rows[d])
+            values = np.asarray(values, dtype=np.float64)
+            index = np.asarray(index)
+            global_col = np.where(index >= 0, col[np.clip(index, 0, None)], -1).astype(np.int32)
+            out.append((np.asarray(g, dtype=np.float64), values, global_col))
+        return out
+
+
+def gather_ell(per_dataset, dataset_id, loc_index):
+    """Stack per-dataset (g, values, cols) into observation order of an IhTable.
+
+    Datasets with fewer derivative slots are padded with unused slots (col -1).
+    """
+    n_slots = max((v.shape[1] for _, v, _ in per_dataset), default=0)
+    n = dataset_id.size
+    g = np.empty(n)
+    values = np.zeros((n, n_slots))
+    cols = np.full((n, n_slots), -1, dtype=np.int32)
+    for d, (gd, vd, cd) in enumerate(per_dataset):
+        rows = np.flatnonzero(dataset_id == d)
+        if rows.size == 0:
+            continue
+        src = loc_index[rows]
+        g[rows] = gd[src]
+        values[rows, :vd.shape[1]] = vd[src]
+        cols[rows, :cd.shape[1]] = cd[src]
+    return g, values, cols
+
+
+def evaluate_rows(model, rows):
+    """model.evaluate(rows=rows) where supported, else evaluate everything and select."""
+    try:
+        return model.evaluate(rows=rows)
+    except TypeError:
+        g, values, index = model.evaluate()
+        return g[rows], values[rows], index[rows]
+
+
+def first_fix_initial_dataset(models):
+    """The first dataset whose model supports fixing its initial scale parameter (DIALS)."""
+    for d, model in enumerate(models):
+        if getattr(model, "supports_fix_initial", False):
+            return d
+    return None

@@ -1,0 +1,299 @@
+"""Per-dataset data preparation before scaling (dials-scaling.md section 3).
+
+Order, as dials.scale runs it on each dataset:
+  1. clear the three scaling-exclusion flags and `scaled` (every run starts fresh),
+  2. user exclusions: d range and partiality cut -> `user_excluded_in_scaling`,
+  3. initial filter -> `excluded_for_scaling`, plus the `original_index` column,
+  4. summation of split partials (first piece kept, others deleted),
+  5. `inverse_scale_factor` initialised to 1 unless the run is a rescale,
+  6. prescaling correction (lp/qe), initial `intensity`/`variance` columns; V <= 0 excluded.
+The user cut and the filter both see the pre-summation partiality, so a piece cut for a low
+partiality stays excluded even when the summed partiality would pass (DIALS behaviour).
+Everything here is vectorised numpy over columns; no Python loop touches a reflection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import flags
+
+SCALING_FLAGS = (
+    flags.user_excluded_in_scaling
+    | flags.outlier_in_scaling
+    | flags.excluded_for_scaling
+    | flags.scaled
+)
+
+# Partials with a piece at or above this partiality are treated as full (DIALS constant).
+FULL_PARTIALITY = 0.99
+
+
+def clear_scaling_flags(table) -> None:
+    """Unset user_excluded/outlier/excluded_for_scaling and scaled on every row."""
+    table.unset_flags(np.ones(table.nrows, dtype=bool), SCALING_FLAGS)
+
+
+def _has(table, name):
+    return name in table
+
+
+def _isigma(value, variance):
+    """I/sigma with NaN where sigma is undefined (NaN never passes or fails a cut)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return value / np.sqrt(variance)
+
+
+def user_exclusion_selection(table, d_min=None, d_max=None, partiality_cutoff=None, d_values=None):
+    """Rows cut by the user's d range or partiality cut (cut_data.*); True means excluded.
+
+    d_values: d per row from the best (median) cell, as dials.scale uses; defaults to `d`.
+    """
+    excluded = np.zeros(table.nrows, dtype=bool)
+    if d_min is not None or d_max is not None:
+        d = table["d"] if d_values is None else np.asarray(d_values)
+        if d_min is not None:
+            excluded |= d < d_min
+        if d_max is not None:
+            excluded |= d > d_max
+    if partiality_cutoff is not None and _has(table, "partiality"):
+        excluded |= table["partiality"] < partiality_cutoff
+    return excluded
+
+
+def apply_user_exclusions(table, d_min=None, d_max=None, partiality_cutoff=None, d_values=None):
+    sel = user_exclusion_selection(table, d_min, d_max, partiality_cutoff, d_values)
+    table.set_flags(sel, flags.user_excluded_in_scaling)
+    return sel
+
+
+def filter_intensity_types(table, intensity_choice):
+    """Which intensity estimates the initial filter checks ('sum', 'prf' or both)."""
+    has_prf = _has(table, "intensity.prf.value")
+    has_sum = _has(table, "intensity.sum.value")
+    if intensity_choice == "combine":
+        if has_prf and has_sum:
+            return ("sum", "prf")
+        return ("sum",) if has_sum else ("prf",)
+    if intensity_choice == "profile":
+        return ("prf",)
+    return ("sum",)
+
+
+def initial_filter_selection(table, intensity_choice="combine", partiality_cutoff=0.25,
+                             min_isigi=-5.0):
+    """Rows that fail the initial filter (True = excluded_for_scaling). Section 3.1."""
+    kinds = filter_intensity_types(table, intensity_choice)
+    flag_bits = table["flags"]
+    bad = table["id"] < 0
+    integrated_mask = 0
+    for kind in kinds:
+        integrated_mask |= flags.integrated_prf if kind == "prf" else flags.integrated_sum
+    bad |= (flag_bits & np.uint64(integrated_mask)) == 0
+    for kind in kinds:
+        bit = np.uint64(flags.integrated_prf if kind == "prf" else flags.integrated_sum)
+        is_integrated = (flag_bits & bit) != 0
+        variance = table[f"intensity.{kind}.variance"]
+        bad |= is_integrated & ~(variance > 0)
+    for qe_name in ("qe", "dqe"):
+        if _has(table, qe_name):
+            bad |= ~(table[qe_name] > 0)
+            break
+    if partiality_cutoff is not None and _has(table, "partiality"):
+        bad |= table["partiality"] < partiality_cutoff
+    if min_isigi is not None:
+        for kind in kinds:
+            isig = _isigma(table[f"intensity.{kind}.value"], table[f"intensity.{kind}.variance"])
+            bad |= isig < min_isigi
+    return bad
+
+
+def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.25,
+                         min_isigi=-5.0):
+    """Flag filter failures excluded_for_scaling and number rows in `original_index`."""
+    bad = initial_filter_selection(table, intensity_choice, partiality_cutoff, min_isigi)
+    table.set_flags(bad, flags.excluded_for_scaling)
+    table["original_index"] = np.arange(table.nrows, dtype=np.uint64)
+    return bad
+
+
+def sum_partial_reflections(table):
+    """Merge split partials sharing a `partial_id` into their first piece; others deleted.
+
+    Candidates: partiality < 0.99 and variance > 0 for every intensity type present.
+    Kept piece: partiality = sum p, sum I/V added, prf I weighted by (I/sigma)^2 with
+    V = sum(w V)/sum(w), scale I/V inverse-variance weighted, flags of the first piece.
+    Returns the new table (or the same one when nothing is summed).
+    """
+    if not (_has(table, "partiality") and _has(table, "partial_id")):
+        return table
+    kinds = [k for k in ("sum", "prf", "scale") if _has(table, f"intensity.{k}.value")]
+    candidate = table["partiality"] < FULL_PARTIALITY
+    for kind in kinds:
+        candidate &= table[f"intensity.{kind}.variance"] > 0
+    rows = np.flatnonzero(candidate)
+    if rows.size == 0:
+        return table
+    order = np.argsort(table["partial_id"][rows], kind="stable")
+    rows = rows[order]  # within one partial_id, ascending row index: first piece first
+    pid = table["partial_id"][rows]
+    starts = np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]])
+    sizes = np.diff(np.r_[starts, rows.size])
+    multi = sizes > 1
+    if not multi.any():
+        return table
+    first_rows = rows[starts[multi]]
+    member_group = np.repeat(np.arange(starts.size), sizes)
+    in_multi = multi[member_group]
+    member_rows = rows[in_multi]
+    # reduceat needs segment starts in the compacted member list
+    seg_sizes = sizes[multi]
+    seg_starts = np.r_[0, np.cumsum(seg_sizes)[:-1]]
+
+    def segsum(values):
+        return np.add.reduceat(values, seg_starts)
+
+    new = {}
+    new["partiality"] = segsum(table["partiality"][member_rows])
+    if "sum" in kinds:
+        new["intensity.sum.value"] = segsum(table["intensity.sum.value"][member_rows])
+        new["intensity.sum.variance"] = segsum(table["intensity.sum.variance"][member_rows])
+    if "prf" in kinds:
+        i_prf = table["intensity.prf.value"][member_rows]
+        v_prf = table["intensity.prf.variance"][member_rows]
+        w = i_prf * i_prf / v_prf
+        sw = segsum(w)
+        # all-zero prf intensities give no weight; fall back to the plain mean then
+        nonzero = sw > 0
+        plain = np.add.reduceat(np.ones_like(w), seg_starts)
+        new["intensity.prf.value"] = np.where(
+            nonzero, segsum(w * i_prf) / np.where(nonzero, sw, 1), segsum(i_prf) / plain)
+        new["intensity.prf.variance"] = np.where(
+            nonzero, segsum(w * v_prf) / np.where(nonzero, sw, 1), segsum(v_prf) / plain)
+    if "scale" in kinds:
+        i_sc = table["intensity.scale.value"][member_rows]
+        v_sc = table["intensity.scale.variance"][member_rows]
+        inv = 1.0 / v_sc
+        new["intensity.scale.value"] = segsum(inv * i_sc) / segsum(inv)
+        new["intensity.scale.variance"] = 1.0 / segsum(inv)
+
+    keep = np.ones(table.nrows, dtype=bool)
+    keep[member_rows] = False
+    keep[first_rows] = True
+    for name, values in new.items():
+        column = table[name].copy()
+        column[first_rows] = values
+        table[name] = column
+    return table.select(keep)
+
+
+def prescaling_correction(table):
+    """c = lp / qe (qe, else dqe; 1/qe taken as 1 where qe <= 0); 1 where columns absent."""
+    correction = np.array(table["lp"], dtype=np.float64) if _has(table, "lp") else np.ones(table.nrows)
+    for qe_name in ("qe", "dqe"):
+        if _has(table, qe_name):
+            qe = table[qe_name]
+            positive = qe > 0
+            inv_qe = np.ones(table.nrows)
+            inv_qe[positive] = 1.0 / qe[positive]
+            correction = correction * inv_qe
+            break
+    return correction
+
+
+def summation_intensities(table, correction):
+    """Summation intensity and variance corrected by c/p (1/p taken as 1 where p <= 0)."""
+    factor = correction.copy()
+    if _has(table, "partiality"):
+        p = table["partiality"]
+        positive = p > 0
+        factor[positive] = factor[positive] / p[positive]
+    intensity = table["intensity.sum.value"] * factor
+    variance = table["intensity.sum.variance"] * factor * factor
+    if _has(table, "partiality.inv.variance"):
+        # stills: uncertainty of 1/p propagated as (I_sum c)^2 var(1/p)
+        corrected = table["intensity.sum.value"] * correction
+        variance = variance + corrected * corrected * table["partiality.inv.variance"]
+    return intensity, variance
+
+
+def profile_intensities(table, correction):
+    """Profile intensity and variance corrected by c (never divided by partiality)."""
+    return (table["intensity.prf.value"] * correction,
+            table["intensity.prf.variance"] * correction * correction)
+
+
+def has_usable_profile(table):
+    return _has(table, "intensity.prf.value") and bool(
+        table.get_flags(flags.integrated_prf).any())
+
+
+def choose_initial_intensities(table, intensity_choice="combine"):
+    """Write `prescaling_correction`, `intensity`, `variance`; flag V <= 0 excluded.
+
+    profile: prf*c. sum/combine: sum*c/p, then for combine prf*c overwrites rows flagged
+    integrated_prf. Falls back to summation when there is no usable profile column.
+    """
+    correction = prescaling_correction(table)
+    table["prescaling_correction"] = correction
+    use_profile = has_usable_profile(table)
+    if intensity_choice == "profile" and use_profile:
+        intensity, variance = profile_intensities(table, correction)
+    else:
+        intensity, variance = summation_intensities(table, correction)
+        if intensity_choice == "combine" and use_profile:
+            prf_rows = table.get_flags(flags.integrated_prf)
+            i_prf, v_prf = profile_intensities(table, correction)
+            intensity = np.where(prf_rows, i_prf, intensity)
+            variance = np.where(prf_rows, v_prf, variance)
+    table["intensity"] = intensity
+    table["variance"] = variance
+    table.set_flags(~(variance > 0), flags.excluded_for_scaling)
+    return table
+
+
+def initialise_inverse_scale_factor(table):
+    """g = 1 unless the column holds a previous run's values (rescale)."""
+    if "inverse_scale_factor" not in table or not np.any(table["inverse_scale_factor"]):
+        table["inverse_scale_factor"] = np.ones(table.nrows)
+
+
+def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=-5.0,
+                    d_min=None, d_max=None, d_values=None, clear_flags=True):
+    """Run steps 1-6 on one dataset's table; returns the new table (rows may be removed).
+
+    d_values: per-row d from the best cell for the d-range cut (default: the `d` column).
+    """
+    if clear_flags:
+        clear_scaling_flags(table)
+    apply_user_exclusions(table, d_min, d_max, partiality_cutoff, d_values)
+    apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi)
+    table = sum_partial_reflections(table)
+    initialise_inverse_scale_factor(table)
+    choose_initial_intensities(table, intensity_choice)
+    return table
+
+
+def suitable_selection(table):
+    """Rows that scaling may use: neither user-excluded nor excluded_for_scaling."""
+    return ~table.get_flags(flags.user_excluded_in_scaling | flags.excluded_for_scaling,
+                            all=False)
+
+
+def d_from_unit_cell(miller_index, unit_cell):
+    """d spacing of each index in a cctbx unit cell (for the best-cell d-range cut)."""
+    from cctbx.array_family import flex
+
+    h = np.ascontiguousarray(miller_index, dtype=np.int32)
+    indices = flex.miller_index(flex.int(np.ascontiguousarray(h[:, 0])),
+                                flex.int(np.ascontiguousarray(h[:, 1])),
+                                flex.int(np.ascontiguousarray(h[:, 2])))
+    return unit_cell.d(indices).as_numpy_array()
+
+
+def median_unit_cell(unit_cells):
+    """The median of each cell parameter over experiments (DIALS best_unit_cell default)."""
+    from cctbx import uctbx
+
+    params = np.array([uc.parameters() for uc in unit_cells])
+    return uctbx.unit_cell(tuple(np.median(params, axis=0)))

@@ -1,0 +1,261 @@
+"""The least-squares scaling target, its gradient and its normal matrix (dials-scaling.md 5.3).
+
+    Phi = sum_h sum_l w_l (I_l - g_l Ih_h)^2 + sum_k wr_k p_k^2,  Ih_h = sum w g I / sum w g^2
+
+Derivatives of g come from the models in ELL form: for observation i, deriv_values[i, k] is
+dg_i/dp_c with c = deriv_col[i, k] a column of the free parameter vector (-1: unused slot or
+a fixed parameter). No per-reflection sparse matrix is ever built.
+
+Gradient: Ih minimises Phi for fixed g, so dPhi/dp needs no dIh/dp term:
+    dPhi/dp = sum -2 w r Ih dg/dp.
+Normal matrix (Gauss-Newton/LevMar): J = dr/dp = -(Ih dg/dp + g dIh/dp) with
+    dIh/dp = sum_l w (I - 2 g Ih) dg/dp / sum_l w g^2,
+accumulated per group over the union of the columns its observations touch.
+
+Each kernel walks contiguous chunks of groups (one per thread, see ih_table.chunk_bounds)
+into per-chunk partial sums, then reduces the chunks in order: deterministic for a given nproc.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .ih_table import chunk_bounds
+
+
+@njit(cache=True, parallel=True)
+def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+                           chunk_start, phi_partial, grad_partial):
+    """Per chunk: sum w r^2 into phi_partial[c] and -2 w r Ih dg into grad_partial[c, :]."""
+    n_chunks = chunk_start.size - 1
+    n_slots = deriv_values.shape[1]
+    for c in prange(n_chunks):
+        phi = 0.0
+        for grp in range(chunk_start[c], chunk_start[c + 1]):
+            lo = group_start[grp]
+            hi = group_start[grp + 1]
+            s_wgi = 0.0
+            s_wgg = 0.0
+            for i in range(lo, hi):
+                wg = weight[i] * g[i]
+                s_wgi += wg * intensity[i]
+                s_wgg += wg * g[i]
+            if s_wgg <= 0.0:
+                continue
+            ih = s_wgi / s_wgg
+            for i in range(lo, hi):
+                r = intensity[i] - g[i] * ih
+                wr = weight[i] * r
+                phi += wr * r
+                factor = -2.0 * wr * ih
+                for k in range(n_slots):
+                    col = deriv_col[i, k]
+                    if col >= 0:
+                        grad_partial[c, col] += factor * deriv_values[i, k]
+        phi_partial[c] = phi
+
+
+@njit(cache=True, parallel=True)
+def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+                         chunk_start, phi_partial, rhs_partial, normal_partial):
+    """Per chunk: phi, J^T W r and J^T W J with the dIh/dp term of J included."""
+    n_chunks = chunk_start.size - 1
+    n_slots = deriv_values.shape[1]
+    n_par = rhs_partial.shape[1]
+    for c in prange(n_chunks):
+        local_of_col = np.full(n_par, -1, dtype=np.int64)
+        cols = np.empty(n_par, dtype=np.int64)
+        dih = np.empty(n_par)
+        jrow = np.empty(n_par)
+        phi = 0.0
+        for grp in range(chunk_start[c], chunk_start[c + 1]):
+            lo = group_start[grp]
+            hi = group_start[grp + 1]
+            s_wgi = 0.0
+            s_wgg = 0.0
+            for i in range(lo, hi):
+                wg = weight[i] * g[i]
+                s_wgi += wg * intensity[i]
+                s_wgg += wg * g[i]
+            if s_wgg <= 0.0:
+                continue
+            ih = s_wgi / s_wgg
+            n_local = 0
+            for i in range(lo, hi):
+                for k in range(n_slots):
+                    col = deriv_col[i, k]
+                    if col >= 0 and local_of_col[col] < 0:
+                        local_of_col[col] = n_local
+                        cols[n_local] = col
+                        dih[n_local] = 0.0
+                        n_local += 1
+            for i in range(lo, hi):
+                factor = weight[i] * (intensity[i] - 2.0 * g[i] * ih) / s_wgg
+                for k in range(n_slots):
+                    col = deriv_col[i, k]
+                    if col >= 0:
+                        dih[local_of_col[col]] += factor * deriv_values[i, k]
+            for i in range(lo, hi):
+                r = intensity[i] - g[i] * ih
+                w = weight[i]
+                phi += w * r * r
+                for a in range(n_local):
+                    jrow[a] = -g[i] * dih[a]
+                for k in range(n_slots):
+                    col = deriv_col[i, k]
+                    if col >= 0:
+                        jrow[local_of_col[col]] -= ih * deriv_values[i, k]
+                for a in range(n_local):
+                    wja = w * jrow[a]
+                    if wja == 0.0:
+                        continue
+                    ca = cols[a]
+                    rhs_partial[c, ca] += wja * r
+                    for b in range(n_local):
+                        normal_partial[c, ca, cols[b]] += wja * jrow[b]
+            for a in range(n_local):
+                local_of_col[cols[a]] = -1
+        phi_partial[c] = phi
+
+
+@njit(cache=True, parallel=True)
+def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
+    """var(g_i) = sum_kk' dg_i/dp_k cov[k, k'] dg_i/dp_k' over the free parameters."""
+    n = deriv_values.shape[0]
+    n_slots = deriv_values.shape[1]
+    for i in prange(n):
+        total = 0.0
+        for k in range(n_slots):
+            ck = deriv_col[i, k]
+            if ck < 0:
+                continue
+            dk = deriv_values[i, k]
+            for kk in range(n_slots):
+                ckk = deriv_col[i, kk]
+                if ckk >= 0:
+                    total += dk * covariance[ck, ckk] * deriv_values[i, kk]
+        out[i] = total
+
+
+def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
+                        nproc=1):
+    """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller."""
+    chunks = chunk_bounds(group_start, nproc)
+    n_chunks = chunks.size - 1
+    phi_partial = np.zeros(n_chunks)
+    grad_partial = np.zeros((n_chunks, n_par))
+    target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
+                           phi_partial, grad_partial)
+    return _ordered_sum(phi_partial), _ordered_rows_sum(grad_partial)
+
+
+def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
+                     nproc=1):
+    """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term."""
+    chunks = chunk_bounds(group_start, nproc)
+    n_chunks = chunks.size - 1
+    phi_partial = np.zeros(n_chunks)
+    rhs_partial = np.zeros((n_chunks, n_par))
+    normal_partial = np.zeros((n_chunks, n_par, n_par))
+    normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
+                         phi_partial, rhs_partial, normal_partial)
+    return (_ordered_sum(phi_partial), _ordered_rows_sum(rhs_partial),
+            _ordered_rows_sum(normal_partial))
+
+
+def variance_of_g(deriv_values, deriv_col, covariance):
+    out = np.empty(deriv_values.shape[0])
+    variance_of_g_kernel(deriv_values, deriv_col, np.ascontiguousarray(covariance), out)
+    return out
+
+
+def _ordered_sum(values):
+    total = 0.0
+    for v in values:  # a handful of chunks; fixed order keeps the result deterministic
+        total += float(v)
+    return total
+
+
+def _ordered_rows_sum(partials):
+    total = partials[0].copy()
+    for row in partials[1:]:
+        total += row
+    return total
+
+
+class ScalingTarget:
+    """The target over one IhTable for the models behind a ParameterManager.
+
+    The table's dataset_id/loc_index point into the rows each model was configured with.
+    Restraints wr_k p_k^2 act on the free parameters (absolute weights, as in DIALS).
+    """
+
+    def __init__(self, manager, ih_table, nproc=1):
+        self.manager = manager
+        self.table = ih_table
+        self.nproc = nproc
+        self.restraint_weights = manager.restraint_weights()
+        self.n_restraints = int(np.count_nonzero(self.restraint_weights))
+        self.last_phi = None
+        # Models evaluate only the rows this table uses; positions within those rows.
+        self.rows, self.position = rows_used(ih_table, len(manager.models))
+
+    @property
+    def n_par(self):
+        return self.manager.n_free
+
+    @property
+    def n_obs(self):
+        return self.table.n_obs
+
+    @property
+    def n_equations(self):
+        return self.n_obs + self.n_restraints
+
+    def _ell(self, x):
+        from .parameters import gather_ell
+
+        self.manager.set_free(x)
+        per_dataset = self.manager.evaluate(rows=self.rows)
+        return gather_ell(per_dataset, self.table.dataset_id, self.position)
+
+    def value_and_gradient(self, x):
+        g, values, cols = self._ell(x)
+        t = self.table
+        phi, grad = target_and_gradient(t.intensity, t.weight, g, values, cols, t.group_start,
+                                        self.n_par, self.nproc)
+        wr = self.restraint_weights
+        phi += float(np.sum(wr * x * x))
+        grad = grad + 2.0 * wr * x
+        self.last_phi = phi
+        return phi, grad
+
+    def normal_equations(self, x):
+        """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr)."""
+        g, values, cols = self._ell(x)
+        t = self.table
+        phi, rhs, normal = normal_equations(t.intensity, t.weight, g, values, cols,
+                                            t.group_start, self.n_par, self.nproc)
+        wr = self.restraint_weights
+        phi += float(np.sum(wr * x * x))
+        rhs = rhs + wr * x
+        normal = normal + np.diag(wr)
+        return phi, rhs, normal
+
+    def rmsd(self, phi):
+        """DIALS's RMSD_I = sqrt(phi / n_refl)."""
+        return float(np.sqrt(phi / max(self.n_obs, 1)))
+
+
+def rows_used(ih_table, n_datasets):
+    """Per dataset the sorted configured rows the table uses, and each observation's
+    position within its dataset's list."""
+    rows = []
+    position = np.empty(ih_table.n_obs, dtype=np.int64)
+    for d in range(n_datasets):
+        obs = np.flatnonzero(ih_table.dataset_id == d)
+        unique_rows, inverse = np.unique(ih_table.loc_index[obs], return_inverse=True)
+        rows.append(unique_rows)
+        position[obs] = inverse
+    return rows, position
