@@ -170,12 +170,30 @@ def oscillation_range_deg(expt) -> float:
 
 
 def predicted_s1(expt, miller_index, z) -> np.ndarray:
-    """s1 = s0 + R(phi(z)) A h for a static crystal (stills: no rotation)."""
-    dstar = np.asarray(miller_index, dtype=float) @ A_matrix(expt).T
+    """s1 = s0 + R(phi(z)) A h (stills: no rotation).
+
+    With a scan-varying crystal (`A_at_scan_points`, UB at frame boundaries) the rotated
+    reciprocal-lattice vector moves linearly between the two neighbouring boundaries, as
+    DIALS predicts it.
+    """
+    h = np.asarray(miller_index, dtype=float)
     if expt.is_still:
-        return s0(expt)[None, :] + dstar
-    rot = lab_rotations(expt, rotation_angle_deg(expt, z))
-    return s0(expt)[None, :] + np.einsum("nij,nj->ni", rot, dstar)
+        return s0(expt)[None, :] + h @ A_matrix(expt).T
+    z = np.asarray(z, dtype=float)
+    scan_points = expt.crystal.get("A_at_scan_points")
+    if not scan_points:
+        rot = lab_rotations(expt, rotation_angle_deg(expt, z))
+        return s0(expt)[None, :] + np.einsum("nij,nj->ni", rot, h @ A_matrix(expt).T)
+    ub = np.asarray(scan_points, dtype=float).reshape(-1, 3, 3)
+    first, _ = image_range(expt)
+    z_rel = z - (first - 1)
+    k = np.clip(np.floor(z_rel).astype(np.int64), 0, len(ub) - 2)
+    frac = z_rel - k
+    r = []
+    for boundary in (k, k + 1):
+        rot = lab_rotations(expt, rotation_angle_deg(expt, boundary + (first - 1)))
+        r.append(np.einsum("nij,njk,nk->ni", rot, ub[boundary], h))
+    return s0(expt)[None, :] + r[0] + frac[:, None] * (r[1] - r[0])
 
 
 def crystal_frame_vectors(expt, s1, z):

@@ -1,0 +1,98 @@
+"""Global batch numbers (dials-formats.md 5.4, dials-scaling.md 10.4).
+
+batch = floor(z_obs) + 1 + offset. Offsets are the stored `scan.batch_offset` values when
+they are distinct across experiments; otherwise they are assigned DIALS-style: a range that
+overlaps an earlier one moves to the next number ending in 01 that leaves a gap.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+from .geometry import image_range
+
+
+def _next_epoch(max_batch: int) -> int:
+    rem = max_batch % 100
+    if rem == 99:
+        return max_batch + 2
+    if rem == 0:
+        return max_batch + 101
+    return max_batch - rem + 101
+
+
+def calculate_batch_offsets(ranges: List[Tuple[int, int]]) -> List[int]:
+    """DIALS `_calculate_batch_offsets` on per-experiment image ranges ((0,0) for stills)."""
+    accepted: List[Tuple[int, int]] = []
+    offsets = [0] * len(ranges)
+    clashing = []
+    for i, (lo, hi) in enumerate(ranges):
+        shift = 1 if lo == 0 else 0
+        lo, hi = lo + shift, hi + shift
+        if any(lo <= h and hi >= l - 1 for (l, h) in accepted):
+            clashing.append(i)
+            continue
+        offsets[i] = shift
+        accepted.append((lo, hi))
+    max_batch = max((h for (_, h) in accepted), default=0)
+    for i in clashing:
+        lo, hi = ranges[i]
+        start = _next_epoch(max_batch)
+        offsets[i] = start - lo
+        max_batch = start + (hi - lo)
+    return offsets
+
+
+def batch_offsets(experiments) -> List[int]:
+    """Stored offsets if distinct over the experiments with scans, else recalculated."""
+    stored = [
+        int(e.scan.get("batch_offset", 0)) for e in experiments if e.scan is not None and not e.is_still
+    ]
+    if len(stored) == len(experiments) and len(set(stored)) == len(stored):
+        return stored
+    ranges = [(0, 0) if e.is_still else image_range(e) for e in experiments]
+    return calculate_batch_offsets(ranges)
+
+
+def batch_ranges(experiments, offsets=None) -> List[Tuple[int, int]]:
+    offsets = batch_offsets(experiments) if offsets is None else offsets
+    out = []
+    for e, off in zip(experiments, offsets):
+        lo, hi = (0, 0) if e.is_still else image_range(e)
+        out.append((lo + off, hi + off))
+    return out
+
+
+def batch_numbers(table, experiments, offsets=None) -> np.ndarray:
+    """Batch of each row: floor(z_obs) + 1 + offset of the row's experiment (0 if unassigned)."""
+    offsets = batch_offsets(experiments) if offsets is None else offsets
+    per_id = np.zeros(max(list(table.identifiers) + [0]) + 1, dtype=np.int64)
+    for key, ident in table.identifiers.items():
+        index = experiments.find(ident)
+        if index >= 0:
+            per_id[key] = offsets[index]
+    ids = table["id"].astype(np.int64)
+    z = table["xyzobs.px.value"][:, 2]
+    batch = np.floor(z).astype(np.int64) + 1
+    valid = (ids >= 0) & (ids < len(per_id))
+    batch[valid] += per_id[ids[valid]]
+    batch[~valid] = 0
+    return batch
+
+
+def format_batch_table(experiments, offsets=None) -> str:
+    """The "Experiment identifier, image_range, batch_range" table of the DIALS guide."""
+    offsets = batch_offsets(experiments) if offsets is None else offsets
+    rows = [("Experiment identifier", "image_range", "batch_range")]
+    for e, (blo, bhi) in zip(experiments, batch_ranges(experiments, offsets)):
+        lo, hi = (0, 0) if e.is_still else image_range(e)
+        rows.append((e.identifier, f"{lo}-{hi}", f"{blo}-{bhi}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
