@@ -1,0 +1,139 @@
+"""The dials.vmerge job as one straight line:
+
+read -> select -> models -> scale (prepare, minimise, error model, outliers) -> write scaled
+files -> merge -> statistics -> write merged files. Each stage is a library call; this module
+only wires them together and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import numpy as np
+
+from . import flags
+from .batches import format_batch_table
+from .errors import VmergeError
+from .geometry import space_group_info
+from .selection import (
+    apply_image_exclusions,
+    batches_to_image_exclusions,
+    drop_empty_datasets,
+    flag_rows_outside_valid_ranges,
+    freeze_batch_offsets,
+    id_of_experiment,
+    parse_exclude_images,
+    select_datasets,
+)
+
+
+def check_consistent_space_groups(experiments) -> None:
+    groups = {}
+    for e in experiments:
+        groups.setdefault(space_group_info(e).type().number(), []).append(e.identifier)
+    if len(groups) > 1:
+        names = ", ".join(f"{n} ({len(ids)} experiment(s))" for n, ids in sorted(groups.items()))
+        raise VmergeError(f"experiments have different space groups (numbers {names}); scale them separately")
+
+
+def check_usable_intensities(table, path_hint: str = "the reflection file") -> None:
+    has = [c for c in ("intensity.prf.value", "intensity.sum.value") if c in table]
+    if not has:
+        raise VmergeError(f"{path_hint}: no intensity.sum.value or intensity.prf.value column")
+    for column in has:
+        variance = column.replace(".value", ".variance")
+        if variance not in table:
+            raise VmergeError(f"{path_hint}: has {column} but no {variance} column")
+        values = table[column]
+        if not np.all(np.isfinite(values)) or not np.all(np.isfinite(table[variance])):
+            raise VmergeError(f"{path_hint}: {column} or its variance holds NaN or infinite values")
+    if not any(np.any(table[c.replace(".value", ".variance")] > 0) for c in has):
+        raise VmergeError(f"{path_hint}: every intensity variance is zero or negative")
+    if "xyzobs.px.value" not in table:
+        raise VmergeError(f"{path_hint}: no xyzobs.px.value column (needed for image numbers)")
+
+
+def clear_scaling_flags(table) -> None:
+    """DIALS clears the three exclusion bits and `scaled` at the start of every run."""
+    table.unset_flags(
+        np.ones(table.nrows, dtype=bool),
+        flags.user_excluded_in_scaling | flags.outlier_in_scaling | flags.excluded_for_scaling | flags.scaled,
+    )
+
+
+def select(params, experiments, table, log):
+    """Dataset, image and batch selection; returns the experiments and table to scale."""
+    offsets = freeze_batch_offsets(experiments)
+    log.info("\n" + format_batch_table(experiments, offsets) + "\n")
+    selection = params.dataset_selection
+    use = selection.use_datasets or selection.include_datasets
+    experiments, table = select_datasets(experiments, table, use, selection.exclude_datasets)
+    clear_scaling_flags(table)
+    flag_rows_outside_valid_ranges(experiments, table)
+    exclusions = parse_exclude_images(params.exclude_images, experiments, table)
+    exclusions += batches_to_image_exclusions(params.exclude_batches, experiments)
+    changed = apply_image_exclusions(experiments, table, exclusions)
+    for index, envelope in sorted(changed.items()):
+        e = experiments[index]
+        if envelope is None:
+            table.set_flags(table["id"] == id_of_experiment(table, e), flags.user_excluded_in_scaling)
+            log.info(f"Dataset {id_of_experiment(table, e)}: all images excluded")
+        else:
+            log.info(
+                f"Dataset {id_of_experiment(table, e)}: valid image ranges now "
+                + ", ".join(f"{a}-{b}" for a, b in e.scan["valid_image_ranges"][e.identifier])
+            )
+    return experiments, table, changed
+
+
+def split_by_dataset(experiments, table) -> List:
+    return [table.select(table["id"] == id_of_experiment(table, e)) for e in experiments]
+
+
+def run_scaling_job(params, experiments, table, log):
+    """Everything dials.vmerge does; returns (experiments, scaled table, merge result)."""
+    from .model.factory import create_scaling_model
+    from .scaling.algorithm import scale_datasets
+
+    check_consistent_space_groups(experiments)
+    check_usable_intensities(table)
+    experiments, table, changed = select(params, experiments, table, log)
+    experiments, table = drop_empty_datasets(experiments, table, log)
+
+    tables = split_by_dataset(experiments, table)
+    models = []
+    for index, (e, t) in enumerate(zip(experiments, tables)):
+        model = create_scaling_model(params, e, t)
+        envelope = changed.get(index)
+        if envelope is not None and model.configdict.get("valid_image_range") not in (None, list(envelope)):
+            model.limit_image_range(*envelope)
+        models.append(model)
+    if len(experiments) == 1 and models[0].id_ == "KB" and params.model == "KB":
+        raise VmergeError(
+            "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
+            "degenerate with the merged intensities); use model=physical or add datasets"
+        )
+    tables, models, summary = scale_datasets(experiments, tables, models, params, log)
+    for e, model in zip(experiments, models):
+        e.scaling_model = model.to_dict()
+    from .table import ReflectionTable
+
+    scaled = ReflectionTable.concatenate(tables)
+    return experiments, scaled, summary
+
+
+def write_scaled_files(params, experiments, table, log) -> None:
+    from .io import write_experiments, write_reflections
+
+    if params.output.delete_integration_shoeboxes and "shoebox" in table:
+        table.del_column("shoebox")
+    write_experiments(experiments, params.output.experiments)
+    write_reflections(table, params.output.reflections)
+    log.info(f"Saved scaled experiments to {params.output.experiments}")
+    log.info(f"Saved scaled reflections to {params.output.reflections}")
+
+
+def output_paths_collide_with_inputs(params, inputs) -> bool:
+    outs = {os.path.abspath(p) for p in (params.output.experiments, params.output.reflections)}
+    return any(os.path.abspath(p) in outs for p in inputs.paths)

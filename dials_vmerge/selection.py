@@ -1,0 +1,225 @@
+"""Dataset, image and batch selection (dials-scaling.md 10.2-10.4, product.md "Batches").
+
+- `exclude_datasets`/`use_datasets` remove whole experiments (by `id` value) before scaling;
+  surviving rows keep their `id` values.
+- `exclude_images="exp:start:end"` (DIALS syntax) and `exclude_batches=first,last` (global
+  batch numbers) shrink the scans' `valid_image_ranges` and flag the reflections outside them
+  `user_excluded_in_scaling`; the models are then limited to the new envelope.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from . import flags
+from .batches import batch_offsets, batch_ranges
+from .errors import SelectionError
+from .geometry import image_range
+
+ImageRange = Tuple[int, int]
+
+
+def freeze_batch_offsets(experiments) -> List[int]:
+    """Store the batch offsets in the scans so reruns keep the same batch numbers.
+
+    DIALS recalculates offsets whenever the stored ones clash, so removing a dataset could
+    renumber the rest; writing the distinct offsets we used into `scan.batch_offset` makes
+    `exclude_batches` on a rerun refer to the same images.
+    """
+    offsets = batch_offsets(experiments)
+    for e, off in zip(experiments, offsets):
+        if e.scan is not None and not e.is_still:
+            e.scan["batch_offset"] = int(off)
+    return offsets
+
+
+def select_datasets(experiments, table, use_datasets=None, exclude_datasets=None):
+    """Keep or drop whole datasets by their `id` values; ids are not renumbered."""
+    if use_datasets and exclude_datasets:
+        raise SelectionError("use_datasets and exclude_datasets cannot be given together")
+    chosen = use_datasets or exclude_datasets
+    if not chosen:
+        return experiments, table
+    name = "use_datasets" if use_datasets else "exclude_datasets"
+    known = set(table.identifiers)
+    for key in chosen:
+        if key not in known:
+            raise SelectionError(
+                f"{name}={key}: no dataset has id {key} (ids present: "
+                + ", ".join(str(k) for k in sorted(known))
+                + ")"
+            )
+    keep_ids = set(chosen) if use_datasets else known - set(chosen)
+    if not keep_ids:
+        raise SelectionError(f"{name}: the selection leaves no datasets")
+    keep_identifiers = {table.identifiers[k] for k in keep_ids}
+    kept_experiments = experiments.select(
+        [i for i, e in enumerate(experiments) if e.identifier in keep_identifiers]
+    )
+    rows = np.isin(table["id"], sorted(keep_ids))
+    new_table = table.select(rows)
+    new_table.identifiers = {k: v for k, v in table.identifiers.items() if k in keep_ids}
+    return kept_experiments, new_table
+
+
+def id_of_experiment(table, experiment) -> int:
+    for key, ident in table.identifiers.items():
+        if ident == experiment.identifier:
+            return key
+    raise SelectionError(f"experiment {experiment.identifier} has no reflections")
+
+
+def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tuple[int, ImageRange]]:
+    """DIALS `exclude_images` strings -> [(experiment index, (first, last))]."""
+    out = []
+    for value in values or []:
+        for token in str(value).replace(",", " ").split():
+            parts = token.split(":")
+            try:
+                numbers = [int(p) for p in parts]
+            except ValueError:
+                raise SelectionError(
+                    f"exclude_images={token}: expected 'exp:start:end' or 'start:end'"
+                ) from None
+            if len(numbers) == 2:
+                if len(experiments) != 1:
+                    raise SelectionError(
+                        f"exclude_images={token}: several datasets, give 'exp:start:end'"
+                    )
+                index, (first, last) = 0, numbers
+            elif len(numbers) == 3:
+                key, first, last = numbers
+                ident = table.identifiers.get(key)
+                index = experiments.find(ident) if ident is not None else -1
+                if index < 0:
+                    raise SelectionError(f"exclude_images={token}: no dataset has id {key}")
+            else:
+                raise SelectionError(f"exclude_images={token}: expected 'exp:start:end' or 'start:end'")
+            if first > last:
+                raise SelectionError(f"exclude_images={token}: start is after end")
+            e = experiments[index]
+            if e.is_still:
+                raise SelectionError(f"exclude_images={token}: dataset {index} has no scan (stills)")
+            lo, hi = image_range(e)
+            if last < lo or first > hi:
+                raise SelectionError(
+                    f"exclude_images={token}: images {first}-{last} are outside the scan ({lo}-{hi})"
+                )
+            out.append((index, (first, last)))
+    return out
+
+
+def batches_to_image_exclusions(batch_ranges_excluded, experiments) -> List[Tuple[int, ImageRange]]:
+    """Global batch ranges -> per-experiment image ranges, using the frozen batch offsets."""
+    offsets = batch_offsets(experiments)
+    ranges = batch_ranges(experiments, offsets)
+    out = []
+    for pair in batch_ranges_excluded or []:
+        first, last = int(pair[0]), int(pair[1])
+        if first > last:
+            raise SelectionError(f"exclude_batches={first},{last}: first batch is after the last")
+        hit = False
+        for index, (e, (blo, bhi), off) in enumerate(zip(experiments, ranges, offsets)):
+            if last < blo or first > bhi:
+                continue
+            if e.is_still:
+                out.append((index, (0, 0)))
+            else:
+                out.append((index, (max(first, blo) - off, min(last, bhi) - off)))
+            hit = True
+        if not hit:
+            spans = ", ".join(f"{lo}-{hi}" for lo, hi in ranges)
+            raise SelectionError(
+                f"exclude_batches={first},{last}: no data in these batches (batch ranges: {spans})"
+            )
+    return out
+
+
+def _subtract(valid: List[ImageRange], excluded: ImageRange) -> List[ImageRange]:
+    out = []
+    a, b = excluded
+    for lo, hi in valid:
+        if b < lo or a > hi:
+            out.append((lo, hi))
+            continue
+        if lo < a:
+            out.append((lo, a - 1))
+        if hi > b:
+            out.append((b + 1, hi))
+    return out
+
+
+def valid_ranges(experiment) -> List[ImageRange]:
+    if experiment.is_still:
+        return []
+    stored = (experiment.scan.get("valid_image_ranges") or {}).get(experiment.identifier)
+    if stored is not None:
+        return [tuple(int(x) for x in r) for r in stored]
+    return [image_range(experiment)]
+
+
+def apply_image_exclusions(experiments, table, exclusions: List[Tuple[int, ImageRange]]):
+    """Shrink valid image ranges, flag rows outside them. Returns {index: envelope} changed.
+
+    Stills datasets hit by an exclusion are removed from the valid set entirely.
+    """
+    by_index: Dict[int, List[ImageRange]] = {}
+    for index, rng in exclusions:
+        by_index.setdefault(index, []).append(rng)
+    changed = {}
+    for index, ranges in by_index.items():
+        e = experiments[index]
+        if e.is_still:
+            changed[index] = None
+            continue
+        valid = valid_ranges(e)
+        for rng in ranges:
+            valid = _subtract(valid, rng)
+        scan = e.scan
+        scan.setdefault("valid_image_ranges", {})
+        scan["valid_image_ranges"] = copy.deepcopy(scan["valid_image_ranges"])
+        scan["valid_image_ranges"][e.identifier] = [list(r) for r in valid]
+        changed[index] = (valid[0][0], valid[-1][1]) if valid else None
+    flag_rows_outside_valid_ranges(experiments, table)
+    return changed
+
+
+def flag_rows_outside_valid_ranges(experiments, table) -> None:
+    """Rows whose z_obs lies outside every valid range get user_excluded_in_scaling.
+
+    A row is valid if first - 1 <= z_obs <= last for some valid range (first, last).
+    """
+    z = table["xyzobs.px.value"][:, 2]
+    for e in experiments:
+        key = id_of_experiment(table, e)
+        rows = table["id"] == key
+        if e.is_still:
+            continue
+        ok = np.zeros(table.nrows, dtype=bool)
+        for first, last in valid_ranges(e):
+            ok |= (z >= first - 1) & (z <= last)
+        table.set_flags(rows & ~ok, flags.user_excluded_in_scaling)
+
+
+def drop_empty_datasets(experiments, table, log=None):
+    """Datasets with no usable reflection are dropped with a warning (DIALS behaviour)."""
+    bad = table.get_flags(flags.bad_for_scaling, all=False)
+    keep = []
+    for i, e in enumerate(experiments):
+        key = id_of_experiment(table, e)
+        if np.any((table["id"] == key) & ~bad):
+            keep.append(i)
+        elif log is not None:
+            log.warning(f"Warning: dataset {key} ({e.identifier}) has no reflections left; removing it")
+    if not keep:
+        raise SelectionError("the selection leaves no reflections to scale")
+    if len(keep) == len(experiments):
+        return experiments, table
+    kept = experiments.select(keep)
+    ids = [id_of_experiment(table, e) for e in kept]
+    out = table.select(np.isin(table["id"], ids))
+    out.identifiers = {k: v for k, v in table.identifiers.items() if k in ids}
+    return kept, out
