@@ -1,0 +1,83 @@
+"""The DIALS KB model: g = K exp(B / (2 d^2)) (dials-scaling.md 4.8).
+
+As in DIALS, `corrections` lists "decay" before "scale" while the components (and so the
+JSON blocks and the parameter vector) are scale first."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ..errors import VmergeError
+from .base import ScalingModel, param
+from .component import AnalyticalComponent
+from .kb import SingleB, SingleScale
+
+
+class KBScalingModel(ScalingModel):
+    id_ = "KB"
+    consecutive_refinement_order = [["scale", "decay"]]
+
+    def __init__(self, setups: dict, configdict: dict):
+        super().__init__({}, configdict)
+        corrections = configdict["corrections"]
+        if "scale" in corrections:
+            self.components["scale"] = SingleScale(*setups["scale"])
+        if "decay" in corrections:
+            self.components["decay"] = SingleB(*setups["decay"])
+        if "analytical" in corrections:
+            self.components["analytical"] = AnalyticalComponent()
+
+    @classmethod
+    def from_data(cls, params, experiment=None, table=None):
+        p = param(params, "KB")
+        configdict = {"corrections": []}
+        setups = {}
+        if param(p, "decay_correction", True):
+            configdict["corrections"].append("decay")
+            setups["decay"] = (np.zeros(1), None)
+        configdict["corrections"].append("scale")
+        setups["scale"] = (np.ones(1), None)
+        if param(p, "analytical_correction", False):
+            if table is not None and "analytical_correction" not in table:
+                raise VmergeError(
+                    "KB.analytical_correction=True needs the reflection column "
+                    "'analytical_correction'"
+                )
+            configdict["corrections"].append("analytical")
+        model = cls(setups, configdict)
+        model.fixed_components = list(param(p, "correction.fix", None) or [])
+        return model
+
+    @classmethod
+    def from_dict(cls, d: dict, params=None):
+        if d.get("__id__") != cls.id_:
+            raise VmergeError(f"expected a KB scaling model, got {d.get('__id__')!r}")
+        configdict = copy.deepcopy(d["configuration_parameters"])
+        setups = {
+            name: cls._component_setup(d, name)
+            for name in ("scale", "decay")
+            if name in configdict["corrections"]
+        }
+        model = cls(setups, configdict)
+        if params is not None:
+            model.update(params)
+        return model
+
+    def update(self, params) -> None:
+        self.fixed_components = list(param(params, "KB.correction.fix", None) or [])
+
+    def configure(self, table, experiment=None, params=None) -> None:
+        n = int(table.nrows) if hasattr(table, "nrows") else len(table["d"])
+        if "scale" in self.components:
+            self.components["scale"].configure(n)
+        if "decay" in self.components:
+            self.components["decay"].configure(table["d"])
+        if "analytical" in self.components:
+            if "analytical_correction" not in table:
+                raise VmergeError(
+                    "the analytical correction needs the reflection column 'analytical_correction'"
+                )
+            self.components["analytical"].configure(table["analytical_correction"])
+        self.n_configured = n

@@ -1,0 +1,294 @@
+"""The DIALS physical model: smooth scale x smooth B x spherical-harmonic absorption
+(dials-scaling.md 4.3-4.6). Components in JSON order: scale, decay, absorption, analytical."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+from ..errors import VmergeError
+from .absorption_sh import SHAbsorption, absorption_coefficients, crystal_frame_vectors, n_sh_parameters
+from .base import ScalingModel, is_auto, param
+from .component import AnalyticalComponent
+from .decay_smooth import DecaySmooth1D
+from .scale_smooth import ScaleSmooth1D
+from .smoother import initialise_smooth_input
+
+ABSORPTION_LEVELS = {"low": (4, 5e5), "medium": (6, 5e4), "high": (6, 5e3)}
+AUTO_ABSORPTION_MIN_RANGE_DEG = 60.0
+# Absorption is pointless when every 2theta is below this (DIALS issue 2316, electrons)
+MIN_SCATTERING_ANGLE_RAD = math.acos(0.999)
+
+
+def auto_intervals(osc_range_deg: float):
+    """DIALS's automatic (scale_interval, decay_interval) in degrees for a rotation range."""
+    if osc_range_deg < 5.0:
+        return 1.0, 1.5
+    if osc_range_deg < 10.0:
+        return 2.0, 3.0
+    if osc_range_deg < 25.0:
+        return 4.0, 5.0
+    if osc_range_deg < 90.0:
+        return 8.0, 10.0
+    return 15.0, 20.0
+
+
+def scan_oscillation_range(experiment):
+    """(start, end) rotation range in degrees of the whole scan."""
+    from .. import geometry
+
+    first, last = geometry.image_range(experiment)
+    start, width = geometry.oscillation(experiment)
+    return (start, start + (last - first + 1) * width), width
+
+
+def max_scattering_angle_rad(experiment, s1) -> float:
+    """Largest angle between s1 and the incident beam over rows with a non-zero s1."""
+    from .. import geometry
+
+    s1 = np.asarray(s1, dtype=np.float64)
+    lengths = np.linalg.norm(s1, axis=1)
+    good = lengths > 0
+    if not good.any():
+        return math.inf
+    beam = np.asarray(geometry.s0(experiment), dtype=np.float64)
+    cosines = (s1[good] @ beam) / (lengths[good] * np.linalg.norm(beam))
+    return float(np.max(np.arccos(np.clip(cosines, -1.0, 1.0))))
+
+
+def absorption_settings(physical_params):
+    """(lmax, surface_weight): absorption_level presets override explicit values."""
+    level = param(physical_params, "absorption_level")
+    if level:
+        if level not in ABSORPTION_LEVELS:
+            raise VmergeError(f"physical.absorption_level: unknown level '{level}'")
+        return ABSORPTION_LEVELS[level]
+    lmax = param(physical_params, "lmax")
+    weight = param(physical_params, "surface_weight")
+    return (4 if is_auto(lmax) else int(lmax)), (5e5 if is_auto(weight) else float(weight))
+
+
+class PhysicalScalingModel(ScalingModel):
+    id_ = "physical"
+    consecutive_refinement_order = [["scale", "decay"], ["absorption"]]
+
+    def __init__(self, setups: dict, configdict: dict, decay_restraint=0.1, fix_initial=True):
+        super().__init__({}, configdict)
+        corrections = configdict["corrections"]
+        if "scale" in corrections:
+            self.components["scale"] = ScaleSmooth1D(*setups["scale"])
+        if "decay" in corrections:
+            self.components["decay"] = DecaySmooth1D(
+                *setups["decay"], restraint_weight=decay_restraint
+            )
+        if "absorption" in corrections:
+            self.components["absorption"] = SHAbsorption(
+                *setups["absorption"], surface_weight=configdict["abs_surface_weight"]
+            )
+        if "analytical" in corrections:
+            self.components["analytical"] = AnalyticalComponent()
+        self.fix_initial = bool(fix_initial)
+
+    @property
+    def supports_fix_initial(self) -> bool:
+        return self.fix_initial and "scale" in self.components
+
+    def shared_component(self):
+        if "absorption" in self.configdict.get("shared", []) and (
+            "absorption" not in self.fixed_components
+        ):
+            return "absorption"
+        return None
+
+    # -- creation -------------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, params, experiment, table):
+        p = param(params, "physical")
+        (osc_start, osc_end), osc_width = scan_oscillation_range(experiment)
+        osc_span = abs(osc_end - osc_start)
+        configdict = {"corrections": [], "valid_osc_range": [osc_start, osc_end]}
+        setups = {}
+
+        scale_interval = param(p, "scale_interval")
+        decay_interval = param(p, "decay_interval")
+        auto_scale, auto_decay = auto_intervals(osc_span)
+        scale_interval = auto_scale if is_auto(scale_interval) else float(scale_interval)
+        decay_interval = auto_decay if is_auto(decay_interval) else float(decay_interval)
+
+        configdict["corrections"].append("scale")
+        n_scale, s_norm_fac, scale_spacing = initialise_smooth_input(
+            (osc_start, osc_end), osc_width, scale_interval
+        )
+        configdict["s_norm_fac"] = s_norm_fac
+        configdict["scale_rot_interval"] = scale_spacing
+        setups["scale"] = (np.ones(n_scale), None)
+
+        if param(p, "decay_correction", True):
+            configdict["corrections"].append("decay")
+            n_decay, d_norm_fac, decay_spacing = initialise_smooth_input(
+                (osc_start, osc_end), osc_width, decay_interval
+            )
+            configdict["d_norm_fac"] = d_norm_fac
+            configdict["decay_rot_interval"] = decay_spacing
+            setups["decay"] = (np.zeros(n_decay), None)
+
+        absorption = param(p, "absorption_correction")
+        if is_auto(absorption):
+            absorption = osc_span > AUTO_ABSORPTION_MIN_RANGE_DEG
+            if table is not None and "s1" in table and table.nrows:
+                if max_scattering_angle_rad(experiment, table["s1"]) < MIN_SCATTERING_ANGLE_RAD:
+                    absorption = False
+        if absorption or param(p, "absorption_level"):
+            configdict["corrections"].append("absorption")
+            if param(p, "share.absorption", False):
+                configdict["shared"] = ["absorption"]
+            lmax, surface_weight = absorption_settings(p)
+            configdict["lmax"] = lmax
+            configdict["abs_surface_weight"] = surface_weight
+            setups["absorption"] = (np.zeros(n_sh_parameters(lmax)), None)
+
+        if param(p, "analytical_correction", False):
+            if table is not None and "analytical_correction" not in table:
+                raise VmergeError(
+                    "physical.analytical_correction=True needs the reflection column "
+                    "'analytical_correction'"
+                )
+            configdict["corrections"].append("analytical")
+
+        model = cls(
+            setups,
+            configdict,
+            decay_restraint=param(p, "decay_restraint", 0.1),
+            fix_initial=param(p, "fix_initial", True),
+        )
+        model.fixed_components = list(param(p, "correction.fix", None) or [])
+        return model
+
+    @classmethod
+    def from_dict(cls, d: dict, params=None):
+        if d.get("__id__") != cls.id_:
+            raise VmergeError(f"expected a physical scaling model, got {d.get('__id__')!r}")
+        configdict = copy.deepcopy(d["configuration_parameters"])
+        setups = {
+            name: cls._component_setup(d, name)
+            for name in ("scale", "decay", "absorption")
+            if name in configdict["corrections"]
+        }
+        model = cls(setups, configdict)
+        if params is not None:
+            model.update(params)
+        return model
+
+    def update(self, params) -> None:
+        """Apply options of a new run to a model read from a file (DIALS `update`)."""
+        p = param(params, "physical")
+        self.fixed_components = list(param(p, "correction.fix", None) or [])
+        self.fix_initial = bool(param(p, "fix_initial", True))
+        if "decay" in self.components:
+            self.components["decay"].set_restraint(param(p, "decay_restraint", 0.1))
+        if "absorption" not in self.components:
+            return
+        new_lmax = None
+        if param(p, "absorption_level"):
+            lmax, weight = absorption_settings(p)
+            self.configdict["abs_surface_weight"] = weight
+            if lmax != self.configdict["lmax"]:
+                new_lmax = lmax
+        else:
+            weight = param(p, "surface_weight")
+            if not is_auto(weight):
+                self.configdict["abs_surface_weight"] = float(weight)
+            lmax = param(p, "lmax")
+            if not is_auto(lmax) and int(lmax) != self.configdict["lmax"]:
+                new_lmax = int(lmax)
+        if new_lmax:
+            old = self.components["absorption"].parameters
+            new = np.zeros(n_sh_parameters(new_lmax))
+            keep = min(old.size, new.size)
+            new[:keep] = old[:keep]
+            self.configdict["lmax"] = new_lmax
+            self.components["absorption"] = SHAbsorption(
+                new, np.zeros(new.size), surface_weight=self.configdict["abs_surface_weight"]
+            )
+        else:
+            self.components["absorption"].set_restraint(self.configdict["abs_surface_weight"])
+        if param(p, "share.absorption", False):
+            self.configdict["shared"] = ["absorption"]
+
+    # -- data -----------------------------------------------------------------------------
+    def configure(self, table, experiment, params=None) -> None:
+        """Per-observation inputs for the rows of `table` (the suitable rows of one dataset)."""
+        if params is not None and "decay" in self.components:
+            self.components["decay"].set_restraint(
+                param(params, "physical.decay_restraint", 0.1)
+            )
+        z_obs = np.ascontiguousarray(table["xyzobs.px.value"][:, 2], dtype=np.float64)
+        if "scale" in self.components:
+            self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
+        if "decay" in self.components:
+            self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
+        if "absorption" in self.components:
+            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
+            self.components["absorption"].configure(
+                absorption_coefficients(s0c, s1c, int(self.configdict["lmax"]))
+            )
+        if "analytical" in self.components:
+            if "analytical_correction" not in table:
+                raise VmergeError(
+                    "the analytical correction needs the reflection column 'analytical_correction'"
+                )
+            self.components["analytical"].configure(table["analytical_correction"])
+        self.n_configured = int(z_obs.size)
+
+    # -- image range ----------------------------------------------------------------------
+    def limit_image_range(self, new_first: int, new_last: int) -> None:
+        conf = self.configdict
+        new_osc, one_osc = osc_range_for_new_images(conf, new_first, new_last)
+        cur_first = conf["valid_image_range"][0]
+        for name, norm_key, interval_key in (
+            ("scale", "s_norm_fac", "scale_rot_interval"),
+            ("decay", "d_norm_fac", "decay_rot_interval"),
+        ):
+            if name not in self.components:
+                continue
+            n_new, norm_fac, spacing = initialise_smooth_input(new_osc, one_osc, conf[interval_key])
+            comp = self.components[name]
+            conf[interval_key] = spacing
+            conf[norm_key] = norm_fac
+            offset = new_parameter_offset(cur_first, new_first, norm_fac, comp.n_parameters, n_new)
+            comp.replace_parameters(comp.parameters[offset : offset + n_new])
+        finish_limit_image_range(conf, new_first, new_last, one_osc)
+
+
+def osc_range_for_new_images(conf, new_first, new_last):
+    """The new rotation span, measured from the current first image, and one image's width."""
+    if "valid_image_range" not in conf:
+        raise VmergeError("cannot limit the image range of a model with no valid_image_range")
+    cur_first, cur_last = conf["valid_image_range"]
+    osc0, osc1 = conf["valid_osc_range"]
+    one_osc = (osc1 - osc0) / (cur_last - (cur_first - 1))
+    new_osc = ((new_first - cur_first) * one_osc, (new_last - cur_first + 1) * one_osc)
+    return new_osc, one_osc
+
+
+def new_parameter_offset(cur_first, new_first, new_norm_fac, n_old, n_new) -> int:
+    """How many leading parameters to drop (DIALS calculate_new_offset)."""
+    if n_old == 2:
+        return 0  # cannot go below two parameters
+    shift = (new_first - cur_first) * new_norm_fac
+    n_shift = int(shift // 1)
+    if shift % 1 > 0.5:
+        n_shift += 1
+    return min(n_old - n_new, n_shift)
+
+
+def finish_limit_image_range(conf, new_first, new_last, one_osc) -> None:
+    cur_first, cur_last = conf["valid_image_range"]
+    osc0, osc1 = conf["valid_osc_range"]
+    conf["valid_osc_range"] = [
+        osc0 + (new_first - cur_first) * one_osc,
+        osc1 + (new_last - cur_last) * one_osc,
+    ]
+    conf["valid_image_range"] = [int(new_first), int(new_last)]

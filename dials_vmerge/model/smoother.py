@@ -1,0 +1,277 @@
+"""The DIALS Gaussian smoother in 1, 2 and 3 dimensions (dials-scaling.md 4.2, 4.3).
+
+A smoother holds N parameter values at fixed positions along each axis. The value at a
+normalised coordinate z is the Gaussian-weighted mean of the (at most 3 per axis) nearest
+parameters, so the weights depend only on the coordinates, never on the parameters. We
+compute them once per configured data set, already divided by their sum, in ELL form:
+
+    deriv_values (n, k) float64: w_i / sum(w)   (the derivative of the value w.r.t. p_i)
+    deriv_index  (n, k) int32:   which parameter each weight belongs to
+
+with k = 3 (1D), 9 (2D), 27 (3D); unused slots have index 0 and value 0. The smoothed value
+is then sum_j deriv_values[:, j] * p[deriv_index[:, j]] (`ell_values`).
+
+Facts reproduced here: N = 2, 3 or n_intervals + 2; positions 0..N-1 when N < 4, otherwise
+i - 0.5; n_avg = min(3, N) per axis and sigma = 0.65 + 0.05 (min n_avg - 2); neighbourhood
+chosen with Boost `iround` (half away from zero); weights exp(-(dz/sigma)^2), no factor 1/2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+MAX_AVERAGE = 3  # DIALS's default num_average: 3 parameters per axis contribute
+
+
+def n_values_from_intervals(n_intervals: int) -> int:
+    """Number of smoother parameters for a number of sample intervals."""
+    if n_intervals < 1:
+        raise ValueError("a smoother needs at least one interval")
+    if n_intervals == 1:
+        return 2
+    if n_intervals == 2:
+        return 3
+    return n_intervals + 2
+
+
+def n_intervals_from_values(n_values: int) -> int:
+    """Inverse of `n_values_from_intervals` (DIALS SmoothMixin.nparam_to_val)."""
+    if n_values < 2:
+        raise ValueError("a smoother needs at least two parameters")
+    if n_values in (2, 3):
+        return n_values - 1
+    return n_values - 2
+
+
+def initialise_smooth_input(osc_range_deg, osc_width_deg: float, interval_deg: float):
+    """(n_parameters, norm_fac, actual spacing in degrees) for a rotation-axis smoother.
+
+    `osc_range_deg` is the (start, end) rotation range in degrees, `osc_width_deg` the width of
+    one image and `interval_deg` the requested maximum spacing of the parameters. The
+    normalised coordinate of a reflection is z_obs (image-array units) * norm_fac.
+    """
+    interval_deg = interval_deg + 0.00001  # DIALS: keeps an exact multiple on the smaller N
+    span_deg = osc_range_deg[1] - osc_range_deg[0]
+    if span_deg < 2.0 * interval_deg:
+        if span_deg <= interval_deg:
+            spacing_deg = span_deg
+            n_param = 2
+        else:
+            spacing_deg = span_deg / 2.0
+            n_param = 3
+    else:
+        n_bins = max(int(span_deg / interval_deg) + 1, 3)
+        spacing_deg = span_deg / float(n_bins)
+        n_param = n_bins + 2
+    # 0.999 keeps the last observation strictly inside the smoother range
+    norm_fac = 0.999 * osc_width_deg / spacing_deg
+    return n_param, norm_fac, spacing_deg
+
+
+def calc_n_param_from_bins(value_min: float, value_max: float, n_bins: int):
+    """(n_parameters, bin width) for a smoother over [value_min, value_max] in n_bins bins."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    bin_width = (value_max - value_min) / n_bins
+    return n_values_from_intervals(int(n_bins)), bin_width
+
+
+def smoother_coordinates(normalised_x: np.ndarray, n_values: int) -> np.ndarray:
+    """Smoother-internal coordinates z for one axis, as DIALS sets up a component.
+
+    The data are shifted so that their minimum is 0, the range is
+    [floor(round(min, 10)), max(ceil(round(max, 10)), 1)] and the spacing is
+    range / n_intervals; z = (x - x0) / spacing.
+    """
+    x = np.asarray(normalised_x, dtype=np.float64)
+    if x.size == 0:
+        return x.copy()
+    x = x - x.min()
+    x0 = float(math.floor(round(float(x.min()), 10)))
+    x1 = float(max(math.ceil(round(float(x.max()), 10)), 1))
+    spacing = (x1 - x0) / float(n_intervals_from_values(n_values))
+    return (x - x0) / spacing
+
+
+@njit(cache=True)
+def _iround(v):
+    """Boost iround: round half away from zero."""
+    if v >= 0.0:
+        t = math.ceil(v)
+        if t - v > 0.5:
+            t -= 1.0
+        return int(t)
+    t = math.ceil(-v)
+    if t + v > 0.5:
+        t -= 1.0
+    return -int(t)
+
+
+@njit(cache=True)
+def _index_range(z, n_values, n_average):
+    """First and one-past-last contributing parameter along one axis."""
+    if n_values <= 3:
+        return 0, n_values
+    i1 = _iround(z - n_average / 2.0) + 1
+    i2 = i1 + n_average
+    if i1 < 0:
+        i1 = 0
+        i2 = max(2, i2)
+    if i2 > n_values:
+        i2 = n_values
+        i1 = min(i1, n_values - 2)
+    return i1, i2
+
+
+@njit(cache=True)
+def _position(i, n_values):
+    if n_values < 4:
+        return float(i)
+    return i - 0.5
+
+
+@njit(cache=True)
+def _sigma(min_n_average):
+    return 0.65 + 0.05 * (min_n_average - 2)
+
+
+@njit(cache=True, parallel=True)
+def smoother_weights_1d(z, n_values):
+    """Normalised weights (n, 3) and parameter indices (n, 3) of a 1D smoother."""
+    n = z.shape[0]
+    values = np.zeros((n, 3), dtype=np.float64)
+    index = np.zeros((n, 3), dtype=np.int32)
+    n_avg = min(MAX_AVERAGE, n_values)
+    sigma = _sigma(n_avg)
+    for r in prange(n):
+        i1, i2 = _index_range(z[r], n_values, n_avg)
+        total = 0.0
+        slot = 0
+        for i in range(i1, i2):
+            ds = (z[r] - _position(i, n_values)) / sigma
+            w = math.exp(-ds * ds)
+            values[r, slot] = w
+            index[r, slot] = i
+            total += w
+            slot += 1
+        if total > 0.0:
+            for s in range(slot):
+                values[r, s] /= total
+    return values, index
+
+
+@njit(cache=True, parallel=True)
+def smoother_weights_2d(z1, z2, n1, n2):
+    """Normalised weights (n, 9) and indices (n, 9) of a 2D smoother; idx = i + j*n1."""
+    n = z1.shape[0]
+    values = np.zeros((n, 9), dtype=np.float64)
+    index = np.zeros((n, 9), dtype=np.int32)
+    a1 = min(MAX_AVERAGE, n1)
+    a2 = min(MAX_AVERAGE, n2)
+    sigma = _sigma(min(a1, a2))
+    for r in prange(n):
+        i1, i2 = _index_range(z1[r], n1, a1)
+        j1, j2 = _index_range(z2[r], n2, a2)
+        total = 0.0
+        slot = 0
+        for i in range(i1, i2):
+            d1 = z1[r] - _position(i, n1)
+            for j in range(j1, j2):
+                d2 = z2[r] - _position(j, n2)
+                w = math.exp(-(d1 * d1 + d2 * d2) / (sigma * sigma))
+                values[r, slot] = w
+                index[r, slot] = i + j * n1
+                total += w
+                slot += 1
+        if total > 0.0:
+            for s in range(slot):
+                values[r, s] /= total
+    return values, index
+
+
+@njit(cache=True, parallel=True)
+def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
+    """Normalised weights (n, 27) and indices (n, 27) of a 3D smoother; idx = i + j*n1 + k*n1*n2."""
+    n = z1.shape[0]
+    values = np.zeros((n, 27), dtype=np.float64)
+    index = np.zeros((n, 27), dtype=np.int32)
+    a1 = min(MAX_AVERAGE, n1)
+    a2 = min(MAX_AVERAGE, n2)
+    a3 = min(MAX_AVERAGE, n3)
+    sigma = _sigma(min(a1, min(a2, a3)))
+    for r in prange(n):
+        i1, i2 = _index_range(z1[r], n1, a1)
+        j1, j2 = _index_range(z2[r], n2, a2)
+        k1, k2 = _index_range(z3[r], n3, a3)
+        total = 0.0
+        slot = 0
+        for i in range(i1, i2):
+            d1 = z1[r] - _position(i, n1)
+            for j in range(j1, j2):
+                d2 = z2[r] - _position(j, n2)
+                for k in range(k1, k2):
+                    d3 = z3[r] - _position(k, n3)
+                    w = math.exp(-(d1 * d1 + d2 * d2 + d3 * d3) / (sigma * sigma))
+                    values[r, slot] = w
+                    index[r, slot] = i + j * n1 + k * n1 * n2
+                    total += w
+                    slot += 1
+        if total > 0.0:
+            for s in range(slot):
+                values[r, s] /= total
+    return values, index
+
+
+@njit(cache=True, parallel=True)
+def ell_values(deriv_values, deriv_index, parameters):
+    """Row-wise sum_j deriv_values[r, j] * parameters[deriv_index[r, j]]."""
+    n, k = deriv_values.shape
+    out = np.empty(n, dtype=np.float64)
+    for r in prange(n):
+        acc = 0.0
+        for j in range(k):
+            acc += deriv_values[r, j] * parameters[deriv_index[r, j]]
+        out[r] = acc
+    return out
+
+
+class Smoother1D:
+    """A configured 1D smoother: the ELL weights of a set of observations."""
+
+    def __init__(self, normalised_x, n_values: int):
+        self.n_values = int(n_values)
+        z = smoother_coordinates(normalised_x, self.n_values)
+        self.weights, self.index = smoother_weights_1d(z, self.n_values)
+
+    def value(self, parameters):
+        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
+
+
+class Smoother2D:
+    """A configured 2D smoother (x fastest in the parameter layout)."""
+
+    def __init__(self, normalised_x, normalised_y, n_x: int, n_y: int):
+        self.shape = (int(n_x), int(n_y))
+        zx = smoother_coordinates(normalised_x, self.shape[0])
+        zy = smoother_coordinates(normalised_y, self.shape[1])
+        self.weights, self.index = smoother_weights_2d(zx, zy, self.shape[0], self.shape[1])
+
+    def value(self, parameters):
+        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
+
+
+class Smoother3D:
+    """A configured 3D smoother (x fastest, then y, then z)."""
+
+    def __init__(self, normalised_x, normalised_y, normalised_z, n_x: int, n_y: int, n_z: int):
+        self.shape = (int(n_x), int(n_y), int(n_z))
+        zx = smoother_coordinates(normalised_x, self.shape[0])
+        zy = smoother_coordinates(normalised_y, self.shape[1])
+        zz = smoother_coordinates(normalised_z, self.shape[2])
+        self.weights, self.index = smoother_weights_3d(zx, zy, zz, *self.shape)
+
+    def value(self, parameters):
+        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
