@@ -94,7 +94,7 @@ def decode_reflections(raw: bytes, path: str = "<bytes>") -> ReflectionTable:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
     except msgpack.ExtraData:
         raise FileFormatError(f"{path}: trailing bytes after the reflection table") from None
-    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as e:
+    except (ValueError, TypeError, msgpack.UnpackException, UnicodeDecodeError, RecursionError) as e:
         raise FileFormatError(f"{path}: truncated or corrupt msgpack reflection file ({e})") from None
     if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MAGIC):
         raise FileFormatError(f"{path}: msgpack data is not a DIALS reflection table (wrong magic)")
