@@ -217,3 +217,20 @@ def test_free_parameter_mask_and_restraints(quartz):
     # the KB model never fixes its scale
     kb = create_scaling_model(default_model_params(model="KB"), expt, table)
     assert kb.free_parameter_mask(fix_initial=True).all()
+
+
+def test_large_datasets_use_the_lookup_table(quartz, monkeypatch):
+    import dials_vmerge.model.absorption_sh as sh
+    from dials_vmerge.model.absorption_sh import crystal_frame_vectors
+
+    table, expt = quartz
+    model = create_scaling_model(default_model_params(), expt, table)
+    model.configure(table, expt)
+    exact = model.components["absorption"]._coefficients.copy()
+    monkeypatch.setattr(sh, "LOOKUP_THRESHOLD", table.nrows - 1)
+    model.configure(table, expt)
+    approx = model.components["absorption"]._coefficients
+    s0c, s1c = crystal_frame_vectors(expt, table["xyzobs.px.value"][:, 2], table["s1"])
+    assert np.array_equal(approx, sph_harm_coefficients_lookup(s0c, s1c, 4))
+    # half-degree cells: close to, but not equal to, the exact harmonics
+    assert 0 < np.abs(approx - exact).max() < 0.02

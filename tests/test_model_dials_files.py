@@ -271,3 +271,28 @@ def test_to_dict_does_not_share_state_with_the_input(quartz_scaled):
     model = model_from_dict(d)
     model.limit_image_range(11, 100)
     assert d == quartz_scaled[1].scaling_model
+
+
+def test_models_from_the_real_phil_extract(quartz_scaled):
+    from libtbx import phil
+
+    from dials_vmerge.cli import load_phil_text
+
+    master = phil.parse(load_phil_text(["model"]))
+    table, expt = quartz_scaled
+    params = master.extract()  # "auto" values arrive as libtbx.Auto / None
+    params.overwrite_existing_models = True
+    model = create_scaling_model(params, expt, table)
+    assert isinstance(model, PhysicalScalingModel)
+    assert [c.n_parameters for c in model.components.values()] == [9, 7, 24]
+    user = phil.parse(
+        "physical.absorption_level=medium\nphysical.scale_correction=False\n"
+        "physical.correction.fix=decay\noverwrite_existing_models=True"
+    )
+    params = master.fetch(user).extract()
+    model = create_scaling_model(params, expt, table)
+    assert list(model.components) == ["decay", "absorption"]
+    assert model.configdict["lmax"] == 6 and model.configdict["abs_surface_weight"] == 5e4
+    assert model.fixed_components == ["decay"]
+    params = master.fetch(phil.parse("model=array\noverwrite_existing_models=True")).extract()
+    assert isinstance(create_scaling_model(params, expt, table), ArrayScalingModel)

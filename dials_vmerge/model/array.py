@@ -199,7 +199,9 @@ class ArrayScalingModel(ScalingModel):
         if "decay" in self.components:
             dec = self.components["decay"]
             start = offset * dec.shape[0]
-            dec.replace_grid(dec.parameters[start : start + n_time * dec.shape[0]], (dec.shape[0], n_time))
+            dec.replace_grid(
+                dec.parameters[start : start + n_time * dec.shape[0]], (dec.shape[0], n_time)
+            )
         conf["n_time_param"] = n_time
         conf["time_norm_fac"] = time_norm_fac
         conf["time_rot_interval"] = time_spacing

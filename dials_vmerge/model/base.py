@@ -33,7 +33,9 @@ from ..errors import VmergeError
 
 def is_auto(value) -> bool:
     """True for the ways a PHIL 'auto' can arrive: None, libtbx.Auto, "auto"/"Auto"."""
-    return value is None or value is _LIBTBX_AUTO or (isinstance(value, str) and value.lower() == "auto")
+    if value is None or value is _LIBTBX_AUTO:
+        return True
+    return isinstance(value, str) and value.lower() == "auto"
 
 
 def param(params, dotted: str, default=None):

@@ -49,7 +49,7 @@ class DecaySmooth1D(Component):
         self.restraint_weights = np.full(self.n_parameters, float(weight))
 
     def configure(self, normalised_x, d) -> None:
-        """`normalised_x` = z_obs * d_norm_fac; `d` the resolution (Angstrom) of each observation."""
+        """`normalised_x` = z_obs * d_norm_fac; `d` the resolution (Angstrom) per observation."""
         smoother = Smoother1D(normalised_x, self.n_parameters)
         self._weights, self._index = smoother.weights, smoother.index
         self._d = np.ascontiguousarray(d, dtype=np.float64)

@@ -78,6 +78,7 @@ def default_model_params(**overrides) -> SimpleNamespace:
         model=None,
         overwrite_existing_models=False,
         physical=ns(
+            scale_correction=True,
             scale_interval=None,
             decay_correction=True,
             decay_interval=None,

@@ -9,7 +9,12 @@ import math
 import numpy as np
 
 from ..errors import VmergeError
-from .absorption_sh import SHAbsorption, absorption_coefficients, crystal_frame_vectors, n_sh_parameters
+from .absorption_sh import (
+    SHAbsorption,
+    absorption_coefficients,
+    crystal_frame_vectors,
+    n_sh_parameters,
+)
 from .base import ScalingModel, is_auto, param
 from .component import AnalyticalComponent
 from .decay_smooth import DecaySmooth1D
@@ -117,13 +122,15 @@ class PhysicalScalingModel(ScalingModel):
         scale_interval = auto_scale if is_auto(scale_interval) else float(scale_interval)
         decay_interval = auto_decay if is_auto(decay_interval) else float(decay_interval)
 
-        configdict["corrections"].append("scale")
-        n_scale, s_norm_fac, scale_spacing = initialise_smooth_input(
-            (osc_start, osc_end), osc_width, scale_interval
-        )
-        configdict["s_norm_fac"] = s_norm_fac
-        configdict["scale_rot_interval"] = scale_spacing
-        setups["scale"] = (np.ones(n_scale), None)
+        # DIALS always has the scale term; our PHIL can switch it off (alias scale_term)
+        if param(p, "scale_correction", True):
+            configdict["corrections"].append("scale")
+            n_scale, s_norm_fac, scale_spacing = initialise_smooth_input(
+                (osc_start, osc_end), osc_width, scale_interval
+            )
+            configdict["s_norm_fac"] = s_norm_fac
+            configdict["scale_rot_interval"] = scale_spacing
+            setups["scale"] = (np.ones(n_scale), None)
 
         if param(p, "decay_correction", True):
             configdict["corrections"].append("decay")
