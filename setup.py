@@ -12,6 +12,7 @@ setup(
         "dials_vmerge.scaling",
         "dials_vmerge.merging",
         "dials_vmerge.simulate",
+        "dials_vmerge.backends",
         "dials_vmerge.command_line",
         "dials_vmerge.phil",
     ],

@@ -15,7 +15,7 @@ import numpy as np
 from . import flags
 from .batches import format_batch_table
 from .errors import VmergeError
-from .geometry import space_group_info
+from .geometry import image_range, space_group_info
 from .selection import (
     apply_image_exclusions,
     batches_to_image_exclusions,
@@ -25,6 +25,7 @@ from .selection import (
     id_of_experiment,
     parse_exclude_images,
     select_datasets,
+    valid_ranges,
 )
 
 
@@ -103,11 +104,17 @@ def run_scaling_job(params, experiments, table, log):
 
     tables = split_by_dataset(experiments, table)
     models = []
-    for index, (e, t) in enumerate(zip(experiments, tables)):
+    for e, t in zip(experiments, tables):
         model = create_scaling_model(params, e, t)
-        envelope = changed.get(index)
-        if envelope is not None and model.configdict.get("valid_image_range") not in (None, list(envelope)):
-            model.limit_image_range(*envelope)
+        if not e.is_still:
+            # As DIALS's scaler factory: a new model covers the scan; any model is then
+            # limited to the envelope of the scan's valid image ranges.
+            if "valid_image_range" not in model.configdict:
+                model.set_valid_image_range(*image_range(e))
+            ranges = valid_ranges(e)
+            envelope = [ranges[0][0], ranges[-1][1]] if ranges else None
+            if envelope and list(model.configdict["valid_image_range"]) != envelope:
+                model.limit_image_range(*envelope)
         models.append(model)
     if len(experiments) == 1 and models[0].id_ == "KB" and params.model == "KB":
         raise VmergeError(
