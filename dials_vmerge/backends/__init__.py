@@ -1,0 +1,1 @@
+"""Compute backends beyond the CPU kernels: numba.cuda twins and MPI sharding."""
