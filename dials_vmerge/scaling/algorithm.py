@@ -1,0 +1,532 @@
+"""The dials.scale algorithm on the numba core (dials-scaling.md 5.6, 11.1).
+
+scale_datasets(experiments, tables, models, params, log) runs, for one or several datasets
+refined concurrently:
+  0. initial outlier rejection per dataset (models that were not scaled before),
+  1. minimisation subset chosen once (section 8), LBFGS round,
+  2. expand g to all suitable reflections, outlier rejection (standard/simple + E^2),
+  3. profile/summation combination (Imid search), outlier rejection,
+  4. LBFGS round,
+  5. expand, outlier rejection, error-model refinement,
+  6. full-matrix Levenberg-Marquardt (or LBFGS when full_matrix is off), then one more
+     iteration with the first scale parameter fixed (tolerance rmsd_tolerance/4),
+  7. expand with var(g) from the covariance, outlier rejection, final error model,
+  8. prepare_output: the DIALS output columns and flags.
+Rounds 2-5 are skipped when neither combination, outlier rejection nor an error model is
+active. Models are configured once with each dataset's suitable rows.
+
+Known difference: DIALS writes the covariance block of the fixed-first-parameter iteration
+one index too early (5.7 quirk); we place it correctly, so var(g) differs slightly there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import flags
+from ..errors import VmergeError
+from . import combine as comb
+from . import error_model as em
+from . import outliers as outl
+from . import selection as sel
+from .ih_table import build_ih_table, map_indices_to_asu, set_num_threads
+from .minimisers import lbfgs, levenberg_marquardt
+from .parameters import ParameterManager, first_fix_initial_dataset
+from .prepare import prepare_dataset, suitable_selection
+from .target import ScalingTarget, variance_of_g
+
+WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_correction",
+                "batch", "asu_miller_index")
+OUTPUT_COLUMNS = ("inverse_scale_factor", "inverse_scale_factor_variance",
+                  "intensity.scale.value", "intensity.scale.variance", "original_index")
+DEFAULT_SMALL_SCALE_CUTOFF = 0.001
+MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
+
+
+def _get(params, dotted, default=None):
+    node = params
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, part):
+            return default
+        node = getattr(node, part)
+    return node
+
+
+def _is_auto(value):
+    return value is None or (isinstance(value, str) and value.lower() == "auto") or (
+        type(value).__name__ == "auto")
+
+
+def resolve_nproc(params):
+    import numba
+
+    nproc = _get(params, "compute.nproc")
+    if _is_auto(nproc):
+        nproc = _get(params, "scaling_options.nproc")
+    if _is_auto(nproc):
+        return numba.config.NUMBA_NUM_THREADS
+    return max(1, int(nproc))
+
+
+def _is_still(experiment):
+    still = getattr(experiment, "is_still", None)
+    if still is not None:
+        return bool(still)
+    return getattr(experiment, "scan", None) is None
+
+
+@dataclass
+class DatasetState:
+    table: object
+    experiment: object
+    model: object
+    suitable_rows: np.ndarray
+    asu: np.ndarray
+    asu_anomalous: np.ndarray
+    intensity: np.ndarray
+    variance: np.ndarray
+    g: np.ndarray
+    outlier: np.ndarray
+    error_model: object = None
+    selected: np.ndarray | None = None
+    var_g: np.ndarray | None = None
+    imid: float | None = None
+    log: list = field(default_factory=list)
+
+    def weights(self):
+        return em.error_model_weights(self.intensity, self.variance, self.error_model)
+
+
+class ScalingRun:
+    def __init__(self, experiments, tables, models, params, log):
+        self.params = params
+        self.log = log or (lambda *_: None)
+        self.nproc = set_num_threads(resolve_nproc(params))
+        self.anomalous = bool(_get(params, "anomalous", False))
+        from .. import geometry
+
+        self.space_group = geometry.space_group(experiments[0])
+        self.unit_cell = geometry.unit_cell(experiments[0])
+        self.summary = {"dropped_datasets": [], "rounds": []}
+        self.states = []
+        for position, (expt, table, model) in enumerate(zip(experiments, tables, models)):
+            state = self._make_state(expt, table, model, position)
+            if state is None:
+                continue
+            self.states.append(state)
+        if not self.states:
+            raise VmergeError("no reflections left to scale after filtering")
+        self.global_uses_error_model_weights = len(self.states) == 1
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _make_state(self, expt, table, model, position):
+        p = self.params
+        if "intensity" not in table:
+            table = prepare_dataset(
+                table, intensity_choice=_get(p, "reflection_selection.intensity_choice",
+                                             "combine"),
+                partiality_cutoff=_get(p, "cut_data.partiality_cutoff", 0.25),
+                min_isigi=_get(p, "cut_data.min_isigi", -5.0),
+                d_min=_get(p, "cut_data.d_min"), d_max=_get(p, "cut_data.d_max"))
+        rows = np.flatnonzero(suitable_selection(table))
+        identifier = getattr(expt, "identifier", str(position))
+        if rows.size == 0:
+            self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
+            self.summary["dropped_datasets"].append(identifier)
+            return None
+        suitable = table.select(rows)
+        model.configure(suitable, expt)
+        asu = map_indices_to_asu(suitable["miller_index"], self.space_group, self.anomalous)
+        asu_anom = map_indices_to_asu(suitable["miller_index"], self.space_group, True)
+        g = np.array(table["inverse_scale_factor"][rows], dtype=np.float64)
+        state = DatasetState(table, expt, model, rows, asu, asu_anom,
+                             np.array(table["intensity"][rows]), np.array(table["variance"][rows]),
+                             g, np.zeros(rows.size, dtype=bool))
+        state.error_model = self._initial_error_model(expt)
+        stored = self._configdict(expt)
+        if stored.get("Imid") is not None and self._can_combine(table):
+            state.imid = stored["Imid"]
+            state.intensity, state.variance = comb.apply_imid(table, state.imid, rows)
+        return state
+
+    @staticmethod
+    def _configdict(expt):
+        model_dict = getattr(expt, "scaling_model", None) or {}
+        return model_dict.get("configuration_parameters", {}) if isinstance(model_dict, dict) else {}
+
+    def _initial_error_model(self, expt):
+        p = self.params
+        if _get(p, "weighting.error_model.error_model", "basic") in (None, "None"):
+            return None
+        a, b = em.DEFAULT_A, em.DEFAULT_B
+        stored = self._configdict(expt).get("error_model_parameters")
+        if stored and not _get(p, "weighting.error_model.reset_error_model", False):
+            a, b = float(stored[0]), float(stored[1])
+        user_a = _get(p, "weighting.error_model.basic.a")
+        user_b = _get(p, "weighting.error_model.basic.b")
+        return em.BasicErrorModel(user_a if user_a is not None else a,
+                                  user_b if user_b is not None else b)
+
+    def _can_combine(self, table):
+        return "intensity.prf.value" in table and "intensity.sum.value" in table
+
+    # -- tables ---------------------------------------------------------------------------
+    def global_table(self, states=None, error_model_weights=None):
+        states = states or self.states
+        use_em = self.global_uses_error_model_weights if error_model_weights is None else \
+            error_model_weights
+        weights = [s.weights() if use_em else 1.0 / s.variance for s in states]
+        return build_ih_table([s.asu for s in states], [s.intensity for s in states],
+                              [s.variance for s in states], weights, [s.g for s in states])
+
+    def minimisation_table(self):
+        masks = [s.selected & ~s.outlier for s in self.states]
+        return build_ih_table(
+            [s.asu[m] for s, m in zip(self.states, masks)],
+            [s.intensity[m] for s, m in zip(self.states, masks)],
+            [s.variance[m] for s, m in zip(self.states, masks)],
+            [s.weights()[m] for s, m in zip(self.states, masks)],
+            [s.g[m] for s, m in zip(self.states, masks)],
+            loc_indices=[np.flatnonzero(m) for m in masks])
+
+    # -- steps ----------------------------------------------------------------------------
+    def initial_outlier_rejection(self):
+        for state in self.states:
+            if self._configdict(state.experiment) or getattr(state.experiment, "scaling_model",
+                                                             None):
+                continue  # a model that was scaled before: DIALS skips this pass
+            table = self.global_table([state], error_model_weights=True)
+            state.outlier = self._outliers_to_states(table, [state])[0]
+
+    def select_reflections(self):
+        p = self.params
+        method = sel.resolve_method(_get(p, "reflection_selection.method", "auto"),
+                                    all(_is_still(s.experiment) for s in self.states))
+        table = self.global_table(error_model_weights=True)
+        isig_range = _get(p, "reflection_selection.Isigma_range", (2.0, 0.0))
+        min_p = _get(p, "reflection_selection.min_partiality", 0.25)
+        d_range = _get(p, "reflection_selection.d_range")
+        min_groups = _get(p, "reflection_selection.random.min_groups", 2000)
+        min_refl = _get(p, "reflection_selection.random.min_reflections", 50000)
+        cutoff = _get(p, "reflection_selection.random.multi_dataset.Isigma_cutoff", 1.0)
+        partiality = self._sorted_column(table, "partiality")
+        d = self._sorted_column(table, "d")
+        pre = sel.preselection(table, isig_range, min_p, d_range, d, partiality)
+        if method == "use_all":
+            mask = np.ones(table.n_obs, dtype=bool)
+        elif method == "random":
+            mask = sel.select_random(table, min_groups, min_refl, cutoff)
+        elif method == "intensity_ranges":
+            mask = np.zeros(table.n_obs, dtype=bool)
+            for d_pos in range(len(self.states)):
+                in_d = table.dataset_id == d_pos
+                sub = table.select(in_d)
+                esq = outl.e_squared(sub, self.space_group, self.unit_cell)
+                keep = sel.select_intensity_ranges(
+                    sub, esq, _get(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
+                    None if partiality is None else partiality[in_d], min_p,
+                    None if d is None else d[in_d], d_range)
+                mask[np.flatnonzero(in_d)[keep]] = True
+        elif len(self.states) == 1:
+            mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
+        else:
+            mask = sel.select_quasi_random_multi(table, len(self.states), pre, min_groups,
+                                                 min_refl, cutoff)
+        for d_pos, state in enumerate(self.states):
+            state.selected = np.zeros(state.suitable_rows.size, dtype=bool)
+            in_d = table.dataset_id == d_pos
+            state.selected[table.loc_index[in_d & mask]] = True
+        self.log(f"Reflection selection ({method}): "
+                 + ", ".join(str(int(s.selected.sum())) for s in self.states))
+        if any(not s.selected.any() for s in self.states):
+            raise VmergeError("reflection selection left a dataset with nothing to minimise on")
+
+    def _sorted_column(self, table, name):
+        if not all(name in s.table for s in self.states):
+            return None
+        values = [np.asarray(s.table[name][s.suitable_rows], dtype=float) for s in self.states]
+        out = np.empty(table.n_obs)
+        for d_pos, v in enumerate(values):
+            in_d = table.dataset_id == d_pos
+            out[in_d] = v[table.loc_index[in_d]]
+        return out
+
+    def minimise(self, engine="LBFGS", fix_initial=False):
+        p = self.params
+        models = [s.model for s in self.states]
+        fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
+        manager = ParameterManager(models, fix_dataset)
+        target = ScalingTarget(manager, self.minimisation_table(), self.nproc)
+        tolerance = _get(p, "scaling_refinery.rmsd_tolerance", 1e-4)
+        x0 = manager.get_free()
+        if engine == "LBFGS":
+            result = lbfgs(target, x0, _get(p, "scaling_refinery.max_iterations"), tolerance)
+        else:
+            max_it = _get(p, "scaling_refinery.full_matrix_max_iterations")
+            if fix_initial:
+                max_it, tolerance = 1, tolerance / 4.0
+            result = levenberg_marquardt(target, x0, max_it, tolerance)
+        manager.set_free(result.x)
+        self.summary["rounds"].append({"engine": engine, "fix_initial": fix_initial,
+                                       "n_iterations": result.n_iterations,
+                                       "rmsd": result.rmsd_history, "message": result.message})
+        self.log(f"{engine}{' (first scale parameter fixed)' if fix_initial else ''}: "
+                 f"{result.n_iterations} iterations, RMSD {result.rmsd_history[0]:.5g} -> "
+                 f"{result.rmsd:.5g} ({result.message})")
+        return manager, result
+
+    def expand(self, manager=None, covariance=None):
+        """g (and var(g) when a covariance is given) for every suitable reflection."""
+        if manager is None:
+            manager = ParameterManager([s.model for s in self.states])
+        per_dataset = manager.evaluate()
+        for state, (g, values, cols) in zip(self.states, per_dataset):
+            state.g = g
+            if covariance is not None:
+                state.var_g = variance_of_g(values, cols, covariance)
+
+    def _outliers_to_states(self, table, states):
+        p = self.params
+        method = _get(p, "scaling_options.outlier_rejection", "standard")
+        mask = outl.reject_outliers(table, method, _get(p, "scaling_options.outlier_zmax", 6.0),
+                                    _get(p, "scaling_options.emax", 10.0), self.space_group,
+                                    self.unit_cell, self.nproc)
+        out = []
+        for d_pos, state in enumerate(states):
+            o = np.zeros(state.suitable_rows.size, dtype=bool)
+            in_d = table.dataset_id == d_pos
+            o[table.loc_index[in_d & mask]] = True
+            out.append(o)
+        return out
+
+    def outlier_rejection(self):
+        if not self.outliers_active:
+            return
+        new = self._outliers_to_states(self.global_table(), self.states)
+        for state, o in zip(self.states, new):
+            state.outlier = o
+        self.log("Outlier rejection: " + ", ".join(str(int(o.sum())) for o in new))
+
+    @property
+    def outliers_active(self):
+        return _get(self.params, "scaling_options.outlier_rejection", "standard") not in (
+            None, "None", "none")
+
+    @property
+    def combine_active(self):
+        return (_get(self.params, "reflection_selection.intensity_choice", "combine") == "combine"
+                and all(self._can_combine(s.table) for s in self.states))
+
+    @property
+    def error_model_active(self):
+        return _get(self.params, "weighting.error_model.error_model", "basic") not in (
+            None, "None")
+
+    def combine_intensities(self):
+        p = self.params
+        user = _get(p, "reflection_selection.combine.Imid")
+        joint = _get(p, "reflection_selection.combine.joint_analysis", True)
+        datasets = []
+        for state in self.states:
+            t = state.table
+            rows = state.suitable_rows
+            g_full = np.zeros(t.nrows)
+            g_full[rows] = state.g
+            ok = np.zeros(t.nrows, dtype=bool)
+            ok[rows[~state.outlier]] = True
+            test = comb.combination_test_selection(t, g_full, ok)
+            pr = t["partiality"] if "partiality" in t else np.ones(t.nrows)
+            asu = map_indices_to_asu(t["miller_index"][test], self.space_group, False)
+            datasets.append({"asu_index": asu, "i_prf": t["intensity.prf.value"][test],
+                             "v_prf": t["intensity.prf.variance"][test],
+                             "i_sum": t["intensity.sum.value"][test],
+                             "v_sum": t["intensity.sum.variance"][test],
+                             "partiality": pr[test],
+                             "correction": t["prescaling_correction"][test], "g": g_full[test]})
+        user_list = list(user) if user else None
+        if joint:
+            imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
+            imids = [imid] * len(self.states)
+        else:
+            imids = [comb.choose_imid([d], user_list, self.nproc, self.log) for d in datasets]
+        for state, imid in zip(self.states, imids):
+            state.imid = imid
+            state.intensity, state.variance = comb.apply_imid(state.table, imid,
+                                                              state.suitable_rows)
+            if hasattr(state.model, "record_intensity_combination_Imid"):
+                state.model.record_intensity_combination_Imid(imid)
+        self.global_uses_error_model_weights = True
+        self.log("Intensity combination: Imid " + ", ".join(f"{i:g}" for i in imids))
+
+    def refine_error_models(self):
+        if not self.error_model_active:
+            return
+        p = self.params
+        groups = em.error_model_groups(
+            len(self.states), _get(p, "weighting.error_model.grouping", "combined"),
+            _get(p, "weighting.error_model.error_model_group"))
+        multi = len(self.states) > 1
+        for group in groups:
+            members = [self.states[d] for d in group]
+            masks = [~s.outlier for s in members]
+            partialities = None
+            if multi and all("partiality" in s.table for s in members):
+                partialities = [s.table["partiality"][s.suitable_rows][m]
+                                for s, m in zip(members, masks)]
+            try:
+                model = em.refine_error_model(
+                    [s.asu_anomalous[m] for s, m in zip(members, masks)],
+                    [s.intensity[m] for s, m in zip(members, masks)],
+                    [s.variance[m] for s, m in zip(members, masks)],
+                    [s.g[m] for s, m in zip(members, masks)],
+                    members[0].error_model, partialities,
+                    _get(p, "reflection_selection.min_partiality", 0.25),
+                    _get(p, "weighting.error_model.basic.min_Ih", 25.0),
+                    _get(p, "weighting.error_model.basic.n_bins", 10),
+                    _get(p, "weighting.error_model.basic.minimisation", "individual"),
+                    _get(p, "weighting.error_model.basic.a"),
+                    _get(p, "weighting.error_model.basic.b"))
+            except (em.ErrorModelError, ValueError, FloatingPointError) as e:
+                self.log(f"Error model refinement failed: {e}; keeping the current model")
+                continue
+            for s in members:
+                s.error_model = em.BasicErrorModel(model.a, model.b)
+            self.log(f"Error model: a = {model.a:.5f}, b = {model.b:.5f}")
+        self.global_uses_error_model_weights = True
+
+    def full_matrix_wanted(self):
+        value = _get(self.params, "scaling_options.full_matrix")
+        if _is_auto(value):
+            return not (any(_is_still(s.experiment) for s in self.states)
+                        or len(self.states) > MAX_DATASETS_FOR_AUTO_FULL_MATRIX)
+        return bool(value)
+
+    # -- the round order ------------------------------------------------------------------
+    def run(self):
+        self.initial_outlier_rejection()
+        self.select_reflections()
+        self.minimise("LBFGS")
+        if self.combine_active or self.outliers_active or self.error_model_active:
+            self.expand()
+            self.outlier_rejection()
+            if self.combine_active:
+                self.combine_intensities()
+                self.outlier_rejection()
+            self.minimise("LBFGS")
+            self.expand()
+            self.outlier_rejection()
+            self.refine_error_models()
+        covariance_manager = None
+        covariance = None
+        if self.full_matrix_wanted():
+            manager, result = self.minimise("LevMar")
+            covariance_manager, covariance = manager, result.covariance
+            if first_fix_initial_dataset([s.model for s in self.states]) is not None:
+                manager, result = self.minimise("LevMar", fix_initial=True)
+                covariance_manager, covariance = manager, result.covariance
+            self._store_esds(covariance_manager, covariance)
+        else:
+            self.minimise("LBFGS")
+        self.expand(covariance_manager, covariance)
+        self.outlier_rejection()
+        self.refine_error_models()
+        return self.finish()
+
+    def _store_esds(self, manager, covariance):
+        if covariance is None:
+            return
+        esds_free = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        for d, state in enumerate(self.states):
+            full = np.zeros(len(state.model.parameter_vector()))
+            free = manager.free_index[d]
+            full[free] = esds_free[manager.offsets[d]:manager.offsets[d + 1]]
+            if hasattr(state.model, "set_est_standard_devs"):
+                state.model.set_est_standard_devs(full)
+
+    def finish(self):
+        cutoff = _get(self.params, "cut_data.small_scale_cutoff")
+        cutoff = DEFAULT_SMALL_SCALE_CUTOFF if _is_auto(cutoff) else float(cutoff)
+        tables = []
+        for state in self.states:
+            if state.error_model is not None and hasattr(state.model, "set_error_model"):
+                state.model.set_error_model("BasicErrorModel", state.error_model.parameters)
+            table = state.table
+            table["intensity"] = _put(table["intensity"], state.suitable_rows, state.intensity)
+            table["variance"] = _put(table["variance"], state.suitable_rows, state.variance)
+            tables.append(prepare_output(table, state.suitable_rows, state.g, state.var_g,
+                                         state.outlier, state.error_model, cutoff))
+        self.summary["datasets"] = [{
+            "identifier": getattr(s.experiment, "identifier", ""),
+            "error_model": None if s.error_model is None else s.error_model.parameters,
+            "Imid": s.imid, "n_suitable": int(s.suitable_rows.size),
+            "n_selected": int(s.selected.sum()), "n_outliers": int(s.outlier.sum()),
+        } for s in self.states]
+        self.summary["experiments"] = [s.experiment for s in self.states]
+        return tables, [s.model for s in self.states], self.summary
+
+
+def _put(column, rows, values):
+    out = np.array(column, dtype=np.float64)
+    out[rows] = values
+    return out
+
+
+def scaled_variance(intensity, variance, g, var_g, error_model):
+    """DIALS output variance: a^2 (V + (b I)^2) (1 + sigma_g / g); a, b = 1, 0 without a model."""
+    v = variance if error_model is None else error_model.variance(intensity, variance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fractional = np.where((var_g > 0) & (g != 0), np.sqrt(np.clip(var_g, 0, None)) / g, 0.0)
+    return v * (1.0 + fractional)
+
+
+def prepare_output(table, suitable_rows, g, var_g, outlier, error_model,
+                   small_scale_cutoff=DEFAULT_SMALL_SCALE_CUTOFF, keep_columns=None):
+    """Write the 11.1 output columns and flags on a prepared table; drop work columns.
+
+    Suitable rows get the new g and var(g); other rows keep their input g and var(g) = 0.
+    intensity.scale.value is the unscaled chosen intensity; the variance recipe applies to
+    every row. keep_columns: the input column names; other non-output columns are dropped.
+    """
+    n = table.nrows
+    g_all = np.array(table["inverse_scale_factor"], dtype=np.float64) if \
+        "inverse_scale_factor" in table else np.ones(n)
+    g_all[suitable_rows] = g
+    var_all = np.zeros(n)
+    if var_g is not None:
+        var_all[suitable_rows] = var_g
+    table["inverse_scale_factor"] = g_all
+    table["inverse_scale_factor_variance"] = var_all
+    table["intensity.scale.value"] = np.array(table["intensity"], dtype=np.float64)
+    table["intensity.scale.variance"] = scaled_variance(table["intensity"], table["variance"],
+                                                        g_all, var_all, error_model)
+    outlier_rows = suitable_rows[outlier]
+    table.unset_flags(np.ones(n, dtype=bool), flags.outlier_in_scaling | flags.scaled)
+    table.set_flags(outlier_rows, flags.outlier_in_scaling)
+    small = np.zeros(n, dtype=bool)
+    small[suitable_rows] = g < small_scale_cutoff
+    table.set_flags(small, flags.excluded_for_scaling)
+    bad = table.get_flags(flags.bad_for_scaling, all=False)
+    table.set_flags(~bad, flags.scaled)
+    for name in WORK_COLUMNS:
+        table.del_column(name)
+    if keep_columns is not None:
+        for name in list(table.keys()):
+            if name not in keep_columns and name not in OUTPUT_COLUMNS:
+                table.del_column(name)
+    return table
+
+
+def scale_datasets(experiments, tables, models, params, log=None):
+    """Scale several datasets concurrently; returns (output tables, models, summary).
+
+    tables: per experiment, either prepared with prepare.prepare_dataset (which the caller
+    does after clearing flags and applying image exclusions) or raw integrated tables
+    (prepared here with the params' cut_data settings). models: ScalingModel objects.
+    The summary lists dropped datasets, per-round minimiser details and, per dataset, the
+    error model (a, b), Imid and counts; summary["experiments"] are the experiments kept.
+    """
+    if len(experiments) != len(tables) or len(tables) != len(models):
+        raise VmergeError("scaling needs one experiment, reflection table and model per dataset")
+    return ScalingRun(experiments, tables, models, params, log).run()

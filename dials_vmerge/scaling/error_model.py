@@ -1,0 +1,280 @@
+"""The basic error model sigma'^2 = a^2 (sigma^2 + (b I)^2) (dials-scaling.md 6).
+
+Refinement data: a fresh anomalous Ih table of suitable, non-outlier reflections weighted by
+1/sigma^2 with the current g, then filtered (group mean I/sigma^2 > 0.85, Ih g > min_Ih,
+I > 0.001 and n_h > 1 with at least 250 reflections, groups with a huge internal/external
+variance ratio dropped). Normalised deviations
+
+    delta = sqrt((n_h - 1)/n_h) (I/g - Ih) / sigma',   sigma' = a sqrt(sigma^2 + (b I)^2) / g
+
+are binned by expected intensity Ih g (log-spaced bins, minimum counts). `individual`
+minimisation alternates an a-step (slope of the central normal probability plot) and a
+b-step (bin variances towards 1 by the DIALS functional) until |da/a| < 0.01; on failure it
+resets to (1, 0.02) and refines b alone. `regression` fits y = a^2 x + a^2 b^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.stats import norm
+
+from .ih_table import build_ih_table
+
+DEFAULT_A = 1.0
+DEFAULT_B = 0.02
+MIN_REFLECTIONS = 250
+MAX_CYCLES = 50
+A_CONVERGENCE = 0.01
+MIN_CONVERGED_A = 0.4
+PROBABILITY_PLOT_CUTOFF = 1.5
+
+
+class ErrorModelError(Exception):
+    """Refinement impossible on these data; the caller keeps the current model."""
+
+
+@dataclass
+class BasicErrorModel:
+    a: float = DEFAULT_A
+    b: float = DEFAULT_B
+
+    def variance(self, intensity, variance):
+        return self.a * self.a * (variance + (self.b * intensity) ** 2)
+
+    def weights(self, intensity, variance):
+        with np.errstate(divide="ignore"):
+            return 1.0 / self.variance(intensity, variance)
+
+    @property
+    def parameters(self):
+        return [float(self.a), float(self.b)]
+
+
+def error_model_weights(intensity, variance, model):
+    """Minimisation weights 1/sigma'^2, or 1/sigma^2 without an error model."""
+    with np.errstate(divide="ignore"):
+        if model is None:
+            return 1.0 / variance
+        return model.weights(intensity, variance)
+
+
+@dataclass
+class ErrorModelData:
+    intensity: np.ndarray
+    variance: np.ndarray
+    g: np.ndarray
+    ih: np.ndarray  # per observation
+    n_h: np.ndarray  # per observation
+    expected: np.ndarray  # Ih g (x partiality)
+    bin_index: np.ndarray  # -1 where the bin was deleted
+    n_bins: int
+
+
+def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
+                           min_partiality=None, min_ih=25.0):
+    """The filtered anomalous Ih table the error model is refined on (an IhTable)."""
+    extra = {"partiality": partialities} if partialities is not None else None
+    table = build_ih_table(asu_indices, intensities, variances,
+                           [1.0 / np.asarray(v, dtype=float) for v in variances], gs,
+                           extra=extra)
+    if partialities is not None and min_partiality is not None:
+        table = table.select(table.extra["partiality"] > min_partiality)
+    grp = table.group_of_observation()
+    n_h = table.multiplicity()
+    i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
+    keep_group = i_over_var / np.maximum(n_h, 1) > 0.85
+    table = table.select(keep_group[grp])
+    ih = table.merged_intensity()
+    table = table.select(ih[table.group_of_observation()] * table.g > min_ih)
+    table = table.select(table.intensity > 0.001)
+    if table.n_obs < MIN_REFLECTIONS:
+        raise ErrorModelError(
+            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    table = table.select((table.multiplicity() > 1)[table.group_of_observation()])
+    # internal over external variance ratio per group
+    grp = table.group_of_observation()
+    n_h = table.multiplicity().astype(float)
+    ih = table.merged_intensity()
+    scaled = table.intensity / table.g
+    internal = np.bincount(grp, (scaled - ih[grp]) ** 2, minlength=table.n_groups) / np.maximum(
+        n_h - 1, 1)
+    external = np.bincount(grp, table.variance / table.g ** 2, minlength=table.n_groups) / n_h
+    limit = max(50.0, float(ih.max()) / 40.0) if ih.size else 50.0
+    table = table.select((internal / external < limit)[grp])
+    if table.n_obs < MIN_REFLECTIONS:
+        raise ErrorModelError(
+            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    return table
+
+
+def error_model_data(table, n_bins=10):
+    grp = table.group_of_observation()
+    ih = table.merged_intensity()[grp]
+    n_h = table.multiplicity()[grp].astype(float)
+    expected = ih * table.g
+    if "partiality" in table.extra:
+        expected = expected * table.extra["partiality"]
+    bin_index, kept = intensity_bins(expected, n_bins)
+    return ErrorModelData(table.intensity, table.variance, table.g, ih, n_h, expected,
+                          bin_index, kept)
+
+
+def intensity_bins(expected, n_bins=10):
+    """Bin index per reflection over log-spaced expected-intensity bins, with bin edges
+    lowered until each bin holds min(T, N/30) reflections; sparse bins deleted (-1)."""
+    n = expected.size
+    per_bin_target = 250 if n <= 25000 else n // 100
+    min_per_bin = min(per_bin_target, int(n / (3.0 * n_bins)))
+    order = np.argsort(-expected, kind="stable")
+    i_max = float(expected.max())
+    i_min = max(1.0, float(expected.min()))
+    spacing = (np.log(i_max) - np.log(i_min)) / n_bins
+    bounds = [i_max] + [float(np.exp(np.log(i_max) - i * spacing)) for i in range(1, n_bins + 1)]
+    bounds[-1] = float(expected.min()) - 0.01
+    bin_index = np.full(n, -1, dtype=np.int64)
+    counts = []
+    n_cumulative = 0
+    for i in range(n_bins):
+        upper, lower = bounds[i], bounds[i + 1]
+        in_bin = (expected <= upper) & (expected > lower)
+        count = int(in_bin.sum())
+        if count < min_per_bin:
+            m = n_cumulative + min_per_bin
+            if m < n:
+                bounds[i + 1] = float(expected[order[m]])
+                in_bin = (expected <= upper) & (expected > bounds[i + 1])
+                count = int(in_bin.sum())
+        bin_index[in_bin] = i
+        counts.append(count)
+        n_cumulative += count
+    deleted = [i for i, c in enumerate(counts) if c < min_per_bin - 5]
+    remap = np.full(n_bins, -1, dtype=np.int64)
+    kept = [i for i in range(n_bins) if i not in deleted]
+    remap[kept] = np.arange(len(kept))
+    valid = bin_index >= 0
+    bin_index[valid] = remap[bin_index[valid]]
+    return bin_index, len(kept)
+
+
+def normalised_deviations(data, a, b):
+    sigma_prime = a * np.sqrt(data.variance + (b * data.intensity) ** 2) / data.g
+    return np.sqrt((data.n_h - 1.0) / data.n_h) * (data.intensity / data.g - data.ih) / sigma_prime
+
+
+def bin_variances(data, delta):
+    valid = data.bin_index >= 0
+    idx = data.bin_index[valid]
+    d = delta[valid]
+    count = np.bincount(idx, minlength=data.n_bins).astype(float)
+    mean = np.bincount(idx, d, minlength=data.n_bins) / count
+    mean_sq = np.bincount(idx, d * d, minlength=data.n_bins) / count
+    weight = np.bincount(idx, data.expected[valid], minlength=data.n_bins) / count
+    return mean_sq - mean * mean, weight
+
+
+def b_functional(data, a, b):
+    v, w = bin_variances(data, normalised_deviations(data, a, b))
+    return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)) / np.sum(w))
+
+
+def a_step(data, a, b):
+    """a scaled by the slope of the central part of the normal probability plot."""
+    delta = np.sort(normalised_deviations(data, a, b))
+    n = delta.size
+    lo = int(np.ceil(norm.cdf(-PROBABILITY_PLOT_CUTOFF) * n - 0.5))
+    hi = int(np.ceil(norm.cdf(PROBABILITY_PLOT_CUTOFF) * n - 0.5))
+    k = np.arange(lo, hi)
+    x = norm.ppf((k + 0.5) / n)
+    y = delta[lo:hi]
+    slope = np.polyfit(x, y, 1)[0]
+    return a * float(slope)
+
+
+def b_step(data, a, b):
+    result = minimize(lambda p: b_functional(data, a, float(p[0])), x0=[b], method="L-BFGS-B",
+                      options={"maxiter": 100})
+    return abs(float(result.x[0]))
+
+
+def refine_individual(data, a=DEFAULT_A, b=DEFAULT_B, fix_a=False, fix_b=False):
+    """(a, b, log lines). Alternates a- and b-steps as DIALS's ErrorModelRefinery does."""
+    log = []
+    converged = False
+    for _ in range(MAX_CYCLES):
+        previous_a = a
+        if not fix_a:
+            a = a_step(data, a, b)
+        if not fix_b:
+            b = b_step(data, a, b)
+        if fix_a or abs(a - previous_a) / abs(previous_a) < A_CONVERGENCE:
+            converged = True
+            break
+    if converged and a > MIN_CONVERGED_A:
+        if not fix_a:
+            a = a_step(data, a, b)
+        return abs(a), abs(b), log
+    log.append("Two-parameter Error model refinement failed; refining b only")
+    a = DEFAULT_A
+    b = DEFAULT_B if not fix_b else b
+    if not fix_b:
+        b = b_step(data, a, b)
+    return a, abs(b), log
+
+
+def refine_regression(table):
+    """Linear fit y = a^2 x + a^2 b^2, x = sigma^2/I^2, y = group variance / I^2."""
+    grp = table.group_of_observation()
+    n_h = table.multiplicity()[grp].astype(float)
+    ih = table.merged_intensity()[grp]
+    resid_sq = (table.intensity - table.g * ih) ** 2
+    group_var = np.bincount(grp, resid_sq, minlength=table.n_groups) / np.maximum(
+        table.multiplicity() - 1, 1)
+    i_sq = table.intensity ** 2
+    x = table.variance / i_sq
+    y = group_var[grp] / i_sq
+    slope, intercept = np.polyfit(x, y, 1)
+    if slope <= 0 or intercept < 0:
+        raise ErrorModelError("error model regression gave a negative a^2 or a^2 b^2")
+    a = float(np.sqrt(slope))
+    return a, float(np.sqrt(intercept) / a)
+
+
+def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
+                       min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
+                       fixed_a=None, fixed_b=None):
+    """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
+
+    The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
+    mapped anomalously.
+    """
+    model = model or BasicErrorModel()
+    table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
+                                   min_partiality, min_ih)
+    a = model.a if fixed_a is None else fixed_a
+    b = model.b if fixed_b is None else fixed_b
+    if minimisation == "regression":
+        ra, rb = refine_regression(table)
+        return BasicErrorModel(fixed_a if fixed_a is not None else ra,
+                               fixed_b if fixed_b is not None else rb)
+    data = error_model_data(table, n_bins)
+    if data.n_bins < 1:
+        raise ErrorModelError("no intensity bins for error model refinement")
+    a, b, _ = refine_individual(data, a, b, fix_a=fixed_a is not None, fix_b=fixed_b is not None)
+    return BasicErrorModel(a, b)
+
+
+def error_model_groups(n_datasets, grouping="combined", error_model_group=None):
+    """Lists of dataset positions, one list per error model."""
+    if grouping == "individual":
+        return [[d] for d in range(n_datasets)]
+    if grouping == "grouped" and error_model_group:
+        groups = [list(g) for g in error_model_group]
+        zero_based = any(0 in g for g in groups)
+        groups = [[d if zero_based else d - 1 for d in g] for g in groups]
+        used = {d for g in groups for d in g}
+        rest = [d for d in range(n_datasets) if d not in used]
+        return groups + ([rest] if rest else [])
+    return [list(range(n_datasets))]

@@ -1,0 +1,154 @@
+"""Choosing the reflections the model is minimised on (dials-scaling.md 8).
+
+All functions work on the global IhTable of suitable reflections and return a boolean mask
+over its observations. Random choices use numpy's default_rng with a fixed seed (42, the
+seed DIALS gives its generator), so a run is reproducible; the picks differ from DIALS's
+scitbx generator, so only the statistics of the subset match DIALS, not its members.
+
+quasi_random for several datasets is simplified: (1) groups spanning the most datasets are
+taken first, least-covered dataset first, until each dataset has its share of the
+connected target; (2) random groups within each dataset; (3) random groups overall up to
+the total target. DIALS's 20 resolution bins and top-up logic are not reproduced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SEED = 42
+
+
+def _isigma(table):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return table.intensity / np.sqrt(table.variance)
+
+
+def preselection(table, isigma_range=(2.0, 0.0), min_partiality=None, d_range=None, d=None,
+                 partiality=None):
+    """I/sigma above Isigma_range[0] (and below [1] if > 0), partiality and d range."""
+    isig = _isigma(table)
+    keep = isig > isigma_range[0]
+    if isigma_range[1] and isigma_range[1] > 0:
+        keep &= isig < isigma_range[1]
+    if partiality is not None and min_partiality is not None:
+        keep &= partiality > min_partiality
+    if d_range is not None and d is not None:
+        keep &= (d > d_range[0]) & (d < d_range[1])
+    return keep
+
+
+def _group_counts(table, mask):
+    grp = table.group_of_observation()
+    return np.bincount(grp[mask], minlength=table.n_groups), grp
+
+
+def _n_groups_to_choose(mean_multiplicity, min_groups, min_reflections):
+    return max(int(math.ceil(min_reflections / mean_multiplicity)), int(min_groups))
+
+
+def select_single_dataset(table, preselected, min_groups=2000, min_reflections=50000,
+                          seed=SEED):
+    """8.1: random groups whose preselected multiplicity > 1; falls back to use_all."""
+    counts, grp = _group_counts(table, preselected)
+    candidates = np.flatnonzero(counts > 1)
+    if candidates.size == 0:
+        return np.ones(table.n_obs, dtype=bool)
+    n_choose = _n_groups_to_choose(counts[candidates].mean(), min_groups, min_reflections)
+    rng = np.random.default_rng(seed)
+    if n_choose < candidates.size:
+        candidates = np.sort(rng.choice(candidates, n_choose, replace=False))
+    chosen = np.zeros(table.n_groups, dtype=bool)
+    chosen[candidates] = True
+    return chosen[grp] & preselected
+
+
+def _group_mean_isigma(table):
+    grp = table.group_of_observation()
+    total = np.bincount(grp, np.nan_to_num(_isigma(table)), minlength=table.n_groups)
+    return total / np.maximum(table.multiplicity(), 1)
+
+
+def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+    """Groups with mean I/sigma > cutoff and n > 1, max(min_groups, ceil(min_refl/<m>))."""
+    mult = table.multiplicity()
+    candidates = np.flatnonzero((_group_mean_isigma(table) > isigma_cutoff) & (mult > 1))
+    if candidates.size == 0:
+        candidates = np.flatnonzero(mult > 1)
+    if candidates.size == 0:
+        return np.ones(table.n_obs, dtype=bool)
+    n_choose = _n_groups_to_choose(mult[candidates].mean(), min_groups, min_reflections)
+    rng = np.random.default_rng(seed)
+    if n_choose < candidates.size:
+        candidates = rng.choice(candidates, n_choose, replace=False)
+    chosen = np.zeros(table.n_groups, dtype=bool)
+    chosen[candidates] = True
+    return chosen[table.group_of_observation()]
+
+
+def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
+                              min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+    """Simplified 8.2 (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    grp = table.group_of_observation()
+    mult = table.multiplicity()
+    eligible = (_group_mean_isigma(table) > isigma_cutoff) & (mult > 1)
+    if not eligible.any():
+        eligible = (_group_mean_isigma(table) > 0) & (mult > 1)
+    if not eligible.any():
+        return np.ones(table.n_obs, dtype=bool)
+    mean_mult = mult[mult > 1].mean()
+    total_target = max(mean_mult * min_groups, min_reflections)
+    target_qr = min(1000, min_groups) * mean_mult
+    # dataset x group membership counts
+    counts = np.zeros((n_datasets, table.n_groups), dtype=np.int64)
+    np.add.at(counts, (table.dataset_id, grp), 1)
+    span = (counts > 0).sum(axis=0)
+    chosen = np.zeros(table.n_groups, dtype=bool)
+    per_dataset = np.zeros(n_datasets, dtype=np.int64)
+    share = target_qr / (n_datasets * 4.0)
+    order = np.flatnonzero(eligible)
+    order = order[np.argsort(-span[order], kind="stable")]
+    used = 0
+    for grp_id in order:  # loop over candidate groups, not reflections
+        if used > 1.2 * target_qr or (per_dataset >= share).all():
+            break
+        neediest = int(np.argmin(per_dataset))
+        if counts[neediest, grp_id] == 0 and per_dataset[neediest] < share:
+            continue
+        chosen[grp_id] = True
+        per_dataset += counts[:, grp_id]
+        used += mult[grp_id]
+    # within each dataset: random eligible groups until its share is reached
+    per_dataset_target = (total_target - used) / (2.0 * n_datasets)
+    for d in range(n_datasets):
+        in_d = np.flatnonzero(eligible & (counts[d] > 1) & ~chosen)
+        rng.shuffle(in_d)
+        cumulative = np.cumsum(counts[d, in_d])
+        take = in_d[: int(np.searchsorted(cumulative, per_dataset_target)) + 1]
+        chosen[take] = True
+        used += int(mult[take].sum())
+    # across datasets: random groups to reach the total target
+    rest = np.flatnonzero(eligible & ~chosen)
+    if used < total_target and rest.size:
+        rng.shuffle(rest)
+        cumulative = np.cumsum(mult[rest])
+        take = rest[: int(np.searchsorted(cumulative, total_target - used)) + 1]
+        chosen[take] = True
+    return chosen[grp] & preselected
+
+
+def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_range=(2.0, 0.0),
+                            partiality=None, min_partiality=None, d=None, d_range=None):
+    """8.3: E^2 window (when E^2 was computed), I/sigma > 2, partiality and d range."""
+    keep = preselection(table, isigma_range, min_partiality, d_range, d, partiality)
+    if e_squared is not None:
+        keep &= (e_squared > e2_range[0]) & (e_squared < e2_range[1])
+    return keep
+
+
+def resolve_method(method, is_stills):
+    if method in (None, "auto"):
+        return "intensity_ranges" if is_stills else "quasi_random"
+    return method
