@@ -99,3 +99,35 @@ def test_hand_built_partials_and_corrections():
     t2 = out.copy()
     prepare.apply_user_exclusions(t2, d_min=1.5)
     assert t2.get_flags(flags.user_excluded_in_scaling).tolist() == [False, False, True]
+
+
+def test_output_recipe_parity_with_dials(quartz):
+    """Given DIALS's g, var(g) and error model, our output columns equal DIALS's."""
+    import json
+
+    from dials_vmerge.scaling.algorithm import prepare_output, scaled_variance
+    from dials_vmerge.scaling.error_model import BasicErrorModel
+    from dials_vmerge.scaling.prepare import suitable_selection
+
+    _, scaled, prepared = quartz
+    with open(os.path.join(QUARTZ, "scaled.expt")) as f:
+        config = json.load(f)["scaling_model"][0]["configuration_parameters"]
+    a, b = config["error_model_parameters"]
+    model = BasicErrorModel(a, b)
+    g = scaled["inverse_scale_factor"]
+    var_g = scaled["inverse_scale_factor_variance"]
+    variance = scaled_variance(prepared["intensity"], prepared["variance"], g, var_g, model)
+    assert np.allclose(variance, scaled["intensity.scale.variance"], rtol=1e-12, atol=0)
+    # and through prepare_output, with the rows DIALS scaled marked as our suitable rows
+    table = prepared.copy()
+    rows = np.flatnonzero(suitable_selection(table))
+    outlier = scaled.get_flags(flags.outlier_in_scaling)[rows]
+    out = prepare_output(table, rows, g[rows], var_g[rows], outlier, model)
+    assert np.array_equal(out["intensity.scale.value"], prepared["intensity"])
+    assert np.allclose(out["intensity.scale.value"], scaled["intensity.scale.value"],
+                       rtol=1e-15, atol=0)
+    assert np.allclose(out["intensity.scale.variance"], scaled["intensity.scale.variance"],
+                       rtol=1e-12, atol=0)
+    assert np.array_equal(out["inverse_scale_factor"], g)
+    assert np.array_equal(out["flags"], scaled["flags"])
+    assert sorted(out.keys()) == sorted(scaled.keys())
