@@ -143,3 +143,48 @@ def test_variance_of_g_is_diag_j_cov_jt():
                 jac[i, cols[i, k]] += values[i, k]
     assert np.allclose(variance_of_g(values, cols, cov), np.diag(jac @ cov @ jac.T),
                        rtol=1e-12)
+
+
+class SharedDecayToy(ToyKB):
+    """ToyKB whose B ("decay") is one parameter shared by all datasets."""
+
+    def parameter_slices(self):
+        return {"scale": slice(0, 1), "decay": slice(1, 2)}
+
+    def shared_component(self):
+        return "decay"
+
+
+def test_shared_component_has_one_column_and_summed_restraints():
+    rng = np.random.default_rng(8)
+    hkl = unique_indices(rng, 40)
+    true_j = rng.exponential(200.0, 40)
+    models, tables = [], []
+    for d in range(3):
+        table, _ = make_dataset(rng, hkl, true_j, 1.0, -2.0, 120, dataset_id=d)
+        model = SharedDecayToy(k=1.0 + 0.1 * d, b=0.3, restraint=(0.0, 0.5))
+        model.configure(table, None)
+        models.append(model)
+        tables.append(table)
+    manager = ParameterManager(models)
+    assert manager.n_free == 4  # three scales, one shared B
+    assert [c.tolist() for c in manager.free_columns] == [[0, 1], [2, 1], [3, 1]]
+    assert manager.restraint_weights().tolist() == [0.0, 1.5, 0.0, 0.0]
+    x = manager.get_free()
+    x[1] = -1.0
+    manager.set_free(x)
+    assert all(m.p[1] == -1.0 for m in models)
+    sg = p1_space_group()
+    asu = [iht.map_indices_to_asu(t["miller_index"], sg, False) for t in tables]
+    table = iht.build_ih_table(asu, [t["intensity.sum.value"] for t in tables],
+                               [t["intensity.sum.variance"] for t in tables],
+                               [1.0 / t["intensity.sum.variance"] for t in tables],
+                               [np.ones(t.nrows) for t in tables])
+    target = ScalingTarget(manager, table)
+    _, grad = target.value_and_gradient(x)
+    step = 1e-6
+    xp, xm = x.copy(), x.copy()
+    xp[1] += step
+    xm[1] -= step
+    numeric = (_phi_and_residuals(target, xp)[0] - _phi_and_residuals(target, xm)[0]) / (2 * step)
+    assert grad[1] == pytest.approx(numeric, rel=1e-5)

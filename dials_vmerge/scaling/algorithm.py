@@ -439,11 +439,8 @@ class ScalingRun:
             return
         esds_free = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
         for d, state in enumerate(self.states):
-            full = np.zeros(len(state.model.parameter_vector()))
-            free = manager.free_index[d]
-            full[free] = esds_free[manager.offsets[d]:manager.offsets[d + 1]]
             if hasattr(state.model, "set_est_standard_devs"):
-                state.model.set_est_standard_devs(full)
+                state.model.set_est_standard_devs(manager.full_vector(d, esds_free))
 
     def finish(self):
         cutoff = _get(self.params, "cut_data.small_scale_cutoff")

@@ -9,8 +9,9 @@ with deriv_index indexing the model's full parameter vector. Used when present:
   fixed in the last full-matrix iteration), evaluate(rows=...) (a subset of the configured
   rows), set_est_standard_devs(esds (P,)).
 
-Free parameters of dataset d occupy columns offset[d]:offset[d+1] of the global vector,
-dataset by dataset in the order of the model list (DIALS concurrent order).
+Free parameters get global columns dataset by dataset in the order of the model list (DIALS
+concurrent order); a component shared by all models (shared_component()) has one set of
+columns, those of the first dataset.
 """
 
 from __future__ import annotations
@@ -20,43 +21,71 @@ import numpy as np
 
 class ParameterManager:
     def __init__(self, models, fix_initial_dataset=None):
-        """fix_initial_dataset: the dataset whose first scale parameter is held fixed."""
+        """fix_initial_dataset: the dataset whose first scale parameter is held fixed.
+
+        A component every model reports as shared (shared_component(), e.g. physical
+        share.absorption) gets one set of columns used by all datasets; its restraint
+        weights add up over the datasets, as DIALS's summed restraint gradients do.
+        """
         self.models = list(models)
         self.column_of_parameter = []  # per dataset: full index -> global column or -1
         self.free_index = []  # per dataset: full indices of the free parameters
+        self.free_columns = []  # per dataset: the global column of each free parameter
+        shared = self._shared_name()
+        shared_columns = None
         offset = 0
-        self.offsets = [0]
         for d, model in enumerate(self.models):
             if d == fix_initial_dataset:
                 mask = np.asarray(model.free_parameter_mask(fix_initial=True), dtype=bool)
             else:
                 mask = np.asarray(model.free_parameter_mask(), dtype=bool)
-            free = np.flatnonzero(mask)
             col = np.full(mask.size, -1, dtype=np.int32)
-            col[free] = offset + np.arange(free.size, dtype=np.int32)
+            shared_slice = model.parameter_slices()[shared] if shared else None
+            for j in np.flatnonzero(mask):
+                if shared_slice is not None and shared_slice.start <= j < shared_slice.stop \
+                        and shared_columns is not None:
+                    col[j] = shared_columns[j - shared_slice.start]
+                else:
+                    col[j] = offset
+                    offset += 1
+            if shared_slice is not None and shared_columns is None:
+                shared_columns = col[shared_slice].copy()
+            free = np.flatnonzero(mask)
             self.column_of_parameter.append(col)
             self.free_index.append(free)
-            offset += free.size
-            self.offsets.append(offset)
+            self.free_columns.append(col[free].astype(np.int64))
         self.n_free = offset
 
+    def _shared_name(self):
+        names = [m.shared_component() if hasattr(m, "shared_component") else None
+                 for m in self.models]
+        if len(self.models) > 1 and names[0] is not None and all(n == names[0] for n in names):
+            return names[0]
+        return None
+
     def get_free(self):
-        if self.n_free == 0:
-            return np.zeros(0)
-        return np.concatenate([np.asarray(m.parameter_vector(), dtype=np.float64)[f]
-                               for m, f in zip(self.models, self.free_index)])
+        x = np.zeros(self.n_free)
+        for model, free, cols in zip(self.models, self.free_index, self.free_columns):
+            x[cols] = np.asarray(model.parameter_vector(), dtype=np.float64)[free]
+        return x
 
     def set_free(self, x):
-        for d, (model, free) in enumerate(zip(self.models, self.free_index)):
+        for model, free, cols in zip(self.models, self.free_index, self.free_columns):
             p = np.array(model.parameter_vector(), dtype=np.float64)
-            p[free] = x[self.offsets[d]:self.offsets[d + 1]]
+            p[free] = x[cols]
             model.set_parameter_vector(p)
 
     def restraint_weights(self):
-        if self.n_free == 0:
-            return np.zeros(0)
-        return np.concatenate([np.asarray(m.restraint_weights(), dtype=np.float64)[f]
-                               for m, f in zip(self.models, self.free_index)])
+        w = np.zeros(self.n_free)
+        for model, free, cols in zip(self.models, self.free_index, self.free_columns):
+            np.add.at(w, cols, np.asarray(model.restraint_weights(), dtype=np.float64)[free])
+        return w
+
+    def full_vector(self, d, free_values, fill=0.0):
+        """A dataset's full-length vector from values over the free columns (e.g. ESDs)."""
+        out = np.full(len(self.column_of_parameter[d]), fill, dtype=np.float64)
+        out[self.free_index[d]] = free_values[self.free_columns[d]]
+        return out
 
     def evaluate(self, rows=None):
         """Per dataset (g, deriv_values, deriv_col) with columns in the global free vector.
