@@ -236,9 +236,10 @@ def simulate_from_settings(settings: SimulationSettings):
             if abs(corrected - n_images) / n_images > 0.05:
                 n_images = corrected
                 predictions = predict_all(n_images)
-        for i, (a, pred) in enumerate(zip(a_matrices, predictions)):
-            rows = _rotation_rows(settings, instrument, pred, a, n_images,
+        for i, a in enumerate(a_matrices):
+            rows = _rotation_rows(settings, instrument, predictions[i], a, n_images,
                                   _stream(seed, _GEOMETRY, i))
+            predictions[i] = None  # memory: keep only one sweep's raw predictions alive
             model_rng = _stream(seed, _MODEL, i)
             if settings.model == "physical":
                 model = truth_model.draw_physical(settings, model_rng, settings.osc_start_deg,
@@ -383,7 +384,8 @@ def _measure(settings, unit_structure, rows_list, identifiers, counts_scale, rot
     phi0 = np.radians(settings.osc_start_deg) if rotation else 0.0
     row0 = 0
     partial_offset = 0
-    for e, rows in enumerate(rows_list):
+    for e in range(len(rows_list)):
+        rows = rows_list[e]
         unit, j_unit = _unit_signal(rows, unit_structure)
         j = j_unit * counts_scale
         for c, start in enumerate(range(0, rows.n, CHUNK_ROWS)):
@@ -442,6 +444,7 @@ def _measure(settings, unit_structure, rows_list, identifiers, counts_scale, rot
         truth["unique_index"][dst] = rows.code >> 1
         truth["hand"][dst] = rows.code & 1
         row0 += rows.n
+        rows_list[e] = None  # memory: this experiment's intermediate rows are now in `out`
     table = ReflectionTable(n, {i: ident for i, ident in enumerate(identifiers)})
     for name in sorted(out):
         table[name] = out[name]

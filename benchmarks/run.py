@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""The performance harness (docs: performance.md, "The benchmark harness").
+
+For each size N, in one run on this machine:
+  1. simulate a rotation dataset (physical truth, several sweeps, multiplicity ~6) and write it;
+  2. the bandwidth bound: a numpy streaming reduction over as many bytes as one kernel pass
+     reads (single thread, and split over all cores);
+  3. one target+gradient evaluation of the scaling core (median of several) at nproc=1 and at
+     all cores, via dials_vmerge.scaling.benchmark_hooks, and its ratio to the bound;
+  4. the full `dials.vmerge` run end to end (subprocess) with its wall time and peak RSS;
+  5. accuracy against the truth: RMS relative error of g after removing the overall scale,
+     and the correlation of the merged intensities with the true ones.
+Whatever is not available yet (the hooks, the program) is recorded as null with a note.
+
+    python benchmarks/run.py --sizes 1e5,1e6 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Bytes per observation one pass streams when the kernel cannot tell us (performance.md:
+# physical model, I, w, rotation coordinate, 1/d^2, two packed direction angles).
+DEFAULT_BYTES_PER_OBS = 32
+SIMULATION = dict(n_sweeps=4, multiplicity=6.0, model="physical", mean_i_over_sigma=10.0)
+END_TO_END_TIMEOUT_S = 6 * 3600
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_sizes(text: str):
+    return [int(float(v)) for v in text.split(",") if v.strip()]
+
+
+def all_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, first touch of memory
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# -- 2. bandwidth bound -------------------------------------------------------------------
+def bandwidth_bound(n_bytes: int, repeats: int, threads: int) -> float:
+    """Median time of np.add.reduce over an array of n_bytes (float64), split over threads."""
+    data = np.ones(max(1, n_bytes // 8))
+    if threads <= 1:
+        return median_time(lambda: np.add.reduce(data), repeats)
+    bounds = np.linspace(0, data.size, threads + 1).astype(np.int64)
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
+        # numpy releases the GIL inside the reduction loop, so the slices stream concurrently
+        def run():
+            list(pool.map(lambda i: np.add.reduce(data[bounds[i]:bounds[i + 1]]), range(threads)))
+
+        return median_time(run, repeats)
+    finally:
+        pool.shutdown()
+
+
+# -- 3. kernel ----------------------------------------------------------------------------
+def load_hooks():
+    try:
+        return importlib.import_module("dials_vmerge.scaling.benchmark_hooks"), None
+    except Exception as e:  # not written yet, or broken: measure the rest
+        return None, f"scaling.benchmark_hooks not importable ({type(e).__name__}: {e})"
+
+
+def bytes_per_pass(hooks, evaluator, n_obs: int):
+    counter = getattr(hooks, "bytes_read_per_pass", None)
+    if counter is not None:
+        try:
+            return int(counter(evaluator)), "kernel"
+        except Exception:
+            pass
+    if hasattr(evaluator, "bytes_read_per_pass"):
+        value = evaluator.bytes_read_per_pass
+        return int(value() if callable(value) else value), "kernel"
+    return n_obs * DEFAULT_BYTES_PER_OBS, "default 32 B/obs"
+
+
+def time_kernel(hooks, experiments, table, nproc: int, repeats: int):
+    evaluator = hooks.make_target_evaluator(experiments, table, nproc)
+    seconds = median_time(evaluator, repeats)
+    return evaluator, seconds
+
+
+# -- 4. end to end ------------------------------------------------------------------------
+def run_end_to_end(directory: str, expt: str, refl: str):
+    """Run dials.vmerge in `directory`; (seconds, peak RSS bytes, returncode, stderr tail)."""
+    command = [sys.executable, "-c",
+               "import sys; from dials_vmerge.command_line.vmerge import main; sys.exit(main())",
+               expt, refl]
+    stderr_path = os.path.join(directory, "dials.vmerge.stderr")
+    with open(stderr_path, "wb") as err, open(os.path.join(directory, "dials.vmerge.stdout"), "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=directory, stdout=out, stderr=err)
+        # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    with open(stderr_path, "rb") as f:
+        tail = f.read().decode(errors="replace").strip().splitlines()
+    return seconds, usage.ru_maxrss * 1024, proc.returncode, (tail[-1] if tail else "")
+
+
+# -- 5. accuracy --------------------------------------------------------------------------
+def _keys(index: np.ndarray) -> np.ndarray:
+    index = index.astype(np.int64) + 2048
+    return (index[:, 0] * 4096 + index[:, 1]) * 4096 + index[:, 2]
+
+
+def _asu(index, symmetry):
+    """Non-anomalous cctbx ASU indices (the truth file's convention)."""
+    from cctbx import miller
+    from cctbx.array_family import flex
+
+    h = np.ascontiguousarray(index, dtype=np.int32)
+    flex_index = flex.miller_index(*(flex.int(np.ascontiguousarray(h[:, i])) for i in range(3)))
+    miller.map_to_asu(symmetry.space_group().type(), False, flex_index)
+    return flex_index.as_vec3_double().as_double().as_numpy_array().reshape(-1, 3).astype(np.int64)
+
+
+def scale_rms_rel_error(g_est: np.ndarray, g_true: np.ndarray) -> float:
+    """RMS of g_est / g_true - 1 after dividing out the geometric-mean ratio (overall scale)."""
+    ratio = g_est / g_true
+    ratio = ratio / np.exp(np.mean(np.log(ratio)))
+    return float(np.sqrt(np.mean((ratio - 1.0) ** 2)))
+
+
+def merged_cc(index, intensity, truth_index, truth_intensity, symmetry) -> float:
+    asu = _asu(index, symmetry)
+    common, a, b = np.intersect1d(_keys(asu), _keys(truth_index), return_indices=True)
+    if len(common) < 3:
+        return float("nan")
+    return float(np.corrcoef(intensity[a], truth_intensity[b])[0, 1])
+
+
+def accuracy(directory: str, truth, symmetry):
+    """(scale_rms_rel_error, merged_cc_to_truth, merged_source, notes) from the run's outputs."""
+    from dials_vmerge import flags
+    from dials_vmerge.io import read_reflections
+
+    notes = []
+    rms = cc = None
+    source = None
+    scaled_path = os.path.join(directory, "scaled.refl")
+    if not os.path.exists(scaled_path):
+        return None, None, None, ["no scaled.refl written"]
+    table = read_reflections(scaled_path)
+    scaled = (table["flags"] & np.uint64(flags.scaled)) != 0
+    if "original_index" in table:
+        rows = table["original_index"].astype(np.int64)
+    elif table.nrows == len(truth.inverse_scale_factor):
+        rows = np.arange(table.nrows)
+    else:
+        rows = None
+        notes.append("scaled.refl has no original_index: scale error not computed")
+    if rows is not None and scaled.any() and "inverse_scale_factor" in table:
+        rms = scale_rms_rel_error(table["inverse_scale_factor"][scaled],
+                                  truth.inverse_scale_factor[rows[scaled]])
+    mtz_path = os.path.join(directory, "merged.mtz")
+    if os.path.exists(mtz_path):
+        try:
+            from iotbx import mtz
+
+            arrays = {a.info().label_string(): a for a in mtz.object(mtz_path).as_miller_arrays()}
+            imean = next((a for label, a in arrays.items() if label.startswith("IMEAN")), None)
+            if imean is not None:
+                cc = merged_cc(np.array(imean.indices()), np.array(imean.data()),
+                               truth.miller_index, truth.intensity, symmetry)
+                source = "merged.mtz IMEAN"
+        except Exception as e:
+            notes.append(f"merged.mtz unreadable ({type(e).__name__})")
+    if cc is None and scaled.any() and "intensity.scale.value" in table:
+        # inverse-variance mean of I/g per unique reflection, from the scaled table itself
+        g = table["inverse_scale_factor"][scaled]
+        value = table["intensity.scale.value"][scaled] / g
+        weight = g * g / table["intensity.scale.variance"][scaled]
+        asu = _asu(table["miller_index"][scaled], symmetry)
+        keys, group = np.unique(_keys(asu), return_inverse=True)
+        merged = np.bincount(group, weight * value) / np.bincount(group, weight)
+        first = np.zeros(len(keys), dtype=np.int64)
+        first[group[::-1]] = np.arange(len(group))[::-1]
+        cc = merged_cc(asu[first], merged, truth.miller_index, truth.intensity, symmetry)
+        source = "scaled.refl (inverse-variance mean)"
+    return rms, cc, source, notes
+
+
+# -- the run ------------------------------------------------------------------------------
+def run_size(n_target: int, workdir: str, repeats: int, seed: int, hooks, hooks_note):
+    from cctbx import crystal
+
+    from dials_vmerge.io.expt import ExperimentList
+    from dials_vmerge.simulate import simulate_rotation, write_outputs
+
+    rec = {"n_obs_target": n_target, "notes": []}
+    start = time.perf_counter()
+    experiments_dict, table, truth = simulate_rotation(n_obs_target=n_target, seed=seed, **SIMULATION)
+    rec["simulate_seconds"] = time.perf_counter() - start
+    n = table.nrows
+    rec["n_obs"] = n
+    rec["n_experiments"] = len(experiments_dict["experiment"])
+    rec["multiplicity"] = n / max(len(np.unique(truth.unique_index)), 1)
+    directory = os.path.join(workdir, f"n{n_target}")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    start = time.perf_counter()
+    write_outputs(experiments_dict, table, truth, os.path.join(directory, "simulated.expt"),
+                  os.path.join(directory, "simulated.refl"), os.path.join(directory, "truth.h5"))
+    rec["write_seconds"] = time.perf_counter() - start
+    rec["refl_file_bytes_per_obs"] = os.path.getsize(os.path.join(directory, "simulated.refl")) / n
+    symmetry = crystal.symmetry(unit_cell=truth.structure.unit_cell,
+                                space_group=truth.structure.space_group)
+
+    cores = all_cores()
+    rec["nproc_all"] = cores
+    n_bytes, bytes_source = n * DEFAULT_BYTES_PER_OBS, "default 32 B/obs"
+    for key in ("eval_seconds", "eval_seconds_all_cores"):
+        rec[key] = None
+    if hooks is not None:
+        try:
+            experiments = ExperimentList.from_dict(experiments_dict)
+            evaluator, rec["eval_seconds"] = time_kernel(hooks, experiments, table, 1, repeats)
+            n_bytes, bytes_source = bytes_per_pass(hooks, evaluator, n)
+            del evaluator
+            _, rec["eval_seconds_all_cores"] = time_kernel(hooks, experiments, table, cores, repeats)
+        except Exception as e:
+            rec["notes"].append(f"kernel evaluation failed ({type(e).__name__}: {e})")
+    else:
+        rec["notes"].append(hooks_note)
+    rec["bytes_per_pass"] = n_bytes
+    rec["bytes_per_obs_per_pass"] = n_bytes / n
+    rec["bytes_per_pass_source"] = bytes_source
+    rec["bound_seconds"] = bandwidth_bound(n_bytes, repeats, 1)
+    rec["bound_seconds_all_cores"] = bandwidth_bound(n_bytes, repeats, cores)
+    rec["ratio_to_bound"] = (rec["eval_seconds"] / rec["bound_seconds"]
+                             if rec["eval_seconds"] is not None else None)
+    rec["ratio_to_bound_all_cores"] = (
+        rec["eval_seconds_all_cores"] / rec["bound_seconds_all_cores"]
+        if rec["eval_seconds_all_cores"] is not None else None)
+    del table, experiments_dict
+
+    seconds, peak, code, tail = run_end_to_end(directory, "simulated.expt", "simulated.refl")
+    rec["end_to_end_returncode"] = code
+    for key in ("end_to_end_seconds", "end_to_end_us_per_obs", "peak_rss_bytes",
+                "peak_rss_bytes_per_obs", "scale_rms_rel_error", "merged_cc_to_truth",
+                "merged_source"):
+        rec[key] = None
+    if code == 0:
+        rec["end_to_end_seconds"] = seconds
+        rec["end_to_end_us_per_obs"] = seconds / n * 1e6
+        rec["peak_rss_bytes"] = peak
+        rec["peak_rss_bytes_per_obs"] = peak / n
+        rms, cc, source, notes = accuracy(directory, truth, symmetry)
+        rec["scale_rms_rel_error"], rec["merged_cc_to_truth"], rec["merged_source"] = rms, cc, source
+        rec["notes"].extend(notes)
+    else:
+        rec["notes"].append(f"dials.vmerge exited {code}: {tail}")
+    return rec
+
+
+def _fmt(value, spec):
+    if value is None:
+        return "null".rjust(int(spec.split(".")[0]))
+    return format(value, spec)
+
+
+def print_table(records):
+    header = (f"{'N obs':>10} {'eval 1c s':>10} {'eval all s':>10} {'bound s':>9} {'ratio':>7} "
+              f"{'ratio all':>9} {'e2e s':>8} {'us/obs':>7} {'RSS B/obs':>9} {'g rms':>7} {'CC':>7}")
+    _log(header)
+    _log("-" * len(header))
+    for r in records:
+        _log(f"{r['n_obs']:>10d} {_fmt(r['eval_seconds'], '10.4f')} "
+             f"{_fmt(r['eval_seconds_all_cores'], '10.4f')} {_fmt(r['bound_seconds'], '9.5f')} "
+             f"{_fmt(r['ratio_to_bound'], '7.2f')} {_fmt(r['ratio_to_bound_all_cores'], '9.2f')} "
+             f"{_fmt(r['end_to_end_seconds'], '8.2f')} {_fmt(r['end_to_end_us_per_obs'], '7.2f')} "
+             f"{_fmt(r['peak_rss_bytes_per_obs'], '9.0f')} {_fmt(r['scale_rms_rel_error'], '7.4f')} "
+             f"{_fmt(r['merged_cc_to_truth'], '7.4f')}")
+        for note in r["notes"]:
+            _log(f"{'':>10} note: {note}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated N (observations)")
+    parser.add_argument("--out", default="bench_results.json", help="JSON records")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per median")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", default=None,
+                        help="where simulated files and dials.vmerge outputs go (default: temporary)")
+    args = parser.parse_args(argv)
+    sizes = parse_sizes(args.sizes)
+    hooks, hooks_note = load_hooks()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vmerge_bench_")
+    os.makedirs(workdir, exist_ok=True)
+    records = []
+    try:
+        for n in sizes:
+            _log(f"== N = {n:g}")
+            records.append(run_size(n, workdir, args.repeats, args.seed, hooks, hooks_note))
+            with open(args.out, "w") as f:  # partial results survive a later failure
+                json.dump({"machine": {"cores": all_cores()}, "records": records}, f, indent=2)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_table(records)
+    _log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
