@@ -34,7 +34,7 @@ from . import selection as sel
 from .ih_table import build_ih_table, map_indices_to_asu, set_num_threads
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
-from .prepare import prepare_dataset, suitable_selection
+from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
 
 WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_correction",
@@ -54,9 +54,15 @@ def _get(params, dotted, default=None):
     return node
 
 
+try:  # how "Auto" arrives from a PHIL extract
+    from libtbx import Auto as _LIBTBX_AUTO
+except ImportError:  # pragma: no cover - cctbx-base is a dependency
+    _LIBTBX_AUTO = object()
+
+
 def _is_auto(value):
-    return value is None or (isinstance(value, str) and value.lower() == "auto") or (
-        type(value).__name__ == "auto")
+    return value is None or value is _LIBTBX_AUTO or (
+        isinstance(value, str) and value.lower() == "auto")
 
 
 def resolve_nproc(params):
@@ -109,6 +115,7 @@ class ScalingRun:
 
         self.space_group = geometry.space_group(experiments[0])
         self.unit_cell = geometry.unit_cell(experiments[0])
+        self.best_cell = geometry.median_unit_cell(experiments)
         self.summary = {"dropped_datasets": [], "rounds": []}
         self.states = []
         for position, (expt, table, model) in enumerate(zip(experiments, tables, models)):
@@ -124,12 +131,16 @@ class ScalingRun:
     def _make_state(self, expt, table, model, position):
         p = self.params
         if "intensity" not in table:
+            d_values = None
+            if _get(p, "cut_data.d_min") is not None or _get(p, "cut_data.d_max") is not None:
+                d_values = d_from_unit_cell(table["miller_index"], self.best_cell)
             table = prepare_dataset(
                 table, intensity_choice=_get(p, "reflection_selection.intensity_choice",
                                              "combine"),
                 partiality_cutoff=_get(p, "cut_data.partiality_cutoff", 0.25),
                 min_isigi=_get(p, "cut_data.min_isigi", -5.0),
-                d_min=_get(p, "cut_data.d_min"), d_max=_get(p, "cut_data.d_max"))
+                d_min=_get(p, "cut_data.d_min"), d_max=_get(p, "cut_data.d_max"),
+                d_values=d_values)
         rows = np.flatnonzero(suitable_selection(table))
         identifier = getattr(expt, "identifier", str(position))
         if rows.size == 0:
