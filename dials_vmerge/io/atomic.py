@@ -28,6 +28,10 @@ def atomic_output_path(path: str):
         yield temp
         with open(temp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from ..table import COLUMN_TYPES, ReflectionTable
-from .atomic import write_bytes_atomic
+from .atomic import atomic_write
 from .shoebox import Shoeboxes, ShoeboxFormatError
 
 MAGIC = "dials::af::reflection_table"
@@ -164,9 +164,8 @@ def decode_reflections(raw: bytes, path: str = "<bytes>") -> ReflectionTable:
     return table
 
 
-def encode_reflections(table: ReflectionTable) -> bytes:
-    """The msgpack bytes DIALS would write for this table (version 1)."""
-    data = {}
+def _column_blobs(table: ReflectionTable):
+    """(name, type name, bytes-like blob) in DIALS order (byte order of the names)."""
     for name in sorted(table.keys(), key=lambda s: s.encode()):
         type_name = table.column_type(name)
         values = table[name]
@@ -175,19 +174,53 @@ def encode_reflections(table: ReflectionTable) -> bytes:
         elif type_name == "std::string":
             raise FileFormatError(f"cannot write std::string column '{name}'")
         elif type_name == "bool":
-            blob = np.ascontiguousarray(values, dtype=np.uint8).tobytes()
+            blob = np.ascontiguousarray(values, dtype=np.uint8).data.cast("B")
         else:
             dtype, _ = COLUMN_TYPES[type_name]
-            blob = np.ascontiguousarray(values, dtype=dtype).tobytes()
-        data[name] = [type_name, [int(table.nrows), blob]]
-    body = {
-        "identifiers": {int(k): str(v) for k, v in sorted(table.identifiers.items())},
-        "nrows": int(table.nrows),
-        "data": data,
-    }
-    return msgpack.packb([MAGIC, WRITE_VERSION, body], use_bin_type=True)
+            blob = np.ascontiguousarray(values, dtype=dtype).data.cast("B")
+        yield name, type_name, blob
+
+
+def _bin_header(n: int) -> bytes:
+    # The smallest msgpack bin format, as both msgpack-c and msgpack-python choose.
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _stream_reflections(table: ReflectionTable, write) -> None:
+    """Write the msgpack encoding piece by piece: column blobs are never copied into one buffer."""
+    packer = msgpack.Packer(use_bin_type=True)
+    write(packer.pack_array_header(3))
+    write(packer.pack(MAGIC))
+    write(packer.pack(WRITE_VERSION))
+    write(packer.pack_map_header(3))
+    write(packer.pack("identifiers"))
+    write(packer.pack({int(k): str(v) for k, v in sorted(table.identifiers.items())}))
+    write(packer.pack("nrows"))
+    write(packer.pack(int(table.nrows)))
+    write(packer.pack("data"))
+    write(packer.pack_map_header(len(table.keys())))
+    for name, type_name, blob in _column_blobs(table):
+        write(packer.pack(name))
+        write(packer.pack_array_header(2))
+        write(packer.pack(type_name))
+        write(packer.pack_array_header(2))
+        write(packer.pack(int(table.nrows)))
+        write(_bin_header(len(blob)))
+        write(blob)
+
+
+def encode_reflections(table: ReflectionTable) -> bytes:
+    """The msgpack bytes DIALS would write for this table (version 1)."""
+    parts = []
+    _stream_reflections(table, parts.append)
+    return b"".join(bytes(p) for p in parts)
 
 
 def write_reflections(table: ReflectionTable, path: str) -> None:
-    """Write a `.refl` atomically (temp file + rename)."""
-    write_bytes_atomic(path, encode_reflections(table))
+    """Write a `.refl` atomically (temp file + rename), streaming column by column."""
+    with atomic_write(path, "wb") as f:
+        _stream_reflections(table, f.write)
