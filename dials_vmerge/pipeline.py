@@ -92,6 +92,27 @@ def split_by_dataset(experiments, table) -> List:
     return [table.select(table["id"] == id_of_experiment(table, e)) for e in experiments]
 
 
+def prepare_for_scaling(params, experiments, table):
+    """Data preparation (filter, partial summation, intensities) keeping our selection flags."""
+    from .geometry import median_unit_cell
+    from .scaling.prepare import d_from_unit_cell, prepare_dataset
+
+    cut = params.cut_data
+    d_values = None
+    if cut.d_min is not None or cut.d_max is not None:
+        d_values = d_from_unit_cell(table["miller_index"], median_unit_cell(experiments))
+    return prepare_dataset(
+        table,
+        intensity_choice=params.reflection_selection.intensity_choice,
+        partiality_cutoff=cut.partiality_cutoff,
+        min_isigi=cut.min_isigi,
+        d_min=cut.d_min,
+        d_max=cut.d_max,
+        d_values=d_values,
+        clear_flags=False,
+    )
+
+
 def run_scaling_job(params, experiments, table, log):
     """Everything dials.vmerge does; returns (experiments, scaled table, merge result)."""
     from .model.factory import create_scaling_model
@@ -102,7 +123,7 @@ def run_scaling_job(params, experiments, table, log):
     experiments, table, changed = select(params, experiments, table, log)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
-    tables = split_by_dataset(experiments, table)
+    tables = [prepare_for_scaling(params, experiments, t) for t in split_by_dataset(experiments, table)]
     models = []
     for e, t in zip(experiments, tables):
         model = create_scaling_model(params, e, t)
@@ -121,7 +142,7 @@ def run_scaling_job(params, experiments, table, log):
             "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
             "degenerate with the merged intensities); use model=physical or add datasets"
         )
-    tables, models, summary = scale_datasets(experiments, tables, models, params, log)
+    tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
     for e, model in zip(experiments, models):
         e.scaling_model = model.to_dict()
     from .table import ReflectionTable
