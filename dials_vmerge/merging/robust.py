@@ -22,11 +22,17 @@ from .groups import GroupedObservations
 from .merged import MergedIntensities
 
 MAX_ITERATIONS = 200
+# With one or two observations no majority can say which one is the outlier, and the
+# two-point t-likelihood turns bimodal (its maximum jumps to the more precise point), so
+# such groups keep the inverse-variance mean; sigma still comes from the t information.
+MIN_OBSERVATIONS_FOR_REWEIGHTING = 3
 RELATIVE_TOLERANCE = 1e-10
 
 
 @njit(cache=True, parallel=True)
-def student_t_merge_kernel(intensity, sigma, group_start, dof, max_iterations, tolerance):
+def student_t_merge_kernel(
+    intensity, sigma, group_start, dof, max_iterations, tolerance, min_observations
+):
     n_groups = group_start.shape[0] - 1
     mean = np.zeros(n_groups)
     merged_sigma = np.zeros(n_groups)
@@ -44,7 +50,11 @@ def student_t_merge_kernel(intensity, sigma, group_start, dof, max_iterations, t
         if sum_w == 0.0:
             continue
         mu = sum_wi / sum_w
-        for _ in range(max_iterations):
+        n_usable = 0
+        for i in range(start, end):
+            if sigma[i] > 0.0:
+                n_usable += 1
+        for _ in range(max_iterations if n_usable >= min_observations else 0):
             sum_w = 0.0
             sum_wi = 0.0
             for i in range(start, end):
@@ -83,7 +93,8 @@ def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = 4.0
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
     mean, merged_sigma, fallback = student_t_merge_kernel(
-        i_sorted, s_sorted, groups.group_start, float(dof), MAX_ITERATIONS, RELATIVE_TOLERANCE
+        i_sorted, s_sorted, groups.group_start, float(dof), MAX_ITERATIONS, RELATIVE_TOLERANCE,
+        MIN_OBSERVATIONS_FOR_REWEIGHTING,
     )
     return MergedIntensities.from_groups(
         groups, mean, merged_sigma, "robust", extra={"sigma_fallback": fallback}
