@@ -71,6 +71,12 @@ def select(params, experiments, table, log):
     use = selection.use_datasets or selection.include_datasets
     experiments, table = select_datasets(experiments, table, use, selection.exclude_datasets)
     clear_scaling_flags(table)
+    for e in experiments:
+        if not e.is_still:
+            # DIALS records the scan's valid range for every experiment it scales.
+            ranges = e.scan.get("valid_image_ranges") or {}
+            if e.identifier not in ranges:
+                e.scan["valid_image_ranges"] = {**ranges, e.identifier: [list(image_range(e))]}
     flag_rows_outside_valid_ranges(experiments, table)
     exclusions = parse_exclude_images(params.exclude_images, experiments, table)
     exclusions += batches_to_image_exclusions(params.exclude_batches, experiments)
@@ -142,13 +148,52 @@ def run_scaling_job(params, experiments, table, log):
             "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
             "degenerate with the merged intensities); use model=physical or add datasets"
         )
+    choose_compute_device(params, log)
     tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
+    log.info(format_scaling_summary(experiments, models, summary))
     for e, model in zip(experiments, models):
         e.scaling_model = model.to_dict()
     from .table import ReflectionTable
 
     scaled = ReflectionTable.concatenate(tables)
     return experiments, scaled, summary
+
+
+def choose_compute_device(params, log) -> str:
+    from .backends.select import choose_device
+
+    device = choose_device(params.compute.device)
+    if device == "cuda":
+        # The CUDA twins exist (dials_vmerge.backends.cuda_target) but the minimiser does not
+        # drive them yet; say so rather than pretend.
+        log.info("compute.device: a GPU is visible, but the scaling engine runs on the CPU in this version")
+    return device
+
+
+def format_scaling_summary(experiments, models, summary) -> str:
+    lines = []
+    kept = summary.get("experiments", experiments)
+    per_dataset = summary.get("datasets", [])
+    for n, (e, model) in enumerate(zip(kept, models)):
+        lines.append(f"\nDataset {n} ({e.identifier}):")
+        lines.append(str(model))
+        info = per_dataset[n] if n < len(per_dataset) else {}
+        if info.get("error_model"):
+            a, b = info["error_model"]
+            limit = 1.0 / (a * b) if a * b > 0 else float("inf")
+            lines.append("Error model details:")
+            lines.append("  Type: basic")
+            lines.append(f"  Parameters: a = {a:.5f}, b = {b:.5f}")
+            lines.append("  Error model formula: sigma'^2 = a^2 (sigma^2 + (b I)^2)")
+            lines.append(f"  estimated I/sigma asymptotic limit: {limit:.3f}")
+        for key in ("n_suitable", "n_selected", "n_outliers"):
+            if key in info:
+                lines.append(f"  {key.replace('n_', 'reflections ', 1).replace('_', ' ')}: {info[key]}")
+        if info.get("Imid") is not None:
+            lines.append(f"  intensity choice (Imid): {info['Imid']}")
+    for identifier in summary.get("dropped_datasets", []):
+        lines.append(f"Dataset {identifier} was removed during scaling (no usable reflections)")
+    return "\n".join(lines)
 
 
 def write_scaled_files(params, experiments, table, log) -> None:
