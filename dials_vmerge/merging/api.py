@@ -1,0 +1,368 @@
+"""Library entry points: merge a scaled reflection table, write the outputs.
+
+Used by dials.vmerge.merge, dials.vmerge.stats and by dials.vmerge after scaling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .. import flags
+from ..errors import VmergeError
+from .classical import merge_classical
+from .french_wilson import french_wilson
+from .groups import GroupedObservations, group_observations, mtz_isym
+from .lookup import find_indices
+from .merged import MergedIntensities
+from .robust import merge_robust
+from .statistics import MergingStatistics, is_plus_hemisphere, merging_statistics
+from .variational import merge_variational
+
+METHODS = ("classical", "robust", "variational")
+PARTIALITY_THRESHOLD = 0.4  # dials.merge's partiality_threshold for combined partials
+REQUIRED_COLUMNS = ("intensity.scale.value", "intensity.scale.variance", "inverse_scale_factor",
+                    "miller_index")
+
+
+@dataclass
+class ScaledObservations:
+    """The rows that are merged: scaled I/g, sigma/g, with what the unmerged MTZ needs."""
+
+    miller_index: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    batch: np.ndarray
+    scale: np.ndarray
+    scale_sigma: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.intensity)
+
+
+@dataclass
+class MergeResult:
+    method: str
+    space_group: object
+    unit_cell: object
+    wavelength: float
+    observations: ScaledObservations
+    merged: MergedIntensities  # Friedel mates together
+    merged_anomalous: Optional[MergedIntensities]  # I(+), I(-) apart
+    statistics: Optional[MergingStatistics]
+    half_dataset: Optional[dict] = None
+
+    def as_json(self) -> dict:
+        """JSON-able summary (merging statistics, half-dataset CV if computed)."""
+        return self.as_dict()
+
+    def as_dict(self) -> dict:
+        out = {"method": self.method, "n_observations": len(self.observations),
+               "n_unique": len(self.merged)}
+        if self.statistics is not None:
+            out["merging_statistics"] = self.statistics.as_dict()
+        if self.half_dataset is not None:
+            out["half_dataset"] = self.half_dataset
+        return out
+
+
+def selected_methods(params) -> list:
+    """merging.method as a list of method names ('all' expands to every method)."""
+    chosen = _param(params, "merging.method", ["classical"])
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    if "all" in chosen:
+        return list(METHODS)
+    out = []
+    for m in chosen:
+        if m not in out:
+            out.append(m)
+    return out or ["classical"]
+
+
+def single_method(params) -> str:
+    methods = selected_methods(params)
+    if len(methods) != 1:
+        raise VmergeError(
+            "merging.method: choose one method to merge with (" + ", ".join(METHODS)
+            + "); several are only compared by dials.vmerge.stats")
+    return methods[0]
+
+
+def _param(params, path, default):
+    node = params
+    for name in path.split("."):
+        node = getattr(node, name, None)
+        if node is None:
+            return default
+    return node
+
+
+# -- selecting and combining rows -----------------------------------------------------------
+def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObservations:
+    """Rows good for merging: not bad_for_scaling, g > 0, variance > 0; partials combined
+    (summed I/g and variance/g^2 per partial_id, kept if the summed partiality >= 0.4)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table]
+    if missing:
+        raise VmergeError(
+            "reflection table is not scaled: missing column(s) " + ", ".join(missing)
+            + " (run dials.vmerge or dials.scale first)")
+    g = table["inverse_scale_factor"]
+    variance = table["intensity.scale.variance"]
+    keep = ~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0) & (variance > 0)
+    keep &= np.isfinite(table["intensity.scale.value"]) & np.isfinite(variance)
+    if not keep.any():
+        raise VmergeError("no reflections left to merge (all bad_for_scaling, g <= 0 or "
+                          "variance <= 0)")
+    t = table.select(keep)
+    g = t["inverse_scale_factor"]
+    intensity = t["intensity.scale.value"] / g
+    variance = t["intensity.scale.variance"] / g**2
+    batch = _batches(t, experiments)
+    g_var = t["inverse_scale_factor_variance"] if "inverse_scale_factor_variance" in t else (
+        np.zeros(len(g)))
+    extra = {}
+    for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp"), ("QE", "qe")):
+        if column in t:
+            extra[label] = np.asarray(t[column], dtype=np.float64)
+    if "xyzobs.px.value" in t:
+        extra["XDET"] = t["xyzobs.px.value"][:, 0]
+        extra["YDET"] = t["xyzobs.px.value"][:, 1]
+    if "xyzobs.mm.value" in t:
+        extra["ROT"] = np.degrees(t["xyzobs.mm.value"][:, 2])
+    rows = np.arange(t.nrows)
+    if "partial_id" in t:
+        partial_id = t["partial_id"].astype(np.int64)
+        ids, first, inverse = np.unique(partial_id, return_index=True, return_inverse=True)
+        if len(ids) < t.nrows:
+            intensity = np.bincount(inverse, weights=intensity)
+            variance = np.bincount(inverse, weights=variance)
+            rows = first
+            if "partiality" in t:
+                total = np.bincount(inverse, weights=t["partiality"])
+                extra["FRACTIONCALC"] = total
+                ok = total >= PARTIALITY_THRESHOLD
+                intensity, variance, rows = intensity[ok], variance[ok], rows[ok]
+                extra = {k: (v[ok] if k == "FRACTIONCALC" else v[rows]) for k, v in extra.items()}
+            else:
+                extra = {k: v[rows] for k, v in extra.items()}
+    obs = ScaledObservations(
+        miller_index=np.ascontiguousarray(t["miller_index"][rows]),
+        intensity=np.ascontiguousarray(intensity, dtype=np.float64),
+        sigma=np.sqrt(np.asarray(variance, dtype=np.float64)),
+        batch=batch[rows], scale=g[rows], scale_sigma=np.sqrt(np.maximum(g_var[rows], 0)),
+        extra=extra,
+    )
+    return obs
+
+
+def _batches(table, experiments):
+    try:
+        from ..batches import batch_numbers
+
+        return batch_numbers(table, experiments)
+    except Exception:  # experiments without scans: floor(z) + 1 like DIALS
+        return np.floor(table["xyzobs.px.value"][:, 2]).astype(np.int64) + 1
+
+
+def _resolution_cut(obs: ScaledObservations, unit_cell, d_min, d_max) -> ScaledObservations:
+    if d_min is None and d_max is None:
+        return obs
+    from .groups import _flex_indices
+
+    d = unit_cell.d(_flex_indices(obs.miller_index)).as_numpy_array()
+    keep = np.ones(len(d), bool)
+    if d_min is not None:
+        keep &= d >= d_min
+    if d_max is not None:
+        keep &= d <= d_max
+    if not keep.any():
+        raise VmergeError(f"no reflections between d_max={d_max} and d_min={d_min}")
+    return ScaledObservations(obs.miller_index[keep], obs.intensity[keep], obs.sigma[keep],
+                              obs.batch[keep], obs.scale[keep], obs.scale_sigma[keep],
+                              {k: v[keep] for k, v in obs.extra.items()})
+
+
+# -- the methods ----------------------------------------------------------------------------
+def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, params=None,
+                 french_wilson_amplitudes=True, wilson_sigma_per_group=None) -> MergedIntensities:
+    if method == "classical":
+        merged = merge_classical(groups, intensity, sigma)
+    elif method == "robust":
+        merged = merge_robust(groups, intensity, sigma, dof=_param(params, "merging.robust.dof", 4.0))
+    elif method == "variational":
+        merged = merge_variational(
+            groups, intensity, sigma,
+            dof=_param(params, "merging.variational.dof", 0.0) or 0.0,
+            n_bins=_param(params, "merging.variational.n_bins", 20),
+            wilson_sigma_per_group=wilson_sigma_per_group,
+        )
+        return merged
+    else:
+        raise VmergeError(f"merging.method={method} is not one of {', '.join(METHODS)}")
+    if french_wilson_amplitudes and len(merged):
+        _, _, F, sigma_F = french_wilson(merged.intensity, merged.sigma, merged.centric,
+                                         merged.epsilon, merged.dstar_sq)
+        merged.amplitude, merged.amplitude_sigma = F, sigma_F
+    return merged
+
+
+class HalfDatasetMerger:
+    """merge(groups, I, sigma, context, anomalous) for the half-dataset statistics."""
+
+    def __init__(self, method, params=None):
+        self.method = method
+        self.params = params
+
+    def prepare(self, context, intensity, sigma):
+        if self.method != "variational":
+            return None
+        fixed = {}
+        for key, anomalous in (("full", False), ("full_anom", True)):
+            groups = context[key]
+            full = merge_groups("variational", groups, intensity, sigma, self.params)
+            fixed[anomalous] = (groups.asu_index, full.extra["wilson_sigma_per_group"])
+        return fixed
+
+    def __call__(self, groups, intensity, sigma, context, anomalous):
+        sigma_per_group = None
+        if self.method == "variational":
+            index, values = context[anomalous]
+            sigma_per_group = values[find_indices(groups.asu_index, index)]
+        merged = merge_groups(self.method, groups, intensity, sigma, self.params,
+                              french_wilson_amplitudes=False,
+                              wilson_sigma_per_group=sigma_per_group)
+        return merged.intensity
+
+
+def merge_scaled_table(table, experiments, params, log=None, half_dataset=False) -> MergeResult:
+    """Merge a scaled table with params.merging.method; statistics by shell and overall."""
+    from .. import geometry
+
+    log = log or logging.getLogger(__name__)
+    method = single_method(params)
+    if not len(experiments):
+        raise VmergeError("no experiments to merge")
+    space_group = geometry.space_group(experiments[0])
+    unit_cell = geometry.median_unit_cell(experiments)
+    obs = scaled_observations(table, experiments)
+    obs = _resolution_cut(obs, unit_cell, _param(params, "merging.d_min", None),
+                          _param(params, "merging.d_max", None))
+    fw = bool(_param(params, "merging.french_wilson", True))
+    groups = group_observations(obs.miller_index, space_group, False, unit_cell)
+    merged = merge_groups(method, groups, obs.intensity, obs.sigma, params, fw)
+    anom_groups = group_observations(obs.miller_index, space_group, True, unit_cell)
+    merged_anom = merge_groups(method, anom_groups, obs.intensity, obs.sigma, params, fw)
+    n_bins = int(_param(params, "merging.nbins", 20))
+    statistics = None
+    try:
+        statistics = merging_statistics(
+            obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
+            with_anomalous_table=not space_group.is_centric())
+    except Exception as e:  # too few reflections for shells: report, still write the MTZ
+        log.warning(f"Merging statistics could not be computed: {e}")
+    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
+    result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
+                         statistics)
+    if half_dataset:
+        result.half_dataset = half_dataset_for(result, params, method)
+    return result
+
+
+def half_dataset_for(result: MergeResult, params, method: str) -> dict:
+    from .halfdataset import half_dataset_statistics
+
+    obs = result.observations
+    return half_dataset_statistics(
+        obs.miller_index, obs.intensity, obs.sigma, obs.batch, result.space_group,
+        result.unit_cell, HalfDatasetMerger(method, params),
+        repeats=int(_param(params, "merging.half_dataset_repeats", 10)),
+        seed=int(_param(params, "merging.seed", 0)),
+        n_bins=int(_param(params, "merging.nbins", 20)),
+    )
+
+
+# -- outputs --------------------------------------------------------------------------------
+def merged_mtz_columns(result: MergeResult, free_r_seed: int = 0) -> tuple:
+    """(miller indices, {label: values}) for the dials.merge column set."""
+    from ..mtz import free_r_flags
+
+    merged, anom = result.merged, result.merged_anomalous
+    index = merged.asu_index
+    columns = {
+        "FreeR_flag": free_r_flags(len(index), seed=free_r_seed),
+        "IMEAN": merged.intensity, "SIGIMEAN": merged.sigma, "N": merged.n_obs.astype(float),
+    }
+    if merged.amplitude is not None:
+        columns["F"], columns["SIGF"] = merged.amplitude, merged.amplitude_sigma
+    if anom is not None:
+        plus = find_indices(index, anom.asu_index)
+        minus = find_indices(-index, anom.asu_index)
+        minus[merged.centric] = -1  # centric Friedel mates are one reflection: I(+) only
+
+        def take(values, where):
+            out = np.full(len(index), np.nan)
+            ok = where >= 0
+            out[ok] = values[where[ok]]
+            return out
+
+        columns.update({
+            "I(+)": take(anom.intensity, plus), "SIGI(+)": take(anom.sigma, plus),
+            "I(-)": take(anom.intensity, minus), "SIGI(-)": take(anom.sigma, minus),
+            "N(+)": np.nan_to_num(take(anom.n_obs.astype(float), plus)),
+            "N(-)": np.nan_to_num(take(anom.n_obs.astype(float), minus)),
+        })
+        if anom.amplitude is not None:
+            f_plus, sf_plus = take(anom.amplitude, plus), take(anom.amplitude_sigma, plus)
+            f_minus, sf_minus = take(anom.amplitude, minus), take(anom.amplitude_sigma, minus)
+            columns.update({"F(+)": f_plus, "SIGF(+)": sf_plus, "F(-)": f_minus,
+                            "SIGF(-)": sf_minus,
+                            "DANO": f_plus - f_minus,
+                            "SIGDANO": np.sqrt(sf_plus**2 + sf_minus**2)})
+    return index, columns
+
+
+def log_statistics(result: MergeResult, log) -> None:
+    """The log tables: by resolution shell, the CC1/2 resolution estimate, the summary."""
+    stats = result.statistics
+    if stats is None:
+        return
+    log.info("")
+    log.info(stats.format_table())
+    log.info("")
+    log.info(stats.format_resolution_estimate())
+    log.info("")
+    log.info(stats.format_summary())
+
+
+def write_merge_outputs(result: MergeResult, params, log=None) -> list:
+    """Write merged.mtz (merging.output.merged_mtz) and, if named, the unmerged MTZ."""
+    from ..mtz import write_merged_mtz, write_unmerged_mtz
+    from .groups import map_indices_to_asu
+
+    log = log or logging.getLogger(__name__)
+    written = []
+    merged_path = _param(params, "merging.output.merged_mtz", "merged.mtz")
+    if merged_path:
+        index, columns = merged_mtz_columns(result, int(_param(params, "merging.seed", 0)))
+        write_merged_mtz(merged_path, result.space_group, result.unit_cell, index, columns,
+                         wavelength=result.wavelength,
+                         title=f"dials.vmerge merged ({result.method})")
+        written.append(merged_path)
+    unmerged_path = _param(params, "merging.output.unmerged_mtz", None)
+    if unmerged_path:
+        obs = result.observations
+        asu, _ = map_indices_to_asu(obs.miller_index, result.space_group, anomalous=False)
+        write_unmerged_mtz(unmerged_path, result.space_group, result.unit_cell, asu,
+                           mtz_isym(obs.miller_index, result.space_group), obs.batch,
+                           obs.intensity * obs.scale, obs.sigma * obs.scale,
+                           scale=obs.scale, scale_sigma=obs.scale_sigma, extra=obs.extra,
+                           wavelength=result.wavelength)
+        written.append(unmerged_path)
+    for path in written:
+        log.info(f"Written {path}")
+    return written
