@@ -1,7 +1,9 @@
 """dials.vmerge.merge: merge scaled data (ours or dials.scale's) into merged.mtz."""
 
 from dials_vmerge.cli import Program, write_json
+from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
+    apply_input_selection,
     log_statistics,
     merge_scaled_table,
     single_method,
@@ -24,9 +26,11 @@ Examples:
 
 
 def run(params, inputs, log):
+    check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
+    experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     method = single_method(params)
     log.info(f"Merging with method={method}")
-    result = merge_scaled_table(inputs.reflections, inputs.experiments, params, log)
+    result = merge_scaled_table(table, experiments, params, log)
     log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
              "unique reflections")
     log_statistics(result, log)

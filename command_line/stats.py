@@ -1,7 +1,9 @@
 """dials.vmerge.stats: merging statistics and half-dataset cross-validation, per method."""
 
 from dials_vmerge.cli import Program, write_json
+from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
+    apply_input_selection,
     half_dataset_for,
     log_statistics,
     merge_scaled_table,
@@ -25,12 +27,14 @@ Examples:
 
 
 def run(params, inputs, log):
+    check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
+    experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     methods = selected_methods(params)
     report = {"methods": methods, "half_dataset": {}}
     first = None
     for method in methods:
         params.merging.method = [method]
-        result = merge_scaled_table(inputs.reflections, inputs.experiments, params, log)
+        result = merge_scaled_table(table, experiments, params, log)
         if first is None:
             first = result
             log.info(f"{len(result.observations)} observations, {len(result.merged)} unique "

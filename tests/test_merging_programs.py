@@ -74,3 +74,15 @@ def test_stats_program_all_methods(tmp_path, monkeypatch):
         assert result["cc_half"]["overall"]["pearson_mean"] > 0.9
     log = open("dials.vmerge.stats.log").read()
     assert "Half-dataset cross-validation" in log and "variational" in log
+
+
+def test_merge_program_excludes_batches(tmp_path, monkeypatch):
+    from dials_vmerge.command_line.merge import main
+
+    monkeypatch.chdir(tmp_path)
+    expt, refl = quartz_scaled()
+    assert main([expt, refl, "exclude_batches=51,100", "unmerged_mtz=unmerged.mtz"]) == 0
+    batch = np.array(gemmi.read_mtz_file("unmerged.mtz").column_with_label("BATCH"))
+    assert batch.max() <= 50 and batch.min() >= 1
+    report = json.load(open("dials.vmerge.merge.json"))
+    assert report["merging_statistics"]["overall"]["n_obs"] < 1000

@@ -103,6 +103,34 @@ def _param(params, path, default):
 
 
 # -- selecting and combining rows -----------------------------------------------------------
+def apply_input_selection(params, experiments, table, log):
+    """dataset_selection, exclude_images and exclude_batches for merging: like dials.merge,
+    excluded rows are dropped (flagged user_excluded_in_scaling); unlike a scaling run the
+    scaling flags already in the table (outliers, exclusions) are kept."""
+    from ..batches import format_batch_table
+    from ..selection import (
+        apply_image_exclusions,
+        batches_to_image_exclusions,
+        freeze_batch_offsets,
+        parse_exclude_images,
+        select_datasets,
+    )
+
+    offsets = freeze_batch_offsets(experiments)
+    log.info("\n" + format_batch_table(experiments, offsets) + "\n")
+    selection = _param(params, "dataset_selection", None)
+    if selection is not None:
+        use = selection.use_datasets or getattr(selection, "include_datasets", None)
+        experiments, table = select_datasets(experiments, table, use, selection.exclude_datasets)
+    exclusions = parse_exclude_images(_param(params, "exclude_images", None) or [], experiments,
+                                      table)
+    exclusions += batches_to_image_exclusions(_param(params, "exclude_batches", None) or [],
+                                              experiments)
+    if exclusions:
+        apply_image_exclusions(experiments, table, exclusions)
+    return experiments, table
+
+
 def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObservations:
     """Rows good for merging: not bad_for_scaling, g > 0, variance > 0; partials combined
     (summed I/g and variance/g^2 per partial_id, kept if the summed partiality >= 0.4)."""
@@ -111,10 +139,12 @@ def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObs
         raise VmergeError(
             "reflection table is not scaled: missing column(s) " + ", ".join(missing)
             + " (run dials.vmerge or dials.scale first)")
+    for column in ("intensity.scale.value", "intensity.scale.variance", "inverse_scale_factor"):
+        if not np.all(np.isfinite(table[column])):
+            raise VmergeError(f"reflection table: {column} holds NaN or infinite values")
     g = table["inverse_scale_factor"]
     variance = table["intensity.scale.variance"]
     keep = ~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0) & (variance > 0)
-    keep &= np.isfinite(table["intensity.scale.value"]) & np.isfinite(variance)
     if not keep.any():
         raise VmergeError("no reflections left to merge (all bad_for_scaling, g <= 0 or "
                           "variance <= 0)")
