@@ -151,7 +151,14 @@ def run_scaling_job(params, experiments, table, log):
     choose_compute_device(params, log)
     tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
     log.info(format_scaling_summary(experiments, models, summary))
+    kept = summary.pop("experiments", None)
+    if kept is not None and len(kept) != len(experiments):
+        experiments = experiments.select([i for i, e in enumerate(experiments) if any(e is k for k in kept)])
     for e, model in zip(experiments, models):
+        config = model.configdict
+        if "Imid" in config:
+            # dials.scale records the intensity choice last (after the error model).
+            config["Imid"] = config.pop("Imid")
         e.scaling_model = model.to_dict()
     from .table import ReflectionTable
 
@@ -210,3 +217,24 @@ def write_scaled_files(params, experiments, table, log) -> None:
 def output_paths_collide_with_inputs(params, inputs) -> bool:
     outs = {os.path.abspath(p) for p in (params.output.experiments, params.output.reflections)}
     return any(os.path.abspath(p) in outs for p in inputs.paths)
+
+
+def json_ready(obj):
+    """Plain JSON types: numpy scalars/arrays to numbers/lists, experiments to identifiers."""
+    from .io.expt import Experiment
+
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, Experiment):
+        return obj.identifier
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
