@@ -197,7 +197,47 @@ def absorption_coefficients(s0c, s1c, lmax: int) -> np.ndarray:
     return sph_harm_coefficients(s0c, s1c, lmax)
 
 
+def configure_absorption(component, s0c, s1c) -> None:
+    """Configure an SHAbsorption as DIALS would for this many observations.
+
+    Above LOOKUP_THRESHOLD only the two table cells per observation are kept (8 B instead
+    of lmax(lmax+2) doubles); coefficient rows are formed from the table when needed.
+    """
+    if len(s0c) > LOOKUP_THRESHOLD:
+        cell_s0 = lookup_index(*theta_phi(s0c)).astype(np.int32)
+        cell_s1 = lookup_index(*theta_phi(s1c)).astype(np.int32)
+        component.configure_lookup(cell_s0, cell_s1)
+    else:
+        component.configure(sph_harm_coefficients(s0c, s1c, component.lmax))
+
+
 # -- the component --------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _lookup_rows(table, cell_s0, cell_s1):
+    """(table[cell_s0] + table[cell_s1]) / 2, row by row."""
+    n = cell_s0.shape[0]
+    k = table.shape[1]
+    out = np.empty((n, k))
+    for r in prange(n):
+        for j in range(k):
+            out[r, j] = (table[cell_s0[r], j] + table[cell_s1[r], j]) / 2.0
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _one_plus_lookup_dot(table, cell_s0, cell_s1, parameters):
+    """1 + sum_j (table[c0, j] + table[c1, j]) / 2 * p_j without forming the rows."""
+    n = cell_s0.shape[0]
+    k = table.shape[1]
+    out = np.empty(n)
+    for r in prange(n):
+        acc = 1.0
+        for j in range(k):
+            acc += (table[cell_s0[r], j] + table[cell_s1[r], j]) / 2.0 * parameters[j]
+        out[r] = acc
+    return out
 
 
 @njit(cache=True, parallel=True)
@@ -223,7 +263,8 @@ class SHAbsorption(Component):
             raise ValueError(f"absorption: {self.n_parameters} is not lmax(lmax+2) parameters")
         self.lmax = lmax
         self.set_restraint(surface_weight)
-        self._coefficients = np.zeros((0, self.n_parameters))
+        self._exact = np.zeros((0, self.n_parameters))
+        self._cells = None  # (cell_s0, cell_s1) int32 when configured from the lookup table
 
     @property
     def n_deriv_columns(self) -> int:
@@ -237,12 +278,41 @@ class SHAbsorption(Component):
         coefficients = np.ascontiguousarray(coefficients, dtype=np.float64)
         if coefficients.ndim != 2 or coefficients.shape[1] != self.n_parameters:
             raise ValueError("absorption: coefficient table does not match lmax")
-        self._coefficients = coefficients
+        self._exact = coefficients
+        self._cells = None
         self.n_configured = coefficients.shape[0]
+
+    def configure_lookup(self, cell_s0, cell_s1) -> None:
+        """Per observation the lookup-table cells of s0c and s1c (sph_harm_lookup_table)."""
+        self._cells = (np.ascontiguousarray(cell_s0, dtype=np.int32),
+                       np.ascontiguousarray(cell_s1, dtype=np.int32))
+        self._exact = np.zeros((0, self.n_parameters))
+        self.n_configured = self._cells[0].size
+
+    def coefficient_rows(self, rows=None) -> np.ndarray:
+        """The (n, lmax(lmax+2)) harmonic coefficients of the configured rows (or `rows`)."""
+        if self._cells is None:
+            return np.ascontiguousarray(take_rows(self._exact, rows))
+        table = sph_harm_lookup_table(self.lmax)
+        return _lookup_rows(table, take_rows(self._cells[0], rows),
+                            take_rows(self._cells[1], rows))
+
+    @property
+    def _coefficients(self):
+        return self.coefficient_rows()
+
+    def values(self, parameters=None, rows=None):
+        """g of the configured rows (or `rows`) without the derivative table."""
+        p = self._params(parameters)
+        if self._cells is None:
+            return _one_plus_table_dot(np.ascontiguousarray(take_rows(self._exact, rows)), p)
+        return _one_plus_lookup_dot(sph_harm_lookup_table(self.lmax),
+                                    take_rows(self._cells[0], rows),
+                                    take_rows(self._cells[1], rows), p)
 
     def evaluate(self, parameters=None, rows=None):
         p = self._params(parameters)
-        coefficients = np.ascontiguousarray(take_rows(self._coefficients, rows))
+        coefficients = self.coefficient_rows(rows)
         n = coefficients.shape[0]
         index = np.empty((n, self.n_parameters), dtype=np.int32)
         index[:] = np.arange(self.n_parameters, dtype=np.int32)

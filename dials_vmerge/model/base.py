@@ -204,6 +204,18 @@ class ScalingModel:
         g, deriv = product_rule(np.ascontiguousarray(np.vstack(values)), deriv_values, column_start)
         return g, deriv, deriv_index
 
+    def evaluate_g(self, rows=None):
+        """g alone (no Jacobian): the product of the component values, in component order,
+        as `evaluate` forms it (so the two agree bit for bit)."""
+        g = None
+        for comp in self.components.values():
+            v = comp.values(rows=rows)
+            g = np.array(v, dtype=np.float64) if g is None else g * v
+        if g is None:
+            n = self.n_configured if rows is None else len(rows)
+            return np.ones(n)
+        return g
+
     # -- configdict bookkeeping -------------------------------------------------------------
     def set_valid_image_range(self, first: int, last: int) -> None:
         self.configdict["valid_image_range"] = [int(first), int(last)]

@@ -51,6 +51,10 @@ class Component:
     def evaluate(self, parameters=None, rows=None):
         raise NotImplementedError
 
+    def values(self, parameters=None, rows=None):
+        """g_c alone; components override this to skip their derivative table."""
+        return self.evaluate(parameters, rows=rows)[0]
+
     def _params(self, parameters):
         if parameters is None:
             return self.parameters

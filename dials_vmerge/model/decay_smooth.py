@@ -33,6 +33,20 @@ def b_factor_values_and_derivatives(weights, index, parameters, d):
     return values, derivs
 
 
+@njit(cache=True, parallel=True)
+def b_factor_values(weights, index, parameters, d):
+    """g = exp(B/(2d^2)) alone (same operations as b_factor_values_and_derivatives)."""
+    n, k = weights.shape
+    values = np.empty(n, dtype=np.float64)
+    for r in prange(n):
+        b = 0.0
+        for j in range(k):
+            b += weights[r, j] * parameters[index[r, j]]
+        prefactor = 1.0 / (2.0 * d[r] * d[r])
+        values[r] = math.exp(b * prefactor)
+    return values
+
+
 class DecaySmooth1D(Component):
     name = "decay"
     null_parameter_value = 0.0
@@ -62,3 +76,16 @@ class DecaySmooth1D(Component):
         d = np.ascontiguousarray(take_rows(self._d, rows))
         values, derivs = b_factor_values_and_derivatives(weights, index, p, d)
         return values, derivs, index
+
+    def values(self, parameters=None, rows=None):
+        """g without the derivative table."""
+        p = self._params(parameters)
+        return b_factor_values(np.ascontiguousarray(take_rows(self._weights, rows)),
+                               np.ascontiguousarray(take_rows(self._index, rows)), p,
+                               np.ascontiguousarray(take_rows(self._d, rows)))
+
+    def smoother_rows(self, rows):
+        """(weights / (2 d^2) (n, 3), first parameter index (n,)) for the fused pass, where
+        g = exp(sum_j weight_j q_j) and dg/dq_j = g weight_j."""
+        d = self._d[rows]
+        return self._weights[rows] * (1.0 / (2.0 * d * d))[:, None], self._index[rows, 0]

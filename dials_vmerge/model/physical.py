@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import VmergeError
 from .absorption_sh import (
     SHAbsorption,
-    absorption_coefficients,
+    configure_absorption,
     crystal_frame_vectors,
     n_sh_parameters,
 )
@@ -238,9 +238,8 @@ class PhysicalScalingModel(ScalingModel):
             self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
         if "absorption" in self.components:
             s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
-            self.components["absorption"].configure(
-                absorption_coefficients(s0c, s1c, int(self.configdict["lmax"]))
-            )
+            configure_absorption(self.components["absorption"], s0c, s1c)
+            del s0c, s1c
         if "analytical" in self.components:
             if "analytical_correction" not in table:
                 raise VmergeError(
@@ -248,6 +247,32 @@ class PhysicalScalingModel(ScalingModel):
                 )
             self.components["analytical"].configure(table["analytical_correction"])
         self.n_configured = int(z_obs.size)
+
+    def pass_inputs(self, rows) -> dict:
+        """Per-row inputs of the fused physical target pass (scaling.physical_pass).
+
+        {"scale": (weights (n, 3), first parameter (n,)), "decay": (weights / 2d^2, first),
+         "absorption": (coefficients (n, L), first), "fixed": analytical factor (n,)}, with
+        parameter indices into this model's full parameter vector.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        slices = self.parameter_slices()
+        out = {}
+        for name in ("scale", "decay"):
+            if name in self.components:
+                weights, first = self.components[name].smoother_rows(rows)
+                out[name] = (weights, first.astype(np.int32) + np.int32(slices[name].start))
+        if "absorption" in self.components:
+            coefficients = self.components["absorption"].coefficient_rows(rows)
+            first = np.full(rows.size, slices["absorption"].start, dtype=np.int32)
+            out["absorption"] = (coefficients, first)
+        if "analytical" in self.components:
+            out["fixed"] = self.components["analytical"].evaluate(rows=rows)[0]
+        return out
+
+    def pass_signature(self):
+        """Models with equal signatures can share one fused pass."""
+        return tuple(self.components), self.configdict.get("lmax")
 
     # -- image range ----------------------------------------------------------------------
     def limit_image_range(self, new_first: int, new_last: int) -> None:

@@ -29,3 +29,14 @@ class ScaleSmooth1D(Component):
         weights = np.ascontiguousarray(take_rows(self._weights, rows))
         index = np.ascontiguousarray(take_rows(self._index, rows))
         return ell_values(weights, index, p), weights, index
+
+    def values(self, parameters=None, rows=None):
+        """g without copying the derivative table."""
+        p = self._params(parameters)
+        return ell_values(np.ascontiguousarray(take_rows(self._weights, rows)),
+                          np.ascontiguousarray(take_rows(self._index, rows)), p)
+
+    def smoother_rows(self, rows):
+        """(weights (n, 3), first parameter index (n,)) for the fused pass: a 1D smoother's
+        parameters are consecutive from the first (zero-weight padding after them)."""
+        return self._weights[rows], self._index[rows, 0]

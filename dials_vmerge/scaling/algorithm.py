@@ -42,6 +42,7 @@ WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_
 OUTPUT_COLUMNS = ("inverse_scale_factor", "inverse_scale_factor_variance",
                   "intensity.scale.value", "intensity.scale.variance", "original_index")
 DEFAULT_SMALL_SCALE_CUTOFF = 0.001
+VARIANCE_CHUNK_ROWS = 65536  # rows per Jacobian chunk when expanding var(g)
 MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
 
 
@@ -147,10 +148,11 @@ class ScalingRun:
             self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
             self.summary["dropped_datasets"].append(identifier)
             return None
-        suitable = table.select(rows)
-        model.configure(suitable, expt)
-        asu = map_indices_to_asu(suitable["miller_index"], self.space_group, self.anomalous)
-        asu_anom = map_indices_to_asu(suitable["miller_index"], self.space_group, True)
+        model.configure(RowView(table, rows), expt)
+        miller_index = table["miller_index"][rows]
+        asu = map_indices_to_asu(miller_index, self.space_group, self.anomalous)
+        asu_anom = map_indices_to_asu(miller_index, self.space_group, True)
+        del miller_index
         g = np.array(table["inverse_scale_factor"][rows], dtype=np.float64)
         state = DatasetState(table, expt, model, rows, asu, asu_anom,
                              np.array(table["intensity"][rows]), np.array(table["variance"][rows]),
@@ -289,14 +291,23 @@ class ScalingRun:
         return manager, result
 
     def expand(self, manager=None, covariance=None):
-        """g (and var(g) when a covariance is given) for every suitable reflection."""
+        """g (and var(g) when a covariance is given) for every suitable reflection.
+
+        g alone needs no Jacobian; var(g) takes it in chunks of rows, so no (n, K)
+        derivative table of all reflections ever exists.
+        """
         if manager is None:
             manager = ParameterManager([s.model for s in self.states])
-        per_dataset = manager.evaluate()
-        for state, (g, values, cols) in zip(self.states, per_dataset):
-            state.g = g
-            if covariance is not None:
-                state.var_g = variance_of_g(values, cols, covariance)
+        for d, state in enumerate(self.states):
+            state.g = _evaluate_g(state.model)
+            if covariance is None:
+                continue
+            n = state.suitable_rows.size
+            state.var_g = np.empty(n)
+            for start in range(0, n, VARIANCE_CHUNK_ROWS):
+                rows = np.arange(start, min(n, start + VARIANCE_CHUNK_ROWS))
+                _, values, cols = manager.evaluate_dataset(d, rows)
+                state.var_g[rows] = variance_of_g(values, cols, covariance)
 
     def _outliers_to_states(self, table, states):
         p = self.params
@@ -473,6 +484,35 @@ class ScalingRun:
         } for s in self.states]
         self.summary["experiments"] = [s.experiment for s in self.states]
         return tables, [s.model for s in self.states], self.summary
+
+
+def _evaluate_g(model):
+    if hasattr(model, "evaluate_g"):
+        return model.evaluate_g()
+    return np.asarray(model.evaluate()[0], dtype=np.float64)
+
+
+class RowView:
+    """Read-only rows of a reflection table, selected column by column when asked for.
+
+    Models configure from a few columns; copying every column of the suitable rows (as
+    table.select does) would double the table in memory for nothing.
+    """
+
+    def __init__(self, table, rows):
+        self._table = table
+        self._rows = rows
+        self.nrows = int(rows.size)
+        self.identifiers = getattr(table, "identifiers", {})
+
+    def __contains__(self, name):
+        return name in self._table
+
+    def __getitem__(self, name):
+        return self._table[name][self._rows]
+
+    def keys(self):
+        return self._table.keys()
 
 
 def _put(column, rows, values):

@@ -1,14 +1,17 @@
 """Entry points for the benchmark harness (benchmarks/): one target+gradient pass of the core.
 
 make_target_evaluator(experiments, table, nproc) groups every observation with usable
-summation (else profile) intensity by ASU index, attaches KB-form derivatives (one scale and
-one B per experiment: g = K exp(B/(2 d^2)) at K = 1, B = 0, so g = 1) and returns a callable
-that runs the target/gradient kernel once over all observations, exactly the pass every
-LBFGS iteration makes. Model evaluation is not timed: it belongs to the model package.
+summation (else profile) intensity by ASU index, makes and configures a physical model per
+experiment as dials.vmerge would (auto intervals, absorption when the sweep is long enough)
+and returns a callable that runs the fused physical pass (physical_pass) once over all
+observations: the pass every LBFGS iteration of dials.vmerge makes over its subset.
+Model configuration is not timed: it happens once per run.
 
-bytes_read_per_pass(...) is what that kernel streams per call: per observation I, w, g
-(3 x 8 B) plus K derivative slots of value (8 B) and column (4 B), plus one 8 B group offset
-per group. With K = 2 (KB) that is 48 B per observation.
+bytes_read_per_pass(evaluator) is what that pass streams per call: per observation the record
+I, w, 3 scale and 3 decay weights (64 B) and two int32 first-parameter indices (8 B); with
+absorption its coefficients (8 B each) and an int32 first index; with an analytical
+correction its factor (8 B); plus one 8 B group offset per group (+1). Scale and decay
+only: 72 B per observation.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ih_table import build_ih_table, chunk_bounds, map_indices_to_asu, set_num_threads
-from .target import target_gradient_kernel
-
-KB_SLOTS = 2
+from .physical_pass import PhysicalPassInputs, physical_target_and_gradient
 
 
 def _intensities(table):
@@ -29,70 +30,90 @@ def _intensities(table):
 
 
 class TargetEvaluator:
-    """Call it to run one target+gradient pass; returns (phi, gradient)."""
+    """Call it to run one target+gradient pass; returns (phi, gradient over the full
+    parameter vectors of all models)."""
 
-    def __init__(self, ih_table, deriv_values, deriv_col, n_par, nproc):
+    def __init__(self, ih_table, inputs, nproc):
         self.table = ih_table
-        self.deriv_values = deriv_values
-        self.deriv_col = deriv_col
-        self.n_par = n_par
+        self.inputs = inputs
         self.nproc = set_num_threads(nproc)
         self.chunks = chunk_bounds(ih_table.group_start, self.nproc)
-        self.phi_partial = np.zeros(self.chunks.size - 1)
-        self.grad_partial = np.zeros((self.chunks.size - 1, n_par))
+        self.max_group_size = int(np.diff(ih_table.group_start).max()) if inputs.n_obs else 1
+        self.parameters = inputs.full_parameters()
 
     @property
     def n_obs(self):
-        return self.table.n_obs
+        return self.inputs.n_obs
 
     @property
     def n_groups(self):
         return self.table.n_groups
 
     @property
-    def n_slots(self):
-        return self.deriv_values.shape[1]
+    def models(self):
+        return self.inputs.models
+
+    def set_parameters(self, full_vector):
+        """New parameters for every model (the concatenated full vectors)."""
+        for model, lo, hi in zip(self.models, self.inputs.full_offsets[:-1],
+                                 self.inputs.full_offsets[1:]):
+            model.set_parameter_vector(np.asarray(full_vector[lo:hi], dtype=np.float64))
+        self.parameters = self.inputs.full_parameters()
 
     def __call__(self):
-        t = self.table
-        self.grad_partial[:] = 0.0
-        target_gradient_kernel(t.intensity, t.weight, t.g, self.deriv_values, self.deriv_col,
-                               t.group_start, self.chunks, self.phi_partial, self.grad_partial)
-        phi = 0.0
-        for value in self.phi_partial:
-            phi += float(value)
-        return phi, self.grad_partial.sum(axis=0)
+        return physical_target_and_gradient(self.inputs, self.table.group_start, self.chunks,
+                                            self.max_group_size, self.parameters)
+
+    def bytes_read_per_pass(self):
+        return self.n_obs * self.inputs.bytes_per_observation() + (self.n_groups + 1) * 8
 
 
-def make_target_evaluator(experiments, table, nproc=1):
+def make_target_evaluator(experiments, table, nproc=1, params=None):
+    """The physical-model pass over every usable observation of `table`.
+
+    params: model options (default: DIALS defaults, model.factory.default_model_params()).
+    """
     from .. import geometry
+    from ..model.factory import default_model_params
+    from ..model.physical import PhysicalScalingModel
+    from .algorithm import RowView
 
+    params = params or default_model_params()
     intensity, variance = _intensities(table)
     usable = (variance > 0) & (table["id"] >= 0)
-    ids = table["id"][usable]
-    dataset_ids = np.unique(ids)
-    position = np.searchsorted(dataset_ids, ids)
-    asu = map_indices_to_asu(table["miller_index"][usable], geometry.space_group(experiments[0]),
-                             False)
-    half_dstar_sq = 0.5 / table["d"][usable] ** 2
-    ih = build_ih_table([asu], [intensity[usable]], [variance[usable]],
-                        [1.0 / variance[usable]], [np.ones(int(usable.sum()))],
-                        extra={"half_dstar_sq": [half_dstar_sq], "position": [position]})
-    n = ih.n_obs
-    deriv_values = np.empty((n, KB_SLOTS))
-    deriv_values[:, 0] = 1.0  # dg/dK at K = 1, B = 0
-    deriv_values[:, 1] = ih.extra["half_dstar_sq"]  # dg/dB = g / (2 d^2)
-    pos = ih.extra["position"].astype(np.int32)
-    deriv_col = np.stack([2 * pos, 2 * pos + 1], axis=1).astype(np.int32)
-    return TargetEvaluator(ih, deriv_values, deriv_col, 2 * dataset_ids.size, nproc)
+    ids = table["id"]
+    dataset_ids = np.unique(ids[usable])
+    space_group = geometry.space_group(experiments[0])
+    asus, values, variances, loc = [], [], [], []
+    models = []
+    for position, dataset in enumerate(dataset_ids):
+        rows = np.flatnonzero(usable & (ids == dataset))
+        view = RowView(table, rows)
+        expt = _experiment_of(experiments, table, int(dataset), position)
+        model = PhysicalScalingModel.from_data(params, expt, view)
+        model.configure(view, expt)
+        models.append(model)
+        asus.append(map_indices_to_asu(table["miller_index"][rows], space_group, False))
+        values.append(intensity[rows])
+        variances.append(variance[rows])
+        loc.append(np.arange(rows.size, dtype=np.int64))
+    ih = build_ih_table(asus, values, variances, [1.0 / v for v in variances],
+                        [np.ones(v.size) for v in variances], loc_indices=loc)
+    inputs = PhysicalPassInputs(models, ih.dataset_id, ih.loc_index, ih.intensity, ih.weight)
+    # the pass reads its own record of I and w: drop the table's copies and the model
+    # configuration it no longer needs
+    ih.intensity = ih.variance = ih.weight = ih.g = None
+    return TargetEvaluator(ih, inputs, nproc)
 
 
-def bytes_read_per_pass(evaluator_or_n_obs, n_groups=None, n_slots=KB_SLOTS):
-    """Bytes one kernel pass reads: an evaluator, or (n_obs, n_groups, n_slots)."""
-    if isinstance(evaluator_or_n_obs, TargetEvaluator):
-        ev = evaluator_or_n_obs
-        n_obs, n_groups, n_slots = ev.n_obs, ev.n_groups, ev.n_slots
-    else:
-        n_obs = int(evaluator_or_n_obs)
-        n_groups = int(n_groups if n_groups is not None else n_obs)
-    return n_obs * (3 * 8 + n_slots * (8 + 4)) + (n_groups + 1) * 8
+def _experiment_of(experiments, table, dataset_id, position):
+    identifier = getattr(table, "identifiers", {}).get(dataset_id)
+    for expt in experiments:
+        if identifier is not None and getattr(expt, "identifier", None) == identifier:
+            return expt
+    return experiments[position] if position < len(experiments) else experiments[0]
+
+
+def bytes_read_per_pass(evaluator):
+    """Bytes one pass of `evaluator` reads (see the module docstring)."""
+    return int(evaluator.bytes_read_per_pass())

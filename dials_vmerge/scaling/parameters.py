@@ -105,6 +105,20 @@ class ParameterManager:
         return out
 
 
+    def evaluate_dataset(self, d, rows):
+        """(g, deriv_values, deriv_col) of dataset d for `rows` of its configured rows."""
+        g, values, index = evaluate_rows(self.models[d], rows)
+        col = self.column_of_parameter[d]
+        index = np.asarray(index)
+        global_col = np.where(index >= 0, col[np.clip(index, 0, None)], -1).astype(np.int32)
+        return np.asarray(g, dtype=np.float64), np.asarray(values, dtype=np.float64), global_col
+
+    def full_to_free(self):
+        """Per entry of the concatenated full parameter vectors: its free column or -1."""
+        return np.concatenate(self.column_of_parameter).astype(np.int64) if self.models else \
+            np.zeros(0, np.int64)
+
+
 def gather_ell(per_dataset, dataset_id, loc_index):
     """Stack per-dataset (g, values, cols) into observation order of an IhTable.
 

@@ -22,6 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 from .ih_table import chunk_bounds
+from .physical_pass import (PhysicalPassInputs, physical_target_and_gradient,
+                            uses_fused_physical_pass)
 
 
 @njit(cache=True, parallel=True)
@@ -30,7 +32,10 @@ def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_
     """Per chunk: sum w r^2 into phi_partial[c] and -2 w r Ih dg into grad_partial[c, :]."""
     n_chunks = chunk_start.size - 1
     n_slots = deriv_values.shape[1]
+    n_par = grad_partial.shape[1]
     for c in prange(n_chunks):
+        # a thread-local gradient: rows of grad_partial share cache lines across threads
+        grad = np.zeros(n_par)
         phi = 0.0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
@@ -52,8 +57,9 @@ def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_
                 for k in range(n_slots):
                     col = deriv_col[i, k]
                     if col >= 0:
-                        grad_partial[c, col] += factor * deriv_values[i, k]
+                        grad[col] += factor * deriv_values[i, k]
         phi_partial[c] = phi
+        grad_partial[c, :] = grad
 
 
 @njit(cache=True, parallel=True)
@@ -68,6 +74,8 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
         cols = np.empty(n_par, dtype=np.int64)
         dih = np.empty(n_par)
         jrow = np.empty(n_par)
+        rhs = np.zeros(n_par)
+        normal = np.zeros((n_par, n_par))
         phi = 0.0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
@@ -111,12 +119,14 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
                     if wja == 0.0:
                         continue
                     ca = cols[a]
-                    rhs_partial[c, ca] += wja * r
+                    rhs[ca] += wja * r
                     for b in range(n_local):
-                        normal_partial[c, ca, cols[b]] += wja * jrow[b]
+                        normal[ca, cols[b]] += wja * jrow[b]
             for a in range(n_local):
                 local_of_col[cols[a]] = -1
         phi_partial[c] = phi
+        rhs_partial[c, :] = rhs
+        normal_partial[c, :, :] = normal
 
 
 @njit(cache=True, parallel=True)
@@ -200,6 +210,16 @@ class ScalingTarget:
         self.last_phi = None
         # Models evaluate only the rows this table uses; positions within those rows.
         self.rows, self.position = rows_used(ih_table, len(manager.models))
+        # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
+        self.fused = None
+        if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
+            self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
+                                            ih_table.loc_index, ih_table.intensity,
+                                            ih_table.weight)
+            self.chunks = chunk_bounds(ih_table.group_start, nproc)
+            self.max_group_size = int(np.diff(ih_table.group_start).max())
+            self.full_to_free = manager.full_to_free()
+            self.free_entries = np.flatnonzero(self.full_to_free >= 0)
 
     @property
     def n_par(self):
@@ -221,10 +241,18 @@ class ScalingTarget:
         return gather_ell(per_dataset, self.table.dataset_id, self.position)
 
     def value_and_gradient(self, x):
-        g, values, cols = self._ell(x)
         t = self.table
-        phi, grad = target_and_gradient(t.intensity, t.weight, g, values, cols, t.group_start,
-                                        self.n_par, self.nproc)
+        if self.fused is not None:
+            self.manager.set_free(x)
+            phi, grad_full = physical_target_and_gradient(
+                self.fused, t.group_start, self.chunks, self.max_group_size)
+            grad = np.zeros(self.n_par)
+            # fixed order of the full entries; shared components add up here
+            np.add.at(grad, self.full_to_free[self.free_entries], grad_full[self.free_entries])
+        else:
+            g, values, cols = self._ell(x)
+            phi, grad = target_and_gradient(t.intensity, t.weight, g, values, cols,
+                                            t.group_start, self.n_par, self.nproc)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         grad = grad + 2.0 * wr * x
