@@ -129,7 +129,20 @@ def run_scaling_job(params, experiments, table, log):
     experiments, table, changed = select(params, experiments, table, log)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
+    if params.model == "KB" and len(experiments) == 1:
+        raise VmergeError(
+            "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
+            "degenerate with the merged intensities); use model=physical or add datasets"
+        )
     tables = [prepare_for_scaling(params, experiments, t) for t in split_by_dataset(experiments, table)]
+    for key, e in zip(table.identifiers, experiments):
+        existing = (e.scaling_model or {}).get("__id__")
+        if params.model and existing and existing != params.model and not params.overwrite_existing_models:
+            log.warning(
+                f"Warning: model={params.model} is not applied to dataset {id_of_experiment(table, e)}, "
+                f"which already has a {existing} model (as dials.scale); set "
+                "overwrite_existing_models=True to replace it"
+            )
     models = []
     for e, t in zip(experiments, tables):
         model = create_scaling_model(params, e, t)
@@ -143,11 +156,6 @@ def run_scaling_job(params, experiments, table, log):
             if envelope and list(model.configdict["valid_image_range"]) != envelope:
                 model.limit_image_range(*envelope)
         models.append(model)
-    if len(experiments) == 1 and models[0].id_ == "KB" and params.model == "KB":
-        raise VmergeError(
-            "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
-            "degenerate with the merged intensities); use model=physical or add datasets"
-        )
     choose_compute_device(params, log)
     tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
     log.info(format_scaling_summary(experiments, models, summary))

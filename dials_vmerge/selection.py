@@ -75,7 +75,10 @@ def id_of_experiment(table, experiment) -> int:
 def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tuple[int, ImageRange]]:
     """DIALS `exclude_images` strings -> [(experiment index, (first, last))]."""
     out = []
-    for value in values or []:
+    flat = []
+    for value in values or []:  # PHIL gives a list of string lists (multiple strings)
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    for value in flat:
         for token in str(value).replace(",", " ").split():
             parts = token.split(":")
             try:
