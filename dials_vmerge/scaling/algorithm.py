@@ -31,7 +31,7 @@ from . import combine as comb
 from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
-from .ih_table import build_ih_table, map_indices_to_asu, set_num_threads
+from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
@@ -186,23 +186,38 @@ class ScalingRun:
         return "intensity.prf.value" in table and "intensity.sum.value" in table
 
     # -- tables ---------------------------------------------------------------------------
+    @property
+    def layout(self):
+        """The group sort of all suitable reflections (ASU indices never change in a run)."""
+        if getattr(self, "_layout", None) is None:
+            self._layout = GroupLayout([s.asu for s in self.states])
+        return self._layout
+
+    def anomalous_layout(self, positions):
+        """The anomalous group sort of the suitable reflections of some datasets."""
+        cache = self.__dict__.setdefault("_anomalous_layouts", {})
+        key = tuple(positions)
+        if key not in cache:
+            cache[key] = GroupLayout([self.states[d].asu_anomalous for d in positions])
+        return cache[key]
+
     def global_table(self, states=None, error_model_weights=None):
-        states = states or self.states
         use_em = self.global_uses_error_model_weights if error_model_weights is None else \
             error_model_weights
+        if states is None or states == self.states:
+            states = self.states
+            weights = [s.weights() if use_em else 1.0 / s.variance for s in states]
+            return self.layout.table([s.intensity for s in states], [s.variance for s in states],
+                                     weights, [s.g for s in states])
         weights = [s.weights() if use_em else 1.0 / s.variance for s in states]
         return build_ih_table([s.asu for s in states], [s.intensity for s in states],
                               [s.variance for s in states], weights, [s.g for s in states])
 
     def minimisation_table(self):
         masks = [s.selected & ~s.outlier for s in self.states]
-        return build_ih_table(
-            [s.asu[m] for s, m in zip(self.states, masks)],
-            [s.intensity[m] for s, m in zip(self.states, masks)],
-            [s.variance[m] for s, m in zip(self.states, masks)],
-            [s.weights()[m] for s, m in zip(self.states, masks)],
-            [s.g[m] for s, m in zip(self.states, masks)],
-            loc_indices=[np.flatnonzero(m) for m in masks])
+        return self.layout.subset(masks).table(
+            [s.intensity for s in self.states], [s.variance for s in self.states],
+            [s.weights() for s in self.states], [s.g for s in self.states])
 
     # -- steps ----------------------------------------------------------------------------
     def initial_outlier_rejection(self):
@@ -395,21 +410,21 @@ class ScalingRun:
             masks = [~s.outlier for s in members]
             partialities = None
             if multi and all("partiality" in s.table for s in members):
-                partialities = [s.table["partiality"][s.suitable_rows][m]
-                                for s, m in zip(members, masks)]
+                partialities = [s.table["partiality"][s.suitable_rows] for s in members]
             try:
                 model = em.refine_error_model(
-                    [s.asu_anomalous[m] for s, m in zip(members, masks)],
-                    [s.intensity[m] for s, m in zip(members, masks)],
-                    [s.variance[m] for s, m in zip(members, masks)],
-                    [s.g[m] for s, m in zip(members, masks)],
+                    None,
+                    [s.intensity for s in members],
+                    [s.variance for s in members],
+                    [s.g for s in members],
                     members[0].error_model, partialities,
                     _get(p, "reflection_selection.min_partiality", 0.25),
                     _get(p, "weighting.error_model.basic.min_Ih", 25.0),
                     _get(p, "weighting.error_model.basic.n_bins", 10),
                     _get(p, "weighting.error_model.basic.minimisation", "individual"),
                     _get(p, "weighting.error_model.basic.a"),
-                    _get(p, "weighting.error_model.basic.b"))
+                    _get(p, "weighting.error_model.basic.b"),
+                    layout=self.anomalous_layout(group).subset(masks))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 self.log(f"Error model refinement failed: {e}; keeping the current model")
                 continue

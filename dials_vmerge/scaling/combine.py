@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import flags
-from .ih_table import chunk_bounds, group_sort
+from .ih_table import chunk_bounds, group_sort, pack_indices
 
 
 def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
@@ -71,16 +71,34 @@ def rmeas_kernel(intensity, sigma, group_start, chunk_start, num_partial, den_pa
         den_partial[c] = den
 
 
-def rmeas(asu_index, intensity, sigma, nproc=1):
+def sorted_keys(asu_index):
+    """(stable order, sorted packed keys) of ASU indices, reusable across rmeas calls."""
+    keys = pack_indices(asu_index)
+    order = np.argsort(keys, kind="stable")
+    return order, keys[order]
+
+
+def rmeas(asu_index, intensity, sigma, nproc=1, presorted=None):
+    """presorted: sorted_keys(asu_index), to skip the sort (the stable order restricted
+    to the kept reflections is their own stable order)."""
     keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
     if keep.sum() < 2:
         return -1.0
-    order, group_start = group_sort(asu_index[keep])
+    if presorted is None:
+        order, group_start = group_sort(asu_index[keep])
+        rows = np.flatnonzero(keep)[order]
+    else:
+        full_order, full_keys = presorted
+        kept_sorted = keep[full_order]
+        rows = full_order[kept_sorted]
+        keys = full_keys[kept_sorted]
+        boundaries = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        group_start = np.concatenate([[0], boundaries, [keys.size]]).astype(np.int64)
     chunks = chunk_bounds(group_start, nproc)
     num = np.zeros(chunks.size - 1)
     den = np.zeros(chunks.size - 1)
-    rmeas_kernel(np.ascontiguousarray(intensity[keep][order]),
-                 np.ascontiguousarray(sigma[keep][order]), group_start, chunks, num, den)
+    rmeas_kernel(np.ascontiguousarray(intensity[rows]),
+                 np.ascontiguousarray(sigma[rows]), group_start, chunks, num, den)
     total_den = float(sum(den))
     return float(sum(num)) / total_den if total_den > 0 else -1.0
 
@@ -105,13 +123,14 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     if not imids:
         imids = candidate_imids(cat["i_sum"], cat["partiality"])
     best, best_score = 0.0, None
+    presorted = sorted_keys(cat["asu_index"])
     for imid in imids:
         i, v = combine_values(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
                               cat["partiality"], imid)
         c = cat["correction"]
         scaled_i = i * c / cat["g"]
         scaled_sigma = np.sqrt(np.clip(v, 0, None)) * c / cat["g"]
-        score = rmeas(cat["asu_index"], scaled_i, scaled_sigma, nproc)
+        score = rmeas(cat["asu_index"], scaled_i, scaled_sigma, nproc, presorted)
         if log is not None:
             log(f"  Imid {imid:.6g}: Rmeas {score:.5f}")
         if score < 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 from scipy.optimize import minimize
 from scipy.stats import norm
 
@@ -74,12 +75,18 @@ class ErrorModelData:
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
-                           min_partiality=None, min_ih=25.0):
-    """The filtered anomalous Ih table the error model is refined on (an IhTable)."""
+                           min_partiality=None, min_ih=25.0, layout=None):
+    """The filtered anomalous Ih table the error model is refined on (an IhTable).
+
+    layout: optional ih_table.GroupLayout of the reflections to use (anomalous ASU groups);
+    the per-dataset arrays are then the full arrays the layout indexes, asu_indices unused.
+    """
     extra = {"partiality": partialities} if partialities is not None else None
-    table = build_ih_table(asu_indices, intensities, variances,
-                           [1.0 / np.asarray(v, dtype=float) for v in variances], gs,
-                           extra=extra)
+    weights = [1.0 / np.asarray(v, dtype=float) for v in variances]
+    if layout is not None:
+        table = layout.table(intensities, variances, weights, gs, extra=extra)
+    else:
+        table = build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
     if partialities is not None and min_partiality is not None:
         table = table.select(table.extra["partiality"] > min_partiality)
     grp = table.group_of_observation()
@@ -175,9 +182,57 @@ def bin_variances(data, delta):
     return mean_sq - mean * mean, weight
 
 
+@njit(cache=True)
+def _binned_deviation_sums(intensity, variance, g, ih, n_h, bin_index, n_bins, a, b):
+    """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
+    observation order (as np.bincount does)."""
+    s1 = np.zeros(n_bins)
+    s2 = np.zeros(n_bins)
+    for i in range(intensity.size):
+        k = bin_index[i]
+        if k < 0:
+            continue
+        bi = b * intensity[i]
+        sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
+        d = np.sqrt((n_h[i] - 1.0) / n_h[i]) * (intensity[i] / g[i] - ih[i]) / sigma_prime
+        s1[k] += d
+        s2[k] += d * d
+    return s1, s2
+
+
+def _bin_counts_and_weights(data):
+    """Per bin count and mean expected intensity (independent of a and b), cached."""
+    cached = getattr(data, "_bin_counts_and_weights", None)
+    if cached is None:
+        valid = data.bin_index >= 0
+        idx = data.bin_index[valid]
+        count = np.bincount(idx, minlength=data.n_bins).astype(float)
+        weight = np.bincount(idx, data.expected[valid], minlength=data.n_bins) / count
+        cached = (count, weight)
+        data._bin_counts_and_weights = cached
+    return cached
+
+
 def b_functional(data, a, b):
-    v, w = bin_variances(data, normalised_deviations(data, a, b))
+    count, w = _bin_counts_and_weights(data)
+    s1, s2 = _binned_deviation_sums(data.intensity, data.variance, data.g, data.ih, data.n_h,
+                                    data.bin_index, data.n_bins, float(a), float(b))
+    mean = s1 / count
+    v = s2 / count - mean * mean
     return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)) / np.sum(w))
+
+
+_QUANTILE_CACHE = {}
+
+
+def _normal_quantiles(n, lo, hi):
+    """Expected normal order statistics ppf((k + 0.5)/n), k in [lo, hi); one size at a time
+    is kept (a refinement calls a_step repeatedly on the same reflections)."""
+    key = (n, lo, hi)
+    if key not in _QUANTILE_CACHE:
+        _QUANTILE_CACHE.clear()
+        _QUANTILE_CACHE[key] = norm.ppf((np.arange(lo, hi) + 0.5) / n)
+    return _QUANTILE_CACHE[key]
 
 
 def a_step(data, a, b):
@@ -186,8 +241,7 @@ def a_step(data, a, b):
     n = delta.size
     lo = int(np.ceil(norm.cdf(-PROBABILITY_PLOT_CUTOFF) * n - 0.5))
     hi = int(np.ceil(norm.cdf(PROBABILITY_PLOT_CUTOFF) * n - 0.5))
-    k = np.arange(lo, hi)
-    x = norm.ppf((k + 0.5) / n)
+    x = _normal_quantiles(n, lo, hi)
     y = delta[lo:hi]
     slope = np.polyfit(x, y, 1)[0]
     return a * float(slope)
@@ -244,15 +298,16 @@ def refine_regression(table):
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
                        min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
-                       fixed_a=None, fixed_b=None):
+                       fixed_a=None, fixed_b=None, layout=None):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
-    mapped anomalously.
+    mapped anomalously; or, with `layout` (a GroupLayout of those reflections), the full
+    per-dataset arrays the layout indexes.
     """
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
-                                   min_partiality, min_ih)
+                                   min_partiality, min_ih, layout)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":

@@ -30,12 +30,37 @@ def map_indices_to_asu(miller_index, space_group, anomalous):
     return indices.as_vec3_double().as_double().as_numpy_array().reshape(-1, 3).astype(np.int32)
 
 
+@njit(cache=True)
+def _pack_indices_kernel(h):
+    n = h.shape[0]
+    lo = np.zeros(3, np.int64)
+    hi = np.zeros(3, np.int64)
+    if n:
+        for k in range(3):
+            lo[k] = h[0, k]
+            hi[k] = h[0, k]
+    for i in range(n):
+        for k in range(3):
+            v = np.int64(h[i, k])
+            if v < lo[k]:
+                lo[k] = v
+            if v > hi[k]:
+                hi[k] = v
+    span1 = hi[1] - lo[1] + 1
+    span2 = hi[2] - lo[2] + 1
+    keys = np.empty(n, np.int64)
+    for i in range(n):
+        keys[i] = ((np.int64(h[i, 0]) - lo[0]) * span1
+                   + (np.int64(h[i, 1]) - lo[1])) * span2 + (np.int64(h[i, 2]) - lo[2])
+    return keys
+
+
 def pack_indices(asu_index):
     """One int64 key per index, ordered like (h, k, l) lexicographically."""
-    h = asu_index.astype(np.int64)
-    lo = h.min(axis=0) if h.shape[0] else np.zeros(3, np.int64)
-    span = (h.max(axis=0) - lo + 1) if h.shape[0] else np.ones(3, np.int64)
-    return ((h[:, 0] - lo[0]) * span[1] + (h[:, 1] - lo[1])) * span[2] + (h[:, 2] - lo[2])
+    h = np.asarray(asu_index)
+    if h.dtype not in (np.int32, np.int64):
+        h = h.astype(np.int64)
+    return _pack_indices_kernel(np.ascontiguousarray(h).reshape(-1, 3))
 
 
 def group_sort(asu_index):
@@ -155,6 +180,67 @@ def build_ih_table(asu_indices, intensities, variances, weights, gs, loc_indices
     return IhTable(cat(intensities), cat(variances), cat(weights), cat(gs), dataset_id,
                    cat(loc_indices, np.int64), group_start, asu[order][group_start[:-1]],
                    extra_sorted)
+
+
+class GroupLayout:
+    """The group sort of a fixed set of observations, computed once and reused.
+
+    Observations are those of several datasets (per-dataset ASU arrays, concatenated in
+    dataset order); `table(...)` gathers per-dataset values into an IhTable in sorted order
+    and `subset(masks)` restricts the layout to the masked observations. A stable sort
+    restricted to a subset is the stable sort of that subset, so both give exactly the
+    tables build_ih_table would build, without sorting again.
+    """
+
+    def __init__(self, asu_indices, loc_indices=None):
+        n_per = [np.asarray(a).reshape(-1, 3).shape[0] for a in asu_indices]
+        self.offsets = np.concatenate([[0], np.cumsum(n_per)]).astype(np.int64)
+        asu = np.concatenate([np.asarray(a, dtype=np.int32).reshape(-1, 3) for a in asu_indices])
+        self.order, self.group_start = group_sort(asu)
+        self.group_asu = asu[self.order][self.group_start[:-1]]
+        self.dataset_id = np.repeat(np.arange(len(n_per), dtype=np.int32), n_per)[self.order]
+        if loc_indices is None:
+            local = self.order - self.offsets[self.dataset_id]
+        else:
+            local = np.concatenate([np.asarray(a, dtype=np.int64) for a in loc_indices])[
+                self.order]
+        self.loc_index = np.ascontiguousarray(local, dtype=np.int64)
+
+    @property
+    def n_obs(self):
+        return self.order.size
+
+    def gather(self, arrays, dtype=np.float64):
+        """Per-dataset arrays -> one array in sorted observation order."""
+        return np.ascontiguousarray(np.concatenate(
+            [np.asarray(a, dtype=dtype) for a in arrays])[self.order])
+
+    def table(self, intensities, variances, weights, gs, extra=None):
+        return IhTable(self.gather(intensities), self.gather(variances), self.gather(weights),
+                       self.gather(gs), self.dataset_id, self.loc_index, self.group_start,
+                       self.group_asu, {k: self.gather(v) for k, v in (extra or {}).items()})
+
+    def subset(self, masks):
+        """The layout of the observations selected by per-dataset boolean masks; `gather`
+        then takes the full per-dataset arrays (unmasked), loc_index stays the row in them."""
+        keep_flat = np.concatenate([np.asarray(m, dtype=bool) for m in masks])
+        keep_sorted = keep_flat[self.order]
+        out = GroupLayout.__new__(GroupLayout)
+        out.offsets = self.offsets
+        out.order = self.order[keep_sorted]
+        group_of_obs = np.repeat(np.arange(self.group_start.size - 1, dtype=np.int64),
+                                 np.diff(self.group_start))[keep_sorted]
+        if group_of_obs.size:
+            boundaries = np.flatnonzero(group_of_obs[1:] != group_of_obs[:-1]) + 1
+            out.group_start = np.concatenate([[0], boundaries, [group_of_obs.size]]).astype(
+                np.int64)
+            out.group_asu = self.group_asu[group_of_obs[out.group_start[:-1]]]
+        else:
+            out.group_start = np.zeros(1, np.int64)
+            out.group_asu = np.zeros((0, 3), np.int32)
+        out.dataset_id = self.dataset_id[keep_sorted]
+        out.loc_index = self.loc_index[keep_sorted]
+        return out
 
 
 def set_num_threads(nproc):

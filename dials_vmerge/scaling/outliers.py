@@ -29,12 +29,32 @@ MIN_REFLECTIONS_FOR_NORMALISATION = 10000
 
 @njit(cache=True, parallel=True)
 def capped_weights_kernel(weight, group_start, chunk_start, out):
+    """min(w, 10 median(w of the group)); the median sorts a per-thread buffer in place
+    (np.median would allocate a copy for every group)."""
     n_chunks = chunk_start.size - 1
+    max_size = 1
+    for grp in range(group_start.size - 1):
+        max_size = max(max_size, group_start[grp + 1] - group_start[grp])
     for c in prange(n_chunks):
+        buf = np.empty(max_size)
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
             hi = group_start[grp + 1]
-            cap = WEIGHT_CAP_FACTOR * np.median(weight[lo:hi])
+            n = hi - lo
+            if n == 0:
+                continue
+            for j in range(n):  # insertion sort: groups hold a handful of observations
+                v = weight[lo + j]
+                k = j
+                while k > 0 and buf[k - 1] > v:
+                    buf[k] = buf[k - 1]
+                    k -= 1
+                buf[k] = v
+            if n % 2 == 1:
+                median = buf[n // 2]
+            else:
+                median = (buf[n // 2 - 1] + buf[n // 2]) / 2.0
+            cap = WEIGHT_CAP_FACTOR * median
             for i in range(lo, hi):
                 out[i] = min(weight[i], cap)
 

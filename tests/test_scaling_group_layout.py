@@ -1,0 +1,68 @@
+"""Reusing one group sort (GroupLayout, presorted rmeas) gives exactly the tables and numbers
+of sorting again."""
+
+import numpy as np
+
+from dials_vmerge.scaling import combine
+from dials_vmerge.scaling.ih_table import GroupLayout, build_ih_table, pack_indices
+
+RNG = np.random.default_rng(11)
+
+
+def _datasets(sizes=(300, 200, 250)):
+    asu = [RNG.integers(-3, 4, (n, 3)).astype(np.int32) for n in sizes]
+    values = [[RNG.normal(100, 10, n) for n in sizes] for _ in range(4)]
+    return asu, values
+
+
+def _assert_same(a, b):
+    for name in ("intensity", "variance", "weight", "g", "dataset_id", "loc_index",
+                 "group_start", "asu_index"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_layout_table_equals_build_ih_table():
+    asu, (i, v, w, g) = _datasets()
+    _assert_same(GroupLayout(asu).table(i, v, w, g), build_ih_table(asu, i, v, w, g))
+
+
+def test_layout_subset_equals_build_ih_table_of_the_masked_rows():
+    asu, (i, v, w, g) = _datasets()
+    masks = [RNG.random(a.shape[0]) < 0.4 for a in asu]
+    expected = build_ih_table([a[m] for a, m in zip(asu, masks)],
+                              [x[m] for x, m in zip(i, masks)], [x[m] for x, m in zip(v, masks)],
+                              [x[m] for x, m in zip(w, masks)], [x[m] for x, m in zip(g, masks)],
+                              loc_indices=[np.flatnonzero(m) for m in masks])
+    _assert_same(GroupLayout(asu).subset(masks).table(i, v, w, g), expected)
+
+
+def test_pack_indices_orders_lexicographically():
+    h = np.array([[1, -2, 3], [0, 5, 5], [1, -2, 2], [-1, 9, 0], [1, -3, 9]], np.int32)
+    order = np.argsort(pack_indices(h), kind="stable")
+    assert order.tolist() == np.lexsort((h[:, 2], h[:, 1], h[:, 0])).tolist()
+
+
+def test_presorted_rmeas_equals_rmeas():
+    asu = RNG.integers(-4, 5, (2000, 3)).astype(np.int32)
+    intensity = RNG.normal(50, 40, 2000)
+    sigma = RNG.uniform(1, 30, 2000)
+    presorted = combine.sorted_keys(asu)
+    assert combine.rmeas(asu, intensity, sigma, 1, presorted) == combine.rmeas(
+        asu, intensity, sigma, 1)
+    assert combine.rmeas(asu, intensity, sigma, 1) > 0
+
+
+def test_capped_weights_equal_ten_times_the_numpy_group_median():
+    from dials_vmerge.scaling.ih_table import chunk_bounds
+    from dials_vmerge.scaling.outliers import capped_weights_kernel
+
+    sizes = RNG.integers(1, 9, 400)
+    group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    weight = RNG.lognormal(0.0, 2.0, group_start[-1])
+    expected = np.concatenate([np.minimum(weight[a:b], 10 * np.median(weight[a:b]))
+                               for a, b in zip(group_start[:-1], group_start[1:])])
+    for nproc in (1, 3):
+        out = np.empty_like(weight)
+        capped_weights_kernel(weight, group_start, chunk_bounds(group_start, nproc), out)
+        assert np.array_equal(out, expected)
+    assert (expected < weight).any()  # some weights were capped
