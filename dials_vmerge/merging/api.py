@@ -18,7 +18,7 @@ from .french_wilson import french_wilson
 from .groups import GroupedObservations, group_observations, mtz_isym
 from .lookup import find_indices
 from .merged import MergedIntensities
-from .robust import merge_robust
+from .robust import DEFAULT_DOF, DEFAULT_SIGMA_SCALE, merge_robust
 from .statistics import MergingStatistics, is_plus_hemisphere, merging_statistics
 from .variational import merge_variational
 
@@ -223,7 +223,10 @@ def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, par
     if method == "classical":
         merged = merge_classical(groups, intensity, sigma)
     elif method == "robust":
-        merged = merge_robust(groups, intensity, sigma, dof=_param(params, "merging.robust.dof", 4.0))
+        merged = merge_robust(groups, intensity, sigma,
+                              dof=_param(params, "merging.robust.dof", DEFAULT_DOF),
+                              sigma_scale=_param(params, "merging.robust.sigma_scale",
+                                                 DEFAULT_SIGMA_SCALE))
     elif method == "variational":
         merged = merge_variational(
             groups, intensity, sigma,

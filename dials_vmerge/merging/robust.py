@@ -1,19 +1,41 @@
 """Student-t maximum-likelihood merging per unique reflection.
 
-Model: I_i ~ t_nu(loc = mu, scale = sigma_i) with the reported sigma as the scale (the
-reciprocalspaceship notebook's convention; not variance-matched). The estimate starts at the
-inverse-variance mean and is refined by iteratively reweighted least squares, weights
-w_i = (nu + 1) / (nu + r_i^2), r_i = (I_i - mu) / sigma_i, which increases the likelihood
-at every step and converges to a local maximum.
+Model: I_i ~ t_nu(loc = mu, scale = c * sigma_i), with c = `sigma_scale` times the reported
+sigma as the t scale. The estimate starts at the inverse-variance mean and is refined by
+iteratively reweighted least squares, weights w_i = (nu + 1) / (nu + r_i^2) / sigma_i^2 with
+r_i = (I_i - mu) / (c sigma_i), which increases the likelihood at every step and converges to
+a local maximum.
 
-Sigma of mu is 1/sqrt of the observed information
-    sum_i (nu + 1) (nu - r_i^2) / (sigma_i^2 (nu + r_i^2)^2).
-Where that is not clearly positive (an outlier-dominated group where the t-likelihood is not
-locally convex) we fall back to the expected (Fisher) information
-sum_i (nu + 1) / ((nu + 3) sigma_i^2), which is always positive.
+Why c = 1.5 by default (not the reported sigma itself, as in the reciprocalspaceship
+notebook): on data whose errors really are Gaussian with the reported sigma, the t_4
+location estimate with c = 1 has asymptotic RMS error 1.039 x that of the inverse-variance
+mean (asymptotic relative efficiency 0.926), so it cannot come within 2% of classical merging
+on clean data however many observations there are. Widening the t scale makes the estimator
+nearly efficient on Gaussian errors while still bounding the influence of gross outliers:
+asymptotic RMS ratio to the weighted mean (nu = 4) 1.023 at c = 1.25, 1.014 at c = 1.5,
+1.006 at c = 2 (see `asymptotic_rms_ratio`, checked by quadrature in the tests). The price
+of a larger c is weaker down-weighting of moderate outliers (a few sigma): an observation
+starts to lose weight at |I - mu| ~ c sqrt(nu) sigma, i.e. ~3 sigma at c = 1.5.
+
+Sigma of mu. The observed information of the t-likelihood,
+    J = sum_i (nu + 1) (nu - r_i^2) / (c^2 sigma_i^2 (nu + r_i^2)^2),
+is calibrated to the reported sigmas: 1/J is what the t-model (scale c sigma) believes, which
+overstates the error of mu when the errors are in fact Gaussian with the reported sigma (by
+1.50x in SD at c = 1.5, nu = 4). With u ~ N(0, 1), A = E[u^2 / (nu c^2 + u^2)^2] and
+B = E[(nu c^2 - u^2) / (nu c^2 + u^2)^2], the M-estimator's variance on Gaussian data is
+(A / B^2) / sum 1/sigma_i^2 while E[J] = (nu + 1) B sum 1/sigma_i^2, so we report
+var(mu) = (nu + 1) (A / B) / J: exact in expectation on clean data, and still driven by the
+observed curvature, so observations far in the tails (outliers) add almost nothing to the
+information. Where J is not clearly positive (an outlier-dominated group where the
+t-likelihood is not locally convex) we fall back to the Gaussian asymptotic variance
+(A / B^2) / sum 1/sigma_i^2, which is always positive. Groups with fewer than three
+observations keep the inverse-variance mean and its sigma sqrt(1 / sum 1/sigma_i^2).
 """
 
 from __future__ import annotations
+
+import math
+from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
@@ -24,43 +46,81 @@ from .merged import MergedIntensities
 MAX_ITERATIONS = 200
 # With one or two observations no majority can say which one is the outlier, and the
 # two-point t-likelihood turns bimodal (its maximum jumps to the more precise point), so
-# such groups keep the inverse-variance mean; sigma still comes from the t information.
+# such groups keep the inverse-variance mean and its sigma.
 MIN_OBSERVATIONS_FOR_REWEIGHTING = 3
 RELATIVE_TOLERANCE = 1e-10
+DEFAULT_DOF = 4.0
+DEFAULT_SIGMA_SCALE = 1.5
+
+
+@lru_cache(maxsize=64)
+def gaussian_calibration(dof: float, sigma_scale: float):
+    """(A, B) of the module docstring: expectations over u ~ N(0, 1) by adaptive quadrature."""
+    from scipy import integrate
+
+    k = float(dof) * float(sigma_scale) ** 2
+
+    def normal(u):
+        return math.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+
+    def expect(f):
+        # even integrands: twice the integral over [0, inf)
+        return 2.0 * integrate.quad(lambda u: f(u) * normal(u), 0.0, np.inf,
+                                    epsabs=1e-15, epsrel=1e-12, limit=200)[0]
+
+    a = expect(lambda u: u * u / (k + u * u) ** 2)
+    b = expect(lambda u: (k - u * u) / (k + u * u) ** 2)
+    return a, b
+
+
+def asymptotic_rms_ratio(dof: float, sigma_scale: float) -> float:
+    """RMS error of the t location estimate / RMS error of the inverse-variance mean, for
+    many observations with Gaussian errors of the reported sigma."""
+    a, b = gaussian_calibration(dof, sigma_scale)
+    return math.sqrt(a / (b * b))
 
 
 @njit(cache=True, parallel=True)
 def student_t_merge_kernel(
-    intensity, sigma, group_start, dof, max_iterations, tolerance, min_observations
+    intensity, sigma, group_start, dof, sigma_scale, info_to_variance, gaussian_variance_factor,
+    max_iterations, tolerance, min_observations
 ):
+    """Per group: t-likelihood location (IRLS), calibrated sigma, fallback flag.
+
+    info_to_variance = (nu + 1) A / B and gaussian_variance_factor = A / B^2 (docstring)."""
     n_groups = group_start.shape[0] - 1
     mean = np.zeros(n_groups)
     merged_sigma = np.zeros(n_groups)
     used_fallback = np.zeros(n_groups, dtype=np.bool_)
+    scale_sq = sigma_scale * sigma_scale
     for g in prange(n_groups):
         start = group_start[g]
         end = group_start[g + 1]
         sum_w = 0.0
         sum_wi = 0.0
+        n_usable = 0
         for i in range(start, end):
             if sigma[i] > 0.0:
                 w = 1.0 / (sigma[i] * sigma[i])
                 sum_w += w
                 sum_wi += w * intensity[i]
+                n_usable += 1
         if sum_w == 0.0:
             continue
+        inverse_variance_sum = sum_w
         mu = sum_wi / sum_w
-        n_usable = 0
-        for i in range(start, end):
-            if sigma[i] > 0.0:
-                n_usable += 1
-        for _ in range(max_iterations if n_usable >= min_observations else 0):
+        if n_usable < min_observations:
+            mean[g] = mu
+            merged_sigma[g] = 1.0 / np.sqrt(inverse_variance_sum)
+            continue
+        for _ in range(max_iterations):
             sum_w = 0.0
             sum_wi = 0.0
             for i in range(start, end):
                 if sigma[i] > 0.0:
-                    r = (intensity[i] - mu) / sigma[i]
-                    w = (dof + 1.0) / (dof + r * r) / (sigma[i] * sigma[i])
+                    s2 = sigma[i] * sigma[i]
+                    r2 = (intensity[i] - mu) ** 2 / (scale_sq * s2)
+                    w = (dof + 1.0) / (dof + r2) / s2
                     sum_w += w
                     sum_wi += w * intensity[i]
             new_mu = sum_wi / sum_w
@@ -69,31 +129,36 @@ def student_t_merge_kernel(
             if step <= tolerance * (abs(mu) + 1.0 / np.sqrt(sum_w)):
                 break
         observed = 0.0
-        expected = 0.0
         for i in range(start, end):
             if sigma[i] > 0.0:
-                s2 = sigma[i] * sigma[i]
+                s2 = scale_sq * sigma[i] * sigma[i]
                 r2 = (intensity[i] - mu) ** 2 / s2
                 observed += (dof + 1.0) * (dof - r2) / (s2 * (dof + r2) ** 2)
-                expected += (dof + 1.0) / ((dof + 3.0) * s2)
         mean[g] = mu
-        # "Clearly positive": at least a tenth of the expected information, else the
+        gaussian_variance = gaussian_variance_factor / inverse_variance_sum
+        # "Clearly positive": the calibrated variance at most 10x the Gaussian one, else the
         # curvature is too flat or negative to give a usable sigma.
-        if observed > 0.1 * expected:
-            merged_sigma[g] = 1.0 / np.sqrt(observed)
+        if observed > 0.0 and info_to_variance / observed < 10.0 * gaussian_variance:
+            merged_sigma[g] = np.sqrt(info_to_variance / observed)
         else:
-            merged_sigma[g] = 1.0 / np.sqrt(expected)
+            merged_sigma[g] = np.sqrt(gaussian_variance)
             used_fallback[g] = True
     return mean, merged_sigma, used_fallback
 
 
-def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = 4.0):
+def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = DEFAULT_DOF,
+                 sigma_scale: float = DEFAULT_SIGMA_SCALE):
+    """Student-t (dof, scale sigma_scale x sigma) maximum-likelihood merge per group."""
     if not dof > 0:
         raise ValueError("robust.dof must be positive")
+    if not sigma_scale > 0:
+        raise ValueError("robust.sigma_scale must be positive")
+    a, b = gaussian_calibration(float(dof), float(sigma_scale))
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
     mean, merged_sigma, fallback = student_t_merge_kernel(
-        i_sorted, s_sorted, groups.group_start, float(dof), MAX_ITERATIONS, RELATIVE_TOLERANCE,
+        i_sorted, s_sorted, groups.group_start, float(dof), float(sigma_scale),
+        (dof + 1.0) * a / b, a / (b * b), MAX_ITERATIONS, RELATIVE_TOLERANCE,
         MIN_OBSERVATIONS_FOR_REWEIGHTING,
     )
     return MergedIntensities.from_groups(
