@@ -171,6 +171,10 @@ def run_scaling_job(params, experiments, table, log):
     from .table import ReflectionTable
 
     scaled = ReflectionTable.concatenate(tables)
+    # Each per-dataset table carries the whole identifier map; keep only the datasets that
+    # were scaled, or the written .refl names an experiment the .expt lacks.
+    kept_identifiers = {e.identifier for e in experiments}
+    scaled.identifiers = {k: v for k, v in scaled.identifiers.items() if v in kept_identifiers}
     return experiments, scaled, summary
 
 
