@@ -54,7 +54,7 @@ def test_variational_beats_classical_and_french_wilson_on_weak_data():
     assert np.mean(classical.intensity[outer] / classical.sigma[outer]) < 1.0
     variational = merge_variational(groups, sim.intensity, sim.sigma)
     fw_j, fw_sj, fw_f, fw_sf = french_wilson(
-        classical.intensity, classical.sigma, groups.centric, groups.epsilon, groups.dstar_sq
+        classical.intensity, classical.sigma, groups.centric, groups.dstar_sq
     )
     true_f = np.sqrt(truth)
     assert rms(variational.intensity - truth) < rms(classical.intensity - truth)

@@ -239,9 +239,41 @@ def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, par
         raise VmergeError(f"merging.method={method} is not one of {', '.join(METHODS)}")
     if french_wilson_amplitudes and len(merged):
         _, _, F, sigma_F = french_wilson(merged.intensity, merged.sigma, merged.centric,
-                                         merged.epsilon, merged.dstar_sq)
+                                         merged.dstar_sq)
         merged.amplitude, merged.amplitude_sigma = F, sigma_F
     return merged
+
+
+def friedel_positions(merged: MergedIntensities, merged_anom: MergedIntensities):
+    """Rows of I(+) and I(-) in the anomalous merge for each non-anomalous reflection
+    (-1 where absent; centric reflections have I(+) only)."""
+    index = merged.asu_index
+    plus = find_indices(index, merged_anom.asu_index)
+    minus = find_indices(-index, merged_anom.asu_index)
+    minus[merged.centric] = -1
+    return plus, minus
+
+
+def mean_of_friedel_amplitudes(merged: MergedIntensities, merged_anom: MergedIntensities):
+    """F, SIGF per non-anomalous reflection: the inverse-variance mean of the F(+) and F(-)
+    present (sigma sqrt(1/sum w)); NaN where neither has an amplitude."""
+    plus, minus = friedel_positions(merged, merged_anom)
+    sum_w = np.zeros(len(merged))
+    sum_wf = np.zeros(len(merged))
+    for where in (plus, minus):
+        ok = where >= 0
+        f = np.full(len(merged), np.nan)
+        s = np.full(len(merged), np.nan)
+        f[ok] = merged_anom.amplitude[where[ok]]
+        s[ok] = merged_anom.amplitude_sigma[where[ok]]
+        use = np.isfinite(f) & (s > 0)
+        w = np.where(use, 1.0 / np.where(use, s, 1.0) ** 2, 0.0)
+        sum_w += w
+        sum_wf += np.where(use, w * np.nan_to_num(f), 0.0)
+    has = sum_w > 0
+    F = np.where(has, sum_wf / np.where(has, sum_w, 1.0), np.nan)
+    sigma_F = np.where(has, 1.0 / np.sqrt(np.where(has, sum_w, 1.0)), np.nan)
+    return F, sigma_F
 
 
 class HalfDatasetMerger:
@@ -290,6 +322,11 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     merged = merge_groups(method, groups, obs.intensity, obs.sigma, params, fw)
     anom_groups = group_observations(obs.miller_index, space_group, True, unit_cell)
     merged_anom = merge_groups(method, anom_groups, obs.intensity, obs.sigma, params, fw)
+    if fw and method != "variational" and len(merged):
+        # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
+        # inverse-variance mean of F(+) and F(-)
+        merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
+                                                                              merged_anom)
     n_bins = int(_param(params, "merging.nbins", 20))
     statistics = None
     try:
@@ -333,9 +370,7 @@ def merged_mtz_columns(result: MergeResult, free_r_seed: int = 0) -> tuple:
     if merged.amplitude is not None:
         columns["F"], columns["SIGF"] = merged.amplitude, merged.amplitude_sigma
     if anom is not None:
-        plus = find_indices(index, anom.asu_index)
-        minus = find_indices(-index, anom.asu_index)
-        minus[merged.centric] = -1  # centric Friedel mates are one reflection: I(+) only
+        plus, minus = friedel_positions(merged, anom)
 
         def take(values, where):
             out = np.full(len(index), np.nan)
