@@ -62,3 +62,35 @@ def test_unmerged_mtz_round_trip_recovers_original_indices(tmp_path):
     # gemmi undoes M/ISYM with the file's symmetry operators: our ISYM must be right
     mtz.switch_to_original_hkl()
     np.testing.assert_array_equal(np.array(mtz)[:, :3].astype(int), original)
+
+
+def test_free_r_flags_ccp4_convention_fraction_and_determinism():
+    import random
+
+    from cctbx import crystal, miller
+
+    from dials_vmerge.mtz import free_r_flags
+
+    symmetry = crystal.symmetry(unit_cell=(61.5, 61.5, 82.25, 90, 90, 90),
+                                space_group_symbol="P 41 21 2")
+    unique = miller.build_set(symmetry, anomalous_flag=False, d_min=2.5)
+    hkl = np.array(unique.indices(), dtype=np.int32)
+    sg, cell = symmetry.space_group(), symmetry.unit_cell()
+    random.seed(12345)
+    before = random.random()
+    random.seed(12345)
+    flags = free_r_flags(hkl, sg, cell, seed=3)
+    assert random.random() == before  # the caller's random stream is left untouched
+    assert flags.dtype == np.int32 and len(flags) == len(hkl) > 5000
+    assert set(np.unique(flags)) == set(range(20))  # CCP4: 0..19, 0 = free
+    assert np.mean(flags == 0) == pytest.approx(0.05, abs=0.01)
+    # the same unique indices give the same flags, in whatever order they are given
+    np.testing.assert_array_equal(free_r_flags(hkl, sg, cell, seed=3), flags)
+    order = np.random.default_rng(0).permutation(len(hkl))
+    np.testing.assert_array_equal(free_r_flags(hkl[order], sg, cell, seed=3), flags[order])
+    other = free_r_flags(hkl, sg, cell, seed=4)
+    assert np.mean(other != flags) > 0.5
+    # cctbx's generator, called directly with the same seed, agrees
+    random.seed(3)
+    reference = unique.generate_r_free_flags(fraction=0.05, max_free=None, format="ccp4")
+    np.testing.assert_array_equal(reference.data().as_numpy_array(), flags)

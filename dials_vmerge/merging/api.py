@@ -364,7 +364,8 @@ def merged_mtz_columns(result: MergeResult, free_r_seed: int = 0) -> tuple:
     merged, anom = result.merged, result.merged_anomalous
     index = merged.asu_index
     columns = {
-        "FreeR_flag": free_r_flags(len(index), seed=free_r_seed),
+        "FreeR_flag": free_r_flags(index, result.space_group, result.unit_cell,
+                                   seed=free_r_seed),
         "IMEAN": merged.intensity, "SIGIMEAN": merged.sigma, "N": merged.n_obs.astype(float),
     }
     if merged.amplitude is not None:
