@@ -18,6 +18,18 @@ Definitions (per shell and overall; observations with sigma <= 0 are dropped fir
   Significance: one-sided Student-t test at `significance_level`.
 - CCanom: the same split (unweighted) of the anomalous groups; correlation of
   I+ - I- over acentric pairs present in both halves.
+- With anomalous=True (I+ and I- apart), over Bijvoet pairs of the merged data
+  (inverse-variance merge): dF/F = sqrt(2 <(F+ - F-)^2> / <F+^2 + F-^2>) over pairs with
+  both I > 0 (F = sqrt(I)); dI/s(dI) = <|I+ - I-|> / <sqrt(s+^2 + s-^2)>; and, overall only,
+  the anomalous normal probability plot: the sorted (I+ - I-)/s(dI) against the normal
+  quantiles Phi^-1((i - 1/2)/n), least-squares slope over the points with |quantile| < 0.9
+  (dials' "Anomalous slope"), and over all points.
+- Resolution estimate (dials.scale's "Resolution limit suggested from CC1/2 fit"): over the
+  shells whose CC1/2 is significant and positive, in d*^2 of the shells' d_min; if none falls
+  to 0.3 the data's limit, else a tanh fit (scitbx curve_fitting, refitted without points
+  more than 6 interquartile ranges off) and the first crossing of 0.3 by the fitted values
+  (linear between shells, scanned from high resolution). When it lies more than 0.005 A
+  inside the data, the statistics are recomputed on the data cut there ("Suggested").
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import numpy as np
 from numba import njit
 
 from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums_kernel, inverse_variance_merge_kernel
-from .groups import GroupedObservations, group_observations
+from .groups import GroupedObservations, _flex_indices, group_observations
 
 BIN_RELATIVE_TOLERANCE = 1e-6
 FP_EPS_DOUBLE = np.finfo(np.float64).eps
@@ -205,6 +217,12 @@ class ShellStatistics:
     cc_anom_critical_value: Optional[float] = None
     anom_completeness: Optional[float] = None
     anom_multiplicity: Optional[float] = None
+    anom_signal: Optional[float] = None  # dF/F
+    delta_i_mean_over_sig_delta_i_mean: Optional[float] = None  # dI/s(dI)
+    anom_probability_slope: Optional[float] = None  # |quantile| < 0.9 (dials' value)
+    anom_probability_intercept: Optional[float] = None
+    anom_probability_n_pairs: Optional[int] = None
+    anom_probability_slope_all_data: Optional[float] = None
 
     def format(self) -> str:
         def value(x):
@@ -226,6 +244,36 @@ TABLE_HEADER = (
 )
 
 
+SUMMARY_FORMATS = [
+    ("High resolution limit", " %7.2f"), ("Low resolution limit", " %7.2f"),
+    ("Completeness", "%7.1f"), ("Multiplicity", "%7.1f"), ("I/sigma", "%7.1f"),
+    ("Rmerge(I)", "%7.3f"), ("Rmerge(I+/-)", "%7.3f"), ("Rmeas(I)", "%7.3f"),
+    ("Rmeas(I+/-)", "%7.3f"), ("Rpim(I)", "%7.3f"), ("Rpim(I+/-)", "%7.3f"),
+    ("CC half", "%7.3f"), ("Anomalous completeness", "%7.1f"),
+    ("Anomalous multiplicity", "%7.1f"), ("Anomalous correlation", "%7.3f"),
+    ("Anomalous slope", "%7.3f"), ("dF/F", "%7.3f"), ("dI/s(dI)", "%7.3f"),
+    ("Total observations", "%7d"), ("Total unique", "%7d"),
+]
+# summary row -> ShellStatistics attribute (dials.report.analysis.table_1_stats)
+SUMMARY_ROWS = {
+    "High resolution limit": "d_min", "Low resolution limit": "d_max",
+    "Completeness": "completeness", "Multiplicity": "multiplicity",
+    "I/sigma": "i_over_sigma_mean", "Rmerge(I)": "r_merge", "Rmeas(I)": "r_meas",
+    "Rpim(I)": "r_pim", "CC half": "cc_half", "Total observations": "n_obs",
+    "Total unique": "n_uniq",
+}
+SUMMARY_ANOMALOUS_ROWS = {
+    "Rmerge(I+/-)": "r_merge", "Rmeas(I+/-)": "r_meas", "Rpim(I+/-)": "r_pim",
+    "Anomalous completeness": "anom_completeness", "Anomalous multiplicity": "multiplicity",
+    "Anomalous correlation": "cc_anom",
+}
+SUMMARY_SINGLE_ROWS = {  # overall anomalous values, one column
+    "Anomalous slope": "anom_probability_slope", "dF/F": "anom_signal",
+    "dI/s(dI)": "delta_i_mean_over_sig_delta_i_mean",
+}
+CUT_TOLERANCE_A = 0.005  # dials.scale reports a cut only this far inside the data
+
+
 @dataclass
 class MergingStatistics:
     overall: ShellStatistics
@@ -235,6 +283,8 @@ class MergingStatistics:
     cc_half_overall: float = 0.0
     d_min_cc_half_fit: Optional[float] = None
     anomalous_statistics: Optional["MergingStatistics"] = None
+    # The same statistics on the data cut at d_min_cc_half_fit, when that lies inside the data
+    cut_statistics: Optional["MergingStatistics"] = None
     notes: dict = field(default_factory=dict)
 
     def format_table(self) -> str:
@@ -243,47 +293,65 @@ class MergingStatistics:
         lines.append(self.overall.format())
         return "\n".join(lines)
 
-    def format_summary(self) -> str:
+    def summary_values(self) -> dict:
+        """Row label -> values of the "Summary of merging statistics" table: columns
+        Overall/Low/High, or Suggested/Low/High/Overall when a cut is suggested (the first
+        three on the cut data); single-valued anomalous rows have one value. Rows whose first
+        value is missing are left out, as dials does; anomalous rows need the anomalous
+        statistics (not computed for centric space groups)."""
+        cut = self.cut_statistics
+
+        def columns(full, selected):
+            if full is None:
+                return None
+            if cut is not None:
+                return ([selected.overall, selected.shells[0], selected.shells[-1],
+                         full.overall] if selected is not None else None)
+            return [full.overall, full.shells[0], full.shells[-1]]
+
+        out = {}
+
+        def add(rows, shells):
+            if shells is None:
+                return
+            for label, attribute in rows.items():
+                values = [getattr(s, attribute) for s in shells]
+                if "completeness" in attribute:
+                    values = [100 * v if v else None for v in values]
+                if values[0] is not None:
+                    out[label] = values
+
+        add(SUMMARY_ROWS, columns(self, cut))
         anomalous = self.anomalous_statistics
-        columns = [("Overall", self.overall), ("Low", self.shells[0]), ("High", self.shells[-1])]
-        anom_columns = None
         if anomalous is not None:
-            anom_columns = [anomalous.overall, anomalous.shells[0], anomalous.shells[-1]]
+            cut_anomalous = cut.anomalous_statistics if cut is not None else None
+            source = cut_anomalous if cut is not None else anomalous
+            if source is not None:
+                for label, attribute in SUMMARY_SINGLE_ROWS.items():
+                    value = getattr(source.overall, attribute)
+                    if value is not None:
+                        out[label] = [value]
+            add(SUMMARY_ANOMALOUS_ROWS, columns(anomalous, cut_anomalous))
+        return out
 
-        def row(label, values, fmt):
-            cells = ["%8s" % (fmt % v if v is not None else "-") for v in values]
-            return "%-40s%s" % (label, "".join(cells))
-
-        stats = [c[1] for c in columns]
+    def format_summary(self) -> str:
+        values = self.summary_values()
+        n_columns = 4 if self.cut_statistics is not None else 3
+        header = "Suggested   Low    High  Overall" if n_columns == 4 else " Overall    Low     High"
         lines = [
             "            -------------Summary of merging statistics--------------",
             "",
-            "%-40s%s" % ("", "".join("%8s" % c[0] for c in columns)),
-            row("High resolution limit", [s.d_min for s in stats], "%.2f"),
-            row("Low resolution limit", [s.d_max for s in stats], "%.2f"),
-            row("Completeness", [100 * s.completeness for s in stats], "%.1f"),
-            row("Multiplicity", [s.multiplicity for s in stats], "%.1f"),
-            row("I/sigma", [s.i_over_sigma_mean for s in stats], "%.1f"),
-            row("Rmerge(I)", [s.r_merge for s in stats], "%.3f"),
+            "".ljust(44) + header,
         ]
-        if anom_columns:
-            lines.append(row("Rmerge(I+/-)", [s.r_merge for s in anom_columns], "%.3f"))
-        lines.append(row("Rmeas(I)", [s.r_meas for s in stats], "%.3f"))
-        if anom_columns:
-            lines.append(row("Rmeas(I+/-)", [s.r_meas for s in anom_columns], "%.3f"))
-        lines.append(row("Rpim(I)", [s.r_pim for s in stats], "%.3f"))
-        if anom_columns:
-            lines.append(row("Rpim(I+/-)", [s.r_pim for s in anom_columns], "%.3f"))
-        lines.append(row("CC half", [s.cc_half for s in stats], "%.3f"))
-        if anom_columns:
-            lines.append(row("Anomalous completeness",
-                             [None if s.anom_completeness is None else 100 * s.anom_completeness
-                              for s in anom_columns], "%.1f"))
-            lines.append(row("Anomalous multiplicity",
-                             [s.anom_multiplicity for s in anom_columns], "%.1f"))
-            lines.append(row("Anomalous correlation", [s.cc_anom for s in anom_columns], "%.3f"))
-        lines.append(row("Total observations", [s.n_obs for s in stats], "%d"))
-        lines.append(row("Total unique", [s.n_uniq for s in stats], "%d"))
+        for label, fmt in SUMMARY_FORMATS:
+            if label not in values:
+                continue
+            row = list(values[label])
+            if len(row) == 1:
+                row += [None] * (n_columns - 1)
+            formats = [fmt] + [fmt.strip()] * (len(row) - 1)
+            cells = [(f % v) if v is not None else " " * len(f % 0) for f, v in zip(formats, row)]
+            lines.append(label.ljust(44) + " ".join(cells))
         return "\n".join(lines)
 
     def format_resolution_estimate(self) -> str:
@@ -304,6 +372,8 @@ class MergingStatistics:
         }
         if self.anomalous_statistics is not None:
             out["anomalous_statistics"] = self.anomalous_statistics.as_dict()
+        if self.cut_statistics is not None:
+            out["cut_statistics"] = self.cut_statistics.as_dict()
         return _jsonable(out)
 
 
@@ -363,8 +433,57 @@ class _Prepared:
                 np.sqrt(complete.d_star_sq().data().as_numpy_array()))
 
 
+def anomalous_signal_statistics(i_plus, i_minus, sigma_plus, sigma_minus,
+                                probability_plot=False, expected_delta=0.9):
+    """dF/F, dI/s(dI) and (optionally) the normal probability plot of Bijvoet pairs of merged
+    intensities: dict of ShellStatistics fields (module docstring)."""
+    out = {"anom_signal": 0.0 if len(i_plus) == 0 else None,
+           "delta_i_mean_over_sig_delta_i_mean": None}
+    if len(i_plus) == 0:
+        return out
+    positive = (i_plus > 0) & (i_minus > 0)
+    if positive.any():
+        f_plus, f_minus = np.sqrt(i_plus[positive]), np.sqrt(i_minus[positive])
+        out["anom_signal"] = math.sqrt(2 * np.mean((f_plus - f_minus) ** 2)
+                                       / np.mean(f_plus**2 + f_minus**2))
+    else:
+        out["anom_signal"] = 0.0
+    delta = i_plus - i_minus
+    sigma_delta = np.sqrt(sigma_plus**2 + sigma_minus**2)
+    ok = sigma_delta > 0
+    if ok.any():
+        out["delta_i_mean_over_sig_delta_i_mean"] = float(
+            np.mean(np.abs(delta[ok])) / np.mean(sigma_delta[ok]))
+    if probability_plot:
+        from scipy.stats import norm
+
+        y = np.sort(delta / sigma_delta)
+        x = norm.ppf((np.arange(1, len(y) + 1) - 0.5) / len(y))
+        for key, keep in (("", np.abs(x) < expected_delta), ("_all_data", np.ones(len(x), bool))):
+            fit = _least_squares_line(x[keep], y[keep])
+            if key == "":
+                out["anom_probability_slope"] = fit[0]
+                out["anom_probability_intercept"] = fit[1]
+                out["anom_probability_n_pairs"] = int(keep.sum()) if fit[0] is not None else None
+            else:
+                out["anom_probability_slope_all_data"] = fit[0]
+    return out
+
+
+def _least_squares_line(x, y):
+    """(slope, intercept) of y = a + b x, or (None, None) when x has no spread."""
+    if len(x) < 2:
+        return None, None
+    dx = x - x.mean()
+    sxx = float(np.dot(dx, dx))
+    if not sxx > 0:
+        return None, None
+    slope = float(np.dot(dx, y - y.mean())) / sxx
+    return slope, float(y.mean() - slope * x.mean())
+
+
 def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, complete_dss,
-                      anom_complete_dss):
+                      anom_complete_dss, probability_plot=False):
     g = prep.groups
     n = prep.n[group_sel]
     stats = ShellStatistics(d_max=0.0, d_min=0.0)
@@ -456,6 +575,19 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
         n_acentric_expected = int(keep.sum())
         stats.anom_completeness = min(pairs / n_acentric_expected, 1.0) if n_acentric_expected else 0
         stats.anom_multiplicity = float(n[acentric].mean()) if acentric.any() else None
+    if prep.anomalous:
+        # Bijvoet pairs of this grouping (I+ and I- apart), both members in the selection
+        selected = np.zeros(g.n_groups, bool)
+        selected[group_sel] = True
+        plus_groups = np.flatnonzero(selected & prep.plus)
+        minus_groups = prep.partner[plus_groups]
+        both_in = selected[minus_groups]
+        plus_groups, minus_groups = plus_groups[both_in], minus_groups[both_in]
+        for name, value in anomalous_signal_statistics(
+                prep.mean[plus_groups], prep.mean[minus_groups],
+                prep.merged_sigma[plus_groups], prep.merged_sigma[minus_groups],
+                probability_plot).items():
+            setattr(stats, name, value)
     return stats
 
 
@@ -469,8 +601,13 @@ def merging_statistics(
     anomalous: bool = False,
     significance_level: Optional[float] = 0.01,
     with_anomalous_table: bool = False,
+    suggest_cut: bool = True,
 ) -> MergingStatistics:
-    """Statistics of unmerged scaled intensities (I/g, sigma/g), overall and by shell."""
+    """Statistics of unmerged scaled intensities (I/g, sigma/g), overall and by shell.
+
+    with_anomalous_table: also the statistics with I+ and I- apart (anomalous_statistics).
+    suggest_cut: where the CC1/2 fit suggests a limit inside the data, also the statistics of
+    the data cut there (cut_statistics, with its own anomalous table)."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -488,7 +625,7 @@ def merging_statistics(
     all_groups = np.ones(g.n_groups, bool)
     all_anom = np.ones(a.n_groups, bool)
     overall = _shell_statistics(prep, all_groups, all_anom, None, significance_level,
-                                complete_dss, anom_complete_dss)
+                                complete_dss, anom_complete_dss, probability_plot=True)
     group_shell = shell_of(g.dstar_sq, limits)
     anom_shell = shell_of(a.dstar_sq, limits)
     shells = []
@@ -511,7 +648,15 @@ def merging_statistics(
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
-            significance_level, False)
+            significance_level, False, suggest_cut=False)
+    d_fit = result.d_min_cc_half_fit
+    if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > CUT_TOLERANCE_A:
+        # cctbx resolution_filter(d_min): keep 1/d <= 1/d_min
+        d_star = np.sqrt(unit_cell.d_star_sq(_flex_indices(miller_index)).as_numpy_array())
+        keep = d_star <= 1.0 / d_fit
+        result.cut_statistics = merging_statistics(
+            miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
+            anomalous, significance_level, with_anomalous_table, suggest_cut=False)
     return result
 
 
@@ -543,53 +688,53 @@ def _cctbx_d(unit_cell, asu_index):
 
 
 # -- resolution estimate -----------------------------------------------------------------------
+CC_HALF_FIT_IQR_MULTIPLIER = 6  # dials.util.resolution_analysis passes 6 to its tanh fit
+
+
 def cc_half_resolution_estimate(stats: MergingStatistics, limit: float = 0.3):
-    """d at which a tanh fit of CC1/2 against d*^2 falls to `limit` (weighted by n)."""
-    shells = [s for s in stats.shells if s.cc_half_n_refl > 0 and s.d_min > 0]
-    if len(shells) < 3:
-        return None
-    s2 = np.array([1.0 / s.d_min**2 for s in shells])
+    """d where the tanh fit of CC1/2 against d*^2 falls to `limit`, as dials' resolution_cc_half
+    (module docstring); None when no shell qualifies."""
+    shells = stats.shells[::-1]  # from high resolution down, as dials scans
+    dstar_sq = np.array([1.0 / s.d_min**2 if s.d_min > 0 else 0.0 for s in shells])
     cc = np.array([s.cc_half for s in shells])
-    weights = np.array([math.sqrt(s.cc_half_n_refl) for s in shells])
-    if np.all(cc >= limit):
-        return float(min(s.d_min for s in shells))
-
-    d0, r = _fit_tanh(s2, cc, weights)
-    # cc = limit at s^2 = d0 + r artanh(1 - 2 limit)
-    s2_limit = d0 + r * math.atanh(1.0 - 2.0 * limit)
-    if not s2_limit > 0:
+    use = np.array([bool(s.cc_half_significance) for s in shells]) & (cc > 0)
+    dstar_sq, cc = dstar_sq[use], cc[use]
+    if len(cc) == 0:
         return None
-    s2_limit = min(s2_limit, s2.max())
-    return float(1.0 / math.sqrt(s2_limit))
+    if cc.min() > limit:
+        return float(1.0 / math.sqrt(dstar_sq.max()))
+    try:
+        fitted = _tanh_fit(dstar_sq, cc)
+        crossing = _first_crossing(dstar_sq, fitted, limit)
+        return float(1.0 / math.sqrt(crossing))
+    except Exception:  # no crossing or a failed fit: the data's limit, as dials
+        return float(1.0 / math.sqrt(dstar_sq.max()))
 
 
-def _fit_tanh(s2, cc, weights):
-    """Weighted least squares fit of cc = (1 - tanh((s2 - d0)/r))/2: a grid search, then
-    Gauss-Newton steps with an explicit 2x2 solve (no LAPACK: tiny problem)."""
-    span = max(s2.max() - s2.min(), 1e-12)
-    d0_grid = np.linspace(s2.min() - 0.5 * span, s2.max() + 1.5 * span, 201)
-    r_grid = span * np.logspace(-3, 1, 121)
-    model = 0.5 * (1 - np.tanh((s2[None, None, :] - d0_grid[:, None, None]) / r_grid[None, :, None]))
-    cost = ((weights * (model - cc)) ** 2).sum(axis=2)
-    i, j = np.unravel_index(np.argmin(cost), cost.shape)
-    d0, r = d0_grid[i], r_grid[j]
-    for _ in range(50):
-        z = (s2 - d0) / r
-        sech2 = 1 - np.tanh(z) ** 2
-        res = weights * (0.5 * (1 - np.tanh(z)) - cc)
-        j_d0 = weights * 0.5 * sech2 / r
-        j_r = weights * 0.5 * sech2 * z / r
-        a11, a12, a22 = (j_d0 * j_d0).sum(), (j_d0 * j_r).sum(), (j_r * j_r).sum()
-        b1, b2 = -(j_d0 * res).sum(), -(j_r * res).sum()
-        det = a11 * a22 - a12 * a12
-        if not det > 0:
-            break
-        step_d0 = (a22 * b1 - a12 * b2) / det
-        step_r = (a11 * b2 - a12 * b1) / det
-        new_r = r + step_r
-        if not new_r > 0:
-            break
-        d0, r = d0 + step_d0, new_r
-        if abs(step_d0) < 1e-12 * span and abs(step_r) < 1e-12 * span:
-            break
-    return d0, r
+def _tanh_fit(x, y):
+    """Fitted values of (1 - tanh((x - s0)/r))/2 (scitbx curve_fitting, LBFGS from r = s0 = 1),
+    refitted without points more than 6 interquartile ranges from the quartiles."""
+    from cctbx.array_family import flex
+    from scitbx.math import curve_fitting, five_number_summary
+
+    x_flex, y_flex = flex.double(x), flex.double(y)
+    function = curve_fitting.tanh(*curve_fitting.tanh_fit(x_flex, y_flex).params)
+    residual = y_flex - function(x_flex)
+    _, q1, _, q3, _ = five_number_summary(residual)
+    cut = CC_HALF_FIT_IQR_MULTIPLIER * (q3 - q1)
+    outliers = (residual > q3 + cut) | (residual < q1 - cut)
+    if outliers.count(True) > 0:
+        keep = ~outliers
+        function = curve_fitting.tanh(
+            *curve_fitting.tanh_fit(x_flex.select(keep), y_flex.select(keep)).params)
+    return function(x_flex).as_numpy_array()
+
+
+def _first_crossing(x, y, level):
+    """x where the piecewise-linear y(x) first crosses `level` (points in the given order)."""
+    if level > y.max() or level < y.min():
+        raise ValueError("level outside the fitted values")
+    for j in range(1, len(x)):  # a loop over <= n_bins shells
+        if (y[j - 1] - level) * (y[j] - level) < 0:
+            return x[j - 1] + (level - y[j - 1]) * (x[j] - x[j - 1]) / (y[j] - y[j - 1])
+    raise ValueError("no crossing")
