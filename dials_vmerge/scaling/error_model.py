@@ -75,7 +75,7 @@ class ErrorModelData:
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
-                           min_partiality=None, min_ih=25.0, layout=None):
+                           min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None):
     """The filtered anomalous Ih table the error model is refined on (an IhTable).
 
     layout: optional ih_table.GroupLayout of the reflections to use (anomalous ASU groups);
@@ -89,6 +89,8 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         table = build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
     if partialities is not None and min_partiality is not None:
         table = table.select(table.extra["partiality"] > min_partiality)
+    if stills is not None:
+        return _filter_stills(table, stills, min_ih, model or BasicErrorModel())
     grp = table.group_of_observation()
     n_h = table.multiplicity()
     i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
@@ -111,6 +113,29 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     external = np.bincount(grp, table.variance / table.g ** 2, minlength=table.n_groups) / n_h
     limit = max(50.0, float(ih.max()) / 40.0) if ih.size else 50.0
     table = table.select((internal / external < limit)[grp])
+    if table.n_obs < MIN_REFLECTIONS:
+        raise ErrorModelError(
+            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    return table
+
+
+def _filter_stills(table, stills, min_ih, model):
+    """The stills filter of dials.scale (error_model.stills): I/sigma >= min_Isigma,
+    Ih g p > min_Ih, |delta| < 6 under the current model, multiplicity >= min_multiplicity."""
+    min_isigma, min_multiplicity = stills
+    table = table.select(table.intensity / np.sqrt(table.variance) >= min_isigma)
+    grp = table.group_of_observation()
+    expected = table.merged_intensity()[grp] * table.g
+    if "partiality" in table.extra:
+        expected = expected * table.extra["partiality"]
+    table = table.select(expected > min_ih)
+    grp = table.group_of_observation()
+    n_h = table.multiplicity()[grp].astype(float)
+    ih = table.merged_intensity()[grp]
+    sigma_prime = model.a * np.sqrt(table.variance + (model.b * table.intensity) ** 2) / table.g
+    delta = np.sqrt((n_h - 1) / n_h) * (table.intensity / table.g - ih) / sigma_prime
+    table = table.select(np.abs(delta) < 6.0)
+    table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()])
     if table.n_obs < MIN_REFLECTIONS:
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
@@ -298,7 +323,7 @@ def refine_regression(table):
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
                        min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
-                       fixed_a=None, fixed_b=None, layout=None):
+                       fixed_a=None, fixed_b=None, layout=None, stills=None):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
@@ -307,7 +332,7 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
     """
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
-                                   min_partiality, min_ih, layout)
+                                   min_partiality, min_ih, layout, stills, model)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":

@@ -48,7 +48,9 @@ class _Stop(Exception):
     pass
 
 
-def lbfgs(target, x0, max_iterations=None, rmsd_tolerance=1e-4):
+def lbfgs(target, x0, max_iterations=None, rmsd_tolerance=1e-4, small_steps_to_stop=1):
+    """LBFGS with DIALS's stopping rule: stop once the relative RMSD change of a step is below
+    rmsd_tolerance (`small_steps_to_stop` such steps in a row; DIALS uses 1)."""
     x0 = np.asarray(x0, dtype=np.float64)
     if target.n_par == 0:
         phi, _ = target.value_and_gradient(x0)
@@ -73,7 +75,9 @@ def lbfgs(target, x0, max_iterations=None, rmsd_tolerance=1e-4):
         rmsd = target.rmsd(phi)
         previous = history[-1]
         history.append(rmsd)
-        if previous > 0 and abs(rmsd - previous) / previous < rmsd_tolerance:
+        small = previous > 0 and abs(rmsd - previous) / previous < rmsd_tolerance
+        state["small_steps"] = state.get("small_steps", 0) + 1 if small else 0
+        if state["small_steps"] >= small_steps_to_stop:
             state["message"], state["converged"] = "RMSD converged", True
             raise StopIteration
         if "x" in cache and np.array_equal(cache["x"], x):
