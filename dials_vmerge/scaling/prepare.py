@@ -117,13 +117,31 @@ def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.
     return bad
 
 
-def sum_partial_reflections(table):
+def select_rows(table, keep, consume_input=False):
+    """table.select(keep); with consume_input, column by column, each input column deleted
+    once copied, so the input and its selection never both exist in full."""
+    if not consume_input:
+        return table.select(keep)
+    from ..table import ReflectionTable
+
+    index = np.flatnonzero(keep)
+    out = ReflectionTable(index.size, table.identifiers)
+    for name in table.keys():
+        values = table[name]
+        selected = values[index] if isinstance(values, np.ndarray) else values.select(index)
+        out.set_column(name, selected, table.column_type(name))
+        table.del_column(name)
+    return out
+
+
+def sum_partial_reflections(table, consume_input=False):
     """Merge split partials sharing a `partial_id` into their first piece; others deleted.
 
     Candidates: partiality < 0.99 and variance > 0 for every intensity type present.
     Kept piece: partiality = sum p, sum I/V added, prf I weighted by (I/sigma)^2 with
     V = sum(w V)/sum(w), scale I/V inverse-variance weighted, flags of the first piece.
-    Returns the new table (or the same one when nothing is summed).
+    Returns the new table (or the same one when nothing is summed). consume_input: empty
+    the input table while building the new one (see select_rows).
     """
     if not (_has(table, "partiality") and _has(table, "partial_id")):
         return table
@@ -184,7 +202,7 @@ def sum_partial_reflections(table):
         column = table[name].copy()
         column[first_rows] = values
         table[name] = column
-    return table.select(keep)
+    return select_rows(table, keep, consume_input)
 
 
 def prescaling_correction(table):
@@ -259,16 +277,19 @@ def initialise_inverse_scale_factor(table):
 
 
 def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=-5.0,
-                    d_min=None, d_max=None, d_values=None, clear_flags=True):
+                    d_min=None, d_max=None, d_values=None, clear_flags=True,
+                    consume_input=False):
     """Run steps 1-6 on one dataset's table; returns the new table (rows may be removed).
 
     d_values: per-row d from the best cell for the d-range cut (default: the `d` column).
+    consume_input: the caller no longer needs `table`; its columns are moved into the
+    result (when partials are summed, input and output then never coexist in memory).
     """
     if clear_flags:
         clear_scaling_flags(table)
     apply_user_exclusions(table, d_min, d_max, partiality_cutoff, d_values)
     apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi)
-    table = sum_partial_reflections(table)
+    table = sum_partial_reflections(table, consume_input)
     initialise_inverse_scale_factor(table)
     choose_initial_intensities(table, intensity_choice)
     return table
