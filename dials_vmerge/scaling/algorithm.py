@@ -91,7 +91,6 @@ class DatasetState:
     model: object
     suitable_rows: np.ndarray
     asu: np.ndarray
-    asu_anomalous: np.ndarray
     intensity: np.ndarray
     variance: np.ndarray
     g: np.ndarray
@@ -151,10 +150,9 @@ class ScalingRun:
         model.configure(RowView(table, rows), expt)
         miller_index = table["miller_index"][rows]
         asu = map_indices_to_asu(miller_index, self.space_group, self.anomalous)
-        asu_anom = map_indices_to_asu(miller_index, self.space_group, True)
         del miller_index
         g = np.array(table["inverse_scale_factor"][rows], dtype=np.float64)
-        state = DatasetState(table, expt, model, rows, asu, asu_anom,
+        state = DatasetState(table, expt, model, rows, asu,
                              np.array(table["intensity"][rows]), np.array(table["variance"][rows]),
                              g, np.zeros(rows.size, dtype=bool))
         state.error_model = self._initial_error_model(expt)
@@ -194,12 +192,14 @@ class ScalingRun:
         return self._layout
 
     def anomalous_layout(self, positions):
-        """The anomalous group sort of the suitable reflections of some datasets."""
-        cache = self.__dict__.setdefault("_anomalous_layouts", {})
-        key = tuple(positions)
-        if key not in cache:
-            cache[key] = GroupLayout([self.states[d].asu_anomalous for d in positions])
-        return cache[key]
+        """The anomalous group sort of the suitable reflections of some datasets.
+
+        Built when needed and not kept: it serves two error-model refinements, and its
+        indices would otherwise stay resident through the final, largest stages of a run.
+        """
+        asu = [map_indices_to_asu(self.states[d].table["miller_index"][
+            self.states[d].suitable_rows], self.space_group, True) for d in positions]
+        return GroupLayout(asu)
 
     def global_table(self, states=None, error_model_weights=None):
         use_em = self.global_uses_error_model_weights if error_model_weights is None else \
@@ -380,7 +380,10 @@ class ScalingRun:
             ok[rows[~state.outlier]] = True
             test = comb.combination_test_selection(t, g_full, ok)
             pr = t["partiality"] if "partiality" in t else np.ones(t.nrows)
-            asu = map_indices_to_asu(t["miller_index"][test], self.space_group, False)
+            if self.anomalous:
+                asu = map_indices_to_asu(t["miller_index"][test], self.space_group, False)
+            else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
+                asu = state.asu[np.searchsorted(rows, np.flatnonzero(test))]
             datasets.append({"asu_index": asu, "i_prf": t["intensity.prf.value"][test],
                              "v_prf": t["intensity.prf.variance"][test],
                              "i_sum": t["intensity.sum.value"][test],

@@ -26,9 +26,38 @@ def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
         return i_prf.copy(), v_prf.copy()
     if imid == 1:
         return sum_i, sum_v
-    with np.errstate(over="ignore", invalid="ignore"):
-        w = np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3))
+    w = profile_weight(i_sum, imid)
     return w * i_prf + (1.0 - w) * sum_i, w * v_prf + (1.0 - w) * sum_v
+
+
+def profile_weight(i_sum, imid):
+    """w = 1 / (1 + (I_sum/Imid)^3), 1 where I_sum <= 0 (numpy's power, as combine_values)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3))
+
+
+@njit(cache=True, parallel=True)
+def scaled_combined_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid,
+                           weight, scaled_i, scaled_sigma):
+    """I c / g and sqrt(max(V, 0)) c / g of combine_values(..., imid), element by element
+    with the same operations (no temporaries for the Imid search). weight: profile_weight
+    for Imid other than 0 and 1 (unused otherwise)."""
+    for r in prange(i_prf.size):
+        p = partiality[r] if partiality[r] > 0 else 1.0
+        sum_i = i_sum[r] / p
+        sum_v = v_sum[r] / (p * p)
+        if imid == 0:
+            i = i_prf[r]
+            v = v_prf[r]
+        elif imid == 1:
+            i = sum_i
+            v = sum_v
+        else:
+            w = weight[r]
+            i = w * i_prf[r] + (1.0 - w) * sum_i
+            v = w * v_prf[r] + (1.0 - w) * sum_v
+        scaled_i[r] = i * correction[r] / g[r]
+        scaled_sigma[r] = np.sqrt(max(v, 0.0)) * correction[r] / g[r]
 
 
 def candidate_imids(i_sum, partiality):
@@ -115,21 +144,25 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     """The Imid with the lowest Rmeas over the pooled datasets.
 
     datasets: list of dicts with arrays asu_index (non-anomalous), i_prf, v_prf, i_sum,
-    v_sum, partiality, correction, g (already restricted to the test selection).
+    v_sum, partiality, correction, g (already restricted to the test selection); the dicts
+    are emptied.
     """
-    cat = {k: np.concatenate([d[k] for d in datasets]) for k in datasets[0]}
+    # the datasets' arrays are released as they are joined (the caller is done with them)
+    cat = {k: np.concatenate([d.pop(k) for d in datasets]) for k in list(datasets[0])}
     if cat["i_sum"].size == 0:
         return 0.0
     if not imids:
         imids = candidate_imids(cat["i_sum"], cat["partiality"])
     best, best_score = 0.0, None
     presorted = sorted_keys(cat["asu_index"])
+    scaled_i = np.empty(cat["i_sum"].size)
+    scaled_sigma = np.empty(cat["i_sum"].size)
     for imid in imids:
-        i, v = combine_values(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
-                              cat["partiality"], imid)
-        c = cat["correction"]
-        scaled_i = i * c / cat["g"]
-        scaled_sigma = np.sqrt(np.clip(v, 0, None)) * c / cat["g"]
+        weight = profile_weight(cat["i_sum"], imid) if imid not in (0, 1) else scaled_i
+        scaled_combined_kernel(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
+                               cat["partiality"], cat["correction"], cat["g"], float(imid),
+                               weight, scaled_i, scaled_sigma)
+        del weight
         score = rmeas(cat["asu_index"], scaled_i, scaled_sigma, nproc, presorted)
         if log is not None:
             log(f"  Imid {imid:.6g}: Rmeas {score:.5f}")
