@@ -48,6 +48,10 @@ def physical_target_gradient_kernel(record, first_param, absorption_coefficients
     """
     n_chunks = chunk_start.size - 1
     n_full = grad_partial.shape[1]
+    # Unsigned indices: numba wraps negative signed indices around, a test and an add on
+    # every one of the ~20 array reads per observation (10% of the pass).
+    one = np.uint64(1)
+    two = np.uint64(2)
     for c in prange(n_chunks):
         grad = np.zeros(n_full)
         g_buf = np.empty(max_group_size)
@@ -55,22 +59,23 @@ def physical_target_gradient_kernel(record, first_param, absorption_coefficients
         absorption_other = np.empty(max_group_size)  # dg/dA
         phi = 0.0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
-            lo = group_start[grp]
-            hi = group_start[grp + 1]
+            lo = np.uint64(group_start[grp])
+            hi = np.uint64(group_start[grp + 1])
             s_wgi = 0.0
             s_wgg = 0.0
-            for i in range(lo, hi):
-                p0 = first_param[i, 0]
-                q0 = first_param[i, 1]
-                s = (record[i, 2] * parameters[p0] + record[i, 3] * parameters[p0 + 1]
-                     + record[i, 4] * parameters[p0 + 2])
-                e = math.exp(record[i, 5] * parameters[q0] + record[i, 6] * parameters[q0 + 1]
-                             + record[i, 7] * parameters[q0 + 2])
+            i = lo
+            while i < hi:
+                p0 = np.uint64(first_param[i, 0])
+                q0 = np.uint64(first_param[i, 1])
+                s = (record[i, 2] * parameters[p0] + record[i, 3] * parameters[p0 + one]
+                     + record[i, 4] * parameters[p0 + two])
+                e = math.exp(record[i, 5] * parameters[q0] + record[i, 6] * parameters[q0 + one]
+                             + record[i, 7] * parameters[q0 + two])
                 a = 1.0
                 if absorption_coefficients is not None:
-                    a0 = absorption_first[i]
+                    a0 = np.uint64(absorption_first[i])
                     for k in range(absorption_coefficients.shape[1]):
-                        a += absorption_coefficients[i, k] * parameters[a0 + k]
+                        a += absorption_coefficients[i, k] * parameters[a0 + np.uint64(k)]
                 f = 1.0
                 if fixed_factor is not None:
                     f = fixed_factor[i]
@@ -83,31 +88,34 @@ def physical_target_gradient_kernel(record, first_param, absorption_coefficients
                 wg = record[i, 1] * g
                 s_wgi += wg * record[i, 0]
                 s_wgg += wg * g
+                i += one
             if s_wgg <= 0.0:
                 continue
             ih = s_wgi / s_wgg
-            for i in range(lo, hi):
+            i = lo
+            while i < hi:
                 j = i - lo
                 g = g_buf[j]
                 r = record[i, 0] - g * ih
                 wr = record[i, 1] * r
                 phi += wr * r
                 factor = -2.0 * wr * ih
-                p0 = first_param[i, 0]
-                q0 = first_param[i, 1]
+                p0 = np.uint64(first_param[i, 0])
+                q0 = np.uint64(first_param[i, 1])
                 fs = factor * scale_other[j]
                 grad[p0] += fs * record[i, 2]
-                grad[p0 + 1] += fs * record[i, 3]
-                grad[p0 + 2] += fs * record[i, 4]
+                grad[p0 + one] += fs * record[i, 3]
+                grad[p0 + two] += fs * record[i, 4]
                 fd = factor * g
                 grad[q0] += fd * record[i, 5]
-                grad[q0 + 1] += fd * record[i, 6]
-                grad[q0 + 2] += fd * record[i, 7]
+                grad[q0 + one] += fd * record[i, 6]
+                grad[q0 + two] += fd * record[i, 7]
                 if absorption_coefficients is not None:
-                    a0 = absorption_first[i]
+                    a0 = np.uint64(absorption_first[i])
                     fa = factor * absorption_other[j]
                     for k in range(absorption_coefficients.shape[1]):
-                        grad[a0 + k] += fa * absorption_coefficients[i, k]
+                        grad[a0 + np.uint64(k)] += fa * absorption_coefficients[i, k]
+                i += one
         phi_partial[c] = phi
         grad_partial[c, :] = grad
 
