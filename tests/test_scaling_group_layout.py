@@ -66,3 +66,12 @@ def test_capped_weights_equal_ten_times_the_numpy_group_median():
         capped_weights_kernel(weight, group_start, chunk_bounds(group_start, nproc), out)
         assert np.array_equal(out, expected)
     assert (expected < weight).any()  # some weights were capped
+
+
+def test_layout_of_masked_rows_equals_subset_of_full_layout():
+    asu, (i, v, w, g) = _datasets()
+    masks = [RNG.random(a.shape[0]) < 0.6 for a in asu]
+    direct = GroupLayout([a[m] for a, m in zip(asu, masks)],
+                         loc_indices=[np.flatnonzero(m) for m in masks],
+                         full_sizes=[a.shape[0] for a in asu])
+    _assert_same(direct.table(i, v, w, g), GroupLayout(asu).subset(masks).table(i, v, w, g))

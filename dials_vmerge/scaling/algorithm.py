@@ -191,15 +191,22 @@ class ScalingRun:
             self._layout = GroupLayout([s.asu for s in self.states])
         return self._layout
 
-    def anomalous_layout(self, positions):
-        """The anomalous group sort of the suitable reflections of some datasets.
+    def anomalous_layout(self, positions, masks):
+        """The anomalous group sort of the masked suitable reflections of some datasets
+        (gather then takes the datasets' full suitable-row arrays).
 
         Built when needed and not kept: it serves two error-model refinements, and its
         indices would otherwise stay resident through the final, largest stages of a run.
         """
-        asu = [map_indices_to_asu(self.states[d].table["miller_index"][
-            self.states[d].suitable_rows], self.space_group, True) for d in positions]
-        return GroupLayout(asu)
+        asu, rows = [], []
+        for d, mask in zip(positions, masks):
+            state = self.states[d]
+            kept = np.flatnonzero(mask)
+            asu.append(map_indices_to_asu(state.table["miller_index"][state.suitable_rows[kept]],
+                                          self.space_group, True))
+            rows.append(kept)
+        return GroupLayout(asu, loc_indices=rows,
+                           full_sizes=[self.states[d].suitable_rows.size for d in positions])
 
     def global_table(self, states=None, error_model_weights=None):
         use_em = self.global_uses_error_model_weights if error_model_weights is None else \
@@ -421,22 +428,25 @@ class ScalingRun:
             if all(_is_still(s.experiment) for s in members):
                 stills = (_get(p, "weighting.error_model.basic.stills.min_Isigma", 2.0),
                           _get(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
+            min_partiality = _get(p, "reflection_selection.min_partiality", 0.25)
             if (multi or stills) and all("partiality" in s.table for s in members):
                 partialities = [s.table["partiality"][s.suitable_rows] for s in members]
+                if min_partiality is not None:
+                    # the partiality cut as part of the layout subset: one table fewer
+                    masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
             try:
                 model = em.refine_error_model(
                     None,
                     [s.intensity for s in members],
                     [s.variance for s in members],
                     [s.g for s in members],
-                    members[0].error_model, partialities,
-                    _get(p, "reflection_selection.min_partiality", 0.25),
+                    members[0].error_model, partialities, min_partiality,
                     _get(p, "weighting.error_model.basic.min_Ih", 25.0),
                     _get(p, "weighting.error_model.basic.n_bins", 10),
                     _get(p, "weighting.error_model.basic.minimisation", "individual"),
                     _get(p, "weighting.error_model.basic.a"),
                     _get(p, "weighting.error_model.basic.b"),
-                    layout=self.anomalous_layout(group).subset(masks), stills=stills)
+                    layout=self.anomalous_layout(group, masks), stills=stills)
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 self.log(f"Error model refinement failed: {e}; keeping the current model")
                 continue

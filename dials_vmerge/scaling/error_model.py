@@ -88,7 +88,9 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     else:
         table = build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
     if partialities is not None and min_partiality is not None:
-        table = table.select(table.extra["partiality"] > min_partiality)
+        keep = table.extra["partiality"] > min_partiality
+        if not keep.all():  # callers with a layout have usually cut already: skip the copy
+            table = table.select(keep)
     if stills is not None:
         return _filter_stills(table, stills, min_ih, model or BasicErrorModel())
     grp = table.group_of_observation()

@@ -192,7 +192,11 @@ class GroupLayout:
     tables build_ih_table would build, without sorting again.
     """
 
-    def __init__(self, asu_indices, loc_indices=None):
+    def __init__(self, asu_indices, loc_indices=None, full_sizes=None):
+        """asu_indices: per dataset. loc_indices: each observation's row in its dataset's
+        arrays (default: its position). full_sizes: the lengths of the per-dataset arrays
+        `gather` will take, when the observations are only some rows of them (then
+        loc_indices are required); equals `GroupLayout(all rows).subset(masks)`."""
         n_per = [np.asarray(a).reshape(-1, 3).shape[0] for a in asu_indices]
         self.offsets = np.concatenate([[0], np.cumsum(n_per)]).astype(np.int64)
         asu = np.concatenate([np.asarray(a, dtype=np.int32).reshape(-1, 3) for a in asu_indices])
@@ -205,6 +209,9 @@ class GroupLayout:
             local = np.concatenate([np.asarray(a, dtype=np.int64) for a in loc_indices])[
                 self.order]
         self.loc_index = np.ascontiguousarray(local, dtype=np.int64)
+        if full_sizes is not None:
+            self.offsets = np.concatenate([[0], np.cumsum(full_sizes)]).astype(np.int64)
+            self.order = self.offsets[self.dataset_id] + self.loc_index
 
     @property
     def n_obs(self):
