@@ -218,8 +218,29 @@ def _data_cases():
         e, _ = scaled_pair(tmp)
         return [e, mutate_refl(tmp, lambda t: t.del_column("xyzobs.px.value"))], ["xyzobs.px.value"]
 
+    def infinite_values(tmp):
+        e, _ = scaled_pair(tmp)
+
+        def put_inf(t):
+            v = t["intensity.prf.variance"].copy()
+            v[3] = np.inf
+            t["intensity.prf.variance"] = v
+
+        return [e, mutate_refl(tmp, put_inf)], ["infinite"]
+
+    def no_variance_column(tmp):
+        e, _ = scaled_pair(tmp)
+
+        def drop(t):
+            for c in ("intensity.sum.variance", "intensity.scale.variance"):
+                t.del_column(c)
+
+        return [e, mutate_refl(tmp, drop)], ["variance"]
+
     return [
         ("nan", nan_values),
+        ("infinite", infinite_values),
+        ("no-variance-column", no_variance_column),
         ("variances-not-positive", variances_not_positive),
         ("no-intensities", no_intensities),
         ("no-xyzobs", no_xyzobs),

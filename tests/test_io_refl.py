@@ -162,3 +162,22 @@ def test_gzip_msgpack_is_read(tmp_path):
 
     path = _write(tmp_path, gzip.compress(_quartz_bytes()), "gz.refl")
     assert read_reflections(path).nrows == 1653
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    """Permission errors cannot be provoked as root (CI runs as root), so the OS error is
+    injected at open(); the reader must turn it into one line naming the file."""
+    import builtins
+
+    path = tmp_path / "locked.refl"
+    path.write_bytes(_quartz_bytes())
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(FileFormatError, match="locked.refl: cannot read file \\(Permission denied\\)"):
+        read_reflections(str(path))
