@@ -95,7 +95,39 @@ def select(params, experiments, table, log):
 
 
 def split_by_dataset(experiments, table) -> List:
-    return [table.select(table["id"] == id_of_experiment(table, e)) for e in experiments]
+    """Per-experiment tables, built column by column; each column of `table` is deleted once
+    distributed (the caller is done with it), so the input and its split never both exist in
+    full."""
+    from .table import ReflectionTable
+
+    rows = [np.flatnonzero(table["id"] == id_of_experiment(table, e)) for e in experiments]
+    if len(rows) == 1 and rows[0].size == table.nrows:
+        return [table]
+    parts = [ReflectionTable(r.size, table.identifiers) for r in rows]
+    for name in table.keys():
+        values = table[name]
+        for part, r in zip(parts, rows):
+            part.set_column(name, values[r] if isinstance(values, np.ndarray) else values.select(r),
+                            table.column_type(name))
+        table.del_column(name)
+    return parts
+
+
+def concatenate_consuming(tables):
+    """ReflectionTable.concatenate, column by column, deleting the parts' columns as it goes."""
+    from .table import ReflectionTable
+
+    if len(tables) == 1:
+        return tables[0]
+    first = ReflectionTable.concatenate([t.select(np.zeros(t.nrows, bool)) for t in tables])
+    out = ReflectionTable(sum(t.nrows for t in tables), first.identifiers)
+    for name in list(tables[0].keys()):
+        values = [t[name] for t in tables]
+        joined = np.concatenate(values) if isinstance(values[0], np.ndarray) else type(values[0]).concatenate(values)
+        out.set_column(name, joined, tables[0].column_type(name))
+        for t in tables:
+            t.del_column(name)
+    return out
 
 
 def prepare_for_scaling(params, experiments, table):
@@ -116,6 +148,7 @@ def prepare_for_scaling(params, experiments, table):
         d_max=cut.d_max,
         d_values=d_values,
         clear_flags=False,
+        consume_input=True,
     )
 
 
@@ -170,7 +203,7 @@ def run_scaling_job(params, experiments, table, log):
         e.scaling_model = model.to_dict()
     from .table import ReflectionTable
 
-    scaled = ReflectionTable.concatenate(tables)
+    scaled = concatenate_consuming(tables)
     # Each per-dataset table carries the whole identifier map; keep only the datasets that
     # were scaled, or the written .refl names an experiment the .expt lacks.
     kept_identifiers = {e.identifier for e in experiments}
