@@ -57,17 +57,52 @@ def _read_file_bytes(path: str) -> bytes:
 
 
 def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")) -> ReflectionTable:
-    """Read a DIALS reflection table; raise FileFormatError naming the file and the problem."""
-    raw = _read_file_bytes(path)
-    if not raw:
-        raise FileFormatError(f"{path}: file is empty, expected a DIALS .refl file")
-    container = sniff_container(raw[:4])
-    if container == "gzip":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+    """Read a DIALS reflection table; raise FileFormatError naming the file and the problem.
+
+    Column blobs are read from the file straight into their numpy arrays, so the peak memory
+    is the table itself, not the file bytes plus decoded objects plus arrays.
+    """
+    if not os.path.exists(path):
+        raise FileFormatError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise FileFormatError(f"{path}: is a directory, expected a .refl file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if not head:
+                raise FileFormatError(f"{path}: file is empty, expected a DIALS .refl file")
+            container = sniff_container(head)
+            _check_container(container, path)
+            f.seek(0)
+            if container == "gzip":
+                with gzip.open(f) as inner:
+                    if sniff_container(inner.peek(4)[:4]) != "msgpack":
+                        raise FileFormatError(f"{path}: gzip file does not hold a DIALS reflection table")
+                    table = _stream_decode(inner, path)
+            else:
+                table = _stream_decode(f, path)
+    except OSError as e:
+        if isinstance(e, (gzip.BadGzipFile, EOFError)):
             raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
-        container = sniff_container(raw[:4])
+        raise FileFormatError(f"{path}: cannot read file ({e.strerror or e})") from None
+    except EOFError as e:
+        raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
+    if table is None:
+        # Not the layout DIALS writes (or damaged): decode the whole file for a precise error.
+        raw = _read_file_bytes(path)
+        if sniff_container(raw[:4]) == "gzip":
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as e:
+                raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
+        table = decode_reflections(raw, path)
+    missing = [name for name in required if name not in table]
+    if missing:
+        raise FileFormatError(f"{path}: reflection table has no '{missing[0]}' column")
+    return table
+
+
+def _check_container(container: str, path: str) -> None:
     if container == "pickle":
         raise FileFormatError(
             f"{path}: old DIALS 2.x pickle reflection table; not supported, "
@@ -80,13 +115,124 @@ def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")
         )
     if container == "json":
         raise FileFormatError(f"{path}: is a JSON file (an experiment list?), expected a .refl file")
-    if container != "msgpack":
+    if container not in ("msgpack", "gzip"):
         raise FileFormatError(f"{path}: not a DIALS reflection file (unrecognised first bytes)")
-    table = decode_reflections(raw, path)
-    missing = [name for name in required if name not in table]
-    if missing:
-        raise FileFormatError(f"{path}: reflection table has no '{missing[0]}' column")
-    return table
+
+
+class _NotStandard(Exception):
+    """The stream is not laid out exactly as DIALS writes it; use the general decoder."""
+
+
+class _Reader:
+    """Just enough msgpack to walk a DIALS reflection table from a file object."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def bytes(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise _NotStandard()
+        return data
+
+    def byte(self) -> int:
+        return self.bytes(1)[0]
+
+    def _sized(self, small_lo, small_hi, codes):
+        b = self.byte()
+        if small_lo <= b <= small_hi:
+            return b - small_lo
+        if b in codes:
+            return int.from_bytes(self.bytes(codes[b]), "big")
+        raise _NotStandard()
+
+    def uint(self) -> int:
+        return self._sized(0x00, 0x7F, {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8})
+
+    def str(self) -> str:
+        n = self._sized(0xA0, 0xBF, {0xD9: 1, 0xDA: 2, 0xDB: 4})
+        try:
+            return self.bytes(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _NotStandard() from None
+
+    def array(self) -> int:
+        return self._sized(0x90, 0x9F, {0xDC: 2, 0xDD: 4})
+
+    def map(self) -> int:
+        return self._sized(0x80, 0x8F, {0xDE: 2, 0xDF: 4})
+
+    def bin(self) -> int:
+        widths = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+        b = self.byte()
+        if b not in widths:
+            raise _NotStandard()
+        return int.from_bytes(self.bytes(widths[b]), "big")
+
+    def into(self, array: np.ndarray) -> None:
+        view = memoryview(array).cast("B")
+        got = self.f.readinto(view)
+        if got != view.nbytes:
+            raise _NotStandard()
+
+
+def _stream_decode(f, path: str):
+    """The table, or None if the stream is not in DIALS's exact layout (or is damaged)."""
+    r = _Reader(f)
+    try:
+        if r.array() != 3 or r.str() != MAGIC:
+            return None
+        version = r.uint()
+        if version not in READ_VERSIONS or r.map() != 3:
+            return None
+        if r.str() != "identifiers":
+            return None
+        identifiers = {}
+        for _ in range(r.map()):
+            key = r.uint()
+            identifiers[key] = r.str()
+        if r.str() != "nrows":
+            return None
+        nrows = r.uint()
+        if r.str() != "data":
+            return None
+        table = ReflectionTable(nrows, identifiers)
+        for _ in range(r.map()):
+            name = r.str()
+            if r.array() != 2:
+                return None
+            type_name = r.str()
+            if r.array() != 2:
+                return None
+            count = r.uint()
+            size = r.bin()
+            if type_name not in COLUMN_TYPES or count != nrows or type_name == "std::string":
+                return None  # the general decoder names the problem
+            if type_name == "Shoebox<>":
+                try:
+                    column = Shoeboxes.from_bytes(r.bytes(size), nrows)
+                except ShoeboxFormatError as e:
+                    raise FileFormatError(f"{path}: column '{name}': {e}") from None
+                table.set_column(name, column, "Shoebox<>")
+                continue
+            if size != _ELEMENT_BYTES[type_name] * nrows:
+                return None
+            dtype, shape = COLUMN_TYPES[type_name]
+            if type_name == "bool":
+                raw = np.empty(nrows, dtype=np.uint8)
+                r.into(raw)
+                if raw.size and raw.max() > 1:
+                    raise FileFormatError(f"{path}: bool column '{name}' holds values other than 0/1")
+                values = raw.view(bool)
+            else:
+                values = np.empty((nrows,) + shape, dtype=dtype)
+                r.into(values)
+            table.set_column(name, values, type_name)
+        if f.read(1):
+            raise FileFormatError(f"{path}: trailing bytes after the reflection table")
+        return table
+    except _NotStandard:
+        return None
 
 
 def decode_reflections(raw: bytes, path: str = "<bytes>") -> ReflectionTable:
