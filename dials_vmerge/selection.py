@@ -77,7 +77,8 @@ def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tupl
     out = []
     flat = []
     for value in values or []:  # PHIL gives a list of string lists (multiple strings)
-        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+        if value is not None:
+            flat.extend(value if isinstance(value, (list, tuple)) else [value])
     for value in flat:
         for token in str(value).replace(",", " ").split():
             parts = token.split(":")
@@ -120,7 +121,7 @@ def batches_to_image_exclusions(batch_ranges_excluded, experiments) -> List[Tupl
     offsets = batch_offsets(experiments)
     ranges = batch_ranges(experiments, offsets)
     out = []
-    for pair in batch_ranges_excluded or []:
+    for pair in [p for p in (batch_ranges_excluded or []) if p is not None]:
         first, last = int(pair[0]), int(pair[1])
         if first > last:
             raise SelectionError(f"exclude_batches={first},{last}: first batch is after the last")
