@@ -34,7 +34,7 @@ test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python benchmarks/run.py --out bench_results.json
+	$(BIN)/python benchmarks/run.py --sizes 1e5,1e6,1e7 --kernel-only-sizes 1e8 --out bench_results.json
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

@@ -53,6 +53,10 @@ class TargetEvaluator:
     def models(self):
         return self.inputs.models
 
+    def set_nproc(self, nproc):
+        self.nproc = set_num_threads(nproc)
+        self.chunks = chunk_bounds(self.table.group_start, self.nproc)
+
     def set_parameters(self, full_vector):
         """New parameters for every model (the concatenated full vectors)."""
         for model, lo, hi in zip(self.models, self.inputs.full_offsets[:-1],
@@ -104,6 +108,38 @@ def make_target_evaluator(experiments, table, nproc=1, params=None):
     # configuration it no longer needs
     ih.intensity = ih.variance = ih.weight = ih.g = None
     return TargetEvaluator(ih, inputs, nproc)
+
+
+class _TiledGroups:
+    def __init__(self, group_start):
+        self.group_start = group_start
+
+    @property
+    def n_groups(self):
+        return self.group_start.size - 1
+
+
+def tile_evaluator(evaluator, copies, nproc=1):
+    """An evaluator whose pass streams `copies` copies of `evaluator`'s observation records,
+    each copy forming its own unique reflections (the benchmark's 1e8 kernel-only point:
+    the same per-observation work without simulating and configuring 1e8 observations)."""
+    inputs = evaluator.inputs
+    tiled = object.__new__(PhysicalPassInputs)
+    tiled.__dict__.update(inputs.__dict__)
+    tiled.record = np.tile(inputs.record, (copies, 1))
+    tiled.first_param = np.tile(inputs.first_param, (copies, 1))
+    for name in ("absorption_coefficients", "fixed_factor"):
+        value = getattr(inputs, name)
+        if value is not None:
+            setattr(tiled, name, np.tile(value, (copies,) + (1,) * (value.ndim - 1)))
+    if inputs.absorption_first is not None:
+        tiled.absorption_first = np.tile(inputs.absorption_first, copies)
+    start = evaluator.table.group_start
+    n_obs = int(start[-1])
+    group_start = np.concatenate(
+        [start[:-1] + k * n_obs for k in range(copies)] + [np.array([copies * n_obs])]
+    ).astype(start.dtype)
+    return TargetEvaluator(_TiledGroups(group_start), tiled, nproc)
 
 
 def _experiment_of(experiments, table, dataset_id, position):
