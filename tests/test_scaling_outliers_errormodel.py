@@ -103,3 +103,16 @@ def test_error_model_grouping():
     assert em.error_model_groups(3, "combined") == [[0, 1, 2]]
     assert em.error_model_groups(3, "individual") == [[0], [1], [2]]
     assert em.error_model_groups(4, "grouped", [[1, 2]]) == [[0, 1], [2, 3]]
+
+
+def test_unbiased_deviations_recover_the_true_a():
+    """deviation="unbiased" normalises by sqrt(n/(n-1)): correct sigmas give a = 1 and an
+    inflated error model is recovered without DIALS's (n-1)/n bias."""
+    hkl, intensity, variance, g = _synthetic_error_model_data(1.0, 0.0, seed=12)
+    model = em.refine_error_model([hkl], [intensity], [variance], [g], deviation="unbiased")
+    assert model.a == pytest.approx(1.0, rel=0.05)
+    assert model.b < 0.01
+    hkl, intensity, variance, g = _synthetic_error_model_data(1.6, 0.04)
+    model = em.refine_error_model([hkl], [intensity], [variance], [g], deviation="unbiased")
+    assert model.a == pytest.approx(1.6, rel=0.05)
+    assert model.b == pytest.approx(0.04, rel=0.25)

@@ -72,6 +72,7 @@ class ErrorModelData:
     expected: np.ndarray  # Ih g (x partiality)
     bin_index: np.ndarray  # -1 where the bin was deleted
     n_bins: int
+    prefactor: np.ndarray = None  # per observation, multiplies (I/g - Ih)/sigma'
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
@@ -144,7 +145,17 @@ def _filter_stills(table, stills, min_ih, model):
     return table
 
 
-def error_model_data(table, n_bins=10):
+DEVIATION_PREFACTORS = {
+    # dials.scale: sqrt((n-1)/n). For correct sigmas the deviation of one of n equally
+    # weighted observations from their mean has variance (n-1)/n, so this makes var(delta) =
+    # ((n-1)/n)^2 and fits a < 1 (a = 0.67 for n = 3 on data simulated with a = 1).
+    "dials": lambda n_h: np.sqrt((n_h - 1.0) / n_h),
+    # var(delta) = 1 for correct sigmas: a = 1 is recovered.
+    "unbiased": lambda n_h: np.sqrt(n_h / (n_h - 1.0)),
+}
+
+
+def error_model_data(table, n_bins=10, deviation="dials"):
     grp = table.group_of_observation()
     ih = table.merged_intensity()[grp]
     n_h = table.multiplicity()[grp].astype(float)
@@ -153,7 +164,7 @@ def error_model_data(table, n_bins=10):
         expected = expected * table.extra["partiality"]
     bin_index, kept = intensity_bins(expected, n_bins)
     return ErrorModelData(table.intensity, table.variance, table.g, ih, n_h, expected,
-                          bin_index, kept)
+                          bin_index, kept, DEVIATION_PREFACTORS[deviation](n_h))
 
 
 def intensity_bins(expected, n_bins=10):
@@ -195,7 +206,8 @@ def intensity_bins(expected, n_bins=10):
 
 def normalised_deviations(data, a, b):
     sigma_prime = a * np.sqrt(data.variance + (b * data.intensity) ** 2) / data.g
-    return np.sqrt((data.n_h - 1.0) / data.n_h) * (data.intensity / data.g - data.ih) / sigma_prime
+    prefactor = data.prefactor if data.prefactor is not None else np.sqrt((data.n_h - 1.0) / data.n_h)
+    return prefactor * (data.intensity / data.g - data.ih) / sigma_prime
 
 
 def bin_variances(data, delta):
@@ -210,7 +222,7 @@ def bin_variances(data, delta):
 
 
 @njit(cache=True)
-def _binned_deviation_sums(intensity, variance, g, ih, n_h, bin_index, n_bins, a, b):
+def _binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bins, a, b):
     """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
     observation order (as np.bincount does)."""
     s1 = np.zeros(n_bins)
@@ -221,7 +233,7 @@ def _binned_deviation_sums(intensity, variance, g, ih, n_h, bin_index, n_bins, a
             continue
         bi = b * intensity[i]
         sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
-        d = np.sqrt((n_h[i] - 1.0) / n_h[i]) * (intensity[i] / g[i] - ih[i]) / sigma_prime
+        d = prefactor[i] * (intensity[i] / g[i] - ih[i]) / sigma_prime
         s1[k] += d
         s2[k] += d * d
     return s1, s2
@@ -242,7 +254,8 @@ def _bin_counts_and_weights(data):
 
 def b_functional(data, a, b):
     count, w = _bin_counts_and_weights(data)
-    s1, s2 = _binned_deviation_sums(data.intensity, data.variance, data.g, data.ih, data.n_h,
+    prefactor = data.prefactor if data.prefactor is not None else np.sqrt((data.n_h - 1.0) / data.n_h)
+    s1, s2 = _binned_deviation_sums(data.intensity, data.variance, data.g, data.ih, prefactor,
                                     data.bin_index, data.n_bins, float(a), float(b))
     mean = s1 / count
     v = s2 / count - mean * mean
@@ -325,7 +338,7 @@ def refine_regression(table):
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
                        min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
-                       fixed_a=None, fixed_b=None, layout=None, stills=None):
+                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="dials"):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
@@ -341,7 +354,7 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
         ra, rb = refine_regression(table)
         return BasicErrorModel(fixed_a if fixed_a is not None else ra,
                                fixed_b if fixed_b is not None else rb)
-    data = error_model_data(table, n_bins)
+    data = error_model_data(table, n_bins, deviation)
     if data.n_bins < 1:
         raise ErrorModelError("no intensity bins for error model refinement")
     a, b, _ = refine_individual(data, a, b, fix_a=fixed_a is not None, fix_b=fixed_b is not None)
