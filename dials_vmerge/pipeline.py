@@ -97,20 +97,11 @@ def select(params, experiments, table, log):
 def split_by_dataset(experiments, table) -> List:
     """Per-experiment tables, built column by column; each column of `table` is deleted once
     distributed (the caller is done with it), so the input and its split never both exist in
-    full."""
-    from .table import ReflectionTable
-
+    full. Columns still in the input file stay there (only their row indices are split)."""
     rows = [np.flatnonzero(table["id"] == id_of_experiment(table, e)) for e in experiments]
     if len(rows) == 1 and rows[0].size == table.nrows:
         return [table]
-    parts = [ReflectionTable(r.size, table.identifiers) for r in rows]
-    for name in table.keys():
-        values = table[name]
-        for part, r in zip(parts, rows):
-            part.set_column(name, values[r] if isinstance(values, np.ndarray) else values.select(r),
-                            table.column_type(name))
-        table.del_column(name)
-    return parts
+    return table.split(rows, consume=True)
 
 
 def concatenate_consuming(tables):
@@ -119,15 +110,7 @@ def concatenate_consuming(tables):
 
     if len(tables) == 1:
         return tables[0]
-    first = ReflectionTable.concatenate([t.select(np.zeros(t.nrows, bool)) for t in tables])
-    out = ReflectionTable(sum(t.nrows for t in tables), first.identifiers)
-    for name in list(tables[0].keys()):
-        values = [t[name] for t in tables]
-        joined = np.concatenate(values) if isinstance(values[0], np.ndarray) else type(values[0]).concatenate(values)
-        out.set_column(name, joined, tables[0].column_type(name))
-        for t in tables:
-            t.del_column(name)
-    return out
+    return ReflectionTable.concatenate(tables, consume=True)
 
 
 def prepare_for_scaling(params, experiments, table):

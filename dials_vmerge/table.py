@@ -2,6 +2,9 @@
 
 Columns are plain numpy arrays (structure of arrays). Each column also carries the DIALS C++
 type name it is written as, so a table read from a `.refl` file writes back byte for byte.
+A column read from a file may still be a `LazyColumn` (its bytes left in the file) until
+`t[name]` first reads it; selecting, copying, splitting and joining tables keep such columns
+lazy, so a program only holds the columns it uses.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import numpy as np
 
 from . import flags as _flags
 from .errors import VmergeError
+from .lazy_column import LazyColumn
 
 # DIALS type name -> (numpy dtype, shape of one row)
 COLUMN_TYPES = {
@@ -85,9 +89,21 @@ class ReflectionTable:
 
     def __getitem__(self, name: str):
         try:
-            return self._columns[name]
+            values = self._columns[name]
         except KeyError:
             raise KeyError(f"reflection table has no column '{name}'") from None
+        if isinstance(values, LazyColumn):
+            values = values.materialise()
+            self._columns[name] = values
+        return values
+
+    def lazy_column(self, name: str) -> LazyColumn | None:
+        """The LazyColumn while column `name` is still only in its file, else None."""
+        values = self._columns[name]
+        return values if isinstance(values, LazyColumn) else None
+
+    def is_lazy(self, name: str) -> bool:
+        return self.lazy_column(name) is not None
 
     def __setitem__(self, name: str, values) -> None:
         self.set_column(name, values)
@@ -103,7 +119,7 @@ class ReflectionTable:
         """Add or replace a column; its DIALS type is kept, given, or inferred."""
         if type_name is None:
             type_name = self._types.get(name)
-        if type_name in ("Shoebox<>", "std::string"):
+        if type_name in ("Shoebox<>", "std::string") or isinstance(values, LazyColumn):
             if len(values) != self.nrows:
                 raise ValueError(f"column '{name}' has {len(values)} rows, table has {self.nrows}")
             self._columns[name] = values
@@ -128,30 +144,68 @@ class ReflectionTable:
             del self[name]
 
     # -- rows ----------------------------------------------------------------------------
-    def select(self, selection) -> "ReflectionTable":
-        """A new table with the rows of a boolean mask or an integer index array."""
+    @staticmethod
+    def _select_column(values, index, memo):
+        if isinstance(values, np.ndarray):
+            return np.ascontiguousarray(values[index])
+        if isinstance(values, LazyColumn):
+            return values.select(index, memo)
+        return values.select(index)
+
+    def _row_index(self, selection) -> np.ndarray:
         selection = np.asarray(selection)
         if selection.dtype == bool:
             if selection.shape != (self.nrows,):
                 raise ValueError("boolean selection length differs from the table")
-            index = np.flatnonzero(selection)
-        else:
-            index = selection.astype(np.int64, copy=False)
+            return np.flatnonzero(selection)
+        return selection.astype(np.int64, copy=False)
+
+    def select(self, selection) -> "ReflectionTable":
+        """A new table with the rows of a boolean mask or an integer index array."""
+        index = self._row_index(selection)
         out = ReflectionTable(len(index), self.identifiers)
+        memo: dict = {}  # lazy columns with the same rows share one composed row index
         for name, values in self._columns.items():
-            if isinstance(values, np.ndarray):
-                out._columns[name] = np.ascontiguousarray(values[index])
-            else:
-                out._columns[name] = values.select(index)
+            out._columns[name] = self._select_column(values, index, memo)
             out._types[name] = self._types[name]
         return out
 
+    def split(self, selections, consume: bool = False) -> list:
+        """One table per selection (mask or row index), built column by column. consume:
+        each column of this table is deleted once distributed, so the table and its parts
+        never both exist in full."""
+        indices = [self._row_index(s) for s in selections]
+        parts = [ReflectionTable(len(index), self.identifiers) for index in indices]
+        memos = [{} for _ in indices]
+        for name in list(self._columns):
+            values = self._columns[name]
+            for part, index, memo in zip(parts, indices, memos):
+                part._columns[name] = self._select_column(values, index, memo)
+                part._types[name] = self._types[name]
+            if consume:
+                del self[name]
+        return parts
+
     def copy(self) -> "ReflectionTable":
-        return self.select(np.arange(self.nrows))
+        """An independent table; lazy columns stay lazy (they are never modified in place)."""
+        out = ReflectionTable(self.nrows, self.identifiers)
+        for name, values in self._columns.items():
+            if isinstance(values, np.ndarray):
+                out._columns[name] = values.copy()
+            elif isinstance(values, LazyColumn):
+                out._columns[name] = values
+            else:
+                out._columns[name] = values.select(np.arange(self.nrows))
+            out._types[name] = self._types[name]
+        return out
 
     @staticmethod
-    def concatenate(tables) -> "ReflectionTable":
-        """Rows of several tables with the same columns; `id` values are kept (DIALS `extend`)."""
+    def concatenate(tables, consume: bool = False) -> "ReflectionTable":
+        """Rows of several tables with the same columns; `id` values are kept (DIALS `extend`).
+
+        Lazy columns that are rows of one file column stay lazy. consume: each column of the
+        inputs is deleted once joined, so the inputs and the result never both exist in full.
+        """
         tables = list(tables)
         if not tables:
             return ReflectionTable()
@@ -173,13 +227,23 @@ class ReflectionTable:
                     )
                 identifiers[key] = value
         out = ReflectionTable(sum(t.nrows for t in tables), identifiers)
+        memo: dict = {}
         for name in names:
-            first = tables[0][name]
-            if isinstance(first, np.ndarray):
-                out._columns[name] = np.concatenate([t[name] for t in tables])
-            else:
-                out._columns[name] = type(first).concatenate([t[name] for t in tables])
-            out._types[name] = tables[0].column_type(name)
+            parts = [t._columns[name] for t in tables]
+            joined = None
+            if all(isinstance(p, LazyColumn) for p in parts):
+                joined = LazyColumn.concatenate(parts, memo)
+            if joined is None:
+                parts = [t[name] for t in tables]
+                if isinstance(parts[0], np.ndarray):
+                    joined = np.concatenate(parts)
+                else:
+                    joined = type(parts[0]).concatenate(parts)
+            out.set_column(name, joined, tables[0].column_type(name))
+            del parts, joined
+            if consume:
+                for t in tables:
+                    del t[name]
         return out
 
     # -- flags ---------------------------------------------------------------------------
@@ -193,12 +257,12 @@ class ReflectionTable:
     def set_flags(self, selection, mask: int) -> None:
         if "flags" not in self:
             self["flags"] = np.zeros(self.nrows, dtype=np.uint64)
-        self._columns["flags"][selection] |= np.uint64(mask)
+        self["flags"][selection] |= np.uint64(mask)
 
     def unset_flags(self, selection, mask: int) -> None:
         if "flags" not in self:
             return
-        self._columns["flags"][selection] &= ~np.uint64(mask)
+        self["flags"][selection] &= ~np.uint64(mask)
 
     flags = _flags
 

@@ -2,6 +2,10 @@
 
 Reading never trusts the file: every length is checked against the bytes actually present
 before any array is built, so a lying header cannot trigger a huge allocation.
+
+An uncompressed file in DIALS's layout is read lazily: only the headers are parsed, and each
+column becomes a `LazyColumn` pointing at its blob, read when a program first uses it (see
+dials_vmerge.lazy_column). gzip files and files in any other layout are decoded in full.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import msgpack
 import numpy as np
 
 from ..errors import FileFormatError
+from ..lazy_column import FileSource, LazyColumn
 from ..table import COLUMN_TYPES, ReflectionTable
 from .atomic import atomic_write
 from .shoebox import Shoeboxes, ShoeboxFormatError
@@ -59,8 +64,9 @@ def _read_file_bytes(path: str) -> bytes:
 def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")) -> ReflectionTable:
     """Read a DIALS reflection table; raise FileFormatError naming the file and the problem.
 
-    Column blobs are read from the file straight into their numpy arrays, so the peak memory
-    is the table itself, not the file bytes plus decoded objects plus arrays.
+    Columns of an uncompressed file stay in the file until first used (LazyColumn); a gzip
+    file's blobs are read straight into their numpy arrays, so the peak memory is the table
+    itself, not the file bytes plus decoded objects plus arrays.
     """
     if not os.path.exists(path):
         raise FileFormatError(f"{path}: file not found")
@@ -80,7 +86,7 @@ def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")
                         raise FileFormatError(f"{path}: gzip file does not hold a DIALS reflection table")
                     table = _stream_decode(inner, path)
             else:
-                table = _stream_decode(f, path)
+                table = _stream_decode(f, path, FileSource.open(path, f))
     except OSError as e:
         if isinstance(e, (gzip.BadGzipFile, EOFError)):
             raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
@@ -175,9 +181,19 @@ class _Reader:
         if got != view.nbytes:
             raise _NotStandard()
 
+    def skip(self, n: int, file_size: int) -> int:
+        """Step over n bytes of a seekable file of file_size bytes; the offset they start at."""
+        offset = self.f.tell()
+        if offset + n > file_size:
+            raise _NotStandard()
+        self.f.seek(n, os.SEEK_CUR)
+        return offset
 
-def _stream_decode(f, path: str):
-    """The table, or None if the stream is not in DIALS's exact layout (or is damaged)."""
+
+def _stream_decode(f, path: str, source: FileSource | None = None):
+    """The table, or None if the stream is not in DIALS's exact layout (or is damaged).
+
+    With a source (an uncompressed file), plain columns become LazyColumns on it."""
     r = _Reader(f)
     try:
         if r.array() != 3 or r.str() != MAGIC:
@@ -218,7 +234,11 @@ def _stream_decode(f, path: str):
             if size != _ELEMENT_BYTES[type_name] * nrows:
                 return None
             dtype, shape = COLUMN_TYPES[type_name]
-            if type_name == "bool":
+            if source is not None:
+                offset = r.skip(size, source.size)
+                values = LazyColumn(source, name, offset, dtype, shape, nrows,
+                                    is_bool=type_name == "bool")
+            elif type_name == "bool":
                 raw = np.empty(nrows, dtype=np.uint8)
                 r.into(raw)
                 if raw.size and raw.max() > 1:
@@ -228,7 +248,7 @@ def _stream_decode(f, path: str):
                 values = np.empty((nrows,) + shape, dtype=dtype)
                 r.into(values)
             table.set_column(name, values, type_name)
-        if f.read(1):
+        if (f.tell() != source.size) if source is not None else f.read(1):
             raise FileFormatError(f"{path}: trailing bytes after the reflection table")
         return table
     except _NotStandard:
@@ -311,20 +331,25 @@ def decode_reflections(raw: bytes, path: str = "<bytes>") -> ReflectionTable:
 
 
 def _column_blobs(table: ReflectionTable):
-    """(name, type name, bytes-like blob) in DIALS order (byte order of the names)."""
+    """(name, type name, blob size, iterable of bytes-like pieces) in DIALS order (byte order
+    of the names). Lazy columns are copied from their file in bounded chunks, never whole."""
     for name in sorted(table.keys(), key=lambda s: s.encode()):
         type_name = table.column_type(name)
+        if type_name == "std::string":
+            raise FileFormatError(f"cannot write std::string column '{name}'")
+        lazy = table.lazy_column(name)
+        if lazy is not None:
+            yield name, type_name, lazy.nbytes, lazy.iter_bytes()
+            continue
         values = table[name]
         if type_name == "Shoebox<>":
             blob = values.to_bytes()
-        elif type_name == "std::string":
-            raise FileFormatError(f"cannot write std::string column '{name}'")
         elif type_name == "bool":
             blob = np.ascontiguousarray(values, dtype=np.uint8).data.cast("B")
         else:
             dtype, _ = COLUMN_TYPES[type_name]
             blob = np.ascontiguousarray(values, dtype=dtype).data.cast("B")
-        yield name, type_name, blob
+        yield name, type_name, len(blob), (blob,)
 
 
 def _bin_header(n: int) -> bytes:
@@ -349,14 +374,19 @@ def _stream_reflections(table: ReflectionTable, write) -> None:
     write(packer.pack(int(table.nrows)))
     write(packer.pack("data"))
     write(packer.pack_map_header(len(table.keys())))
-    for name, type_name, blob in _column_blobs(table):
+    for name, type_name, size, pieces in _column_blobs(table):
         write(packer.pack(name))
         write(packer.pack_array_header(2))
         write(packer.pack(type_name))
         write(packer.pack_array_header(2))
         write(packer.pack(int(table.nrows)))
-        write(_bin_header(len(blob)))
-        write(blob)
+        write(_bin_header(size))
+        written = 0
+        for piece in pieces:
+            write(piece)
+            written += len(piece)
+        if written != size:  # a bug, not a user error: the header already promised `size`
+            raise RuntimeError(f"column '{name}': wrote {written} bytes, expected {size}")
 
 
 def encode_reflections(table: ReflectionTable) -> bytes:
