@@ -89,18 +89,26 @@ def chunk_bounds(group_start, n_chunks):
     return np.maximum.accumulate(bounds)
 
 
+@njit(cache=True)
+def group_weighted_sums(intensity, weight, g, lo, hi):
+    """(sum w g I, sum w g^2) over observations lo:hi, in order: Ih = the first / the second."""
+    s_wgi = 0.0
+    s_wgg = 0.0
+    for i in range(lo, hi):
+        wg = weight[i] * g[i]
+        s_wgi += wg * intensity[i]
+        s_wgg += wg * g[i]
+    return s_wgi, s_wgg
+
+
 @njit(cache=True, parallel=True)
 def merged_intensity_kernel(intensity, weight, g, group_start, chunk_start, ih_out):
     """Ih per group; groups with sum(w g^2) = 0 get 0."""
     n_chunks = chunk_start.size - 1
     for c in prange(n_chunks):
         for grp in range(chunk_start[c], chunk_start[c + 1]):
-            s_wgi = 0.0
-            s_wgg = 0.0
-            for i in range(group_start[grp], group_start[grp + 1]):
-                wg = weight[i] * g[i]
-                s_wgi += wg * intensity[i]
-                s_wgg += wg * g[i]
+            s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, group_start[grp],
+                                               group_start[grp + 1])
             ih_out[grp] = s_wgi / s_wgg if s_wgg > 0.0 else 0.0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ih_table import chunk_bounds
+from .ih_table import chunk_bounds, group_weighted_sums
 
 WEIGHT_CAP_FACTOR = 10.0
 ZERO_DENOMINATOR_Z = 1000.0
@@ -107,12 +107,7 @@ def simple_outlier_kernel(intensity, weight, g, group_start, chunk_start, zmax, 
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
             hi = group_start[grp + 1]
-            s_wgi = 0.0
-            s_wgg = 0.0
-            for i in range(lo, hi):
-                wg = weight[i] * g[i]
-                s_wgi += wg * intensity[i]
-                s_wgg += wg * g[i]
+            s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
             if s_wgg <= 0.0:
                 continue
             ih = s_wgi / s_wgg

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ih_table import chunk_bounds
+from .ih_table import chunk_bounds, group_weighted_sums
 from .physical_pass import (PhysicalPassInputs, physical_target_and_gradient,
                             uses_fused_physical_pass)
 
@@ -40,12 +40,7 @@ def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
             hi = group_start[grp + 1]
-            s_wgi = 0.0
-            s_wgg = 0.0
-            for i in range(lo, hi):
-                wg = weight[i] * g[i]
-                s_wgi += wg * intensity[i]
-                s_wgg += wg * g[i]
+            s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
             if s_wgg <= 0.0:
                 continue
             ih = s_wgi / s_wgg
@@ -80,12 +75,7 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
             hi = group_start[grp + 1]
-            s_wgi = 0.0
-            s_wgg = 0.0
-            for i in range(lo, hi):
-                wg = weight[i] * g[i]
-                s_wgi += wg * intensity[i]
-                s_wgg += wg * g[i]
+            s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
             if s_wgg <= 0.0:
                 continue
             ih = s_wgi / s_wgg
