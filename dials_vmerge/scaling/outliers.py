@@ -126,20 +126,20 @@ def capped_weights(table, nproc=1):
     return out
 
 
-def standard_outliers(table, zmax=6.0, nproc=1):
+def _outlier_mask(kernel, table, zmax, nproc):
+    """Run one of the z-test kernels on the table with capped weights; a fresh mask."""
     outlier = np.zeros(table.n_obs, dtype=np.bool_)
-    standard_outlier_kernel(table.intensity, capped_weights(table, nproc), table.g,
-                            table.group_start, chunk_bounds(table.group_start, nproc),
-                            float(zmax), outlier)
+    kernel(table.intensity, capped_weights(table, nproc), table.g, table.group_start,
+           chunk_bounds(table.group_start, nproc), float(zmax), outlier)
     return outlier
+
+
+def standard_outliers(table, zmax=6.0, nproc=1):
+    return _outlier_mask(standard_outlier_kernel, table, zmax, nproc)
 
 
 def simple_outliers(table, zmax=6.0, nproc=1):
-    outlier = np.zeros(table.n_obs, dtype=np.bool_)
-    simple_outlier_kernel(table.intensity, capped_weights(table, nproc), table.g,
-                          table.group_start, chunk_bounds(table.group_start, nproc),
-                          float(zmax), outlier)
-    return outlier
+    return _outlier_mask(simple_outlier_kernel, table, zmax, nproc)
 
 
 def targeted_outliers(intensity, variance, g, target_ih, target_variance, zmax=6.0):
