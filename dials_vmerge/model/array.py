@@ -3,8 +3,6 @@ detector y, time) and 2D detector modulation (dials-scaling.md 4.7). No restrain
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from ..errors import VmergeError
@@ -22,6 +20,7 @@ from .smoother import calc_n_param_from_bins, initialise_smooth_input
 
 class ArrayScalingModel(ScalingModel):
     id_ = "array"
+    stored_components = ("decay", "absorption", "modulation")
     consecutive_refinement_order = [["decay"], ["absorption"], ["modulation"]]
 
     def __init__(self, setups: dict, configdict: dict):
@@ -121,29 +120,9 @@ class ArrayScalingModel(ScalingModel):
             )
             setups["modulation"] = (np.ones(n_x * n_y), None)
         if param(p, "analytical_correction", False):
-            if "analytical_correction" not in table:
-                raise VmergeError(
-                    "array.analytical_correction=True needs the reflection column "
-                    "'analytical_correction'"
-                )
-            configdict["corrections"].append("analytical")
+            cls._add_analytical_correction(configdict, table, "array")
         model = cls(setups, configdict)
         model.fixed_components = list(param(p, "correction.fix", None) or [])
-        return model
-
-    @classmethod
-    def from_dict(cls, d: dict, params=None):
-        if d.get("__id__") != cls.id_:
-            raise VmergeError(f"expected an array scaling model, got {d.get('__id__')!r}")
-        configdict = copy.deepcopy(d["configuration_parameters"])
-        setups = {
-            name: cls._component_setup(d, name)
-            for name in ("decay", "absorption", "modulation")
-            if name in configdict["corrections"]
-        }
-        model = cls(setups, configdict)
-        if params is not None:
-            model.update(params)
         return model
 
     def update(self, params) -> None:
@@ -166,12 +145,7 @@ class ArrayScalingModel(ScalingModel):
             x = (xyz[:, 0] - c["xmin"]) / c["x_det_bin_width"]
             y = (xyz[:, 1] - c["ymin"]) / c["y_det_bin_width"]
             self.components["modulation"].configure(x, y)
-        if "analytical" in self.components:
-            if "analytical_correction" not in table:
-                raise VmergeError(
-                    "the analytical correction needs the reflection column 'analytical_correction'"
-                )
-            self.components["analytical"].configure(table["analytical_correction"])
+        self._configure_analytical(table)
         self.n_configured = int(xyz.shape[0])
 
     def limit_image_range(self, new_first: int, new_last: int) -> None:

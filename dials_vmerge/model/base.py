@@ -110,6 +110,8 @@ class ScalingModel:
 
     id_ = None
     consecutive_refinement_order = []
+    # the component blocks a model dict can hold, in DIALS's JSON order
+    stored_components = ()
 
     def __init__(self, components: dict, configdict: dict):
         if not configdict.get("corrections"):
@@ -245,6 +247,49 @@ class ScalingModel:
             out[name] = block
         out["configuration_parameters"] = _plain(copy.deepcopy(self.configdict))
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict, params=None):
+        """The model of a DIALS model dict; `params` of a new run then applied by `update`."""
+        if d.get("__id__") != cls.id_:
+            article = "an" if cls.id_[0] in "aeiou" else "a"
+            raise VmergeError(
+                f"expected {article} {cls.id_} scaling model, got {d.get('__id__')!r}")
+        configdict = copy.deepcopy(d["configuration_parameters"])
+        setups = {
+            name: cls._component_setup(d, name)
+            for name in cls.stored_components
+            if name in configdict["corrections"]
+        }
+        model = cls(setups, configdict)
+        if params is not None:
+            model.update(params)
+        return model
+
+    def update(self, params) -> None:
+        """Apply options of a new run to a model read from a file (DIALS `update`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _add_analytical_correction(configdict: dict, table, scope: str) -> None:
+        """Append "analytical" to the corrections; the table, when given, must have the
+        column it reads. `scope` names the PHIL scope in the error message."""
+        if table is not None and "analytical_correction" not in table:
+            raise VmergeError(
+                f"{scope}.analytical_correction=True needs the reflection column "
+                "'analytical_correction'"
+            )
+        configdict["corrections"].append("analytical")
+
+    def _configure_analytical(self, table) -> None:
+        """Configure the analytical component, if the model has one, from its table column."""
+        if "analytical" not in self.components:
+            return
+        if "analytical_correction" not in table:
+            raise VmergeError(
+                "the analytical correction needs the reflection column 'analytical_correction'"
+            )
+        self.components["analytical"].configure(table["analytical_correction"])
 
     @staticmethod
     def _component_setup(d: dict, name: str):

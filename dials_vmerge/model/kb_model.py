@@ -5,11 +5,8 @@ JSON blocks and the parameter vector) are scale first."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
-from ..errors import VmergeError
 from .base import ScalingModel, param
 from .component import AnalyticalComponent
 from .kb import SingleB, SingleScale
@@ -17,6 +14,7 @@ from .kb import SingleB, SingleScale
 
 class KBScalingModel(ScalingModel):
     id_ = "KB"
+    stored_components = ("scale", "decay")
     consecutive_refinement_order = [["scale", "decay"]]
 
     def __init__(self, setups: dict, configdict: dict):
@@ -40,29 +38,9 @@ class KBScalingModel(ScalingModel):
         configdict["corrections"].append("scale")
         setups["scale"] = (np.ones(1), None)
         if param(p, "analytical_correction", False):
-            if table is not None and "analytical_correction" not in table:
-                raise VmergeError(
-                    "KB.analytical_correction=True needs the reflection column "
-                    "'analytical_correction'"
-                )
-            configdict["corrections"].append("analytical")
+            cls._add_analytical_correction(configdict, table, "KB")
         model = cls(setups, configdict)
         model.fixed_components = list(param(p, "correction.fix", None) or [])
-        return model
-
-    @classmethod
-    def from_dict(cls, d: dict, params=None):
-        if d.get("__id__") != cls.id_:
-            raise VmergeError(f"expected a KB scaling model, got {d.get('__id__')!r}")
-        configdict = copy.deepcopy(d["configuration_parameters"])
-        setups = {
-            name: cls._component_setup(d, name)
-            for name in ("scale", "decay")
-            if name in configdict["corrections"]
-        }
-        model = cls(setups, configdict)
-        if params is not None:
-            model.update(params)
         return model
 
     def update(self, params) -> None:
@@ -74,10 +52,5 @@ class KBScalingModel(ScalingModel):
             self.components["scale"].configure(n)
         if "decay" in self.components:
             self.components["decay"].configure(table["d"])
-        if "analytical" in self.components:
-            if "analytical_correction" not in table:
-                raise VmergeError(
-                    "the analytical correction needs the reflection column 'analytical_correction'"
-                )
-            self.components["analytical"].configure(table["analytical_correction"])
+        self._configure_analytical(table)
         self.n_configured = n

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -77,6 +76,7 @@ def absorption_settings(physical_params):
 
 class PhysicalScalingModel(ScalingModel):
     id_ = "physical"
+    stored_components = ("scale", "decay", "absorption")
     consecutive_refinement_order = [["scale", "decay"], ["absorption"]]
 
     def __init__(self, setups: dict, configdict: dict, decay_restraint=0.1, fix_initial=True):
@@ -157,12 +157,7 @@ class PhysicalScalingModel(ScalingModel):
             setups["absorption"] = (np.zeros(n_sh_parameters(lmax)), None)
 
         if param(p, "analytical_correction", False):
-            if table is not None and "analytical_correction" not in table:
-                raise VmergeError(
-                    "physical.analytical_correction=True needs the reflection column "
-                    "'analytical_correction'"
-                )
-            configdict["corrections"].append("analytical")
+            cls._add_analytical_correction(configdict, table, "physical")
 
         model = cls(
             setups,
@@ -171,21 +166,6 @@ class PhysicalScalingModel(ScalingModel):
             fix_initial=param(p, "fix_initial", True),
         )
         model.fixed_components = list(param(p, "correction.fix", None) or [])
-        return model
-
-    @classmethod
-    def from_dict(cls, d: dict, params=None):
-        if d.get("__id__") != cls.id_:
-            raise VmergeError(f"expected a physical scaling model, got {d.get('__id__')!r}")
-        configdict = copy.deepcopy(d["configuration_parameters"])
-        setups = {
-            name: cls._component_setup(d, name)
-            for name in ("scale", "decay", "absorption")
-            if name in configdict["corrections"]
-        }
-        model = cls(setups, configdict)
-        if params is not None:
-            model.update(params)
         return model
 
     def update(self, params) -> None:
@@ -240,12 +220,7 @@ class PhysicalScalingModel(ScalingModel):
             s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
             configure_absorption(self.components["absorption"], s0c, s1c)
             del s0c, s1c
-        if "analytical" in self.components:
-            if "analytical_correction" not in table:
-                raise VmergeError(
-                    "the analytical correction needs the reflection column 'analytical_correction'"
-                )
-            self.components["analytical"].configure(table["analytical_correction"])
+        self._configure_analytical(table)
         self.n_configured = int(z_obs.size)
 
     def pass_inputs(self, rows) -> dict:
