@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import flags
 from ..errors import VmergeError
+from ..model.base import is_auto, param
 from . import combine as comb
 from . import error_model as em
 from . import outliers as outl
@@ -46,33 +47,13 @@ VARIANCE_CHUNK_ROWS = 65536  # rows per Jacobian chunk when expanding var(g)
 MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
 
 
-def _get(params, dotted, default=None):
-    node = params
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, part):
-            return default
-        node = getattr(node, part)
-    return node
-
-
-try:  # how "Auto" arrives from a PHIL extract
-    from libtbx import Auto as _LIBTBX_AUTO
-except ImportError:  # pragma: no cover - cctbx-base is a dependency
-    _LIBTBX_AUTO = object()
-
-
-def _is_auto(value):
-    return value is None or value is _LIBTBX_AUTO or (
-        isinstance(value, str) and value.lower() == "auto")
-
-
 def resolve_nproc(params):
     import numba
 
-    nproc = _get(params, "compute.nproc")
-    if _is_auto(nproc):
-        nproc = _get(params, "scaling_options.nproc")
-    if _is_auto(nproc):
+    nproc = param(params, "compute.nproc")
+    if is_auto(nproc):
+        nproc = param(params, "scaling_options.nproc")
+    if is_auto(nproc):
         return numba.config.NUMBA_NUM_THREADS
     return max(1, int(nproc))
 
@@ -110,7 +91,7 @@ class ScalingRun:
         self.params = params
         self.log = log or (lambda *_: None)
         self.nproc = set_num_threads(resolve_nproc(params))
-        self.anomalous = bool(_get(params, "anomalous", False))
+        self.anomalous = bool(param(params, "anomalous", False))
         from .. import geometry
 
         self.space_group = geometry.space_group(experiments[0])
@@ -132,14 +113,14 @@ class ScalingRun:
         p = self.params
         if "intensity" not in table:
             d_values = None
-            if _get(p, "cut_data.d_min") is not None or _get(p, "cut_data.d_max") is not None:
+            if param(p, "cut_data.d_min") is not None or param(p, "cut_data.d_max") is not None:
                 d_values = d_from_unit_cell(table["miller_index"], self.best_cell)
             table = prepare_dataset(
-                table, intensity_choice=_get(p, "reflection_selection.intensity_choice",
-                                             "combine"),
-                partiality_cutoff=_get(p, "cut_data.partiality_cutoff", 0.25),
-                min_isigi=_get(p, "cut_data.min_isigi", -5.0),
-                d_min=_get(p, "cut_data.d_min"), d_max=_get(p, "cut_data.d_max"),
+                table, intensity_choice=param(p, "reflection_selection.intensity_choice",
+                                              "combine"),
+                partiality_cutoff=param(p, "cut_data.partiality_cutoff", 0.25),
+                min_isigi=param(p, "cut_data.min_isigi", -5.0),
+                d_min=param(p, "cut_data.d_min"), d_max=param(p, "cut_data.d_max"),
                 d_values=d_values)
         rows = np.flatnonzero(suitable_selection(table))
         identifier = getattr(expt, "identifier", str(position))
@@ -169,14 +150,14 @@ class ScalingRun:
 
     def _initial_error_model(self, expt):
         p = self.params
-        if _get(p, "weighting.error_model.error_model", "basic") in (None, "None"):
+        if param(p, "weighting.error_model.error_model", "basic") in (None, "None"):
             return None
         a, b = em.DEFAULT_A, em.DEFAULT_B
         stored = self._configdict(expt).get("error_model_parameters")
-        if stored and not _get(p, "weighting.error_model.reset_error_model", False):
+        if stored and not param(p, "weighting.error_model.reset_error_model", False):
             a, b = float(stored[0]), float(stored[1])
-        user_a = _get(p, "weighting.error_model.basic.a")
-        user_b = _get(p, "weighting.error_model.basic.b")
+        user_a = param(p, "weighting.error_model.basic.a")
+        user_b = param(p, "weighting.error_model.basic.b")
         return em.BasicErrorModel(user_a if user_a is not None else a,
                                   user_b if user_b is not None else b)
 
@@ -237,15 +218,15 @@ class ScalingRun:
 
     def select_reflections(self):
         p = self.params
-        method = sel.resolve_method(_get(p, "reflection_selection.method", "auto"),
+        method = sel.resolve_method(param(p, "reflection_selection.method", "auto"),
                                     all(_is_still(s.experiment) for s in self.states))
         table = self.global_table(error_model_weights=True)
-        isig_range = _get(p, "reflection_selection.Isigma_range", (2.0, 0.0))
-        min_p = _get(p, "reflection_selection.min_partiality", 0.25)
-        d_range = _get(p, "reflection_selection.d_range")
-        min_groups = _get(p, "reflection_selection.random.min_groups", 2000)
-        min_refl = _get(p, "reflection_selection.random.min_reflections", 50000)
-        cutoff = _get(p, "reflection_selection.random.multi_dataset.Isigma_cutoff", 1.0)
+        isig_range = param(p, "reflection_selection.Isigma_range", (2.0, 0.0))
+        min_p = param(p, "reflection_selection.min_partiality", 0.25)
+        d_range = param(p, "reflection_selection.d_range")
+        min_groups = param(p, "reflection_selection.random.min_groups", 2000)
+        min_refl = param(p, "reflection_selection.random.min_reflections", 50000)
+        cutoff = param(p, "reflection_selection.random.multi_dataset.Isigma_cutoff", 1.0)
         partiality = self._sorted_column(table, "partiality")
         d = self._sorted_column(table, "d")
         pre = sel.preselection(table, isig_range, min_p, d_range, d, partiality)
@@ -260,7 +241,7 @@ class ScalingRun:
                 sub = table.select(in_d)
                 esq = outl.e_squared(sub, self.space_group, self.unit_cell)
                 keep = sel.select_intensity_ranges(
-                    sub, esq, _get(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
+                    sub, esq, param(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
                     None if partiality is None else partiality[in_d], min_p,
                     None if d is None else d[in_d], d_range)
                 mask[np.flatnonzero(in_d)[keep]] = True
@@ -294,17 +275,17 @@ class ScalingRun:
         fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
         manager = ParameterManager(models, fix_dataset)
         target = ScalingTarget(manager, self.minimisation_table(), self.nproc)
-        tolerance = _get(p, "scaling_refinery.rmsd_tolerance", 1e-4)
+        tolerance = param(p, "scaling_refinery.rmsd_tolerance", 1e-4)
         x0 = manager.get_free()
         if engine == "LBFGS":
             # Differs from DIALS on purpose: when LBFGS makes the final parameters (no full-matrix
             # round, e.g. stills), one tiny first step on the freshly reweighted problem is not
             # taken as convergence; two in a row are needed (KB stills truth: g error 2.1% ->
             # 0.75%). Earlier rounds keep DIALS's rule, which the quartz comparison relies on.
-            result = lbfgs(target, x0, _get(p, "scaling_refinery.max_iterations"), tolerance,
+            result = lbfgs(target, x0, param(p, "scaling_refinery.max_iterations"), tolerance,
                            small_steps_to_stop=2 if final else 1)
         else:
-            max_it = _get(p, "scaling_refinery.full_matrix_max_iterations")
+            max_it = param(p, "scaling_refinery.full_matrix_max_iterations")
             if fix_initial:
                 max_it, tolerance = 1, tolerance / 4.0
             result = levenberg_marquardt(target, x0, max_it, tolerance)
@@ -338,9 +319,9 @@ class ScalingRun:
 
     def _outliers_to_states(self, table, states):
         p = self.params
-        method = _get(p, "scaling_options.outlier_rejection", "standard")
-        mask = outl.reject_outliers(table, method, _get(p, "scaling_options.outlier_zmax", 6.0),
-                                    _get(p, "scaling_options.emax", 10.0), self.space_group,
+        method = param(p, "scaling_options.outlier_rejection", "standard")
+        mask = outl.reject_outliers(table, method, param(p, "scaling_options.outlier_zmax", 6.0),
+                                    param(p, "scaling_options.emax", 10.0), self.space_group,
                                     self.unit_cell, self.nproc)
         out = []
         for d_pos, state in enumerate(states):
@@ -360,23 +341,23 @@ class ScalingRun:
 
     @property
     def outliers_active(self):
-        return _get(self.params, "scaling_options.outlier_rejection", "standard") not in (
+        return param(self.params, "scaling_options.outlier_rejection", "standard") not in (
             None, "None", "none")
 
     @property
     def combine_active(self):
-        return (_get(self.params, "reflection_selection.intensity_choice", "combine") == "combine"
+        return (param(self.params, "reflection_selection.intensity_choice", "combine") == "combine"
                 and all(self._can_combine(s.table) for s in self.states))
 
     @property
     def error_model_active(self):
-        return _get(self.params, "weighting.error_model.error_model", "basic") not in (
+        return param(self.params, "weighting.error_model.error_model", "basic") not in (
             None, "None")
 
     def combine_intensities(self):
         p = self.params
-        user = _get(p, "reflection_selection.combine.Imid")
-        joint = _get(p, "reflection_selection.combine.joint_analysis", True)
+        user = param(p, "reflection_selection.combine.Imid")
+        joint = param(p, "reflection_selection.combine.joint_analysis", True)
         datasets = []
         for state in self.states:
             t = state.table
@@ -417,8 +398,8 @@ class ScalingRun:
             return
         p = self.params
         groups = em.error_model_groups(
-            len(self.states), _get(p, "weighting.error_model.grouping", "combined"),
-            _get(p, "weighting.error_model.error_model_group"))
+            len(self.states), param(p, "weighting.error_model.grouping", "combined"),
+            param(p, "weighting.error_model.error_model_group"))
         multi = len(self.states) > 1
         for group in groups:
             members = [self.states[d] for d in group]
@@ -426,9 +407,9 @@ class ScalingRun:
             partialities = None
             stills = None
             if all(_is_still(s.experiment) for s in members):
-                stills = (_get(p, "weighting.error_model.basic.stills.min_Isigma", 2.0),
-                          _get(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
-            min_partiality = _get(p, "reflection_selection.min_partiality", 0.25)
+                stills = (param(p, "weighting.error_model.basic.stills.min_Isigma", 2.0),
+                          param(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
+            min_partiality = param(p, "reflection_selection.min_partiality", 0.25)
             if (multi or stills) and all("partiality" in s.table for s in members):
                 partialities = [s.table["partiality"][s.suitable_rows] for s in members]
                 if min_partiality is not None:
@@ -441,11 +422,11 @@ class ScalingRun:
                     [s.variance for s in members],
                     [s.g for s in members],
                     members[0].error_model, partialities, min_partiality,
-                    _get(p, "weighting.error_model.basic.min_Ih", 25.0),
-                    _get(p, "weighting.error_model.basic.n_bins", 10),
-                    _get(p, "weighting.error_model.basic.minimisation", "individual"),
-                    _get(p, "weighting.error_model.basic.a"),
-                    _get(p, "weighting.error_model.basic.b"),
+                    param(p, "weighting.error_model.basic.min_Ih", 25.0),
+                    param(p, "weighting.error_model.basic.n_bins", 10),
+                    param(p, "weighting.error_model.basic.minimisation", "individual"),
+                    param(p, "weighting.error_model.basic.a"),
+                    param(p, "weighting.error_model.basic.b"),
                     layout=self.anomalous_layout(group, masks), stills=stills)
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 self.log(f"Error model refinement failed: {e}; keeping the current model")
@@ -456,8 +437,8 @@ class ScalingRun:
         self.global_uses_error_model_weights = True
 
     def full_matrix_wanted(self):
-        value = _get(self.params, "scaling_options.full_matrix")
-        if _is_auto(value):
+        value = param(self.params, "scaling_options.full_matrix")
+        if is_auto(value):
             return not (any(_is_still(s.experiment) for s in self.states)
                         or len(self.states) > MAX_DATASETS_FOR_AUTO_FULL_MATRIX)
         return bool(value)
@@ -502,8 +483,8 @@ class ScalingRun:
                 state.model.set_est_standard_devs(manager.full_vector(d, esds_free))
 
     def finish(self):
-        cutoff = _get(self.params, "cut_data.small_scale_cutoff")
-        cutoff = DEFAULT_SMALL_SCALE_CUTOFF if _is_auto(cutoff) else float(cutoff)
+        cutoff = param(self.params, "cut_data.small_scale_cutoff")
+        cutoff = DEFAULT_SMALL_SCALE_CUTOFF if is_auto(cutoff) else float(cutoff)
         tables = []
         for state in self.states:
             if state.error_model is not None and hasattr(state.model, "set_error_model"):
