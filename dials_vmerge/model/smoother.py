@@ -138,6 +138,14 @@ def _sigma(min_n_average):
     return 0.65 + 0.05 * (min_n_average - 2)
 
 
+@njit(cache=True)
+def _normalise_row(values, r, n_used, total):
+    """Divide the first n_used weights of row r by their sum (rows of zero weight stay 0)."""
+    if total > 0.0:
+        for s in range(n_used):
+            values[r, s] /= total
+
+
 @njit(cache=True, parallel=True)
 def smoother_weights_1d(z, n_values):
     """Normalised weights (n, 3) and parameter indices (n, 3) of a 1D smoother."""
@@ -157,9 +165,7 @@ def smoother_weights_1d(z, n_values):
             index[r, slot] = i
             total += w
             slot += 1
-        if total > 0.0:
-            for s in range(slot):
-                values[r, s] /= total
+        _normalise_row(values, r, slot, total)
     return values, index
 
 
@@ -186,9 +192,7 @@ def smoother_weights_2d(z1, z2, n1, n2):
                 index[r, slot] = i + j * n1
                 total += w
                 slot += 1
-        if total > 0.0:
-            for s in range(slot):
-                values[r, s] /= total
+        _normalise_row(values, r, slot, total)
     return values, index
 
 
@@ -219,9 +223,7 @@ def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
                     index[r, slot] = i + j * n1 + k * n1 * n2
                     total += w
                     slot += 1
-        if total > 0.0:
-            for s in range(slot):
-                values[r, s] /= total
+        _normalise_row(values, r, slot, total)
     return values, index
 
 
@@ -238,7 +240,17 @@ def ell_values(deriv_values, deriv_index, parameters):
     return out
 
 
-class Smoother1D:
+class _ConfiguredSmoother:
+    """ELL weights and indices of a set of observations, set by the subclass."""
+
+    weights: np.ndarray
+    index: np.ndarray
+
+    def value(self, parameters):
+        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
+
+
+class Smoother1D(_ConfiguredSmoother):
     """A configured 1D smoother: the ELL weights of a set of observations."""
 
     def __init__(self, normalised_x, n_values: int):
@@ -246,11 +258,8 @@ class Smoother1D:
         z = smoother_coordinates(normalised_x, self.n_values)
         self.weights, self.index = smoother_weights_1d(z, self.n_values)
 
-    def value(self, parameters):
-        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
 
-
-class Smoother2D:
+class Smoother2D(_ConfiguredSmoother):
     """A configured 2D smoother (x fastest in the parameter layout)."""
 
     def __init__(self, normalised_x, normalised_y, n_x: int, n_y: int):
@@ -259,11 +268,8 @@ class Smoother2D:
         zy = smoother_coordinates(normalised_y, self.shape[1])
         self.weights, self.index = smoother_weights_2d(zx, zy, self.shape[0], self.shape[1])
 
-    def value(self, parameters):
-        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
 
-
-class Smoother3D:
+class Smoother3D(_ConfiguredSmoother):
     """A configured 3D smoother (x fastest, then y, then z)."""
 
     def __init__(self, normalised_x, normalised_y, normalised_z, n_x: int, n_y: int, n_z: int):
@@ -272,6 +278,3 @@ class Smoother3D:
         zy = smoother_coordinates(normalised_y, self.shape[1])
         zz = smoother_coordinates(normalised_z, self.shape[2])
         self.weights, self.index = smoother_weights_3d(zx, zy, zz, *self.shape)
-
-    def value(self, parameters):
-        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
