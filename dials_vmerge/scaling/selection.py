@@ -48,6 +48,16 @@ def _n_groups_to_choose(mean_multiplicity, min_groups, min_reflections):
     return max(int(math.ceil(min_reflections / mean_multiplicity)), int(min_groups))
 
 
+def _random_groups(candidates, n_choose, n_groups, seed):
+    """Mask over the groups: n_choose of the candidate groups drawn without replacement
+    (all of them when there are no more than n_choose)."""
+    if n_choose < candidates.size:
+        candidates = np.random.default_rng(seed).choice(candidates, n_choose, replace=False)
+    chosen = np.zeros(n_groups, dtype=bool)
+    chosen[candidates] = True
+    return chosen
+
+
 def select_single_dataset(table, preselected, min_groups=2000, min_reflections=50000,
                           seed=SEED):
     """8.1: random groups whose preselected multiplicity > 1; falls back to use_all."""
@@ -56,11 +66,7 @@ def select_single_dataset(table, preselected, min_groups=2000, min_reflections=5
     if candidates.size == 0:
         return np.ones(table.n_obs, dtype=bool)
     n_choose = _n_groups_to_choose(counts[candidates].mean(), min_groups, min_reflections)
-    rng = np.random.default_rng(seed)
-    if n_choose < candidates.size:
-        candidates = np.sort(rng.choice(candidates, n_choose, replace=False))
-    chosen = np.zeros(table.n_groups, dtype=bool)
-    chosen[candidates] = True
+    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
     return chosen[grp] & preselected
 
 
@@ -79,11 +85,7 @@ def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1
     if candidates.size == 0:
         return np.ones(table.n_obs, dtype=bool)
     n_choose = _n_groups_to_choose(mult[candidates].mean(), min_groups, min_reflections)
-    rng = np.random.default_rng(seed)
-    if n_choose < candidates.size:
-        candidates = rng.choice(candidates, n_choose, replace=False)
-    chosen = np.zeros(table.n_groups, dtype=bool)
-    chosen[candidates] = True
+    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
     return chosen[table.group_of_observation()]
 
 
