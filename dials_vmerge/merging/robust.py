@@ -40,6 +40,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from .classical import inverse_variance_sums
 from .groups import GroupedObservations
 from .merged import MergedIntensities
 
@@ -96,15 +97,7 @@ def student_t_merge_kernel(
     for g in prange(n_groups):
         start = group_start[g]
         end = group_start[g + 1]
-        sum_w = 0.0
-        sum_wi = 0.0
-        n_usable = 0
-        for i in range(start, end):
-            if sigma[i] > 0.0:
-                w = 1.0 / (sigma[i] * sigma[i])
-                sum_w += w
-                sum_wi += w * intensity[i]
-                n_usable += 1
+        sum_w, sum_wi, n_usable = inverse_variance_sums(intensity, sigma, start, end)
         if sum_w == 0.0:
             continue
         inverse_variance_sum = sum_w

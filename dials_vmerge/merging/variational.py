@@ -32,6 +32,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .classical import inverse_variance_sums
 from .groups import GroupedObservations
 from .merged import MergedIntensities
 
@@ -176,13 +177,7 @@ def posterior_kernel(intensity, sigma, group_start, centric, prior_mean, dof, ma
     for g in prange(n_groups):
         start = group_start[g]
         end = group_start[g + 1]
-        precision = 0.0
-        weighted_sum = 0.0
-        for i in range(start, end):
-            if sigma[i] > 0.0:
-                w = 1.0 / (sigma[i] * sigma[i])
-                precision += w
-                weighted_sum += w * intensity[i]
+        precision, weighted_sum, _ = inverse_variance_sums(intensity, sigma, start, end)
         ej, vj, ef, vf = posterior_from_sufficient(
             precision, weighted_sum, centric[g], prior_mean[g], nodes, weights,
             want_amplitude and dof <= 0.0,
