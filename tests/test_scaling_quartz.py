@@ -15,10 +15,10 @@ from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.model.factory import create_scaling_model, default_model_params
 from dials_vmerge.scaling import prepare
 from dials_vmerge.scaling.algorithm import scale_datasets
-from dials_vmerge.scaling.ih_table import map_indices_to_asu
 from dials_vmerge import geometry
 
 from conftest import DATA
+from quartz_helpers import merged_scaled_intensities
 from test_scaling_toymodel import default_params
 
 QUARTZ = os.path.join(DATA, "quartz_processed")
@@ -52,17 +52,7 @@ def test_scales_correlate_with_dials(run):
 def test_merged_intensities_correlate_with_dials(run):
     experiments, ours, _, _, dials, _ = run
     sg = geometry.space_group(experiments[0])
-
-    def merged(t):
-        ok = t.get_flags(flags.scaled)
-        asu = map_indices_to_asu(t["miller_index"][ok], sg, False)
-        keys, group = np.unique(asu, axis=0, return_inverse=True)
-        group = group.ravel()
-        i = t["intensity.scale.value"][ok] / t["inverse_scale_factor"][ok]
-        w = t["inverse_scale_factor"][ok] ** 2 / t["intensity.scale.variance"][ok]
-        return {tuple(k): v for k, v in zip(keys, np.bincount(group, w * i) / np.bincount(group, w))}
-
-    a, b = merged(ours), merged(dials)
+    a, b = merged_scaled_intensities(ours, sg), merged_scaled_intensities(dials, sg)
     common = sorted(set(a) & set(b))
     assert len(common) > 0.95 * len(b)
     r = np.corrcoef([a[k] for k in common], [b[k] for k in common])[0, 1]

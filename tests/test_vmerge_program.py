@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import DATA
+from quartz_helpers import merged_scaled_intensities
 from dials_vmerge import flags, geometry
 from dials_vmerge.io import read_experiments, read_reflections
-from dials_vmerge.scaling.ih_table import map_indices_to_asu
 
 QUARTZ = os.path.join(DATA, "quartz_processed")
 # The settings of the DIALS run that wrote quartz scaled.refl (pre-3.30 defaults; see the
@@ -66,17 +66,7 @@ def test_scales_and_merged_intensities_agree_with_dials(quartz_run):
     r = np.corrcoef(ours["inverse_scale_factor"][both], dials["inverse_scale_factor"][both])[0, 1]
     assert r >= 0.99, f"Pearson r of g = {r:.5f}"
     sg = geometry.space_group(read_experiments(str(work / "scaled.expt"))[0])
-
-    def merged(t):
-        ok = t.get_flags(flags.scaled)
-        asu = map_indices_to_asu(t["miller_index"][ok], sg, False)
-        keys, group = np.unique(asu, axis=0, return_inverse=True)
-        group = group.ravel()
-        i = t["intensity.scale.value"][ok] / t["inverse_scale_factor"][ok]
-        w = t["inverse_scale_factor"][ok] ** 2 / t["intensity.scale.variance"][ok]
-        return {tuple(k): v for k, v in zip(keys, np.bincount(group, w * i) / np.bincount(group, w))}
-
-    a, b = merged(ours), merged(dials)
+    a, b = merged_scaled_intensities(ours, sg), merged_scaled_intensities(dials, sg)
     common = sorted(set(a) & set(b))
     r_merged = np.corrcoef([a[k] for k in common], [b[k] for k in common])[0, 1]
     assert r_merged >= 0.999, f"merged intensity r = {r_merged:.5f}"
