@@ -1,9 +1,28 @@
 """Quartz test data prepared the same way by several test modules (not a test module)."""
 
+import os
+
 import numpy as np
 
-from dials_vmerge import flags
+from dials_vmerge import flags, geometry
+from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.scaling.ih_table import map_indices_to_asu
+
+QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
+
+
+def quartz_scaled_observations():
+    """DIALS's quartz scaled pair without the rows bad for scaling or with g <= 0:
+    (table, I/g, sigma/g, space group, unit cell)."""
+    table = read_reflections(os.path.join(QUARTZ, "scaled.refl"))
+    experiments = read_experiments(os.path.join(QUARTZ, "scaled.expt"))
+    g = table["inverse_scale_factor"]
+    table = table.select(~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0))
+    g = table["inverse_scale_factor"]
+    intensity = table["intensity.scale.value"] / g
+    sigma = np.sqrt(table["intensity.scale.variance"]) / g
+    return (table, intensity, sigma, geometry.space_group(experiments[0]),
+            geometry.unit_cell(experiments[0]))
 
 
 def merged_scaled_intensities(table, space_group):

@@ -14,25 +14,19 @@ from cctbx import crystal, miller
 from cctbx import french_wilson as cctbx_fw
 from cctbx.array_family import flex
 
-from dials_vmerge import flags, geometry
 from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.merging.classical import merge_classical
 from dials_vmerge.merging.french_wilson import french_wilson, mean_intensity_by_resolution
 from dials_vmerge.merging.groups import _flex_indices, group_observations
+
+from quartz_helpers import quartz_scaled_observations
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
 
 
 @pytest.fixture(scope="module")
 def quartz_merged():
-    table = read_reflections(os.path.join(DATA, "scaled.refl"))
-    experiments = read_experiments(os.path.join(DATA, "scaled.expt"))
-    g = table["inverse_scale_factor"]
-    table = table.select(~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0))
-    g = table["inverse_scale_factor"]
-    intensity = table["intensity.scale.value"] / g
-    sigma = np.sqrt(table["intensity.scale.variance"]) / g
-    sg, uc = geometry.space_group(experiments[0]), geometry.unit_cell(experiments[0])
+    table, intensity, sigma, sg, uc = quartz_scaled_observations()
     out = {}
     for anomalous in (False, True):
         groups = group_observations(table["miller_index"], sg, anomalous, uc)

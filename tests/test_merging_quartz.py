@@ -1,7 +1,6 @@
 """Classical merging and merging statistics on the DIALS quartz scaled pair, against cctbx."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,27 +10,16 @@ from cctbx import crystal, miller
 from cctbx.array_family import flex
 from iotbx import merging_statistics as iotbx_stats
 
-from dials_vmerge import flags, geometry
-from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.merging.classical import merge_classical
 from dials_vmerge.merging.groups import _flex_indices, group_observations
 from dials_vmerge.merging.statistics import merging_statistics
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
+from quartz_helpers import quartz_scaled_observations
 
 
 @pytest.fixture(scope="module")
 def quartz():
-    table = read_reflections(os.path.join(DATA, "scaled.refl"))
-    experiments = read_experiments(os.path.join(DATA, "scaled.expt"))
-    g = table["inverse_scale_factor"]
-    keep = ~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0)
-    table = table.select(keep)
-    g = table["inverse_scale_factor"]
-    intensity = table["intensity.scale.value"] / g
-    sigma = np.sqrt(table["intensity.scale.variance"]) / g
-    sg = geometry.space_group(experiments[0])
-    uc = geometry.unit_cell(experiments[0])
+    table, intensity, sigma, sg, uc = quartz_scaled_observations()
     symmetry = crystal.symmetry(unit_cell=uc, space_group=sg)
     array = miller.array(
         miller.set(symmetry, _flex_indices(table["miller_index"]), anomalous_flag=False),
