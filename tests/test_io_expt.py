@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA
+from quartz_helpers import two_quartz_sweep_paths
 from dials_vmerge import geometry
 from dials_vmerge.errors import FileFormatError, VmergeError
 from dials_vmerge.io import read_experiments, read_reflections, write_experiments
@@ -94,20 +95,9 @@ def test_identifier_mismatch_and_duplicates(quartz_dir, tmp_path):
         load_experiments_and_reflections([expt], [refl, refl])
 
 
-def test_two_pairs_combine_and_renumber(quartz_dir, tmp_path):
+def test_two_pairs_combine_and_renumber(tmp_path):
     """Two sweeps whose tables both use id 0 are renumbered 0 and 1 (DIALS behaviour)."""
-    d = json.load(open(os.path.join(quartz_dir, "integrated.expt")))
-    d["experiment"][0]["identifier"] = "second-sweep"
-    t = read_reflections(os.path.join(quartz_dir, "integrated.refl"))
-    t.identifiers = {0: "second-sweep"}
-    from dials_vmerge.io import write_reflections
-
-    write_reflections(t, str(tmp_path / "b.refl"))
-    (tmp_path / "b.expt").write_text(json.dumps(d))
-    experiments, table = load_experiments_and_reflections(
-        [os.path.join(quartz_dir, "integrated.expt"), str(tmp_path / "b.expt")],
-        [os.path.join(quartz_dir, "integrated.refl"), str(tmp_path / "b.refl")],
-    )
+    experiments, table = load_experiments_and_reflections(*two_quartz_sweep_paths(tmp_path))
     assert experiments.identifiers() == ["001f4105-10c8-4ecd-ac88-2c789f79b510", "second-sweep"]
     assert table.identifiers == {0: "001f4105-10c8-4ecd-ac88-2c789f79b510", 1: "second-sweep"}
     assert np.bincount(table["id"]).tolist() == [1653, 1653]

@@ -1,15 +1,11 @@
 """Dataset, image and batch selection on two quartz sweeps (ids 0 and 1, images 1-100 each)."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 
 from dials_vmerge import flags
 from dials_vmerge.batches import batch_numbers
 from dials_vmerge.errors import SelectionError
-from dials_vmerge.io import read_reflections, write_reflections
 from dials_vmerge.io.combine import load_experiments_and_reflections
 from dials_vmerge.selection import (
     apply_image_exclusions,
@@ -20,19 +16,12 @@ from dials_vmerge.selection import (
     select_datasets,
 )
 
+from quartz_helpers import two_quartz_sweep_paths
+
 
 @pytest.fixture
-def two_sweeps(quartz_dir, tmp_path):
-    d = json.load(open(os.path.join(quartz_dir, "integrated.expt")))
-    d["experiment"][0]["identifier"] = "second-sweep"
-    t = read_reflections(os.path.join(quartz_dir, "integrated.refl"))
-    t.identifiers = {0: "second-sweep"}
-    write_reflections(t, str(tmp_path / "b.refl"))
-    (tmp_path / "b.expt").write_text(json.dumps(d))
-    return load_experiments_and_reflections(
-        [os.path.join(quartz_dir, "integrated.expt"), str(tmp_path / "b.expt")],
-        [os.path.join(quartz_dir, "integrated.refl"), str(tmp_path / "b.refl")],
-    )
+def two_sweeps(tmp_path):
+    return load_experiments_and_reflections(*two_quartz_sweep_paths(tmp_path))
 
 
 def test_batch_offsets_are_frozen_into_the_scans(two_sweeps):
