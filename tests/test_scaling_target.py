@@ -22,14 +22,19 @@ def _problem(nproc=1, n_datasets=3, seed=3, restraint=(0.0, 0.0)):
         model.configure(table, None)
         models.append(model)
         tables.append(table)
-    sg = p1_space_group()
-    asu = [iht.map_indices_to_asu(t["miller_index"], sg, False) for t in tables]
-    table = iht.build_ih_table(asu, [t["intensity.sum.value"] for t in tables],
-                               [t["intensity.sum.variance"] for t in tables],
-                               [1.0 / t["intensity.sum.variance"] for t in tables],
-                               [np.ones(t.nrows) for t in tables])
+    table = _ih_table_p1(tables)
     manager = ParameterManager(models)
     return ScalingTarget(manager, table, nproc=nproc), manager
+
+
+def _ih_table_p1(tables):
+    """IhTable of the toy datasets in P1: summation intensities, weights 1/variance, g = 1."""
+    sg = p1_space_group()
+    asu = [iht.map_indices_to_asu(t["miller_index"], sg, False) for t in tables]
+    return iht.build_ih_table(asu, [t["intensity.sum.value"] for t in tables],
+                              [t["intensity.sum.variance"] for t in tables],
+                              [1.0 / t["intensity.sum.variance"] for t in tables],
+                              [np.ones(t.nrows) for t in tables])
 
 
 def _phi_and_residuals(target, x):
@@ -174,12 +179,7 @@ def test_shared_component_has_one_column_and_summed_restraints():
     x[1] = -1.0
     manager.set_free(x)
     assert all(m.p[1] == -1.0 for m in models)
-    sg = p1_space_group()
-    asu = [iht.map_indices_to_asu(t["miller_index"], sg, False) for t in tables]
-    table = iht.build_ih_table(asu, [t["intensity.sum.value"] for t in tables],
-                               [t["intensity.sum.variance"] for t in tables],
-                               [1.0 / t["intensity.sum.variance"] for t in tables],
-                               [np.ones(t.nrows) for t in tables])
+    table = _ih_table_p1(tables)
     target = ScalingTarget(manager, table)
     _, grad = target.value_and_gradient(x)
     step = 1e-6
