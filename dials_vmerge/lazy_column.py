@@ -23,10 +23,15 @@ from .errors import FileFormatError
 # Rows gathered per read when a selection is materialised or written: bounds the temporary
 # buffers to a few tens of MB whatever the table size.
 CHUNK_ROWS = 4 * 1024 * 1024
+# Files held open at once; further files are read in full (a run on thousands of stills
+# files must not exhaust the process's file descriptors).
+MAX_OPEN_FILES = 64
 
 
 class FileSource:
     """One open file descriptor on a `.refl` file, closed when no column refers to it."""
+
+    _live: "weakref.WeakSet[FileSource]" = weakref.WeakSet()
 
     def __init__(self, path: str, fd: int):
         self.path = path
@@ -36,18 +41,19 @@ class FileSource:
         self.size = st.st_size
         self.bytes_read = 0  # for tests and diagnostics: what materialising has cost
         self._closer = weakref.finalize(self, os.close, fd)
+        FileSource._live.add(self)
 
     @classmethod
-    def open(cls, path: str, fileobj) -> "FileSource":
-        """A source on the same open file as `fileobj` (so on the bytes that were parsed)."""
+    def open(cls, path: str, fileobj) -> "FileSource | None":
+        """A source on the same open file as `fileobj` (so on the bytes that were parsed), or
+        None if MAX_OPEN_FILES sources are open already."""
+        if len(cls._live) >= MAX_OPEN_FILES:
+            return None
         return cls(path, os.dup(fileobj.fileno()))
 
     @property
     def closed(self) -> bool:
         return not self._closer.alive
-
-    def close(self) -> None:
-        self._closer()
 
     def read_into(self, buffer: np.ndarray, offset: int) -> None:
         """Fill `buffer` (C-contiguous) with the file's bytes from `offset`."""
@@ -205,6 +211,22 @@ class LazyColumn:
                 chunk = np.empty((stop - start,) + self.row_shape, dtype=storage)
                 self._gather(self.rows[start:stop], chunk)
             yield chunk.data.cast("B")
+
+    def matches(self, values: np.ndarray) -> bool:
+        """True if `values` holds exactly this column's bytes (read back chunk by chunk)."""
+        storage = np.dtype(np.uint8) if self.is_bool else self.dtype
+        if values.dtype != (np.dtype(bool) if self.is_bool else self.dtype) or \
+                values.shape != (self.nrows,) + self.row_shape or not values.flags.c_contiguous:
+            return False
+        flat = values.reshape(-1).view(np.uint8)
+        row_bytes = storage.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        start = 0
+        for chunk in self.iter_bytes():
+            stored = np.frombuffer(chunk, dtype=np.uint8)
+            if not np.array_equal(stored, flat[start:start + stored.size]):
+                return False
+            start += stored.size
+        return start == self.nrows * row_bytes
 
     def __repr__(self) -> str:
         return (f"<LazyColumn '{self.name}' {self.nrows} rows of {self.source.path}"

@@ -105,10 +105,15 @@ def split_by_dataset(experiments, table) -> List:
 
 
 def concatenate_consuming(tables):
-    """ReflectionTable.concatenate, column by column, deleting the parts' columns as it goes."""
+    """ReflectionTable.concatenate, column by column, deleting the parts' columns as it goes.
+
+    Columns the parts read from the input file and left unchanged go back to the file first
+    (release_unchanged): the joined table then holds only row indices for them, not copies.
+    """
     from .table import ReflectionTable
 
     if len(tables) == 1:
+        tables[0].release_unchanged()
         return tables[0]
     return ReflectionTable.concatenate(tables, consume=True)
 

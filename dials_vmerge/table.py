@@ -9,7 +9,8 @@ lazy, so a program only holds the columns it uses.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator
+import sys
+from typing import Dict, Iterator, List
 
 import numpy as np
 
@@ -71,6 +72,8 @@ class ReflectionTable:
     def __init__(self, nrows: int = 0, identifiers: Dict[int, str] | None = None):
         self._columns: Dict[str, object] = {}
         self._types: Dict[str, str] = {}
+        # Columns read from a file by this table: the LazyColumn each array came from.
+        self._origins: Dict[str, LazyColumn] = {}
         self.nrows = int(nrows)
         self.identifiers: Dict[int, str] = dict(identifiers or {})
 
@@ -93,9 +96,29 @@ class ReflectionTable:
         except KeyError:
             raise KeyError(f"reflection table has no column '{name}'") from None
         if isinstance(values, LazyColumn):
+            self._origins[name] = values
             values = values.materialise()
             self._columns[name] = values
         return values
+
+    def release_unchanged(self, names=None) -> List[str]:
+        """Give the memory of columns read from the file back: each column this table read
+        (of `names`, default all) that still equals the file's bytes and is referenced by
+        nothing but this table becomes lazy again. Returns the names released."""
+        released = []
+        for name in list(self._origins if names is None else names):
+            origin = self._origins.get(name)
+            if origin is None:
+                continue
+            values = self._columns[name]
+            # 3 references: the table's dict, `values`, getrefcount's argument. More means a
+            # caller (or a view) still holds the array and may yet write to it.
+            if sys.getrefcount(values) > 3 or not origin.matches(values):
+                continue
+            self._columns[name] = origin
+            del self._origins[name]
+            released.append(name)
+        return released
 
     def lazy_column(self, name: str) -> LazyColumn | None:
         """The LazyColumn while column `name` is still only in its file, else None."""
@@ -111,6 +134,7 @@ class ReflectionTable:
     def __delitem__(self, name: str) -> None:
         del self._columns[name]
         del self._types[name]
+        self._origins.pop(name, None)
 
     def column_type(self, name: str) -> str:
         return self._types[name]
@@ -119,6 +143,7 @@ class ReflectionTable:
         """Add or replace a column; its DIALS type is kept, given, or inferred."""
         if type_name is None:
             type_name = self._types.get(name)
+        self._origins.pop(name, None)
         if type_name in ("Shoebox<>", "std::string") or isinstance(values, LazyColumn):
             if len(values) != self.nrows:
                 raise ValueError(f"column '{name}' has {len(values)} rows, table has {self.nrows}")
@@ -173,8 +198,11 @@ class ReflectionTable:
     def split(self, selections, consume: bool = False) -> list:
         """One table per selection (mask or row index), built column by column. consume:
         each column of this table is deleted once distributed, so the table and its parts
-        never both exist in full."""
+        never both exist in full; columns still equal to the file are split as row indices
+        (release_unchanged) rather than copied."""
         indices = [self._row_index(s) for s in selections]
+        if consume:
+            self.release_unchanged()
         parts = [ReflectionTable(len(index), self.identifiers) for index in indices]
         memos = [{} for _ in indices]
         for name in list(self._columns):
@@ -204,7 +232,8 @@ class ReflectionTable:
         """Rows of several tables with the same columns; `id` values are kept (DIALS `extend`).
 
         Lazy columns that are rows of one file column stay lazy. consume: each column of the
-        inputs is deleted once joined, so the inputs and the result never both exist in full.
+        inputs is deleted once joined, so the inputs and the result never both exist in full;
+        columns still equal to the file are joined as row indices (release_unchanged).
         """
         tables = list(tables)
         if not tables:
@@ -226,6 +255,9 @@ class ReflectionTable:
                         f"({identifiers[key]} and {value})"
                     )
                 identifiers[key] = value
+        if consume:
+            for t in tables:
+                t.release_unchanged()
         out = ReflectionTable(sum(t.nrows for t in tables), identifiers)
         memo: dict = {}
         for name in names:

@@ -160,7 +160,8 @@ def test_pipeline_split_and_join_keep_columns_lazy(tmp_path):
     parts = split_by_dataset(experiments, t)
     assert [p.nrows for p in parts] == [826, 827] and parts[0].is_lazy("bbox")
     joined = concatenate_consuming(parts)
-    assert joined.is_lazy("bbox") and not joined.is_lazy("id")  # id was read to split
+    # id was read to split, but unchanged: the consuming split gives it back to the file
+    assert joined.is_lazy("bbox") and joined.is_lazy("id")
     order = np.r_[np.arange(1, 1653, 2), np.arange(0, 1653, 2)]
     assert_tables_equal(joined, two.select(order))
 
@@ -233,7 +234,7 @@ def test_a_bad_bool_value_is_named_when_the_column_is_read(tmp_path):
 def test_the_file_is_closed_when_no_column_refers_to_it():
     t = read_reflections(QUARTZ)
     source = t.lazy_column("d").source
-    fd, closer = source.fd, source._closer
+    fd, closer = source.fd, source._closer  # the finalizer does not keep the source alive
     os.fstat(fd)  # open
     sub = t.select(np.arange(3))
     del t, source
@@ -246,13 +247,60 @@ def test_the_file_is_closed_when_no_column_refers_to_it():
         os.fstat(fd)
 
 
-def test_a_fully_read_table_releases_the_file():
+def test_a_fully_read_table_closes_the_file_when_dropped():
     t = read_reflections(QUARTZ)
     closer = t.lazy_column("d").source._closer
     for name in t.keys():
         t[name]
+    assert closer.alive  # kept for release_unchanged
+    del t
     gc.collect()
     assert not closer.alive
+
+
+def test_files_beyond_the_open_limit_are_read_in_full(monkeypatch):
+    monkeypatch.setattr(lazy_column, "MAX_OPEN_FILES", 1)
+    gc.collect()
+    first = read_reflections(QUARTZ)
+    second = read_reflections(QUARTZ)
+    assert first.is_lazy("d") and not any(second.is_lazy(n) for n in second.keys())
+    assert_tables_equal(second, eager(QUARTZ))
+    del first
+    gc.collect()
+    assert read_reflections(QUARTZ).is_lazy("d")  # the slot is free again
+
+
+def test_release_gives_back_only_unchanged_unreferenced_columns():
+    reference = eager(QUARTZ)
+    t = read_reflections(QUARTZ).select(shuffled_rows(1653))
+    expected = reference.select(shuffled_rows(1653))
+    for name in ("d", "lp", "partiality", "flags", "bbox"):
+        t[name]
+    t["lp"][5] += 1.0  # changed in place
+    t["partiality"] = t["partiality"] * 1.0  # replaced (equal values, no longer the file's)
+    held = t["bbox"]  # a caller still holds the array and could write to it
+    assert sorted(t.release_unchanged()) == ["d", "flags"]
+    assert t.is_lazy("d") and t.is_lazy("flags")
+    assert not t.is_lazy("lp") and not t.is_lazy("partiality") and not t.is_lazy("bbox")
+    expected["lp"][5] += 1.0
+    assert_tables_equal(t, expected)
+    del held
+    released = t.release_unchanged()  # everything assert_tables_equal read, and now bbox
+    assert "bbox" in released and "lp" not in released and "partiality" not in released
+
+
+def test_consuming_split_and_join_release_unchanged_columns():
+    t = read_reflections(QUARTZ)
+    t["d"], t["lp"]  # read, unchanged
+    t["flags"][0] |= np.uint64(flags.scaled)  # read, changed
+    parts = t.split([np.arange(0, 1653, 2), np.arange(1, 1653, 2)], consume=True)
+    assert parts[0].is_lazy("d") and parts[1].is_lazy("lp") and not parts[0].is_lazy("flags")
+    parts[1]["d"]  # read again in a part
+    joined = ReflectionTable.concatenate(parts, consume=True)
+    assert joined.is_lazy("d") and not joined.is_lazy("flags")
+    reference = eager(QUARTZ)
+    reference["flags"][0] |= np.uint64(flags.scaled)
+    assert_tables_equal(joined, reference.select(np.r_[np.arange(0, 1653, 2), np.arange(1, 1653, 2)]))
 
 
 def test_gzip_input_is_read_eagerly(tmp_path):

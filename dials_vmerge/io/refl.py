@@ -64,9 +64,10 @@ def _read_file_bytes(path: str) -> bytes:
 def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")) -> ReflectionTable:
     """Read a DIALS reflection table; raise FileFormatError naming the file and the problem.
 
-    Columns of an uncompressed file stay in the file until first used (LazyColumn); a gzip
-    file's blobs are read straight into their numpy arrays, so the peak memory is the table
-    itself, not the file bytes plus decoded objects plus arrays.
+    Columns of an uncompressed file stay in the file until first used (LazyColumn). A gzip
+    file's blobs (and any file's once lazy_column.MAX_OPEN_FILES files are open) are read
+    straight into their numpy arrays, so the peak memory is the table itself, not the file
+    bytes plus decoded objects plus arrays.
     """
     if not os.path.exists(path):
         raise FileFormatError(f"{path}: file not found")
