@@ -123,7 +123,7 @@ class LazyColumn:
         """The file rows of table rows `index` (int64, negative counted from the end)."""
         if self.rows is not None:
             return self.rows[index]
-        index = np.asarray(index, dtype=np.int64)
+        index = np.array(index, dtype=np.int64)  # a copy: the caller may reuse its array
         if index.size and (index.min() < -self.file_rows or index.max() >= self.file_rows):
             raise IndexError(f"row index out of range for a column of {self.file_rows} rows")
         if index.size and index.min() < 0:

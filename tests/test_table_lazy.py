@@ -85,6 +85,14 @@ def test_select_of_select_equals_eager_selection():
     assert_tables_equal(t, reference.select(rows).select(inner))
 
 
+def test_a_selection_does_not_alias_the_callers_index_array():
+    reference = eager(QUARTZ)
+    rows = np.arange(10, 20, dtype=np.int64)
+    t = read_reflections(QUARTZ).select(rows)
+    rows += 100  # the caller reuses its array; the lazy table must not follow
+    np.testing.assert_array_equal(t["d"], reference["d"][10:20])
+
+
 def test_columns_selected_together_share_one_row_index():
     t = read_reflections(QUARTZ).select(np.arange(0, 1653, 2)).select(np.arange(100))
     rows = {id(t.lazy_column(n).rows) for n in t.keys()}
