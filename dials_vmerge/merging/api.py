@@ -148,7 +148,7 @@ def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObs
     if not keep.any():
         raise VmergeError("no reflections left to merge (all bad_for_scaling, g <= 0 or "
                           "variance <= 0)")
-    t = table.select(keep)
+    t = _merge_columns(table).select(keep)
     g = t["inverse_scale_factor"]
     intensity = t["intensity.scale.value"] / g
     variance = t["intensity.scale.variance"] / g**2
@@ -188,6 +188,22 @@ def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObs
         extra=extra,
     )
     return obs
+
+
+MERGE_COLUMNS = ("miller_index", "id", "intensity.scale.value", "intensity.scale.variance",
+                 "inverse_scale_factor", "inverse_scale_factor_variance", "partiality",
+                 "partial_id", "lp", "qe", "xyzobs.px.value", "xyzobs.mm.value")
+
+
+def _merge_columns(table):
+    """A view of only the columns merging reads, so selecting rows copies nothing else."""
+    from ..table import ReflectionTable
+
+    view = ReflectionTable(table.nrows, table.identifiers)
+    for name in MERGE_COLUMNS:
+        if name in table:
+            view.set_column(name, table[name], table.column_type(name))
+    return view
 
 
 def _batches(table, experiments):

@@ -122,16 +122,8 @@ def select_rows(table, keep, consume_input=False):
     once copied, so the input and its selection never both exist in full."""
     if not consume_input:
         return table.select(keep)
-    from ..table import ReflectionTable
-
-    index = np.flatnonzero(keep)
-    out = ReflectionTable(index.size, table.identifiers)
-    for name in table.keys():
-        values = table[name]
-        selected = values[index] if isinstance(values, np.ndarray) else values.select(index)
-        out.set_column(name, selected, table.column_type(name))
-        table.del_column(name)
-    return out
+    # The table's consuming split keeps file-backed columns unread (row indices only).
+    return table.split([np.flatnonzero(keep)], consume=True)[0]
 
 
 def sum_partial_reflections(table, consume_input=False):
