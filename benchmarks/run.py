@@ -354,8 +354,8 @@ def run_kernel_only(n_target: int, repeats: int, seed: int, hooks):
     return rec
 
 
-def memory_allows(n_obs: int, bytes_per_obs: int = 250) -> bool:
-    """True if MemAvailable covers the tiled pass inputs with room to spare."""
+def memory_allows(n_obs: int, bytes_per_obs: int = 120) -> bool:
+    """True if MemAvailable covers the tiled pass inputs (72 B/obs record) with room to spare."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
