@@ -101,7 +101,6 @@ class Program:
         run: Optional[Callable],
         help: str = "",
         needs_data: bool = True,
-        implemented: bool = True,
         write_log: bool = True,
     ):
         self.name = name
@@ -109,7 +108,6 @@ class Program:
         self.run = run
         self.help = help
         self.needs_data = needs_data
-        self.implemented = implemented
         self.write_log = write_log
 
     # -- parsing -------------------------------------------------------------------------
@@ -244,15 +242,15 @@ class Program:
             master = self.master_phil()
             print(master.as_str(expert_level=0, attributes_level=1))
             return 0
-        for path in expt_paths + refl_paths:
-            if not os.path.exists(path):
-                raise VmergeError(f"{path}: file not found")
+        from .io.files import check_input_file
+
+        for paths, kind in ((expt_paths, ".expt"), (refl_paths, ".refl")):
+            for path in paths:
+                check_input_file(path, kind)
         master, working, params = self.extract(assignments, phil_paths)
         if flags["show"]:
             print(master.format(params).as_str(expert_level=flags["expert"], attributes_level=flags["attributes"]))
             return 0
-        if not self.implemented:
-            raise VmergeError("not implemented yet")
         inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths)
         if self.needs_data:
             if not expt_paths or not refl_paths:

@@ -120,11 +120,7 @@ def lab_rotation_axis(expt) -> np.ndarray:
 
 def rotation_matrix(axis, angle_deg) -> np.ndarray:
     """Right-handed rotation about `axis` by `angle_deg` degrees (Rodrigues)."""
-    axis = np.asarray(axis, dtype=float)
-    axis = axis / np.linalg.norm(axis)
-    t = np.radians(angle_deg)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+    return rotation_matrices(axis, [angle_deg])[0]
 
 
 def rotation_matrices(axis, angles_deg) -> np.ndarray:

@@ -55,16 +55,14 @@ def check_usable_intensities(table, path_hint: str = "the reflection file") -> N
         raise VmergeError(f"{path_hint}: no xyzobs.px.value column (needed for image numbers)")
 
 
-def clear_scaling_flags(table) -> None:
-    """DIALS clears the three exclusion bits and `scaled` at the start of every run."""
-    table.unset_flags(
-        np.ones(table.nrows, dtype=bool),
-        flags.user_excluded_in_scaling | flags.outlier_in_scaling | flags.excluded_for_scaling | flags.scaled,
-    )
-
-
 def select(params, experiments, table, log):
-    """Dataset, image and batch selection; returns the experiments and table to scale."""
+    """Dataset, image and batch selection; returns the experiments and table to scale and
+    {experiment index: new valid-image envelope} for the experiments an exclusion changed.
+
+    As DIALS, the scaling flags of a previous run are cleared first, then the scans' stored
+    valid image ranges and the new exclusions are applied."""
+    from .scaling.prepare import clear_scaling_flags
+
     offsets = freeze_batch_offsets(experiments)
     log.info("\n" + format_batch_table(experiments, offsets) + "\n")
     selection = params.dataset_selection
@@ -147,7 +145,7 @@ def run_scaling_job(params, experiments, table, log):
 
     check_consistent_space_groups(experiments)
     check_usable_intensities(table)
-    experiments, table, changed = select(params, experiments, table, log)
+    experiments, table, _ = select(params, experiments, table, log)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
     if params.model == "KB" and len(experiments) == 1:
@@ -189,8 +187,6 @@ def run_scaling_job(params, experiments, table, log):
             # dials.scale records the intensity choice last (after the error model).
             config["Imid"] = config.pop("Imid")
         e.scaling_model = model.to_dict()
-    from .table import ReflectionTable
-
     scaled = concatenate_consuming(tables)
     # Each per-dataset table carries the whole identifier map; keep only the datasets that
     # were scaled, or the written .refl names an experiment the .expt lacks.

@@ -48,8 +48,6 @@ def full_run_seconds(tmp_path_factory):
     start = time.time()
     p = _start(["scaled.expt", "scaled.refl"], work)
     out, err = p.communicate(timeout=600)
-    if b"not implemented yet" in err:
-        pytest.skip("dials.vmerge not implemented yet")
     assert p.returncode == 0, err.decode()
     return time.time() - start, work
 

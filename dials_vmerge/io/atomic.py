@@ -46,8 +46,3 @@ def atomic_write(path: str, mode: str = "wb"):
         encoding = None if "b" in mode else "utf-8"
         with open(temp, mode, encoding=encoding) as f:
             yield f
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
-        f.write(data)

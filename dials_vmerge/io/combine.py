@@ -104,7 +104,7 @@ def combine_pairs(pairs) -> Tuple[ExperimentList, ReflectionTable]:
 
     if len(prepared) == 1:
         experiments, table, _ = prepared[0]
-        return _ordered(experiments, table), table
+        return experiments, table
 
     used_ids = [set(t.identifiers) for _, t, _ in prepared]
     clash = sum(len(s) for s in used_ids) != len(set().union(*used_ids))
@@ -137,11 +137,7 @@ def combine_pairs(pairs) -> Tuple[ExperimentList, ReflectionTable]:
             if name not in common:
                 t.del_column(name)
     table = ReflectionTable.concatenate(tables)
-    return _ordered(combined, table), table
-
-
-def _ordered(experiments: ExperimentList, table: ReflectionTable) -> ExperimentList:
-    return experiments
+    return combined, table
 
 
 def _new_identifier(index: int) -> str:

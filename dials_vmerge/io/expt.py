@@ -7,11 +7,11 @@ Every model is kept as the JSON dict it was read as, so unknown keys survive a r
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, List, Optional
 
 from ..errors import FileFormatError
 from .atomic import atomic_write
+from .files import read_input_bytes
 
 MODEL_KINDS = ("beam", "detector", "goniometer", "scan", "crystal", "profile", "scaling_model", "imageset")
 
@@ -146,15 +146,7 @@ class ExperimentList(list):
 
 
 def read_experiments(path: str) -> ExperimentList:
-    if not os.path.exists(path):
-        raise FileFormatError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise FileFormatError(f"{path}: is a directory, expected a .expt file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise FileFormatError(f"{path}: cannot read file ({e.strerror})") from None
+    raw = read_input_bytes(path, ".expt")
     if not raw.strip():
         raise FileFormatError(f"{path}: file is empty, expected a DIALS .expt file")
     if raw[:1] in (b"\x93", b"\x80", b"\x1f"):

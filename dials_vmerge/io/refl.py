@@ -21,6 +21,7 @@ from ..errors import FileFormatError
 from ..lazy_column import FileSource, LazyColumn
 from ..table import COLUMN_TYPES, ReflectionTable
 from .atomic import atomic_write
+from .files import check_input_file, read_input_bytes
 from .shoebox import Shoeboxes, ShoeboxFormatError
 
 MAGIC = "dials::af::reflection_table"
@@ -49,17 +50,6 @@ def sniff_container(head: bytes) -> str:
     return "unknown"
 
 
-def _read_file_bytes(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise FileFormatError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise FileFormatError(f"{path}: is a directory, expected a .refl file")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise FileFormatError(f"{path}: cannot read file ({e.strerror})") from None
-
 
 def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")) -> ReflectionTable:
     """Read a DIALS reflection table; raise FileFormatError naming the file and the problem.
@@ -69,10 +59,7 @@ def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")
     straight into their numpy arrays, so the peak memory is the table itself, not the file
     bytes plus decoded objects plus arrays.
     """
-    if not os.path.exists(path):
-        raise FileFormatError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise FileFormatError(f"{path}: is a directory, expected a .refl file")
+    check_input_file(path, ".refl")
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -96,7 +83,7 @@ def read_reflections(path: str, required: Iterable[str] = ("miller_index", "id")
         raise FileFormatError(f"{path}: corrupt gzip-compressed reflection file ({e})") from None
     if table is None:
         # Not the layout DIALS writes (or damaged): decode the whole file for a precise error.
-        raw = _read_file_bytes(path)
+        raw = read_input_bytes(path, ".refl")
         if sniff_container(raw[:4]) == "gzip":
             try:
                 raw = gzip.decompress(raw)
