@@ -101,6 +101,19 @@ class ReflectionTable:
             self._columns[name] = values
         return values
 
+    def peek(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Column `name` (rows `rows` if given) without keeping what is read: a column still
+        in its file is read into a new array the table does not hold on to. For a read-once
+        use (merging, writing) this avoids a full in-memory copy living as long as the table.
+        An in-memory column is returned as is (or indexed by `rows`)."""
+        try:
+            values = self._columns[name]
+        except KeyError:
+            raise KeyError(f"reflection table has no column '{name}'") from None
+        if isinstance(values, LazyColumn):
+            return (values if rows is None else values.select(rows)).materialise()
+        return values if rows is None else values[rows]
+
     def release_unchanged(self, names=None) -> List[str]:
         """Give the memory of columns read from the file back: each column this table read
         (of `names`, default all) that still equals the file's bytes and is referenced by

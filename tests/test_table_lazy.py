@@ -328,3 +328,22 @@ def test_trailing_and_missing_bytes_are_refused_when_read(tmp_path):
     path.write_bytes(open(QUARTZ, "rb").read()[:-1])
     with pytest.raises(FileFormatError, match="trailing.refl"):
         read_reflections(str(path))
+
+
+def test_peek_reads_without_keeping_and_equals_the_full_decoder():
+    t = read_reflections(QUARTZ)
+    reference = eager(QUARTZ)
+    source = t.lazy_column("xyzobs.px.value").source
+    rows = shuffled_rows(t.nrows, seed=3)
+    np.testing.assert_array_equal(t.peek("xyzobs.px.value"), reference["xyzobs.px.value"])
+    np.testing.assert_array_equal(t.peek("xyzobs.px.value", rows),
+                                  reference["xyzobs.px.value"][rows])
+    # read twice, kept never: the column is still only in its file
+    assert t.is_lazy("xyzobs.px.value")
+    # each read covers the column's file span once (the gather reads windows of file rows)
+    assert source.bytes_read == 24 * 2 * t.nrows
+    d = t["d"]  # an in-memory column is handed back as it is
+    assert t.peek("d") is d
+    np.testing.assert_array_equal(t.peek("d", rows), reference["d"][rows])
+    with pytest.raises(KeyError):
+        t.peek("no_such_column")
