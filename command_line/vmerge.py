@@ -3,6 +3,9 @@
 import json
 
 from dials_vmerge.cli import Program, write_json
+from dials_vmerge.io import read_reflections
+from dials_vmerge.io.atomic import StagedOutputs
+from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
 
@@ -21,15 +24,24 @@ Examples:
 
 
 def run(params, inputs, log):
-    experiments, table, summary = run_scaling_job(params, inputs.experiments, inputs.reflections, log)
-    merged = merge_scaled_table(table, experiments, params, log)
-    log_statistics(merged, log)
-    report = json_ready({"scaling": summary, "merging": merged.as_json()})
-    json.dumps(report)  # fail before any file is written if the report cannot be saved
-    # Every result is computed; now write, each file atomically.
-    write_scaled_files(params, experiments, table, log)
-    write_merge_outputs(merged, params, log)
-    write_json(params.output.json or "dials.vmerge.json", report)
+    # The job consumes the input table (its columns move into the scaled one): drop our
+    # reference so that nothing keeps it alive.
+    table, inputs.reflections = inputs.reflections, None
+    experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
+    with StagedOutputs() as staged:
+        # The scaled files are written first, under temporary names that become scaled.expt
+        # and scaled.refl only when everything below has succeeded. Merging then reads the
+        # few columns it needs back from the written file instead of keeping the whole scaled
+        # table in memory (the largest stage of a run otherwise).
+        scaled_refl = write_scaled_files(params, experiments, table, log, staged)
+        del table
+        release_free_memory()
+        merged = merge_scaled_table(read_reflections(scaled_refl), experiments, params, log)
+        log_statistics(merged, log)
+        report = json_ready({"scaling": summary, "merging": merged.as_json()})
+        json.dumps(report)  # fail before any file is written if the report cannot be saved
+        write_merge_outputs(merged, params, log)
+        write_json(params.output.json or "dials.vmerge.json", report)
 
 
 main = Program(

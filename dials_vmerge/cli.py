@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import PhilError, VmergeError
+from .memory import return_large_frees_to_os
 
 # DIALS-guide names and short forms that would otherwise be unknown or ambiguous. Each maps to
 # the full parameter paths it sets (only those present in the program's scope are used).
@@ -68,25 +69,6 @@ class Inputs:
     @property
     def paths(self) -> List[str]:
         return self.experiment_paths + self.reflection_paths
-
-
-# glibc raises its mmap threshold (up to 32 MiB) after large frees, so freed arrays then stay
-# in the heap and in RSS; fixed at 4 MiB, arrays that large go back to the OS when freed.
-# Measured peak RSS / CPU on a 1e6-observation dials.vmerge run: default 817 MB / 12.1 s,
-# 4 MiB 780 MB / 14.2 s, 64 KiB 754 MB / 20.3 s (every smaller temporary of the minimiser
-# loop is then mmapped and faulted in afresh). MALLOC_MMAP_THRESHOLD_ in the environment wins.
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-
-
-def _return_large_frees_to_os() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD_BYTES)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
 
 
 class _Usage(Exception):
@@ -201,7 +183,7 @@ class Program:
 
     # -- running -------------------------------------------------------------------------
     def main(self, argv: Optional[Sequence[str]] = None) -> int:
-        _return_large_frees_to_os()
+        return_large_frees_to_os()
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
         try:

@@ -21,8 +21,10 @@ import numpy as np
 from .errors import FileFormatError
 
 # Rows gathered per read when a selection is materialised or written: bounds the temporary
-# buffers to a few tens of MB whatever the table size.
-CHUNK_ROWS = 4 * 1024 * 1024
+# buffers whatever the table size. At 4M rows, writing a 1e6-row scaled table raised the peak
+# RSS by 75 MB (window, gathered rows and output chunk of a 24-byte column); at 256k rows the
+# buffers are ~6 MB each and the extra reads cost nothing measurable.
+CHUNK_ROWS = 256 * 1024
 # Files held open at once; further files are read in full (a run on thousands of stills
 # files must not exhaust the process's file descriptors).
 MAX_OPEN_FILES = 64

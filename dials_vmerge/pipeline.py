@@ -15,6 +15,7 @@ import numpy as np
 from . import flags
 from .batches import format_batch_table
 from .errors import VmergeError
+from .memory import release_free_memory
 from .geometry import image_range, space_group_info
 from .selection import (
     apply_image_exclusions,
@@ -154,6 +155,11 @@ def run_scaling_job(params, experiments, table, log):
             "degenerate with the merged intensities); use model=physical or add datasets"
         )
     tables = [prepare_for_scaling(params, experiments, t) for t in split_by_dataset(experiments, table)]
+    for t in tables:
+        # Preparation read columns it did not change (d, lp, qe, miller_index, ...): give them
+        # back to the file; later stages read what they need without keeping it (peek).
+        t.release_unchanged()
+    release_free_memory()
     for key, e in zip(table.identifiers, experiments):
         existing = (e.scaling_model or {}).get("__id__")
         if params.model and existing and existing != params.model and not params.overwrite_existing_models:
@@ -232,15 +238,23 @@ def format_scaling_summary(experiments, models, summary) -> str:
     return "\n".join(lines)
 
 
-def write_scaled_files(params, experiments, table, log) -> None:
+def write_scaled_files(params, experiments, table, log, staged=None) -> str:
+    """Write scaled.expt and scaled.refl; returns the path the reflections were written to.
+
+    staged (io.atomic.StagedOutputs): write under temporary names that become the real ones
+    when the staging block succeeds."""
     from .io import write_experiments, write_reflections
 
     if params.output.delete_integration_shoeboxes and "shoebox" in table:
         table.del_column("shoebox")
-    write_experiments(experiments, params.output.experiments)
-    write_reflections(table, params.output.reflections)
+    expt_path, refl_path = params.output.experiments, params.output.reflections
+    if staged is not None:
+        expt_path, refl_path = staged.path_for(expt_path), staged.path_for(refl_path)
+    write_experiments(experiments, expt_path)
+    write_reflections(table, refl_path)
     log.info(f"Saved scaled experiments to {params.output.experiments}")
     log.info(f"Saved scaled reflections to {params.output.reflections}")
+    return refl_path
 
 
 def output_paths_collide_with_inputs(params, inputs) -> bool:

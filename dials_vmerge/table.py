@@ -133,6 +133,54 @@ class ReflectionTable:
             released.append(name)
         return released
 
+    def spill(self, names, directory: str | None = None) -> List[str]:
+        """Move in-memory numpy columns `names` to an anonymous scratch file: they become
+        file-backed columns, read back (peek, [], writing) only when used. Returns the names
+        spilled.
+
+        For columns a long stage needs only now and then (scaling needs the raw summation and
+        profile intensities twice, the output columns at the end): their bytes then sit in
+        the page cache, which the kernel may drop, not in the process. The file is created
+        unlinked in `directory` (default: the working directory, where the outputs go; else
+        the system temporary directory), so nothing is left behind, even after a kill. If
+        neither is writable, nothing is spilled.
+        """
+        import os
+        import tempfile
+
+        from .lazy_column import FileSource
+
+        names = [n for n in names if isinstance(self._columns.get(n), np.ndarray)
+                 and self._types.get(n) not in ("Shoebox<>", "std::string")]
+        if not names:
+            return []
+        scratch = None
+        for candidate in ([directory] if directory else [os.getcwd(), None]):
+            try:
+                scratch = tempfile.TemporaryFile(dir=candidate, prefix=".dials_vmerge_scratch.")
+                break
+            except OSError:
+                continue
+        if scratch is None:
+            return []
+        placed = []
+        with scratch:
+            try:
+                for name in names:
+                    values = np.ascontiguousarray(self._columns[name])
+                    is_bool = values.dtype == np.bool_
+                    placed.append((name, scratch.tell(), values.dtype, values.shape[1:], is_bool))
+                    scratch.write(memoryview(values.view(np.uint8) if is_bool else values).cast("B"))
+                scratch.flush()
+            except OSError:
+                return []  # disk full: keep the columns in memory
+            source = FileSource(f"<scratch file of {self.nrows} rows>", os.dup(scratch.fileno()))
+        for name, offset, dtype, row_shape, is_bool in placed:
+            self._columns[name] = LazyColumn(source, name, offset, np.bool_ if is_bool else dtype,
+                                             row_shape, self.nrows, is_bool)
+            self._origins.pop(name, None)
+        return [p[0] for p in placed]
+
     def lazy_column(self, name: str) -> LazyColumn | None:
         """The LazyColumn while column `name` is still only in its file, else None."""
         values = self._columns[name]
@@ -313,3 +361,39 @@ class ReflectionTable:
 
     def __repr__(self) -> str:
         return f"<ReflectionTable {self.nrows} rows, {len(self._columns)} columns>"
+
+
+class RowView:
+    """Read-only rows of a reflection table (all rows when `rows` is None), read column by
+    column when asked for and never kept.
+
+    Models configure from a few columns of the suitable rows; copying every column (as
+    table.select does) or caching what is read in the table would keep data resident for
+    the whole run that is needed only once.
+    """
+
+    def __init__(self, table: ReflectionTable, rows: np.ndarray | None = None):
+        self._table = table
+        self._rows = rows
+        self.nrows = int(table.nrows if rows is None else rows.size)
+        self.identifiers = getattr(table, "identifiers", {})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._table
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._table.peek(name, self._rows)
+
+    def peek(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        if rows is None:
+            return self[name]
+        return self._table.peek(name, rows if self._rows is None else self._rows[rows])
+
+    def keys(self):
+        return self._table.keys()
+
+    def get_flags(self, mask: int, all: bool = True) -> np.ndarray:
+        if "flags" not in self._table:
+            return np.zeros(self.nrows, dtype=bool)
+        f = self._table.peek("flags", self._rows) & np.uint64(mask)
+        return f == np.uint64(mask) if all else f != 0

@@ -347,3 +347,25 @@ def test_peek_reads_without_keeping_and_equals_the_full_decoder():
     np.testing.assert_array_equal(t.peek("d", rows), reference["d"][rows])
     with pytest.raises(KeyError):
         t.peek("no_such_column")
+
+
+def test_spilled_columns_read_back_and_write_byte_identical(tmp_path):
+    t = eager(QUARTZ)
+    t["entering"] = t["entering"]  # a bool column among them
+    expected = {n: np.array(t[n]) for n in ("intensity.sum.value", "miller_index", "entering",
+                                           "flags")}
+    reference = tmp_path / "reference.refl"
+    write_reflections(t, str(reference))
+    spilled = t.spill(["intensity.sum.value", "miller_index", "entering"], str(tmp_path))
+    assert spilled == ["intensity.sum.value", "miller_index", "entering"]
+    assert all(t.is_lazy(n) for n in spilled) and not t.is_lazy("flags")
+    # the scratch file is unlinked at once: nothing is left in the directory
+    assert sorted(os.listdir(tmp_path)) == ["reference.refl"]
+    rows = shuffled_rows(t.nrows, seed=5)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(t.peek(name, rows), values[rows])
+    assert t.peek("entering").dtype == np.bool_
+    again = tmp_path / "spilled.refl"
+    write_reflections(t, str(again))
+    assert again.read_bytes() == reference.read_bytes()
+    np.testing.assert_array_equal(t["miller_index"], expected["miller_index"])

@@ -20,23 +20,57 @@ def _temp_path_beside(path: str) -> str:
     return temp
 
 
+def _replace(temp: str, path: str) -> None:
+    """Flush `temp` to disk, give it a plain open()'s mode (mkstemp makes 0600) and rename."""
+    with open(temp, "rb+") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    os.replace(temp, path)
+
+
 @contextlib.contextmanager
 def atomic_output_path(path: str):
     """Yield a temporary path; it replaces `path` if the block succeeds, else is removed."""
     temp = _temp_path_beside(path)
     try:
         yield temp
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
+        _replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+class StagedOutputs:
+    """Outputs written early under temporary names and renamed only when the whole job has
+    succeeded (on leaving the `with` block without an exception; otherwise removed).
+
+    dials.vmerge writes scaled.refl before merging so that the scaled table need not stay in
+    memory while merging runs, yet a failure in merging still leaves no new scaled files.
+    """
+
+    def __init__(self):
+        self._pending = []  # (temporary path, final path)
+
+    def path_for(self, path: str) -> str:
+        temp = _temp_path_beside(path)
+        self._pending.append((temp, path))
+        return temp
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pending, self._pending = self._pending, []
+        if exc_type is None:
+            for temp, path in pending:
+                _replace(temp, path)
+            return
+        for temp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
 
 @contextlib.contextmanager

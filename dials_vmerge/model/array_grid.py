@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .component import Component, take_rows
+from .component import Component
 from .smoother import Smoother2D, Smoother3D, ell_values
 
 
@@ -22,8 +22,7 @@ class _Grid(Component):
             raise ValueError(
                 f"{self.name}: {self.n_parameters} parameters do not fill a grid of {self.shape}"
             )
-        self._weights = np.zeros((0, self.n_deriv_columns))
-        self._index = np.zeros((0, self.n_deriv_columns), dtype=np.int32)
+        self._smoother = None
 
     def replace_grid(self, parameters, shape) -> None:
         self.replace_parameters(parameters)
@@ -33,9 +32,17 @@ class _Grid(Component):
 
     def evaluate(self, parameters=None, rows=None):
         p = self._params(parameters)
-        weights = np.ascontiguousarray(take_rows(self._weights, rows))
-        index = np.ascontiguousarray(take_rows(self._index, rows))
+        if self._smoother is None:
+            return np.zeros(0), np.zeros((0, self.n_deriv_columns)), np.zeros(
+                (0, self.n_deriv_columns), dtype=np.int32)
+        weights, index = self._smoother.ell(rows)
         return ell_values(weights, index, p), weights, index
+
+    def values(self, parameters=None, rows=None):
+        """g without a derivative table of all rows."""
+        if self._smoother is None:
+            return np.zeros(0)
+        return self._smoother.value(self._params(parameters), rows)
 
 
 class SmoothGrid2D(_Grid):
@@ -47,9 +54,8 @@ class SmoothGrid2D(_Grid):
         super().__init__(parameters, shape, est_standard_devs)
 
     def configure(self, normalised_x, normalised_y) -> None:
-        smoother = Smoother2D(normalised_x, normalised_y, *self.shape)
-        self._weights, self._index = smoother.weights, smoother.index
-        self.n_configured = self._weights.shape[0]
+        self._smoother = Smoother2D(normalised_x, normalised_y, *self.shape)
+        self.n_configured = self._smoother.n_rows
 
 
 class SmoothGrid3D(_Grid):
@@ -61,6 +67,5 @@ class SmoothGrid3D(_Grid):
         super().__init__(parameters, shape, est_standard_devs)
 
     def configure(self, normalised_x, normalised_y, normalised_z) -> None:
-        smoother = Smoother3D(normalised_x, normalised_y, normalised_z, *self.shape)
-        self._weights, self._index = smoother.weights, smoother.index
-        self.n_configured = self._weights.shape[0]
+        self._smoother = Smoother3D(normalised_x, normalised_y, normalised_z, *self.shape)
+        self.n_configured = self._smoother.n_rows

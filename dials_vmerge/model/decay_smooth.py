@@ -55,8 +55,7 @@ class DecaySmooth1D(Component):
     def __init__(self, parameters, est_standard_devs=None, restraint_weight=0.1):
         super().__init__(parameters, est_standard_devs)
         self.set_restraint(restraint_weight)
-        self._weights = np.zeros((0, 3))
-        self._index = np.zeros((0, 3), dtype=np.int32)
+        self._smoother = Smoother1D(np.zeros(0), max(self.n_parameters, 2))
         self._d = np.zeros(0)
 
     def set_restraint(self, weight: float) -> None:
@@ -64,28 +63,28 @@ class DecaySmooth1D(Component):
 
     def configure(self, normalised_x, d) -> None:
         """`normalised_x` = z_obs * d_norm_fac; `d` the resolution (Angstrom) per observation."""
-        smoother = Smoother1D(normalised_x, self.n_parameters)
-        self._weights, self._index = smoother.weights, smoother.index
+        self._smoother = Smoother1D(normalised_x, self.n_parameters)
         self._d = np.ascontiguousarray(d, dtype=np.float64)
-        self.n_configured = self._weights.shape[0]
+        self.n_configured = self._smoother.n_rows
 
     def evaluate(self, parameters=None, rows=None):
         p = self._params(parameters)
-        weights = np.ascontiguousarray(take_rows(self._weights, rows))
-        index = np.ascontiguousarray(take_rows(self._index, rows))
+        weights, index = self._smoother.ell(rows)
         d = np.ascontiguousarray(take_rows(self._d, rows))
         values, derivs = b_factor_values_and_derivatives(weights, index, p, d)
         return values, derivs, index
 
     def values(self, parameters=None, rows=None):
-        """g without the derivative table."""
+        """g without a derivative table of all rows."""
         p = self._params(parameters)
-        return b_factor_values(np.ascontiguousarray(take_rows(self._weights, rows)),
-                               np.ascontiguousarray(take_rows(self._index, rows)), p,
-                               np.ascontiguousarray(take_rows(self._d, rows)))
+        return self._smoother.map_blocks(
+            lambda weights, index, block: b_factor_values(
+                weights, index, p, np.ascontiguousarray(self._d[block])), rows)
 
     def smoother_rows(self, rows):
         """(weights / (2 d^2) (n, 3), first parameter index (n,)) for the fused pass, where
         g = exp(sum_j weight_j q_j) and dg/dq_j = g weight_j."""
         d = self._d[rows]
-        return self._weights[rows] * (1.0 / (2.0 * d * d))[:, None], self._index[rows, 0]
+        weights, index = self._smoother.ell(rows)
+        weights *= (1.0 / (2.0 * d * d))[:, None]
+        return weights, np.ascontiguousarray(index[:, 0])

@@ -64,8 +64,11 @@ def create_scaling_model(params, experiment, table) -> ScalingModel:
         cls = model_class(choice)
         if cls is not KBScalingModel and getattr(experiment, "scan", None) is None:
             raise VmergeError(f"model={choice} needs a rotation scan; use model=KB for stills")
-    model = cls.from_data(params, experiment, table)
-    return model
+    from ..table import ReflectionTable, RowView
+
+    if isinstance(table, ReflectionTable):
+        table = RowView(table)  # set-up reads a few columns once: do not keep them in the table
+    return cls.from_data(params, experiment, table)
 
 
 def default_model_params(**overrides) -> SimpleNamespace:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .component import Component, take_rows
+from .component import Component
 from .smoother import Smoother1D, ell_values
 
 
@@ -15,28 +15,24 @@ class ScaleSmooth1D(Component):
 
     def __init__(self, parameters, est_standard_devs=None):
         super().__init__(parameters, est_standard_devs)
-        self._weights = np.zeros((0, 3))
-        self._index = np.zeros((0, 3), dtype=np.int32)
+        self._smoother = Smoother1D(np.zeros(0), max(self.n_parameters, 2))
 
     def configure(self, normalised_x) -> None:
         """`normalised_x` = z_obs * s_norm_fac for the observations this component serves."""
-        smoother = Smoother1D(normalised_x, self.n_parameters)
-        self._weights, self._index = smoother.weights, smoother.index
-        self.n_configured = self._weights.shape[0]
+        self._smoother = Smoother1D(normalised_x, self.n_parameters)
+        self.n_configured = self._smoother.n_rows
 
     def evaluate(self, parameters=None, rows=None):
         p = self._params(parameters)
-        weights = np.ascontiguousarray(take_rows(self._weights, rows))
-        index = np.ascontiguousarray(take_rows(self._index, rows))
+        weights, index = self._smoother.ell(rows)
         return ell_values(weights, index, p), weights, index
 
     def values(self, parameters=None, rows=None):
-        """g without copying the derivative table."""
-        p = self._params(parameters)
-        return ell_values(np.ascontiguousarray(take_rows(self._weights, rows)),
-                          np.ascontiguousarray(take_rows(self._index, rows)), p)
+        """g without a derivative table of all rows."""
+        return self._smoother.value(self._params(parameters), rows)
 
     def smoother_rows(self, rows):
         """(weights (n, 3), first parameter index (n,)) for the fused pass: a 1D smoother's
         parameters are consecutive from the first (zero-weight padding after them)."""
-        return self._weights[rows], self._index[rows, 0]
+        weights, index = self._smoother.ell(rows)
+        return weights, np.ascontiguousarray(index[:, 0])

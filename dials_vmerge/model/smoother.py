@@ -2,8 +2,9 @@
 
 A smoother holds N parameter values at fixed positions along each axis. The value at a
 normalised coordinate z is the Gaussian-weighted mean of the (at most 3 per axis) nearest
-parameters, so the weights depend only on the coordinates, never on the parameters. We
-compute them once per configured data set, already divided by their sum, in ELL form:
+parameters, so the weights depend only on the coordinates, never on the parameters. A
+configured smoother keeps only the coordinates and computes the weights of the rows asked
+for, already divided by their sum, in ELL form:
 
     deriv_values (n, k) float64: w_i / sum(w)   (the derivative of the value w.r.t. p_i)
     deriv_index  (n, k) int32:   which parameter each weight belongs to
@@ -240,23 +241,75 @@ def ell_values(deriv_values, deriv_index, parameters):
     return out
 
 
+# Rows per block when a whole configured set is evaluated: the ELL table of one block is
+# a transient of ~36 B (1D) to ~324 B (3D) per row, never one of all observations.
+ELL_BLOCK_ROWS = 65536
+
+
 class _ConfiguredSmoother:
-    """ELL weights and indices of a set of observations, set by the subclass."""
+    """The smoother coordinates of a set of observations (8 B per observation and axis).
 
-    weights: np.ndarray
-    index: np.ndarray
+    The ELL weights depend only on the coordinates, so they are recomputed for the rows
+    asked for (`ell`) instead of being stored: a stored table would cost 36 B (1D), 108 B
+    (2D) or 324 B (3D) per observation for the whole run.
+    """
 
-    def value(self, parameters):
-        return ell_values(self.weights, self.index, np.asarray(parameters, dtype=np.float64))
+    coordinates: tuple
+    n_rows: int
+
+    def _ell_of(self, coordinates):
+        raise NotImplementedError
+
+    def ell(self, rows=None):
+        """(weights (n, k) float64, parameter index (n, k) int32) of all rows or `rows`
+        (an integer index array or a slice)."""
+        coordinates = self.coordinates if rows is None else tuple(
+            np.ascontiguousarray(z[rows]) for z in self.coordinates)
+        return self._ell_of(coordinates)
+
+    @property
+    def weights(self):
+        return self.ell()[0]
+
+    @property
+    def index(self):
+        return self.ell()[1]
+
+    def value(self, parameters, rows=None):
+        """The smoothed value of each row, block by block."""
+        parameters = np.asarray(parameters, dtype=np.float64)
+        return self.map_blocks(lambda weights, index, block: ell_values(weights, index,
+                                                                        parameters), rows)
+
+    def map_blocks(self, function, rows=None):
+        """Concatenated function(weights, index, block) over blocks of the rows, where
+        block is the slice (or row array) of the configured rows the ELL table covers."""
+        if rows is not None:
+            rows = np.asarray(rows)
+            n = rows.size
+        else:
+            n = self.n_rows
+        parts = []
+        for start in range(0, n, ELL_BLOCK_ROWS):
+            block = slice(start, min(n, start + ELL_BLOCK_ROWS))
+            block_rows = block if rows is None else rows[block]
+            weights, index = self.ell(block_rows)
+            parts.append(function(weights, index, block_rows))
+        if not parts:
+            return np.zeros(0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class Smoother1D(_ConfiguredSmoother):
-    """A configured 1D smoother: the ELL weights of a set of observations."""
+    """A configured 1D smoother."""
 
     def __init__(self, normalised_x, n_values: int):
         self.n_values = int(n_values)
-        z = smoother_coordinates(normalised_x, self.n_values)
-        self.weights, self.index = smoother_weights_1d(z, self.n_values)
+        self.coordinates = (smoother_coordinates(normalised_x, self.n_values),)
+        self.n_rows = int(self.coordinates[0].size)
+
+    def _ell_of(self, coordinates):
+        return smoother_weights_1d(coordinates[0], self.n_values)
 
 
 class Smoother2D(_ConfiguredSmoother):
@@ -264,9 +317,12 @@ class Smoother2D(_ConfiguredSmoother):
 
     def __init__(self, normalised_x, normalised_y, n_x: int, n_y: int):
         self.shape = (int(n_x), int(n_y))
-        zx = smoother_coordinates(normalised_x, self.shape[0])
-        zy = smoother_coordinates(normalised_y, self.shape[1])
-        self.weights, self.index = smoother_weights_2d(zx, zy, self.shape[0], self.shape[1])
+        self.coordinates = (smoother_coordinates(normalised_x, self.shape[0]),
+                            smoother_coordinates(normalised_y, self.shape[1]))
+        self.n_rows = int(self.coordinates[0].size)
+
+    def _ell_of(self, coordinates):
+        return smoother_weights_2d(*coordinates, *self.shape)
 
 
 class Smoother3D(_ConfiguredSmoother):
@@ -274,7 +330,10 @@ class Smoother3D(_ConfiguredSmoother):
 
     def __init__(self, normalised_x, normalised_y, normalised_z, n_x: int, n_y: int, n_z: int):
         self.shape = (int(n_x), int(n_y), int(n_z))
-        zx = smoother_coordinates(normalised_x, self.shape[0])
-        zy = smoother_coordinates(normalised_y, self.shape[1])
-        zz = smoother_coordinates(normalised_z, self.shape[2])
-        self.weights, self.index = smoother_weights_3d(zx, zy, zz, *self.shape)
+        self.coordinates = (smoother_coordinates(normalised_x, self.shape[0]),
+                            smoother_coordinates(normalised_y, self.shape[1]),
+                            smoother_coordinates(normalised_z, self.shape[2]))
+        self.n_rows = int(self.coordinates[0].size)
+
+    def _ell_of(self, coordinates):
+        return smoother_weights_3d(*coordinates, *self.shape)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import flags
 from ..errors import VmergeError
+from ..memory import release_free_memory
 from ..model.base import is_auto, param
 from . import combine as comb
 from . import error_model as em
@@ -37,6 +38,7 @@ from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
+from ..table import RowView  # noqa: F401  (re-exported for the benchmark hooks)
 
 WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_correction",
                 "batch", "asu_miller_index")
@@ -81,6 +83,10 @@ class DatasetState:
     var_g: np.ndarray | None = None
     imid: float | None = None
     log: list = field(default_factory=list)
+    # (rows, intensity, variance) of the rows that are not suitable: the table's work
+    # columns are dropped while scaling runs (the suitable rows' values live here) and
+    # rebuilt for the output.
+    unsuitable: tuple | None = None
 
     def weights(self):
         return em.error_model_weights(self.intensity, self.variance, self.error_model)
@@ -114,7 +120,7 @@ class ScalingRun:
         if "intensity" not in table:
             d_values = None
             if param(p, "cut_data.d_min") is not None or param(p, "cut_data.d_max") is not None:
-                d_values = d_from_unit_cell(table["miller_index"], self.best_cell)
+                d_values = d_from_unit_cell(table.peek("miller_index"), self.best_cell)
             table = prepare_dataset(
                 table, intensity_choice=param(p, "reflection_selection.intensity_choice",
                                               "combine"),
@@ -129,13 +135,20 @@ class ScalingRun:
             self.summary["dropped_datasets"].append(identifier)
             return None
         model.configure(RowView(table, rows), expt)
-        miller_index = table["miller_index"][rows]
-        asu = map_indices_to_asu(miller_index, self.space_group, self.anomalous)
-        del miller_index
-        g = np.array(table["inverse_scale_factor"][rows], dtype=np.float64)
-        state = DatasetState(table, expt, model, rows, asu,
-                             np.array(table["intensity"][rows]), np.array(table["variance"][rows]),
-                             g, np.zeros(rows.size, dtype=bool))
+        asu = map_indices_to_asu(table.peek("miller_index", rows), self.space_group,
+                                 self.anomalous)
+        g = np.asarray(table.peek("inverse_scale_factor", rows), dtype=np.float64)
+        state = DatasetState(table, expt, model, rows, asu, table.peek("intensity", rows),
+                             table.peek("variance", rows), g, np.zeros(rows.size, dtype=bool))
+        other = np.setdiff1d(np.arange(table.nrows), rows, assume_unique=True)
+        state.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
+        table.del_column("intensity")
+        table.del_column("variance")
+        # The other columns this table holds in memory (summed partials' intensities,
+        # prescaling correction, output columns) are read again only by the intensity
+        # combination and for the output: a scratch file holds them meanwhile. Flags stay:
+        # scaling sets them.
+        table.spill([name for name in table.keys() if name != "flags"])
         state.error_model = self._initial_error_model(expt)
         stored = self._configdict(expt)
         if stored.get("Imid") is not None and self._can_combine(table):
@@ -183,7 +196,8 @@ class ScalingRun:
         for d, mask in zip(positions, masks):
             state = self.states[d]
             kept = np.flatnonzero(mask)
-            asu.append(map_indices_to_asu(state.table["miller_index"][state.suitable_rows[kept]],
+            asu.append(map_indices_to_asu(state.table.peek("miller_index",
+                                                           state.suitable_rows[kept]),
                                           self.space_group, True))
             rows.append(kept)
         return GroupLayout(asu, loc_indices=rows,
@@ -262,7 +276,8 @@ class ScalingRun:
     def _sorted_column(self, table, name):
         if not all(name in s.table for s in self.states):
             return None
-        values = [np.asarray(s.table[name][s.suitable_rows], dtype=float) for s in self.states]
+        values = [np.asarray(s.table.peek(name, s.suitable_rows), dtype=float)
+                  for s in self.states]
         out = np.empty(table.n_obs)
         for d_pos, v in enumerate(values):
             in_d = table.dataset_id == d_pos
@@ -367,17 +382,20 @@ class ScalingRun:
             ok = np.zeros(t.nrows, dtype=bool)
             ok[rows[~state.outlier]] = True
             test = comb.combination_test_selection(t, g_full, ok)
-            pr = t["partiality"] if "partiality" in t else np.ones(t.nrows)
+            test = np.flatnonzero(test)
             if self.anomalous:
-                asu = map_indices_to_asu(t["miller_index"][test], self.space_group, False)
+                asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
             else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
-                asu = state.asu[np.searchsorted(rows, np.flatnonzero(test))]
-            datasets.append({"asu_index": asu, "i_prf": t["intensity.prf.value"][test],
-                             "v_prf": t["intensity.prf.variance"][test],
-                             "i_sum": t["intensity.sum.value"][test],
-                             "v_sum": t["intensity.sum.variance"][test],
-                             "partiality": pr[test],
-                             "correction": t["prescaling_correction"][test], "g": g_full[test]})
+                asu = state.asu[np.searchsorted(rows, test)]
+            datasets.append({"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
+                             "v_prf": t.peek("intensity.prf.variance", test),
+                             "i_sum": t.peek("intensity.sum.value", test),
+                             "v_sum": t.peek("intensity.sum.variance", test),
+                             "partiality": (t.peek("partiality", test) if "partiality" in t
+                                            else np.ones(test.size)),
+                             "correction": t.peek("prescaling_correction", test),
+                             "g": g_full[test]})
+            del g_full, ok
         user_list = list(user) if user else None
         if joint:
             imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
@@ -411,7 +429,7 @@ class ScalingRun:
                           param(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
             min_partiality = param(p, "reflection_selection.min_partiality", 0.25)
             if (multi or stills) and all("partiality" in s.table for s in members):
-                partialities = [s.table["partiality"][s.suitable_rows] for s in members]
+                partialities = [s.table.peek("partiality", s.suitable_rows) for s in members]
                 if min_partiality is not None:
                     # the partiality cut as part of the layout subset: one table fewer
                     masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
@@ -445,34 +463,43 @@ class ScalingRun:
 
     # -- the round order ------------------------------------------------------------------
     def run(self):
-        self.initial_outlier_rejection()
-        self.select_reflections()
-        self.minimise("LBFGS")
+        step = self._step
+        step(self.initial_outlier_rejection)
+        step(self.select_reflections)
+        step(self.minimise, "LBFGS")
         if self.combine_active or self.outliers_active or self.error_model_active:
-            self.expand()
-            self.outlier_rejection()
+            step(self.expand)
+            step(self.outlier_rejection)
             if self.combine_active:
-                self.combine_intensities()
-                self.outlier_rejection()
-            self.minimise("LBFGS")
-            self.expand()
-            self.outlier_rejection()
-            self.refine_error_models()
+                step(self.combine_intensities)
+                step(self.outlier_rejection)
+            step(self.minimise, "LBFGS")
+            step(self.expand)
+            step(self.outlier_rejection)
+            step(self.refine_error_models)
         covariance_manager = None
         covariance = None
         if self.full_matrix_wanted():
-            manager, result = self.minimise("LevMar")
+            manager, result = step(self.minimise, "LevMar")
             covariance_manager, covariance = manager, result.covariance
             if first_fix_initial_dataset([s.model for s in self.states]) is not None:
-                manager, result = self.minimise("LevMar", fix_initial=True)
+                manager, result = step(self.minimise, "LevMar", fix_initial=True)
                 covariance_manager, covariance = manager, result.covariance
             self._store_esds(covariance_manager, covariance)
         else:
-            self.minimise("LBFGS", final=True)
-        self.expand(covariance_manager, covariance)
-        self.outlier_rejection()
-        self.refine_error_models()
-        return self.finish()
+            step(self.minimise, "LBFGS", final=True)
+        step(self.expand, covariance_manager, covariance)
+        step(self.outlier_rejection)
+        step(self.refine_error_models)
+        return step(self.finish)
+
+    @staticmethod
+    def _step(function, *args, **kwargs):
+        # Each step's temporaries are freed when it returns; give their pages back before
+        # the next step allocates, so the peak RSS is that of the largest step, not the sum
+        # of heap holes left behind (memory.py).
+        release_free_memory(collect_cycles=False)
+        return function(*args, **kwargs)
 
     def _store_esds(self, manager, covariance):
         if covariance is None:
@@ -490,8 +517,14 @@ class ScalingRun:
             if state.error_model is not None and hasattr(state.model, "set_error_model"):
                 state.model.set_error_model("BasicErrorModel", state.error_model.parameters)
             table = state.table
-            table["intensity"] = _put(table["intensity"], state.suitable_rows, state.intensity)
-            table["variance"] = _put(table["variance"], state.suitable_rows, state.variance)
+            other, other_intensity, other_variance = state.unsuitable
+            for name, suitable_values, other_values in (
+                    ("intensity", state.intensity, other_intensity),
+                    ("variance", state.variance, other_variance)):
+                column = np.empty(table.nrows, dtype=np.float64)
+                column[state.suitable_rows] = suitable_values
+                column[other] = other_values
+                table[name] = column
             tables.append(prepare_output(table, state.suitable_rows, state.g, state.var_g,
                                          state.outlier, state.error_model, cutoff))
         self.summary["datasets"] = [{
@@ -508,35 +541,6 @@ def _evaluate_g(model):
     if hasattr(model, "evaluate_g"):
         return model.evaluate_g()
     return np.asarray(model.evaluate()[0], dtype=np.float64)
-
-
-class RowView:
-    """Read-only rows of a reflection table, selected column by column when asked for.
-
-    Models configure from a few columns; copying every column of the suitable rows (as
-    table.select does) would double the table in memory for nothing.
-    """
-
-    def __init__(self, table, rows):
-        self._table = table
-        self._rows = rows
-        self.nrows = int(rows.size)
-        self.identifiers = getattr(table, "identifiers", {})
-
-    def __contains__(self, name):
-        return name in self._table
-
-    def __getitem__(self, name):
-        return self._table[name][self._rows]
-
-    def keys(self):
-        return self._table.keys()
-
-
-def _put(column, rows, values):
-    out = np.array(column, dtype=np.float64)
-    out[rows] = values
-    return out
 
 
 def scaled_variance(intensity, variance, g, var_g, error_model):

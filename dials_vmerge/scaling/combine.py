@@ -135,9 +135,12 @@ def rmeas(asu_index, intensity, sigma, nproc=1, presorted=None):
 def combination_test_selection(table, g, suitable_and_not_outlier):
     """Rows usable for choosing Imid (both integrated, positive variances, g > 0, p > 0)."""
     both = table.get_flags(flags.integrated_prf | flags.integrated_sum, all=True)
-    p = table["partiality"] if "partiality" in table else np.ones(table.nrows)
-    return (both & suitable_and_not_outlier & (table["intensity.prf.variance"] > 0)
-            & (table["intensity.sum.variance"] > 0) & (g > 0) & (p > 0))
+    usable = both & suitable_and_not_outlier & (g > 0)
+    usable &= table.peek("intensity.prf.variance") > 0
+    usable &= table.peek("intensity.sum.variance") > 0
+    if "partiality" in table:
+        usable &= table.peek("partiality") > 0
+    return usable
 
 
 def choose_imid(datasets, imids=None, nproc=1, log=None):
@@ -175,14 +178,16 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
 
 def apply_imid(table, imid, rows):
     """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9)."""
-    c = table["prescaling_correction"][rows]
-    prf_flag = table.get_flags(flags.integrated_prf)[rows]
-    sum_flag = table.get_flags(flags.integrated_sum)[rows]
-    p = table["partiality"][rows] if "partiality" in table else np.ones(rows.size)
-    i_prf = table["intensity.prf.value"][rows]
-    v_prf = table["intensity.prf.variance"][rows]
-    i_sum = table["intensity.sum.value"][rows]
-    v_sum = table["intensity.sum.variance"][rows]
+    c = table.peek("prescaling_correction", rows)
+    row_flags = table.peek("flags", rows)
+    prf_flag = (row_flags & np.uint64(flags.integrated_prf)) != 0
+    sum_flag = (row_flags & np.uint64(flags.integrated_sum)) != 0
+    del row_flags
+    p = table.peek("partiality", rows) if "partiality" in table else np.ones(rows.size)
+    i_prf = table.peek("intensity.prf.value", rows)
+    v_prf = table.peek("intensity.prf.variance", rows)
+    i_sum = table.peek("intensity.sum.value", rows)
+    v_sum = table.peek("intensity.sum.variance", rows)
     prf = (i_prf, v_prf)
     summ = combine_values(i_prf, v_prf, i_sum, v_sum, p, 1)
     if imid == 0:
