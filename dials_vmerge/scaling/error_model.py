@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
-from scipy.optimize import minimize
-from scipy.stats import norm
+# ndtri/ndtr are what scipy.stats.norm.ppf/cdf evaluate; importing scipy.stats and
+# scipy.optimize (~45 MB of RSS) for them and one 1-D minimisation (b_step) is not worth it.
+from scipy.special import ndtr, ndtri
 
 from .ih_table import build_ih_table
 
@@ -271,7 +272,7 @@ def _normal_quantiles(n, lo, hi):
     key = (n, lo, hi)
     if key not in _QUANTILE_CACHE:
         _QUANTILE_CACHE.clear()
-        _QUANTILE_CACHE[key] = norm.ppf((np.arange(lo, hi) + 0.5) / n)
+        _QUANTILE_CACHE[key] = ndtri((np.arange(lo, hi) + 0.5) / n)
     return _QUANTILE_CACHE[key]
 
 
@@ -279,18 +280,114 @@ def a_step(data, a, b):
     """a scaled by the slope of the central part of the normal probability plot."""
     delta = np.sort(normalised_deviations(data, a, b))
     n = delta.size
-    lo = int(np.ceil(norm.cdf(-PROBABILITY_PLOT_CUTOFF) * n - 0.5))
-    hi = int(np.ceil(norm.cdf(PROBABILITY_PLOT_CUTOFF) * n - 0.5))
+    lo = int(np.ceil(ndtr(-PROBABILITY_PLOT_CUTOFF) * n - 0.5))
+    hi = int(np.ceil(ndtr(PROBABILITY_PLOT_CUTOFF) * n - 0.5))
     x = _normal_quantiles(n, lo, hi)
     y = delta[lo:hi]
     slope = np.polyfit(x, y, 1)[0]
     return a * float(slope)
 
 
+B_FIRST_STEP = 1e-3  # smallest bracketing step; b of interest is ~0.005-0.2
+B_MAX = 10.0  # sigma' = 10 I: no error model goes there; stops a runaway bracket
+B_XATOL = 1e-9  # absolute accuracy of b (b = 0 is a common answer, so not relative alone)
+B_MAX_EVALUATIONS = 200
+_GOLDEN = 0.5 * (3.0 - 5.0 ** 0.5)  # 0.382: golden-section fraction of an interval
+_SQRT_EPS = np.finfo(float).eps ** 0.5  # best relative accuracy of a minimum's position
+
+
 def b_step(data, a, b):
-    result = minimize(lambda p: b_functional(data, a, float(p[0])), x0=[b], method="L-BFGS-B",
-                      options={"maxiter": 100})
-    return abs(float(result.x[0]))
+    """b minimising b_functional at fixed a: the minimum reached downhill from |b|.
+
+    The functional depends on b only through b^2, so the search is over b >= 0 (b = 0 is a
+    stationary point, and the minimum when the data show no extra relative error).
+    """
+    def f(x):
+        value = b_functional(data, a, x)
+        return value if np.isfinite(value) else np.inf
+
+    lo, x, fx, hi = _bracket_minimum(f, abs(float(b)))
+    return abs(float(_brent_minimise(f, lo, hi, x, fx)))
+
+
+def _bracket_minimum(f, x0):
+    """(lo, x, f(x), hi), 0 <= lo <= x < hi, f(x) <= f at lo and hi (lo = 0 excepted: the
+    minimum may sit on it): steps from x0 doubling downhill."""
+    f0 = f(x0)
+    step = max(0.5 * x0, B_FIRST_STEP)
+    x1 = x0 + step
+    f1 = f(x1)
+    if f1 < f0:  # downhill upwards: go on until f rises
+        lo = x0
+        while x1 < B_MAX:
+            step *= 2.0
+            x2 = x1 + step
+            f2 = f(x2)
+            if f2 >= f1:
+                return lo, x1, f1, x2
+            lo, x1, f1 = x1, x2, f2
+        return lo, x1, f1, x1 + step
+    hi = x1
+    while x0 > 0.0:
+        x_down = max(0.0, x0 - step)
+        f_down = f(x_down)
+        if f_down >= f0:
+            return x_down, x0, f0, hi
+        hi, x0, f0 = x0, x_down, f_down
+        step *= 2.0
+    return 0.0, 0.0, f0, hi
+
+
+def _brent_minimise(f, lo, hi, x, fx):
+    """Brent's minimisation (parabolic steps, golden sections when they misbehave) of f on
+    [lo, hi] from the point x inside it; the position to B_XATOL + sqrt(eps)|x|."""
+    w = v = x
+    fw = fv = fx
+    step = previous_step = 0.0
+    for _ in range(B_MAX_EVALUATIONS):
+        mid = 0.5 * (lo + hi)
+        tol = _SQRT_EPS * abs(x) + B_XATOL / 3.0
+        if abs(x - mid) <= 2.0 * tol - 0.5 * (hi - lo):
+            break
+        parabolic = False
+        if abs(previous_step) > tol:
+            # vertex of the parabola through (x, fx), (w, fw), (v, fv), as x + p/q
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            # accepted when inside the interval and shorter than half the step before last
+            # (otherwise the parabola is not converging and a golden section is safer)
+            if abs(p) < abs(0.5 * q * previous_step) and q * (lo - x) < p < q * (hi - x):
+                previous_step, step = step, p / q
+                u = x + step
+                if u - lo < 2.0 * tol or hi - u < 2.0 * tol:
+                    step = tol if x < mid else -tol
+                parabolic = True
+        if not parabolic:
+            previous_step = (hi - x) if x < mid else (lo - x)
+            step = _GOLDEN * previous_step
+        u = x + (step if abs(step) >= tol else np.copysign(tol, step))
+        fu = f(u)
+        if fu <= fx:
+            if u < x:
+                hi = x
+            else:
+                lo = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
+        else:
+            if u < x:
+                lo = u
+            else:
+                hi = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
+    return x
 
 
 def refine_individual(data, a=DEFAULT_A, b=DEFAULT_B, fix_a=False, fix_b=False):

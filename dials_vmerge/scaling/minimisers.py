@@ -3,9 +3,11 @@
 Both take a target with value_and_gradient(x), normal_equations(x), rmsd(phi) and
 n_equations / n_par (see target.ScalingTarget).
 
-LBFGS: scipy's L-BFGS-B with memory 5. It stops, like the DIALS refinery, when the relative
-RMSD change between iterations falls below rmsd_tolerance, on the traditional gradient test
-|grad| <= 1e-5 max(1, |x|), or at max_iterations.
+LBFGS: scitbx.lbfgs (memory 5, More-Thuente line search with ftol 1e-4, gtol 0.9, first step
+1/|grad|), the minimiser dials.scale drives with its default core parameters. It stops, like the
+DIALS refinery, when the relative RMSD change between iterations falls below rmsd_tolerance, on
+the traditional gradient test |grad| <= 1e-5 max(1, |x|), or at max_iterations; a failed line
+search ends the round at the best point seen, with scitbx's message.
 
 Levenberg-Marquardt: normal equations (N + mu I) dx = -b with mu0 = 1e-3 max(diag N);
 accepted steps (rho > 0) scale mu by max(1/3, 1 - (2 rho - 1)^3), rejected ones by nu
@@ -19,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
+import scitbx.lbfgs
+from scitbx.array_family import flex
 
 GRADIENT_EPS = 1e-5
 LEVMAR_DEFAULT_MAX_ITERATIONS = 100
 LBFGS_DEFAULT_MAX_ITERATIONS = 1000
+LBFGS_MEMORY = 5  # scitbx.lbfgs core_parameters default, as dials.scale runs it
 
 
 @dataclass
@@ -44,8 +48,63 @@ class MinimisationResult:
         return np.sqrt(np.clip(np.diag(self.covariance), 0.0, None))
 
 
-class _Stop(Exception):
-    pass
+# scitbx's line-search failures ("lbfgs error: ...") end the round at the best point seen
+# instead of raising; errors from the target itself still raise.
+_KEEP_GOING = dict(ignore_line_search_failed_rounding_errors=True,
+                   ignore_line_search_failed_step_at_lower_bound=True,
+                   ignore_line_search_failed_step_at_upper_bound=True,
+                   ignore_line_search_failed_maxfev=True,
+                   ignore_line_search_failed_xtol=True,
+                   ignore_search_direction_not_descent=True)
+
+
+class _LbfgsEvaluator:
+    """The target_evaluator protocol of scitbx.lbfgs.run (x, compute_functional_and_gradients,
+    callback_after_step) around a ScalingTarget; the callback applies our stopping rule."""
+
+    def __init__(self, target, x0, max_iterations, rmsd_tolerance, small_steps_to_stop,
+                 history):
+        self.target = target
+        self.x = flex.double(x0)
+        self.max_iterations = max_iterations
+        self.rmsd_tolerance = rmsd_tolerance
+        self.small_steps_to_stop = small_steps_to_stop
+        self.history = history
+        self.n_steps = 0
+        self.small_steps = 0
+        self.message = ""
+        self.converged = False
+        self.last_x = None
+
+    def compute_functional_and_gradients(self):
+        x = self.x.as_numpy_array()
+        phi, grad = self.target.value_and_gradient(x)
+        self.last_x, self.phi, self.grad = x, float(phi), np.asarray(grad, dtype=np.float64)
+        return self.phi, flex.double(self.grad)
+
+    def callback_after_step(self, minimizer):
+        # scitbx calls this once per completed iteration, the target last evaluated at the
+        # accepted point, so phi and grad here belong to self.x.
+        self.n_steps += 1
+        rmsd = self.target.rmsd(self.phi)
+        previous = self.history[-1]
+        self.history.append(rmsd)
+        small = previous > 0 and abs(rmsd - previous) / previous < self.rmsd_tolerance
+        self.small_steps = self.small_steps + 1 if small else 0
+        if self.small_steps >= self.small_steps_to_stop:
+            self.message, self.converged = "RMSD converged", True
+            return True
+        if _gradient_test(self.last_x, self.grad):
+            self.message, self.converged = "gradient test", True
+            return True
+        if self.n_steps >= self.max_iterations:
+            self.message = "max iterations"
+            return True
+        return False
+
+
+def _gradient_test(x, grad):
+    return np.linalg.norm(grad) <= GRADIENT_EPS * max(1.0, np.linalg.norm(x))
 
 
 def lbfgs(target, x0, max_iterations=None, rmsd_tolerance=1e-4, small_steps_to_stop=1):
@@ -55,45 +114,33 @@ def lbfgs(target, x0, max_iterations=None, rmsd_tolerance=1e-4, small_steps_to_s
     if target.n_par == 0:
         phi, _ = target.value_and_gradient(x0)
         return MinimisationResult(x0, phi, target.rmsd(phi), 0, True, "no free parameters")
-    cache = {}
-
-    def fun(x):
-        phi, grad = target.value_and_gradient(x)
-        cache["x"], cache["phi"], cache["grad"] = x.copy(), phi, grad.copy()
-        return phi, grad
-
-    history = []
-    state = {"message": "", "converged": False}
-    phi0, grad0 = fun(x0)
-    history.append(target.rmsd(phi0))
-    if np.linalg.norm(grad0) <= GRADIENT_EPS * max(1.0, np.linalg.norm(x0)):
+    phi0, grad0 = target.value_and_gradient(x0)
+    history = [target.rmsd(phi0)]
+    if _gradient_test(x0, grad0):
         return MinimisationResult(x0, phi0, history[0], 0, True, "gradient test", None, history)
-
-    def callback(intermediate_result):
-        x = intermediate_result.x
-        phi = float(intermediate_result.fun)
-        rmsd = target.rmsd(phi)
-        previous = history[-1]
-        history.append(rmsd)
-        small = previous > 0 and abs(rmsd - previous) / previous < rmsd_tolerance
-        state["small_steps"] = state.get("small_steps", 0) + 1 if small else 0
-        if state["small_steps"] >= small_steps_to_stop:
-            state["message"], state["converged"] = "RMSD converged", True
-            raise StopIteration
-        if "x" in cache and np.array_equal(cache["x"], x):
-            if np.linalg.norm(cache["grad"]) <= GRADIENT_EPS * max(1.0, np.linalg.norm(x)):
-                state["message"], state["converged"] = "gradient test", True
-                raise StopIteration
-
     maxiter = max_iterations if max_iterations else LBFGS_DEFAULT_MAX_ITERATIONS
-    result = minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
-                      options={"maxcor": 5, "maxiter": maxiter, "ftol": 1e-15, "gtol": 0.0,
-                               "maxls": 20})
-    x = np.asarray(result.x, dtype=np.float64)
-    phi, _ = target.value_and_gradient(x)  # leave the models at the returned parameters
-    message = state["message"] or str(result.message)
-    converged = state["converged"] or bool(result.success)
-    return MinimisationResult(x, phi, target.rmsd(phi), int(result.nit), converged, message,
+    evaluator = _LbfgsEvaluator(target, x0, maxiter, rmsd_tolerance, small_steps_to_stop,
+                                history)
+    # The callback makes every stop but a line-search failure; scitbx's own max_iterations
+    # is a backstop one beyond ours.
+    minimizer = scitbx.lbfgs.run(
+        target_evaluator=evaluator,
+        core_params=scitbx.lbfgs.core_parameters(m=LBFGS_MEMORY),
+        termination_params=scitbx.lbfgs.termination_parameters(
+            traditional_convergence_test_eps=GRADIENT_EPS, max_iterations=maxiter + 1),
+        exception_handling_params=scitbx.lbfgs.exception_handling_parameters(**_KEEP_GOING))
+    x = evaluator.x.as_numpy_array()
+    if np.array_equal(x, evaluator.last_x):
+        phi = evaluator.phi
+    else:  # a failed line search restored the best point: leave the models there
+        phi, _ = target.value_and_gradient(x)
+    message, converged = evaluator.message, evaluator.converged
+    if minimizer.error:
+        message = str(minimizer.error)
+    elif not message:  # scitbx stopped by itself: its gradient test (in C++ arithmetic)
+        converged = _gradient_test(evaluator.last_x, evaluator.grad)
+        message = "gradient test" if converged else "stopped by scitbx.lbfgs"
+    return MinimisationResult(x, phi, target.rmsd(phi), evaluator.n_steps, converged, message,
                               None, history)
 
 
