@@ -4,7 +4,6 @@ from dials_vmerge.cli import Program, write_json
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
     apply_input_selection,
-    half_dataset_for,
     log_statistics,
     merge_scaled_table,
     selected_methods,
@@ -28,13 +27,17 @@ Examples:
 
 def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
+    # The check read the integrated intensity columns, which merging does not use: give
+    # their memory back (they stay readable from the file).
+    inputs.reflections.release_unchanged()
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     methods = selected_methods(params)
     report = {"methods": methods, "half_dataset": {}}
     first = None
     for method in methods:
         params.merging.method = [method]
-        result = merge_scaled_table(table, experiments, params, log)
+        repeats = params.merging.half_dataset_repeats
+        result = merge_scaled_table(table, experiments, params, log, half_dataset=repeats > 0)
         if first is None:
             first = result
             log.info(f"{len(result.observations)} observations, {len(result.merged)} unique "
@@ -42,8 +45,8 @@ def run(params, inputs, log):
             log_statistics(result, log)
             if result.statistics is not None:
                 report["merging_statistics"] = result.statistics.as_dict()
-        if params.merging.half_dataset_repeats > 0:
-            report["half_dataset"][method] = half_dataset_for(result, params, method)
+        if result.half_dataset is not None:
+            report["half_dataset"][method] = result.half_dataset
     params.merging.method = methods
     if report["half_dataset"]:
         log.info("")

@@ -6,7 +6,7 @@ Used by dials.vmerge.merge, dials.vmerge.stats and by dials.vmerge after scaling
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -15,7 +15,7 @@ from .. import flags
 from ..errors import VmergeError
 from .classical import merge_classical
 from .french_wilson import french_wilson
-from .groups import GroupedObservations, group_observations, mtz_isym
+from .groups import GroupedObservations, Groupings, mtz_isym, per_index_chunks
 from .lookup import find_indices
 from .merged import MergedIntensities
 from .robust import DEFAULT_DOF, DEFAULT_SIGMA_SCALE, merge_robust
@@ -28,17 +28,34 @@ REQUIRED_COLUMNS = ("intensity.scale.value", "intensity.scale.variance", "invers
                     "miller_index")
 
 
-@dataclass
 class ScaledObservations:
-    """The rows that are merged: scaled I/g, sigma/g, with what the unmerged MTZ needs."""
+    """The rows that are merged: scaled I/g, sigma/g, with what the unmerged MTZ needs.
 
-    miller_index: np.ndarray
-    intensity: np.ndarray
-    sigma: np.ndarray
-    batch: np.ndarray
-    scale: np.ndarray
-    scale_sigma: np.ndarray
-    extra: dict = field(default_factory=dict)
+    batch, scale, scale_sigma and extra (FRACTIONCALC, LP, QE, XDET, YDET, ROT) serve only
+    the unmerged MTZ and, batch, the half-dataset statistics: when built by
+    scaled_observations they are read from the reflection table the first time one of them
+    is used (the table must not have changed meanwhile), so merging never holds them."""
+
+    def __init__(self, miller_index, intensity, sigma, batch=None, scale=None,
+                 scale_sigma=None, extra=None, *, load_optional=None):
+        self.miller_index = miller_index
+        self.intensity = intensity
+        self.sigma = sigma
+        self._load_optional = load_optional
+        self._optional = {}
+        if load_optional is None:
+            self._optional = {"batch": batch, "scale": scale, "scale_sigma": scale_sigma,
+                              "extra": {} if extra is None else extra}
+
+    def _get(self, name):
+        if name not in self._optional:
+            self._optional[name] = self._load_optional(name)
+        return self._optional[name]
+
+    batch = property(lambda self: self._get("batch"))
+    scale = property(lambda self: self._get("scale"))
+    scale_sigma = property(lambda self: self._get("scale_sigma"))
+    extra = property(lambda self: self._get("extra"))
 
     def __len__(self):
         return len(self.intensity)
@@ -131,96 +148,101 @@ def apply_input_selection(params, experiments, table, log):
     return experiments, table
 
 
-def scaled_observations(table, experiments, d_min=None, d_max=None) -> ScaledObservations:
+def scaled_observations(table, experiments, d_min=None, d_max=None,
+                        unit_cell=None) -> ScaledObservations:
     """Rows good for merging: not bad_for_scaling, g > 0, variance > 0; partials combined
-    (summed I/g and variance/g^2 per partial_id, kept if the summed partiality >= 0.4)."""
+    (summed I/g and variance/g^2 per partial_id, kept if the summed partiality >= 0.4);
+    with d_min/d_max, only observations with d_min <= d <= d_max (d from `unit_cell`,
+    by default the experiments' median cell).
+
+    Columns are read with ReflectionTable.peek, only at the rows used, so a table whose
+    columns are still in their file keeps none of them in memory."""
+    selection = _merge_selection(table)
+    rows, inverse = selection.rows, selection.inverse
+    g = table.peek("inverse_scale_factor", rows)
+    intensity = table.peek("intensity.scale.value", rows)
+    intensity /= g
+    g *= g
+    variance = table.peek("intensity.scale.variance", rows)
+    variance /= g
+    del g
+    if inverse is not None:
+        intensity = np.bincount(inverse, weights=intensity)
+        variance = np.bincount(inverse, weights=variance)
+        if selection.ok is not None:
+            intensity, variance = intensity[selection.ok], variance[selection.ok]
+    miller_index = np.ascontiguousarray(table.peek("miller_index", selection.final))
+    del selection, rows, inverse
+    np.sqrt(variance, out=variance)
+    if unit_cell is None and (d_min is not None or d_max is not None):
+        from .. import geometry
+
+        unit_cell = geometry.median_unit_cell(experiments)
+    cut = _resolution_keep(miller_index, unit_cell, d_min, d_max)
+    if cut is not None:
+        miller_index, intensity, variance = miller_index[cut], intensity[cut], variance[cut]
+    loader = _OptionalColumns(table, experiments, cut, len(intensity))
+    return ScaledObservations(miller_index, np.ascontiguousarray(intensity, dtype=np.float64),
+                              np.ascontiguousarray(variance, dtype=np.float64),
+                              load_optional=loader)
+
+
+@dataclass
+class _Selection:
+    rows: np.ndarray  # table rows good for merging
+    inverse: Optional[np.ndarray]  # combined observation of each of `rows` (partials), or None
+    ok: Optional[np.ndarray]  # combined observations kept (summed partiality), or None
+    final: np.ndarray  # the table row standing for each merged observation (its first part)
+    fraction: Optional[np.ndarray]  # summed partiality of each merged observation, or None
+
+
+def _merge_selection(table) -> _Selection:
     missing = [c for c in REQUIRED_COLUMNS if c not in table]
     if missing:
         raise VmergeError(
             "reflection table is not scaled: missing column(s) " + ", ".join(missing)
             + " (run dials.vmerge or dials.scale first)")
+    keep = None
     for column in ("intensity.scale.value", "intensity.scale.variance", "inverse_scale_factor"):
-        if not np.all(np.isfinite(table[column])):
+        values = table.peek(column)
+        if not np.all(np.isfinite(values)):
             raise VmergeError(f"reflection table: {column} holds NaN or infinite values")
-    g = table["inverse_scale_factor"]
-    variance = table["intensity.scale.variance"]
-    keep = ~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0) & (variance > 0)
+        if column != "intensity.scale.value":
+            keep = values > 0 if keep is None else keep & (values > 0)
+        del values
+    if "flags" in table:
+        keep &= (table.peek("flags") & np.uint64(flags.bad_for_scaling)) == 0
     if not keep.any():
         raise VmergeError("no reflections left to merge (all bad_for_scaling, g <= 0 or "
                           "variance <= 0)")
-    t = _merge_columns(table).select(keep)
-    g = t["inverse_scale_factor"]
-    intensity = t["intensity.scale.value"] / g
-    variance = t["intensity.scale.variance"] / g**2
-    batch = _batches(t, experiments)
-    g_var = t["inverse_scale_factor_variance"] if "inverse_scale_factor_variance" in t else (
-        np.zeros(len(g)))
-    extra = {}
-    for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp"), ("QE", "qe")):
-        if column in t:
-            extra[label] = np.asarray(t[column], dtype=np.float64)
-    if "xyzobs.px.value" in t:
-        extra["XDET"] = t["xyzobs.px.value"][:, 0]
-        extra["YDET"] = t["xyzobs.px.value"][:, 1]
-    if "xyzobs.mm.value" in t:
-        extra["ROT"] = np.degrees(t["xyzobs.mm.value"][:, 2])
-    rows = np.arange(t.nrows)
-    if "partial_id" in t:
-        partial_id = t["partial_id"].astype(np.int64)
+    rows = np.flatnonzero(keep)
+    del keep
+    inverse = ok = fraction = None
+    final = rows
+    if "partial_id" in table:
+        partial_id = table.peek("partial_id", rows)
+        # uint64 as int64: what astype gives, without a copy
+        partial_id = (partial_id.view(np.int64) if partial_id.dtype == np.uint64
+                      else partial_id.astype(np.int64))
         ids, first, inverse = np.unique(partial_id, return_index=True, return_inverse=True)
-        if len(ids) < t.nrows:
-            intensity = np.bincount(inverse, weights=intensity)
-            variance = np.bincount(inverse, weights=variance)
-            rows = first
-            if "partiality" in t:
-                total = np.bincount(inverse, weights=t["partiality"])
-                extra["FRACTIONCALC"] = total
-                ok = total >= PARTIALITY_THRESHOLD
-                intensity, variance, rows = intensity[ok], variance[ok], rows[ok]
-                extra = {k: (v[ok] if k == "FRACTIONCALC" else v[rows]) for k, v in extra.items()}
-            else:
-                extra = {k: v[rows] for k, v in extra.items()}
-    obs = ScaledObservations(
-        miller_index=np.ascontiguousarray(t["miller_index"][rows]),
-        intensity=np.ascontiguousarray(intensity, dtype=np.float64),
-        sigma=np.sqrt(np.asarray(variance, dtype=np.float64)),
-        batch=batch[rows], scale=g[rows], scale_sigma=np.sqrt(np.maximum(g_var[rows], 0)),
-        extra=extra,
-    )
-    return obs
+        del partial_id
+        if len(ids) < len(rows):
+            final = rows[first]
+            if "partiality" in table:
+                fraction = np.bincount(inverse, weights=table.peek("partiality", rows))
+                ok = fraction >= PARTIALITY_THRESHOLD
+                final, fraction = final[ok], fraction[ok]
+        else:
+            inverse = None
+        del ids, first
+    return _Selection(rows, inverse, ok, final, fraction)
 
 
-MERGE_COLUMNS = ("miller_index", "id", "intensity.scale.value", "intensity.scale.variance",
-                 "inverse_scale_factor", "inverse_scale_factor_variance", "partiality",
-                 "partial_id", "lp", "qe", "xyzobs.px.value", "xyzobs.mm.value")
-
-
-def _merge_columns(table):
-    """A view of only the columns merging reads, so selecting rows copies nothing else."""
-    from ..table import ReflectionTable
-
-    view = ReflectionTable(table.nrows, table.identifiers)
-    for name in MERGE_COLUMNS:
-        if name in table:
-            view.set_column(name, table[name], table.column_type(name))
-    return view
-
-
-def _batches(table, experiments):
-    try:
-        from ..batches import batch_numbers
-
-        return batch_numbers(table, experiments)
-    except Exception:  # experiments without scans: floor(z) + 1 like DIALS
-        return np.floor(table["xyzobs.px.value"][:, 2]).astype(np.int64) + 1
-
-
-def _resolution_cut(obs: ScaledObservations, unit_cell, d_min, d_max) -> ScaledObservations:
+def _resolution_keep(miller_index, unit_cell, d_min, d_max):
+    """Mask of observations with d_min <= d <= d_max, or None without limits."""
     if d_min is None and d_max is None:
-        return obs
-    from .groups import _flex_indices
-
-    d = unit_cell.d(_flex_indices(obs.miller_index)).as_numpy_array()
+        return None
+    d = per_index_chunks(miller_index, unit_cell.d)
     keep = np.ones(len(d), bool)
     if d_min is not None:
         keep &= d >= d_min
@@ -228,9 +250,82 @@ def _resolution_cut(obs: ScaledObservations, unit_cell, d_min, d_max) -> ScaledO
         keep &= d <= d_max
     if not keep.any():
         raise VmergeError(f"no reflections between d_max={d_max} and d_min={d_min}")
-    return ScaledObservations(obs.miller_index[keep], obs.intensity[keep], obs.sigma[keep],
-                              obs.batch[keep], obs.scale[keep], obs.scale_sigma[keep],
-                              {k: v[keep] for k, v in obs.extra.items()})
+    return keep
+
+
+class _OptionalColumns:
+    """Reads batch, scale, scale_sigma or extra of the merged observations from the table
+    when first asked for; the row selection is redone then (its result kept for the next
+    one: the table row of each observation and the summed partiality)."""
+
+    def __init__(self, table, experiments, cut, n_obs):
+        self.table = table
+        self.experiments = experiments
+        self.cut = cut
+        self.n_obs = n_obs
+        self.rows = self.fraction = None
+
+    def __call__(self, name):
+        if self.rows is None:
+            selection = _merge_selection(self.table)
+            rows = selection.final
+            if (self.cut is not None and len(self.cut) != len(rows)) or (
+                    len(rows) if self.cut is None else int(self.cut.sum())) != self.n_obs:
+                raise VmergeError("the reflection table changed after merging; its unmerged "
+                                  "columns cannot be matched to the merged observations")
+            self.rows, self.fraction = rows, selection.fraction
+        table, rows = self.table, self.rows
+        if name == "batch":
+            values = _batches(table, rows, self.experiments)
+        elif name == "scale":
+            values = table.peek("inverse_scale_factor", rows)
+        elif name == "scale_sigma":
+            if "inverse_scale_factor_variance" in table:
+                values = np.sqrt(np.maximum(table.peek("inverse_scale_factor_variance", rows),
+                                            0))
+            else:
+                values = np.zeros(len(rows))
+        elif name == "extra":
+            values = self._extra(rows)
+        else:
+            raise KeyError(name)
+        if self.cut is None:
+            return values
+        if name == "extra":
+            return {k: v[self.cut] for k, v in values.items()}
+        return values[self.cut]
+
+    def _extra(self, rows):
+        table, fraction = self.table, self.fraction
+        extra = {}
+        for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp"), ("QE", "qe")):
+            if label == "FRACTIONCALC" and fraction is not None:
+                extra[label] = fraction
+            elif column in table:
+                extra[label] = np.asarray(table.peek(column, rows), dtype=np.float64)
+        if "xyzobs.px.value" in table:
+            xyz = table.peek("xyzobs.px.value", rows)
+            extra["XDET"] = np.ascontiguousarray(xyz[:, 0])
+            extra["YDET"] = np.ascontiguousarray(xyz[:, 1])
+        if "xyzobs.mm.value" in table:
+            extra["ROT"] = np.degrees(table.peek("xyzobs.mm.value", rows)[:, 2])
+        return extra
+
+
+def _batches(table, rows, experiments):
+    """Batch numbers of table rows `rows` (batches.batch_numbers on just those rows)."""
+    from ..table import ReflectionTable
+
+    xyz = table.peek("xyzobs.px.value", rows)
+    try:
+        from ..batches import batch_numbers
+
+        view = ReflectionTable(len(rows), table.identifiers)
+        view.set_column("id", table.peek("id", rows), table.column_type("id"))
+        view.set_column("xyzobs.px.value", xyz, table.column_type("xyzobs.px.value"))
+        return batch_numbers(view, experiments)
+    except Exception:  # experiments without scans: floor(z) + 1 like DIALS
+        return np.floor(xyz[:, 2]).astype(np.int64) + 1
 
 
 # -- the methods ----------------------------------------------------------------------------
@@ -330,36 +425,38 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
         raise VmergeError("no experiments to merge")
     space_group = geometry.space_group(experiments[0])
     unit_cell = geometry.median_unit_cell(experiments)
-    obs = scaled_observations(table, experiments)
-    obs = _resolution_cut(obs, unit_cell, _param(params, "merging.d_min", None),
-                          _param(params, "merging.d_max", None))
+    obs = scaled_observations(table, experiments, _param(params, "merging.d_min", None),
+                              _param(params, "merging.d_max", None), unit_cell)
     fw = bool(_param(params, "merging.french_wilson", True))
-    groups = group_observations(obs.miller_index, space_group, False, unit_cell)
-    merged = merge_groups(method, groups, obs.intensity, obs.sigma, params, fw)
-    anom_groups = group_observations(obs.miller_index, space_group, True, unit_cell)
-    merged_anom = merge_groups(method, anom_groups, obs.intensity, obs.sigma, params, fw)
-    if fw and method != "variational" and len(merged):
-        # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
-        # inverse-variance mean of F(+) and F(-)
-        merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
-                                                                              merged_anom)
+    # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
+    groupings = Groupings(obs.miller_index, space_group, unit_cell)
+    # The statistics first: their temporaries are gone before the merged arrays exist.
     n_bins = int(_param(params, "merging.nbins", 20))
     statistics = None
     try:
         statistics = merging_statistics(
             obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
-            with_anomalous_table=not space_group.is_centric())
+            with_anomalous_table=not space_group.is_centric(), groupings=groupings)
     except Exception as e:  # too few reflections for shells: report, still write the MTZ
         log.warning(f"Merging statistics could not be computed: {e}")
+    merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma, params, fw)
+    merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma, params,
+                               fw)
+    if fw and method != "variational" and len(merged):
+        # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
+        # inverse-variance mean of F(+) and F(-)
+        merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
+                                                                              merged_anom)
     wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
                          statistics)
     if half_dataset:
-        result.half_dataset = half_dataset_for(result, params, method)
+        result.half_dataset = half_dataset_for(result, params, method, groupings)
     return result
 
 
-def half_dataset_for(result: MergeResult, params, method: str) -> dict:
+def half_dataset_for(result: MergeResult, params, method: str, groupings=None) -> dict:
+    """Half-dataset statistics of a merge; `groupings` those of result.observations."""
     from .halfdataset import half_dataset_statistics
 
     obs = result.observations
@@ -369,6 +466,7 @@ def half_dataset_for(result: MergeResult, params, method: str) -> dict:
         repeats=int(_param(params, "merging.half_dataset_repeats", 10)),
         seed=int(_param(params, "merging.seed", 0)),
         n_bins=int(_param(params, "merging.nbins", 20)),
+        groupings=groupings,
     )
 
 

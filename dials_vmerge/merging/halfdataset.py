@@ -15,9 +15,8 @@ import math
 from typing import Callable, Optional
 
 import numpy as np
-from scipy.stats import rankdata
 
-from .groups import group_observations
+from .groups import Groupings
 from .lookup import find_indices
 from .statistics import equal_volume_limits, pearson, shell_of, symmetry_compatible_cell
 
@@ -30,10 +29,28 @@ def split_batches(batches: np.ndarray, rng) -> np.ndarray:
     return np.sort(first)
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks (scipy.stats.rankdata's
+    'average', which would cost ~25 MB of memory to import); all NaN if any value is NaN,
+    as rankdata propagates NaN."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    n = len(values)
+    if n and np.isnan(values).any():
+        return np.full(n, np.nan)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    count = np.diff(np.append(first, n))
+    # positions first..first+count-1 hold ranks first+1..first+count: their mean
+    ranks = np.empty(n)
+    ranks[order] = np.repeat(first + (count + 1) / 2.0, count)
+    return ranks
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2:
         return 0.0
-    return pearson(rankdata(x), rankdata(y))
+    return pearson(average_ranks(x), average_ranks(y))
 
 
 def _correlations(a, b, shell, n_bins):
@@ -50,17 +67,22 @@ def _correlations(a, b, shell, n_bins):
 def half_dataset_statistics(
     miller_index, intensity, sigma, batch, space_group, unit_cell,
     merge: Callable, repeats: int = 10, seed: int = 0, n_bins: int = 20,
+    groupings: Optional[Groupings] = None,
 ):
     """`merge(groups, intensity, sigma, full_groups_or_None)` returns merged intensities
-    aligned to `groups`. Returns a JSON-able dict of per-shell mean/SD correlations."""
+    aligned to `groups`. Returns a JSON-able dict of per-shell mean/SD correlations.
+    groupings: the Groupings of these observations if the caller has them; each half's
+    groupings are derived from them (the same as grouping the half afresh)."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     batch = np.asarray(batch, dtype=np.int64)
     unit_cell = symmetry_compatible_cell(unit_cell, space_group)
     limits, d_ranges = equal_volume_limits(unit_cell, miller_index, n_bins)
-    full = group_observations(miller_index, space_group, False, unit_cell)
-    full_anom = group_observations(miller_index, space_group, True, unit_cell)
+    if groupings is None:
+        groupings = Groupings(miller_index, space_group, unit_cell)
+    full = groupings.get(False, unit_cell)
+    full_anom = groupings.get(True, unit_cell)
     context = {"full": full, "full_anom": full_anom}
     merge_context = merge.prepare(context, intensity, sigma) if hasattr(merge, "prepare") else None
     rng = np.random.default_rng(seed)
@@ -72,8 +94,8 @@ def half_dataset_statistics(
         halves = []
         halves_anom = []
         for mask in (first, ~first):
-            g = group_observations(miller_index[mask], space_group, False, unit_cell)
-            ga = group_observations(miller_index[mask], space_group, True, unit_cell)
+            g = full.subset(mask)
+            ga = full_anom.subset(mask)
             halves.append((g, merge(g, intensity[mask], sigma[mask], merge_context, False)))
             halves_anom.append((ga, merge(ga, intensity[mask], sigma[mask], merge_context, True)))
         (g1, i1), (g2, i2) = halves

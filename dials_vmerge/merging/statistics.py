@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit
 
 from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums_kernel, inverse_variance_merge_kernel
-from .groups import GroupedObservations, _flex_indices, group_observations
+from .groups import Groupings, per_index_chunks
 
 BIN_RELATIVE_TOLERANCE = 1e-6
 FP_EPS_DOUBLE = np.finfo(np.float64).eps
@@ -53,11 +53,18 @@ CCTBX_SPLIT_SEED = 1  # cctbx's split_unmerged seeds its mt19937 with seed + 1 =
 def equal_volume_limits(unit_cell, miller_index, n_bins: int) -> np.ndarray:
     """Shell limits in d*^2 (n_bins + 1 values): equal volumes in d*^3 between the extreme
     d*^2 of the data, widened by 1e-6 of the range. Taken from cctbx's binning so boundary
-    reflections fall exactly as in iotbx."""
+    reflections fall exactly as in iotbx; cctbx's binning reads only the extreme d*^2 of the
+    indices, so it is given the two indices where they lie (found slice by slice) rather
+    than a flex copy of every index."""
     from cctbx import miller
 
     from .groups import _flex_indices
 
+    miller_index = np.asarray(miller_index).reshape(-1, 3)
+    if len(miller_index):
+        d_star_sq = per_index_chunks(miller_index, unit_cell.d_star_sq)
+        miller_index = miller_index[[int(np.argmin(d_star_sq)), int(np.argmax(d_star_sq))]]
+        del d_star_sq
     binning = miller.binning(unit_cell, int(n_bins), _flex_indices(miller_index), 0, 0)
     d_ranges = [tuple(binning.bin_d_range(i)) for i in binning.range_used()]
     return np.array(binning.limits()), d_ranges
@@ -80,9 +87,20 @@ def cctbx_uniform_stream(n: int) -> np.ndarray:
     return np.random.RandomState(CCTBX_SPLIT_SEED).random_sample(max(int(n), 1))
 
 
+def cctbx_draws_needed(groups) -> int:
+    """The most draws half_split_kernel can take from the stream for all groups: per group
+    with n > 1, one per member of the first half (n // 2, or n // 2 + 1 for odd n) and, for
+    odd n, one for that choice."""
+    n = groups.multiplicity
+    n = n[n > 1]
+    return int((n // 2 + 2 * (n % 2)).sum())
+
+
 @njit(cache=True)
-def half_split_kernel(intensity, sigma, group_start, groups_in_order, uniforms, weighted):
+def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_order, uniforms,
+                      weighted):
     """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
+    Observations are read in the caller's row order through `permutation` (no sorted copy).
 
     For odd n the first half takes the extra observation when a draw is < 0.5; the first
     half is drawn by a partial Fisher-Yates shuffle, one draw per member."""
@@ -105,9 +123,12 @@ def half_split_kernel(intensity, sigma, group_start, groups_in_order, uniforms, 
         if n < 2:
             continue
         for i in range(n):
-            values[i] = intensity[start + i]
-            w[i] = 1.0 / (sigma[start + i] * sigma[start + i]) if weighted else 1.0
+            row = permutation[start + i]
+            values[i] = intensity[row]
+            w[i] = 1.0 / (sigma[row] * sigma[row]) if weighted else 1.0
         n_first = n // 2
+        if u + n_first + 2 * (n - 2 * n_first) > uniforms.shape[0]:
+            raise ValueError("half_split_kernel: too few random numbers")
         if 2 * n_first != n:
             if uniforms[u] < 0.5:
                 n_first += 1
@@ -147,9 +168,10 @@ def cc_significance(cc: float, n: int, level: float):
     """(significant, critical value) of a one-sided Student-t test of correlation cc."""
     if cc == -1 or n <= 2:
         return False, 0.0
-    from scipy.stats import t as student_t
+    # scipy.stats.t.ppf is this function; scipy.stats itself costs ~25 MB to import
+    from scipy.special import stdtrit
 
-    t = float(student_t.ppf(1.0 - level, n - 2))
+    t = float(stdtrit(n - 2, 1.0 - level))
     critical = t / math.sqrt(n - 2 + t * t)
     return bool(cc > critical), critical
 
@@ -394,33 +416,42 @@ def _jsonable(obj):
 
 # -- the computation ---------------------------------------------------------------------------
 class _Prepared:
-    """Everything computed once over all groups, aggregated per shell afterwards."""
+    """Everything computed once over all groups, aggregated per shell afterwards. Holds
+    per-group arrays only: observations are read through the groupings' permutations, and
+    the sorted copies the merge kernels need are dropped once they have run."""
 
-    def __init__(self, miller_index, intensity, sigma, space_group, unit_cell, anomalous):
+    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings):
         self.space_group = space_group
         self.unit_cell = unit_cell
         self.anomalous = anomalous
-        self.groups = group_observations(miller_index, space_group, anomalous, unit_cell)
+        self.intensity = intensity
+        self.sigma = sigma
+        self.groups = groupings.get(anomalous, unit_cell)
         g = self.groups
-        self.i_sorted = g.gather(intensity)
-        self.s_sorted = g.gather(sigma)
+        # The anomalous grouping for CCanom and Ranom (the same one when anomalous).
+        self.anom = groupings.get(True, unit_cell)
+        a = self.anom
+        i_sorted = g.gather(intensity)
+        s_sorted = g.gather(sigma)
         self.mean, self.merged_sigma = inverse_variance_merge_kernel(
-            self.i_sorted, self.s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
+            i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
         )
-        self.abs_dev, self.total = deviation_sums_kernel(self.i_sorted, g.group_start, self.mean)
+        self.abs_dev, self.total = deviation_sums_kernel(i_sorted, g.group_start, self.mean)
+        if a is not g:
+            del i_sorted, s_sorted
+            i_sorted = a.gather(intensity)
+            s_sorted = a.gather(sigma)
+        self.anom_mean, self.anom_sigma_internal = inverse_variance_merge_kernel(
+            i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
+        )
+        del i_sorted, s_sorted
         self.n = g.multiplicity
         self.group_d = _cctbx_d(unit_cell, g.asu_index)  # cctbx's rounding, for boundaries
-        # The anomalous grouping for CCanom and Ranom.
-        self.anom = group_observations(miller_index, space_group, True, unit_cell)
-        a = self.anom
-        self.ai_sorted = a.gather(intensity)
-        self.as_sorted = a.gather(sigma)
-        self.anom_mean, self.anom_sigma_internal = inverse_variance_merge_kernel(
-            self.ai_sorted, self.as_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
-        )
         self.partner = bijvoet_partner(a.asu_index)
         self.plus = is_plus_hemisphere(a.asu_index, space_group) & (self.partner >= 0)
-        self.uniforms = cctbx_uniform_stream(len(intensity))
+        # The stream restarts for every shell; all groups together take the most draws.
+        self.uniforms = cctbx_uniform_stream(max(cctbx_draws_needed(g),
+                                                 cctbx_draws_needed(a)))
         self._complete = None
 
     def complete_set_dstar_sq(self, d_min):
@@ -455,10 +486,10 @@ def anomalous_signal_statistics(i_plus, i_minus, sigma_plus, sigma_minus,
         out["delta_i_mean_over_sig_delta_i_mean"] = float(
             np.mean(np.abs(delta[ok])) / np.mean(sigma_delta[ok]))
     if probability_plot:
-        from scipy.stats import norm
+        from scipy.special import ndtri  # = scipy.stats.norm.ppf, without scipy.stats
 
         y = np.sort(delta / sigma_delta)
-        x = norm.ppf((np.arange(1, len(y) + 1) - 0.5) / len(y))
+        x = ndtri((np.arange(1, len(y) + 1) - 0.5) / len(y))
         for key, keep in (("", np.abs(x) < expected_delta), ("_all_data", np.ones(len(x), bool))):
             fit = _least_squares_line(x[keep], y[keep])
             if key == "":
@@ -484,13 +515,28 @@ def _least_squares_line(x, y):
 
 def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, complete_dss,
                       anom_complete_dss, probability_plot=False):
-    g = prep.groups
-    n = prep.n[group_sel]
+    # One function per group of statistics, so each one's per-group temporaries are gone
+    # before the next one's are made.
     stats = ShellStatistics(d_max=0.0, d_min=0.0)
-    if len(n) == 0:
+    if not _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss):
         return stats
+    _cc_half(stats, prep, group_sel, level)
+    n_pairs = _anomalous_differences(stats, prep, anom_sel, level)
+    if prep.anomalous and anom_complete_dss is not None:
+        _anomalous_completeness(stats, prep, group_sel, n_pairs, anom_complete_dss)
+    if prep.anomalous:
+        _bijvoet_signal(stats, prep, group_sel, probability_plot)
+    return stats
+
+
+def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bool:
+    """Counts, completeness, <I>, <I/sigma>, Rmerge/Rmeas/Rpim; False if no group."""
+    n = prep.n[group_sel]
+    if len(n) == 0:
+        return False
     data_d = prep.group_d[group_sel]
     data_d_max, data_d_min = float(data_d.max()), float(data_d.min())
+    del data_d
     if d_max_min is None:
         d_max_min = (data_d_max, data_d_min)
     stats.d_max, stats.d_min = d_max_min
@@ -504,6 +550,7 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
     if stats.d_min > 0:
         keep &= d_star_complete <= 1.0 / stats.d_min
     n_expected = int(keep.sum())
+    del keep
     stats.completeness = min(stats.n_uniq / n_expected, 1.0) if n_expected else 0.0
     stats.multiplicity = float(n.mean())
     mean = prep.mean[group_sel]
@@ -512,6 +559,7 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
     stats.sigi_mean = float(msig.mean())
     positive = msig > 0
     stats.i_over_sigma_mean = float((mean[positive] / msig[positive]).mean()) if positive.any() else 0.0
+    del mean, msig, positive
     multi = n > 1
     denominator = float(prep.total[group_sel][multi].sum())
     abs_dev = prep.abs_dev[group_sel][multi]
@@ -522,36 +570,51 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
         stats.r_merge = float(abs_dev.sum()) / denominator
         stats.r_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum()) / denominator
         stats.r_pim = float((np.sqrt(1.0 / (nm - 1)) * abs_dev).sum()) / denominator
-    # CC1/2 on this grouping, fresh random stream.
+    return True
+
+
+def _cc_half(stats, prep, group_sel, level):
+    """CC1/2 on this grouping, fresh random stream."""
+    g = prep.groups
     order = np.flatnonzero(group_sel) if group_sel.dtype == bool else np.asarray(group_sel)
-    h1, h2 = half_split_kernel(prep.i_sorted, prep.s_sorted, g.group_start,
+    h1, h2 = half_split_kernel(prep.intensity, prep.sigma, g.permutation, g.group_start,
                                order.astype(np.int64), prep.uniforms, True)
+    del order
     ok = ~np.isnan(h1)
     stats.cc_half = pearson(h1[ok], h2[ok])
     stats.cc_half_n_refl = int(ok.sum())
     if level is not None:
         stats.cc_half_significance, stats.cc_half_critical_value = cc_significance(
             stats.cc_half, stats.cc_half_n_refl, level)
-    # CCanom and Ranom on the anomalous grouping.
+
+
+def _anomalous_differences(stats, prep, anom_sel, level) -> int:
+    """CCanom and Ranom on the anomalous grouping; returns the number of Bijvoet pairs."""
     a = prep.anom
     anom_order = np.flatnonzero(anom_sel).astype(np.int64)
-    a1, a2 = half_split_kernel(prep.ai_sorted, prep.as_sorted, a.group_start, anom_order,
-                               prep.uniforms, False)
+    a1, a2 = half_split_kernel(prep.intensity, prep.sigma, a.permutation, a.group_start,
+                               anom_order, prep.uniforms, False)
     split_1 = np.full(a.n_groups, np.nan)
     split_2 = np.full(a.n_groups, np.nan)
     split_1[anom_order] = a1
     split_2[anom_order] = a2
+    del a1, a2
     plus = anom_order[prep.plus[anom_order]]
     minus = prep.partner[plus]
     in_shell = np.zeros(a.n_groups, bool)
     in_shell[anom_order] = True
+    del anom_order
     pair_ok = in_shell[minus] if len(minus) else np.zeros(0, bool)
+    del in_shell
     plus, minus = plus[pair_ok], minus[pair_ok]
+    del pair_ok
     both = ~np.isnan(split_1[plus]) & ~np.isnan(split_1[minus])
     d1 = split_1[plus][both] - split_1[minus][both]
     d2 = split_2[plus][both] - split_2[minus][both]
+    del split_1, split_2
     stats.cc_anom = pearson(d1, d2)
     stats.cc_anom_n_pairs = int(both.sum())
+    del d1, d2, both
     if level is not None:
         stats.cc_anom_significance, stats.cc_anom_critical_value = cc_significance(
             stats.cc_anom, stats.cc_anom_n_pairs, level)
@@ -564,31 +627,37 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
         stats.r_anom = float(np.abs(i_plus - i_minus).sum()) / denominator if denominator > 0 else None
     else:
         stats.r_anom = None
-    if prep.anomalous and anom_complete_dss is not None:
-        acentric = ~g.centric[group_sel]
-        pairs = plus.size
-        # cctbx: Bijvoet pairs / acentrics of the non-anomalous complete set in the range
-        d_acentric, d_star_acentric = anom_complete_dss
-        keep = d_acentric >= stats.d_min * (1 - 1e-6)
-        if stats.d_max > 0:
-            keep &= d_star_acentric >= 1.0 / stats.d_max
-        n_acentric_expected = int(keep.sum())
-        stats.anom_completeness = min(pairs / n_acentric_expected, 1.0) if n_acentric_expected else 0
-        stats.anom_multiplicity = float(n[acentric].mean()) if acentric.any() else None
-    if prep.anomalous:
-        # Bijvoet pairs of this grouping (I+ and I- apart), both members in the selection
-        selected = np.zeros(g.n_groups, bool)
-        selected[group_sel] = True
-        plus_groups = np.flatnonzero(selected & prep.plus)
-        minus_groups = prep.partner[plus_groups]
-        both_in = selected[minus_groups]
-        plus_groups, minus_groups = plus_groups[both_in], minus_groups[both_in]
-        for name, value in anomalous_signal_statistics(
-                prep.mean[plus_groups], prep.mean[minus_groups],
-                prep.merged_sigma[plus_groups], prep.merged_sigma[minus_groups],
-                probability_plot).items():
-            setattr(stats, name, value)
-    return stats
+    return int(plus.size)
+
+
+def _anomalous_completeness(stats, prep, group_sel, pairs, anom_complete_dss):
+    """cctbx: Bijvoet pairs / acentrics of the non-anomalous complete set in the range."""
+    acentric = ~prep.groups.centric[group_sel]
+    d_acentric, d_star_acentric = anom_complete_dss
+    keep = d_acentric >= stats.d_min * (1 - 1e-6)
+    if stats.d_max > 0:
+        keep &= d_star_acentric >= 1.0 / stats.d_max
+    n_acentric_expected = int(keep.sum())
+    stats.anom_completeness = min(pairs / n_acentric_expected, 1.0) if n_acentric_expected else 0
+    stats.anom_multiplicity = (float(prep.n[group_sel][acentric].mean()) if acentric.any()
+                               else None)
+
+
+def _bijvoet_signal(stats, prep, group_sel, probability_plot):
+    """Bijvoet pairs of this grouping (I+ and I- apart), both members in the selection."""
+    g = prep.groups
+    selected = np.zeros(g.n_groups, bool)
+    selected[group_sel] = True
+    plus_groups = np.flatnonzero(selected & prep.plus)
+    minus_groups = prep.partner[plus_groups]
+    both_in = selected[minus_groups]
+    del selected
+    plus_groups, minus_groups = plus_groups[both_in], minus_groups[both_in]
+    for name, value in anomalous_signal_statistics(
+            prep.mean[plus_groups], prep.mean[minus_groups],
+            prep.merged_sigma[plus_groups], prep.merged_sigma[minus_groups],
+            probability_plot).items():
+        setattr(stats, name, value)
 
 
 def merging_statistics(
@@ -602,20 +671,32 @@ def merging_statistics(
     significance_level: Optional[float] = 0.01,
     with_anomalous_table: bool = False,
     suggest_cut: bool = True,
+    groupings: Optional[Groupings] = None,
 ) -> MergingStatistics:
     """Statistics of unmerged scaled intensities (I/g, sigma/g), overall and by shell.
 
     with_anomalous_table: also the statistics with I+ and I- apart (anomalous_statistics).
     suggest_cut: where the CC1/2 fit suggests a limit inside the data, also the statistics of
-    the data cut there (cut_statistics, with its own anomalous table)."""
+    the data cut there (cut_statistics, with its own anomalous table).
+    groupings: the Groupings of these observations (rows as given) when the caller has them
+    already (merging does); computed here otherwise."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     unit_cell = symmetry_compatible_cell(unit_cell, space_group)
     limits, d_ranges = equal_volume_limits(unit_cell, miller_index, n_bins)
+    if groupings is None:
+        groupings = Groupings(miller_index, space_group, unit_cell)
     positive = sigma > 0
-    prep = _Prepared(miller_index[positive], intensity[positive], sigma[positive], space_group,
-                     unit_cell, anomalous)
+    if positive.all():
+        used = groupings
+        used_intensity, used_sigma = intensity, sigma
+    else:
+        used = groupings.subset(positive)
+        used_intensity, used_sigma = intensity[positive], sigma[positive]
+    del positive
+    prep = _Prepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used)
+    del used_intensity, used_sigma
     g, a = prep.groups, prep.anom
     complete_dss = prep.complete_set_dstar_sq(float(prep.group_d.min()))
     anom_complete_dss = None
@@ -637,6 +718,7 @@ def merging_statistics(
             continue
         shells.append(_shell_statistics(prep, sel, anom_shell == b, d_range, significance_level,
                                         complete_dss, anom_complete_dss))
+    del prep, g, a, used
     weights = np.array([s.cc_half_n_refl for s in shells], dtype=np.float64)
     values = np.array([s.cc_half for s in shells])
     cc_half_overall = float((weights * values).sum() / weights.sum()) if weights.sum() else 0.0
@@ -648,15 +730,15 @@ def merging_statistics(
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
-            significance_level, False, suggest_cut=False)
+            significance_level, False, suggest_cut=False, groupings=groupings)
     d_fit = result.d_min_cc_half_fit
     if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > CUT_TOLERANCE_A:
         # cctbx resolution_filter(d_min): keep 1/d <= 1/d_min
-        d_star = np.sqrt(unit_cell.d_star_sq(_flex_indices(miller_index)).as_numpy_array())
-        keep = d_star <= 1.0 / d_fit
+        keep = np.sqrt(per_index_chunks(miller_index, unit_cell.d_star_sq)) <= 1.0 / d_fit
         result.cut_statistics = merging_statistics(
             miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
-            anomalous, significance_level, with_anomalous_table, suggest_cut=False)
+            anomalous, significance_level, with_anomalous_table, suggest_cut=False,
+            groupings=groupings.subset(keep))
     return result
 
 
