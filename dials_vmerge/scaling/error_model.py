@@ -89,24 +89,28 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         table = layout.table(intensities, variances, weights, gs, extra=extra)
     else:
         table = build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
+    del weights, extra, layout
+    # Each filter below replaces the table by its selection, consuming the old one: the
+    # chain then never holds two tables of all reflections at once.
     if partialities is not None and min_partiality is not None:
         keep = table.extra["partiality"] > min_partiality
         if not keep.all():  # callers with a layout have usually cut already: skip the copy
-            table = table.select(keep)
+            table = table.select(keep, consume=True)
     if stills is not None:
         return _filter_stills(table, stills, min_ih, model or BasicErrorModel())
     grp = table.group_of_observation()
     n_h = table.multiplicity()
     i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
     keep_group = i_over_var / np.maximum(n_h, 1) > 0.85
-    table = table.select(keep_group[grp])
+    table = table.select(keep_group[grp], consume=True)
+    del grp, n_h, i_over_var, keep_group
     ih = table.merged_intensity()
-    table = table.select(ih[table.group_of_observation()] * table.g > min_ih)
-    table = table.select(table.intensity > 0.001)
+    table = table.select(ih[table.group_of_observation()] * table.g > min_ih, consume=True)
+    table = table.select(table.intensity > 0.001, consume=True)
     if table.n_obs < MIN_REFLECTIONS:
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
-    table = table.select((table.multiplicity() > 1)[table.group_of_observation()])
+    table = table.select((table.multiplicity() > 1)[table.group_of_observation()], consume=True)
     # internal over external variance ratio per group
     grp = table.group_of_observation()
     n_h = table.multiplicity().astype(float)
@@ -114,9 +118,10 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     scaled = table.intensity / table.g
     internal = np.bincount(grp, (scaled - ih[grp]) ** 2, minlength=table.n_groups) / np.maximum(
         n_h - 1, 1)
+    del scaled
     external = np.bincount(grp, table.variance / table.g ** 2, minlength=table.n_groups) / n_h
     limit = max(50.0, float(ih.max()) / 40.0) if ih.size else 50.0
-    table = table.select((internal / external < limit)[grp])
+    table = table.select((internal / external < limit)[grp], consume=True)
     if table.n_obs < MIN_REFLECTIONS:
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
@@ -127,19 +132,20 @@ def _filter_stills(table, stills, min_ih, model):
     """The stills filter of dials.scale (error_model.stills): I/sigma >= min_Isigma,
     Ih g p > min_Ih, |delta| < 6 under the current model, multiplicity >= min_multiplicity."""
     min_isigma, min_multiplicity = stills
-    table = table.select(table.intensity / np.sqrt(table.variance) >= min_isigma)
+    table = table.select(table.intensity / np.sqrt(table.variance) >= min_isigma, consume=True)
     grp = table.group_of_observation()
     expected = table.merged_intensity()[grp] * table.g
     if "partiality" in table.extra:
         expected = expected * table.extra["partiality"]
-    table = table.select(expected > min_ih)
+    table = table.select(expected > min_ih, consume=True)
     grp = table.group_of_observation()
     n_h = table.multiplicity()[grp].astype(float)
     ih = table.merged_intensity()[grp]
     sigma_prime = model.a * np.sqrt(table.variance + (model.b * table.intensity) ** 2) / table.g
     delta = np.sqrt((n_h - 1) / n_h) * (table.intensity / table.g - ih) / sigma_prime
-    table = table.select(np.abs(delta) < 6.0)
-    table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()])
+    table = table.select(np.abs(delta) < 6.0, consume=True)
+    table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()],
+                         consume=True)
     if table.n_obs < MIN_REFLECTIONS:
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")

@@ -152,8 +152,12 @@ class IhTable:
                                 chunk_bounds(self.group_start, nproc), ih)
         return ih
 
-    def select(self, obs_mask):
-        """A new table with the observations in obs_mask (groups left empty vanish)."""
+    def select(self, obs_mask, consume=False):
+        """A new table with the observations in obs_mask (groups left empty vanish).
+
+        consume: the caller drops this table; each of its per-observation arrays is released
+        as soon as its selection exists, so the two tables never coexist in full (a chain of
+        filters then peaks at one table plus one column, not two tables)."""
         keep = np.flatnonzero(obs_mask)
         group_of_obs = self.group_of_observation()[keep]
         if keep.size:
@@ -163,9 +167,19 @@ class IhTable:
         else:
             group_start = np.zeros(1, np.int64)
             group_ids = np.zeros(0, np.int64)
-        return IhTable(self.intensity[keep], self.variance[keep], self.weight[keep],
-                       self.g[keep], self.dataset_id[keep], self.loc_index[keep], group_start,
-                       self.asu_index[group_ids], {k: v[keep] for k, v in self.extra.items()})
+        del group_of_obs
+        columns = {}
+        for name in ("intensity", "variance", "weight", "g", "dataset_id", "loc_index"):
+            columns[name] = getattr(self, name)[keep]
+            if consume:
+                setattr(self, name, None)
+        extra = {}
+        for name in list(self.extra):
+            extra[name] = self.extra[name][keep]
+            if consume:
+                del self.extra[name]
+        return IhTable(group_start=group_start, asu_index=self.asu_index[group_ids], extra=extra,
+                       **columns)
 
 
 def build_ih_table(asu_indices, intensities, variances, weights, gs, loc_indices=None,
