@@ -16,18 +16,15 @@ from numba import njit, prange
 
 
 def map_indices_to_asu(miller_index, space_group, anomalous):
-    """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous."""
-    from cctbx import miller
-    from cctbx.array_family import flex
+    """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous.
+    (The merging grouping's mapping, which works in slices: no full-size cctbx copies.)"""
+    from ..merging.groups import _asu_chunks
 
-    h = np.ascontiguousarray(miller_index, dtype=np.int32)
-    if h.shape[0] == 0:
-        return h.reshape(0, 3)
-    indices = flex.miller_index(flex.int(np.ascontiguousarray(h[:, 0])),
-                                flex.int(np.ascontiguousarray(h[:, 1])),
-                                flex.int(np.ascontiguousarray(h[:, 2])))
-    miller.map_to_asu(space_group.type(), bool(anomalous), indices)
-    return indices.as_vec3_double().as_double().as_numpy_array().reshape(-1, 3).astype(np.int32)
+    hkl = np.asarray(miller_index).reshape(-1, 3)
+    asu = np.empty((len(hkl), 3), dtype=np.int32)
+    for start, stop, chunk, _ in _asu_chunks(hkl, space_group, anomalous):
+        asu[start:stop] = chunk
+    return asu
 
 
 @njit(cache=True)
