@@ -2,6 +2,7 @@
 of sorting again."""
 
 import numpy as np
+import pytest
 
 from dials_vmerge.scaling import combine
 from dials_vmerge.scaling.ih_table import GroupLayout, build_ih_table, pack_indices
@@ -42,14 +43,30 @@ def test_pack_indices_orders_lexicographically():
     assert order.tolist() == np.lexsort((h[:, 2], h[:, 1], h[:, 0])).tolist()
 
 
-def test_presorted_rmeas_equals_rmeas():
+def _rmeas_by_hand(asu, intensity, sigma):
+    keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
+    num = den = 0.0
+    for key in {tuple(h) for h in asu[keep]}:
+        mine = keep & np.all(asu == key, axis=1)
+        n = int(mine.sum())
+        if n < 2:
+            continue
+        w = 1.0 / sigma[mine] ** 2
+        mean = np.sum(w * intensity[mine]) / np.sum(w)
+        num += np.sqrt(n / (n - 1.0)) * np.sum(np.abs(intensity[mine] - mean))
+        den += np.sum(intensity[mine])
+    return num / den
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_rmeas_of_the_kept_observations_read_in_place(nproc):
     asu = RNG.integers(-4, 5, (2000, 3)).astype(np.int32)
-    intensity = RNG.normal(50, 40, 2000)
+    intensity = RNG.normal(50, 40, 2000)  # about a fifth fail I/sigma > 1
     sigma = RNG.uniform(1, 30, 2000)
-    presorted = combine.sorted_keys(asu)
-    assert combine.rmeas(asu, intensity, sigma, 1, presorted) == combine.rmeas(
-        asu, intensity, sigma, 1)
-    assert combine.rmeas(asu, intensity, sigma, 1) > 0
+    sigma[::97] = 0.0
+    assert combine.rmeas(asu, intensity, sigma, nproc) == pytest.approx(
+        _rmeas_by_hand(asu, intensity, sigma), rel=1e-12)
+    assert combine.rmeas(asu[:1], intensity[:1], sigma[:1]) == -1.0
 
 
 def test_capped_weights_equal_ten_times_the_numpy_group_median():

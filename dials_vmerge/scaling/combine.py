@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import flags
-from .ih_table import chunk_bounds, group_sort, pack_indices
+from .ih_table import chunk_bounds, group_sort
 
 
 def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
@@ -71,65 +71,62 @@ def candidate_imids(i_sum, partiality):
 
 
 @njit(cache=True, parallel=True)
-def rmeas_kernel(intensity, sigma, group_start, chunk_start, num_partial, den_partial):
-    """Per chunk: sum over groups with n > 1 of sqrt(n/(n-1)) sum |I - <I>| and sum I,
-    <I> the 1/sigma^2 weighted mean."""
+def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_partial,
+                           den_partial, n_partial):
+    """Per chunk of groups, over the observations with sigma > 0 and I/sigma > 1 only (read
+    in place: no compacted copies), counted in n_partial: the sum over groups with n > 1 of
+    sqrt(n/(n-1)) sum |I - <I>| and the sum of I, <I> the 1/sigma^2 weighted mean."""
     n_chunks = chunk_start.size - 1
     for c in prange(n_chunks):
         num = 0.0
         den = 0.0
+        n_kept = 0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
             lo = group_start[grp]
             hi = group_start[grp + 1]
-            n = hi - lo
-            if n < 2:
-                continue
+            n = 0
             sw = 0.0
             swi = 0.0
             for i in range(lo, hi):
-                w = 1.0 / (sigma[i] * sigma[i])
-                sw += w
-                swi += w * intensity[i]
+                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+                    n += 1
+                    w = 1.0 / (sigma[i] * sigma[i])
+                    sw += w
+                    swi += w * intensity[i]
+            n_kept += n
+            if n < 2:
+                continue
             mean = swi / sw
             dev = 0.0
             for i in range(lo, hi):
-                dev += abs(intensity[i] - mean)
-                den += intensity[i]
+                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+                    dev += abs(intensity[i] - mean)
+                    den += intensity[i]
             num += np.sqrt(n / (n - 1.0)) * dev
         num_partial[c] = num
         den_partial[c] = den
+        n_partial[c] = n_kept
 
 
-def sorted_keys(asu_index):
-    """(stable order, sorted packed keys) of ASU indices, reusable across rmeas calls."""
-    keys = pack_indices(asu_index)
-    order = np.argsort(keys, kind="stable")
-    return order, keys[order]
-
-
-def rmeas(asu_index, intensity, sigma, nproc=1, presorted=None):
-    """presorted: sorted_keys(asu_index), to skip the sort (the stable order restricted
-    to the kept reflections is their own stable order)."""
-    keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
-    if keep.sum() < 2:
-        return -1.0
-    if presorted is None:
-        order, group_start = group_sort(asu_index[keep])
-        rows = np.flatnonzero(keep)[order]
-    else:
-        full_order, full_keys = presorted
-        kept_sorted = keep[full_order]
-        rows = full_order[kept_sorted]
-        keys = full_keys[kept_sorted]
-        boundaries = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-        group_start = np.concatenate([[0], boundaries, [keys.size]]).astype(np.int64)
+def rmeas_sorted(intensity, sigma, group_start, nproc=1):
+    """rmeas of observations already sorted by group (offsets group_start)."""
     chunks = chunk_bounds(group_start, nproc)
     num = np.zeros(chunks.size - 1)
     den = np.zeros(chunks.size - 1)
-    rmeas_kernel(np.ascontiguousarray(intensity[rows]),
-                 np.ascontiguousarray(sigma[rows]), group_start, chunks, num, den)
+    kept = np.zeros(chunks.size - 1, dtype=np.int64)
+    rmeas_of_sorted_kernel(intensity, sigma, group_start, chunks, num, den, kept)
+    if kept.sum() < 2:
+        return -1.0
     total_den = float(sum(den))
     return float(sum(num)) / total_den if total_den > 0 else -1.0
+
+
+def rmeas(asu_index, intensity, sigma, nproc=1):
+    """Rmeas of I (1/sigma^2-weighted group means) over the observations with sigma > 0 and
+    I/sigma > 1, grouped by ASU index; -1 when fewer than two are kept."""
+    order, group_start = group_sort(asu_index)
+    return rmeas_sorted(np.ascontiguousarray(intensity[order]),
+                        np.ascontiguousarray(sigma[order]), group_start, nproc)
 
 
 def combination_test_selection(table, g, suitable_and_not_outlier):
@@ -157,7 +154,11 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     if not imids:
         imids = candidate_imids(cat["i_sum"], cat["partiality"])
     best, best_score = 0.0, None
-    presorted = sorted_keys(cat["asu_index"])
+    # Sorted by group once, array by array: every candidate's Rmeas then reads them in place.
+    order, group_start = group_sort(cat.pop("asu_index"))
+    for name in list(cat):
+        cat[name] = cat.pop(name)[order]
+    del order
     scaled_i = np.empty(cat["i_sum"].size)
     scaled_sigma = np.empty(cat["i_sum"].size)
     for imid in imids:
@@ -166,7 +167,7 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
                                cat["partiality"], cat["correction"], cat["g"], float(imid),
                                weight, scaled_i, scaled_sigma)
         del weight
-        score = rmeas(cat["asu_index"], scaled_i, scaled_sigma, nproc, presorted)
+        score = rmeas_sorted(scaled_i, scaled_sigma, group_start, nproc)
         if log is not None:
             log(f"  Imid {imid:.6g}: Rmeas {score:.5f}")
         if score < 0:

@@ -150,14 +150,14 @@ def targeted_outliers(intensity, variance, g, target_ih, target_variance, zmax=6
 
 def e_squared(table, space_group, unit_cell):
     """E^2 = (I/g) / N(d) per observation, or None below the size DIALS normalises at."""
-    from .normalisation import quasi_normalised_e_squared
+    from .normalisation import grouped_quasi_normalised_e_squared
 
     if table.n_obs <= MIN_REFLECTIONS_FOR_NORMALISATION:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         scaled = np.where(table.g != 0, table.intensity / table.g, 0.0)
-    asu = np.repeat(table.asu_index, np.diff(table.group_start), axis=0)
-    return quasi_normalised_e_squared(asu, scaled, space_group, unit_cell)
+    return grouped_quasi_normalised_e_squared(table.asu_index, table.group_start, scaled,
+                                              space_group, unit_cell)
 
 
 def esq_outliers(table, space_group, unit_cell, emax=10.0):
