@@ -13,6 +13,11 @@ reflection. The part of that freedom a model can express is removed before compa
     simulator draws non-zero B offsets, so the absolute B is not recoverable;
   - array: a smooth function of resolution shared by all datasets (the decay grid is a free
     function of d*^2 at every time point, so any common h(d) is absorbed the same way).
+
+Reached: physical 0.57%, KB stills 0.80%, array 0.63% (200 000 observations, all of them
+minimised on; 0.60% to 0.97% over seeds 3-11). The array test departs from the defaults in one
+setting, explained at the test: the default reflection selection minimises on a subset of
+~50 000 observations, which holds the array error at 2.4% to 3.3% whatever the dataset size.
 """
 
 import copy
@@ -129,7 +134,7 @@ def test_physical_two_sweeps_with_absorption(physical_two_sweeps):
     assert rms_relative(log_ratio - log_ratio.mean()) > 2 * error
 
 
-def _array_simulation(mean_i_over_sigma, seed, n_obs=40_000):
+def _array_simulation(mean_i_over_sigma, seed, n_obs):
     # One sweep of ~150 degrees: the simulator's automatic decay interval (20 degrees) and
     # n_absorption_bins=3 then give exactly DIALS's default array layout (12 x 10 decay grid,
     # 5 x 5 x 10 absorption grid), so the default model can represent the truth.
@@ -138,9 +143,21 @@ def _array_simulation(mean_i_over_sigma, seed, n_obs=40_000):
                              n_absorption_bins=3, **ORTHORHOMBIC)
 
 
+# The array model has 370 unrestrained parameters; at I/sigma ~10 it needs a realistic number
+# of observations per parameter (real sweeps have 1e5-1e6 observations; ~530 per parameter here).
+ARRAY_N_OBS = 200_000
+# Minimise on every observation. The default (DIALS's quasi_random) minimises on random groups
+# up to max(2000 groups, 50 000 observations) with I/sigma > 2, a speed choice that caps what
+# the fit sees: at the defaults the error below stays at 2.7%, 3.3%, 2.4%, 2.6% for 40 000,
+# 100 000, 200 000, 400 000 observations (seed 5; 50 091 selected at 200 000). Selecting every
+# group while keeping the I/sigma > 2 preselection (min_reflections above the dataset size)
+# reached 0.58%, so it is the subset size, not the I/sigma cut, that limits the default.
+ARRAY_SELECTION = "reflection_selection.method=use_all"
+
+
 def test_array_model_one_sweep():
-    simulation = _array_simulation(10.0, seed=5)
-    experiments, table, true_g = scale_simulation(simulation, "model=array")
+    simulation = _array_simulation(10.0, seed=5, n_obs=ARRAY_N_OBS)
+    experiments, table, true_g = scale_simulation(simulation, "model=array", ARRAY_SELECTION)
     model = experiments[0].scaling_model
     truth_model = simulation[2].models[0]
     assert model["decay"]["n_parameters"] == truth_model.parameters["decay"].size
@@ -149,23 +166,29 @@ def test_array_model_one_sweep():
     check_data_quality(table, asu, scaled)
     # What the data determine: g relative to the other observations of the same reflection.
     within = rms_relative(remove_per_unique_reflection(log_ratio, asu))
+    # reached 0.53%
     assert within < 0.02, f"array: RMS relative error of g within unique reflections {within:.4f}"
-    # Against the truth up to a shared function of resolution the 2% figure is NOT reached at
-    # I/sigma 10: reached 2.7% for this seed (1.6% to 4.9% over seeds 3-7; 1.3% to 2.4% at
-    # 60 000 observations). The array model has no restraints and 370 parameters; its
-    # resolution x time decay grid and detector-position x time absorption grid leave
-    # near-degenerate directions (changes of g that are almost constant over each unique
-    # reflection), which the I/sigma ~1 high-resolution data pin only loosely (seed 3: the
-    # error grows from 0.7% at low resolution to ~9% in the outer shell while staying ~1% within
-    # unique reflections). It is noise, not bias: the high-signal test below recovers the
-    # truth 10x better.
     shared = rms_relative(remove_shared_resolution_function(log_ratio, d))
-    assert shared < 0.04, f"array: RMS relative error of g up to a function of d {shared:.4f}"
+    # Reached 0.63% (multiplicity 6.4, mean I/sigma 9.9, ~196 700 scaled rows). Over seeds
+    # 3-11 at 200 000 observations: 0.60% to 0.97%; at 250 000 (seeds 3-7): 0.51% to 1.04%; at
+    # 150 000 (seeds 3-7): 0.70% to 2.05% (seed 5), so 200 000 keeps a margin. Removing only a
+    # global K and B instead of a function of d gives 0.86% to 1.40% over seeds 3-11.
+    # These figures are for the default stopping rule (rmsd_tolerance 1e-4, as DIALS). The fit
+    # has poorly determined directions: the absorption nodes at the detector corners are seen
+    # only by the weak high-resolution spots there. Minimised to rmsd_tolerance 1e-8 the same
+    # data give 17% (150 000) and 12% (200 000) up to a function of d (at 150 000 corner
+    # absorption parameters of -5.5 and +2.7 appear, and the final Levenberg-Marquardt round
+    # stops at its iteration limit); the default stop leaves those directions near their
+    # starting value 1 (this seed: 0.997 to 1.000 at the first time node), close to the truth
+    # (1 +- 3%). The within-reflection error stays 0.5% to 0.8%
+    # either way: it is the comparison with the truth that depends on the stop.
+    assert shared < 0.02, f"array: RMS relative error of g up to a function of d {shared:.4f}"
 
 
 def test_array_model_recovers_truth_at_high_signal():
-    """At I/sigma ~300 the same layout recovers the truth ~10x better, on a quarter of the data:
-    the model represents the truth and the I/sigma-10 gap above is noise."""
+    """At I/sigma ~300 the same layout recovers the truth to 0.3% on 10 000 observations (the
+    default selection then minimises on 10 676 of the 10 695 suitable ones): the model
+    represents the truth."""
     simulation = _array_simulation(300.0, seed=5, n_obs=10_000)
     experiments, table, true_g = scale_simulation(simulation, "model=array")
     _, log_ratio, d, _ = scaled_rows(experiments, table, true_g)
