@@ -193,6 +193,11 @@ def run_scaling_job(params, experiments, table, log):
             # dials.scale records the intensity choice last (after the error model).
             config["Imid"] = config.pop("Imid")
         e.scaling_model = model.to_dict()
+    # Scaling is done with the tables: their in-memory columns go to one scratch file, laid
+    # out so that the joined table stays file-backed; writing then streams it from there.
+    from .table import ReflectionTable
+
+    ReflectionTable.spill_together(tables, tables[0].keys())
     scaled = concatenate_consuming(tables)
     # Each per-dataset table carries the whole identifier map; keep only the datasets that
     # were scaled, or the written .refl names an experiment the .expt lacks.

@@ -145,13 +145,33 @@ class ReflectionTable:
         the system temporary directory), so nothing is left behind, even after a kill. If
         neither is writable, nothing is spilled.
         """
+        names = [n for n in names if isinstance(self._columns.get(n), np.ndarray)]
+        return ReflectionTable.spill_together([self], names, directory)
+
+    @staticmethod
+    def spill_together(tables, names, directory: str | None = None) -> List[str]:
+        """`spill` for several tables at once, each column's parts stored one after the other
+        as one blob: each table then holds its rows of that blob, so concatenating the tables
+        afterwards stays file-backed instead of reading every part into memory. Columns whose
+        parts are already rows of one file blob (concatenation keeps them lazy) are left as
+        they are. Returns the names spilled."""
         import os
         import tempfile
 
         from .lazy_column import FileSource
 
-        names = [n for n in names if isinstance(self._columns.get(n), np.ndarray)
-                 and self._types.get(n) not in ("Shoebox<>", "std::string")]
+        tables = list(tables)
+
+        def wanted(name):
+            parts = [t._columns.get(name) for t in tables]
+            if any(p is None for p in parts) or tables[0]._types.get(name) in (
+                    "Shoebox<>", "std::string"):
+                return False
+            if all(isinstance(p, LazyColumn) for p in parts):
+                return len(parts) > 1 and LazyColumn.concatenate(parts) is None
+            return all(isinstance(p, (np.ndarray, LazyColumn)) for p in parts)
+
+        names = [n for n in names if wanted(n)]
         if not names:
             return []
         scratch = None
@@ -163,22 +183,31 @@ class ReflectionTable:
                 continue
         if scratch is None:
             return []
+        total_rows = sum(t.nrows for t in tables)
         placed = []
         with scratch:
             try:
                 for name in names:
-                    values = np.ascontiguousarray(self._columns[name])
-                    is_bool = values.dtype == np.bool_
-                    placed.append((name, scratch.tell(), values.dtype, values.shape[1:], is_bool))
-                    scratch.write(memoryview(values.view(np.uint8) if is_bool else values).cast("B"))
+                    offset = scratch.tell()
+                    for t in tables:  # one part in memory at a time
+                        values = np.ascontiguousarray(t.peek(name))
+                        is_bool = values.dtype == np.bool_
+                        scratch.write(memoryview(values.view(np.uint8) if is_bool else values)
+                                      .cast("B"))
+                    placed.append((name, offset, values.dtype, values.shape[1:], is_bool))
+                    del values
                 scratch.flush()
             except OSError:
                 return []  # disk full: keep the columns in memory
-            source = FileSource(f"<scratch file of {self.nrows} rows>", os.dup(scratch.fileno()))
+            source = FileSource(f"<scratch file of {total_rows} rows>", os.dup(scratch.fileno()))
+        starts = np.cumsum([0] + [t.nrows for t in tables])
+        rows = [None] if len(tables) == 1 else [
+            np.arange(a, b, dtype=np.int64) for a, b in zip(starts[:-1], starts[1:])]
         for name, offset, dtype, row_shape, is_bool in placed:
-            self._columns[name] = LazyColumn(source, name, offset, np.bool_ if is_bool else dtype,
-                                             row_shape, self.nrows, is_bool)
-            self._origins.pop(name, None)
+            for t, table_rows in zip(tables, rows):
+                t._columns[name] = LazyColumn(source, name, offset, np.bool_ if is_bool else dtype,
+                                              row_shape, total_rows, is_bool, table_rows)
+                t._origins.pop(name, None)
         return [p[0] for p in placed]
 
     def lazy_column(self, name: str) -> LazyColumn | None:

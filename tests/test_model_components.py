@@ -234,3 +234,11 @@ def test_large_datasets_use_the_lookup_table(quartz, monkeypatch):
     assert np.array_equal(approx, sph_harm_coefficients_lookup(s0c, s1c, 4))
     # half-degree cells: close to, but not equal to, the exact harmonics
     assert 0 < np.abs(approx - exact).max() < 0.02
+
+
+def test_one_lookup_table_per_lmax_whatever_the_integer_type():
+    from dials_vmerge.model.absorption_sh import sph_harm_lookup_table
+
+    # the table (50 MB at lmax 4) is cached once, whether lmax is a numpy or a Python int
+    assert sph_harm_lookup_table(np.int64(2)) is sph_harm_lookup_table(2)
+    assert sph_harm_lookup_table(2).shape == (720 * 360, 8)

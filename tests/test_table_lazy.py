@@ -369,3 +369,19 @@ def test_spilled_columns_read_back_and_write_byte_identical(tmp_path):
     write_reflections(t, str(again))
     assert again.read_bytes() == reference.read_bytes()
     np.testing.assert_array_equal(t["miller_index"], expected["miller_index"])
+
+
+def test_tables_spilled_together_concatenate_without_reading(tmp_path):
+    whole = eager(QUARTZ)
+    half = whole.nrows // 2
+    parts = whole.split([np.arange(half), np.arange(half, whole.nrows)])
+    parts[1]["intensity.sum.value"] = parts[1]["intensity.sum.value"] * 2.0  # differs from file
+    expected = np.concatenate([parts[0]["intensity.sum.value"], parts[1]["intensity.sum.value"]])
+    spilled = ReflectionTable.spill_together(parts, parts[0].keys(), str(tmp_path))
+    assert "intensity.sum.value" in spilled and "shoebox" not in spilled
+    joined = ReflectionTable.concatenate(parts, consume=True)
+    source = joined.lazy_column("intensity.sum.value").source
+    assert all(joined.is_lazy(n) for n in spilled) and source.bytes_read == 0
+    np.testing.assert_array_equal(joined["intensity.sum.value"], expected)
+    np.testing.assert_array_equal(joined["miller_index"], whole["miller_index"])
+    assert sorted(os.listdir(tmp_path)) == []

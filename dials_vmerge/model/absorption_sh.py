@@ -152,9 +152,16 @@ def sph_harm_coefficients(s0c, s1c, lmax: int) -> np.ndarray:
     return 0.5 * (real_harmonics(t0, p0, lmax) + real_harmonics(t1, p1, lmax))
 
 
-@lru_cache(maxsize=4)
 def sph_harm_lookup_table(lmax: int, points_per_degree: int = POINTS_PER_DEGREE) -> np.ndarray:
-    """Y'_lm at the centres of a (theta, phi + pi) grid, shape (n_theta * n_phi, n_par)."""
+    """Y'_lm at the centres of a (theta, phi + pi) grid, shape (n_theta * n_phi, n_par).
+
+    One table per (lmax, grid) for the process (50 MB at lmax 4): the arguments are made
+    plain ints first, since lru_cache would key 4 and numpy.int64(4) apart."""
+    return _sph_harm_lookup_table(int(lmax), int(points_per_degree))
+
+
+@lru_cache(maxsize=4)
+def _sph_harm_lookup_table(lmax: int, points_per_degree: int) -> np.ndarray:
     n_phi = 360 * points_per_degree
     n_theta = 180 * points_per_degree
     step = math.pi / (180.0 * points_per_degree)

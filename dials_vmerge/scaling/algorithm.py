@@ -45,7 +45,9 @@ WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_
 OUTPUT_COLUMNS = ("inverse_scale_factor", "inverse_scale_factor_variance",
                   "intensity.scale.value", "intensity.scale.variance", "original_index")
 DEFAULT_SMALL_SCALE_CUTOFF = 0.001
-VARIANCE_CHUNK_ROWS = 65536  # rows per Jacobian chunk when expanding var(g)
+# rows per Jacobian chunk when expanding var(g): with absorption (30 derivative columns)
+# a 64k-row chunk was a 47 MB transient and the peak of a 1e6 run
+VARIANCE_CHUNK_ROWS = 16384
 MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
 
 
