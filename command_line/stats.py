@@ -27,9 +27,6 @@ Examples:
 
 def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
-    # The check read the integrated intensity columns, which merging does not use: give
-    # their memory back (they stay readable from the file).
-    inputs.reflections.release_unchanged()
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     methods = selected_methods(params)
     report = {"methods": methods, "half_dataset": {}}

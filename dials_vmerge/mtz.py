@@ -68,14 +68,14 @@ def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
 
     from cctbx import crystal, miller
 
-    from .merging.groups import _flex_indices
+    from .merging.groups import flex_indices
 
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     if len(miller_index) == 0:
         return np.zeros(0, dtype=np.int32)
     symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group,
                                 assert_is_compatible_unit_cell=False)
-    unique = miller.set(symmetry, _flex_indices(miller_index), anomalous_flag=False)
+    unique = miller.set(symmetry, flex_indices(miller_index), anomalous_flag=False)
     state = random.getstate()
     try:
         random.seed(seed)

@@ -43,14 +43,17 @@ def check_usable_intensities(table, path_hint: str = "the reflection file") -> N
     has = [c for c in ("intensity.prf.value", "intensity.sum.value") if c in table]
     if not has:
         raise VmergeError(f"{path_hint}: no intensity.sum.value or intensity.prf.value column")
+    # A read-once check: peek, so the columns are not kept in the table (or in memory).
+    any_positive_variance = False
     for column in has:
         variance = column.replace(".value", ".variance")
         if variance not in table:
             raise VmergeError(f"{path_hint}: has {column} but no {variance} column")
-        values = table[column]
-        if not np.all(np.isfinite(values)) or not np.all(np.isfinite(table[variance])):
+        variances = table.peek(variance)
+        if not np.all(np.isfinite(table.peek(column))) or not np.all(np.isfinite(variances)):
             raise VmergeError(f"{path_hint}: {column} or its variance holds NaN or infinite values")
-    if not any(np.any(table[c.replace(".value", ".variance")] > 0) for c in has):
+        any_positive_variance = any_positive_variance or bool(np.any(variances > 0))
+    if not any_positive_variance:
         raise VmergeError(f"{path_hint}: every intensity variance is zero or negative")
     if "xyzobs.px.value" not in table:
         raise VmergeError(f"{path_hint}: no xyzobs.px.value column (needed for image numbers)")
@@ -125,7 +128,7 @@ def prepare_for_scaling(params, experiments, table):
     cut = params.cut_data
     d_values = None
     if cut.d_min is not None or cut.d_max is not None:
-        d_values = d_from_unit_cell(table["miller_index"], median_unit_cell(experiments))
+        d_values = d_from_unit_cell(table.peek("miller_index"), median_unit_cell(experiments))
     return prepare_dataset(
         table,
         intensity_choice=params.reflection_selection.intensity_choice,

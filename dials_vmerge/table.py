@@ -90,11 +90,15 @@ class ReflectionTable:
     def keys(self):
         return list(self._columns)
 
-    def __getitem__(self, name: str):
+    def _stored(self, name: str):
+        """What the table holds for column `name`: an array, a LazyColumn or a shoebox."""
         try:
-            values = self._columns[name]
+            return self._columns[name]
         except KeyError:
             raise KeyError(f"reflection table has no column '{name}'") from None
+
+    def __getitem__(self, name: str):
+        values = self._stored(name)
         if isinstance(values, LazyColumn):
             self._origins[name] = values
             values = values.materialise()
@@ -106,10 +110,7 @@ class ReflectionTable:
         in its file is read into a new array the table does not hold on to. For a read-once
         use (merging, writing) this avoids a full in-memory copy living as long as the table.
         An in-memory column is returned as is (or indexed by `rows`)."""
-        try:
-            values = self._columns[name]
-        except KeyError:
-            raise KeyError(f"reflection table has no column '{name}'") from None
+        values = self._stored(name)
         if isinstance(values, LazyColumn):
             return (values if rows is None else values.select(rows)).materialise()
         return values if rows is None else values[rows]

@@ -17,7 +17,7 @@ from cctbx.array_family import flex
 from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.merging.classical import merge_classical
 from dials_vmerge.merging.french_wilson import french_wilson, mean_intensity_by_resolution
-from dials_vmerge.merging.groups import _flex_indices, group_observations
+from dials_vmerge.merging.groups import flex_indices, group_observations
 
 from quartz_helpers import quartz_scaled_observations
 
@@ -131,7 +131,7 @@ def test_flat_prior_below_200_reflections_equals_cctbx():
     intensity[:3] = [-4.5 * sigma[0], -4.0 * sigma[1], -3.9 * sigma[2]]
     symmetry = crystal.symmetry(unit_cell=(50, 60, 70, 90, 90, 90), space_group_symbol="P 1")
     indices = np.c_[np.arange(1, n + 1), np.zeros(n), np.zeros(n)].astype(np.int32)
-    array = miller.array(miller.set(symmetry, _flex_indices(indices), anomalous_flag=False),
+    array = miller.array(miller.set(symmetry, flex_indices(indices), anomalous_flag=False),
                          data=flex.double(intensity), sigmas=flex.double(sigma)
                          ).set_observation_type_xray_intensity()
     reference = array.enforce_positive_amplitudes()
@@ -156,7 +156,7 @@ def test_merged_amplitudes_are_the_mean_of_friedel_amplitudes_as_dials_merge():
     assert ok.all()
     symmetry = crystal.symmetry(unit_cell=result.unit_cell, space_group=result.space_group)
     amplitudes = miller.array(
-        miller.set(symmetry, _flex_indices(anom.asu_index[ok]), anomalous_flag=True),
+        miller.set(symmetry, flex_indices(anom.asu_index[ok]), anomalous_flag=True),
         data=flex.double(anom.amplitude[ok]), sigmas=flex.double(anom.amplitude_sigma[ok]))
     reference = amplitudes.as_non_anomalous_array().merge_equivalents(
         use_internal_variance=False).array()

@@ -11,7 +11,7 @@ from cctbx.array_family import flex
 from iotbx import merging_statistics as iotbx_stats
 
 from dials_vmerge.merging.classical import merge_classical
-from dials_vmerge.merging.groups import _flex_indices, group_observations
+from dials_vmerge.merging.groups import flex_indices, group_observations
 from dials_vmerge.merging.statistics import merging_statistics
 
 from quartz_helpers import quartz_scaled_observations
@@ -22,7 +22,7 @@ def quartz():
     table, intensity, sigma, sg, uc = quartz_scaled_observations()
     symmetry = crystal.symmetry(unit_cell=uc, space_group=sg)
     array = miller.array(
-        miller.set(symmetry, _flex_indices(table["miller_index"]), anomalous_flag=False),
+        miller.set(symmetry, flex_indices(table["miller_index"]), anomalous_flag=False),
         data=flex.double(intensity),
         sigmas=flex.double(sigma),
     ).set_observation_type_xray_intensity()
@@ -199,7 +199,7 @@ def test_suggested_column_on_data_cut_at_the_cc_half_fit():
                               sim.unit_cell, with_anomalous_table=True)
     symmetry = crystal.symmetry(unit_cell=sim.unit_cell, space_group=sim.space_group)
     array = miller.array(
-        miller.set(symmetry, _flex_indices(sim.miller_index), anomalous_flag=False),
+        miller.set(symmetry, flex_indices(sim.miller_index), anomalous_flag=False),
         data=flex.double(sim.intensity), sigmas=flex.double(sim.sigma),
     ).set_observation_type_xray_intensity()
     full, full_anom = iotbx_pair(array)

@@ -4,11 +4,32 @@ import numpy as np
 import pytest
 from cctbx import sgtbx, uctbx
 
+from dials_vmerge.merging.groups import flex_indices
 from dials_vmerge.scaling.ih_table import group_sort, map_indices_to_asu
-from dials_vmerge.scaling.normalisation import (
-    grouped_quasi_normalised_e_squared,
-    quasi_normalised_e_squared,
-)
+from dials_vmerge.scaling.normalisation import grouped_quasi_normalised_e_squared, n_shells
+
+
+def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell):
+    """The reference: cctbx's intensity_quasi_normalisations on every observation, with the
+    shells dials.scale sets up (what the library computed before it worked by groups)."""
+    from cctbx import crystal, miller, uctbx
+    from cctbx.array_family import flex
+
+    symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
+    mset = miller.set(symmetry, flex_indices(miller_index), anomalous_flag=False)
+    work = miller.array(mset, data=flex.double(np.maximum(intensity, 0.0)))
+    work.set_observation_type_xray_intensity()
+    d_star_sq = work.d_star_sq().data().as_numpy_array()
+    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
+    span = hi - lo
+    lo = max(lo - span * 1e-6, 1e-12)
+    hi += span * 1e-6
+    work.setup_binner_d_star_sq_step(auto_binning=False, d_max=uctbx.d_star_sq_as_d(lo),
+                                     d_min=uctbx.d_star_sq_as_d(hi),
+                                     d_star_sq_step=(hi - lo) / n_shells(intensity.size))
+    normalisation = work.intensity_quasi_normalisations().data().as_numpy_array()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(normalisation > 0, intensity / normalisation, 0.0)
 
 
 @pytest.mark.parametrize("symbol, cell, n", [

@@ -74,7 +74,7 @@ class GroupedObservations:
         if unit_cell is None or self.n_groups == 0:
             dstar_sq = np.full(self.n_groups, np.nan)
         else:
-            dstar_sq = unit_cell.d_star_sq(_flex_indices(self.asu_index)).as_numpy_array()
+            dstar_sq = unit_cell.d_star_sq(flex_indices(self.asu_index)).as_numpy_array()
         return replace(self, dstar_sq=dstar_sq)
 
     def subset(self, keep: np.ndarray) -> "GroupedObservations":
@@ -107,13 +107,13 @@ class GroupedObservations:
         )
 
 
-def _asu_chunks(hkl: np.ndarray, space_group, anomalous: bool, with_isym: bool = False):
+def asu_chunks(hkl: np.ndarray, space_group, anomalous: bool, with_isym: bool = False):
     """(start, stop, ASU indices int32 (m, 3), signed cctbx operator numbers or None) for
     consecutive slices of at most ASU_CHUNK rows."""
     space_group_type = space_group.type()
     for start in range(0, len(hkl), ASU_CHUNK):
         stop = min(start + ASU_CHUNK, len(hkl))
-        indices = _flex_indices(hkl[start:stop])
+        indices = flex_indices(hkl[start:stop])
         isym = None
         if with_isym:
             isym_signed = flex.int(indices.size())
@@ -129,7 +129,7 @@ def map_indices_to_asu(miller_index, space_group, anomalous: bool):
     hkl = np.asarray(miller_index).reshape(-1, 3)
     asu = np.empty((len(hkl), 3), dtype=np.int32)
     isym = np.empty(len(hkl), dtype=np.int32)
-    for start, stop, chunk, isym_chunk in _asu_chunks(hkl, space_group, anomalous, True):
+    for start, stop, chunk, isym_chunk in asu_chunks(hkl, space_group, anomalous, True):
         asu[start:stop] = chunk
         isym[start:stop] = isym_chunk
     return asu, isym
@@ -143,7 +143,7 @@ def mtz_isym(miller_index, space_group) -> np.ndarray:
         [np.array(o.r().num(), dtype=np.int64).reshape(3, 3) for o in space_group.all_ops()]
     )
     out = np.empty(len(hkl), dtype=np.int32)
-    for start, stop, asu, isym_signed in _asu_chunks(hkl, space_group, False, True):
+    for start, stop, asu, isym_signed in asu_chunks(hkl, space_group, False, True):
         op = np.abs(isym_signed).astype(np.int64)
         rotated = np.einsum("ni,nij->nj", hkl[start:stop].astype(np.int64), rotations[op])
         friedel = ~np.all(rotated == asu, axis=1)
@@ -151,7 +151,8 @@ def mtz_isym(miller_index, space_group) -> np.ndarray:
     return out
 
 
-def _flex_indices(hkl: np.ndarray):
+def flex_indices(hkl: np.ndarray):
+    """A cctbx flex.miller_index of an (n, 3) integer array."""
     hkl = np.asarray(hkl).reshape(-1, 3)
     columns = [flex.int(np.ascontiguousarray(hkl[:, i], dtype=np.int32)) for i in range(3)]
     return flex.miller_index(*columns)
@@ -170,7 +171,7 @@ def per_index_chunks(miller_index, function, dtype=np.float64) -> np.ndarray:
     out = np.empty(len(hkl), dtype=dtype)
     for start in range(0, len(hkl), ASU_CHUNK):
         stop = min(start + ASU_CHUNK, len(hkl))
-        out[start:stop] = function(_flex_indices(hkl[start:stop])).as_numpy_array()
+        out[start:stop] = function(flex_indices(hkl[start:stop])).as_numpy_array()
     return out
 
 
@@ -212,7 +213,7 @@ def group_observations(miller_index, space_group, anomalous: bool, unit_cell=Non
         # Keys ((h + c) s + k + c) s + l + c, s = 2c + 1, sort like (h, k, l) lexicographically.
         size = 2 * bound + 1
         keys = np.empty(n, dtype=np.int64)
-        for start, stop, asu, _ in _asu_chunks(hkl, space_group, anomalous):
+        for start, stop, asu, _ in asu_chunks(hkl, space_group, anomalous):
             if asu.size and (int(asu.min()) < -bound or int(asu.max()) > bound):
                 raise AssertionError("ASU index outside the bound of its operators")
             shifted = asu.astype(np.int64) + bound
@@ -253,7 +254,7 @@ def unique_properties(unique: np.ndarray, space_group, unit_cell=None):
     """Centric flags, epsilon and 1/d^2 of a list of unique indices."""
     if len(unique) == 0:
         return np.zeros(0, bool), np.zeros(0), np.zeros(0)
-    indices = _flex_indices(unique)
+    indices = flex_indices(unique)
     centric = np.array(space_group.is_centric(indices), dtype=bool)
     epsilon = np.array(space_group.epsilon(indices), dtype=np.float64)
     if unit_cell is not None:

@@ -58,14 +58,14 @@ def equal_volume_limits(unit_cell, miller_index, n_bins: int) -> np.ndarray:
     than a flex copy of every index."""
     from cctbx import miller
 
-    from .groups import _flex_indices
+    from .groups import flex_indices
 
     miller_index = np.asarray(miller_index).reshape(-1, 3)
     if len(miller_index):
         d_star_sq = per_index_chunks(miller_index, unit_cell.d_star_sq)
         miller_index = miller_index[[int(np.argmin(d_star_sq)), int(np.argmax(d_star_sq))]]
         del d_star_sq
-    binning = miller.binning(unit_cell, int(n_bins), _flex_indices(miller_index), 0, 0)
+    binning = miller.binning(unit_cell, int(n_bins), flex_indices(miller_index), 0, 0)
     d_ranges = [tuple(binning.bin_d_range(i)) for i in binning.range_used()]
     return np.array(binning.limits()), d_ranges
 
@@ -762,11 +762,11 @@ def symmetry_compatible_cell(unit_cell, space_group):
 
 
 def _cctbx_d(unit_cell, asu_index):
-    from .groups import _flex_indices
+    from .groups import flex_indices
 
     if len(asu_index) == 0:
         return np.zeros(0)
-    return unit_cell.d(_flex_indices(asu_index)).as_numpy_array()
+    return unit_cell.d(flex_indices(asu_index)).as_numpy_array()
 
 
 # -- resolution estimate -----------------------------------------------------------------------

@@ -130,7 +130,8 @@ class ScalingRun:
                 min_isigi=param(p, "cut_data.min_isigi", -5.0),
                 d_min=param(p, "cut_data.d_min"), d_max=param(p, "cut_data.d_max"),
                 d_values=d_values)
-        rows = np.flatnonzero(suitable_selection(table))
+        suitable = suitable_selection(table)
+        rows = np.flatnonzero(suitable)
         identifier = getattr(expt, "identifier", str(position))
         if rows.size == 0:
             self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
@@ -142,7 +143,8 @@ class ScalingRun:
         g = np.asarray(table.peek("inverse_scale_factor", rows), dtype=np.float64)
         state = DatasetState(table, expt, model, rows, asu, table.peek("intensity", rows),
                              table.peek("variance", rows), g, np.zeros(rows.size, dtype=bool))
-        other = np.setdiff1d(np.arange(table.nrows), rows, assume_unique=True)
+        other = np.flatnonzero(~suitable)
+        del suitable
         state.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
         table.del_column("intensity")
         table.del_column("variance")

@@ -18,11 +18,11 @@ from numba import njit, prange
 def map_indices_to_asu(miller_index, space_group, anomalous):
     """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous.
     (The merging grouping's mapping, which works in slices: no full-size cctbx copies.)"""
-    from ..merging.groups import _asu_chunks
+    from ..merging.groups import asu_chunks
 
     hkl = np.asarray(miller_index).reshape(-1, 3)
     asu = np.empty((len(hkl), 3), dtype=np.int32)
-    for start, stop, chunk, _ in _asu_chunks(hkl, space_group, anomalous):
+    for start, stop, chunk, _ in asu_chunks(hkl, space_group, anomalous):
         asu[start:stop] = chunk
     return asu
 

@@ -18,54 +18,27 @@ def n_shells(n_reflections):
     return 10
 
 
-def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell):
-    from cctbx import crystal, miller, uctbx
-    from cctbx.array_family import flex
-
-    h = np.ascontiguousarray(miller_index, dtype=np.int32)
-    indices = flex.miller_index(flex.int(np.ascontiguousarray(h[:, 0])),
-                                flex.int(np.ascontiguousarray(h[:, 1])),
-                                flex.int(np.ascontiguousarray(h[:, 2])))
-    symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
-    mset = miller.set(symmetry, indices, anomalous_flag=False)
-    work = miller.array(mset, data=flex.double(np.maximum(intensity, 0.0)))
-    work.set_observation_type_xray_intensity()
-    d_star_sq = work.d_star_sq().data().as_numpy_array()
-    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
-    span = hi - lo
-    lo = max(lo - span * 1e-6, 1e-12)
-    hi += span * 1e-6
-    shells = n_shells(intensity.size)
-    work.setup_binner_d_star_sq_step(auto_binning=False, d_max=uctbx.d_star_sq_as_d(lo),
-                                     d_min=uctbx.d_star_sq_as_d(hi),
-                                     d_star_sq_step=(hi - lo) / shells)
-    normalisation = work.intensity_quasi_normalisations().data().as_numpy_array()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(normalisation > 0, intensity / normalisation, 0.0)
-
-
 def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_group,
                                        unit_cell):
-    """quasi_normalised_e_squared for observations sorted into groups of one ASU index
-    (group_asu (G, 3), offsets group_start, intensity per observation in group order).
+    """E^2 of observations sorted into groups of one ASU index (group_asu (G, 3), offsets
+    group_start, intensity per observation in group order).
 
     N(d) depends on an observation only through its index, so the shells, epsilons and the
     interpolation are done once per group by cctbx; only the shell means of I/epsilon run
-    over observations (numpy sums per group, then per shell). Equal to the per-observation
-    computation up to the order of summation (~1e-16 relative), without its ~80 bytes per
-    observation of cctbx temporaries.
+    over observations (numpy sums per group, then per shell). Equal to cctbx's
+    intensity_quasi_normalisations on every observation (as DIALS) up to the order of
+    summation (~1e-16 relative; tests/test_scaling_normalisation.py), without its ~80 bytes
+    per observation of cctbx temporaries.
     """
     from cctbx import crystal, miller, uctbx
     from cctbx.array_family import flex
 
+    from ..merging.groups import flex_indices
+
     n_obs = intensity.size
     multiplicity = np.diff(group_start)
-    h = np.ascontiguousarray(group_asu, dtype=np.int32)
-    indices = flex.miller_index(flex.int(np.ascontiguousarray(h[:, 0])),
-                                flex.int(np.ascontiguousarray(h[:, 1])),
-                                flex.int(np.ascontiguousarray(h[:, 2])))
     symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
-    groups = miller.set(symmetry, indices, anomalous_flag=False)
+    groups = miller.set(symmetry, flex_indices(group_asu), anomalous_flag=False)
     d_star_sq = groups.d_star_sq().data().as_numpy_array()
     lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
     span = hi - lo

@@ -295,13 +295,9 @@ def suitable_selection(table):
 
 def d_from_unit_cell(miller_index, unit_cell):
     """d spacing of each index in a cctbx unit cell (for the best-cell d-range cut)."""
-    from cctbx.array_family import flex
+    from ..merging.groups import per_index_chunks
 
-    h = np.ascontiguousarray(miller_index, dtype=np.int32)
-    indices = flex.miller_index(flex.int(np.ascontiguousarray(h[:, 0])),
-                                flex.int(np.ascontiguousarray(h[:, 1])),
-                                flex.int(np.ascontiguousarray(h[:, 2])))
-    return unit_cell.d(indices).as_numpy_array()
+    return per_index_chunks(miller_index, unit_cell.d)
 
 
 def median_unit_cell(unit_cells):
