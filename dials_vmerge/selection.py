@@ -2,7 +2,7 @@
 
 - `exclude_datasets`/`use_datasets` remove whole experiments (by `id` value) before scaling;
   surviving rows keep their `id` values.
-- `exclude_images="exp:start:end"` (DIALS syntax) and `exclude_batches=first,last` (global
+- `exclude_images="exp:start:end"` (DIALS syntax; `*` for exp means every sweep) and `exclude_batches=first,last` (global
   batch numbers) shrink the scans' `valid_image_ranges` and flag the reflections outside them
   `user_excluded_in_scaling`; the models are then limited to the new envelope.
 """
@@ -73,7 +73,13 @@ def id_of_experiment(table, experiment) -> int:
 
 
 def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tuple[int, ImageRange]]:
-    """DIALS `exclude_images` strings -> [(experiment index, (first, last))]."""
+    """DIALS `exclude_images` strings -> [(experiment index, (first, last))].
+
+    Every range applies, whether given as repeated parameters or as several words of one
+    (DIALS keeps only the first word). `*` for the dataset ("*:21:100") means images 21-100 of
+    every sweep: stills, and sweeps whose scan misses the range, are skipped; it is an error
+    only if no sweep has any of those images.
+    """
     out = []
     flat = []
     for value in values or []:  # PHIL gives a list of string lists (multiple strings)
@@ -82,16 +88,22 @@ def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tupl
     for value in flat:
         for token in str(value).replace(",", " ").split():
             parts = token.split(":")
+            every_sweep = len(parts) == 3 and parts[0].strip() == "*"
             try:
-                numbers = [int(p) for p in parts]
+                numbers = [int(p) for p in (parts[1:] if every_sweep else parts)]
             except ValueError:
                 raise SelectionError(
-                    f"exclude_images={token}: expected 'exp:start:end' or 'start:end'"
+                    f"exclude_images={token}: expected 'exp:start:end', '*:start:end' or "
+                    "'start:end'"
                 ) from None
+            if every_sweep:
+                out.extend(_exclusions_for_every_sweep(token, numbers, experiments))
+                continue
             if len(numbers) == 2:
                 if len(experiments) != 1:
                     raise SelectionError(
-                        f"exclude_images={token}: several datasets, give 'exp:start:end'"
+                        f"exclude_images={token}: several datasets, give 'exp:start:end' "
+                        "(or '*:start:end' for every sweep)"
                     )
                 index, (first, last) = 0, numbers
             elif len(numbers) == 3:
@@ -113,6 +125,24 @@ def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tupl
                     f"exclude_images={token}: images {first}-{last} are outside the scan ({lo}-{hi})"
                 )
             out.append((index, (first, last)))
+    return out
+
+
+def _exclusions_for_every_sweep(token, numbers, experiments) -> List[Tuple[int, ImageRange]]:
+    """'*:first:last': the range in every sweep whose scan overlaps it."""
+    first, last = numbers
+    if first > last:
+        raise SelectionError(f"exclude_images={token}: start is after end")
+    out = []
+    for index, e in enumerate(experiments):
+        if e.is_still:
+            continue
+        lo, hi = image_range(e)
+        if last < lo or first > hi:
+            continue
+        out.append((index, (first, last)))
+    if not out:
+        raise SelectionError(f"exclude_images={token}: no sweep has images {first}-{last}")
     return out
 
 
