@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from ..errors import VmergeError
 from .array import ArrayScalingModel
 from .base import ScalingModel, is_auto, param
+from .dose_decay import DoseDecayScalingModel
 from .kb_model import KBScalingModel
 from .physical import PhysicalScalingModel
 
@@ -20,6 +21,7 @@ MODEL_CLASSES = {
     "physical": PhysicalScalingModel,
     "array": ArrayScalingModel,
     "KB": KBScalingModel,
+    "dose_decay": DoseDecayScalingModel,
 }
 KB_MAX_ROTATION_DEG = 1.0
 
@@ -39,7 +41,8 @@ def auto_model_class(experiment):
 def model_class(name):
     if name not in MODEL_CLASSES:
         raise VmergeError(
-            f"model={name}: not a supported scaling model (choose physical, array or KB)"
+            f"model={name}: not a supported scaling model "
+            "(choose physical, array, KB or dose_decay)"
         )
     return MODEL_CLASSES[name]
 
@@ -48,7 +51,8 @@ def model_from_dict(d: dict, params=None) -> ScalingModel:
     """A model from its DIALS JSON dict (one entry of the .expt `scaling_model` list)."""
     model_id = d.get("__id__") if isinstance(d, dict) else None
     if model_id not in MODEL_CLASSES:
-        raise VmergeError(f"scaling model type {model_id!r} is not supported (physical, array, KB)")
+        raise VmergeError(f"scaling model type {model_id!r} is not supported "
+                          "(physical, array, KB, dose_decay)")
     return MODEL_CLASSES[model_id].from_dict(d, params)
 
 
@@ -107,6 +111,19 @@ def default_model_params(**overrides) -> SimpleNamespace:
             analytical_correction=False,
         ),
         KB=ns(decay_correction=True, correction=ns(fix=None), analytical_correction=False),
+        dose_decay=ns(
+            scale_interval=2.0,
+            relative_B_correction=True,
+            decay_correction=True,
+            share=ns(decay=True),
+            resolution_dependence="quadratic",
+            absorption_correction=False,
+            lmax=4,
+            surface_weight=1e6,
+            fix_initial=True,
+            correction=ns(fix=None),
+            analytical_correction=False,
+        ),
     )
     for dotted, value in overrides.items():
         node = params

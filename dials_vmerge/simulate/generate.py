@@ -248,6 +248,9 @@ def simulate_from_settings(settings: SimulationSettings):
                 model = truth_model.draw_array(settings, model_rng, settings.osc_start_deg,
                                                settings.osc_width_deg, n_images, rows.d,
                                                rows.x_obs, rows.y_obs)
+            elif settings.model == "dose_decay":
+                model = truth_model.draw_dose_decay(settings, model_rng, settings.osc_start_deg,
+                                                    settings.osc_width_deg, n_images)
             else:
                 model = truth_model.draw_kb(settings, model_rng)
             phi_obs = np.radians(settings.osc_start_deg) + rows.z_obs * np.radians(settings.osc_width_deg)

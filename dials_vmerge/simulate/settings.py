@@ -50,7 +50,7 @@ class SimulationSettings:
     still_min_partiality: float = 0.1
 
     # true scale model
-    model: str = "physical"  # physical | array | KB
+    model: str = "physical"  # physical | array | KB | dose_decay
     scale_variation: float = 0.1  # sd of the log scale random walk along the sweep
     sweep_scale_sigma: float = 0.2  # sd of log overall scale between sweeps / stills
     dose_b_per_sweep: float = 4.0  # B decreases by this much (A^2) from start to end of a sweep
@@ -90,8 +90,8 @@ class SimulationSettings:
 
         if self.mode not in ("rotation", "stills"):
             bad("mode", "must be rotation or stills")
-        if self.model not in ("physical", "array", "KB"):
-            bad("model", "must be physical, array or KB")
+        if self.model not in ("physical", "array", "KB", "dose_decay"):
+            bad("model", "must be physical, array, KB or dose_decay")
         if self.mode == "stills" and self.model != "KB":
             bad("model", "stills data are simulated with a per-image KB model (model=KB)")
         if self.d_min <= 0 or self.wavelength / (2 * self.d_min) >= 0.7:

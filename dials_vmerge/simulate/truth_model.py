@@ -5,7 +5,10 @@ in the DIALS forms of dials-scaling.md section 4:
 - physical: g = S(z * s_norm_fac) * exp(B(z * d_norm_fac) / (2 d^2)) * g_abs, with S and B
   1-D Gaussian smoothers and g_abs the spherical-harmonic surface (4.4, 4.6);
 - array: g = D(dstar_sq, t) * A(x, y, t), smoothers on a grid (4.7);
-- KB: g = K exp(B / (2 d^2)) (4.8).
+- KB: g = K exp(B / (2 d^2)) (4.8);
+- dose_decay: g = S(z * s_norm_fac) * exp(C z / d^2) * exp(B_rel / (2 d^2)) (4.9): radiation
+  damage with one dose rate C for all sweeps (B falls by dose_b_per_sweep over a sweep) and a
+  relative B per sweep.
 z is the observed frame coordinate (xyzobs.px z), as a DIALS model evaluates it. The smoother
 origin is z = 0 (DIALS starts at the lowest observed z, which lies within a fraction of an
 image of it).
@@ -35,10 +38,13 @@ class TrueModel:
     def scaling_model_dict(self) -> Dict:
         """The model in the DIALS `scaling_model` JSON layout (dials-scaling.md 4.10)."""
         out = {"__id__": self.kind}
-        nulls = {"scale": 1.0, "decay": 0.0, "absorption": 0.0}
+        nulls = {"scale": 1.0, "decay": 0.0, "absorption": 0.0, "relative_B": 0.0}
         if self.kind == "array":
             nulls = {"decay": 1.0, "absorption": 1.0}
-        for name in self.configuration["corrections"]:
+        names = self.configuration["corrections"]
+        if self.kind == "dose_decay":  # DIALS writes its components in constructor order
+            names = [n for n in ("scale", "decay", "relative_B", "absorption") if n in names]
+        for name in names:
             values = self.parameters[name]
             # grids are stored x fastest (DIALS idx = i + j Nx + k Nx Ny)
             flat = np.asarray(values).ravel(order="F")
@@ -133,6 +139,34 @@ def draw_array(settings, rng, osc_start_deg, osc_width_deg, n_images, d, x_px, y
     return TrueModel("array", {"decay": decay, "absorption": absorption}, config)
 
 
+DOSE_DECAY_SCALE_INTERVAL_DEG = 2.0  # the DIALS default of dose_decay.scale_interval
+
+
+def draw_dose_decay(settings, rng, osc_start_deg, osc_width_deg, n_images) -> TrueModel:
+    """Radiation damage as the dose_decay model describes it: C = -dose_b_per_sweep / (2 N)
+    (the same for every sweep of N images), so exp(C z / d^2) = exp(B(z) / (2 d^2)) with B
+    falling linearly by dose_b_per_sweep over the sweep; a relative B per sweep."""
+    osc_range = osc_width_deg * n_images
+    n_s, s_norm_fac, s_spacing = smoothing.smooth_layout(
+        osc_range, osc_width_deg, DOSE_DECAY_SCALE_INTERVAL_DEG)
+    sweep_scale = np.exp(settings.sweep_scale_sigma * rng.standard_normal())
+    scale = sweep_scale * np.exp(settings.scale_variation * _random_walk(rng, n_s))
+    relative_b = settings.b_sigma * rng.standard_normal()
+    dose_rate = -settings.dose_b_per_sweep / (2.0 * n_images)
+    config = {
+        "corrections": ["scale", "relative_B", "decay"],
+        "valid_osc_range": [osc_start_deg, osc_start_deg + osc_range],
+        "shared": ["decay"],
+        "s_norm_fac": s_norm_fac,
+        "scale_rot_interval": s_spacing,
+        "resolution_dependence": "quadratic",
+        "valid_image_range": [1, int(n_images)],
+    }
+    parameters = {"scale": scale, "relative_B": np.array([relative_b]),
+                  "decay": np.array([dose_rate])}
+    return TrueModel("dose_decay", parameters, config)
+
+
 def draw_kb(settings, rng) -> TrueModel:
     scale = np.exp(settings.sweep_scale_sigma * rng.standard_normal())
     b = settings.kb_b_sigma * rng.standard_normal()
@@ -161,6 +195,9 @@ def evaluate(model: TrueModel, z_obs, d, phi_rad=None, s1=None, instrument=None,
                 p["absorption"], int(c["lmax"]),
             )
         return g
+    if model.kind == "dose_decay":
+        g = smoothing.smooth_1d(z_obs * c["s_norm_fac"], p["scale"])
+        return g * np.exp(p["decay"][0] * z_obs / (d * d) + p["relative_B"][0] / (2.0 * d * d))
     if model.kind == "array":
         t = z_obs * c["time_norm_fac"]
         x_res = (1.0 / (d * d) - c["resmin"]) / c["res_bin_width"]

@@ -1,0 +1,158 @@
+"""The DIALS dose_decay model (DoseDecay, dials-scaling.md 2.1 and 4.9), for multi-crystal
+rotation data:
+
+    g = S(z * s_norm_fac) * exp(C z / d^n) * exp(B_rel / (2 d^2)) [* g_abs] [* analytical]
+
+S: the smooth scale along the rotation (default interval 2 degrees); C: the dose-decay rate
+(`decay`, shared by all sweeps by default, `share.decay`); B_rel: one relative B per sweep
+(`relative_B`); g_abs: spherical-harmonic absorption, off by default (lmax 4, surface weight
+1e6). Only the absorption surface is restrained.
+
+Component (and JSON) order is DIALS's constructor order: scale, decay, relative_B, absorption,
+analytical; the configdict's `corrections` list keeps DIALS's from_data order (scale,
+relative_B, decay, absorption, analytical). Refinement order [[scale, relative_B, decay],
+[absorption]]. A stored model is reloaded with only `correction.fix` taken from a new run,
+as DIALS's `update` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .absorption_sh import SHAbsorption, configure_absorption, crystal_frame_vectors, n_sh_parameters
+from .base import ScalingModel, param
+from .component import AnalyticalComponent
+from .dose_term import DoseDecayTerm
+from .kb import SingleB
+from .physical import (
+    finish_limit_image_range,
+    new_parameter_offset,
+    osc_range_for_new_images,
+    scan_oscillation_range,
+)
+from .scale_smooth import ScaleSmooth1D
+from .smoother import initialise_smooth_input
+
+DEFAULTS = dict(
+    scale_interval=2.0, relative_B_correction=True, decay_correction=True, share_decay=True,
+    resolution_dependence="quadratic", absorption_correction=False, lmax=4,
+    surface_weight=1e6, fix_initial=True,
+)
+
+
+class DoseDecayScalingModel(ScalingModel):
+    id_ = "dose_decay"
+    stored_components = ("scale", "decay", "relative_B", "absorption")
+    consecutive_refinement_order = [["scale", "relative_B", "decay"], ["absorption"]]
+
+    def __init__(self, setups: dict, configdict: dict, fix_initial=True):
+        super().__init__({}, configdict)
+        corrections = configdict["corrections"]
+        if "scale" in corrections:
+            self.components["scale"] = ScaleSmooth1D(*setups["scale"])
+        if "decay" in corrections:
+            self.components["decay"] = DoseDecayTerm(
+                *setups["decay"],
+                resolution_dependence=configdict.get("resolution_dependence", "quadratic"))
+        if "relative_B" in corrections:
+            self.components["relative_B"] = SingleB(*setups["relative_B"])
+        if "absorption" in corrections:
+            self.components["absorption"] = SHAbsorption(
+                *setups["absorption"], surface_weight=configdict["abs_surface_weight"])
+        if "analytical" in corrections:
+            self.components["analytical"] = AnalyticalComponent()
+        self.fix_initial = bool(fix_initial)
+
+    @property
+    def supports_fix_initial(self) -> bool:
+        return self.fix_initial and "scale" in self.components
+
+    def shared_component(self):
+        """"decay" (one dose rate for all sweeps) unless it is fixed (DIALS)."""
+        if "decay" in self.configdict.get("shared", []) and "decay" not in self.fixed_components:
+            return "decay"
+        return None
+
+    # -- creation -------------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, params, experiment, table):
+        p = param(params, "dose_decay")
+
+        def option(name, dotted=None):
+            value = param(p, dotted or name)
+            return DEFAULTS[name] if value is None else value
+
+        (osc_start, osc_end), osc_width = scan_oscillation_range(experiment)
+        configdict = {"corrections": [], "valid_osc_range": [osc_start, osc_end]}
+        if option("share_decay", "share.decay"):
+            configdict["shared"] = ["decay"]
+        setups = {}
+        configdict["corrections"].append("scale")
+        n_scale, s_norm_fac, scale_spacing = initialise_smooth_input(
+            (osc_start, osc_end), osc_width, float(option("scale_interval")))
+        configdict["s_norm_fac"] = s_norm_fac
+        configdict["scale_rot_interval"] = scale_spacing
+        setups["scale"] = (np.ones(n_scale), None)
+        if option("relative_B_correction"):
+            configdict["corrections"].append("relative_B")
+            setups["relative_B"] = (np.zeros(1), None)
+        if option("decay_correction"):
+            configdict["corrections"].append("decay")
+            configdict["resolution_dependence"] = str(option("resolution_dependence"))
+            setups["decay"] = (np.zeros(1), None)
+        if option("absorption_correction"):
+            lmax = int(option("lmax"))
+            configdict["corrections"].append("absorption")
+            configdict["lmax"] = lmax
+            configdict["abs_surface_weight"] = float(option("surface_weight"))
+            setups["absorption"] = (np.zeros(n_sh_parameters(lmax)), None)
+        if param(p, "analytical_correction", False):
+            cls._add_analytical_correction(configdict, table, "dose_decay")
+        model = cls(setups, configdict, fix_initial=option("fix_initial"))
+        model.fixed_components = list(param(p, "correction.fix", None) or [])
+        return model
+
+    def update(self, params) -> None:
+        """Options of a new run for a stored model: only `correction.fix` (DIALS `update`)."""
+        p = param(params, "dose_decay")
+        fixed = param(p, "correction.fix", None)
+        if fixed:
+            self.fixed_components = list(fixed)
+        fix_initial = param(p, "fix_initial", None)
+        if fix_initial is not None:
+            self.fix_initial = bool(fix_initial)
+
+    # -- data -----------------------------------------------------------------------------
+    def configure(self, table, experiment, params=None) -> None:
+        """Per-observation inputs for the rows of `table` (the suitable rows of one dataset)."""
+        z_obs = np.ascontiguousarray(table["xyzobs.px.value"][:, 2], dtype=np.float64)
+        d = np.ascontiguousarray(table["d"], dtype=np.float64)
+        if "scale" in self.components:
+            self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
+        if "decay" in self.components:
+            self.components["decay"].configure(z_obs, d)
+        if "relative_B" in self.components:
+            self.components["relative_B"].configure(d)
+        if "absorption" in self.components:
+            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
+            configure_absorption(self.components["absorption"], s0c, s1c)
+            del s0c, s1c
+        self._configure_analytical(table)
+        self.n_configured = int(z_obs.size)
+
+    # -- image range ----------------------------------------------------------------------
+    def limit_image_range(self, new_first: int, new_last: int) -> None:
+        """Fewer scale parameters for a shorter range (DIALS); the dose term uses raw z and
+        needs no change."""
+        conf = self.configdict
+        new_osc, one_osc = osc_range_for_new_images(conf, new_first, new_last)
+        if "scale" in self.components:
+            cur_first = conf["valid_image_range"][0]
+            n_new, norm_fac, spacing = initialise_smooth_input(
+                new_osc, one_osc, conf["scale_rot_interval"])
+            comp = self.components["scale"]
+            conf["scale_rot_interval"] = spacing
+            conf["s_norm_fac"] = norm_fac
+            offset = new_parameter_offset(cur_first, new_first, norm_fac, comp.n_parameters, n_new)
+            comp.replace_parameters(comp.parameters[offset: offset + n_new])
+        finish_limit_image_range(conf, new_first, new_last, one_osc)
