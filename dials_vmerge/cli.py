@@ -26,8 +26,10 @@ from .memory import return_large_frees_to_os
 # the full parameter paths it sets (only those present in the program's scope are used).
 ALIASES = {
     "scale_term": ["physical.scale_correction"],
-    "decay_term": ["physical.decay_correction", "array.decay_correction", "KB.decay_correction"],
-    "absorption_term": ["physical.absorption_correction", "array.absorption_correction"],
+    "decay_term": ["physical.decay_correction", "array.decay_correction", "KB.decay_correction",
+                   "dose_decay.decay_correction"],
+    "absorption_term": ["physical.absorption_correction", "array.absorption_correction",
+                        "dose_decay.absorption_correction"],
     "modulation_term": ["array.modulation_correction"],
     "include_datasets": ["dataset_selection.use_datasets"],
     "intensity": ["reflection_selection.intensity_choice"],
@@ -35,6 +37,12 @@ ALIASES = {
     "d_min": ["cut_data.d_min", "merging.d_min"],
     "d_max": ["cut_data.d_max", "merging.d_max"],
     "error_model": ["weighting.error_model.error_model"],
+    # Unique to the physical scope until dose_decay repeated them (DIALS then calls them
+    # ambiguous); the short forms keep meaning physical.*, dose_decay.* is given in full.
+    "lmax": ["physical.lmax"],
+    "surface_weight": ["physical.surface_weight"],
+    "scale_interval": ["physical.scale_interval"],
+    "fix_initial": ["physical.fix_initial"],
 }
 # Aliases that switch a term in every model scope; the others pick their first target
 # present in the program (e.g. d_min means cut_data.d_min in dials.vmerge, merging.d_min in
