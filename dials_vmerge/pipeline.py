@@ -152,7 +152,7 @@ def run_scaling_job(params, experiments, table, log):
     experiments, table, _ = select(params, experiments, table, log)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
-    if params.model == "KB" and len(experiments) == 1:
+    if params.model == "KB" and len(experiments) == 1 and not params.scaling_options.reference:
         raise VmergeError(
             "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
             "degenerate with the merged intensities); use model=physical or add datasets"

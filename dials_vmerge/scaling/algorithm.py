@@ -603,4 +603,9 @@ def scale_datasets(experiments, tables, models, params, log=None):
     """
     if len(experiments) != len(tables) or len(tables) != len(models):
         raise VmergeError("scaling needs one experiment, reflection table and model per dataset")
+    if param(params, "scaling_options.reference"):
+        # reference= : scaling against fixed intensities (scaling/targeted.py)
+        from .targeted import TargetedScalingRun
+
+        return TargetedScalingRun(experiments, tables, models, params, log).run()
     return ScalingRun(experiments, tables, models, params, log).run()

@@ -5,6 +5,11 @@ reflection J = eps * Sigma(d) * X with X ~ Exp(1); for a centric one X ~ chi-squ
 degree of freedom. Sigma(d) = exp(-B_wilson / (2 d^2)) (B fall-off; the absolute scale is
 chosen later to reach the requested I/sigma). The anomalous signal splits each acentric J
 into I(+) = J (1 + delta), I(-) = J (1 - delta) with delta ~ Normal(0, bijvoet_ratio).
+
+Alternatively the true intensities are |F_model|^2 of a structure (a model file, or a random
+cctbx structure), computed exactly as a reference model is read for reference scaling
+(io/reference.model_intensities: bulk solvent k_sol, b_sol; Friedel mates averaged), so
+that data simulated from a model can be scaled against that model.
 """
 
 from __future__ import annotations
@@ -183,3 +188,61 @@ def _fill_lookup(asu_index, ops, hmax, kmax, lmax, grid):
                 cell = grid[h + hmax, k + kmax, l + lmax]
                 if cell < 0:
                     grid[h + hmax, k + kmax, l + lmax] = 2 * u + hand
+
+
+def random_xray_structure(space_group, unit_cell, n_atoms: int, seed: int):
+    """A random cctbx structure (C/N/O/S in protein-like proportions, B about 24 A^2)."""
+    import random
+
+    from cctbx.array_family import flex
+    from cctbx.development import random_structure
+
+    # cctbx draws from Python's and flex's global generators: seed both, restore Python's
+    state = random.getstate()
+    random.seed(seed)
+    flex.set_random_seed(seed)
+    try:
+        n_s = max(1, n_atoms // 60)
+        n_n = n_o = n_atoms // 6
+        elements = ["S"] * n_s + ["N"] * n_n + ["O"] * n_o
+        elements += ["C"] * max(n_atoms - len(elements), 0)
+        return random_structure.xray_structure(
+            sgtbx.space_group_info(group=space_group), unit_cell=unit_cell,
+            elements=elements, min_distance=1.2, u_iso=0.3)
+    finally:
+        random.setstate(state)
+
+
+def read_model_structure(path):
+    """(xray_structure, space_group, unit_cell) of a .pdb/.cif model file."""
+    import iotbx.pdb
+
+    xs = iotbx.pdb.input(file_name=path).xray_structure_simple()
+    symmetry = xs.crystal_symmetry()
+    return xs, symmetry.space_group(), symmetry.unit_cell()
+
+
+def structure_true_intensities(space_group, unit_cell, d_min: float, xray_structure,
+                               wavelength: float, k_sol: float, b_sol: float) -> TrueStructure:
+    """True intensities |F_model|^2 of a structure on the simulator's unique set."""
+    from ..io.reference import model_intensities
+
+    symmetry = cctbx_crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
+    mset = miller.build_set(symmetry, anomalous_flag=False, d_min=d_min)
+    mset = mset.remove_systematic_absences()
+    # The bulk-solvent mask grid follows d_min: the same d_min as a reference read with
+    # cut_data.d_min=d_min gives identical intensities.
+    computed = model_intensities(xray_structure, d_min, wavelength, k_sol, b_sol)
+    computed = computed.as_non_anomalous_array().merge_equivalents().array().map_to_asu()
+    matches = miller.match_indices(mset.indices(), computed.indices())
+    if matches.singles(0).size():
+        raise ValueError("the structure's intensities do not cover the simulated reflections")
+    pairs = matches.pairs()
+    values = np.empty(mset.size())
+    values[np.array(pairs.column(0))] = np.array(computed.data())[np.array(pairs.column(1))]
+    index = np.array(mset.indices(), dtype=np.int32).reshape(-1, 3)
+    d = np.array(mset.d_spacings().data())
+    centric = np.array(mset.centric_flags().data(), dtype=bool)
+    epsilon = np.array(mset.epsilons().data(), dtype=np.int32)
+    return TrueStructure(space_group, unit_cell, float(d_min), index, d, centric, epsilon,
+                         values.copy(), values.copy(), False)

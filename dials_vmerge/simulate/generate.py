@@ -198,14 +198,27 @@ def simulate_from_settings(settings: SimulationSettings):
     """Simulate a dataset. Returns (experiments_dict, ReflectionTable, Truth)."""
     settings.validate()
     seed = int(settings.seed)
-    space_group, cell = xtal.make_symmetry(settings.space_group, settings.unit_cell)
-    if settings.mode == "rotation" and settings.n_obs_target:
+    model_file = settings.true_intensities not in ("wilson", "random_structure")
+    if model_file:
+        xray_structure, space_group, cell = xtal.read_model_structure(settings.true_intensities)
+    else:
+        space_group, cell = xtal.make_symmetry(settings.space_group, settings.unit_cell)
+    if settings.mode == "rotation" and settings.n_obs_target and not model_file:
         cell = _scaled_cell(cell, space_group, settings.d_min,
                             settings.n_obs_target / settings.multiplicity)
-    structure = xtal.draw_true_structure(
-        space_group, cell, settings.d_min, settings.wilson_b, settings.anomalous,
-        settings.bijvoet_ratio, _stream(seed, _STRUCTURE),
-    )
+    if settings.true_intensities == "wilson":
+        structure = xtal.draw_true_structure(
+            space_group, cell, settings.d_min, settings.wilson_b, settings.anomalous,
+            settings.bijvoet_ratio, _stream(seed, _STRUCTURE),
+        )
+    else:
+        if not model_file:
+            xray_structure = xtal.random_xray_structure(
+                space_group, cell, settings.structure_n_atoms,
+                int(_stream(seed, _STRUCTURE).integers(2 ** 31)))
+        structure = xtal.structure_true_intensities(
+            space_group, cell, settings.d_min, xray_structure, settings.wavelength,
+            settings.k_sol, settings.b_sol)
     grid, box = xtal.build_lookup_grid(structure)
     instrument = _instrument(settings)
     hall = space_group.type().hall_symbol()

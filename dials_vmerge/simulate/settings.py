@@ -24,6 +24,12 @@ class SimulationSettings:
     wilson_b: float = 20.0  # overall B fall-off of the true intensities (A^2)
     anomalous: bool = False
     bijvoet_ratio: float = 0.05  # sd of (I+ - I-) / (I+ + I-) for acentric reflections
+    # wilson | random_structure | path of a .pdb/.cif model: true intensities |F_model|^2
+    # (bulk solvent k_sol, b_sol) instead of Wilson draws; a file sets space group and cell
+    true_intensities: str = "wilson"
+    structure_n_atoms: int = 300
+    k_sol: float = 0.35
+    b_sol: float = 46.0
 
     # instrument
     wavelength: float = 0.9795
@@ -96,6 +102,13 @@ class SimulationSettings:
             bad("model", "stills data are simulated with a per-image KB model (model=KB)")
         if self.d_min <= 0 or self.wavelength / (2 * self.d_min) >= 0.7:
             bad("d_min", "must be positive and reachable at this wavelength (2 theta < ~90 deg)")
+        if self.true_intensities not in ("wilson", "random_structure"):
+            import os
+
+            if not os.path.isfile(self.true_intensities):
+                bad("true_intensities", "must be wilson, random_structure or a model file")
+            if self.mode == "rotation" and self.n_obs_target:
+                bad("n_obs_target", "cannot rescale the cell of a model file (use n_images)")
         if len(self.unit_cell) != 6:
             bad("unit_cell", "needs six numbers a b c alpha beta gamma")
         if self.orientation is not None and len(self.orientation) != 9:
