@@ -23,7 +23,20 @@ Examples:
 """
 
 
+PHIL_FILES = ["input", "model", "scaling", "merging", "compute", "output", "cross_validation"]
+
+
 def run(params, inputs, log):
+    if params.cross_validation.cross_validation_mode:
+        # dials.scale's cross-validation: a results table, no output files
+        import iotbx.phil
+
+        from dials_vmerge.cli import load_phil_text
+        from dials_vmerge.cross_validation import run_cross_validation
+
+        run_cross_validation(params, inputs.experiments, inputs.reflections, log,
+                             iotbx.phil.parse(load_phil_text(PHIL_FILES)))
+        return
     # The job consumes the input table (its columns move into the scaled one): drop our
     # reference so that nothing keeps it alive.
     table, inputs.reflections = inputs.reflections, None
@@ -46,7 +59,7 @@ def run(params, inputs, log):
 
 main = Program(
     name="dials.vmerge",
-    phil_files=["input", "model", "scaling", "merging", "compute", "output"],
+    phil_files=PHIL_FILES,
     run=run,
     help=HELP,
 ).main

@@ -149,6 +149,10 @@ def run_scaling_job(params, experiments, table, log):
 
     check_consistent_space_groups(experiments)
     check_usable_intensities(table)
+    if params.scaling_options.reference:  # a missing reference fails before any work
+        from .io.reference import check_reference_path
+
+        check_reference_path(params.scaling_options.reference)
     experiments, table, _ = select(params, experiments, table, log)
     experiments, table = drop_empty_datasets(experiments, table, log)
 

@@ -37,11 +37,19 @@ class ReferenceIntensities:
         return int(self.intensity.size)
 
 
+def check_reference_path(path) -> None:
+    """A readable file with a supported extension, or a FileFormatError naming it."""
+    if not os.path.isfile(path):
+        raise FileFormatError(f"reference={path}: no such file")
+    if not str(path).lower().endswith(DATA_EXTENSIONS + MODEL_EXTENSIONS):
+        raise FileFormatError(
+            f"reference={path}: expected a .mtz (merged data) or a .pdb/.cif (model) file")
+
+
 def read_reference(path, space_group, anomalous=False, d_min=None, wavelength=None,
                    k_sol=0.35, b_sol=46.0) -> ReferenceIntensities:
     """Intensities from a reference file, in the ASU of `space_group` (cctbx space_group)."""
-    if not os.path.isfile(path):
-        raise FileFormatError(f"reference={path}: no such file")
+    check_reference_path(path)
     lower = path.lower()
     if lower.endswith(".mtz"):
         array, is_model = _mtz_intensities(path), False

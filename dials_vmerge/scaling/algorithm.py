@@ -608,4 +608,9 @@ def scale_datasets(experiments, tables, models, params, log=None):
         from .targeted import TargetedScalingRun
 
         return TargetedScalingRun(experiments, tables, models, params, log).run()
+    if param(params, "scaling_options.use_free_set", False):
+        # a free set left out of minimisation (scaling/free_set.py, cross-validation)
+        from .free_set import FreeSetScalingRun
+
+        return FreeSetScalingRun(experiments, tables, models, params, log).run()
     return ScalingRun(experiments, tables, models, params, log).run()
