@@ -263,6 +263,11 @@ PHIL_CASES = [
     ("exclude-images-outside", ["exclude_images=0:300:400"], ["outside the scan"]),
     ("exclude-datasets-unknown", ["exclude_datasets=4"], ["exclude_datasets=4"]),
     ("exclude-everything", ["exclude_batches=1,100"], ["leaves no reflections"]),
+    ("exclude-images-wildcard-outside", ["exclude_images=*:300:400"], ["no sweep has images"]),
+    ("reference-missing", ["reference=nothing.mtz"], ["reference=nothing.mtz", "no such file"]),
+    ("reference-format", ["reference=in.expt"], ["reference=in.expt", ".mtz"]),
+    ("cross-validation-parameter", ["cross_validation_mode=multi", "parameter=lmax"],
+     ["parameter=lmax", "full path"]),
 ]
 
 
