@@ -187,7 +187,10 @@ def test_auto_model_choice():
     assert list(kb.to_dict())[1:3] == ["scale", "decay"]
     with pytest.raises(VmergeError):
         create_scaling_model(default_model_params(model="physical"), still, None)
-    with pytest.raises(VmergeError):
+    with pytest.raises(VmergeError, match="not supported"):
+        model_from_dict({"__id__": "fancy", "configuration_parameters": {}})
+    # dose_decay is supported (issue 16); a model dict without corrections is still refused
+    with pytest.raises(VmergeError, match="no corrections"):
         model_from_dict({"__id__": "dose_decay", "configuration_parameters": {}})
 
 

@@ -255,7 +255,9 @@ class ScalingModel:
             article = "an" if cls.id_[0] in "aeiou" else "a"
             raise VmergeError(
                 f"expected {article} {cls.id_} scaling model, got {d.get('__id__')!r}")
-        configdict = copy.deepcopy(d["configuration_parameters"])
+        configdict = copy.deepcopy(d.get("configuration_parameters") or {})
+        if "corrections" not in configdict:
+            raise VmergeError(f"{cls.id_} scaling model: no corrections in the configuration")
         setups = {
             name: cls._component_setup(d, name)
             for name in cls.stored_components
