@@ -124,3 +124,35 @@ def test_reruns_compose_on_two_dataset_output(two_sweep_run, tmp_path):
     ranges = [e.scan["valid_image_ranges"][e.identifier]
               for e in read_experiments(str(second_rerun / "scaled.expt"))]
     assert ranges == [[[1, last[0] - 10]], [[1, last[1] - 20]]]
+
+
+@pytest.mark.parametrize("with_partial_id", [False, True])
+def test_merging_applies_partiality_cut_without_split_partials(with_partial_id):
+    """Observations with partiality < 0.4 are left out of merging whether or not the table
+    has a partial_id column (stills from most integrators have none), as dials.merge."""
+    from command_line_helpers import quartz_scaled
+    from dials_vmerge.merging.api import scaled_observations
+
+    expt, refl = quartz_scaled()
+    experiments = read_experiments(expt)
+    table = read_reflections(refl)
+    if with_partial_id:
+        table["partial_id"] = np.arange(table.nrows, dtype=np.uint64)  # nothing split
+    else:
+        table.del_column("partial_id")
+    before = len(scaled_observations(table, experiments).intensity)
+    g = table["inverse_scale_factor"]
+    good = np.flatnonzero(~table.get_flags(flags.bad_for_scaling, all=False) & (g > 0)
+                          & (table["intensity.scale.variance"] > 0)
+                          & (table["partiality"] >= 0.4))
+    low = good[::7]
+    partiality = table["partiality"].copy()
+    partiality[low] = 0.39
+    table["partiality"] = partiality
+    after = scaled_observations(table, experiments)
+    assert len(after.intensity) == before - len(low)
+    expected_rows = np.setdiff1d(good, low)
+    np.testing.assert_allclose(
+        np.sort(after.intensity),
+        np.sort(table["intensity.scale.value"][expected_rows] / g[expected_rows]), rtol=1e-12)
+    assert np.all(after.extra["FRACTIONCALC"] >= 0.4)
