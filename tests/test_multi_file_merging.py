@@ -91,6 +91,8 @@ def test_two_files_merge_partials_per_dataset(two_sweep_run):
     # N counts the merged observations (one per summed partial group).
     n = data[:, labels.index("N")]
     assert int(n.sum()) == n_observations
+    # Fewer than 40 000 suitable reflections over two datasets: method=auto uses them all.
+    assert "Reflection selection (use_all)" in (two_sweep_run / "dials.vmerge.log").read_text()
 
 
 def image_numbers(table):
