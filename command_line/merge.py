@@ -2,6 +2,7 @@
 
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.pipeline import check_usable_intensities
+from dials_vmerge.unit_cells import check_unit_cells_of_table
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
@@ -28,6 +29,7 @@ Examples:
 def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
+    check_unit_cells_of_table(experiments, table, log, params.allow_inconsistent_cells)
     method = single_method(params)
     log.info(f"Merging with method={method}")
     result = merge_scaled_table(table, experiments, params, log)

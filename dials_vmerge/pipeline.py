@@ -150,6 +150,9 @@ def run_scaling_job(params, experiments, table, log):
     check_consistent_space_groups(experiments)
     check_usable_intensities(table)
     experiments, table, _ = select(params, experiments, table, log)
+    from .unit_cells import check_unit_cells_of_table
+
+    check_unit_cells_of_table(experiments, table, log, params.allow_inconsistent_cells)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
     if params.model == "KB" and len(experiments) == 1:
