@@ -27,7 +27,13 @@ def run(params, inputs, log):
     # The job consumes the input table (its columns move into the scaled one): drop our
     # reference so that nothing keeps it alive.
     table, inputs.reflections = inputs.reflections, None
-    experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
+    if params.filtering.method == "deltacchalf":
+        from dials_vmerge.scaling.filtering import scale_and_filter
+
+        experiments, table, summary = scale_and_filter(params, inputs.experiments, table, log,
+                                                       scale=run_scaling_job)
+    else:
+        experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
     with StagedOutputs() as staged:
         # The scaled files are written first, under temporary names that become scaled.expt
         # and scaled.refl only when everything below has succeeded. Merging then reads the
@@ -42,6 +48,10 @@ def run(params, inputs, log):
         json.dumps(report)  # fail before any file is written if the report cannot be saved
         write_merge_outputs(merged, params, log)
         write_json(params.output.json or "dials.vmerge.json", report)
+        if "filtering" in summary:
+            from dials_vmerge.scaling.filtering import write_filter_results
+
+            write_filter_results(params, summary)
 
 
 main = Program(
