@@ -158,3 +158,24 @@ def test_merging_applies_partiality_cut_without_split_partials(with_partial_id):
         np.sort(after.intensity),
         np.sort(table["intensity.scale.value"][expected_rows] / g[expected_rows]), rtol=1e-12)
     assert np.all(after.extra["FRACTIONCALC"] >= 0.4)
+
+
+def test_preparation_sums_partials_per_dataset():
+    """Two datasets of one table both use partial_id 0 and 1: pieces are summed within each
+    dataset, never across (scaling.prepare.sum_partial_reflections)."""
+    from dials_vmerge.scaling.prepare import sum_partial_reflections
+    from dials_vmerge.table import ReflectionTable
+
+    table = ReflectionTable(8, {0: "a", 1: "b"})
+    table["id"] = np.array([0, 0, 1, 1, 0, 1, 0, 1], dtype=np.int32)
+    table["partial_id"] = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.uint64)
+    table["partiality"] = np.array([0.5, 0.4, 0.3, 0.6, 0.7, 0.2, 0.25, 0.7])
+    table["intensity.sum.value"] = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
+    table["intensity.sum.variance"] = np.arange(1.0, 9.0)
+    out = sum_partial_reflections(table)
+    assert out.nrows == 4
+    # the kept rows are each group's first piece (rows 0, 2, 4, 5), in table order
+    assert out["id"].tolist() == [0, 1, 0, 1]
+    np.testing.assert_allclose(out["intensity.sum.value"], [30.0, 70.0, 120.0, 140.0])
+    np.testing.assert_allclose(out["intensity.sum.variance"], [3.0, 7.0, 12.0, 14.0])
+    np.testing.assert_allclose(out["partiality"], [0.9, 0.9, 0.95, 0.9])

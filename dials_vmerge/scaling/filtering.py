@@ -317,6 +317,11 @@ def scale_and_filter(params, experiments, table, log, scale: Callable):
     for cycle in range(1, options.max_cycles + 1):
         log.info(f"\nScale and filter: cycle {cycle} of at most {options.max_cycles}")
         experiments, table, summary = scale(params, experiments, table, log)
+        # As dials.scale: the dataset selection is done; later cycles scale what is left
+        # (a removed or excluded id given again would be an error).
+        params.dataset_selection.use_datasets = None
+        params.dataset_selection.include_datasets = None
+        params.dataset_selection.exclude_datasets = None
         if cycle == 1:
             results["initial_expids_and_image_ranges"] = [
                 None if e.is_still else [e.identifier, list(e.scan["image_range"])]
