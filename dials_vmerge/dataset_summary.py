@@ -100,3 +100,18 @@ def format_many_datasets_summary(experiments, models, summary, id_of=None) -> st
     else:
         lines.append("  no dataset was removed during scaling")
     return "\n".join(lines)
+
+
+def format_per_dataset_values(label: str, values, decimals: Optional[int] = None) -> str:
+    """One log line for a per-dataset list ("Outlier rejection: 3, 0, 5"): the list itself
+    up to SUMMARY_ABOVE_DATASETS datasets, above that its total (for counts) and spread.
+    For scaling's per-round lines, e.g.
+        self.log(format_per_dataset_values("Outlier rejection", counts))"""
+    values = list(values)
+    if len(values) <= SUMMARY_ABOVE_DATASETS:
+        shown = [f"{v:.{decimals}f}" if decimals is not None else str(v) for v in values]
+        return f"{label}: " + ", ".join(shown)
+    array = np.asarray(values, dtype=float)
+    total = f"total {array.sum():.6g}, " if np.all(array == np.round(array)) else ""
+    return (f"{label}: {len(values)} datasets, {total}per dataset min {array.min():.6g}, "
+            f"median {np.median(array):.6g}, max {array.max():.6g}")

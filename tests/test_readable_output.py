@@ -138,3 +138,14 @@ def test_progress_bar_and_log_lines_for_stages():
     with stage(log, "Library stage", min_seconds=0.0):
         pass
     assert "Library stage: " in record.getvalue()
+
+
+def test_per_dataset_values_line_is_a_list_up_to_20_datasets_then_a_summary():
+    from dials_vmerge.dataset_summary import format_per_dataset_values
+
+    assert format_per_dataset_values("Outlier rejection", [3, 0, 5]) == \
+        "Outlier rejection: 3, 0, 5"
+    counts = list(range(100))
+    line = format_per_dataset_values("Outlier rejection", counts)
+    assert line == ("Outlier rejection: 100 datasets, total 4950, per dataset min 0, "
+                    "median 49.5, max 99")
