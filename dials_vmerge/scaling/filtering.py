@@ -15,8 +15,9 @@ min_completeness (then one more scaling of what is left). As dials.scale:
   is removed;
 * scale_and_filter_results.json has AnalysisResults.to_dict()'s layout.
 
-Differences: every cycle scales with the user's settings (dials.scale switches the
-full-matrix round off in the cycles and adds one full-matrix rescale at the end).
+* the cycles scale without the full-matrix round; when the run wants one (full_matrix, or
+  auto: rotation data, at most 10 datasets), the data left are scaled once more with it at
+  the end, as are they whenever the last cycle removed something.
 """
 
 from __future__ import annotations
@@ -314,9 +315,15 @@ def scale_and_filter(params, experiments, table, log, scale: Callable):
                "cycle_results": {}, "final_stats": None, "mode": mode}
     cumulative_removed = 0
     summary = None
+    full_matrix = params.scaling_options.full_matrix
+    final_full_matrix = _full_matrix_wanted(full_matrix, experiments)
     for cycle in range(1, options.max_cycles + 1):
         log.info(f"\nScale and filter: cycle {cycle} of at most {options.max_cycles}")
-        experiments, table, summary = scale(params, experiments, table, log)
+        params.scaling_options.full_matrix = False
+        try:
+            experiments, table, summary = scale(params, experiments, table, log)
+        finally:
+            params.scaling_options.full_matrix = full_matrix
         # As dials.scale: the dataset selection is done; later cycles scale what is left
         # (a removed or excluded id given again would be an error).
         params.dataset_selection.use_datasets = None
@@ -369,7 +376,7 @@ def scale_and_filter(params, experiments, table, log, scale: Callable):
         elif cycle == options.max_cycles:
             reason = "max_cycles"
         if reason is not None:
-            if reason != "no_more_removed":
+            if reason != "no_more_removed" or final_full_matrix:
                 log.info("Scale and filter: rescaling what is left")
                 experiments, table, summary = scale(params, experiments, table, log)
                 results["final_stats"] = _merging_stats(table, experiments)
@@ -379,6 +386,17 @@ def scale_and_filter(params, experiments, table, log, scale: Callable):
     summary = dict(summary or {})
     summary["filtering"] = results
     return experiments, table, summary
+
+
+def _full_matrix_wanted(value, experiments) -> bool:
+    """The user's full_matrix, auto resolved as the scaling engine does."""
+    from ..model.base import is_auto
+    from .algorithm import MAX_DATASETS_FOR_AUTO_FULL_MATRIX
+
+    if is_auto(value) or value is None:
+        return not (any(e.is_still for e in experiments)
+                    or len(experiments) > MAX_DATASETS_FOR_AUTO_FULL_MATRIX)
+    return bool(value)
 
 
 def write_filter_results(params, summary) -> None:
