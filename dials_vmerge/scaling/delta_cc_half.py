@@ -126,7 +126,8 @@ def cc_half_without_each_group(x, unique, group, bin_of_unique, n_groups, n_bins
     n_obs = np.bincount(unique, minlength=n_unique).astype(np.int64)
     s1, s2, sv, count = bin_sums_kernel(sum_x, sum_x2, n_obs, bin_of_unique, n_bins)
     cc_all = _mean_cc_half(s1, s2, sv, count)
-    order = np.lexsort((unique, group))
+    # one sort on a combined key (group major): much faster than lexsort on two keys
+    order = np.argsort(group * np.int64(max(n_unique, 1)) + unique, kind="stable")
     group_start = np.searchsorted(group[order], np.arange(n_groups + 1)).astype(np.int64)
     cc_without = leave_one_out_kernel(x[order], unique[order], group_start, sum_x, sum_x2,
                                       n_obs, bin_of_unique, s1, s2, sv, count)
