@@ -200,3 +200,18 @@ def test_image_group_mode_excludes_a_corrupted_sweep_end(tmp_path, monkeypatch):
     assert end.sum() > 50
     assert scaled.get_flags(flags.user_excluded_in_scaling)[end].all()
     assert not scaled.get_flags(flags.scaled)[end].any()
+
+
+def test_dataset_mode_on_one_dataset_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import os
+
+    from dials_vmerge.command_line.vmerge import main
+    from quartz_helpers import QUARTZ
+
+    monkeypatch.chdir(tmp_path)
+    assert main([os.path.join(QUARTZ, "integrated.expt"), os.path.join(QUARTZ, "integrated.refl"),
+                 "filtering.method=deltacchalf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dials.vmerge: error: filtering.method=deltacchalf: one dataset cannot be "
+                   "filtered in mode=dataset; use filtering.deltacchalf.mode=image_group"]
+    assert os.listdir(tmp_path) == []

@@ -179,3 +179,28 @@ def test_preparation_sums_partials_per_dataset():
     np.testing.assert_allclose(out["intensity.sum.value"], [30.0, 70.0, 120.0, 140.0])
     np.testing.assert_allclose(out["intensity.sum.variance"], [3.0, 7.0, 12.0, 14.0])
     np.testing.assert_allclose(out["partiality"], [0.9, 0.9, 0.95, 0.9])
+
+
+@pytest.mark.parametrize("largest_partial_id", [40, 2 ** 63 + 5])
+def test_partial_groups_are_dataset_and_partial_id_pairs(largest_partial_id):
+    """merging.api.partial_groups against a dictionary grouping, for partial_ids small enough
+    for the combined sort key and for uint64 values beyond it (the two-key sort)."""
+    from dials_vmerge.merging.api import partial_groups
+    from dials_vmerge.table import ReflectionTable
+
+    rng = np.random.default_rng(4)
+    n = 400
+    table = ReflectionTable(n, {0: "a", 1: "b", 2: "c"})
+    table["id"] = rng.integers(0, 3, n).astype(np.int32)
+    pid = rng.integers(0, 41, n).astype(np.uint64)
+    pid[pid == 40] = np.uint64(largest_partial_id)
+    table["partial_id"] = pid
+    rows = np.flatnonzero(rng.random(n) < 0.9)
+    inverse, first = partial_groups(table, rows)
+    first_row_of = {}
+    for position, r in enumerate(rows):
+        first_row_of.setdefault((int(table["id"][r]), int(pid[r])), position)
+    assert len(first) == len(first_row_of)
+    assert sorted(first.tolist()) == sorted(first_row_of.values())
+    for position, r in enumerate(rows):
+        assert first[inverse[position]] == first_row_of[(int(table["id"][r]), int(pid[r]))]
