@@ -446,11 +446,15 @@ def format_analysis(result: DeltaCCHalfResult, table) -> str:
 def format_removal(cycle, removal: Removal, percent) -> str:
     lines = [f"Cycle {cycle} of filtering: {removal.n_reflections_removed} reflections removed "
              f"(cumulative {percent:.3f}%)"]
-    for (first, last), key in removal.image_ranges_removed:
+    for (first, last), key in removal.image_ranges_removed[:MAX_LOGGED_GROUPS]:
         lines.append(f"  removed images {first}-{last} of dataset {key}")
-    for (first, last), key in removal.interior_below_cutoff:
+    for (first, last), key in removal.interior_below_cutoff[:MAX_LOGGED_GROUPS]:
         lines.append(f"  images {first}-{last} of dataset {key} are below the cutoff but not at "
                      "the end of a sweep: kept")
+    more = (max(len(removal.image_ranges_removed) - MAX_LOGGED_GROUPS, 0)
+            + max(len(removal.interior_below_cutoff) - MAX_LOGGED_GROUPS, 0))
+    if more:
+        lines.append(f"  ... and {more} more image groups (all in the JSON)")
     if removal.removed_ids:
         shown = ", ".join(str(i) for i in removal.removed_ids[:MAX_LOGGED_GROUPS])
         more = len(removal.removed_ids) - MAX_LOGGED_GROUPS
