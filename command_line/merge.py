@@ -2,6 +2,8 @@
 
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.pipeline import check_usable_intensities
+from dials_vmerge.progress import run_progress, stage
+from dials_vmerge.unit_cells import check_unit_cells_of_table
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
@@ -28,14 +30,19 @@ Examples:
 def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
+    check_unit_cells_of_table(experiments, table, log, params.allow_inconsistent_cells)
     method = single_method(params)
     log.info(f"Merging with method={method}")
-    result = merge_scaled_table(table, experiments, params, log)
-    log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
-             "unique reflections")
-    log_statistics(result, log)
-    write_merge_outputs(result, params, log)
-    write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
+    with run_progress(log, 3):
+        with stage(log, "Merging"):
+            result = merge_scaled_table(table, experiments, params, log)
+        log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
+                 "unique reflections")
+        with stage(log, "Merging statistics"):
+            log_statistics(result, log)
+        with stage(log, "Writing merged files"):
+            write_merge_outputs(result, params, log)
+            write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
 
 
 main = Program(

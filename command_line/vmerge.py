@@ -8,6 +8,7 @@ from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
+from dials_vmerge.progress import run_progress, stage
 
 HELP = """\
 dials.vmerge integrated.expt integrated.refl [more.expt more.refl ...] [name=value ...]
@@ -37,24 +38,48 @@ def run(params, inputs, log):
         run_cross_validation(params, inputs.experiments, inputs.reflections, log,
                              iotbx.phil.parse(load_phil_text(PHIL_FILES)))
         return
+    with run_progress(log, N_STAGES):
+        _run(params, inputs, log)
+
+
+# the stages marked below and in pipeline.run_scaling_job (for the terminal's progress bar)
+N_STAGES = 7
+
+
+def _run(params, inputs, log):
     # The job consumes the input table (its columns move into the scaled one): drop our
     # reference so that nothing keeps it alive.
     table, inputs.reflections = inputs.reflections, None
-    experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
+    if params.filtering.method == "deltacchalf":
+        from dials_vmerge.scaling.filtering import scale_and_filter
+
+        experiments, table, summary = scale_and_filter(params, inputs.experiments, table, log,
+                                                       scale=run_scaling_job)
+    else:
+        experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
     with StagedOutputs() as staged:
         # The scaled files are written first, under temporary names that become scaled.expt
         # and scaled.refl only when everything below has succeeded. Merging then reads the
         # few columns it needs back from the written file instead of keeping the whole scaled
         # table in memory (the largest stage of a run otherwise).
-        scaled_refl = write_scaled_files(params, experiments, table, log, staged)
+        with stage(log, "Writing scaled files"):
+            scaled_refl = write_scaled_files(params, experiments, table, log, staged)
         del table
         release_free_memory()
-        merged = merge_scaled_table(read_reflections(scaled_refl), experiments, params, log)
-        log_statistics(merged, log)
-        report = json_ready({"scaling": summary, "merging": merged.as_json()})
-        json.dumps(report)  # fail before any file is written if the report cannot be saved
-        write_merge_outputs(merged, params, log)
-        write_json(params.output.json or "dials.vmerge.json", report)
+        with stage(log, "Merging"):
+            merged = merge_scaled_table(read_reflections(scaled_refl), experiments, params,
+                                        log)
+        with stage(log, "Merging statistics"):
+            log_statistics(merged, log)
+        with stage(log, "Writing merged files"):
+            report = json_ready({"scaling": summary, "merging": merged.as_json()})
+            json.dumps(report)  # fail before any file is written if the report cannot be saved
+            write_merge_outputs(merged, params, log)
+            write_json(params.output.json or "dials.vmerge.json", report)
+            if "filtering" in summary:
+                from dials_vmerge.scaling.filtering import write_filter_results
+
+                write_filter_results(params, summary)
 
 
 main = Program(

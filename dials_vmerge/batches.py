@@ -86,9 +86,11 @@ def format_batch_table(experiments, offsets=None) -> str:
     """The "Experiment identifier, image_range, batch_range" table of the DIALS guide."""
     offsets = batch_offsets(experiments) if offsets is None else offsets
     rows = [("Experiment identifier", "image_range", "batch_range")]
+    entries = []
     for e, (blo, bhi) in zip(experiments, batch_ranges(experiments, offsets)):
         lo, hi = (0, 0) if e.is_still else image_range(e)
-        rows.append((e.identifier, f"{lo}-{hi}", f"{blo}-{bhi}"))
+        entries.append((e.identifier, lo, hi, blo, bhi))
+    rows += _collapse_single_image_runs(entries)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = []
     for n, r in enumerate(rows):
@@ -96,3 +98,27 @@ def format_batch_table(experiments, offsets=None) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _collapse_single_image_runs(entries):
+    """Table rows from (identifier, first image, last image, first batch, last batch); a run
+    of consecutive single-image datasets (stills, one-image sweeps) becomes one row, so
+    that 10^4 stills do not print 10^4 lines."""
+    rows = []
+    i = 0
+    while i < len(entries):
+        j = i
+        while j < len(entries) and entries[j][1] == entries[j][2]:
+            j += 1
+        if j - i >= 2:
+            run = entries[i:j]
+            images = {(lo, hi) for _, lo, hi, _, _ in run}
+            image_text = (f"{run[0][1]}-{run[0][2]}" if len(images) == 1 else "1 image each")
+            rows.append((f"{j - i} single-image datasets: {run[0][0]} ... {run[-1][0]}",
+                         image_text, f"{run[0][3]}-{run[-1][4]}"))
+            i = j
+            continue
+        identifier, lo, hi, blo, bhi = entries[i]
+        rows.append((identifier, f"{lo}-{hi}", f"{blo}-{bhi}"))
+        i += 1
+    return rows

@@ -8,7 +8,7 @@ a failed run leaves no output files.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import os
@@ -242,6 +242,7 @@ class Program:
             print(master.format(params).as_str(expert_level=flags["expert"], attributes_level=flags["attributes"]))
             return 0
         inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths)
+        read_seconds = 0.0
         if self.needs_data:
             if not expt_paths or not refl_paths:
                 raise VmergeError(
@@ -250,24 +251,37 @@ class Program:
                 )
             from .io.combine import load_experiments_and_reflections
 
+            read_start = time.perf_counter()
             inputs.experiments, inputs.reflections = load_experiments_and_reflections(
                 expt_paths, refl_paths
             )
-        log, buffer = _make_logger(self.name)
-        log.info(f"{self.name} (dials-vmerge {__version__})")
-        log.info("Command line: " + " ".join([self.name] + list(argv)))
-        diff = master.fetch_diff(working).as_str().strip()
-        if diff and self.write_log:
-            log.info("Parameters that differ from the defaults:\n" + diff)
-        start = time.time()
-        result = self.run(params, inputs, log)
-        log.info(f"Total time: {time.time() - start:.2f} s")
+            read_seconds = time.perf_counter() - read_start
         log_path = _output_param(params, "log") or f"{self.name}.log"
-        if self.write_log:
-            from .io.atomic import atomic_write
+        with contextlib.ExitStack() as outputs:
+            # The log is written line by line as the run goes, to a temporary file beside
+            # log_path that becomes log_path when the run succeeds (removed if it fails: a
+            # failed run leaves no output files).
+            stream_path = None
+            if self.write_log:
+                from .io.atomic import atomic_output_path
 
-            with atomic_write(log_path, "w") as f:
-                f.write(buffer.getvalue())
+                stream_path = outputs.enter_context(atomic_output_path(log_path))
+            log, log_file = _make_logger(self.name, stream_path)
+            try:
+                log.info(f"{self.name} (dials-vmerge {__version__})")
+                log.info("Command line: " + " ".join([self.name] + list(argv)))
+                diff = master.fetch_diff(working).as_str().strip()
+                if diff and self.write_log:
+                    log.info("Parameters that differ from the defaults:\n" + diff)
+                from .progress import MIN_LOGGED_SECONDS
+
+                if read_seconds >= MIN_LOGGED_SECONDS:
+                    log.info(f"Reading the input files: {read_seconds:.1f} s")
+                start = time.time()
+                result = self.run(params, inputs, log)
+                log.info(f"Total time: {time.time() - start:.2f} s")
+            finally:
+                _close_log_file(log, log_file)
         return 0 if result is None else int(result)
 
 
@@ -276,19 +290,31 @@ def _output_param(params, name):
     return getattr(out, name, None) if out is not None else None
 
 
-def _make_logger(name: str):
+def _make_logger(name: str, path: Optional[str] = None):
+    """The program's logger: stdout, and the file `path` (flushed after every line) if
+    given. Returns (logger, the file's handler or None)."""
     log = logging.getLogger(f"dials_vmerge.program.{name}")
-    log.handlers.clear()
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(logging.Formatter("%(message)s"))
-    buffer = io.StringIO()
-    memory = logging.StreamHandler(buffer)
-    memory.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(stdout)
-    log.addHandler(memory)
-    return log, buffer
+    log_file = None
+    if path is not None:
+        # StreamHandler flushes after each record
+        log_file = logging.StreamHandler(open(path, "w", encoding="utf-8"))
+        log_file.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(log_file)
+    return log, log_file
+
+
+def _close_log_file(log, log_file) -> None:
+    if log_file is not None:
+        log.removeHandler(log_file)
+        log_file.stream.close()
+        log_file.close()
 
 
 def write_json(path: str, obj) -> None:

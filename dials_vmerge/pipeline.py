@@ -153,7 +153,13 @@ def run_scaling_job(params, experiments, table, log):
         from .io.reference import check_reference_path
 
         check_reference_path(params.scaling_options.reference)
-    experiments, table, _ = select(params, experiments, table, log)
+    from .progress import stage
+
+    with stage(log, "Selection"):
+        experiments, table, _ = select(params, experiments, table, log)
+    from .unit_cells import check_unit_cells_of_table
+
+    check_unit_cells_of_table(experiments, table, log, params.allow_inconsistent_cells)
     experiments, table = drop_empty_datasets(experiments, table, log)
 
     if params.model == "KB" and len(experiments) == 1 and not params.scaling_options.reference:
@@ -189,8 +195,14 @@ def run_scaling_job(params, experiments, table, log):
                 model.limit_image_range(*envelope)
         models.append(model)
     choose_compute_device(params, log)
-    tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
+    with stage(log, "Scaling"):
+        tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
     log.info(format_scaling_summary(experiments, models, summary))
+    from .dataset_summary import per_dataset_table
+
+    # every dataset's numbers for the JSON (the log summarises above 20 datasets)
+    summary["per_dataset"] = per_dataset_table(summary.get("experiments", experiments),
+                                               models, summary)
     kept = summary.pop("experiments", None)
     if kept is not None and len(kept) != len(experiments):
         experiments = experiments.select([i for i, e in enumerate(experiments) if any(e is k for k in kept)])
@@ -204,8 +216,9 @@ def run_scaling_job(params, experiments, table, log):
     # out so that the joined table stays file-backed; writing then streams it from there.
     from .table import ReflectionTable
 
-    ReflectionTable.spill_together(tables, tables[0].keys())
-    scaled = concatenate_consuming(tables)
+    with stage(log, "Joining the scaled datasets"):
+        ReflectionTable.spill_together(tables, tables[0].keys())
+        scaled = concatenate_consuming(tables)
     # Each per-dataset table carries the whole identifier map; keep only the datasets that
     # were scaled, or the written .refl names an experiment the .expt lacks.
     kept_identifiers = {e.identifier for e in experiments}
@@ -225,6 +238,10 @@ def choose_compute_device(params, log) -> str:
 
 
 def format_scaling_summary(experiments, models, summary) -> str:
+    from .dataset_summary import SUMMARY_ABOVE_DATASETS, format_many_datasets_summary
+
+    if len(models) > SUMMARY_ABOVE_DATASETS:
+        return format_many_datasets_summary(experiments, models, summary)
     lines = []
     kept = summary.get("experiments", experiments)
     per_dataset = summary.get("datasets", [])

@@ -220,22 +220,67 @@ def _merge_selection(table) -> _Selection:
     inverse = ok = fraction = None
     final = rows
     if "partial_id" in table:
-        partial_id = table.peek("partial_id", rows)
-        # uint64 as int64: what astype gives, without a copy
-        partial_id = (partial_id.view(np.int64) if partial_id.dtype == np.uint64
-                      else partial_id.astype(np.int64))
-        ids, first, inverse = np.unique(partial_id, return_index=True, return_inverse=True)
-        del partial_id
-        if len(ids) < len(rows):
+        inverse, first = partial_groups(table, rows)
+        if inverse is not None:
             final = rows[first]
             if "partiality" in table:
                 fraction = np.bincount(inverse, weights=table.peek("partiality", rows))
                 ok = fraction >= PARTIALITY_THRESHOLD
                 final, fraction = final[ok], fraction[ok]
-        else:
-            inverse = None
-        del ids, first
+        del first
+    if inverse is None and "partiality" in table:
+        # As dials.merge: the partiality cut holds for unsplit observations too (stills have
+        # partiality but, from most integrators, no partial_id).
+        partiality = table.peek("partiality", rows)
+        keep = partiality >= PARTIALITY_THRESHOLD
+        if not keep.all():
+            rows, partiality = rows[keep], partiality[keep]
+            if rows.size == 0:
+                raise VmergeError(f"no reflections left to merge (every partiality is below "
+                                  f"{PARTIALITY_THRESHOLD})")
+        final, fraction = rows, partiality
     return _Selection(rows, inverse, ok, final, fraction)
+
+
+def partial_groups(table, rows):
+    """Split partials of table rows `rows`: (inverse, first), the group of each row and the
+    position in `rows` of each group's first piece, or (None, None) when nothing is split.
+
+    A group is one (dataset id, partial_id) pair, as dials.merge sums partials per dataset:
+    files from separate integration runs each number partial_id from 0."""
+    partial_id = table.peek("partial_id", rows)
+    # uint64 as int64: what astype gives, without a copy
+    partial_id = (partial_id.view(np.int64) if partial_id.dtype == np.uint64
+                  else partial_id.astype(np.int64))
+    if "id" in table:
+        dataset = table.peek("id", rows).astype(np.int64)
+        span = int(partial_id.max()) + 1 if partial_id.size else 1
+        if partial_id.size and partial_id.min() >= 0 and int(dataset.min()) >= 0 and \
+                (int(dataset.max()) + 1) * span < 2 ** 62:
+            # one stable sort on a combined key (faster than lexsort on two)
+            key = dataset * span + partial_id
+            del dataset, partial_id
+            order = np.argsort(key, kind="stable")  # stable: first piece first in a group
+            key = key[order]
+            starts = np.r_[True, key[1:] != key[:-1]]
+            del key
+        else:
+            order = np.lexsort((partial_id, dataset))
+            dataset, partial_id = dataset[order], partial_id[order]
+            starts = np.r_[True, (partial_id[1:] != partial_id[:-1])
+                           | (dataset[1:] != dataset[:-1])]
+            del dataset, partial_id
+    else:
+        order = np.argsort(partial_id, kind="stable")
+        partial_id = partial_id[order]
+        starts = np.r_[True, partial_id[1:] != partial_id[:-1]]
+        del partial_id
+    n_groups = int(starts.sum())
+    if n_groups == len(rows):
+        return None, None
+    inverse = np.empty(len(rows), np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return inverse, order[starts]
 
 
 def _resolution_keep(miller_index, unit_cell, d_min, d_max):

@@ -236,9 +236,10 @@ class ScalingRun:
 
     def select_reflections(self):
         p = self.params
-        method = sel.resolve_method(param(p, "reflection_selection.method", "auto"),
-                                    all(_is_still(s.experiment) for s in self.states))
         table = self.global_table(error_model_weights=True)
+        method = sel.resolve_method(param(p, "reflection_selection.method", "auto"),
+                                    all(_is_still(s.experiment) for s in self.states),
+                                    table.n_obs, len(self.states))
         isig_range = param(p, "reflection_selection.Isigma_range", (2.0, 0.0))
         min_p = param(p, "reflection_selection.min_partiality", 0.25)
         d_range = param(p, "reflection_selection.d_range")

@@ -144,10 +144,20 @@ def sum_partial_reflections(table, consume_input=False):
     rows = np.flatnonzero(candidate)
     if rows.size == 0:
         return table
-    order = np.argsort(table["partial_id"][rows], kind="stable")
-    rows = rows[order]  # within one partial_id, ascending row index: first piece first
+    # One group per (dataset id, partial_id): every integration run numbers partial_id from
+    # 0, so a table joining several files (or datasets) repeats them (dials.merge does the same).
     pid = table["partial_id"][rows]
-    starts = np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]])
+    if _has(table, "id"):
+        dataset = table["id"][rows]
+        order = np.lexsort((pid, dataset))
+        rows, pid, dataset = rows[order], pid[order], dataset[order]
+        change = (pid[1:] != pid[:-1]) | (dataset[1:] != dataset[:-1])
+    else:
+        order = np.argsort(pid, kind="stable")
+        rows, pid = rows[order], pid[order]
+        change = pid[1:] != pid[:-1]
+    # within one group, ascending row index: first piece first (both sorts are stable)
+    starts = np.flatnonzero(np.r_[True, change])
     sizes = np.diff(np.r_[starts, rows.size])
     multi = sizes > 1
     if not multi.any():

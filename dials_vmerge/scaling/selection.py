@@ -150,7 +150,23 @@ def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_r
     return keep
 
 
-def resolve_method(method, is_stills):
-    if method in (None, "auto"):
-        return "intensity_ranges" if is_stills else "quasi_random"
-    return method
+# method=auto uses every suitable reflection below these counts (issue 10's rule): a subset
+# saves nothing there, and a dataset whose rows all fail the subset's I/sigma preselection
+# would be left with nothing to minimise on.
+AUTO_USE_ALL_BELOW_ONE_DATASET = 20_000
+AUTO_USE_ALL_BELOW_SEVERAL_DATASETS = 40_000
+
+
+def resolve_method(method, is_stills, n_suitable=None, n_datasets=1):
+    """The selection method `auto` stands for: use_all when there are fewer than 20 000
+    suitable reflections for one dataset (40 000 over several), otherwise intensity_ranges
+    for stills and quasi_random for rotation data (dials.scale's resolution). Without
+    n_suitable, the size rule is not applied."""
+    if method not in (None, "auto"):
+        return method
+    if n_suitable is not None:
+        limit = (AUTO_USE_ALL_BELOW_ONE_DATASET if n_datasets <= 1
+                 else AUTO_USE_ALL_BELOW_SEVERAL_DATASETS)
+        if n_suitable < limit:
+            return "use_all"
+    return "intensity_ranges" if is_stills else "quasi_random"
