@@ -23,6 +23,7 @@ DIALS_RUN_SETTINGS = [
     "reflection_selection.method=quasi_random",
     "Isigma_range=-5,0",
     "min_partiality=0.95",
+    "deviation=dials",  # dials.scale's normalised deviations (ours default to unbiased)
 ]
 
 

@@ -449,7 +449,8 @@ class ScalingRun:
                     param(p, "weighting.error_model.basic.minimisation", "individual"),
                     param(p, "weighting.error_model.basic.a"),
                     param(p, "weighting.error_model.basic.b"),
-                    layout=self.anomalous_layout(group, masks), stills=stills)
+                    layout=self.anomalous_layout(group, masks), stills=stills,
+                    deviation=param(p, "weighting.error_model.basic.deviation", "unbiased"))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 self.log(f"Error model refinement failed: {e}; keeping the current model")
                 continue

@@ -11,6 +11,11 @@ are binned by expected intensity Ih g (log-spaced bins, minimum counts). `indivi
 minimisation alternates an a-step (slope of the central normal probability plot) and a
 b-step (bin variances towards 1 by the DIALS functional) until |da/a| < 0.01; on failure it
 resets to (1, 0.02) and refines b alone. `regression` fits y = a^2 x + a^2 b^2.
+
+The prefactor sqrt((n_h - 1)/n_h) above is dials.scale's (deviation="dials"). Because Ih
+includes the observation, I/g - Ih has variance (n_h - 1)/n_h sigma'^2 for correct sigmas, so
+that prefactor fits a = (n_h - 1)/n_h, not 1, and merged sigmas come out too small. The default
+here, deviation="unbiased", uses sqrt(n_h/(n_h - 1)), whose deviations have unit variance.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ class ErrorModelData:
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
-                           min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None):
+                           min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None,
+                           deviation="unbiased"):
     """The filtered anomalous Ih table the error model is refined on (an IhTable).
 
     layout: optional ih_table.GroupLayout of the reflections to use (anomalous ASU groups);
@@ -97,7 +103,7 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         if not keep.all():  # callers with a layout have usually cut already: skip the copy
             table = table.select(keep, consume=True)
     if stills is not None:
-        return _filter_stills(table, stills, min_ih, model or BasicErrorModel())
+        return _filter_stills(table, stills, min_ih, model or BasicErrorModel(), deviation)
     grp = table.group_of_observation()
     n_h = table.multiplicity()
     i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
@@ -128,7 +134,7 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     return table
 
 
-def _filter_stills(table, stills, min_ih, model):
+def _filter_stills(table, stills, min_ih, model, deviation="unbiased"):
     """The stills filter of dials.scale (error_model.stills): I/sigma >= min_Isigma,
     Ih g p > min_Ih, |delta| < 6 under the current model, multiplicity >= min_multiplicity."""
     min_isigma, min_multiplicity = stills
@@ -142,7 +148,7 @@ def _filter_stills(table, stills, min_ih, model):
     n_h = table.multiplicity()[grp].astype(float)
     ih = table.merged_intensity()[grp]
     sigma_prime = model.a * np.sqrt(table.variance + (model.b * table.intensity) ** 2) / table.g
-    delta = np.sqrt((n_h - 1) / n_h) * (table.intensity / table.g - ih) / sigma_prime
+    delta = DEVIATION_PREFACTORS[deviation](n_h) * (table.intensity / table.g - ih) / sigma_prime
     table = table.select(np.abs(delta) < 6.0, consume=True)
     table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()],
                          consume=True)
@@ -162,7 +168,7 @@ DEVIATION_PREFACTORS = {
 }
 
 
-def error_model_data(table, n_bins=10, deviation="dials"):
+def error_model_data(table, n_bins=10, deviation="unbiased"):
     grp = table.group_of_observation()
     ih = table.merged_intensity()[grp]
     n_h = table.multiplicity()[grp].astype(float)
@@ -441,7 +447,7 @@ def refine_regression(table):
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
                        min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
-                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="dials"):
+                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="unbiased"):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
@@ -450,7 +456,7 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
     """
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
-                                   min_partiality, min_ih, layout, stills, model)
+                                   min_partiality, min_ih, layout, stills, model, deviation)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":
