@@ -446,7 +446,7 @@ class ScalingRun:
                     members[0].error_model, partialities, min_partiality,
                     param(p, "weighting.error_model.basic.min_Ih", 25.0),
                     param(p, "weighting.error_model.basic.n_bins", 10),
-                    param(p, "weighting.error_model.basic.minimisation", "individual"),
+                    param(p, "weighting.error_model.basic.minimisation", "auto"),
                     param(p, "weighting.error_model.basic.a"),
                     param(p, "weighting.error_model.basic.b"),
                     layout=self.anomalous_layout(group, masks), stills=stills,

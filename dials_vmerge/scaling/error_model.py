@@ -79,6 +79,8 @@ class ErrorModelData:
     bin_index: np.ndarray  # -1 where the bin was deleted
     n_bins: int
     prefactor: np.ndarray = None  # per observation, multiplies (I/g - Ih)/sigma'
+    weight_share: np.ndarray = None  # per observation, w g^2 / sum over its group (in Ih)
+    group: np.ndarray = None  # per observation, its group
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
@@ -163,9 +165,29 @@ DEVIATION_PREFACTORS = {
     # weighted observations from their mean has variance (n-1)/n, so this makes var(delta) =
     # ((n-1)/n)^2 and fits a < 1 (a = 0.67 for n = 3 on data simulated with a = 1).
     "dials": lambda n_h: np.sqrt((n_h - 1.0) / n_h),
-    # var(delta) = 1 for correct sigmas: a = 1 is recovered.
+    # var(delta) = 1 for correct sigmas: a = 1 is recovered (equal weights; see
+    # unbiased_prefactor for the weighted form error_model_data uses).
     "unbiased": lambda n_h: np.sqrt(n_h / (n_h - 1.0)),
 }
+
+
+def unbiased_prefactor(table):
+    """Per observation 1/sqrt(1 - u_i/U): u = w g^2 is the weight of I/g in Ih and U its group
+    sum, so (I/g - Ih) has variance sigma'^2/g^2 (1 - u_i/U) when the weights are 1/sigma'^2.
+
+    Equal weights give sqrt(n/(n-1)). Unequal weights (partials, several g in a group) make
+    sqrt(n/(n-1)) right only on average over a group: the deviations are then a mixture of
+    normals of different widths, whose normal-probability-plot slope (the a-step) is below 1
+    (a fitted 3.7% low at a = 1 and 1.5 on the rotation simulations of
+    tests/test_error_model_calibration.py); this form makes each deviation unit normal.
+    The error model's a cancels in u_i/U; b does not, so with b > 0 it is approximate.
+    """
+    grp = table.group_of_observation()
+    u = table.weight * table.g * table.g
+    total = np.bincount(grp, u, minlength=table.n_groups)[grp]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        remaining = 1.0 - u / total
+    return 1.0 / np.sqrt(np.clip(remaining, 1e-12, None))
 
 
 def error_model_data(table, n_bins=10, deviation="unbiased"):
@@ -176,8 +198,12 @@ def error_model_data(table, n_bins=10, deviation="unbiased"):
     if "partiality" in table.extra:
         expected = expected * table.extra["partiality"]
     bin_index, kept = intensity_bins(expected, n_bins)
+    prefactor = unbiased_prefactor(table) if deviation == "unbiased" else \
+        DEVIATION_PREFACTORS[deviation](n_h)
+    u = table.weight * table.g * table.g
+    share = u / np.bincount(grp, u, minlength=table.n_groups)[grp]
     return ErrorModelData(table.intensity, table.variance, table.g, ih, n_h, expected,
-                          bin_index, kept, DEVIATION_PREFACTORS[deviation](n_h))
+                          bin_index, kept, prefactor, share, grp)
 
 
 def intensity_bins(expected, n_bins=10):
@@ -427,6 +453,43 @@ def refine_individual(data, a=DEFAULT_A, b=DEFAULT_B, fix_a=False, fix_b=False):
     return a, abs(b), log
 
 
+def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
+    """(a, b) maximising the Gaussian likelihood of the deviations r_i = I_i/g_i - Ih.
+
+    With x_j = I_j/g_j of variance v_j = a^2 q_j, q_j = (sigma_j^2 + b^2 I_j^2)/g_j^2, and
+    Ih = sum_j p_j x_j (p the weight shares of the Ih table, whose weights ignore b):
+
+        var(r_i) = a^2 [q_i (1 - 2 p_i) + sum_j p_j^2 q_j],
+
+    exact whatever the weights (the unbiased prefactor is its b = 0 case). At fixed b the best
+    a^2 is the mean of r^2 / (that variance at a = 1), in closed form; b minimises the profile
+    -log L (the bracket + Brent search of b_step). Every observation counts, not only the
+    centre of a probability plot or the bin variances of the DIALS functional.
+    """
+    intensity, variance, g, share = data.intensity, data.variance, data.g, data.weight_share
+    residual_sq = (intensity / g - data.ih) ** 2
+    n_groups = int(data.group.max()) + 1 if data.group.size else 0
+
+    def a_sq_and_cost(b):
+        q = (variance + (b * intensity) ** 2) / (g * g)
+        spread = np.bincount(data.group, share * share * q, minlength=n_groups)[data.group]
+        unit = np.maximum(q * (1.0 - 2.0 * share) + spread, 1e-300)
+        ratio = residual_sq / unit
+        a_sq = float(np.mean(ratio)) if fixed_a is None else float(fixed_a) ** 2
+        return a_sq, float(np.sum(np.log(a_sq * unit)) + np.sum(ratio) / a_sq)
+
+    if fixed_b is not None:
+        b = float(fixed_b)
+    else:
+        def f(x):
+            value = a_sq_and_cost(x)[1]
+            return value if np.isfinite(value) else np.inf
+
+        lo, x, fx, hi = _bracket_minimum(f, DEFAULT_B)
+        b = abs(float(_brent_minimise(f, lo, hi, x, fx)))
+    return float(np.sqrt(a_sq_and_cost(b)[0])), b
+
+
 def refine_regression(table):
     """Linear fit y = a^2 x + a^2 b^2, x = sigma^2/I^2, y = group variance / I^2."""
     grp = table.group_of_observation()
@@ -446,7 +509,7 @@ def refine_regression(table):
 
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
-                       min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
+                       min_partiality=None, min_ih=25.0, n_bins=10, minimisation="auto",
                        fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="unbiased"):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
@@ -454,6 +517,8 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
     mapped anomalously; or, with `layout` (a GroupLayout of those reflections), the full
     per-dataset arrays the layout indexes.
     """
+    if minimisation == "auto":
+        minimisation = "likelihood" if deviation == "unbiased" else "individual"
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
                                    min_partiality, min_ih, layout, stills, model, deviation)
@@ -464,6 +529,8 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
         return BasicErrorModel(fixed_a if fixed_a is not None else ra,
                                fixed_b if fixed_b is not None else rb)
     data = error_model_data(table, n_bins, deviation)
+    if minimisation == "likelihood":
+        return BasicErrorModel(*refine_maximum_likelihood(data, fixed_a, fixed_b))
     if data.n_bins < 1:
         raise ErrorModelError("no intensity bins for error model refinement")
     a, b, _ = refine_individual(data, a, b, fix_a=fixed_a is not None, fix_b=fixed_b is not None)
