@@ -150,7 +150,8 @@ def _filter_stills(table, stills, min_ih, model, deviation="unbiased"):
     n_h = table.multiplicity()[grp].astype(float)
     ih = table.merged_intensity()[grp]
     sigma_prime = model.a * np.sqrt(table.variance + (model.b * table.intensity) ** 2) / table.g
-    delta = DEVIATION_PREFACTORS[deviation](n_h) * (table.intensity / table.g - ih) / sigma_prime
+    with np.errstate(divide="ignore", invalid="ignore"):  # n_h = 1: dropped below
+        delta = DEVIATION_PREFACTORS[deviation](n_h) * (table.intensity / table.g - ih) / sigma_prime
     table = table.select(np.abs(delta) < 6.0, consume=True)
     table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()],
                          consume=True)
