@@ -34,6 +34,7 @@ from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
+from .likelihood import make_target, minimise_with_e_steps, uses_likelihood
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
@@ -293,7 +294,8 @@ class ScalingRun:
         models = [s.model for s in self.states]
         fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
         manager = ParameterManager(models, fix_dataset)
-        target = ScalingTarget(manager, self.minimisation_table(), self.nproc)
+        target = make_target(p, manager, self.minimisation_table(), self.nproc,
+                             self.space_group, self.best_cell)
         tolerance = param(p, "scaling_refinery.rmsd_tolerance", 1e-4)
         x0 = manager.get_free()
         if engine == "LBFGS":
@@ -301,8 +303,9 @@ class ScalingRun:
             # round, e.g. stills), one tiny first step on the freshly reweighted problem is not
             # taken as convergence; two in a row are needed (KB stills truth: g error 2.1% ->
             # 0.75%). Earlier rounds keep DIALS's rule, which the quartz comparison relies on.
-            result = lbfgs(target, x0, param(p, "scaling_refinery.max_iterations"), tolerance,
-                           small_steps_to_stop=2 if final else 1)
+            result = minimise_with_e_steps(lbfgs, target, x0,
+                                           param(p, "scaling_refinery.max_iterations"),
+                                           tolerance, small_steps_to_stop=2 if final else 1)
         else:
             max_it = param(p, "scaling_refinery.full_matrix_max_iterations")
             if fix_initial:
@@ -460,6 +463,8 @@ class ScalingRun:
         self.global_uses_error_model_weights = True
 
     def full_matrix_wanted(self):
+        if uses_likelihood(self.params):
+            return False  # the likelihood target has no normal matrix
         value = param(self.params, "scaling_options.full_matrix")
         if is_auto(value):
             return not (any(_is_still(s.experiment) for s in self.states)
