@@ -34,7 +34,7 @@ from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
-from .likelihood import make_target, minimise_with_e_steps, uses_likelihood
+from .likelihood import make_target, minimise_with_e_steps
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
@@ -310,7 +310,7 @@ class ScalingRun:
             max_it = param(p, "scaling_refinery.full_matrix_max_iterations")
             if fix_initial:
                 max_it, tolerance = 1, tolerance / 4.0
-            result = levenberg_marquardt(target, x0, max_it, tolerance)
+            result = minimise_with_e_steps(levenberg_marquardt, target, x0, max_it, tolerance)
         manager.set_free(result.x)
         self.summary["rounds"].append({"engine": engine, "fix_initial": fix_initial,
                                        "n_iterations": result.n_iterations,
@@ -463,8 +463,6 @@ class ScalingRun:
         self.global_uses_error_model_weights = True
 
     def full_matrix_wanted(self):
-        if uses_likelihood(self.params):
-            return False  # the likelihood target has no normal matrix
         value = param(self.params, "scaling_options.full_matrix")
         if is_auto(value):
             return not (any(_is_still(s.experiment) for s in self.states)

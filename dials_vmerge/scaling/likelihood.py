@@ -40,6 +40,7 @@ from numba import njit, prange
 
 from .ih_table import chunk_bounds
 from .target import ScalingTarget, _ordered_rows_sum, _ordered_sum
+from .target import normal_equations as least_squares_normal_equations
 
 LOG_2PI = math.log(2.0 * math.pi)
 QUADRATURE_NODES = 48
@@ -49,8 +50,8 @@ TAIL_ALPHA = -5.0  # below: Mills ratio by its continued fraction
 DEFAULT_RESOLUTION_BINS = 20
 MIN_GROUPS_PER_BIN = 50
 SIGMA_FIXED_POINT_ITERATIONS = 5
-E_STEP_ROUNDS = 6
-E_STEP_TOLERANCE = 1e-6  # relative change of phi between rounds that ends the EM loop
+E_STEP_ROUNDS = 20
+LIKELIHOOD_SMALL_STEPS = 3
 
 
 @njit(cache=True)
@@ -233,6 +234,7 @@ class LikelihoodTarget(ScalingTarget):
         self.u = self.u0.copy()
         self.sigma_bins = None
         self.mean_prior = None
+        self.rmsd_offset = None
 
     # -- E-step --------------------------------------------------------------------------
     def _posteriors(self, g):
@@ -264,6 +266,16 @@ class LikelihoodTarget(ScalingTarget):
             student_weights_kernel(t.intensity, self.u0, g, t.group_start, mean, second,
                                    float(self.dof), w)
             self.u = self.u0 * w
+        # The stopping rule's scale (rmsd): phi less its value here plus least squares' chi^2
+        # here, so that it starts at least squares' RMSD and moves as the fit does.
+        self.rmsd_offset = None
+        phi, _ = self.value_and_gradient(x)
+        grp = t.group_of_observation()
+        ug = self.u * g
+        ih = np.bincount(grp, ug * t.intensity, minlength=t.n_groups) / np.maximum(
+            np.bincount(grp, ug * g, minlength=t.n_groups), 1e-300)
+        chi_sq = float(np.sum(self.u * (t.intensity - g * ih[grp]) ** 2))
+        self.rmsd_offset = phi - chi_sq
 
     def _bin_means(self, values):
         count = np.bincount(self.bins, minlength=self.n_bins)
@@ -290,33 +302,68 @@ class LikelihoodTarget(ScalingTarget):
         return phi, grad
 
     def normal_equations(self, x):
-        raise NotImplementedError(
-            "scaling_options.target=likelihood is minimised by LBFGS (no full-matrix round)")
+        """(phi, b, N) for Levenberg-Marquardt: b = gradient / 2 (exact), N = least squares'
+        Gauss-Newton matrix with the weights u (dIh/dp included) + diag(wr).
+
+        N approximates half the Hessian of -2 log L: for a well-measured reflection the
+        posterior of J is N(Ih, 1/P) and -2 log L_h is least squares' chi^2_h plus terms
+        slowly varying in theta. LevMar's step acceptance uses the exact phi, so N only
+        shapes the steps; the covariance is N^-1 (see n_equations)."""
+        if self.mean_prior is None:
+            self.e_step(x)
+        phi, grad = self.value_and_gradient(x)
+        g, values, cols = self._ell(x)
+        t = self.table
+        _, _, normal = least_squares_normal_equations(t.intensity, self.u, g, values, cols,
+                                                      t.group_start, self.n_par, self.nproc)
+        return phi, 0.5 * grad, normal + np.diag(self.restraint_weights)
+
+    @property
+    def n_equations(self):
+        """n_par + phi: LevMar scales its covariance by phi / (n_equations - n_par), a
+        least-squares variance factor; the likelihood's weights are already 1/s^2 of the
+        refined error model, so its covariance is the inverse normal matrix unscaled."""
+        return self.n_par + (self.last_phi if self.last_phi else 1.0)
 
     def rmsd(self, phi):
-        """sqrt(|phi| / n): the minimisers' stopping rule needs a positive scale (phi, a sum
-        of -2 log L without its constant normalisers, can be of either sign)."""
-        return float(np.sqrt(abs(phi) / max(self.n_obs, 1)))
+        """The minimisers' stopping rule compares relative changes of this: phi (a sum of
+        -2 log L, of either sign and dominated by terms that barely move) shifted so that at
+        the last E-step it equals least squares' chi^2 there; RMSD = sqrt(that / n). Changes
+        in the fit then move it as they move least squares' RMSD, and the same
+        rmsd_tolerance stops both at a similar precision."""
+        offset = self.rmsd_offset or 0.0
+        return float(np.sqrt(max(phi - offset, 0.0) / max(self.n_obs, 1)))
 
 
-def minimise_with_e_steps(minimiser, target, x0, *args, **kwargs):
+def minimise_with_e_steps(minimiser, target, x0, max_iterations=None, rmsd_tolerance=1e-4,
+                          **kwargs):
     """minimiser(target, x0, ...) for least squares; for a LikelihoodTarget, rounds of
-    (E-step, minimiser) until phi changes by less than E_STEP_TOLERANCE (relative)."""
+    (E-step, minimiser) until a round changes the RMSD by less than rmsd_tolerance
+    (relative) or E_STEP_ROUNDS are done.
+
+    Each round asks for LIKELIHOOD_SMALL_STEPS small steps in a row before it stops: a
+    fresh E-step changes the problem a little, and one small first step is not convergence
+    (stopping there left the strong-rotation merged-I error 8% above least squares')."""
     if not isinstance(target, LikelihoodTarget):
-        return minimiser(target, x0, *args, **kwargs)
+        return minimiser(target, x0, max_iterations, rmsd_tolerance, **kwargs)
+    if "small_steps_to_stop" in kwargs:
+        kwargs["small_steps_to_stop"] = max(kwargs["small_steps_to_stop"],
+                                            LIKELIHOOD_SMALL_STEPS)
     x = np.asarray(x0, dtype=float)
-    previous = None
     total_iterations = 0
+    history = []
     result = None
     for _ in range(E_STEP_ROUNDS):
         target.e_step(x)
-        result = minimiser(target, x, *args, **kwargs)
+        result = minimiser(target, x, max_iterations, rmsd_tolerance, **kwargs)
         total_iterations += result.n_iterations
+        history.extend(result.rmsd_history)
         x = result.x
-        if previous is not None and abs(result.phi - previous) <= E_STEP_TOLERANCE * abs(previous):
+        start = result.rmsd_history[0] if result.rmsd_history else result.rmsd
+        if start > 0 and abs(start - result.rmsd) / start < rmsd_tolerance:
             break
-        previous = result.phi
     result.n_iterations = total_iterations
+    result.rmsd_history = history
     return result
 
 
@@ -331,8 +378,3 @@ def make_target(params, manager, ih_table, nproc, space_group, unit_cell):
                             param(params, "scaling_options.likelihood.n_resolution_bins",
                                   DEFAULT_RESOLUTION_BINS))
 
-
-def uses_likelihood(params):
-    from ..model.base import param
-
-    return param(params, "scaling_options.target", "least_squares") == "likelihood"
