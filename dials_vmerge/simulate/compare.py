@@ -7,7 +7,8 @@ only through I/g - Ih), so every comparison first fits that pair:
 
 by weighted least squares on the merged sigmas (Gauss-Newton from a log-linear start). The
 figures are then
-  - relative_error: sqrt(sum (I_m - f I_t)^2 / sum (f I_t)^2), f = K exp(-B d*^2/2);
+  - relative_error: sqrt(sum (I_m / f - I_t)^2 / sum I_t^2), f = K exp(-B d*^2/2), i.e. on
+    the truth's scale (invariant to the K, B the merged data happen to have);
   - calibration_sd: SD of (I_m - f I_t) / SIGI_m (1 when the merged sigmas are right);
   - cc_anom: correlation of merged I(+) - I(-) with the true differences (anomalous truth).
 """
@@ -79,9 +80,11 @@ def compare_with_truth(index, intensity, sigma, dstar_sq, true_index, true_inten
     ok = (s_m > 0) & np.isfinite(i_m)
     i_m, s_m, d2, i_t = i_m[ok], s_m[ok], d2[ok], i_t[ok]
     k, b = fit_overall_k_b(i_m, s_m, i_t, d2) if k_b is None else k_b
-    expected = k * np.exp(-0.5 * b * d2) * i_t
-    relative = float(np.sqrt(np.sum((i_m - expected) ** 2) / np.sum(expected ** 2)))
-    deviation = (i_m - expected) / s_m
+    factor = k * np.exp(-0.5 * b * d2)
+    # on the truth's scale: a ratio on the merged scale would change with B alone (a larger
+    # B shrinks the noisy high-resolution terms relative to the precise low-resolution ones)
+    relative = float(np.sqrt(np.sum((i_m / factor - i_t) ** 2) / np.sum(i_t ** 2)))
+    deviation = (i_m - factor * i_t) / s_m
     return TruthComparison(k, b, relative, float(np.std(deviation)), int(i_m.size))
 
 
