@@ -151,8 +151,11 @@ def harness():
 
 
 def test_strong_rotation_matches_least_squares_and_is_calibrated(harness):
-    """Reached (40 000 observations, seed 1): merged-I error 0.01869 (likelihood) against
-    0.01859 (least squares), +0.6%; sigma SD 1.039 against the truth."""
+    """Reached (40 000 observations, seed 1): merged-I error 0.02053 (likelihood) against
+    0.02044 (least squares), +0.4%; sigma SD 1.039 against the truth. Without a
+    full-matrix round both targets ended 8% worse (0.0205 against 0.0186 on an earlier,
+    merged-scale form of the error: LBFGS leaves slow directions, e.g. absorption,
+    unconverged), which is why the likelihood target offers normal equations."""
     simulation = harness.simulate_scenario("strong", 40_000, 1)
     least_squares = _scale_merge(harness, simulation)
     likelihood = _scale_merge(harness, simulation, "scaling_options.target=likelihood")
@@ -161,13 +164,33 @@ def test_strong_rotation_matches_least_squares_and_is_calibrated(harness):
     assert 0.95 <= likelihood["sigma_sd"] <= 1.10
 
 
+@pytest.mark.slow  # three scaling runs, 40-60 s on 2 busy cores
 def test_student_t_beats_gaussian_likelihood_on_outliers(harness):
     """2% gross outliers, outlier rejection off: the Student-t mixture (dof 4) down-weights
-    them in the scale fit. Reached: merged-I error 0.03315 against 0.03338 (classical merging,
-    which keeps the outliers, so most of the error is the merge's, not the scales')."""
+    them in the scale fit. Reached: merged-I error 0.03718 against 0.03741 (least squares
+    0.03727; classical merging, which keeps the outliers, so most of the error is the merge's,
+    not the scales': the margin is small but the run is deterministic)."""
     simulation = harness.simulate_scenario("outliers", 40_000, 1)
     off = "scaling_options.outlier_rejection=None"
     gaussian = _scale_merge(harness, simulation, off, "scaling_options.target=likelihood")
     student = _scale_merge(harness, simulation, off, "scaling_options.target=likelihood",
                            "likelihood.student_t_dof=4")
     assert student["rel_error"] < gaussian["rel_error"], (student, gaussian)
+
+
+def test_array_model_runs_and_is_no_worse_than_least_squares(harness):
+    """The likelihood target on the array model (the KB and physical models run in the tests
+    above). On one small sweep (30 000 observations) the array model's 370 unrestrained
+    parameters are poorly determined (README): least squares reached a merged-I error of
+    0.076 with merged sigmas 2.8x too small; the Wilson prior holds the likelihood fit to
+    0.039 (sigma SD 1.6)."""
+    from dials_vmerge.simulate import simulate_rotation
+
+    simulation = simulate_rotation(n_obs_target=30_000, n_sweeps=1, model="array", seed=5,
+                                   multiplicity=6.5, mean_i_over_sigma=10.0,
+                                   n_absorption_bins=3, space_group="P 21 21 21",
+                                   unit_cell=(60.0, 70.0, 80.0, 90.0, 90.0, 90.0))
+    least_squares = _scale_merge(harness, simulation, "model=array")
+    likelihood = _scale_merge(harness, simulation, "model=array",
+                              "scaling_options.target=likelihood")
+    assert likelihood["rel_error"] <= least_squares["rel_error"], (likelihood, least_squares)
