@@ -178,6 +178,7 @@ def test_student_t_beats_gaussian_likelihood_on_outliers(harness):
     assert student["rel_error"] < gaussian["rel_error"], (student, gaussian)
 
 
+@pytest.mark.slow  # two array-model runs, ~45 s on 2 busy cores
 def test_array_model_runs_and_is_no_worse_than_least_squares(harness):
     """The likelihood target on the array model (the KB and physical models run in the tests
     above). On one small sweep (30 000 observations) the array model's 370 unrestrained
