@@ -77,7 +77,7 @@ def _synthetic_error_model_data(a_true, b_true, seed=11, n_groups=2500):
 def test_error_model_recovers_known_a_and_b():
     a_true, b_true = 1.6, 0.04
     hkl, intensity, variance, g = _synthetic_error_model_data(a_true, b_true)
-    model = em.refine_error_model([hkl], [intensity], [variance], [g])
+    model = em.refine_error_model([hkl], [intensity], [variance], [g], deviation="dials")
     # a is set by the bulk of the deviations; b by the strong bins only, so looser
     assert model.a == pytest.approx(a_true * A_BIAS, rel=0.05)
     assert model.b == pytest.approx(b_true, rel=0.25)
@@ -85,14 +85,15 @@ def test_error_model_recovers_known_a_and_b():
 
 def test_error_model_without_extra_error_gives_a_near_one_b_small():
     hkl, intensity, variance, g = _synthetic_error_model_data(1.0, 0.0, seed=12)
-    model = em.refine_error_model([hkl], [intensity], [variance], [g])
+    model = em.refine_error_model([hkl], [intensity], [variance], [g], deviation="dials")
     assert model.a == pytest.approx(A_BIAS, rel=0.05)
     assert model.b < 0.01
 
 
 def test_error_model_fixed_parameters_and_too_few_reflections():
     hkl, intensity, variance, g = _synthetic_error_model_data(1.6, 0.04)
-    model = em.refine_error_model([hkl], [intensity], [variance], [g], fixed_b=0.04)
+    model = em.refine_error_model([hkl], [intensity], [variance], [g], fixed_b=0.04,
+                                  deviation="dials")
     assert model.b == 0.04
     assert model.a == pytest.approx(1.6 * A_BIAS, rel=0.05)
     with pytest.raises(em.ErrorModelError):

@@ -32,7 +32,9 @@ def run():
                                "reflection_selection.intensity_choice": "combine",
                                "reflection_selection.method": "quasi_random",
                                "reflection_selection.Isigma_range": (-5.0, 0.0),
-                               "reflection_selection.min_partiality": 0.95})
+                               "reflection_selection.min_partiality": 0.95,
+                               # dials.scale's normalised deviations (ours default to unbiased)
+                               "weighting.error_model.basic.deviation": "dials"})
     prepared = prepare.prepare_dataset(table, partiality_cutoff=0.4)
     model = create_scaling_model(default_model_params(), experiments[0], prepared)
     out, models, summary = scale_datasets(experiments, [prepared], [model], params)

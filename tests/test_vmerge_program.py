@@ -23,6 +23,7 @@ DIALS_RUN_SETTINGS = [
     "reflection_selection.method=quasi_random",
     "Isigma_range=-5,0",
     "min_partiality=0.95",
+    "deviation=dials",  # dials.scale's normalised deviations (ours default to unbiased)
 ]
 
 
@@ -48,6 +49,16 @@ def test_outputs_written(quartz_run):
     for name in ("scaled.expt", "scaled.refl", "merged.mtz", "dials.vmerge.log", "dials.vmerge.json"):
         assert (work / name).exists(), name
     assert "Saved scaled reflections to scaled.refl" in result.stdout
+
+
+def test_sigma_calibration_in_log_and_json(quartz_run):
+    work, _, _, _ = quartz_run
+    calibration = json.load(open(work / "dials.vmerge.json"))["merging"]["sigma_calibration"]
+    assert calibration["n"] > 1000 and 0.5 < calibration["sd"] < 3.0
+    assert len(calibration["by_intensity"]) == len(calibration["by_resolution"]) == 10
+    assert len(calibration["normal_probability_plot"]) > 20
+    log = (work / "dials.vmerge.log").read_text()
+    assert f"overall: SD {calibration['sd']:.3f}" in log
 
 
 def test_same_rows_columns_and_exclusions_as_dials(quartz_run):

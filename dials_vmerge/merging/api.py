@@ -72,6 +72,7 @@ class MergeResult:
     merged_anomalous: Optional[MergedIntensities]  # I(+), I(-) apart
     statistics: Optional[MergingStatistics]
     half_dataset: Optional[dict] = None
+    calibration: Optional[dict] = None  # sigma calibration (merging/calibration.py)
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -84,6 +85,8 @@ class MergeResult:
             out["merging_statistics"] = self.statistics.as_dict()
         if self.half_dataset is not None:
             out["half_dataset"] = self.half_dataset
+        if self.calibration is not None:
+            out["sigma_calibration"] = self.calibration
         return out
 
 
@@ -495,6 +498,9 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
                          statistics)
+    from .calibration import sigma_calibration
+
+    result.calibration = sigma_calibration(obs.intensity, obs.sigma, groupings.get(True))
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
     return result
@@ -565,6 +571,11 @@ def log_statistics(result: MergeResult, log) -> None:
     log.info(stats.format_resolution_estimate())
     log.info("")
     log.info(stats.format_summary())
+    if result.calibration is not None:
+        from .calibration import format_calibration
+
+        log.info("")
+        log.info(format_calibration(result.calibration))
 
 
 def write_merge_outputs(result: MergeResult, params, log=None) -> list:

@@ -34,6 +34,7 @@ from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
+from .likelihood import make_target, minimise_with_e_steps
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
@@ -294,7 +295,8 @@ class ScalingRun:
         models = [s.model for s in self.states]
         fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
         manager = ParameterManager(models, fix_dataset)
-        target = ScalingTarget(manager, self.minimisation_table(), self.nproc)
+        target = make_target(p, manager, self.minimisation_table(), self.nproc,
+                             self.space_group, self.best_cell)
         tolerance = param(p, "scaling_refinery.rmsd_tolerance", 1e-4)
         x0 = manager.get_free()
         if engine == "LBFGS":
@@ -302,13 +304,14 @@ class ScalingRun:
             # round, e.g. stills), one tiny first step on the freshly reweighted problem is not
             # taken as convergence; two in a row are needed (KB stills truth: g error 2.1% ->
             # 0.75%). Earlier rounds keep DIALS's rule, which the quartz comparison relies on.
-            result = lbfgs(target, x0, param(p, "scaling_refinery.max_iterations"), tolerance,
-                           small_steps_to_stop=2 if final else 1)
+            result = minimise_with_e_steps(lbfgs, target, x0,
+                                           param(p, "scaling_refinery.max_iterations"),
+                                           tolerance, small_steps_to_stop=2 if final else 1)
         else:
             max_it = param(p, "scaling_refinery.full_matrix_max_iterations")
             if fix_initial:
                 max_it, tolerance = 1, tolerance / 4.0
-            result = levenberg_marquardt(target, x0, max_it, tolerance)
+            result = minimise_with_e_steps(levenberg_marquardt, target, x0, max_it, tolerance)
         manager.set_free(result.x)
         self.summary["rounds"].append({"engine": engine, "fix_initial": fix_initial,
                                        "n_iterations": result.n_iterations,
@@ -447,10 +450,11 @@ class ScalingRun:
                     members[0].error_model, partialities, min_partiality,
                     param(p, "weighting.error_model.basic.min_Ih", 25.0),
                     param(p, "weighting.error_model.basic.n_bins", 10),
-                    param(p, "weighting.error_model.basic.minimisation", "individual"),
+                    param(p, "weighting.error_model.basic.minimisation", "auto"),
                     param(p, "weighting.error_model.basic.a"),
                     param(p, "weighting.error_model.basic.b"),
-                    layout=self.anomalous_layout(group, masks), stills=stills)
+                    layout=self.anomalous_layout(group, masks), stills=stills,
+                    deviation=param(p, "weighting.error_model.basic.deviation", "unbiased"))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 self.log(f"Error model refinement failed: {e}; keeping the current model")
                 continue

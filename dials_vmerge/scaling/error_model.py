@@ -11,6 +11,11 @@ are binned by expected intensity Ih g (log-spaced bins, minimum counts). `indivi
 minimisation alternates an a-step (slope of the central normal probability plot) and a
 b-step (bin variances towards 1 by the DIALS functional) until |da/a| < 0.01; on failure it
 resets to (1, 0.02) and refines b alone. `regression` fits y = a^2 x + a^2 b^2.
+
+The prefactor sqrt((n_h - 1)/n_h) above is dials.scale's (deviation="dials"). Because Ih
+includes the observation, I/g - Ih has variance (n_h - 1)/n_h sigma'^2 for correct sigmas, so
+that prefactor fits a = (n_h - 1)/n_h, not 1, and merged sigmas come out too small. The default
+here, deviation="unbiased", uses sqrt(n_h/(n_h - 1)), whose deviations have unit variance.
 """
 
 from __future__ import annotations
@@ -74,10 +79,13 @@ class ErrorModelData:
     bin_index: np.ndarray  # -1 where the bin was deleted
     n_bins: int
     prefactor: np.ndarray = None  # per observation, multiplies (I/g - Ih)/sigma'
+    weight_share: np.ndarray = None  # per observation, w g^2 / sum over its group (in Ih)
+    group: np.ndarray = None  # per observation, its group
 
 
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
-                           min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None):
+                           min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None,
+                           deviation="unbiased"):
     """The filtered anomalous Ih table the error model is refined on (an IhTable).
 
     layout: optional ih_table.GroupLayout of the reflections to use (anomalous ASU groups);
@@ -97,7 +105,7 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         if not keep.all():  # callers with a layout have usually cut already: skip the copy
             table = table.select(keep, consume=True)
     if stills is not None:
-        return _filter_stills(table, stills, min_ih, model or BasicErrorModel())
+        return _filter_stills(table, stills, min_ih, model or BasicErrorModel(), deviation)
     grp = table.group_of_observation()
     n_h = table.multiplicity()
     i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
@@ -128,7 +136,7 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     return table
 
 
-def _filter_stills(table, stills, min_ih, model):
+def _filter_stills(table, stills, min_ih, model, deviation="unbiased"):
     """The stills filter of dials.scale (error_model.stills): I/sigma >= min_Isigma,
     Ih g p > min_Ih, |delta| < 6 under the current model, multiplicity >= min_multiplicity."""
     min_isigma, min_multiplicity = stills
@@ -142,7 +150,8 @@ def _filter_stills(table, stills, min_ih, model):
     n_h = table.multiplicity()[grp].astype(float)
     ih = table.merged_intensity()[grp]
     sigma_prime = model.a * np.sqrt(table.variance + (model.b * table.intensity) ** 2) / table.g
-    delta = np.sqrt((n_h - 1) / n_h) * (table.intensity / table.g - ih) / sigma_prime
+    with np.errstate(divide="ignore", invalid="ignore"):  # n_h = 1: dropped below
+        delta = DEVIATION_PREFACTORS[deviation](n_h) * (table.intensity / table.g - ih) / sigma_prime
     table = table.select(np.abs(delta) < 6.0, consume=True)
     table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()],
                          consume=True)
@@ -157,12 +166,32 @@ DEVIATION_PREFACTORS = {
     # weighted observations from their mean has variance (n-1)/n, so this makes var(delta) =
     # ((n-1)/n)^2 and fits a < 1 (a = 0.67 for n = 3 on data simulated with a = 1).
     "dials": lambda n_h: np.sqrt((n_h - 1.0) / n_h),
-    # var(delta) = 1 for correct sigmas: a = 1 is recovered.
+    # var(delta) = 1 for correct sigmas: a = 1 is recovered (equal weights; see
+    # unbiased_prefactor for the weighted form error_model_data uses).
     "unbiased": lambda n_h: np.sqrt(n_h / (n_h - 1.0)),
 }
 
 
-def error_model_data(table, n_bins=10, deviation="dials"):
+def unbiased_prefactor(table):
+    """Per observation 1/sqrt(1 - u_i/U): u = w g^2 is the weight of I/g in Ih and U its group
+    sum, so (I/g - Ih) has variance sigma'^2/g^2 (1 - u_i/U) when the weights are 1/sigma'^2.
+
+    Equal weights give sqrt(n/(n-1)). Unequal weights (partials, several g in a group) make
+    sqrt(n/(n-1)) right only on average over a group: the deviations are then a mixture of
+    normals of different widths, whose normal-probability-plot slope (the a-step) is below 1
+    (a fitted 3.7% low at a = 1 and 1.5 on the rotation simulations of
+    tests/test_error_model_calibration.py); this form makes each deviation unit normal.
+    The error model's a cancels in u_i/U; b does not, so with b > 0 it is approximate.
+    """
+    grp = table.group_of_observation()
+    u = table.weight * table.g * table.g
+    total = np.bincount(grp, u, minlength=table.n_groups)[grp]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        remaining = 1.0 - u / total
+    return 1.0 / np.sqrt(np.clip(remaining, 1e-12, None))
+
+
+def error_model_data(table, n_bins=10, deviation="unbiased"):
     grp = table.group_of_observation()
     ih = table.merged_intensity()[grp]
     n_h = table.multiplicity()[grp].astype(float)
@@ -170,8 +199,12 @@ def error_model_data(table, n_bins=10, deviation="dials"):
     if "partiality" in table.extra:
         expected = expected * table.extra["partiality"]
     bin_index, kept = intensity_bins(expected, n_bins)
+    prefactor = unbiased_prefactor(table) if deviation == "unbiased" else \
+        DEVIATION_PREFACTORS[deviation](n_h)
+    u = table.weight * table.g * table.g
+    share = u / np.bincount(grp, u, minlength=table.n_groups)[grp]
     return ErrorModelData(table.intensity, table.variance, table.g, ih, n_h, expected,
-                          bin_index, kept, DEVIATION_PREFACTORS[deviation](n_h))
+                          bin_index, kept, prefactor, share, grp)
 
 
 def intensity_bins(expected, n_bins=10):
@@ -421,6 +454,43 @@ def refine_individual(data, a=DEFAULT_A, b=DEFAULT_B, fix_a=False, fix_b=False):
     return a, abs(b), log
 
 
+def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
+    """(a, b) maximising the Gaussian likelihood of the deviations r_i = I_i/g_i - Ih.
+
+    With x_j = I_j/g_j of variance v_j = a^2 q_j, q_j = (sigma_j^2 + b^2 I_j^2)/g_j^2, and
+    Ih = sum_j p_j x_j (p the weight shares of the Ih table, whose weights ignore b):
+
+        var(r_i) = a^2 [q_i (1 - 2 p_i) + sum_j p_j^2 q_j],
+
+    exact whatever the weights (the unbiased prefactor is its b = 0 case). At fixed b the best
+    a^2 is the mean of r^2 / (that variance at a = 1), in closed form; b minimises the profile
+    -log L (the bracket + Brent search of b_step). Every observation counts, not only the
+    centre of a probability plot or the bin variances of the DIALS functional.
+    """
+    intensity, variance, g, share = data.intensity, data.variance, data.g, data.weight_share
+    residual_sq = (intensity / g - data.ih) ** 2
+    n_groups = int(data.group.max()) + 1 if data.group.size else 0
+
+    def a_sq_and_cost(b):
+        q = (variance + (b * intensity) ** 2) / (g * g)
+        spread = np.bincount(data.group, share * share * q, minlength=n_groups)[data.group]
+        unit = np.maximum(q * (1.0 - 2.0 * share) + spread, 1e-300)
+        ratio = residual_sq / unit
+        a_sq = float(np.mean(ratio)) if fixed_a is None else float(fixed_a) ** 2
+        return a_sq, float(np.sum(np.log(a_sq * unit)) + np.sum(ratio) / a_sq)
+
+    if fixed_b is not None:
+        b = float(fixed_b)
+    else:
+        def f(x):
+            value = a_sq_and_cost(x)[1]
+            return value if np.isfinite(value) else np.inf
+
+        lo, x, fx, hi = _bracket_minimum(f, DEFAULT_B)
+        b = abs(float(_brent_minimise(f, lo, hi, x, fx)))
+    return float(np.sqrt(a_sq_and_cost(b)[0])), b
+
+
 def refine_regression(table):
     """Linear fit y = a^2 x + a^2 b^2, x = sigma^2/I^2, y = group variance / I^2."""
     grp = table.group_of_observation()
@@ -440,17 +510,19 @@ def refine_regression(table):
 
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
-                       min_partiality=None, min_ih=25.0, n_bins=10, minimisation="individual",
-                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="dials"):
+                       min_partiality=None, min_ih=25.0, n_bins=10, minimisation="auto",
+                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="unbiased"):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
     mapped anomalously; or, with `layout` (a GroupLayout of those reflections), the full
     per-dataset arrays the layout indexes.
     """
+    if minimisation == "auto":
+        minimisation = "likelihood" if deviation == "unbiased" else "individual"
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
-                                   min_partiality, min_ih, layout, stills, model)
+                                   min_partiality, min_ih, layout, stills, model, deviation)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":
@@ -458,6 +530,8 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
         return BasicErrorModel(fixed_a if fixed_a is not None else ra,
                                fixed_b if fixed_b is not None else rb)
     data = error_model_data(table, n_bins, deviation)
+    if minimisation == "likelihood":
+        return BasicErrorModel(*refine_maximum_likelihood(data, fixed_a, fixed_b))
     if data.n_bins < 1:
         raise ErrorModelError("no intensity bins for error model refinement")
     a, b, _ = refine_individual(data, a, b, fix_a=fixed_a is not None, fix_b=fixed_b is not None)

@@ -1,0 +1,114 @@
+"""Sigma calibration of scaled observations: are the sigmas right? (issue 14)
+
+Each observation x_i = I_i/g_i with sigma_i is compared with the inverse-variance mean of the
+OTHER observations of its reflection (Friedel mates apart):
+
+    delta_i = (x_i - m_{-i}) / sqrt(sigma_i^2 + 1/W_{-i}),   W_{-i} = sum_{j != i} 1/sigma_j^2.
+
+With correct sigmas and no systematic error delta_i is exactly unit normal whatever the
+multiplicity and weights (no (n-1)/n prefactor), so its SD is the calibration: > 1 means the
+sigmas are too small (merged sigmas are then too small by about that factor), < 1 too large.
+Reported overall, by intensity (equal-count bins of m_{-i}) and by resolution (equal-count bins
+of d*^2), with a robust SD (1.4826 x median |delta|, insensitive to outliers) and the points of
+a normal probability plot (expected normal quantile, observed delta) for plotting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtri
+
+N_BINS = 10
+N_PLOT_POINTS = 51
+MAD_TO_SD = 1.482602218505602  # 1 / ndtri(0.75)
+
+
+def leave_one_out_deviations(intensity, sigma, group_start):
+    """(delta, m_{-i}, group of each observation) over observations sorted by group (groups of
+    one observation give no deviation: they are left out of all three arrays)."""
+    n_groups = group_start.size - 1
+    group = np.repeat(np.arange(n_groups), np.diff(group_start))
+    w = 1.0 / (sigma * sigma)
+    total_w = np.bincount(group, w, minlength=n_groups)[group]
+    total_wx = np.bincount(group, w * intensity, minlength=n_groups)[group]
+    others_w = total_w - w
+    # relative test: float cancellation leaves ~1e-16 W where the group has one observation
+    keep = others_w > 1e-9 * total_w
+    others_w, w_keep = others_w[keep], w[keep]
+    x = intensity[keep]
+    others_mean = (total_wx[keep] - w_keep * x) / others_w
+    delta = (x - others_mean) / np.sqrt(sigma[keep] ** 2 + 1.0 / others_w)
+    return delta, others_mean, group[keep]
+
+
+def _sd_summary(delta):
+    if delta.size < 2:
+        return {"n": int(delta.size), "sd": float("nan"), "robust_sd": float("nan")}
+    return {"n": int(delta.size), "sd": float(np.std(delta)),
+            "robust_sd": float(MAD_TO_SD * np.median(np.abs(delta)))}
+
+
+def _equal_count_bins(values, delta, n_bins, name):
+    order = np.argsort(values, kind="stable")
+    out = []
+    for chunk in np.array_split(order, n_bins):
+        if chunk.size == 0:
+            continue
+        entry = {f"{name}_min": float(values[chunk[0]]), f"{name}_max": float(values[chunk[-1]])}
+        entry.update(_sd_summary(delta[chunk]))
+        out.append(entry)
+    return out
+
+
+def probability_plot_points(delta, n_points=N_PLOT_POINTS):
+    """(expected normal quantile, observed delta) at n_points evenly spaced ranks."""
+    if delta.size == 0:
+        return []
+    ordered = np.sort(delta)
+    n = ordered.size
+    ranks = np.unique(np.linspace(0, n - 1, n_points).round().astype(np.int64))
+    expected = ndtri((ranks + 0.5) / n)
+    return [[float(e), float(o)] for e, o in zip(expected, ordered[ranks])]
+
+
+def sigma_calibration(intensity, sigma, grouped, n_bins=N_BINS):
+    """The calibration dict of observations (I/g, sigma/g, original order) grouped by
+    `grouped` (a merging.groups.GroupedObservations, usually Friedel mates apart)."""
+    perm = grouped.permutation
+    ok = sigma[perm] > 0
+    perm = perm[ok]
+    group_start = np.concatenate([[0], np.cumsum(np.bincount(
+        np.repeat(np.arange(grouped.n_groups), np.diff(grouped.group_start))[ok],
+        minlength=grouped.n_groups))]).astype(np.int64)
+    delta, others_mean, group = leave_one_out_deviations(intensity[perm], sigma[perm],
+                                                         group_start)
+    out = {"definition": "delta = (I/g - mean of the other observations) / sqrt(sigma^2 + "
+                         "sigma(mean of the others)^2); SD 1 when sigmas are right"}
+    out.update(_sd_summary(delta))
+    if delta.size >= n_bins:
+        out["by_intensity"] = _equal_count_bins(others_mean, delta, n_bins, "intensity")
+        dstar_sq = grouped.dstar_sq[group]
+        if np.all(np.isfinite(dstar_sq)):
+            out["by_resolution"] = _equal_count_bins(dstar_sq, delta, n_bins, "dstar_sq")
+    out["normal_probability_plot"] = probability_plot_points(delta)
+    return out
+
+
+def format_calibration(calibration) -> str:
+    """Log lines: overall, by intensity and by resolution."""
+    lines = ["Sigma calibration (SD of normalised deviations from the other observations; "
+             "1 = correct sigmas, > 1 = sigmas too small):",
+             f"  overall: SD {calibration['sd']:.3f}, robust SD {calibration['robust_sd']:.3f} "
+             f"({calibration['n']} observations)"]
+    for key, label, name, fmt in (("by_intensity", "Intensity", "intensity", "{:>10.4g}"),
+                                  ("by_resolution", "d (A)", "dstar_sq", "{:>10.3f}")):
+        if key not in calibration:
+            continue
+        lines.append(f"  {label + ' from':>14} {'to':>10} {'SD':>7} {'robust':>7} {'n':>8}")
+        for b in calibration[key]:
+            lo, hi = b[f"{name}_min"], b[f"{name}_max"]
+            if name == "dstar_sq":  # shown as d, low resolution first
+                lo, hi = (1.0 / np.sqrt(lo) if lo > 0 else float("inf")), 1.0 / np.sqrt(hi)
+            lines.append(f"  {fmt.format(lo):>14} {fmt.format(hi)} {b['sd']:>7.3f} "
+                         f"{b['robust_sd']:>7.3f} {b['n']:>8d}")
+    return "\n".join(lines)

@@ -1,0 +1,380 @@
+"""Scaling by the exact marginal likelihood (variational-merging.md 7.1-7.5; issue 14).
+
+For unique reflection h with observations I_i, weights u_i = w_i / s_i^2 (s_i^2 the error-model
+variance, w_i the Student-t mixture weight, 1 for the Gaussian likelihood) and scales g_i(theta):
+
+    L_h(theta) = int_0^inf p(J | eps_h Sigma(d_h)) prod_i N(I_i; g_i J, 1/u_i) dJ,
+
+with the Wilson prior p(J): acentric Exp(mean M), centric Gamma(1/2, scale 2M), M = eps Sigma.
+With P = sum u g^2, B = sum u g I, C = sum u I^2:
+  acentric: b = B - 1/M, alpha = b / sqrt(P) and
+      -2 log L_h = C - b^2/P + log P - log 2pi - 2 log Phi(alpha) + 2 log M
+    (the posterior of J is N(b/P, 1/P) truncated to J >= 0: closed-form moments);
+  centric: b = B - 1/(2M) and
+      -2 log L_h = log(2 pi M) + C - 2 log int_0^inf J^(-1/2) exp(b J - P J^2 / 2) dJ,
+    the integral and the posterior moments by 48-point Gauss-Legendre quadrature (in J around
+    the peak when it is well inside J > 0, in F = sqrt(J) otherwise).
+The Gaussian normalisers sum log(2 pi / u_i) do not depend on theta and are left out.
+
+The target minimised over theta is phi = sum_h -2 log L_h + sum_k wr_k p_k^2 (the DIALS
+restraints as Gaussian log-priors, on the same -2 log scale as least squares' chi^2). Its
+gradient is the posterior expectation of the complete-data gradient (Fisher's identity):
+
+    d phi / d g_i = -2 u_i (I_i m_h - g_i E[J_h^2]),   m_h = E[J_h | I, theta].
+
+E-steps between rounds of LBFGS (minimise_with_e_steps), all closed form or quadrature:
+  Sigma(d) by empirical Bayes: Sigma_bin = mean over the bin's groups of m_h / eps_h
+    (equal-count bins of d*^2), iterated to its fixed point;
+  Student-t (dof nu): w_i = (nu + 1) / (nu + u_i^0 E[(I_i - g_i J)^2]), u^0 = 1/s^2.
+The error model a, b comes from the run's error-model step (maximum likelihood of the
+deviations from the weighted mean, error_model.refine_maximum_likelihood), not from this
+marginal likelihood. Deterministic: fixed quadrature, chunked sums reduced in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .ih_table import chunk_bounds
+from .target import ScalingTarget, _ordered_rows_sum, _ordered_sum
+from .target import normal_equations as least_squares_normal_equations
+
+LOG_2PI = math.log(2.0 * math.pi)
+QUADRATURE_NODES = 48
+QUADRATURE_WIDTH = 8.0  # posterior sds covered either side of the peak
+TAIL_CONTINUED_FRACTION_TERMS = 60
+TAIL_ALPHA = -5.0  # below: Mills ratio by its continued fraction
+DEFAULT_RESOLUTION_BINS = 20
+MIN_GROUPS_PER_BIN = 50
+SIGMA_FIXED_POINT_ITERATIONS = 5
+E_STEP_ROUNDS = 20
+LIKELIHOOD_SMALL_STEPS = 3
+
+
+@njit(cache=True)
+def _acentric(p_sum, b_sum, c_sum, mean_prior):
+    """(-2 log L_h, E[J], E[J^2]) for an acentric Wilson prior of mean mean_prior."""
+    b = b_sum - 1.0 / mean_prior
+    root_p = math.sqrt(p_sum)
+    alpha = b / root_p
+    mu = b / p_sum
+    if alpha > TAIL_ALPHA:
+        phi_cdf = 0.5 * math.erfc(-alpha / math.sqrt(2.0))
+        log_cdf = math.log(phi_cdf)
+        lam = math.exp(-0.5 * alpha * alpha - 0.5 * LOG_2PI) / phi_cdf
+        var_factor = 1.0 - lam * (lam + alpha)
+    else:
+        # Phi(alpha) = phi(t) R(t), t = -alpha, R = 1/(t + c), c = 1/(t + 2/(t + 3/...))
+        t = -alpha
+        d = t
+        for k in range(TAIL_CONTINUED_FRACTION_TERMS, 1, -1):
+            d = t + k / d
+        c = 1.0 / d
+        log_cdf = -0.5 * t * t - 0.5 * LOG_2PI - math.log(t + c)
+        lam = t + c
+        var_factor = 1.0 - lam * c  # 1 - lambda (lambda + alpha) without cancellation in lambda
+    mean = mu + lam / root_p
+    var = max(var_factor, 0.0) / p_sum
+    value = c_sum - b * b / p_sum + math.log(p_sum) - LOG_2PI - 2.0 * log_cdf \
+        + 2.0 * math.log(mean_prior)
+    return value, mean, var + mean * mean
+
+
+@njit(cache=True)
+def _centric(p_sum, b_sum, c_sum, mean_prior, nodes, weights):
+    """(-2 log L_h, E[J], E[J^2]) for a centric Wilson prior (Gamma(1/2, 2 mean_prior))."""
+    b = b_sum - 0.5 / mean_prior
+    mu = b / p_sum
+    sd = 1.0 / math.sqrt(p_sum)
+    n = nodes.size
+    log_f = np.empty(n)
+    jv = np.empty(n)
+    if mu - QUADRATURE_WIDTH * sd > 0.0:
+        lo = mu - QUADRATURE_WIDTH * sd
+        half = QUADRATURE_WIDTH * sd
+        for k in range(n):
+            j = mu + half * nodes[k]
+            jv[k] = j
+            log_f[k] = math.log(half * weights[k]) + b * j - 0.5 * p_sum * j * j \
+                - 0.5 * math.log(j)
+    else:
+        j_max = max(mu, 0.0) + QUADRATURE_WIDTH * sd
+        if b < 0.0:
+            j_max = min(j_max, 30.0 / -b)
+        f_max = math.sqrt(j_max)
+        half = 0.5 * f_max
+        for k in range(n):
+            f = half * (nodes[k] + 1.0)
+            j = f * f
+            jv[k] = j
+            # J^(-1/2) dJ = 2 dF
+            log_f[k] = math.log(2.0 * half * weights[k]) + b * j - 0.5 * p_sum * j * j
+    peak = log_f.max()
+    total = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(n):
+        e = math.exp(log_f[k] - peak)
+        total += e
+        s1 += e * jv[k]
+        s2 += e * jv[k] * jv[k]
+    log_integral = peak + math.log(total)
+    value = LOG_2PI + math.log(mean_prior) + c_sum - 2.0 * log_integral
+    return value, s1 / total, s2 / total
+
+
+@njit(cache=True)
+def _group_posterior(intensity, u, g, lo, hi, centric, mean_prior, nodes, weights):
+    p_sum = 0.0
+    b_sum = 0.0
+    c_sum = 0.0
+    for i in range(lo, hi):
+        ug = u[i] * g[i]
+        p_sum += ug * g[i]
+        b_sum += ug * intensity[i]
+        c_sum += u[i] * intensity[i] * intensity[i]
+    if p_sum <= 0.0:
+        return 0.0, 0.0, 0.0, False
+    if centric:
+        value, m, e2 = _centric(p_sum, b_sum, c_sum, mean_prior, nodes, weights)
+    else:
+        value, m, e2 = _acentric(p_sum, b_sum, c_sum, mean_prior)
+    return value, m, e2, True
+
+
+@njit(cache=True, parallel=True)
+def likelihood_gradient_kernel(intensity, u, g, deriv_values, deriv_col, group_start,
+                               centric, mean_prior, nodes, weights, chunk_start, phi_partial,
+                               grad_partial):
+    """Per chunk: sum_h -2 log L_h and its gradient over the free parameters."""
+    n_chunks = chunk_start.size - 1
+    n_slots = deriv_values.shape[1]
+    n_par = grad_partial.shape[1]
+    for c in prange(n_chunks):
+        grad = np.zeros(n_par)
+        phi = 0.0
+        for grp in range(chunk_start[c], chunk_start[c + 1]):
+            lo = group_start[grp]
+            hi = group_start[grp + 1]
+            value, m, e2, ok = _group_posterior(intensity, u, g, lo, hi, centric[grp],
+                                                mean_prior[grp], nodes, weights)
+            if not ok:
+                continue
+            phi += value
+            for i in range(lo, hi):
+                factor = -2.0 * u[i] * (intensity[i] * m - g[i] * e2)
+                for k in range(n_slots):
+                    col = deriv_col[i, k]
+                    if col >= 0:
+                        grad[col] += factor * deriv_values[i, k]
+        phi_partial[c] = phi
+        grad_partial[c, :] = grad
+
+
+@njit(cache=True, parallel=True)
+def posterior_kernel(intensity, u, g, group_start, centric, mean_prior, nodes, weights,
+                     mean_out, second_out):
+    """E[J_h] and E[J_h^2] per group."""
+    for grp in prange(group_start.size - 1):
+        _, m, e2, _ = _group_posterior(intensity, u, g, group_start[grp], group_start[grp + 1],
+                                       centric[grp], mean_prior[grp], nodes, weights)
+        mean_out[grp] = m
+        second_out[grp] = e2
+
+
+@njit(cache=True, parallel=True)
+def student_weights_kernel(intensity, u0, g, group_start, mean, second, dof, out):
+    """w_i = (nu + 1) / (nu + u0_i E[(I_i - g_i J)^2]), E over the posterior of J_h."""
+    for grp in prange(group_start.size - 1):
+        m = mean[grp]
+        e2 = second[grp]
+        for i in range(group_start[grp], group_start[grp + 1]):
+            expected_sq = intensity[i] * intensity[i] - 2.0 * g[i] * intensity[i] * m \
+                + g[i] * g[i] * e2
+            out[i] = (dof + 1.0) / (dof + u0[i] * max(expected_sq, 0.0))
+
+
+def resolution_bins(dstar_sq, n_bins=DEFAULT_RESOLUTION_BINS):
+    """Equal-count bin of each group by d*^2 (at least MIN_GROUPS_PER_BIN per bin)."""
+    n = dstar_sq.size
+    n_bins = max(1, min(n_bins, n // MIN_GROUPS_PER_BIN))
+    order = np.argsort(dstar_sq, kind="stable")
+    bins = np.empty(n, dtype=np.int64)
+    for k, chunk in enumerate(np.array_split(order, n_bins)):
+        bins[chunk] = k
+    return bins, n_bins
+
+
+class LikelihoodTarget(ScalingTarget):
+    """The marginal-likelihood target over one IhTable (the ScalingTarget interface).
+
+    space_group, unit_cell: for the centric flags, epsilons and d of the table's groups.
+    dof: Student-t degrees of freedom, None for the Gaussian likelihood.
+    """
+
+    def __init__(self, manager, ih_table, nproc=1, space_group=None, unit_cell=None, dof=None,
+                 n_resolution_bins=DEFAULT_RESOLUTION_BINS):
+        super().__init__(manager, ih_table, nproc)
+        self.fused = None  # the fused physical pass computes the least-squares target only
+        from ..merging.groups import unique_properties
+
+        centric, epsilon, dstar_sq = unique_properties(ih_table.asu_index, space_group,
+                                                       unit_cell)
+        self.centric = np.ascontiguousarray(centric, dtype=np.bool_)
+        self.epsilon = np.asarray(epsilon, dtype=np.float64)
+        self.bins, self.n_bins = resolution_bins(np.asarray(dstar_sq, dtype=np.float64),
+                                                 n_resolution_bins)
+        self.dof = dof
+        self.nodes, self.weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
+        self.chunks = chunk_bounds(ih_table.group_start, nproc)
+        self.u0 = np.ascontiguousarray(ih_table.weight, dtype=np.float64)
+        self.u = self.u0.copy()
+        self.sigma_bins = None
+        self.mean_prior = None
+        self.rmsd_offset = None
+
+    # -- E-step --------------------------------------------------------------------------
+    def _posteriors(self, g):
+        t = self.table
+        mean = np.empty(t.n_groups)
+        second = np.empty(t.n_groups)
+        posterior_kernel(t.intensity, self.u, g, t.group_start, self.centric, self.mean_prior,
+                         self.nodes, self.weights, mean, second)
+        return mean, second
+
+    def _set_sigma(self, sigma_bins):
+        self.sigma_bins = np.maximum(sigma_bins, 1e-12)
+        self.mean_prior = np.ascontiguousarray(self.epsilon * self.sigma_bins[self.bins])
+
+    def e_step(self, x):
+        """Sigma(d) (empirical Bayes fixed point) and, for Student-t, the mixture weights."""
+        g, _, _ = self._ell(x)
+        t = self.table
+        if self.mean_prior is None:
+            # start from the weighted mean intensities (what least squares merges)
+            ih = t.merged_intensity()
+            self._set_sigma(self._bin_means(np.maximum(ih, 0.0) / self.epsilon))
+        for _ in range(SIGMA_FIXED_POINT_ITERATIONS):
+            mean, second = self._posteriors(g)
+            self._set_sigma(self._bin_means(mean / self.epsilon))
+        if self.dof is not None:
+            mean, second = self._posteriors(g)
+            w = np.empty(t.n_obs)
+            student_weights_kernel(t.intensity, self.u0, g, t.group_start, mean, second,
+                                   float(self.dof), w)
+            self.u = self.u0 * w
+        # The stopping rule's scale (rmsd): phi less its value here plus least squares' chi^2
+        # here, so that it starts at least squares' RMSD and moves as the fit does.
+        self.rmsd_offset = None
+        phi, _ = self.value_and_gradient(x)
+        grp = t.group_of_observation()
+        ug = self.u * g
+        ih = np.bincount(grp, ug * t.intensity, minlength=t.n_groups) / np.maximum(
+            np.bincount(grp, ug * g, minlength=t.n_groups), 1e-300)
+        chi_sq = float(np.sum(self.u * (t.intensity - g * ih[grp]) ** 2))
+        self.rmsd_offset = phi - chi_sq
+
+    def _bin_means(self, values):
+        count = np.bincount(self.bins, minlength=self.n_bins)
+        return np.bincount(self.bins, values, minlength=self.n_bins) / np.maximum(count, 1)
+
+    # -- M-step target -------------------------------------------------------------------
+    def value_and_gradient(self, x):
+        if self.mean_prior is None:
+            self.e_step(x)
+        g, values, cols = self._ell(x)
+        t = self.table
+        n_chunks = self.chunks.size - 1
+        phi_partial = np.zeros(n_chunks)
+        grad_partial = np.zeros((n_chunks, self.n_par))
+        likelihood_gradient_kernel(t.intensity, self.u, g, values, cols, t.group_start,
+                                   self.centric, self.mean_prior, self.nodes, self.weights,
+                                   self.chunks, phi_partial, grad_partial)
+        phi = _ordered_sum(phi_partial)
+        grad = _ordered_rows_sum(grad_partial)
+        wr = self.restraint_weights
+        phi += float(np.sum(wr * x * x))
+        grad = grad + 2.0 * wr * x
+        self.last_phi = phi
+        return phi, grad
+
+    def normal_equations(self, x):
+        """(phi, b, N) for Levenberg-Marquardt: b = gradient / 2 (exact), N = least squares'
+        Gauss-Newton matrix with the weights u (dIh/dp included) + diag(wr).
+
+        N approximates half the Hessian of -2 log L: for a well-measured reflection the
+        posterior of J is N(Ih, 1/P) and -2 log L_h is least squares' chi^2_h plus terms
+        slowly varying in theta. LevMar's step acceptance uses the exact phi, so N only
+        shapes the steps; the covariance is N^-1 (see n_equations)."""
+        if self.mean_prior is None:
+            self.e_step(x)
+        phi, grad = self.value_and_gradient(x)
+        g, values, cols = self._ell(x)
+        t = self.table
+        _, _, normal = least_squares_normal_equations(t.intensity, self.u, g, values, cols,
+                                                      t.group_start, self.n_par, self.nproc)
+        return phi, 0.5 * grad, normal + np.diag(self.restraint_weights)
+
+    @property
+    def n_equations(self):
+        """n_par + phi: LevMar scales its covariance by phi / (n_equations - n_par), a
+        least-squares variance factor; the likelihood's weights are already 1/s^2 of the
+        refined error model, so its covariance is the inverse normal matrix unscaled."""
+        return self.n_par + (self.last_phi if self.last_phi else 1.0)
+
+    def rmsd(self, phi):
+        """The minimisers' stopping rule compares relative changes of this: phi (a sum of
+        -2 log L, of either sign and dominated by terms that barely move) shifted so that at
+        the last E-step it equals least squares' chi^2 there; RMSD = sqrt(that / n). Changes
+        in the fit then move it as they move least squares' RMSD, and the same
+        rmsd_tolerance stops both at a similar precision."""
+        offset = self.rmsd_offset or 0.0
+        return float(np.sqrt(max(phi - offset, 0.0) / max(self.n_obs, 1)))
+
+
+def minimise_with_e_steps(minimiser, target, x0, max_iterations=None, rmsd_tolerance=1e-4,
+                          **kwargs):
+    """minimiser(target, x0, ...) for least squares; for a LikelihoodTarget, rounds of
+    (E-step, minimiser) until a round changes the RMSD by less than rmsd_tolerance
+    (relative) or E_STEP_ROUNDS are done.
+
+    Each round asks for LIKELIHOOD_SMALL_STEPS small steps in a row before it stops: a
+    fresh E-step changes the problem a little, and one small first step is not convergence
+    (stopping there left the strong-rotation merged-I error 8% above least squares')."""
+    if not isinstance(target, LikelihoodTarget):
+        return minimiser(target, x0, max_iterations, rmsd_tolerance, **kwargs)
+    if "small_steps_to_stop" in kwargs:
+        kwargs["small_steps_to_stop"] = max(kwargs["small_steps_to_stop"],
+                                            LIKELIHOOD_SMALL_STEPS)
+    x = np.asarray(x0, dtype=float)
+    total_iterations = 0
+    history = []
+    result = None
+    for _ in range(E_STEP_ROUNDS):
+        target.e_step(x)
+        result = minimiser(target, x, max_iterations, rmsd_tolerance, **kwargs)
+        total_iterations += result.n_iterations
+        history.extend(result.rmsd_history)
+        x = result.x
+        start = result.rmsd_history[0] if result.rmsd_history else result.rmsd
+        if start > 0 and abs(start - result.rmsd) / start < rmsd_tolerance:
+            break
+    result.n_iterations = total_iterations
+    result.rmsd_history = history
+    return result
+
+
+def make_target(params, manager, ih_table, nproc, space_group, unit_cell):
+    """The scaling target scaling_options.target names (least squares by default)."""
+    from ..model.base import param
+
+    if param(params, "scaling_options.target", "least_squares") != "likelihood":
+        return ScalingTarget(manager, ih_table, nproc)
+    return LikelihoodTarget(manager, ih_table, nproc, space_group, unit_cell,
+                            param(params, "scaling_options.likelihood.student_t_dof"),
+                            param(params, "scaling_options.likelihood.n_resolution_bins",
+                                  DEFAULT_RESOLUTION_BINS))
+
