@@ -72,6 +72,7 @@ class MergeResult:
     merged_anomalous: Optional[MergedIntensities]  # I(+), I(-) apart
     statistics: Optional[MergingStatistics]
     half_dataset: Optional[dict] = None
+    per_batch: Optional[dict] = None  # batch_statistics.batch_statistics tables
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -84,6 +85,8 @@ class MergeResult:
             out["merging_statistics"] = self.statistics.as_dict()
         if self.half_dataset is not None:
             out["half_dataset"] = self.half_dataset
+        if self.per_batch is not None:
+            out["per_batch"] = self.per_batch
         return out
 
 
@@ -452,7 +455,22 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
                          statistics)
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
+    result.per_batch = per_batch_for(result, groupings, experiments)
     return result
+
+
+def per_batch_for(result: MergeResult, groupings, experiments) -> dict:
+    """Statistics against batch of a merge (merging/batch_statistics.py)."""
+    from .batch_statistics import batch_statistics
+
+    obs, merged = result.observations, result.merged
+    groups = groupings.get(False)
+    merged_intensity = merged.intensity
+    if not np.array_equal(merged.asu_index, groups.asu_index):
+        merged_intensity = merged.intensity[find_indices(groups.asu_index, merged.asu_index)]
+    return batch_statistics(groups, obs.intensity, obs.sigma, obs.scale, obs.batch,
+                            merged_intensity, experiments, result.space_group,
+                            result.unit_cell, result.method)
 
 
 def half_dataset_for(result: MergeResult, params, method: str, groupings=None) -> dict:
@@ -520,6 +538,11 @@ def log_statistics(result: MergeResult, log) -> None:
     log.info(stats.format_resolution_estimate())
     log.info("")
     log.info(stats.format_summary())
+    if result.per_batch is not None:
+        from .batch_statistics import format_batch_statistics
+
+        log.info("")
+        log.info(format_batch_statistics(result.per_batch))
 
 
 def write_merge_outputs(result: MergeResult, params, log=None) -> list:
