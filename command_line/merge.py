@@ -1,6 +1,8 @@
 """dials.vmerge.merge: merge scaled data (ours or dials.scale's) into merged.mtz."""
 
 from dials_vmerge.cli import Program, write_json
+from dials_vmerge.io.atomic import StagedOutputs
+from dials_vmerge.report import report_html_path, write_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
     apply_input_selection,
@@ -35,7 +37,12 @@ def run(params, inputs, log):
              "unique reflections")
     log_statistics(result, log)
     write_merge_outputs(result, params, log)
-    write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
+    with StagedOutputs() as staged:
+        write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
+        html_path = report_html_path(params, "dials.vmerge.merge.html")
+        if html_path:
+            write_report(result.as_dict(), staged.path_for(html_path), "dials.vmerge.merge")
+            log.info(f"Written report {html_path}")
 
 
 main = Program(

@@ -8,13 +8,15 @@ from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
+from dials_vmerge.report import report_html_path, write_report
 
 HELP = """\
 dials.vmerge integrated.expt integrated.refl [more.expt more.refl ...] [name=value ...]
 
 Scales with the DIALS physical, array or KB model (model=auto chooses as dials.scale does),
 refines an error model, rejects outliers, and merges. Writes scaled.expt, scaled.refl,
-merged.mtz, dials.vmerge.log and dials.vmerge.json.
+merged.mtz, dials.vmerge.log, dials.vmerge.json and the report dials.vmerge.html
+(output.html=None: no report).
 
 Examples:
   dials.vmerge integrated.expt integrated.refl
@@ -42,6 +44,10 @@ def run(params, inputs, log):
         json.dumps(report)  # fail before any file is written if the report cannot be saved
         write_merge_outputs(merged, params, log)
         write_json(params.output.json or "dials.vmerge.json", report)
+        html_path = report_html_path(params, "dials.vmerge.html")
+        if html_path:
+            write_report(report, staged.path_for(html_path), "dials.vmerge")
+            log.info(f"Written report {html_path}")
 
 
 main = Program(

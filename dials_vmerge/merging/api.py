@@ -83,11 +83,23 @@ class MergeResult:
                "n_unique": len(self.merged)}
         if self.statistics is not None:
             out["merging_statistics"] = self.statistics.as_dict()
+            out["summary_table"] = summary_table(self.statistics)
         if self.half_dataset is not None:
             out["half_dataset"] = self.half_dataset
         if self.per_batch is not None:
             out["per_batch"] = self.per_batch
         return out
+
+
+def summary_table(statistics: MergingStatistics) -> dict:
+    """The log's "Summary of merging statistics" as columns and rows (label, values...)."""
+    values = statistics.summary_values()
+    columns = (["Suggested", "Low", "High", "Overall"] if statistics.cut_statistics is not None
+               else ["Overall", "Low", "High"])
+    from .statistics import SUMMARY_FORMATS
+
+    rows = [[label] + list(values[label]) for label, _ in SUMMARY_FORMATS if label in values]
+    return {"columns": [""] + columns, "rows": rows}
 
 
 def selected_methods(params) -> list:
@@ -455,11 +467,11 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
                          statistics)
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
-    result.per_batch = per_batch_for(result, groupings, experiments)
+    result.per_batch = per_batch_for(result, groupings, experiments, params)
     return result
 
 
-def per_batch_for(result: MergeResult, groupings, experiments) -> dict:
+def per_batch_for(result: MergeResult, groupings, experiments, params=None) -> dict:
     """Statistics against batch of a merge (merging/batch_statistics.py)."""
     from .batch_statistics import batch_statistics
 
@@ -468,9 +480,12 @@ def per_batch_for(result: MergeResult, groupings, experiments) -> dict:
     merged_intensity = merged.intensity
     if not np.array_equal(merged.asu_index, groups.asu_index):
         merged_intensity = merged.intensity[find_indices(groups.asu_index, merged.asu_index)]
-    return batch_statistics(groups, obs.intensity, obs.sigma, obs.scale, obs.batch,
-                            merged_intensity, experiments, result.space_group,
-                            result.unit_cell, result.method)
+    table = batch_statistics(groups, obs.intensity, obs.sigma, obs.scale, obs.batch,
+                             merged_intensity, experiments, result.space_group,
+                             result.unit_cell, result.method)
+    table["excluded_batch_ranges"] = [[int(a), int(b)] for a, b in
+                                      (_param(params, "exclude_batches", None) or [])]
+    return table
 
 
 def half_dataset_for(result: MergeResult, params, method: str, groupings=None) -> dict:

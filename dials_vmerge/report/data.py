@@ -1,0 +1,233 @@
+"""Plot series and tables of the report, read from the dict that is written as the program's
+JSON (dials.vmerge.json, dials.vmerge.merge.json, dials.vmerge.stats.json), so the report
+shows exactly the numbers of the JSON and the log.
+
+report_content(report) -> {"title", "method", "tables": [...], "sections": [...]}; each
+section {"title", "plots": [plotly figure dicts {"id", "data", "layout"}]}. Values are copied
+from the JSON lists, never recomputed; per-observation data never enters (the JSON holds
+per-shell, per-batch and per-dataset values only), so the report's size does not grow with
+the number of observations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Above this many batches the per-batch plots show the binned table (the log's rows)
+MAX_PLOTTED_BATCHES = 3000
+MAX_SHADED_DATASETS = 60
+
+
+def _statistics_parts(report: dict):
+    """(merge dict, scaling summary or None, half-dataset by method or None) of any of the
+    three programs' JSON dicts."""
+    merge = report.get("merging", report)
+    half = report.get("half_dataset") or None
+    if half and "repeats" in half:  # one method's (a merge's own half-dataset dict)
+        half = {merge.get("method", "classical"): half}
+    if half is None and merge.get("half_dataset"):
+        half = {merge.get("method", "classical"): merge["half_dataset"]}
+    return merge, report.get("scaling"), half
+
+
+def _figure(plot_id, traces, title, x_title, y_title, reversed_x=False, shapes=None,
+            y2_title=None):
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": x_title}},
+        "yaxis": {"title": {"text": y_title}},
+        "height": 380,
+        "margin": {"l": 70, "r": 70 if y2_title else 20, "t": 50, "b": 55},
+        "hovermode": "closest",
+        "legend": {"orientation": "h", "y": -0.25},
+    }
+    if reversed_x:
+        layout["xaxis"]["autorange"] = "reversed"
+    if shapes:
+        layout["shapes"] = shapes
+    if y2_title:
+        layout["yaxis2"] = {"title": {"text": y2_title}, "overlaying": "y", "side": "right"}
+    return {"id": plot_id, "data": traces, "layout": layout}
+
+
+def _line(x, y, name, yaxis=None, error=None, mode="lines+markers"):
+    trace = {"type": "scatter", "mode": mode, "x": x, "y": y, "name": name}
+    if yaxis:
+        trace["yaxis"] = yaxis
+    if error is not None:
+        trace["error_y"] = {"type": "data", "array": error, "visible": True}
+    return trace
+
+
+def resolution_section(statistics: dict, method: str) -> dict:
+    shells = statistics["shells"]
+    d_min = [s["d_min"] for s in shells]
+
+    def column(key, scale=1.0):
+        return [None if s.get(key) is None else s[key] * scale for s in shells]
+
+    x_title = "resolution: d_min of shell (Å)"
+    plots = [
+        _figure("cc_half_resolution", [
+            _line(d_min, column("cc_half"), "CC1/2"),
+            _line(d_min, column("cc_anom"), "CCanom"),
+            _line(d_min, column("cc_half_critical_value"), "CC1/2 significance level",
+                  mode="lines"),
+        ], "CC1/2 and CCanom", x_title, "CC", reversed_x=True),
+        _figure("i_over_sigma_resolution", [_line(d_min, column("i_over_sigma_mean"), "&lt;I/σ&gt;")],
+                "&lt;I/σ(I)&gt;", x_title, "&lt;I/σ(I)&gt;", reversed_x=True),
+        _figure("r_resolution", [
+            _line(d_min, column("r_merge"), "Rmerge"), _line(d_min, column("r_meas"), "Rmeas"),
+            _line(d_min, column("r_pim"), "Rpim"),
+        ], "Rmerge, Rmeas, Rpim", x_title, "R", reversed_x=True),
+        _figure("completeness_resolution", [
+            _line(d_min, column("completeness", 100.0), "completeness (%)"),
+            _line(d_min, column("multiplicity"), "multiplicity", yaxis="y2"),
+        ], "Completeness and multiplicity", x_title, "completeness (%)",
+            reversed_x=True, y2_title="multiplicity"),
+        _figure("mean_intensity_resolution", [_line(d_min, column("i_mean"), "&lt;I&gt;")],
+                "Wilson plot: &lt;I&gt; by shell", x_title, "&lt;I&gt;",
+                reversed_x=True),
+    ]
+    return {"title": f"Statistics against resolution (merging.method={method})",
+            "plots": plots}
+
+
+def _batch_shapes(per_batch: dict) -> list:
+    """Shaded batch ranges of the datasets (alternating), and the excluded ranges in red."""
+    shapes = []
+    ranges = per_batch.get("batch_ranges", [])
+    multi = [r for r in ranges if r[1] > r[0]]
+    if 1 < len(multi) <= MAX_SHADED_DATASETS:
+        for k, (lo, hi) in enumerate(multi):
+            shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": lo - 0.5,
+                           "x1": hi + 0.5, "y0": 0, "y1": 1, "line": {"width": 0},
+                           "fillcolor": "rgba(120,120,200,0.10)" if k % 2 == 0
+                           else "rgba(120,200,120,0.10)", "layer": "below"})
+    for lo, hi in per_batch.get("excluded_batch_ranges", []):
+        shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": lo - 0.5,
+                       "x1": hi + 0.5, "y0": 0, "y1": 1, "line": {"width": 0},
+                       "fillcolor": "rgba(220,40,40,0.18)", "layer": "below"})
+    return shapes
+
+
+def batch_plot_table(per_batch: dict) -> tuple:
+    """(x, table, description) the per-batch plots show: every batch, or the binned rows
+    (x = first batch of the bin) when there are more than MAX_PLOTTED_BATCHES."""
+    table = per_batch["per_batch"]
+    if len(table["batch"]) <= MAX_PLOTTED_BATCHES:
+        return table["batch"], table, "per batch"
+    binned = per_batch["binned"]
+    return binned["batch_first"], binned, "binned as in the log"
+
+
+def batch_section(per_batch: dict) -> dict:
+    x, table, how = batch_plot_table(per_batch)
+    shapes = _batch_shapes(per_batch)
+    method = per_batch.get("method", "classical")
+    mode = "lines+markers" if len(x) <= 400 else "lines"
+    plots = [
+        _figure("scale_rmerge_batch", [
+            _line(x, table["mean_scale"], "mean scale g", mode=mode),
+            _line(x, table["r_merge"], "Rmerge", yaxis="y2", mode=mode),
+        ], "Scale and Rmerge", "batch", "mean inverse scale factor g",
+            shapes=shapes, y2_title="Rmerge"),
+        _figure("i_over_sigma_batch", [_line(x, table["i_over_sigma"], "&lt;I/σ&gt;", mode=mode)],
+                "&lt;I/σ(I)&gt;", "batch", "&lt;I/σ(I)&gt;", shapes=shapes),
+        _figure("cc_rest_batch", [_line(x, table["cc_rest"], "CC(I, mean of the rest)",
+                                        mode=mode)],
+                "CC of I with the mean of its other observations", "batch", "CC", shapes=shapes),
+        _figure("completeness_batch", [_line(x, table["completeness"], "completeness",
+                                             mode=mode)],
+                "Cumulative completeness", "batch",
+                "completeness (fraction)", shapes=shapes),
+    ]
+    ranges = per_batch.get("batch_ranges", [])
+    if len(ranges) > 20:
+        # many datasets (stills, wedges): distribution of the per-batch mean scale
+        plots.append(_figure("scale_distribution", [
+            {"type": "histogram", "x": table["mean_scale"], "name": "mean scale g"}],
+            "Distribution of the mean scale g per batch", "mean inverse scale factor g",
+            "batches"))
+    return {"title": f"Statistics against batch, {how} (merging.method={method})",
+            "plots": plots}
+
+
+def half_dataset_section(half: dict) -> Optional[dict]:
+    traces_half, traces_anom = [], []
+    for method, result in half.items():
+        shells = result["cc_half"]["shells"]
+        d_min = [s["d_min"] for s in shells]
+        for kind, traces in (("cc_half", traces_half), ("cc_anom", traces_anom)):
+            part = result[kind]["shells"]
+            for stat in ("pearson", "spearman"):
+                traces.append(_line(d_min, [s[f"{stat}_mean"] for s in part],
+                                    f"{method} {stat}",
+                                    error=[s[f"{stat}_sd"] for s in part]))
+    x_title = "resolution: d_min of shell (Å)"
+    repeats = next(iter(half.values()))["repeats"]
+    return {"title": "Merging methods side by side (half-dataset cross-validation)", "plots": [
+        _figure("half_dataset_cc_half", traces_half,
+                f"Half-dataset CC1/2 (mean ± SD, {repeats} splits by batch)",
+                x_title, "CC1/2", reversed_x=True),
+        _figure("half_dataset_cc_anom", traces_anom,
+                f"Half-dataset CCanom (mean ± SD, {repeats} splits)",
+                x_title, "CCanom", reversed_x=True),
+    ]}
+
+
+def scaling_section(scaling: dict) -> Optional[dict]:
+    datasets = scaling.get("datasets") or []
+    with_model = [d for d in datasets if d.get("error_model")]
+    if not with_model:
+        return None
+    index = list(range(len(with_model)))
+    a = [d["error_model"][0] for d in with_model]
+    b = [d["error_model"][1] for d in with_model]
+    outliers = [d.get("n_outliers") for d in datasets]
+    plots = [
+        _figure("error_model_parameters", [_line(index, a, "a"), _line(index, b, "b", yaxis="y2")],
+                "Error model: σ'² = a² (σ² + (b I)²)", "dataset", "a",
+                y2_title="b"),
+        _figure("outliers_per_dataset", [{"type": "bar", "x": list(range(len(datasets))),
+                                          "y": outliers, "name": "outliers"}],
+                "Outliers rejected per dataset", "dataset", "outliers"),
+    ]
+    return {"title": "Scaling: error model and outliers", "plots": plots}
+
+
+def summary_tables(merge: dict) -> list:
+    tables = []
+    summary = merge.get("summary_table")
+    if summary:
+        tables.append({"id": "summary", "title": "Summary of merging statistics "
+                       f"(merging.method={merge.get('method', 'classical')})",
+                       "columns": summary["columns"], "rows": summary["rows"]})
+    stats = merge.get("merging_statistics")
+    if stats is not None:
+        fit = stats.get("d_min_cc_half_fit")
+        tables.append({"id": "resolution_estimate", "title": "Resolution estimate",
+                       "columns": ["", "value"],
+                       "rows": [["Resolution limit suggested from CC1/2 fit (limit CC1/2=0.3)",
+                                 fit]]})
+    return tables
+
+
+def report_content(report: dict, program: str = "dials.vmerge") -> dict:
+    merge, scaling, half = _statistics_parts(report)
+    method = merge.get("method", "classical")
+    sections = []
+    statistics = merge.get("merging_statistics")
+    if statistics is not None and statistics.get("shells"):
+        sections.append(resolution_section(statistics, method))
+    per_batch = merge.get("per_batch") or report.get("per_batch")
+    if per_batch is not None and per_batch["per_batch"]["batch"]:
+        sections.append(batch_section(per_batch))
+    if scaling:
+        section = scaling_section(scaling)
+        if section is not None:
+            sections.append(section)
+    if half:
+        sections.append(half_dataset_section(half))
+    return {"title": f"{program} report", "method": method, "tables": summary_tables(merge),
+            "sections": sections}
