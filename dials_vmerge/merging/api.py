@@ -402,6 +402,45 @@ def mean_of_friedel_amplitudes(merged: MergedIntensities, merged_anom: MergedInt
     return F, sigma_F
 
 
+class MethodMerger:
+    """A merging method for statistics.merging_statistics(merger=...): the statistics then
+    describe this method's merged intensities. `full` are the method's merges of all the data
+    (non-anomalous and anomalous); a grouping equal to one of them gets its values as they
+    are; any other (a resolution cut, a CC1/2 half) is merged afresh, the variational prior
+    fixed to the full data's Wilson Sigma (as the half-dataset statistics do)."""
+
+    def __init__(self, method, params, full):
+        self.method = method
+        self.params = params
+        self.full = {m.anomalous: m for m in full}
+
+    def _full_match(self, groups):
+        full = self.full.get(groups.anomalous)
+        if full is not None and np.array_equal(full.asu_index, groups.asu_index) and \
+                np.array_equal(full.n_obs, groups.multiplicity):
+            return full
+        return None
+
+    def _merge(self, groups, intensity, sigma):
+        sigma_per_group = None
+        full = self.full.get(groups.anomalous)
+        if self.method == "variational" and full is not None:
+            where = find_indices(groups.asu_index, full.asu_index)
+            values = full.extra["wilson_sigma_per_group"]
+            sigma_per_group = np.where(where >= 0, values[np.maximum(where, 0)],
+                                       np.median(values))
+        return merge_groups(self.method, groups, intensity, sigma, self.params,
+                            french_wilson_amplitudes=False,
+                            wilson_sigma_per_group=sigma_per_group)
+
+    def merge(self, groups, intensity, sigma):
+        merged = self._full_match(groups) or self._merge(groups, intensity, sigma)
+        return merged.intensity, merged.sigma
+
+    def half_means(self, groups, intensity, sigma):
+        return self._merge(groups, intensity, sigma).intensity
+
+
 class HalfDatasetMerger:
     """merge(groups, I, sigma, context, anomalous) for the half-dataset statistics."""
 
@@ -445,18 +484,26 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     fw = bool(_param(params, "merging.french_wilson", True))
     # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
-    # The statistics first: their temporaries are gone before the merged arrays exist.
     n_bins = int(_param(params, "merging.nbins", 20))
-    statistics = None
-    try:
-        statistics = merging_statistics(
-            obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
-            with_anomalous_table=not space_group.is_centric(), groupings=groupings)
-    except Exception as e:  # too few reflections for shells: report, still write the MTZ
-        log.warning(f"Merging statistics could not be computed: {e}")
+
+    def statistics_of(merger=None):
+        try:
+            return merging_statistics(
+                obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell,
+                n_bins=n_bins, with_anomalous_table=not space_group.is_centric(),
+                groupings=groupings, merger=merger)
+        except Exception as e:  # too few reflections for shells: report, still write the MTZ
+            log.warning(f"Merging statistics could not be computed: {e}")
+            return None
+
+    # classical: the statistics first, their temporaries gone before the merged arrays exist
+    statistics = statistics_of() if method == "classical" else None
     merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma, params, fw)
     merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma, params,
                                fw)
+    if method != "classical":
+        # the statistics of this method's merged intensities (those written to merged.mtz)
+        statistics = statistics_of(MethodMerger(method, params, [merged, merged_anom]))
     if fw and method != "variational" and len(merged):
         # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
         # inverse-variance mean of F(+) and F(-)
@@ -552,6 +599,8 @@ def log_statistics(result: MergeResult, log) -> None:
     log.info("")
     log.info(stats.format_resolution_estimate())
     log.info("")
+    log.info("Summary below: statistics of the merged intensities of "
+             f"merging.method={stats.method}")
     log.info(stats.format_summary())
     if result.per_batch is not None:
         from .batch_statistics import format_batch_statistics
