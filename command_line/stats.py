@@ -48,6 +48,7 @@ def run(params, inputs, log):
                 report["summary_table"] = summary_table(result.statistics)
             report["method"] = method
             report["per_batch"] = result.per_batch
+            report["diagnostics"] = result.diagnostics
         if result.half_dataset is not None:
             report["half_dataset"][method] = result.half_dataset
     params.merging.method = methods

@@ -158,3 +158,33 @@ def test_merge_program_labels_and_reports_the_methods_statistics(tmp_path):
     (cc_row,) = [r for r in report["summary_table"]["rows"] if r[0] == "CC half"]
     assert cc_row[-1 if report["summary_table"]["columns"][-1] == "Overall" else 1] == \
         stats["overall"]["cc_half"]
+
+
+def test_normalised_deviations_against_plain_loops(sim):
+    from dials_vmerge.merging.diagnostics import normalised_deviation_summary
+
+    groups = Groupings(sim.miller_index, sim.space_group, sim.unit_cell).get(False)
+    group_of = groups.group_of_original()
+    expected = []
+    for g in range(groups.n_groups):
+        rows = np.flatnonzero(group_of == g)
+        if len(rows) < 2:
+            continue
+        w = 1.0 / sim.sigma[rows] ** 2
+        mean = (w * sim.intensity[rows]).sum() / w.sum()
+        n = len(rows)
+        expected += list(np.sqrt((n - 1) / n) * (sim.intensity[rows] - mean) / sim.sigma[rows])
+    expected = np.sort(expected)
+    summary = normalised_deviation_summary(groups, sim.intensity, sim.sigma)
+    assert summary["n"] == len(expected)
+    assert summary["sd"] == pytest.approx(expected.std(), rel=1e-10)
+    histogram = summary["histogram"]
+    counts, _ = np.histogram(expected, bins=np.linspace(-6, 6, 121))
+    assert histogram["counts"] == counts.tolist()
+    observed = np.array(summary["probability_plot"]["observed"])
+    k = np.unique(np.round(np.linspace(0, len(expected) - 1, 1000)).astype(int))
+    np.testing.assert_allclose(observed, expected[k], rtol=1e-10, atol=1e-12)
+    from scipy.stats import norm
+
+    np.testing.assert_allclose(summary["probability_plot"]["expected"],
+                               norm.ppf((k + 0.5) / len(expected)), rtol=1e-10)

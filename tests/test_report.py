@@ -129,12 +129,39 @@ def test_report_plot_data_are_the_json_and_log_numbers(runs, name):
 
     per_batch = merging["per_batch"]["per_batch"]
     scale_plot = plots["scale_rmerge_batch"]
-    assert trace(scale_plot, "mean scale g")["x"] == per_batch["batch"]
-    assert trace(scale_plot, "mean scale g")["y"] == per_batch["mean_scale"]
-    assert trace(scale_plot, "Rmerge")["y"] == per_batch["r_merge"]
-    assert trace(plots["cc_rest_batch"], "CC(I, mean of the rest)")["y"] == per_batch["cc_rest"]
-    assert trace(plots["completeness_batch"], "completeness")["y"] == per_batch["completeness"]
-    assert trace(plots["i_over_sigma_batch"], "&lt;I/σ&gt;")["y"] == per_batch["i_over_sigma"]
+    x = trace(scale_plot, "mean scale g")["x"]
+    points = [k for k, v in enumerate(x) if v is not None]  # nulls break lines between sweeps
+    n_sweeps = sum(1 for lo, hi in merging["per_batch"]["batch_ranges"] if hi > lo)
+    assert len(x) - len(points) == (n_sweeps - 1 if n_sweeps > 1 else 0)
+
+    def plotted(plot, name):
+        y = trace(plot, name)["y"]
+        assert all(y[k] is None for k, v in enumerate(x) if v is None)
+        return [y[k] for k in points]
+
+    assert [x[k] for k in points] == per_batch["batch"]
+    assert plotted(scale_plot, "mean scale g") == per_batch["mean_scale"]
+    assert plotted(scale_plot, "Rmerge") == per_batch["r_merge"]
+    assert plotted(plots["cc_rest_batch"], "CC(I, mean of the rest)") == per_batch["cc_rest"]
+    assert plotted(plots["completeness_batch"], "completeness") == per_batch["completeness"]
+    assert plotted(plots["i_over_sigma_batch"], "&lt;I/σ&gt;") == per_batch["i_over_sigma"]
+
+    # error-model and scaling diagnostics: the JSON's numbers
+    diagnostics = merging["diagnostics"]
+    probability = diagnostics["normalised_deviations"]["probability_plot"]
+    normal = trace(plots["normal_probability_plot"], "normalised deviations")
+    assert normal["x"] == probability["expected"] and normal["y"] == probability["observed"]
+    assert trace(plots["normalised_deviation_histogram"], "observations")["y"] == \
+        diagnostics["normalised_deviations"]["histogram"]["counts"]
+    assert trace(plots["scale_histogram"], "observations")["y"] == \
+        diagnostics["scale_histogram"]["counts"]
+    assert sum(diagnostics["scale_histogram"]["counts"]) == merging["n_observations"]
+    assert trace(plots["second_moments"], "&lt;I²&gt;/&lt;I&gt;² (acentric)")["y"] == \
+        diagnostics["second_moments"]["second_moment"]
+    if diagnostics["outliers"]["n"]:
+        assert trace(plots["outliers_per_batch"], "outliers")["y"] == \
+            diagnostics["outliers"]["count"]
+        assert sum(diagnostics["outliers"]["count"]) == diagnostics["outliers"]["n"]
 
     # summary table: the JSON's, and the log's printed values
     (summary,) = [t for t in content["tables"] if t["id"] == "summary"]
@@ -180,6 +207,20 @@ def test_excluded_batches_are_shaded_and_absent(runs):
     assert [(s["x0"], s["x1"]) for s in red] == [(EXCLUDED[0] - 0.5, EXCLUDED[1] + 0.5)]
     # the four sweeps' batch ranges are shaded too
     assert len(shapes) - len(red) == 4
+
+
+
+def test_outlier_count_is_that_of_the_scaled_table(runs):
+    from dials_vmerge import flags
+    from dials_vmerge.io import read_reflections
+
+    work = runs["sweeps"]
+    outliers = json.load(open(work / "dials.vmerge.json"))["merging"]["diagnostics"]["outliers"]
+    table = read_reflections(str(work / "scaled.refl"))
+    flagged = table.get_flags(flags.outlier_in_scaling)
+    assert outliers["n"] == int(flagged.sum()) > 0
+    assert sorted(outliers["x_px"]) == sorted(np.round(table["xyzobs.px.value"][flagged, 0],
+                                                       1).tolist())
 
 
 def test_per_batch_analysis_finds_the_simulated_damage(runs):

@@ -73,6 +73,7 @@ class MergeResult:
     statistics: Optional[MergingStatistics]
     half_dataset: Optional[dict] = None
     per_batch: Optional[dict] = None  # batch_statistics.batch_statistics tables
+    diagnostics: Optional[dict] = None  # diagnostics.merge_diagnostics summaries
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -88,6 +89,8 @@ class MergeResult:
             out["half_dataset"] = self.half_dataset
         if self.per_batch is not None:
             out["per_batch"] = self.per_batch
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics
         return out
 
 
@@ -515,6 +518,9 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
     result.per_batch = per_batch_for(result, groupings, experiments, params)
+    from .diagnostics import merge_diagnostics
+
+    result.diagnostics = merge_diagnostics(result, groupings, table, experiments)
     return result
 
 

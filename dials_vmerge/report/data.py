@@ -93,6 +93,72 @@ def resolution_section(statistics: dict, method: str) -> dict:
             "plots": plots}
 
 
+def second_moment_plot(moments: dict) -> dict:
+    d_min = moments["d_min"]
+    return _figure("second_moments", [
+        _line(d_min, moments["second_moment"], "&lt;I²&gt;/&lt;I&gt;² (acentric)"),
+        _line(d_min, [2.0] * len(d_min), "untwinned (2)", mode="lines"),
+        _line(d_min, [1.5] * len(d_min), "perfect twin (1.5)", mode="lines"),
+    ], "Second moments of the merged intensities", "resolution: d_min of shell (Å)",
+        "&lt;I²&gt;/&lt;I&gt;²", reversed_x=True)
+
+
+def _histogram_bars(histogram: dict, name: str) -> dict:
+    edges = histogram["edges"]
+    centres = [0.5 * (a + b) for a, b in zip(edges[:-1], edges[1:])]
+    return {"type": "bar", "x": centres, "y": histogram["counts"], "name": name,
+            "width": edges[1] - edges[0] if len(edges) > 1 else 1}
+
+
+def error_model_section(diagnostics: dict, scaling: Optional[dict]) -> Optional[dict]:
+    deviations = diagnostics.get("normalised_deviations", {})
+    if not deviations.get("n"):
+        return None
+    probability = deviations["probability_plot"]
+    ends = [probability["expected"][0], probability["expected"][-1]]
+    plots = [
+        _figure("normal_probability_plot", [
+            _line(probability["expected"], probability["observed"], "normalised deviations",
+                  mode="markers"),
+            _line(ends, ends, "expected (y = x)", mode="lines"),
+        ], f"Normal probability plot ({deviations['n']} deviations)", "expected normal quantile",
+            "sorted normalised deviation"),
+        _figure("normalised_deviation_histogram",
+                [_histogram_bars(deviations["histogram"], "observations")],
+                f"Normalised deviations: mean {deviations['mean']:.3f}, sd {deviations['sd']:.3f}",
+                "δ = √((n-1)/n) (I - &lt;I&gt;)/σ", "observations"),
+    ]
+    curve = diagnostics.get("i_over_sigma_vs_log_i", {})
+    if curve.get("log10_i"):
+        traces = [_line(curve["log10_i"], curve["mean_i_over_sigma"], "merged reflections")]
+        for n, dataset in enumerate((scaling or {}).get("datasets") or []):
+            model = dataset.get("error_model")
+            if model and model[0] * model[1] > 0 and n < 5:
+                limit = 1.0 / (model[0] * model[1])
+                traces.append(_line([curve["log10_i"][0], curve["log10_i"][-1]], [limit, limit],
+                                    f"dataset {n}: 1/(ab) = {limit:.1f}", mode="lines"))
+        plots.append(_figure("i_over_sigma_log_i", traces, "I/σ against log₁₀ I (merged)",
+                             "log₁₀ I", "mean I/σ(I)"))
+    return {"title": "Error model", "plots": plots}
+
+
+def outlier_section(outliers: dict) -> Optional[dict]:
+    if not outliers.get("n"):
+        return None
+    every = outliers.get("every", 1)
+    shown = f" (every {every}th)" if every > 1 else ""
+    return {"title": f"Outliers rejected in scaling ({outliers['n']})", "plots": [
+        _figure("outlier_positions", [{"type": "scattergl" if len(outliers["x_px"]) > 2000
+                                       else "scatter", "mode": "markers",
+                                       "x": outliers["x_px"], "y": outliers["y_px"],
+                                       "marker": {"size": 4}, "name": "outliers"}],
+                "Detector positions of the outliers" + shown, "x (px)", "y (px)"),
+        _figure("outliers_per_batch", [{"type": "bar", "x": outliers["batch"],
+                                        "y": outliers["count"], "name": "outliers"}],
+                "Outliers against batch", "batch", "outliers"),
+    ]}
+
+
 def _batch_shapes(per_batch: dict) -> list:
     """Shaded batch ranges of the datasets (alternating), and the excluded ranges in red."""
     shapes = []
@@ -121,8 +187,30 @@ def batch_plot_table(per_batch: dict) -> tuple:
     return binned["batch_first"], binned, "binned as in the log"
 
 
+def _gaps_between_sweeps(x, table, ranges):
+    """x and the table's columns with a null point where a sweep (a dataset of several
+    batches) ends or starts, so that lines do not join one sweep to the next; stills (one
+    batch each) stay one joined series."""
+    dataset = table["dataset"]
+
+    def sweep(d):
+        return 0 <= d < len(ranges) and ranges[d][1] > ranges[d][0]
+
+    out_x, out = [], {key: [] for key in table}
+    for k in range(len(x)):
+        if k and dataset[k] != dataset[k - 1] and (sweep(dataset[k]) or sweep(dataset[k - 1])):
+            out_x.append(None)
+            for key in table:
+                out[key].append(None)
+        out_x.append(x[k])
+        for key, values in table.items():
+            out[key].append(values[k])
+    return out_x, out
+
+
 def batch_section(per_batch: dict) -> dict:
     x, table, how = batch_plot_table(per_batch)
+    x, table = _gaps_between_sweeps(x, table, per_batch.get("batch_ranges", []))
     shapes = _batch_shapes(per_batch)
     method = per_batch.get("method", "classical")
     mode = "lines+markers" if len(x) <= 400 else "lines"
@@ -176,16 +264,22 @@ def half_dataset_section(half: dict) -> Optional[dict]:
     ]}
 
 
-def scaling_section(scaling: dict) -> Optional[dict]:
-    datasets = scaling.get("datasets") or []
+def scaling_section(scaling: Optional[dict], diagnostics: dict) -> Optional[dict]:
+    plots = []
+    histogram = diagnostics.get("scale_histogram")
+    if histogram:
+        plots.append(_figure("scale_histogram", [_histogram_bars(histogram, "observations")],
+                             "Applied inverse scale factors g (merged observations)",
+                             "inverse scale factor g", "observations"))
+    datasets = (scaling or {}).get("datasets") or []
     with_model = [d for d in datasets if d.get("error_model")]
     if not with_model:
-        return None
+        return {"title": "Scaling", "plots": plots} if plots else None
     index = list(range(len(with_model)))
     a = [d["error_model"][0] for d in with_model]
     b = [d["error_model"][1] for d in with_model]
     outliers = [d.get("n_outliers") for d in datasets]
-    plots = [
+    plots += [
         _figure("error_model_parameters", [_line(index, a, "a"), _line(index, b, "b", yaxis="y2")],
                 "Error model: σ'² = a² (σ² + (b I)²)", "dataset", "a",
                 y2_title="b"),
@@ -193,7 +287,7 @@ def scaling_section(scaling: dict) -> Optional[dict]:
                                           "y": outliers, "name": "outliers"}],
                 "Outliers rejected per dataset", "dataset", "outliers"),
     ]
-    return {"title": "Scaling: error model and outliers", "plots": plots}
+    return {"title": "Scaling", "plots": plots}
 
 
 def summary_tables(merge: dict) -> list:
@@ -223,8 +317,13 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     per_batch = merge.get("per_batch") or report.get("per_batch")
     if per_batch is not None and per_batch["per_batch"]["batch"]:
         sections.append(batch_section(per_batch))
-    if scaling:
-        section = scaling_section(scaling)
+    diagnostics = merge.get("diagnostics") or report.get("diagnostics") or {}
+    if diagnostics.get("second_moments") and sections and \
+            sections[0]["title"].startswith("Statistics against resolution"):
+        sections[0]["plots"].append(second_moment_plot(diagnostics["second_moments"]))
+    for section in (scaling_section(scaling, diagnostics),
+                    error_model_section(diagnostics, scaling),
+                    outlier_section(diagnostics.get("outliers", {}))):
         if section is not None:
             sections.append(section)
     if half:
