@@ -33,7 +33,7 @@ def _statistics_parts(report: dict):
 def _figure(plot_id, traces, title, x_title, y_title, reversed_x=False, shapes=None,
             y2_title=None):
     layout = {
-        "title": {"text": title},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
         "xaxis": {"title": {"text": x_title}},
         "yaxis": {"title": {"text": y_title}},
         "height": 380,

@@ -20,6 +20,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: right; }
 td:first-child, th:first-child { text-align: left; }
 .note { color: #555; font-size: 0.9em; }
+.tables { display: flex; flex-wrap: wrap; gap: 0 48px; align-items: flex-start; }
 """
 
 DRAW_SCRIPT = """
@@ -72,7 +73,8 @@ def render_report(content: dict) -> str:
     body = [f"<h1>{html.escape(content['title'])}</h1>",
             f'<p class="note">Merged with merging.method={html.escape(content["method"])}. '
             "Plots: drag to zoom, double-click to reset, hover for values.</p>"]
-    body += [_table(t) for t in content["tables"]]
+    body.append('<div class="tables">' + "".join(f"<div>{_table(t)}</div>"
+                                                 for t in content["tables"]) + "</div>")
     for section in content["sections"]:
         body.append(f"<h2>{html.escape(section['title'])}</h2><div class=\"grid\">")
         body += [f'<div class="plot" id="{plot["id"]}"></div>' for plot in section["plots"]]
