@@ -2,6 +2,7 @@
 
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
+from dials_vmerge.model.curves import model_curves
 from dials_vmerge.report import report_html_path, write_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
@@ -37,11 +38,13 @@ def run(params, inputs, log):
              "unique reflections")
     log_statistics(result, log)
     write_merge_outputs(result, params, log)
+    report = result.as_dict()
+    report["scaling_models"] = model_curves(experiments, table)
     with StagedOutputs() as staged:
-        write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
+        write_json(params.output.json or "dials.vmerge.merge.json", report)
         html_path = report_html_path(params, "dials.vmerge.merge.html")
         if html_path:
-            write_report(result.as_dict(), staged.path_for(html_path), "dials.vmerge.merge")
+            write_report(report, staged.path_for(html_path), "dials.vmerge.merge")
             log.info(f"Written report {html_path}")
 
 

@@ -8,6 +8,7 @@ from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
+from dials_vmerge.model.curves import model_curves
 from dials_vmerge.report import report_html_path, write_report
 
 HELP = """\
@@ -40,7 +41,9 @@ def run(params, inputs, log):
         release_free_memory()
         merged = merge_scaled_table(read_reflections(scaled_refl), experiments, params, log)
         log_statistics(merged, log)
-        report = json_ready({"scaling": summary, "merging": merged.as_json()})
+        report = json_ready({"scaling": summary, "merging": merged.as_json(),
+                             "scaling_models": model_curves(experiments,
+                                                            read_reflections(scaled_refl))})
         json.dumps(report)  # fail before any file is written if the report cannot be saved
         write_merge_outputs(merged, params, log)
         write_json(params.output.json or "dials.vmerge.json", report)

@@ -307,6 +307,41 @@ def summary_tables(merge: dict) -> list:
     return tables
 
 
+def model_section(models: dict) -> Optional[dict]:
+    plots = []
+    physical = models.get("physical") or []
+    scale = [_line(c["phi_deg"], c["scale"], f"dataset {n}", mode="lines")
+             for n, c in enumerate(physical) if "scale" in c]
+    if scale:
+        plots.append(_figure("model_scale", scale, "Smooth scale against rotation",
+                             "rotation angle (°)", "scale"))
+    decay = [_line(c["phi_deg"], c["B"], f"dataset {n}", mode="lines")
+             for n, c in enumerate(physical) if "B" in c]
+    if decay:
+        plots.append(_figure("model_b", decay, "Relative B against rotation",
+                             "rotation angle (°)", "B (Å²)"))
+    for n, c in enumerate(physical):
+        if "absorption" not in c:
+            continue
+        surface = c["absorption"]
+        figure = _figure(f"model_absorption_{n}", [{
+            "type": "heatmap", "x": surface["phi_deg"], "y": surface["theta_deg"],
+            "z": surface["values"], "colorscale": "Viridis", "name": "absorption",
+            "colorbar": {"title": {"text": "correction"}}}],
+            f"Absorption surface, dataset {n}", "azimuthal angle φ (°)", "polar angle θ (°)")
+        figure["layout"]["yaxis"]["autorange"] = "reversed"
+        plots.append(figure)
+    kb = models.get("kb")
+    if kb and len(kb["identifier"]) > 1:
+        plots.append(_figure("kb_scale_distribution", [
+            {"type": "histogram", "x": kb["scale"], "name": "scale"}],
+            f"Scale of the {len(kb['identifier'])} KB datasets", "scale", "datasets"))
+        plots.append(_figure("kb_b_distribution", [
+            {"type": "histogram", "x": kb["B"], "name": "B"}],
+            f"B of the {len(kb['identifier'])} KB datasets", "B (Å²)", "datasets"))
+    return {"title": "Scaling models", "plots": plots} if plots else None
+
+
 def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     merge, scaling, half = _statistics_parts(report)
     method = merge.get("method", "classical")
@@ -321,7 +356,9 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     if diagnostics.get("second_moments") and sections and \
             sections[0]["title"].startswith("Statistics against resolution"):
         sections[0]["plots"].append(second_moment_plot(diagnostics["second_moments"]))
-    for section in (scaling_section(scaling, diagnostics),
+    models = report.get("scaling_models")
+    for section in (model_section(models) if models else None,
+                    scaling_section(scaling, diagnostics),
                     error_model_section(diagnostics, scaling),
                     outlier_section(diagnostics.get("outliers", {}))):
         if section is not None:
