@@ -11,6 +11,7 @@ from dials_vmerge.merging.api import (
     selected_methods,
     summary_table,
 )
+from dials_vmerge.merging.diagnostics import method_differences
 from dials_vmerge.merging.halfdataset import format_half_dataset_table
 
 HELP = """\
@@ -51,6 +52,9 @@ def run(params, inputs, log):
             report["diagnostics"] = result.diagnostics
         if result.half_dataset is not None:
             report["half_dataset"][method] = result.half_dataset
+        if result is not first:
+            report.setdefault("method_differences", {})[method] = method_differences(first,
+                                                                                  result)
     params.merging.method = methods
     if report["half_dataset"]:
         log.info("")

@@ -314,6 +314,26 @@ def test_merge_and_stats_write_their_reports_and_none_turns_it_off(tmp_path):
         shells = stats_json["half_dataset"][method]["cc_half"]["shells"]
         assert trace(plots["half_dataset_cc_half"], f"{method} pearson")["y"] == [
             s["pearson_mean"] for s in shells]
+    # the methods' merged-intensity differences: recomputed from the two methods' merged.mtz
+    import gemmi
+
+    differences = stats_json["method_differences"]["robust"]
+    columns = {}
+    for method in ("classical", "robust"):
+        run_program("merge", [expt, refl, f"merging.method={method}", "output.html=None",
+                              f"merged_mtz={method}.mtz", f"output.json={method}.json"],
+                    tmp_path)
+        mtz = gemmi.read_mtz_file(str(tmp_path / f"{method}.mtz"))
+        hkl = [tuple(int(v) for v in row) for row in mtz.make_miller_array()]
+        columns[method] = dict(zip(hkl, zip(mtz.column_with_label("IMEAN").array,
+                                            mtz.column_with_label("SIGIMEAN").array)))
+    z = np.array([(columns["robust"][h][0] - i) / s for h, (i, s) in columns["classical"].items()
+                  if h in columns["robust"] and s > 0])
+    assert len(z) == differences["n"]
+    assert np.sqrt((z ** 2).mean()) == pytest.approx(differences["overall_rms"], rel=1e-4)
+    assert z.mean() == pytest.approx(differences["overall_mean"], rel=1e-3, abs=1e-5)
+    assert trace(plots["method_difference_shells"], "robust rms")["y"] == \
+        differences["shells"]["rms"]
     off = tmp_path / "off"
     off.mkdir()
     run_program("merge", [expt, refl, "output.html=None"], off)

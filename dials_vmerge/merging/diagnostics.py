@@ -165,3 +165,37 @@ def _scale_range(scale):
     scale = np.asarray(scale)
     lo, hi = float(scale.min()), float(scale.max())
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+MAX_SCATTER_POINTS = 2000
+
+
+def method_differences(reference, other) -> dict:
+    """Merged intensities of another method against the reference method's (MergeResult
+    each), over the reflections both merged: per resolution shell of the reference's
+    statistics, n, the mean and rms of (I_other - I_ref) / sigma_ref; and every k-th pair
+    (at most MAX_SCATTER_POINTS, in reflection order) for a scatter plot."""
+    from .lookup import find_indices
+
+    ref, oth = reference.merged, other.merged
+    where = find_indices(ref.asu_index, oth.asu_index)
+    both = np.flatnonzero((where >= 0) & (ref.sigma > 0))
+    i_ref, i_other = ref.intensity[both], oth.intensity[where[both]]
+    z = (i_other - i_ref) / ref.sigma[both]
+    d = 1.0 / np.sqrt(ref.dstar_sq[both])
+    shells = reference.statistics.as_dict()["shells"] if reference.statistics else []
+    n, mean, rms = [], [], []
+    for shell in shells:
+        inside = (d <= shell["d_max"]) & (d >= shell["d_min"])
+        n.append(int(inside.sum()))
+        mean.append(float(z[inside].mean()) if inside.any() else None)
+        rms.append(float(np.sqrt((z[inside] ** 2).mean())) if inside.any() else None)
+    step = max(1, math.ceil(len(both) / MAX_SCATTER_POINTS))
+    return {
+        "reference": reference.method, "method": other.method, "n": int(len(both)),
+        "overall_mean": float(z.mean()) if len(z) else None,
+        "overall_rms": float(np.sqrt((z ** 2).mean())) if len(z) else None,
+        "shells": {"d_min": [s["d_min"] for s in shells], "n": n, "mean": mean, "rms": rms},
+        "scatter": {"every": step, "reference": i_ref[::step].tolist(),
+                    "method": i_other[::step].tolist()},
+    }

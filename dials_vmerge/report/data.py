@@ -241,6 +241,26 @@ def batch_section(per_batch: dict) -> dict:
             "plots": plots}
 
 
+def method_difference_plots(differences: dict) -> list:
+    if not differences:
+        return []
+    reference = next(iter(differences.values()))["reference"]
+    rms, scatter = [], []
+    for method, diff in differences.items():
+        rms.append(_line(diff["shells"]["d_min"], diff["shells"]["rms"], f"{method} rms"))
+        rms.append(_line(diff["shells"]["d_min"], diff["shells"]["mean"], f"{method} mean"))
+        scatter.append({"type": "scatter", "mode": "markers", "name": method,
+                        "x": diff["scatter"]["reference"], "y": diff["scatter"]["method"],
+                        "marker": {"size": 3}})
+    return [
+        _figure("method_difference_shells", rms,
+                f"Merged I of each method minus {reference}'s, in units of {reference}'s σ",
+                "resolution: d_min of shell (Å)", "(I - I_ref)/σ_ref", reversed_x=True),
+        _figure("method_difference_scatter", scatter, f"Merged I against {reference}'s",
+                f"I ({reference})", "I (method)"),
+    ]
+
+
 def half_dataset_section(half: dict) -> Optional[dict]:
     traces_half, traces_anom = [], []
     for method, result in half.items():
@@ -365,5 +385,12 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
             sections.append(section)
     if half:
         sections.append(half_dataset_section(half))
+    differences = report.get("method_differences")
+    if differences:
+        plots = method_difference_plots(differences)
+        if half:
+            sections[-1]["plots"] += plots
+        else:
+            sections.append({"title": "Merging methods side by side", "plots": plots})
     return {"title": f"{program} report", "method": method, "tables": summary_tables(merge),
             "sections": sections}
