@@ -158,6 +158,14 @@ def test_report_plot_data_are_the_json_and_log_numbers(runs, name):
     assert sum(diagnostics["scale_histogram"]["counts"]) == merging["n_observations"]
     assert trace(plots["second_moments"], "&lt;I²&gt;/&lt;I&gt;² (acentric)")["y"] == \
         diagnostics["second_moments"]["second_moment"]
+    anomalous = diagnostics.get("anomalous")
+    if anomalous and anomalous["n_pairs"]:
+        assert trace(plots["anomalous_correlation_ratio"], "rms correlation ratio")["y"] == \
+            anomalous["correlation_ratio"]["ratio"]
+        assert trace(plots["anomalous_scatter"], "half-set differences")["x"] == \
+            anomalous["scatter"]["delta_i_1"]
+        assert trace(plots["anomalous_normal_plot"], "ΔI/σ(ΔI)")["y"] == \
+            anomalous["normal_plot"]["observed"]
     models = report["scaling_models"]
     for n, curves in enumerate(models["physical"]):
         assert trace(plots["model_scale"], f"dataset {n}")["y"] == curves["scale"]

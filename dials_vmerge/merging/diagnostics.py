@@ -158,6 +158,8 @@ def merge_diagnostics(result, groupings, table, experiments) -> dict:
     if result.statistics is not None:
         out["second_moments"] = second_moments(result.merged,
                                                result.statistics.as_dict()["shells"])
+    if not result.space_group.is_centric():
+        out["anomalous"] = anomalous_summary(result, groupings)
     return out
 
 
@@ -199,3 +201,81 @@ def method_differences(reference, other) -> dict:
         "scatter": {"every": step, "reference": i_ref[::step].tolist(),
                     "method": i_other[::step].tolist()},
     }
+
+
+@njit(cache=True)
+def alternate_half_means_kernel(permutation, group_start, intensity, sigma):
+    """Inverse-variance means of the two halves of each group taken alternately in row order
+    (1st, 3rd, ... observation; 2nd, 4th, ...); NaN for groups with n < 2."""
+    n_groups = group_start.shape[0] - 1
+    half_1 = np.full(n_groups, np.nan)
+    half_2 = np.full(n_groups, np.nan)
+    for g in range(n_groups):
+        start = group_start[g]
+        n = group_start[g + 1] - start
+        if n < 2:
+            continue
+        sums = np.zeros(4)
+        for j in range(n):
+            row = permutation[start + j]
+            w = 1.0 / (sigma[row] * sigma[row])
+            k = 2 * (j % 2)
+            sums[k] += w
+            sums[k + 1] += w * intensity[row]
+        half_1[g] = sums[1] / sums[0]
+        half_2[g] = sums[3] / sums[2]
+    return half_1, half_2
+
+
+def anomalous_summary(result, groupings) -> dict:
+    """dials.report's anomalous plots, for acentric Bijvoet pairs:
+    - half-set anomalous differences dI1 = I+(1) - I-(1), dI2 = I+(2) - I-(2), the halves
+      alternate observations of each I+ and I- group (a fixed split, not cctbx's random one),
+      inverse-variance means; per resolution shell the rms correlation ratio
+      rms(dI1 + dI2) / rms(dI1 - dI2) (Evans 2006: > 1 where there is anomalous signal), and
+      every k-th pair (at most MAX_SCATTER_POINTS) for the scatter plot;
+    - the normal probability plot of dI / sigma(dI) of the merged I+ and I- (the merging
+      method's), sigma(dI) = sqrt(sigma+^2 + sigma-^2)."""
+    from .statistics import bijvoet_partner, is_plus_hemisphere
+
+    groups = groupings.get(True)
+    obs = result.observations
+    h1, h2 = alternate_half_means_kernel(groups.permutation, groups.group_start,
+                                         obs.intensity, obs.sigma)
+    partner = bijvoet_partner(groups.asu_index)
+    plus = np.flatnonzero(is_plus_hemisphere(groups.asu_index, result.space_group)
+                          & (partner >= 0) & ~groups.centric)
+    minus = partner[plus]
+    d1, d2 = h1[plus] - h1[minus], h2[plus] - h2[minus]
+    ok = np.isfinite(d1) & np.isfinite(d2)
+    d1, d2, d = d1[ok], d2[ok], 1.0 / np.sqrt(groups.dstar_sq[plus][ok])
+    shells = result.statistics.as_dict()["shells"] if result.statistics else []
+    ratio, n = [], []
+    for shell in shells:
+        inside = (d <= shell["d_max"]) & (d >= shell["d_min"])
+        n.append(int(inside.sum()))
+        spread = np.sqrt(((d1[inside] - d2[inside]) ** 2).mean()) if inside.any() else 0.0
+        signal = np.sqrt(((d1[inside] + d2[inside]) ** 2).mean()) if inside.any() else 0.0
+        ratio.append(float(signal / spread) if spread > 0 else None)
+    step = max(1, math.ceil(len(d1) / MAX_SCATTER_POINTS))
+    out = {"n_pairs": int(len(d1)),
+           "correlation_ratio": {"d_min": [s["d_min"] for s in shells], "n": n,
+                                 "ratio": ratio},
+           "scatter": {"every": step, "delta_i_1": d1[::step].tolist(),
+                       "delta_i_2": d2[::step].tolist()}}
+    merged = result.merged_anomalous
+    if merged is not None and len(merged):
+        partner = bijvoet_partner(merged.asu_index)
+        plus = np.flatnonzero(is_plus_hemisphere(merged.asu_index, result.space_group)
+                              & (partner >= 0))
+        minus = partner[plus]
+        sigma = np.sqrt(merged.sigma[plus] ** 2 + merged.sigma[minus] ** 2)
+        use = sigma > 0
+        delta = np.sort((merged.intensity[plus] - merged.intensity[minus])[use] / sigma[use])
+        if len(delta):
+            k = np.unique(np.round(np.linspace(0, len(delta) - 1,
+                                               min(QUANTILE_POINTS, len(delta)))).astype(np.int64))
+            out["normal_plot"] = {"n": int(len(delta)),
+                                  "expected": normal_quantiles(len(delta), k).tolist(),
+                                  "observed": delta[k].tolist()}
+    return out

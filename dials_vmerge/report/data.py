@@ -142,6 +142,39 @@ def error_model_section(diagnostics: dict, scaling: Optional[dict]) -> Optional[
     return {"title": "Error model", "plots": plots}
 
 
+def anomalous_section(anomalous: dict) -> Optional[dict]:
+    if not anomalous or not anomalous.get("n_pairs"):
+        return None
+    ratio = anomalous["correlation_ratio"]
+    scatter = anomalous["scatter"]
+    every = scatter["every"]
+    values = scatter["delta_i_1"] + scatter["delta_i_2"]
+    ends = [min(values), max(values)] if values else [0, 1]
+    plots = [
+        _figure("anomalous_correlation_ratio", [
+            _line(ratio["d_min"], ratio["ratio"], "rms correlation ratio"),
+            _line(ratio["d_min"], [1.0] * len(ratio["d_min"]), "no signal (1)", mode="lines"),
+        ], "Anomalous rms correlation ratio (acentric)", "resolution: d_min of shell (Å)",
+            "rms(ΔI₁+ΔI₂) / rms(ΔI₁-ΔI₂)", reversed_x=True),
+        _figure("anomalous_scatter", [
+            {"type": "scattergl" if len(scatter["delta_i_1"]) > 2000 else "scatter",
+             "mode": "markers", "x": scatter["delta_i_1"], "y": scatter["delta_i_2"],
+             "marker": {"size": 3}, "name": "half-set differences"},
+            _line(ends, ends, "ΔI₁ = ΔI₂", mode="lines"),
+        ], "Half-set anomalous differences" + (f" (every {every}th pair)" if every > 1 else ""),
+            "ΔI₁", "ΔI₂"),
+    ]
+    normal = anomalous.get("normal_plot")
+    if normal:
+        ends = [normal["expected"][0], normal["expected"][-1]]
+        plots.append(_figure("anomalous_normal_plot", [
+            _line(normal["expected"], normal["observed"], "ΔI/σ(ΔI)", mode="markers"),
+            _line(ends, ends, "expected (y = x)", mode="lines"),
+        ], f"Normal probability plot of ΔI/σ(ΔI) ({normal['n']} pairs)",
+            "expected normal quantile", "sorted ΔI/σ(ΔI)"))
+    return {"title": "Anomalous differences", "plots": plots}
+
+
 def outlier_section(outliers: dict) -> Optional[dict]:
     if not outliers.get("n"):
         return None
@@ -380,6 +413,7 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     for section in (model_section(models) if models else None,
                     scaling_section(scaling, diagnostics),
                     error_model_section(diagnostics, scaling),
+                    anomalous_section(diagnostics.get("anomalous")),
                     outlier_section(diagnostics.get("outliers", {}))):
         if section is not None:
             sections.append(section)
