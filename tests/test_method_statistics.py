@@ -183,11 +183,12 @@ def test_normalised_deviations_against_plain_loops(sim):
     assert histogram["counts"] == counts.tolist()
     observed = np.array(summary["probability_plot"]["observed"])
     k = np.unique(np.round(np.linspace(0, len(expected) - 1, 1000)).astype(int))
-    np.testing.assert_allclose(observed, expected[k], rtol=1e-10, atol=1e-12)
+    # the summary stores 6 significant digits: relative error up to 5e-6
+    np.testing.assert_allclose(observed, expected[k], rtol=5e-6, atol=1e-12)
     from scipy.stats import norm
 
     np.testing.assert_allclose(summary["probability_plot"]["expected"],
-                               norm.ppf((k + 0.5) / len(expected)), rtol=1e-10)
+                               norm.ppf((k + 0.5) / len(expected)), rtol=5e-6)
 
 
 def _truth_scaled_merge(anomalous):

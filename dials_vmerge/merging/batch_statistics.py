@@ -191,7 +191,9 @@ def _jsonable(columns: dict) -> dict:
     for key, values in columns.items():
         values = np.asarray(values)
         if values.dtype.kind == "f":
-            out[key] = [float(v) if math.isfinite(v) else None for v in values.tolist()]
+            # 6 significant digits: the table is for reading and plotting, and the report
+            # embeds it (size grows with the number of batches)
+            out[key] = [float(f"{v:.6g}") if math.isfinite(v) else None for v in values.tolist()]
         else:
             out[key] = [int(v) for v in values.tolist()]
     return out

@@ -23,6 +23,12 @@ import math
 import numpy as np
 from numba import njit
 
+
+def rounded(values, digits: int = 6) -> list:
+    """Values as a list of floats with `digits` significant digits (plot data: the JSON and
+    the report stay small)."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(values, dtype=np.float64).tolist()]
+
 DELTA_RANGE = 6.0
 DELTA_BINS = 120
 QUANTILE_POINTS = 1000
@@ -88,8 +94,8 @@ def normalised_deviation_summary(groups, intensity, sigma) -> dict:
     return {
         "n": int(len(delta)), "mean": float(delta.mean()), "sd": float(delta.std()),
         "histogram": _histogram(delta, -DELTA_RANGE, DELTA_RANGE, DELTA_BINS),
-        "probability_plot": {"expected": normal_quantiles(len(delta), k).tolist(),
-                             "observed": delta[k].tolist()},
+        "probability_plot": {"expected": rounded(normal_quantiles(len(delta), k)),
+                             "observed": rounded(delta[k])},
     }
 
 
@@ -198,8 +204,8 @@ def method_differences(reference, other) -> dict:
         "overall_mean": float(z.mean()) if len(z) else None,
         "overall_rms": float(np.sqrt((z ** 2).mean())) if len(z) else None,
         "shells": {"d_min": [s["d_min"] for s in shells], "n": n, "mean": mean, "rms": rms},
-        "scatter": {"every": step, "reference": i_ref[::step].tolist(),
-                    "method": i_other[::step].tolist()},
+        "scatter": {"every": step, "reference": rounded(i_ref[::step]),
+                    "method": rounded(i_other[::step])},
     }
 
 
@@ -261,8 +267,8 @@ def anomalous_summary(result, groupings) -> dict:
     out = {"n_pairs": int(len(d1)),
            "correlation_ratio": {"d_min": [s["d_min"] for s in shells], "n": n,
                                  "ratio": ratio},
-           "scatter": {"every": step, "delta_i_1": d1[::step].tolist(),
-                       "delta_i_2": d2[::step].tolist()}}
+           "scatter": {"every": step, "delta_i_1": rounded(d1[::step]),
+                       "delta_i_2": rounded(d2[::step])}}
     merged = result.merged_anomalous
     if merged is not None and len(merged):
         partner = bijvoet_partner(merged.asu_index)
@@ -276,6 +282,6 @@ def anomalous_summary(result, groupings) -> dict:
             k = np.unique(np.round(np.linspace(0, len(delta) - 1,
                                                min(QUANTILE_POINTS, len(delta)))).astype(np.int64))
             out["normal_plot"] = {"n": int(len(delta)),
-                                  "expected": normal_quantiles(len(delta), k).tolist(),
-                                  "observed": delta[k].tolist()}
+                                  "expected": rounded(normal_quantiles(len(delta), k)),
+                                  "observed": rounded(delta[k])}
     return out

@@ -8,7 +8,8 @@
   exactly the scaling's values; without a table, over the valid image range); for the first MAX_SURFACE_DATASETS with absorption, the absorption surface
   1 + sum_lm C_lm Y'_lm(theta, phi) on a SURFACE_STEP_DEG grid of polar angle theta (0-180)
   and azimuth phi (-180-180) in the crystal frame;
-- KB model (stills, wedges): the scale and B of every dataset, for their distributions.
+- KB model (stills, wedges): the scale and B of every dataset (6 significant digits), for
+  their distributions.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def model_curves(experiments, table=None) -> dict:
         elif kind == "KB":
             scale, decay = _parameters(model, "scale"), _parameters(model, "decay")
             kb_identifier.append(e.identifier)
-            kb_scale.append(float(scale[0]) if scale is not None else None)
-            kb_b.append(float(decay[0]) if decay is not None else None)
+            kb_scale.append(float(f"{scale[0]:.6g}") if scale is not None else None)
+            kb_b.append(float(f"{decay[0]:.6g}") if decay is not None else None)
     out = {"physical": physical}
     if kb_identifier:
         out["kb"] = {"identifier": kb_identifier, "scale": kb_scale, "B": kb_b}

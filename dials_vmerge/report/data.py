@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 # Above this many batches the per-batch plots show the binned table (the log's rows)
-MAX_PLOTTED_BATCHES = 3000
+MAX_PLOTTED_BATCHES = 2000
 MAX_SHADED_DATASETS = 60
 
 
@@ -325,22 +325,40 @@ def scaling_section(scaling: Optional[dict], diagnostics: dict) -> Optional[dict
                              "Applied inverse scale factors g (merged observations)",
                              "inverse scale factor g", "observations"))
     datasets = (scaling or {}).get("datasets") or []
-    with_model = [d for d in datasets if d.get("error_model")]
-    if not with_model:
+    if not datasets:
         return {"title": "Scaling", "plots": plots} if plots else None
-    index = list(range(len(with_model)))
-    a = [d["error_model"][0] for d in with_model]
-    b = [d["error_model"][1] for d in with_model]
-    outliers = [d.get("n_outliers") for d in datasets]
-    plots += [
-        _figure("error_model_parameters", [_line(index, a, "a"), _line(index, b, "b", yaxis="y2")],
-                "Error model: σ'² = a² (σ² + (b I)²)", "dataset", "a",
-                y2_title="b"),
-        _figure("outliers_per_dataset", [{"type": "bar", "x": list(range(len(datasets))),
-                                          "y": outliers, "name": "outliers"}],
-                "Outliers rejected per dataset", "dataset", "outliers"),
-    ]
+    models = [(n, d["error_model"]) for n, d in enumerate(datasets) if d.get("error_model")]
+    if len({tuple(m) for _, m in models}) > 1:
+        # one error model per dataset (shared models are a row of the error-model table)
+        index = [n for n, _ in models]
+        plots.append(_figure("error_model_parameters", [
+            _line(index, [m[0] for _, m in models], "a"),
+            _line(index, [m[1] for _, m in models], "b", yaxis="y2")],
+            "Error model: σ'² = a² (σ² + (b I)²)", "dataset", "a", y2_title="b"))
+    plots.append(_figure("outliers_per_dataset", [{
+        "type": "bar", "x": list(range(len(datasets))),
+        "y": [d.get("n_outliers") for d in datasets], "name": "outliers"}],
+        "Outliers rejected per dataset", "dataset", "outliers"))
     return {"title": "Scaling", "plots": plots}
+
+
+def error_model_table(scaling: Optional[dict]) -> Optional[dict]:
+    """The distinct error models (a, b), with the datasets using each (at most 20 rows)."""
+    datasets = (scaling or {}).get("datasets") or []
+    users = {}
+    for n, d in enumerate(datasets):
+        if d.get("error_model"):
+            users.setdefault(tuple(d["error_model"]), []).append(n)
+    if not users or len(users) > 20:
+        return None
+    rows = []
+    for (a, b), which in users.items():
+        limit = 1.0 / (a * b) if a * b > 0 else None
+        span = (f"{which[0]}" if len(which) == 1 else
+                f"{len(which)} datasets ({which[0]}-{which[-1]})")
+        rows.append([span, a, b, limit])
+    return {"id": "error_model", "title": "Error model σ'² = a² (σ² + (b I)²)",
+            "columns": ["datasets", "a", "b", "I/σ limit 1/(ab)"], "rows": rows}
 
 
 def summary_tables(merge: dict) -> list:
@@ -426,5 +444,9 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
             sections[-1]["plots"] += plots
         else:
             sections.append({"title": "Merging methods side by side", "plots": plots})
-    return {"title": f"{program} report", "method": method, "tables": summary_tables(merge),
+    tables = summary_tables(merge)
+    table = error_model_table(scaling)
+    if table is not None:
+        tables.append(table)
+    return {"title": f"{program} report", "method": method, "tables": tables,
             "sections": sections}
