@@ -111,7 +111,8 @@ def i_over_sigma_vs_log_i(merged) -> dict:
     total = np.bincount(which, weights=ratio, minlength=LOG_I_BINS)
     used = n > 0
     centres = 0.5 * (edges[:-1] + edges[1:])
-    return {"log10_i": centres[used].tolist(), "mean_i_over_sigma": (total[used] / n[used]).tolist(),
+    return {"log10_i": centres[used].tolist(),
+            "mean_i_over_sigma": (total[used] / n[used]).tolist(),
             "n": n[used].astype(np.int64).tolist()}
 
 

@@ -2,10 +2,11 @@
 
 - physical model, per dataset (the first MAX_CURVE_DATASETS): the smooth scale and the
   relative B (A^2) against the rotation angle, sampled at CURVE_POINTS frame positions over
-  the positions scaling used: DIALS's smoothers are set up on the data (shifted to their
+  the range scaling used: DIALS's smoothers are set up on the data (shifted to their
   lowest normalised z = z * norm_fac, the range rounded up), so the curve is evaluated between
   the lowest and highest z of the dataset's rows used in scaling (not excluded), which gives
-  exactly the scaling's values; without a table, over the valid image range); for the first MAX_SURFACE_DATASETS with absorption, the absorption surface
+  exactly the scaling's values; without a table, over the valid image range); for the first
+  MAX_SURFACE_DATASETS with absorption, the absorption surface
   1 + sum_lm C_lm Y'_lm(theta, phi) on a SURFACE_STEP_DEG grid of polar angle theta (0-180)
   and azimuth phi (-180-180) in the crystal frame;
 - KB model (stills, wedges): the scale and B of every dataset (6 significant digits), for

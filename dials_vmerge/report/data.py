@@ -74,7 +74,8 @@ def resolution_section(statistics: dict, method: str) -> dict:
             _line(d_min, column("cc_half_critical_value"), "CC1/2 significance level",
                   mode="lines"),
         ], "CC1/2 and CCanom", x_title, "CC", reversed_x=True),
-        _figure("i_over_sigma_resolution", [_line(d_min, column("i_over_sigma_mean"), "&lt;I/σ&gt;")],
+        _figure("i_over_sigma_resolution",
+                [_line(d_min, column("i_over_sigma_mean"), "&lt;I/σ&gt;")],
                 "&lt;I/σ(I)&gt;", x_title, "&lt;I/σ(I)&gt;", reversed_x=True),
         _figure("r_resolution", [
             _line(d_min, column("r_merge"), "Rmerge"), _line(d_min, column("r_meas"), "Rmeas"),
