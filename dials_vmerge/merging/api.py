@@ -517,10 +517,18 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
                          statistics)
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
-    result.per_batch = per_batch_for(result, groupings, experiments, params)
     from .diagnostics import merge_diagnostics
 
-    result.diagnostics = merge_diagnostics(result, groupings, table, experiments)
+    # Report-only summaries: a failure here is reported and leaves them out, it does not
+    # cost the user the merged data (as for the statistics above)
+    try:
+        result.per_batch = per_batch_for(result, groupings, experiments, params)
+    except Exception as e:
+        log.warning(f"Statistics against batch could not be computed: {e}")
+    try:
+        result.diagnostics = merge_diagnostics(result, groupings, table, experiments)
+    except Exception as e:
+        log.warning(f"Merge diagnostics for the report could not be computed: {e}")
     return result
 
 
