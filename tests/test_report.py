@@ -347,3 +347,28 @@ def test_merge_and_stats_write_their_reports_and_none_turns_it_off(tmp_path):
     run_program("merge", [expt, refl, "output.html=None"], off)
     assert sorted(os.listdir(off)) == ["dials.vmerge.merge.json", "dials.vmerge.merge.log",
                                        "merged.mtz"]
+
+
+def test_array_model_maps_are_its_parameter_grids(tmp_path):
+    experiments, table, truth = simulate_rotation(n_obs_target=6000, n_sweeps=1, seed=4,
+                                                  model="array")
+    write_outputs(experiments, table, truth, str(tmp_path / "sim.expt"),
+                  str(tmp_path / "sim.refl"), str(tmp_path / "truth.h5"))
+    run_program("vmerge", ["sim.expt", "sim.refl", "model=array"], tmp_path)
+    (maps,) = json.load(open(tmp_path / "dials.vmerge.json"))["scaling_models"]["array"]
+    model = json.load(open(tmp_path / "scaled.expt"))["scaling_model"][0]
+    config = model["configuration_parameters"]
+    decay = model["decay"]["parameters"]
+    n_res, n_time = config["n_res_param"], config["n_time_param"]
+    assert len(maps["decay"]) == n_time and len(maps["decay"][0]) == n_res
+    for j in range(n_time):  # the smoother's index is i + j n_res (resolution fastest)
+        for i in range(n_res):
+            assert maps["decay"][j][i] == pytest.approx(decay[i + j * n_res], abs=5e-7)
+    plots = plots_by_id(embedded_content(tmp_path / "dials.vmerge.html"))
+    assert plots["array_decay_0"]["data"][0]["z"] == maps["decay"]
+    if "absorption" in config["corrections"]:
+        absorption = np.array(model["absorption"]["parameters"])
+        n_x, n_y = config["n_x_param"], config["n_y_param"]
+        mean = [[np.mean([absorption[i + j * n_x + k * n_x * n_y] for k in range(n_time)])
+                 for i in range(n_x)] for j in range(n_y)]
+        np.testing.assert_allclose(maps["absorption_mean_over_time"], mean, atol=5e-7)

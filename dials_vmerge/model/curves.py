@@ -9,6 +9,10 @@
   MAX_SURFACE_DATASETS with absorption, the absorption surface
   1 + sum_lm C_lm Y'_lm(theta, phi) on a SURFACE_STEP_DEG grid of polar angle theta (0-180)
   and azimuth phi (-180-180) in the crystal frame;
+- array model, per dataset (the first MAX_SURFACE_DATASETS): its parameter grids as maps,
+  decay (time x resolution grid points), absorption averaged over time (detector y x x grid
+  points) and modulation (detector y x x); the smoothers' parameters are the grid values
+  (index i + j n_i (+ k n_i n_j), i fastest);
 - KB model (stills, wedges): the scale and B of every dataset (6 significant digits), for
   their distributions.
 """
@@ -85,11 +89,30 @@ def absorption_surface(model_dict) -> dict:
             "values": np.round(values.reshape(len(theta), len(phi)), 6).tolist()}
 
 
+def array_maps(model_dict) -> dict:
+    config = model_dict["configuration_parameters"]
+    out = {}
+    decay = _parameters(model_dict, "decay")
+    if decay is not None:
+        grid = decay.reshape(int(config["n_time_param"]), int(config["n_res_param"]))
+        out["decay"] = np.round(grid, 6).tolist()
+    absorption = _parameters(model_dict, "absorption")
+    if absorption is not None:
+        grid = absorption.reshape(int(config["n_time_param"]), int(config["n_y_param"]),
+                                  int(config["n_x_param"]))
+        out["absorption_mean_over_time"] = np.round(grid.mean(axis=0), 6).tolist()
+    modulation = _parameters(model_dict, "modulation")
+    if modulation is not None:
+        grid = modulation.reshape(int(config["n_y_mod_param"]), int(config["n_x_mod_param"]))
+        out["modulation"] = np.round(grid, 6).tolist()
+    return out
+
+
 def model_curves(experiments, table=None) -> dict:
     """Curves of the experiments' scaling models; `table`: the scaled reflections (for the
     positions scaling used, see the module docstring)."""
     extremes = scaled_z_extremes(table, experiments)
-    physical, kb_scale, kb_b, kb_identifier = [], [], [], []
+    physical, array, kb_scale, kb_b, kb_identifier = [], [], [], [], []
     for e in experiments:
         model = e.scaling_model or {}
         kind = model.get("__id__")
@@ -99,12 +122,16 @@ def model_curves(experiments, table=None) -> dict:
                     is not None:
                 curves["absorption"] = absorption_surface(model)
             physical.append(curves)
+        elif kind == "array" and len(array) < MAX_SURFACE_DATASETS:
+            array.append(array_maps(model))
         elif kind == "KB":
             scale, decay = _parameters(model, "scale"), _parameters(model, "decay")
             kb_identifier.append(e.identifier)
             kb_scale.append(float(f"{scale[0]:.6g}") if scale is not None else None)
             kb_b.append(float(f"{decay[0]:.6g}") if decay is not None else None)
     out = {"physical": physical}
+    if array:
+        out["array"] = array
     if kb_identifier:
         out["kb"] = {"identifier": kb_identifier, "scale": kb_scale, "B": kb_b}
     return out

@@ -403,6 +403,18 @@ def model_section(models: dict) -> Optional[dict]:
             f"Absorption surface, dataset {n}", "azimuthal angle φ (°)", "polar angle θ (°)")
         figure["layout"]["yaxis"]["autorange"] = "reversed"
         plots.append(figure)
+    maps = (("decay", "decay grid", "resolution grid point (low → high d*²)",
+             "time grid point"),
+            ("absorption_mean_over_time", "absorption grid, mean over time",
+             "detector x grid point", "detector y grid point"),
+            ("modulation", "modulation grid", "detector x grid point", "detector y grid point"))
+    for n, grids in enumerate(models.get("array") or []):
+        for key, title, x_title, y_title in maps:
+            if key in grids:
+                plots.append(_figure(f"array_{key}_{n}", [{
+                    "type": "heatmap", "z": grids[key], "colorscale": "Viridis", "name": key,
+                    "colorbar": {"title": {"text": "scale"}}}],
+                    f"Array model {title}, dataset {n}", x_title, y_title))
     kb = models.get("kb")
     if kb and len(kb["identifier"]) > 1:
         plots.append(_figure("kb_scale_distribution", [
