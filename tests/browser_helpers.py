@@ -52,7 +52,7 @@ def chromium_or_skip() -> str:
     pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
 
 
-def _run(chromium, args, profile, timeout=90):
+def _run(chromium, args, profile, timeout=240):
     command = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
                "--disable-dev-shm-usage", f"--user-data-dir={profile}",
                "--virtual-time-budget=15000", *args]
