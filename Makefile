@@ -26,6 +26,7 @@ demo: $(VENV)/.installed
 	@echo
 	@echo "Demo outputs (scaled quartz sweep, from dials/data-files) are in $(CURDIR)/demo_output:"
 	@ls -1 demo_output | sed 's/^/  /'
+	@echo "Report (open in a browser): $(CURDIR)/demo_output/dials.vmerge.html"
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow" tests

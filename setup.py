@@ -13,6 +13,7 @@ setup(
         "dials_vmerge.merging",
         "dials_vmerge.simulate",
         "dials_vmerge.backends",
+        "dials_vmerge.report",
         "dials_vmerge.command_line",
         "dials_vmerge.phil",
     ],
@@ -29,6 +30,7 @@ setup(
         "h5py>=3.8",
         "msgpack>=1.0",
         "tqdm>=4.60",
+        "plotly>=5.0",  # its plotly.min.js is embedded in the HTML report
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "gemmi>=0.6.5"],

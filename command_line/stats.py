@@ -1,13 +1,17 @@
 """dials.vmerge.stats: merging statistics and half-dataset cross-validation, per method."""
 
 from dials_vmerge.cli import Program, write_json
+from dials_vmerge.io.atomic import StagedOutputs
+from dials_vmerge.report import report_html_path, write_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
     merge_scaled_table,
     selected_methods,
+    summary_table,
 )
+from dials_vmerge.merging.diagnostics import method_differences
 from dials_vmerge.merging.halfdataset import format_half_dataset_table
 
 HELP = """\
@@ -42,13 +46,25 @@ def run(params, inputs, log):
             log_statistics(result, log)
             if result.statistics is not None:
                 report["merging_statistics"] = result.statistics.as_dict()
+                report["summary_table"] = summary_table(result.statistics)
+            report["method"] = method
+            report["per_batch"] = result.per_batch
+            report["diagnostics"] = result.diagnostics
         if result.half_dataset is not None:
             report["half_dataset"][method] = result.half_dataset
+        if result is not first:
+            report.setdefault("method_differences", {})[method] = method_differences(first,
+                                                                                  result)
     params.merging.method = methods
     if report["half_dataset"]:
         log.info("")
         log.info(format_half_dataset_table(report["half_dataset"]))
-    write_json(params.output.json or "dials.vmerge.stats.json", report)
+    with StagedOutputs() as staged:
+        write_json(params.output.json or "dials.vmerge.stats.json", report)
+        html_path = report_html_path(params, "dials.vmerge.stats.html")
+        if html_path:
+            write_report(report, staged.path_for(html_path), "dials.vmerge.stats")
+            log.info(f"Written report {html_path}")
 
 
 main = Program(

@@ -9,13 +9,16 @@ from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
 from dials_vmerge.progress import run_progress, stage
+from dials_vmerge.model.curves import model_curves
+from dials_vmerge.report import report_html_path, write_report
 
 HELP = """\
 dials.vmerge integrated.expt integrated.refl [more.expt more.refl ...] [name=value ...]
 
 Scales with the DIALS physical, array or KB model (model=auto chooses as dials.scale does),
 refines an error model, rejects outliers, and merges. Writes scaled.expt, scaled.refl,
-merged.mtz, dials.vmerge.log and dials.vmerge.json.
+merged.mtz, dials.vmerge.log, dials.vmerge.json and the report dials.vmerge.html
+(output.html=None: no report).
 
 Examples:
   dials.vmerge integrated.expt integrated.refl
@@ -72,7 +75,9 @@ def _run(params, inputs, log):
         with stage(log, "Merging statistics"):
             log_statistics(merged, log)
         with stage(log, "Writing merged files"):
-            report = json_ready({"scaling": summary, "merging": merged.as_json()})
+            report = json_ready({"scaling": summary, "merging": merged.as_json(),
+                                 "scaling_models": model_curves(experiments,
+                                                                read_reflections(scaled_refl))})
             json.dumps(report)  # fail before any file is written if the report cannot be saved
             write_merge_outputs(merged, params, log)
             write_json(params.output.json or "dials.vmerge.json", report)
@@ -80,6 +85,10 @@ def _run(params, inputs, log):
                 from dials_vmerge.scaling.filtering import write_filter_results
 
                 write_filter_results(params, summary)
+            html_path = report_html_path(params, "dials.vmerge.html")
+            if html_path:
+                write_report(report, staged.path_for(html_path), "dials.vmerge")
+                log.info(f"Written report {html_path}")
 
 
 main = Program(

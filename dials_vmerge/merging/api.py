@@ -73,6 +73,8 @@ class MergeResult:
     statistics: Optional[MergingStatistics]
     half_dataset: Optional[dict] = None
     calibration: Optional[dict] = None  # sigma calibration (merging/calibration.py)
+    per_batch: Optional[dict] = None  # batch_statistics.batch_statistics tables
+    diagnostics: Optional[dict] = None  # diagnostics.merge_diagnostics summaries
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -83,11 +85,27 @@ class MergeResult:
                "n_unique": len(self.merged)}
         if self.statistics is not None:
             out["merging_statistics"] = self.statistics.as_dict()
+            out["summary_table"] = summary_table(self.statistics)
         if self.half_dataset is not None:
             out["half_dataset"] = self.half_dataset
         if self.calibration is not None:
             out["sigma_calibration"] = self.calibration
+        if self.per_batch is not None:
+            out["per_batch"] = self.per_batch
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics
         return out
+
+
+def summary_table(statistics: MergingStatistics) -> dict:
+    """The log's "Summary of merging statistics" as columns and rows (label, values...)."""
+    values = statistics.summary_values()
+    columns = (["Suggested", "Low", "High", "Overall"] if statistics.cut_statistics is not None
+               else ["Overall", "Low", "High"])
+    from .statistics import SUMMARY_FORMATS
+
+    rows = [[label] + list(values[label]) for label, _ in SUMMARY_FORMATS if label in values]
+    return {"columns": [""] + columns, "rows": rows}
 
 
 def selected_methods(params) -> list:
@@ -435,6 +453,45 @@ def mean_of_friedel_amplitudes(merged: MergedIntensities, merged_anom: MergedInt
     return F, sigma_F
 
 
+class MethodMerger:
+    """A merging method for statistics.merging_statistics(merger=...): the statistics then
+    describe this method's merged intensities. `full` are the method's merges of all the data
+    (non-anomalous and anomalous); a grouping equal to one of them gets its values as they
+    are; any other (a resolution cut, a CC1/2 half) is merged afresh, the variational prior
+    fixed to the full data's Wilson Sigma (as the half-dataset statistics do)."""
+
+    def __init__(self, method, params, full):
+        self.method = method
+        self.params = params
+        self.full = {m.anomalous: m for m in full}
+
+    def _full_match(self, groups):
+        full = self.full.get(groups.anomalous)
+        if full is not None and np.array_equal(full.asu_index, groups.asu_index) and \
+                np.array_equal(full.n_obs, groups.multiplicity):
+            return full
+        return None
+
+    def _merge(self, groups, intensity, sigma):
+        sigma_per_group = None
+        full = self.full.get(groups.anomalous)
+        if self.method == "variational" and full is not None:
+            where = find_indices(groups.asu_index, full.asu_index)
+            values = full.extra["wilson_sigma_per_group"]
+            sigma_per_group = np.where(where >= 0, values[np.maximum(where, 0)],
+                                       np.median(values))
+        return merge_groups(self.method, groups, intensity, sigma, self.params,
+                            french_wilson_amplitudes=False,
+                            wilson_sigma_per_group=sigma_per_group)
+
+    def merge(self, groups, intensity, sigma):
+        merged = self._full_match(groups) or self._merge(groups, intensity, sigma)
+        return merged.intensity, merged.sigma
+
+    def half_means(self, groups, intensity, sigma):
+        return self._merge(groups, intensity, sigma).intensity
+
+
 class HalfDatasetMerger:
     """merge(groups, I, sigma, context, anomalous) for the half-dataset statistics."""
 
@@ -478,18 +535,26 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     fw = bool(_param(params, "merging.french_wilson", True))
     # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
-    # The statistics first: their temporaries are gone before the merged arrays exist.
     n_bins = int(_param(params, "merging.nbins", 20))
-    statistics = None
-    try:
-        statistics = merging_statistics(
-            obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
-            with_anomalous_table=not space_group.is_centric(), groupings=groupings)
-    except Exception as e:  # too few reflections for shells: report, still write the MTZ
-        log.warning(f"Merging statistics could not be computed: {e}")
+
+    def statistics_of(merger=None):
+        try:
+            return merging_statistics(
+                obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell,
+                n_bins=n_bins, with_anomalous_table=not space_group.is_centric(),
+                groupings=groupings, merger=merger)
+        except Exception as e:  # too few reflections for shells: report, still write the MTZ
+            log.warning(f"Merging statistics could not be computed: {e}")
+            return None
+
+    # classical: the statistics first, their temporaries gone before the merged arrays exist
+    statistics = statistics_of() if method == "classical" else None
     merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma, params, fw)
     merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma, params,
                                fw)
+    if method != "classical":
+        # the statistics of this method's merged intensities (those written to merged.mtz)
+        statistics = statistics_of(MethodMerger(method, params, [merged, merged_anom]))
     if fw and method != "variational" and len(merged):
         # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
         # inverse-variance mean of F(+) and F(-)
@@ -503,7 +568,36 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     result.calibration = sigma_calibration(obs.intensity, obs.sigma, groupings.get(True))
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
+    from .diagnostics import merge_diagnostics
+
+    # Report-only summaries: a failure here is reported and leaves them out, it does not
+    # cost the user the merged data (as for the statistics above)
+    try:
+        result.per_batch = per_batch_for(result, groupings, experiments, params)
+    except Exception as e:
+        log.warning(f"Statistics against batch could not be computed: {e}")
+    try:
+        result.diagnostics = merge_diagnostics(result, groupings, table, experiments)
+    except Exception as e:
+        log.warning(f"Merge diagnostics for the report could not be computed: {e}")
     return result
+
+
+def per_batch_for(result: MergeResult, groupings, experiments, params=None) -> dict:
+    """Statistics against batch of a merge (merging/batch_statistics.py)."""
+    from .batch_statistics import batch_statistics
+
+    obs, merged = result.observations, result.merged
+    groups = groupings.get(False)
+    merged_intensity = merged.intensity
+    if not np.array_equal(merged.asu_index, groups.asu_index):
+        merged_intensity = merged.intensity[find_indices(groups.asu_index, merged.asu_index)]
+    table = batch_statistics(groups, obs.intensity, obs.sigma, obs.scale, obs.batch,
+                             merged_intensity, experiments, result.space_group,
+                             result.unit_cell, result.method)
+    table["excluded_batch_ranges"] = [[int(a), int(b)] for a, b in
+                                      (_param(params, "exclude_batches", None) or [])]
+    return table
 
 
 def half_dataset_for(result: MergeResult, params, method: str, groupings=None) -> dict:
@@ -570,12 +664,19 @@ def log_statistics(result: MergeResult, log) -> None:
     log.info("")
     log.info(stats.format_resolution_estimate())
     log.info("")
+    log.info("Summary below: statistics of the merged intensities of "
+             f"merging.method={stats.method}")
     log.info(stats.format_summary())
     if result.calibration is not None:
         from .calibration import format_calibration
 
         log.info("")
         log.info(format_calibration(result.calibration))
+    if result.per_batch is not None:
+        from .batch_statistics import format_batch_statistics
+
+        log.info("")
+        log.info(format_batch_statistics(result.per_batch))
 
 
 def write_merge_outputs(result: MergeResult, params, log=None) -> list:

@@ -152,6 +152,72 @@ def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_orde
     return half_1, half_2
 
 
+@njit(cache=True)
+def half_split_assignment_kernel(permutation, group_start, groups_in_order, uniforms,
+                                 n_rows):
+    """The halves half_split_kernel draws, as a label per observation row (1 or 2; 0 for rows
+    of groups not in the order or with n < 2): the same draws from the same stream, so a
+    method's merge of each half sees exactly the split the inverse-variance CC1/2 uses."""
+    label = np.zeros(n_rows, np.int8)
+    max_n = 1
+    for k in range(groups_in_order.shape[0]):
+        g = groups_in_order[k]
+        n = group_start[g + 1] - group_start[g]
+        if n > max_n:
+            max_n = n
+    rows = np.empty(max_n, np.int64)
+    u = 0
+    for k in range(groups_in_order.shape[0]):
+        g = groups_in_order[k]
+        start = group_start[g]
+        n = group_start[g + 1] - start
+        if n < 2:
+            continue
+        for i in range(n):
+            rows[i] = permutation[start + i]
+        n_first = n // 2
+        if u + n_first + 2 * (n - 2 * n_first) > uniforms.shape[0]:
+            raise ValueError("half_split_assignment_kernel: too few random numbers")
+        if 2 * n_first != n:
+            if uniforms[u] < 0.5:
+                n_first += 1
+            u += 1
+        for i in range(n_first):
+            pick = i + min(n - i - 1, int(uniforms[u] * (n - i)))
+            u += 1
+            label[rows[pick]] = 1
+            rows[pick] = rows[i]
+        for i in range(n_first, n):
+            label[rows[i]] = 2
+    return label
+
+
+def _half_means(prep, groups, order, weighted):
+    """Means of the two random halves of each group in `order` (NaN for n < 2): weighted or
+    plain means (cctbx), or, with a method merger, that method's merge of each half."""
+    if prep.merger is None:
+        return half_split_kernel(prep.intensity, prep.sigma, groups.permutation,
+                                 groups.group_start, order, prep.uniforms, weighted)
+    from .lookup import find_indices
+
+    label = half_split_assignment_kernel(groups.permutation, groups.group_start, order,
+                                         prep.uniforms, len(prep.intensity))
+    halves = []
+    for half in (1, 2):
+        keep = label == half
+        part = groups.subset(keep)
+        means = prep.merger.half_means(part, prep.intensity[keep], prep.sigma[keep])
+        out = np.full(len(order), np.nan)
+        where = find_indices(groups.asu_index[order], part.asu_index)
+        found = where >= 0
+        out[found] = means[where[found]]
+        halves.append(out)
+    multiplicity = groups.multiplicity[order]
+    for out in halves:
+        out[multiplicity < 2] = np.nan
+    return halves[0], halves[1]
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; 0 when undefined (fewer than 2 pairs or no spread), as cctbx."""
     if len(x) < 2:
@@ -308,9 +374,11 @@ class MergingStatistics:
     # The same statistics on the data cut at d_min_cc_half_fit, when that lies inside the data
     cut_statistics: Optional["MergingStatistics"] = None
     notes: dict = field(default_factory=dict)
+    method: str = "classical"  # whose merged intensities the statistics describe
 
     def format_table(self) -> str:
-        lines = ["Merging statistics by resolution bin:", TABLE_HEADER]
+        lines = [f"Merging statistics by resolution bin (merging.method={self.method}):",
+                 TABLE_HEADER]
         lines += [s.format() for s in self.shells]
         lines.append(self.overall.format())
         return "\n".join(lines)
@@ -385,11 +453,14 @@ class MergingStatistics:
 
     def as_dict(self) -> dict:
         out = {
+            "method": self.method,
             "anomalous": self.anomalous,
             "n_bins": self.n_bins,
             "overall": asdict(self.overall),
             "shells": [asdict(s) for s in self.shells],
-            "cc_half_overall": self.cc_half_overall,
+            # cctbx's cc_one_half_overall: the shells' CC1/2 weighted by their reflections;
+            # not the overall CC1/2 (overall.cc_half, the summary's "CC half")
+            "cc_half_mean_over_shells": self.cc_half_overall,
             "d_min_cc_half_fit": self.d_min_cc_half_fit,
         }
         if self.anomalous_statistics is not None:
@@ -420,7 +491,9 @@ class _Prepared:
     per-group arrays only: observations are read through the groupings' permutations, and
     the sorted copies the merge kernels need are dropped once they have run."""
 
-    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings):
+    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings,
+                 merger=None):
+        self.merger = merger
         self.space_group = space_group
         self.unit_cell = unit_cell
         self.anomalous = anomalous
@@ -433,17 +506,23 @@ class _Prepared:
         a = self.anom
         i_sorted = g.gather(intensity)
         s_sorted = g.gather(sigma)
-        self.mean, self.merged_sigma = inverse_variance_merge_kernel(
-            i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
-        )
+        if merger is None:
+            self.mean, self.merged_sigma = inverse_variance_merge_kernel(
+                i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
+            )
+        else:
+            self.mean, self.merged_sigma = merger.merge(g, intensity, sigma)
         self.abs_dev, self.total = deviation_sums_kernel(i_sorted, g.group_start, self.mean)
         if a is not g:
             del i_sorted, s_sorted
             i_sorted = a.gather(intensity)
             s_sorted = a.gather(sigma)
-        self.anom_mean, self.anom_sigma_internal = inverse_variance_merge_kernel(
-            i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
-        )
+        if merger is None:
+            self.anom_mean, self.anom_sigma_internal = inverse_variance_merge_kernel(
+                i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
+            )
+        else:
+            self.anom_mean, self.anom_sigma_internal = merger.merge(a, intensity, sigma)
         del i_sorted, s_sorted
         self.n = g.multiplicity
         self.group_d = _cctbx_d(unit_cell, g.asu_index)  # cctbx's rounding, for boundaries
@@ -577,8 +656,7 @@ def _cc_half(stats, prep, group_sel, level):
     """CC1/2 on this grouping, fresh random stream."""
     g = prep.groups
     order = np.flatnonzero(group_sel) if group_sel.dtype == bool else np.asarray(group_sel)
-    h1, h2 = half_split_kernel(prep.intensity, prep.sigma, g.permutation, g.group_start,
-                               order.astype(np.int64), prep.uniforms, True)
+    h1, h2 = _half_means(prep, g, order.astype(np.int64), True)
     del order
     ok = ~np.isnan(h1)
     stats.cc_half = pearson(h1[ok], h2[ok])
@@ -592,8 +670,7 @@ def _anomalous_differences(stats, prep, anom_sel, level) -> int:
     """CCanom and Ranom on the anomalous grouping; returns the number of Bijvoet pairs."""
     a = prep.anom
     anom_order = np.flatnonzero(anom_sel).astype(np.int64)
-    a1, a2 = half_split_kernel(prep.intensity, prep.sigma, a.permutation, a.group_start,
-                               anom_order, prep.uniforms, False)
+    a1, a2 = _half_means(prep, a, anom_order, False)
     split_1 = np.full(a.n_groups, np.nan)
     split_2 = np.full(a.n_groups, np.nan)
     split_1[anom_order] = a1
@@ -672,6 +749,7 @@ def merging_statistics(
     with_anomalous_table: bool = False,
     suggest_cut: bool = True,
     groupings: Optional[Groupings] = None,
+    merger=None,
 ) -> MergingStatistics:
     """Statistics of unmerged scaled intensities (I/g, sigma/g), overall and by shell.
 
@@ -679,7 +757,12 @@ def merging_statistics(
     suggest_cut: where the CC1/2 fit suggests a limit inside the data, also the statistics of
     the data cut there (cut_statistics, with its own anomalous table).
     groupings: the Groupings of these observations (rows as given) when the caller has them
-    already (merging does); computed here otherwise."""
+    already (merging does); computed here otherwise.
+    merger: the statistics of another merging method's merged intensities (merging.api
+    MethodMerger): merger.merge(groups, I, sigma) gives the merged I and sigma per group for
+    <I>, <I/sigma>, Rmerge/Rmeas/Rpim, Ranom and the anomalous signal, and
+    merger.half_means(groups, I, sigma) the method's merge of each CC1/2 and CCanom half
+    (the same random halves). None: inverse-variance means, as iotbx (cctbx's values)."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -695,7 +778,8 @@ def merging_statistics(
         used = groupings.subset(positive)
         used_intensity, used_sigma = intensity[positive], sigma[positive]
     del positive
-    prep = _Prepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used)
+    prep = _Prepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
+                     merger)
     del used_intensity, used_sigma
     g, a = prep.groups, prep.anom
     complete_dss = prep.complete_set_dstar_sq(float(prep.group_d.min()))
@@ -726,11 +810,12 @@ def merging_statistics(
         overall=overall, shells=shells, anomalous=anomalous, n_bins=n_bins,
         cc_half_overall=cc_half_overall,
     )
+    result.method = "classical" if merger is None else merger.method
     result.d_min_cc_half_fit = cc_half_resolution_estimate(result)
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
-            significance_level, False, suggest_cut=False, groupings=groupings)
+            significance_level, False, suggest_cut=False, groupings=groupings, merger=merger)
     d_fit = result.d_min_cc_half_fit
     if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > CUT_TOLERANCE_A:
         # cctbx resolution_filter(d_min): keep 1/d <= 1/d_min
@@ -738,7 +823,7 @@ def merging_statistics(
         result.cut_statistics = merging_statistics(
             miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
             anomalous, significance_level, with_anomalous_table, suggest_cut=False,
-            groupings=groupings.subset(keep))
+            groupings=groupings.subset(keep), merger=merger)
     return result
 
 

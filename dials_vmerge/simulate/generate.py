@@ -28,7 +28,7 @@ MIN_ABS_ZETA = 0.05
 SPOT_HALF_WIDTH_SIGMAS = 3.0
 Z_CENTROID_SIGMA = 0.05
 
-_STRUCTURE, _ORIENTATION, _MODEL, _GEOMETRY, _NOISE, _IDENTIFIER = range(1, 7)
+_STRUCTURE, _ORIENTATION, _MODEL, _GEOMETRY, _NOISE, _IDENTIFIER, _DAMAGE = range(1, 8)
 
 
 def _stream(seed: int, *keys: int) -> np.random.Generator:
@@ -269,6 +269,8 @@ def simulate_from_settings(settings: SimulationSettings):
             phi_obs = np.radians(settings.osc_start_deg) + rows.z_obs * np.radians(settings.osc_width_deg)
             rows.g = truth_model.evaluate(model, rows.z_obs, rows.d, phi_obs, rows.s1,
                                           instrument, rows.x_obs, rows.y_obs)
+            if settings.damage_sweep == i + 1:
+                _apply_damage(settings, rows, n_images, _stream(seed, _DAMAGE, i))
             rows_list.append(rows)
             models.append(model)
             scans.append((settings.osc_start_deg, settings.osc_width_deg, n_images))
@@ -305,6 +307,13 @@ def simulate_from_settings(settings: SimulationSettings):
         **truth_rows,
     )
     return experiments, table, truth
+
+
+def _apply_damage(settings, rows, n_images, rng) -> None:
+    """Unmodellable damage over the sweep's last images: the true g of each observation
+    there (its truth too) gets an independent log-normal factor."""
+    damaged = rows.z_obs >= (1.0 - settings.damage_last_fraction) * n_images
+    rows.g[damaged] *= np.exp(settings.damage_sd * rng.standard_normal(int(damaged.sum())))
 
 
 def _number_of_stills(settings, instrument, cell, grid, box) -> int:

@@ -60,4 +60,7 @@ def settings_from_phil(scope) -> SimulationSettings:
         error_model_b=n.error_model_b,
         prf_failure_fraction=n.prf_failure_fraction,
         position_sigma_px=n.position_sigma_px,
+        damage_sweep=n.damage_sweep,
+        damage_last_fraction=n.damage_last_fraction,
+        damage_sd=n.damage_sd,
     )

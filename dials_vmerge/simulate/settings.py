@@ -77,6 +77,14 @@ class SimulationSettings:
     prf_failure_fraction: float = 0.002
     position_sigma_px: float = 0.3
 
+    # radiation damage that no smooth scale model can follow (for per-batch analysis tests):
+    # over the last damage_last_fraction of the images of sweep damage_sweep (1-based; 0 =
+    # none), every observation's true scale is multiplied by exp(damage_sd * N(0, 1)), a
+    # different factor per observation.
+    damage_sweep: int = 0
+    damage_last_fraction: float = 0.1
+    damage_sd: float = 0.5
+
     def as_dict(self):
         return asdict(self)
 
@@ -121,6 +129,10 @@ class SimulationSettings:
             bad("outlier_fraction", "must be in [0, 1)")
         if not 0 <= self.split_fraction <= 1:
             bad("split_fraction", "must be in [0, 1]")
+        if self.damage_sweep < 0 or self.damage_sweep > self.n_sweeps:
+            bad("damage_sweep", "must be 0 (none) or a sweep number 1..n_sweeps")
+        if not 0 < self.damage_last_fraction <= 1 or self.damage_sd < 0:
+            bad("damage_last_fraction", "must be in (0, 1], with damage_sd >= 0")
         if self.mean_i_over_sigma <= 0:
             bad("mean_i_over_sigma", "must be positive")
         if self.osc_width_deg <= 0:
