@@ -29,6 +29,7 @@ setup(
         "h5py>=3.8",
         "msgpack>=1.0",
         "tqdm>=4.60",
+        "gemmi>=0.6.5",  # MTZ reading and writing (issue 15), as dials.export
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "gemmi>=0.6.5"],

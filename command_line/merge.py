@@ -34,7 +34,7 @@ def run(params, inputs, log):
     log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
              "unique reflections")
     log_statistics(result, log)
-    write_merge_outputs(result, params, log)
+    write_merge_outputs(result, params, log, program="dials.vmerge.merge")
     write_json(params.output.json or "dials.vmerge.merge.json", result.as_dict())
 
 

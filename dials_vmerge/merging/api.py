@@ -72,6 +72,7 @@ class MergeResult:
     merged_anomalous: Optional[MergedIntensities]  # I(+), I(-) apart
     statistics: Optional[MergingStatistics]
     half_dataset: Optional[dict] = None
+    experiments: object = None  # for the unmerged MTZ's batch headers
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -298,18 +299,42 @@ class _OptionalColumns:
     def _extra(self, rows):
         table, fraction = self.table, self.fraction
         extra = {}
-        for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp"), ("QE", "qe")):
+        # dials.export's columns: BG/SIGBG from the background sum, FRACTIONCALC, XDET/YDET
+        # and ROT from the calculated centroid, LP, QE (qe, else dqe, else 1). A combined
+        # partial reports its first piece's values, its summed partiality as FRACTIONCALC.
+        if "background.sum.value" in table and "background.sum.variance" in table:
+            extra["BG"] = np.asarray(table.peek("background.sum.value", rows), dtype=np.float64)
+            extra["SIGBG"] = np.sqrt(np.maximum(
+                table.peek("background.sum.variance", rows), 0.0)).astype(np.float64)
+        for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp")):
             if label == "FRACTIONCALC" and fraction is not None:
                 extra[label] = fraction
             elif column in table:
                 extra[label] = np.asarray(table.peek(column, rows), dtype=np.float64)
-        if "xyzobs.px.value" in table:
-            xyz = table.peek("xyzobs.px.value", rows)
+        centroid = "xyzcal.px" if "xyzcal.px" in table else "xyzobs.px.value"
+        if centroid in table:
+            xyz = table.peek(centroid, rows)
             extra["XDET"] = np.ascontiguousarray(xyz[:, 0])
             extra["YDET"] = np.ascontiguousarray(xyz[:, 1])
-        if "xyzobs.mm.value" in table:
-            extra["ROT"] = np.degrees(table.peek("xyzobs.mm.value", rows)[:, 2])
+            extra["ROT"] = self._rotation_angles(table, rows, xyz[:, 2])
+        qe = next((c for c in ("qe", "dqe") if c in table), None)
+        extra["QE"] = (np.asarray(table.peek(qe, rows), dtype=np.float64) if qe
+                       else np.ones(len(rows)))
         return extra
+
+    def _rotation_angles(self, table, rows, z):
+        """ROT (deg): the scan angle at frame z of each row's experiment (z for stills)."""
+        from .. import geometry
+
+        angles = np.asarray(z, dtype=np.float64).copy()
+        ids = np.asarray(table.peek("id", rows), dtype=np.int64)
+        for key, identifier in table.identifiers.items():
+            index = self.experiments.find(identifier)
+            if index < 0 or self.experiments[index].is_still:
+                continue
+            mine = ids == key
+            angles[mine] = geometry.rotation_angle_deg(self.experiments[index], z[mine])
+        return angles
 
 
 def _batches(table, rows, experiments):
@@ -449,7 +474,7 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
                                                                               merged_anom)
     wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
-                         statistics)
+                         statistics, experiments=experiments)
     if half_dataset:
         result.half_dataset = half_dataset_for(result, params, method, groupings)
     return result
@@ -522,29 +547,39 @@ def log_statistics(result: MergeResult, log) -> None:
     log.info(stats.format_summary())
 
 
-def write_merge_outputs(result: MergeResult, params, log=None) -> list:
-    """Write merged.mtz (merging.output.merged_mtz) and, if named, the unmerged MTZ."""
-    from ..mtz import write_merged_mtz, write_unmerged_mtz
+def write_merge_outputs(result: MergeResult, params, log=None, program="dials.vmerge") -> list:
+    """Write merged.mtz (merging.output.merged_mtz) and, if named, the unmerged MTZ.
+
+    The unmerged MTZ holds the merged observations (partials combined, rows bad for scaling
+    dropped) as dials.export writes them: I/g and sigma/g, g as SCALEUSED, one batch header
+    per image of the valid ranges, so that iotbx.merging_statistics on it reproduces our
+    statistics."""
+    from ..mtz import batch_headers, history_line, write_merged_mtz, write_unmerged_mtz
     from .groups import map_indices_to_asu
 
     log = log or logging.getLogger(__name__)
     written = []
+    history = [history_line(program, result.method)]
     merged_path = _param(params, "merging.output.merged_mtz", "merged.mtz")
     if merged_path:
         index, columns = merged_mtz_columns(result, int(_param(params, "merging.seed", 0)))
         write_merged_mtz(merged_path, result.space_group, result.unit_cell, index, columns,
                          wavelength=result.wavelength,
-                         title=f"dials.vmerge merged ({result.method})")
+                         title=f"dials.vmerge merged ({result.method})", history=history)
         written.append(merged_path)
     unmerged_path = _param(params, "merging.output.unmerged_mtz", None)
     if unmerged_path:
         obs = result.observations
         asu, _ = map_indices_to_asu(obs.miller_index, result.space_group, anomalous=False)
+        batch = obs.batch
+        headers = None
+        if result.experiments is not None:
+            headers = batch_headers(result.experiments, present=np.unique(batch))
         write_unmerged_mtz(unmerged_path, result.space_group, result.unit_cell, asu,
-                           mtz_isym(obs.miller_index, result.space_group), obs.batch,
-                           obs.intensity * obs.scale, obs.sigma * obs.scale,
+                           mtz_isym(obs.miller_index, result.space_group), batch,
+                           obs.intensity, obs.sigma,
                            scale=obs.scale, scale_sigma=obs.scale_sigma, extra=obs.extra,
-                           wavelength=result.wavelength)
+                           headers=headers, wavelength=result.wavelength, history=history)
         written.append(unmerged_path)
     for path in written:
         log.info(f"Written {path}")
