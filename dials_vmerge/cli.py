@@ -65,6 +65,7 @@ class Inputs:
     reflections: object = None
     experiment_paths: List[str] = field(default_factory=list)
     reflection_paths: List[str] = field(default_factory=list)
+    mtz_paths: List[str] = field(default_factory=list)  # programs with accepts_mtz
 
     @property
     def paths(self) -> List[str]:
@@ -84,6 +85,8 @@ class Program:
         help: str = "",
         needs_data: bool = True,
         write_log: bool = True,
+        accepts_mtz: bool = False,
+        experiments_alone: bool = False,
     ):
         self.name = name
         self.phil_files = list(phil_files)
@@ -91,6 +94,9 @@ class Program:
         self.help = help
         self.needs_data = needs_data
         self.write_log = write_log
+        # issue 15: .mtz inputs (read by the program itself), and .expt files without .refl
+        self.accepts_mtz = accepts_mtz
+        self.experiments_alone = experiments_alone
 
     # -- parsing -------------------------------------------------------------------------
     def master_phil(self):
@@ -120,7 +126,8 @@ class Program:
         return sources
 
     def parse(self, argv: Sequence[str]):
-        flags = {"show": False, "expert": 0, "attributes": 0, "debug": False, "help": False}
+        flags = {"show": False, "expert": 0, "attributes": 0, "debug": False, "help": False,
+                 "mtz_paths": []}
         assignments, phil_paths, expt_paths, refl_paths = [], [], [], []
         argv = list(argv)
         i = 0
@@ -154,9 +161,12 @@ class Program:
                     refl_paths.append(arg)
                 elif lower.endswith(".expt") or lower.endswith(".json"):
                     expt_paths.append(arg)
+                elif lower.endswith(".mtz") and self.accepts_mtz:
+                    flags["mtz_paths"].append(arg)
                 else:
+                    kinds = ".expt/.refl/.mtz/.phil" if self.accepts_mtz else ".expt/.refl/.phil"
                     raise PhilError(
-                        f"argument '{arg}' is not a .expt/.refl/.phil file or a name=value parameter"
+                        f"argument '{arg}' is not a {kinds} file or a name=value parameter"
                     )
             i += 1
         return flags, assignments, phil_paths, expt_paths, refl_paths
@@ -226,15 +236,26 @@ class Program:
             return 0
         from .io.files import check_input_file
 
-        for paths, kind in ((expt_paths, ".expt"), (refl_paths, ".refl")):
+        mtz_paths = flags["mtz_paths"]
+        for paths, kind in ((expt_paths, ".expt"), (refl_paths, ".refl"), (mtz_paths, ".mtz")):
             for path in paths:
                 check_input_file(path, kind)
         master, working, params = self.extract(assignments, phil_paths)
         if flags["show"]:
             print(master.format(params).as_str(expert_level=flags["expert"], attributes_level=flags["attributes"]))
             return 0
-        inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths)
-        if self.needs_data:
+        inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths,
+                        mtz_paths=mtz_paths)
+        if mtz_paths and (expt_paths or refl_paths) and not self.experiments_alone:
+            raise VmergeError("give either .mtz files or .expt/.refl files, not both")
+        if self.experiments_alone and expt_paths and not refl_paths:
+            from .io.expt import read_experiments
+            from .io.expt import ExperimentList
+
+            inputs.experiments = ExperimentList()
+            for path in expt_paths:
+                inputs.experiments.extend(read_experiments(path))
+        elif self.needs_data and not mtz_paths:
             if not expt_paths or not refl_paths:
                 raise VmergeError(
                     "needs experiment (.expt) and reflection (.refl) files, e.g. "

@@ -309,3 +309,76 @@ def write_unmerged_mtz(path, space_group, unit_cell, miller_index, isym, batch, 
         raise ValueError(f"unmerged MTZ: no batch header for batch(es) {missing[:5]}")
     _add_batches(mtz, headers, dataset_id=1)
     _finish(mtz, path, labelled, 3)
+
+
+# -- reading ------------------------------------------------------------------------------
+@dataclass
+class UnmergedMtz:
+    """The observations of an unmerged MTZ (ours, dials.export's, AIMLESS/POINTLESS or
+    XDS/XSCALE via POINTLESS): original indices, I and SIGI as they stand in the file (scaled
+    where the file is scaled), BATCH, and what else dials.export writes when present."""
+    path: str
+    space_group: object  # cctbx space group
+    unit_cell: object  # cctbx unit cell
+    wavelength: float
+    miller_index: np.ndarray  # original (unmerged) indices, (n, 3) int
+    intensity: np.ndarray
+    sigma: np.ndarray
+    batch: np.ndarray
+    scale: Optional[np.ndarray]
+    scale_sigma: Optional[np.ndarray]
+    extra: Dict[str, np.ndarray]
+    n_batches: int
+    column_labels: List[str]
+
+
+def read_unmerged_mtz(path: str) -> UnmergedMtz:
+    """Read an unmerged MTZ with gemmi; FileFormatError naming the file if it is not one
+    (merged, no intensities, unreadable). Rows with a missing I or SIGI <= 0 are dropped
+    (POINTLESS/AIMLESS mark rejected observations so); I/SIGI are taken as they are, so
+    a file of unscaled intensities is merged unscaled."""
+    import gemmi
+    from cctbx import sgtbx, uctbx
+
+    from .errors import FileFormatError
+    from .io.files import check_input_file
+
+    check_input_file(path, ".mtz")
+    try:
+        mtz = gemmi.read_mtz_file(path)
+    except Exception as e:  # gemmi raises RuntimeError/ValueError with its own text
+        raise FileFormatError(f"{path}: not a readable MTZ file ({e})") from None
+    labels = [c.label for c in mtz.columns]
+    if "M/ISYM" not in labels or "BATCH" not in labels:
+        raise FileFormatError(f"{path}: not an unmerged MTZ file (no M/ISYM and BATCH "
+                              "columns); merged files cannot be merged again")
+    i_label = next((l for l in ("I", "IPR") if l in labels), None)
+    if i_label is None or ("SIG" + i_label) not in labels:
+        raise FileFormatError(f"{path}: no I/SIGI (or IPR/SIGIPR) columns")
+    if mtz.spacegroup is None:
+        raise FileFormatError(f"{path}: no space group in the header")
+    mtz.switch_to_original_hkl()
+    data = np.array(mtz, copy=True)
+    column = {label: data[:, k] for k, label in enumerate(labels)}
+    intensity = column[i_label].astype(np.float64)
+    sigma = column["SIG" + i_label].astype(np.float64)
+    keep = np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
+    if not keep.any():
+        raise FileFormatError(f"{path}: no observation with a positive SIG{i_label}")
+    hall = mtz.spacegroup.hall
+    space_group = sgtbx.space_group(hall)
+    cell = mtz.get_cell()
+    unit_cell = uctbx.unit_cell((cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma))
+    wavelength = next((d.wavelength for d in reversed(mtz.datasets) if d.wavelength > 0), 1.0)
+
+    def optional(label):
+        return column[label][keep].astype(np.float64) if label in column else None
+
+    extra = {label: optional(label) for label in UNMERGED_EXTRA_COLUMNS if label in column}
+    return UnmergedMtz(
+        path=path, space_group=space_group, unit_cell=unit_cell, wavelength=float(wavelength),
+        miller_index=np.rint(data[keep, :3]).astype(np.int32),
+        intensity=intensity[keep], sigma=sigma[keep],
+        batch=np.rint(column["BATCH"][keep]).astype(np.int64),
+        scale=optional("SCALEUSED"), scale_sigma=optional("SIGSCALEUSED"), extra=extra,
+        n_batches=len(mtz.batches), column_labels=labels)

@@ -452,6 +452,34 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     unit_cell = geometry.median_unit_cell(experiments)
     obs = scaled_observations(table, experiments, _param(params, "merging.d_min", None),
                               _param(params, "merging.d_max", None), unit_cell)
+    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
+    return merge_observations(obs, space_group, unit_cell, wavelength, params, log,
+                              half_dataset=half_dataset, experiments=experiments)
+
+
+def merge_unmerged_mtz(unmerged, params, log=None, half_dataset=False) -> MergeResult:
+    """Merge the observations of an unmerged MTZ (mtz.read_unmerged_mtz) as they stand:
+    I and SIGI of the file, its symmetry and cell, merging.d_min/d_max applied."""
+    cut = _resolution_keep(unmerged.miller_index, unmerged.unit_cell,
+                           _param(params, "merging.d_min", None),
+                           _param(params, "merging.d_max", None))
+    take = (lambda v: v) if cut is None else (lambda v: None if v is None else v[cut])
+    obs = ScaledObservations(
+        np.ascontiguousarray(take(unmerged.miller_index)),
+        np.ascontiguousarray(take(unmerged.intensity)), np.ascontiguousarray(take(unmerged.sigma)),
+        batch=take(unmerged.batch), scale=take(unmerged.scale),
+        scale_sigma=take(unmerged.scale_sigma),
+        extra={k: take(v) for k, v in unmerged.extra.items()})
+    return merge_observations(obs, unmerged.space_group, unmerged.unit_cell,
+                              unmerged.wavelength, params, log, half_dataset=half_dataset)
+
+
+def merge_observations(obs, space_group, unit_cell, wavelength, params, log=None,
+                       half_dataset=False, experiments=None) -> MergeResult:
+    """Merge scaled observations (ScaledObservations) with params.merging.method;
+    statistics by shell and overall."""
+    log = log or logging.getLogger(__name__)
+    method = single_method(params)
     fw = bool(_param(params, "merging.french_wilson", True))
     # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
@@ -472,7 +500,6 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
         # inverse-variance mean of F(+) and F(-)
         merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
                                                                               merged_anom)
-    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
                          statistics, experiments=experiments)
     if half_dataset:
