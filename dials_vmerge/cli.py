@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ ALIASES = {
     "d_min": ["cut_data.d_min", "merging.d_min"],
     "d_max": ["cut_data.d_max", "merging.d_max"],
     "error_model": ["weighting.error_model.error_model"],
+    # dials.vmerge.simulate: images per sweep (or the number of stills with mode=stills)
+    "n_images": ["simulate.rotation.n_images"],
 }
 # Aliases that switch a term in every model scope; the others pick their first target
 # present in the program (e.g. d_min means cut_data.d_min in dials.vmerge, merging.d_min in
@@ -52,6 +55,13 @@ def _first_line(message: str) -> str:
     lines = [l.strip() for l in str(message).strip().splitlines() if l.strip()]
     if not lines:
         return "unknown error"
+    # libtbx reads numbers as Python expressions: nproc=abc would say "NameError: name 'abc'
+    # is not defined"; say what is wrong instead
+    numeric = re.match(r'Error interpreting (\S+)="(.*)" as a numeric expression', lines[0])
+    if numeric:
+        return f"{numeric.group(1)}={numeric.group(2)}: not a number"
+    # a choice error lists the choices with the default marked *; the mark is PHIL syntax
+    lines = [lines[0]] + [l.lstrip("*") for l in lines[1:]]
     if lines[0].startswith("Ambiguous") and len(lines) > 2:
         return f"{lines[0]} (could be: {', '.join(lines[2:])})"
     if lines[0].startswith("Not a possible choice") and len(lines) > 2:
@@ -198,6 +208,11 @@ class Program:
         debug = "--debug" in argv
         try:
             code = self._main(argv)
+        except BrokenPipeError:
+            # the reader of our output went away (`dials.vmerge -h | head`): not an error of
+            # ours; stdout is pointed at devnull so that the interpreter's final flush is quiet
+            _silence_stdout()
+            return 0
         except VmergeError as e:
             if debug:
                 raise
@@ -220,13 +235,16 @@ class Program:
                 file=sys.stderr,
             )
             code = 1
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         return code
 
     def _main(self, argv) -> int:
         flags, assignments, phil_paths, expt_paths, refl_paths = self.parse(argv)
         if flags.get("version"):
-            print(f"{self.name} (dials-vmerge) {__version__}")
+            print(version_line(self.name))  # the log's first line says the same
             return 0
         if flags["help"]:
             print(self.help.strip() or self.name)
@@ -267,7 +285,7 @@ class Program:
                 expt_paths, refl_paths
             )
         log, buffer = _make_logger(self.name)
-        log.info(f"{self.name} (dials-vmerge {__version__})")
+        log.info(version_line(self.name))
         log.info("Command line: " + " ".join([self.name] + list(argv)))
         diff = master.fetch_diff(working).as_str().strip()
         if diff and self.write_log:
@@ -282,6 +300,11 @@ class Program:
             with atomic_write(log_path, "w") as f:
                 f.write(buffer.getvalue())
         return 0 if result is None else int(result)
+
+
+def version_line(program: str) -> str:
+    """What --version prints and the log starts with: 'dials.vmerge (dials-vmerge 0.1.0)'."""
+    return f"{program} (dials-vmerge {__version__})"
 
 
 def _output_param(params, name):
@@ -309,3 +332,11 @@ def write_json(path: str, obj) -> None:
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=float)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass

@@ -16,6 +16,7 @@ from . import flags
 from .batches import format_batch_table
 from .errors import VmergeError
 from .memory import release_free_memory
+from .model.base import is_auto
 from .geometry import image_range, space_group_info
 from .selection import (
     apply_image_exclusions,
@@ -176,7 +177,8 @@ def run_scaling_job(params, experiments, table, log):
     release_free_memory()
     for key, e in zip(table.identifiers, experiments):
         existing = (e.scaling_model or {}).get("__id__")
-        if params.model and existing and existing != params.model and not params.overwrite_existing_models:
+        chosen = None if is_auto(params.model) else params.model
+        if chosen and existing and existing != chosen and not params.overwrite_existing_models:
             log.warning(
                 f"Warning: model={params.model} is not applied to dataset {id_of_experiment(table, e)}, "
                 f"which already has a {existing} model (as dials.scale); set "
