@@ -312,12 +312,23 @@ def _output_param(params, name):
     return getattr(out, name, None) if out is not None else None
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """The terminal handler: a reader that went away (`| head`) ends the terminal output
+    quietly; the log file (kept in memory) is still complete."""
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _silence_stdout()
+            return
+        super().handleError(record)
+
+
 def _make_logger(name: str):
     log = logging.getLogger(f"dials_vmerge.program.{name}")
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    stdout = logging.StreamHandler(sys.stdout)
+    stdout = _StdoutHandler(sys.stdout)
     stdout.setFormatter(logging.Formatter("%(message)s"))
     buffer = io.StringIO()
     memory = logging.StreamHandler(buffer)

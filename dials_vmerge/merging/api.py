@@ -587,7 +587,9 @@ def write_merge_outputs(result: MergeResult, params, log=None, program="dials.vm
     log = log or logging.getLogger(__name__)
     written = []
     history = [history_line(program, result.method)]
-    merged_path = _param(params, "merging.output.merged_mtz", "merged.mtz")
+    output = _param(params, "merging.output", None)
+    # merged_mtz=None means no merged MTZ (the PHIL help); only a missing scope means default
+    merged_path = "merged.mtz" if output is None else getattr(output, "merged_mtz", "merged.mtz")
     if merged_path:
         index, columns = merged_mtz_columns(result, int(_param(params, "merging.seed", 0)))
         write_merged_mtz(merged_path, result.space_group, result.unit_cell, index, columns,
