@@ -10,8 +10,8 @@ optional outliers and error-model inflation. Writes simulated.expt, simulated.re
 truth.h5 (true g per observation, true intensities per unique reflection, model, seed).
 
 Examples:
-  dials.vmerge.simulate n_obs_target=1000000 n_sweeps=4 seed=3
-  dials.vmerge.simulate mode=stills stills.n_images=500 anomalous=True
+  dials.vmerge.simulate n_obs_target=20000 n_sweeps=4 seed=3
+  dials.vmerge.simulate mode=stills stills.n_images=100 anomalous=True
   dials.vmerge.simulate n_images=360 output.prefix=sim
 """
 
