@@ -172,3 +172,28 @@ def test_merge_program_refuses_a_merged_mtz(merged_from_refl, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "not an unmerged MTZ" in err and "merged.mtz" in err
     assert not os.path.exists("merged.mtz")
+
+
+def test_reciprocalspaceship_reads_both_files(merged_from_refl):
+    import warnings
+
+    rs = pytest.importorskip("reciprocalspaceship")
+    work, ours = merged_from_refl
+    with warnings.catch_warnings():
+        # rs notes the HKL_base dataset's wavelength 0 beside ours (dials.export's layout too)
+        warnings.simplefilter("ignore", UserWarning)
+        unmerged = rs.read_mtz(str(work / "unmerged.mtz"))
+        merged = rs.read_mtz(str(work / "merged.mtz"))
+    assert unmerged.spacegroup.hm == merged.spacegroup.hm == "P 31 2 1"
+    assert unmerged.cell.parameters == pytest.approx((4.9249, 4.9249, 5.4014, 90, 90, 120),
+                                                     abs=2e-4)
+    assert len(unmerged) == ours["overall"]["n_obs"] and len(merged) == ours["overall"]["n_uniq"]
+    assert isinstance(unmerged["I"].dtype, rs.IntensityDtype)
+    assert isinstance(unmerged["SIGI"].dtype, rs.StandardDeviationDtype)
+    assert isinstance(unmerged["BATCH"].dtype, rs.BatchDtype)
+    assert not unmerged["PARTIAL"].any()  # M of M/ISYM: partials are combined, as dials.export
+    assert sorted(set(unmerged["BATCH"].to_numpy().astype(int))) == list(range(1, 101))
+    assert isinstance(merged["IMEAN"].dtype, rs.IntensityDtype)
+    assert isinstance(merged["I(+)"].dtype, rs.FriedelIntensityDtype)
+    assert isinstance(merged["FreeR_flag"].dtype, rs.MTZIntDtype)
+    assert merged["N"].to_numpy().sum() == ours["overall"]["n_obs"]
