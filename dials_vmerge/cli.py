@@ -116,7 +116,12 @@ class Program:
 
     def _assignment_sources(self, master, assignments: List[str]):
         interpreter = master.command_line_argument_interpreter()
-        paths = {d.path for d in master.all_definitions()}
+        definitions = master.all_definitions()
+        paths = {d.path for d in definitions}
+        # choices offering "auto": `x=auto` must select that word (`*auto`), or PHIL reads it
+        # as its Auto keyword, a different value from the default that is echoed as a change
+        auto_choices = {d.path for d in definitions if d.object.type.phil_type == "choice"
+                        and "auto" in [w.value.lstrip("*") for w in d.object.words]}
         sources = []
         for arg in assignments:
             name, _, value = arg.partition("=")
@@ -128,6 +133,9 @@ class Program:
                     args = [f"{t}={value}" for t in targets] or args
                 elif targets:
                     args = [f"{targets[0]}={value}"]
+            if value.strip().lower() == "auto":
+                args = [f"{n}=*auto" if any(p == n or p.endswith("." + n) for p in auto_choices)
+                        else f"{n}={v}" for n, _, v in (a.partition("=") for a in args)]
             for a in args:
                 try:
                     sources.append(interpreter.process(arg=a))
@@ -204,6 +212,7 @@ class Program:
     # -- running -------------------------------------------------------------------------
     def main(self, argv: Optional[Sequence[str]] = None) -> int:
         return_large_frees_to_os()
+        _deliver_interrupts_from_callbacks()
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
         try:
@@ -267,13 +276,12 @@ class Program:
         if mtz_paths and (expt_paths or refl_paths) and not self.experiments_alone:
             raise VmergeError("give either .mtz files or .expt/.refl files, not both")
         if self.experiments_alone and expt_paths and not refl_paths:
-            from .io.expt import read_experiments
-            from .io.expt import ExperimentList
+            from .io.expt import ExperimentList, read_experiments
 
             inputs.experiments = ExperimentList()
             for path in expt_paths:
                 inputs.experiments.extend(read_experiments(path))
-        elif self.needs_data and not mtz_paths:
+        elif self.needs_data and (expt_paths or refl_paths or not mtz_paths):
             if not expt_paths or not refl_paths:
                 raise VmergeError(
                     "needs experiment (.expt) and reflection (.refl) files, e.g. "
@@ -351,3 +359,26 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
         pass
+
+
+def _deliver_interrupts_from_callbacks() -> None:
+    """A Ctrl-C that lands inside a C callback (numba's object cache, while kernels load) is
+    "ignored" by Python with a printed traceback and the run goes on. Hand it to the main
+    thread instead, where Program.main turns it into the one-line "interrupted" message."""
+    import _thread
+    import threading
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_dials_vmerge", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # raised here it would be "ignored" again: re-send it from another thread, to
+            # arrive once the callback has returned (again, should it land in another one)
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    hook._dials_vmerge = True
+    sys.unraisablehook = hook

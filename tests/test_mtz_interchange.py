@@ -197,3 +197,23 @@ def test_reciprocalspaceship_reads_both_files(merged_from_refl):
     assert isinstance(merged["I(+)"].dtype, rs.FriedelIntensityDtype)
     assert isinstance(merged["FreeR_flag"].dtype, rs.MTZIntDtype)
     assert merged["N"].to_numpy().sum() == ours["overall"]["n_obs"]
+
+
+def test_show_summarises_mtz_files_and_an_expt_alone(merged_from_refl, capsys):
+    from dials_vmerge.command_line.show import main
+
+    work, ours = merged_from_refl
+    assert main([str(work / "unmerged.mtz"), str(work / "merged.mtz")]) == 0
+    out = capsys.readouterr().out
+    assert "unmerged.mtz: unmerged MTZ" in out and "merged.mtz: merged MTZ" in out
+    assert "space group: P 31 2 1 (number 152)" in out
+    assert "batches: 100 (1-100)" in out
+    assert f"Total: {ours['overall']['n_obs']} observations in 100 batches" in out
+    assert f"Total: {ours['overall']['n_uniq']} reflections" in out
+    assert "IMEAN" in out and "SCALEUSED" in out
+    expt = quartz_scaled()[0]
+    assert main([expt]) == 0
+    out = capsys.readouterr().out
+    assert "valid image ranges: 1-100" in out
+    assert "Total: 1 experiment(s), 100 images (100 in valid ranges)" in out
+    assert "reflections" not in out.split("Total:")[1]  # no table given: no counts made up
