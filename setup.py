@@ -31,9 +31,11 @@ setup(
         "msgpack>=1.0",
         "tqdm>=4.60",
         "plotly>=5.0",  # its plotly.min.js is embedded in the HTML report
+        "gemmi>=0.6.5",  # MTZ reading and writing (issue 15), as dials.export
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "gemmi>=0.6.5"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "gemmi>=0.6.5",
+                 "reciprocalspaceship>=1.0"],  # issue 15: our MTZ files as rs reads them
         "mpi": ["mpi4py>=3.1", "mpich"],
     },
     entry_points={

@@ -2,7 +2,7 @@
 
 from dials_vmerge.cli import Program
 
-HELP = """dials.vmerge.simulate [mode=rotation|stills] [n_obs_target=N] [seed=S] [model=physical] ...
+HELP = """dials.vmerge.simulate [mode=rotation|stills] [n_obs_target=N] [seed=S] [model=auto] ...
 
 Simulates diffraction data with a known truth: true intensities (Wilson statistics), a true
 scale model (physical, array or KB; stills: per-image KB), counting noise with background,
@@ -10,8 +10,9 @@ optional outliers and error-model inflation. Writes simulated.expt, simulated.re
 truth.h5 (true g per observation, true intensities per unique reflection, model, seed).
 
 Examples:
-  dials.vmerge.simulate n_obs_target=1000000 n_sweeps=4 seed=3
-  dials.vmerge.simulate mode=stills stills.n_images=500 anomalous=True
+  dials.vmerge.simulate n_obs_target=20000 n_sweeps=4 seed=3
+  dials.vmerge.simulate mode=stills stills.n_images=100 anomalous=True
+  dials.vmerge.simulate n_images=360 output.prefix=sim
 """
 
 
@@ -22,6 +23,9 @@ def run(params, inputs, log):
 
     experiments, table, truth = simulate(params.simulate)
     out = params.output
+    if out.prefix:
+        out.experiments, out.reflections, out.truth = (
+            f"{out.prefix}.expt", f"{out.prefix}.refl", f"{out.prefix}_truth.h5")
     write_outputs(experiments, table, truth, out.experiments, out.reflections, out.truth)
     n_unique_seen = len(np.unique(truth.unique_index))
     log.info(

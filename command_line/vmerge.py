@@ -20,10 +20,15 @@ refines an error model, rejects outliers, and merges. Writes scaled.expt, scaled
 merged.mtz, dials.vmerge.log, dials.vmerge.json and the report dials.vmerge.html
 (output.html=None: no report).
 
+A rerun on scaled.expt/scaled.refl (ours or dials.scale's) repeats the scaling on the same
+prepared observations and reproduces the previous result; new exclusions act on top.
+output.unmerged_mtz= also writes the unmerged MTZ (as dials.scale).
+
 Examples:
   dials.vmerge integrated.expt integrated.refl
-  dials.vmerge scaled.expt scaled.refl exclude_batches=1901,1950 nproc=8
+  dials.vmerge scaled.expt scaled.refl exclude_batches=41,50 nproc=8
   dials.vmerge sweep1.expt sweep1.refl sweep2.expt sweep2.refl model=physical absorption_level=medium
+  dials.vmerge integrated.expt integrated.refl output.unmerged_mtz=unmerged.mtz
 """
 
 

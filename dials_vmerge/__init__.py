@@ -13,6 +13,27 @@ _os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 import cctbx.sgtbx  # noqa: E402,F401
 import cctbx.miller  # noqa: E402,F401
 
+
+
+def _default_numba_cache_dir() -> str:
+    """Where compiled kernels are kept unless NUMBA_CACHE_DIR says otherwise: one place per
+    installation, so that `make demo`, the installed programs and the tests all reuse one
+    another's kernels (numba's own default, __pycache__ beside each source, differs from the
+    Makefile's and is not writable in a system install). <prefix>/numba_cache for a
+    writable environment (a virtualenv: .venv/numba_cache, as the Makefile sets), else
+    ~/.cache/dials-vmerge/numba."""
+    import sys
+
+    if _os.access(sys.prefix, _os.W_OK):
+        return _os.path.join(sys.prefix, "numba_cache")
+    cache_home = _os.environ.get("XDG_CACHE_HOME") or _os.path.join(
+        _os.path.expanduser("~"), ".cache")
+    return _os.path.join(cache_home, "dials-vmerge", "numba")
+
+
+# Read by numba when it is first imported (just below).
+_os.environ.setdefault("NUMBA_CACHE_DIR", _default_numba_cache_dir())
+
 import numba as _numba  # noqa: E402
 
 _numba.config.THREADING_LAYER = "workqueue"

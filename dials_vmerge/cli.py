@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ ALIASES = {
     "surface_weight": ["physical.surface_weight"],
     "scale_interval": ["physical.scale_interval"],
     "fix_initial": ["physical.fix_initial"],
+    # dials.vmerge.simulate: images per sweep (or the number of stills with mode=stills)
+    "n_images": ["simulate.rotation.n_images"],
 }
 # Aliases that switch a term in every model scope; the others pick their first target
 # present in the program (e.g. d_min means cut_data.d_min in dials.vmerge, merging.d_min in
@@ -60,6 +63,13 @@ def _first_line(message: str) -> str:
     lines = [l.strip() for l in str(message).strip().splitlines() if l.strip()]
     if not lines:
         return "unknown error"
+    # libtbx reads numbers as Python expressions: nproc=abc would say "NameError: name 'abc'
+    # is not defined"; say what is wrong instead
+    numeric = re.match(r'Error interpreting (\S+)="(.*)" as a numeric expression', lines[0])
+    if numeric:
+        return f"{numeric.group(1)}={numeric.group(2)}: not a number"
+    # a choice error lists the choices with the default marked *; the mark is PHIL syntax
+    lines = [lines[0]] + [l.lstrip("*") for l in lines[1:]]
     if lines[0].startswith("Ambiguous") and len(lines) > 2:
         return f"{lines[0]} (could be: {', '.join(lines[2:])})"
     if lines[0].startswith("Not a possible choice") and len(lines) > 2:
@@ -73,6 +83,7 @@ class Inputs:
     reflections: object = None
     experiment_paths: List[str] = field(default_factory=list)
     reflection_paths: List[str] = field(default_factory=list)
+    mtz_paths: List[str] = field(default_factory=list)  # programs with accepts_mtz
 
     @property
     def paths(self) -> List[str]:
@@ -92,6 +103,8 @@ class Program:
         help: str = "",
         needs_data: bool = True,
         write_log: bool = True,
+        accepts_mtz: bool = False,
+        experiments_alone: bool = False,
     ):
         self.name = name
         self.phil_files = list(phil_files)
@@ -99,6 +112,9 @@ class Program:
         self.help = help
         self.needs_data = needs_data
         self.write_log = write_log
+        # issue 15: .mtz inputs (read by the program itself), and .expt files without .refl
+        self.accepts_mtz = accepts_mtz
+        self.experiments_alone = experiments_alone
 
     # -- parsing -------------------------------------------------------------------------
     def master_phil(self):
@@ -108,7 +124,12 @@ class Program:
 
     def _assignment_sources(self, master, assignments: List[str]):
         interpreter = master.command_line_argument_interpreter()
-        paths = {d.path for d in master.all_definitions()}
+        definitions = master.all_definitions()
+        paths = {d.path for d in definitions}
+        # choices offering "auto": `x=auto` must select that word (`*auto`), or PHIL reads it
+        # as its Auto keyword, a different value from the default that is echoed as a change
+        auto_choices = {d.path for d in definitions if d.object.type.phil_type == "choice"
+                        and "auto" in [w.value.lstrip("*") for w in d.object.words]}
         sources = []
         for arg in assignments:
             name, _, value = arg.partition("=")
@@ -120,6 +141,9 @@ class Program:
                     args = [f"{t}={value}" for t in targets] or args
                 elif targets:
                     args = [f"{targets[0]}={value}"]
+            if value.strip().lower() == "auto":
+                args = [f"{n}=*auto" if any(p == n or p.endswith("." + n) for p in auto_choices)
+                        else f"{n}={v}" for n, _, v in (a.partition("=") for a in args)]
             for a in args:
                 try:
                     sources.append(interpreter.process(arg=a))
@@ -128,7 +152,8 @@ class Program:
         return sources
 
     def parse(self, argv: Sequence[str]):
-        flags = {"show": False, "expert": 0, "attributes": 0, "debug": False, "help": False}
+        flags = {"show": False, "expert": 0, "attributes": 0, "debug": False, "help": False,
+                 "mtz_paths": []}
         assignments, phil_paths, expt_paths, refl_paths = [], [], [], []
         argv = list(argv)
         i = 0
@@ -162,9 +187,12 @@ class Program:
                     refl_paths.append(arg)
                 elif lower.endswith(".expt") or lower.endswith(".json"):
                     expt_paths.append(arg)
+                elif lower.endswith(".mtz") and self.accepts_mtz:
+                    flags["mtz_paths"].append(arg)
                 else:
+                    kinds = ".expt/.refl/.mtz/.phil" if self.accepts_mtz else ".expt/.refl/.phil"
                     raise PhilError(
-                        f"argument '{arg}' is not a .expt/.refl/.phil file or a name=value parameter"
+                        f"argument '{arg}' is not a {kinds} file or a name=value parameter"
                     )
             i += 1
         return flags, assignments, phil_paths, expt_paths, refl_paths
@@ -192,10 +220,16 @@ class Program:
     # -- running -------------------------------------------------------------------------
     def main(self, argv: Optional[Sequence[str]] = None) -> int:
         return_large_frees_to_os()
+        _deliver_interrupts_from_callbacks()
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
         try:
             code = self._main(argv)
+        except BrokenPipeError:
+            # the reader of our output went away (`dials.vmerge -h | head`): not an error of
+            # ours; stdout is pointed at devnull so that the interpreter's final flush is quiet
+            _silence_stdout()
+            return 0
         except VmergeError as e:
             if debug:
                 raise
@@ -218,13 +252,16 @@ class Program:
                 file=sys.stderr,
             )
             code = 1
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         return code
 
     def _main(self, argv) -> int:
         flags, assignments, phil_paths, expt_paths, refl_paths = self.parse(argv)
         if flags.get("version"):
-            print(f"{self.name} (dials-vmerge) {__version__}")
+            print(version_line(self.name))  # the log's first line says the same
             return 0
         if flags["help"]:
             print(self.help.strip() or self.name)
@@ -234,16 +271,26 @@ class Program:
             return 0
         from .io.files import check_input_file
 
-        for paths, kind in ((expt_paths, ".expt"), (refl_paths, ".refl")):
+        mtz_paths = flags["mtz_paths"]
+        for paths, kind in ((expt_paths, ".expt"), (refl_paths, ".refl"), (mtz_paths, ".mtz")):
             for path in paths:
                 check_input_file(path, kind)
         master, working, params = self.extract(assignments, phil_paths)
         if flags["show"]:
             print(master.format(params).as_str(expert_level=flags["expert"], attributes_level=flags["attributes"]))
             return 0
-        inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths)
         read_seconds = 0.0
-        if self.needs_data:
+        inputs = Inputs(experiment_paths=expt_paths, reflection_paths=refl_paths,
+                        mtz_paths=mtz_paths)
+        if mtz_paths and (expt_paths or refl_paths) and not self.experiments_alone:
+            raise VmergeError("give either .mtz files or .expt/.refl files, not both")
+        if self.experiments_alone and expt_paths and not refl_paths:
+            from .io.expt import ExperimentList, read_experiments
+
+            inputs.experiments = ExperimentList()
+            for path in expt_paths:
+                inputs.experiments.extend(read_experiments(path))
+        elif self.needs_data and (expt_paths or refl_paths or not mtz_paths):
             if not expt_paths or not refl_paths:
                 raise VmergeError(
                     "needs experiment (.expt) and reflection (.refl) files, e.g. "
@@ -268,7 +315,7 @@ class Program:
                 stream_path = outputs.enter_context(atomic_output_path(log_path))
             log, log_file = _make_logger(self.name, stream_path)
             try:
-                log.info(f"{self.name} (dials-vmerge {__version__})")
+                log.info(version_line(self.name))
                 log.info("Command line: " + " ".join([self.name] + list(argv)))
                 diff = master.fetch_diff(working).as_str().strip()
                 if diff and self.write_log:
@@ -285,9 +332,25 @@ class Program:
         return 0 if result is None else int(result)
 
 
+def version_line(program: str) -> str:
+    """What --version prints and the log starts with: 'dials.vmerge (dials-vmerge 0.1.0)'."""
+    return f"{program} (dials-vmerge {__version__})"
+
+
 def _output_param(params, name):
     out = getattr(params, "output", None)
     return getattr(out, name, None) if out is not None else None
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """The terminal handler: a reader that went away (`| head`) ends the terminal output
+    quietly; the log file is still complete."""
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _silence_stdout()
+            return
+        super().handleError(record)
 
 
 def _make_logger(name: str, path: Optional[str] = None):
@@ -298,7 +361,7 @@ def _make_logger(name: str, path: Optional[str] = None):
         log.removeHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    stdout = logging.StreamHandler(sys.stdout)
+    stdout = _StdoutHandler(sys.stdout)
     stdout.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(stdout)
     log_file = None
@@ -322,3 +385,34 @@ def write_json(path: str, obj) -> None:
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=float)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def _deliver_interrupts_from_callbacks() -> None:
+    """A Ctrl-C that lands inside a C callback (numba's object cache, while kernels load) is
+    "ignored" by Python with a printed traceback and the run goes on. Hand it to the main
+    thread instead, where Program.main turns it into the one-line "interrupted" message."""
+    import _thread
+    import threading
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_dials_vmerge", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # raised here it would be "ignored" again: re-send it from another thread, to
+            # arrive once the callback has returned (again, should it land in another one)
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    hook._dials_vmerge = True
+    sys.unraisablehook = hook

@@ -1,18 +1,21 @@
-"""MTZ output: merged (the dials.merge column set) and unmerged (as DIALS exports it).
+"""MTZ output: merged (the dials.merge column set) and unmerged (as dials.export writes it).
 
-Written with iotbx.mtz to a temporary file beside the target and renamed on success.
-Missing values (e.g. I(-) of centric reflections, amplitudes French-Wilson rejected) are
-written as MTZ missing numbers (NaN).
+Written with gemmi (as dials.export and dials.merge do) to a temporary file beside the target
+and renamed on success. The header carries what CCP4 programs (POINTLESS, AIMLESS) read:
+column ranges, VALM NAN, SORT (H K L, then M/ISYM BATCH for unmerged files), a history line
+naming the program, version and method, DIALS/CCP4 project, crystal and dataset names, and
+for unmerged files one batch header per image of the valid image ranges (cell, Mosflm U,
+phi start/end, wavelength, scan axis, source, detector distance and size; the fields and
+their positions are those of dials.util.export_mtz.add_batch_list). Missing values (I(-)
+of centric reflections, amplitudes French-Wilson rejected) are MTZ missing numbers (NaN).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
-from cctbx.array_family import flex
-from iotbx import mtz
 
 from .io.atomic import atomic_output_path
 
@@ -24,34 +27,57 @@ MERGED_COLUMNS = [
     ("F(+)", "G"), ("SIGF(+)", "L"), ("F(-)", "G"), ("SIGF(-)", "L"),
     ("DANO", "D"), ("SIGDANO", "Q"),
 ]
+# The extra real columns of an unmerged file, in dials.export's order.
+UNMERGED_EXTRA_COLUMNS = ("BG", "SIGBG", "FRACTIONCALC", "XDET", "YDET", "ROT", "LP", "QE")
 
 
-def _new_object(space_group, unit_cell, n_rows, title, crystal_name, project_name,
-                dataset_name, wavelength):
-    obj = mtz.object()
-    obj.set_title(title)
-    obj.set_space_group_info(space_group.info())
-    obj.set_hkl_base(unit_cell)
-    crystal = obj.add_crystal(crystal_name, project_name, unit_cell.parameters())
-    dataset = crystal.add_dataset(dataset_name, float(wavelength))
-    obj.adjust_column_array_sizes(int(n_rows))
-    obj.set_n_reflections(int(n_rows))
-    return obj, dataset
+def history_line(program: str, method: Optional[str] = None) -> str:
+    """'From dials.vmerge 0.1.0 (dials-vmerge), method classical' (one MTZ history line)."""
+    from . import __version__
+
+    line = f"From {program} {__version__} (dials-vmerge)"
+    return f"{line}, method {method}" if method else line
 
 
-def _add(dataset, label, column_type, values):
-    values = np.asarray(values, dtype=np.float64)
-    valid = np.isfinite(values)
-    column = dataset.add_column(label, column_type)
-    column.set_values(
-        values=flex.float(np.where(valid, values, 0.0).astype(np.float32)),
-        selection_valid=flex.bool(valid),
-    )
+def _gemmi_space_group(space_group):
+    import gemmi
+
+    return gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(space_group.type().hall_symbol()))
 
 
-def _write(obj, path):
+def _new_mtz(space_group, unit_cell, title, crystal_name, project_name, dataset_name,
+             wavelength, history):
+    import gemmi
+
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.title = title
+    mtz.history = list(history or [])
+    mtz.spacegroup = _gemmi_space_group(space_group)
+    mtz.set_cell_for_all(gemmi.UnitCell(*unit_cell.parameters()))
+    dataset = mtz.add_dataset(dataset_name)
+    dataset.project_name = project_name
+    dataset.crystal_name = crystal_name
+    dataset.wavelength = float(wavelength)
+    return mtz
+
+
+def _finish(mtz, path, labelled_columns, n_sort):
+    """Columns (label, type, values) in order after H K L, then data and write. Rows are
+    sorted on the first n_sort columns by a stable sort (SORT header set accordingly): rows
+    with equal keys keep their order, so a program that splits each reflection's
+    observations in file order (iotbx.merging_statistics' CC1/2) sees our order."""
+    n_rows = len(labelled_columns[0][2])
+    data = np.empty((n_rows, len(labelled_columns)), dtype=np.float32)
+    for i, (label, column_type, values) in enumerate(labelled_columns):
+        if i >= 3:
+            mtz.add_column(label, column_type)
+        data[:, i] = np.asarray(values, dtype=np.float64)
+    if n_sort and n_rows:
+        data = data[np.lexsort(tuple(data[:, k] for k in reversed(range(n_sort))))]
+    mtz.set_data(data)
+    mtz.sort_order = [k + 1 if k < n_sort else 0 for k in range(5)]
     with atomic_output_path(path) as temp:
-        obj.write(temp)
+        mtz.write_to_file(temp)
 
 
 def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
@@ -88,46 +114,271 @@ def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
 
 def write_merged_mtz(path, space_group, unit_cell, miller_index, columns: Dict[str, np.ndarray],
                      wavelength=1.0, title="dials.vmerge merged", crystal_name="XTAL",
-                     project_name="DIALS", dataset_name="NATIVE"):
+                     project_name="DIALS", dataset_name="NATIVE", history=None):
     """Merged MTZ with H K L and the dials.merge columns present in `columns` (label ->
-    values per row; NaN = missing), in the dials.merge order and types."""
+    values per row; NaN = missing), in the dials.merge order and types, sorted by H K L."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
-    obj, dataset = _new_object(space_group, unit_cell, len(miller_index), title, crystal_name,
-                               project_name, dataset_name, wavelength)
-    for i, label in enumerate("HKL"):
-        _add(dataset, label, "H", miller_index[:, i])
     known = dict(MERGED_COLUMNS)
-    for label, column_type in MERGED_COLUMNS:
-        if label in columns:
-            _add(dataset, label, column_type, columns[label])
-    for label, values in columns.items():
+    for label in columns:
         if label not in known:
             raise ValueError(f"unknown merged MTZ column {label}")
-    _write(obj, path)
+    mtz = _new_mtz(space_group, unit_cell, title, crystal_name, project_name, dataset_name,
+                   wavelength, history)
+    labelled = [(label, "H", miller_index[:, i]) for i, label in enumerate("HKL")]
+    labelled += [(label, column_type, columns[label]) for label, column_type in MERGED_COLUMNS
+                 if label in columns]
+    _finish(mtz, path, labelled, 3)
+
+
+@dataclass
+class BatchHeader:
+    """What one MTZ batch header holds (dials.export's fields)."""
+    number: int
+    cell: tuple  # a, b, c (A), alpha, beta, gamma (deg)
+    umat: np.ndarray  # Mosflm U, 3x3
+    phi_start: float  # deg
+    phi_end: float  # deg
+    wavelength: float  # A
+    scan_axis: np.ndarray  # lab frame
+    source: np.ndarray  # sample-to-source unit vector
+    detector_distance: float  # mm
+    detector_size: tuple  # (NX, NY) pixels
+    mosaicity: float = 0.0  # deg
+
+
+def mosflm_u(ub_lab: np.ndarray, unit_cell) -> np.ndarray:
+    """U of Mosflm's convention: UB . B_mosflm^-1, B_mosflm built from the reciprocal cell
+    (dials.util.ext.ub_to_mosflm_u)."""
+    a, b, c, alpha, beta, gamma = unit_cell.parameters()
+    ra, rb, rc, ralpha, rbeta, rgamma = unit_cell.reciprocal_parameters()
+    d2r = np.pi / 180.0
+    b_mosflm = np.array([
+        [ra, rb * np.cos(rgamma * d2r), rc * np.cos(rbeta * d2r)],
+        [0.0, rb * np.sin(rgamma * d2r), -rc * np.sin(rbeta * d2r) * np.cos(alpha * d2r)],
+        [0.0, 0.0, 1.0 / c]])
+    return np.asarray(ub_lab, dtype=float) @ np.linalg.inv(b_mosflm)
+
+
+def batch_headers(experiments, offsets=None, present=()) -> List[BatchHeader]:
+    """One header per image of each experiment's valid image ranges (stills: one per
+    experiment), numbered image + batch offset as the BATCH column, plus one for each batch
+    number in `present` that falls in an experiment's scan outside them. Static crystal
+    model (dials.export's force_static_model)."""
+    from . import geometry
+    from .batches import batch_offsets
+    from .selection import valid_ranges
+
+    offsets = batch_offsets(experiments) if offsets is None else offsets
+    headers = []
+    for experiment, offset in zip(experiments, offsets):
+        cell = geometry.unit_cell(experiment)
+        ub_lab = geometry.A_matrix(experiment)
+        axis = np.zeros(3)
+        if experiment.goniometer is not None:
+            ub_lab = geometry.setting_rotation(experiment) @ geometry.fixed_rotation(
+                experiment) @ ub_lab
+            axis = geometry.lab_rotation_axis(experiment)
+        umat = mosflm_u(ub_lab, cell)
+        distance, size = _detector_geometry(experiment)
+        beam = experiment.beam or {}
+        common = dict(cell=tuple(cell.parameters()), umat=umat,
+                      wavelength=float(beam.get("wavelength", 1.0)), scan_axis=axis,
+                      source=(geometry.sample_to_source(experiment) if beam else
+                              np.array([0.0, 0.0, 1.0])),
+                      detector_distance=distance, detector_size=size,
+                      mosaicity=float((experiment.crystal or {}).get("mosaicity", 0.0) or 0.0))
+        if experiment.is_still:
+            headers.append(BatchHeader(number=offset + 1, phi_start=0.0, phi_end=0.0,
+                                       **common))
+            continue
+        phi0, width = geometry.oscillation(experiment)
+        first, last = geometry.image_range(experiment)
+        images = set()
+        for lo, hi in valid_ranges(experiment):
+            images.update(range(int(lo), int(hi) + 1))
+        images.update(int(b) - offset for b in present if first <= int(b) - offset <= last)
+        for image in sorted(images):
+            start = phi0 + (image - first) * width
+            headers.append(BatchHeader(number=image + offset, phi_start=start,
+                                       phi_end=start + width, **common))
+    return headers
+
+
+def _detector_geometry(experiment):
+    """(directed distance of the first panel in mm, its size in pixels); DIALS ignores the
+    other panels too."""
+    detector = experiment.detector
+    panels = detector.get("panels") if isinstance(detector, dict) else None
+    if not panels:
+        return 0.0, (0, 0)
+    panel = panels[0]
+    fast = np.asarray(panel["fast_axis"], dtype=float)
+    slow = np.asarray(panel["slow_axis"], dtype=float)
+    normal = np.cross(fast, slow)
+    normal /= np.linalg.norm(normal)
+    distance = float(np.dot(np.asarray(panel["origin"], dtype=float), normal))
+    return distance, tuple(int(v) for v in panel["image_size"])
+
+
+def _add_batches(mtz, headers: List[BatchHeader], dataset_id: int) -> None:
+    import gemmi
+
+    for header in sorted(headers, key=lambda h: h.number):
+        batch = gemmi.Mtz.Batch()
+        batch.number = int(header.number)
+        batch.title = f"Batch {header.number}"
+        batch.dataset_id = dataset_id
+        batch.wavelength = header.wavelength
+        ints, floats = batch.ints, batch.floats
+        ints[12] = 1  # ncryst
+        ints[14] = 2  # ldtype: 3D
+        ints[15] = 1  # jsaxs: goniostat scan axis number
+        ints[17] = 1  # ngonax
+        ints[19] = 1  # ndet
+        for j in range(6):
+            floats[j] = header.cell[j]
+        for j, value in enumerate(np.asarray(header.umat).T.ravel()):  # column-major
+            floats[6 + j] = value
+        floats[21] = header.mosaicity
+        floats[36] = header.phi_start
+        floats[37] = header.phi_end
+        for j in range(3):
+            floats[38 + j] = header.scan_axis[j]  # scanax
+            floats[59 + j] = header.scan_axis[j]  # e1
+            floats[83 + j] = header.source[j]
+        floats[43] = 1.0  # bscale
+        floats[47] = header.phi_end - header.phi_start  # phirange
+        floats[80 + int(np.argmin(header.source))] = -1.0  # idealised source vector
+        floats[111] = header.detector_distance
+        floats[114] = header.detector_size[0]
+        floats[116] = header.detector_size[1]
+        batch.ints = ints
+        batch.floats = floats
+        batch.axes = ["AXIS"]
+        mtz.batches.append(batch)
+
+
+def _isym_in_file_order(isym, space_group, gemmi_space_group) -> np.ndarray:
+    """M/ISYM numbers symmetry operators in the order of the file's SYMM records (gemmi's
+    order); `isym` numbers them in cctbx's order (merging.groups.mtz_isym)."""
+    import gemmi
+
+    def key(rotation):
+        return tuple(int(v) for v in np.rint(np.asarray(rotation, dtype=float).ravel() * 24))
+
+    file_order = {key(np.array(op.rot, dtype=float) / gemmi.Op.DEN): k
+                  for k, op in enumerate(gemmi_space_group.operations())}
+    to_file = np.array([file_order[key(op.r().as_double())] for op in space_group.all_ops()],
+                       dtype=np.int64)
+    isym = np.asarray(isym, dtype=np.int64)
+    op, friedel = (isym - 1) // 2, (isym - 1) % 2
+    return 2 * to_file[op] + 1 + friedel
 
 
 def write_unmerged_mtz(path, space_group, unit_cell, miller_index, isym, batch, intensity,
                        sigma, scale=None, scale_sigma=None, extra: Optional[dict] = None,
-                       batch_ranges=None, wavelength=1.0, title="dials.vmerge unmerged",
-                       crystal_name="XTAL", project_name="DIALS", dataset_name="NATIVE"):
-    """Unmerged MTZ: H K L (ASU) M/ISYM BATCH I SIGI [SCALEUSED SIGSCALEUSED] and optional
-    extra real columns (FRACTIONCALC XDET YDET ROT LP QE), rows as given."""
+                       headers: Optional[List[BatchHeader]] = None, wavelength=1.0,
+                       title="dials.vmerge unmerged", crystal_name="XTAL",
+                       project_name="DIALS", dataset_name="NATIVE", history=None):
+    """Unmerged MTZ: H K L (ASU) M/ISYM BATCH I SIGI [SCALEUSED SIGSCALEUSED] and the extra
+    real columns present in `extra` (BG SIGBG FRACTIONCALC XDET YDET ROT LP QE), sorted by
+    H K L M/ISYM BATCH. intensity and sigma are the scaled values (I/g, sigma/g), as
+    dials.export writes them. headers: batch headers (default: blank ones for the batch
+    numbers present); every BATCH value must have one."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
-    obj, dataset = _new_object(space_group, unit_cell, len(miller_index), title, crystal_name,
-                               project_name, dataset_name, wavelength)
-    for i, label in enumerate("HKL"):
-        _add(dataset, label, "H", miller_index[:, i])
-    _add(dataset, "M_ISYM", "Y", isym)
-    _add(dataset, "BATCH", "B", batch)
-    _add(dataset, "I", "J", intensity)
-    _add(dataset, "SIGI", "Q", sigma)
+    mtz = _new_mtz(space_group, unit_cell, title, crystal_name, project_name, dataset_name,
+                   wavelength, history)
+    isym = _isym_in_file_order(isym, space_group, mtz.spacegroup)
+    labelled = [(label, "H", miller_index[:, i]) for i, label in enumerate("HKL")]
+    labelled += [("M/ISYM", "Y", isym), ("BATCH", "B", batch), ("I", "J", intensity),
+                 ("SIGI", "Q", sigma)]
     if scale is not None:
-        _add(dataset, "SCALEUSED", "R", scale)
+        labelled.append(("SCALEUSED", "R", scale))
     if scale_sigma is not None:
-        _add(dataset, "SIGSCALEUSED", "R", scale_sigma)
-    for label in ("FRACTIONCALC", "XDET", "YDET", "ROT", "LP", "QE"):
+        labelled.append(("SIGSCALEUSED", "R", scale_sigma))
+    for label in UNMERGED_EXTRA_COLUMNS:
         if extra and label in extra:
-            _add(dataset, label, "R", extra[label])
-    for b in np.unique(np.asarray(batch, dtype=np.int64)):
-        obj.add_batch().set_num(int(b)).set_nbsetid(1)
-    _write(obj, path)
+            labelled.append((label, "R", extra[label]))
+    numbers = np.unique(np.asarray(batch, dtype=np.int64))
+    if headers is None:
+        headers = [BatchHeader(int(b), tuple(unit_cell.parameters()), np.eye(3), 0.0, 0.0,
+                               float(wavelength), np.zeros(3), np.array([0.0, 0.0, 1.0]),
+                               0.0, (0, 0)) for b in numbers]
+    missing = sorted(set(numbers.tolist()) - {h.number for h in headers})
+    if missing:
+        raise ValueError(f"unmerged MTZ: no batch header for batch(es) {missing[:5]}")
+    _add_batches(mtz, headers, dataset_id=1)
+    _finish(mtz, path, labelled, 3)
+
+
+# -- reading ------------------------------------------------------------------------------
+@dataclass
+class UnmergedMtz:
+    """The observations of an unmerged MTZ (ours, dials.export's, AIMLESS/POINTLESS or
+    XDS/XSCALE via POINTLESS): original indices, I and SIGI as they stand in the file (scaled
+    where the file is scaled), BATCH, and what else dials.export writes when present."""
+    path: str
+    space_group: object  # cctbx space group
+    unit_cell: object  # cctbx unit cell
+    wavelength: float
+    miller_index: np.ndarray  # original (unmerged) indices, (n, 3) int
+    intensity: np.ndarray
+    sigma: np.ndarray
+    batch: np.ndarray
+    scale: Optional[np.ndarray]
+    scale_sigma: Optional[np.ndarray]
+    extra: Dict[str, np.ndarray]
+    n_batches: int
+    column_labels: List[str]
+
+
+def read_unmerged_mtz(path: str) -> UnmergedMtz:
+    """Read an unmerged MTZ with gemmi; FileFormatError naming the file if it is not one
+    (merged, no intensities, unreadable). Rows with a missing I or SIGI <= 0 are dropped
+    (POINTLESS/AIMLESS mark rejected observations so); I/SIGI are taken as they are, so
+    a file of unscaled intensities is merged unscaled."""
+    import gemmi
+    from cctbx import sgtbx, uctbx
+
+    from .errors import FileFormatError
+    from .io.files import check_input_file
+
+    check_input_file(path, ".mtz")
+    try:
+        mtz = gemmi.read_mtz_file(path)
+    except Exception as e:  # gemmi raises RuntimeError/ValueError with its own text
+        raise FileFormatError(f"{path}: not a readable MTZ file ({e})") from None
+    labels = [c.label for c in mtz.columns]
+    if "M/ISYM" not in labels or "BATCH" not in labels:
+        raise FileFormatError(f"{path}: not an unmerged MTZ file (no M/ISYM and BATCH "
+                              "columns); merged files cannot be merged again")
+    i_label = next((l for l in ("I", "IPR") if l in labels), None)
+    if i_label is None or ("SIG" + i_label) not in labels:
+        raise FileFormatError(f"{path}: no I/SIGI (or IPR/SIGIPR) columns")
+    if mtz.spacegroup is None:
+        raise FileFormatError(f"{path}: no space group in the header")
+    mtz.switch_to_original_hkl()
+    data = np.array(mtz, copy=True)
+    column = {label: data[:, k] for k, label in enumerate(labels)}
+    intensity = column[i_label].astype(np.float64)
+    sigma = column["SIG" + i_label].astype(np.float64)
+    keep = np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
+    if not keep.any():
+        raise FileFormatError(f"{path}: no observation with a positive SIG{i_label}")
+    hall = mtz.spacegroup.hall
+    space_group = sgtbx.space_group(hall)
+    cell = mtz.get_cell()
+    unit_cell = uctbx.unit_cell((cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma))
+    wavelength = next((d.wavelength for d in reversed(mtz.datasets) if d.wavelength > 0), 1.0)
+
+    def optional(label):
+        return column[label][keep].astype(np.float64) if label in column else None
+
+    extra = {label: optional(label) for label in UNMERGED_EXTRA_COLUMNS if label in column}
+    return UnmergedMtz(
+        path=path, space_group=space_group, unit_cell=unit_cell, wavelength=float(wavelength),
+        miller_index=np.rint(data[keep, :3]).astype(np.int32),
+        intensity=intensity[keep], sigma=sigma[keep],
+        batch=np.rint(column["BATCH"][keep]).astype(np.int64),
+        scale=optional("SCALEUSED"), scale_sigma=optional("SIGSCALEUSED"), extra=extra,
+        n_batches=len(mtz.batches), column_labels=labels)

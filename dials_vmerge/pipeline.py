@@ -16,6 +16,7 @@ from . import flags
 from .batches import format_batch_table
 from .errors import VmergeError
 from .memory import release_free_memory
+from .model.base import is_auto
 from .geometry import image_range, space_group_info
 from .selection import (
     apply_image_exclusions,
@@ -72,7 +73,12 @@ def select(params, experiments, table, log):
     selection = params.dataset_selection
     use = selection.use_datasets or selection.include_datasets
     experiments, table = select_datasets(experiments, table, use, selection.exclude_datasets)
-    clear_scaling_flags(table)
+    from .scaling import rerun
+
+    if rerun.is_rescale(table):
+        rerun.clear_flags_for_rerun(table)  # issue 15: a rerun replays the previous run
+    else:
+        clear_scaling_flags(table)
     for e in experiments:
         if not e.is_still:
             # DIALS records the scan's valid range for every experiment it scales.
@@ -125,11 +131,14 @@ def prepare_for_scaling(params, experiments, table):
     from .geometry import median_unit_cell
     from .scaling.prepare import d_from_unit_cell, prepare_dataset
 
+    from .scaling import rerun
+
     cut = params.cut_data
     d_values = None
     if cut.d_min is not None or cut.d_max is not None:
         d_values = d_from_unit_cell(table.peek("miller_index"), median_unit_cell(experiments))
-    return prepare_dataset(
+    suitable_before = rerun.previously_suitable(table) if rerun.is_rescale(table) else None
+    prepared = prepare_dataset(
         table,
         intensity_choice=params.reflection_selection.intensity_choice,
         partiality_cutoff=cut.partiality_cutoff,
@@ -140,6 +149,9 @@ def prepare_for_scaling(params, experiments, table):
         clear_flags=False,
         consume_input=True,
     )
+    if suitable_before is not None:
+        rerun.restart_prepared_table(prepared, suitable_before)
+    return prepared
 
 
 def run_scaling_job(params, experiments, table, log):
@@ -175,7 +187,8 @@ def run_scaling_job(params, experiments, table, log):
     release_free_memory()
     for key, e in zip(table.identifiers, experiments):
         existing = (e.scaling_model or {}).get("__id__")
-        if params.model and existing and existing != params.model and not params.overwrite_existing_models:
+        chosen = None if is_auto(params.model) else params.model
+        if chosen and existing and existing != chosen and not params.overwrite_existing_models:
             log.warning(
                 f"Warning: model={params.model} is not applied to dataset {id_of_experiment(table, e)}, "
                 f"which already has a {existing} model (as dials.scale); set "
@@ -193,6 +206,10 @@ def run_scaling_job(params, experiments, table, log):
             envelope = [ranges[0][0], ranges[-1][1]] if ranges else None
             if envelope and list(model.configdict["valid_image_range"]) != envelope:
                 model.limit_image_range(*envelope)
+        if e.scaling_model:
+            from .scaling.rerun import restart_model
+
+            restart_model(model, e)  # issue 15: a rerun replays the previous run
         models.append(model)
     choose_compute_device(params, log)
     with stage(log, "Scaling"):

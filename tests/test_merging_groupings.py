@@ -238,8 +238,9 @@ def test_merge_reads_no_column_into_the_table_and_unmerged_columns_match(tmp_pat
     np.testing.assert_array_equal(obs.scale, reference["scale"])
     np.testing.assert_allclose(obs.extra["FRACTIONCALC"], reference["FRACTIONCALC"],
                                rtol=1e-12)
-    assert "qe" not in table  # DIALS's quartz file has no QE column
-    assert set(obs.extra) == {"FRACTIONCALC", "LP", "XDET", "YDET", "ROT"}
+    # DIALS's quartz file has no QE column: QE = 1, as dials.export writes it
+    assert "qe" not in table and np.all(obs.extra["QE"] == 1)
+    assert set(obs.extra) == {"BG", "SIGBG", "FRACTIONCALC", "LP", "XDET", "YDET", "ROT", "QE"}
     assert all(len(v) == len(obs) for v in obs.extra.values())
     assert [name for name in lazy if not table.is_lazy(name)] == []
     # with a resolution cut the lazily read columns are cut the same way

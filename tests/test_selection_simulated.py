@@ -239,16 +239,12 @@ def test_rerun_on_our_output_keeps_batches_and_composes(batch_run, baseline, tmp
     assert np.array_equal(batch_numbers(table_2, experiments_2), batches_before)
     ranges = [e.scan["valid_image_ranges"][e.identifier] for e in experiments_2]
     assert ranges == [[[1, 110]], [[11, 50], [61, 80]], [[41, 120]]]
-    # The first run's exclusions are re-applied from the stored valid ranges (the flags are
-    # cleared at the start of every run), plus the new ones.
-    # The partiality cut differs from the first run's: a summed partial keeps the flags of
-    # its first piece, so on the first run it is user-excluded when that piece's partiality
-    # was below the cutoff (dials-scaling.md 3.2); our output holds the summed row, whose
-    # summed partiality passes on a rerun (DIALS clears the flags at the start of every run
-    # and behaves the same on its own output).
-    cutoff = scaling_params().cut_data.partiality_cutoff
+    # A rerun keeps the first run's preparation exclusions (scaling/rerun.py: the partiality
+    # cut was judged on the partial pieces there, and our output holds the summed rows) and
+    # adds the new image exclusions; nothing else is user-excluded.
+    first_run_user_excluded = table.get_flags(USER_EXCLUDED)
     assert_user_excluded_exactly(
-        table_2, table_2["partiality"] < cutoff,
+        table_2, first_run_user_excluded,
         [(0, (111, 120)), (1, (1, 10)), (1, (51, 60)), (1, (81, 120)), (2, (1, 40))])
     conf = [model_of(experiments_2, i)["configuration_parameters"] for i in range(3)]
     assert [c["valid_image_range"] for c in conf] == [[1, 110], [11, 80], [41, 120]]

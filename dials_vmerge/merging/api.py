@@ -75,6 +75,7 @@ class MergeResult:
     calibration: Optional[dict] = None  # sigma calibration (merging/calibration.py)
     per_batch: Optional[dict] = None  # batch_statistics.batch_statistics tables
     diagnostics: Optional[dict] = None  # diagnostics.merge_diagnostics summaries
+    experiments: object = None  # for the unmerged MTZ's batch headers
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
@@ -364,18 +365,42 @@ class _OptionalColumns:
     def _extra(self, rows):
         table, fraction = self.table, self.fraction
         extra = {}
-        for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp"), ("QE", "qe")):
+        # dials.export's columns: BG/SIGBG from the background sum, FRACTIONCALC, XDET/YDET
+        # and ROT from the calculated centroid, LP, QE (qe, else dqe, else 1). A combined
+        # partial reports its first piece's values, its summed partiality as FRACTIONCALC.
+        if "background.sum.value" in table and "background.sum.variance" in table:
+            extra["BG"] = np.asarray(table.peek("background.sum.value", rows), dtype=np.float64)
+            extra["SIGBG"] = np.sqrt(np.maximum(
+                table.peek("background.sum.variance", rows), 0.0)).astype(np.float64)
+        for label, column in (("FRACTIONCALC", "partiality"), ("LP", "lp")):
             if label == "FRACTIONCALC" and fraction is not None:
                 extra[label] = fraction
             elif column in table:
                 extra[label] = np.asarray(table.peek(column, rows), dtype=np.float64)
-        if "xyzobs.px.value" in table:
-            xyz = table.peek("xyzobs.px.value", rows)
+        centroid = "xyzcal.px" if "xyzcal.px" in table else "xyzobs.px.value"
+        if centroid in table:
+            xyz = table.peek(centroid, rows)
             extra["XDET"] = np.ascontiguousarray(xyz[:, 0])
             extra["YDET"] = np.ascontiguousarray(xyz[:, 1])
-        if "xyzobs.mm.value" in table:
-            extra["ROT"] = np.degrees(table.peek("xyzobs.mm.value", rows)[:, 2])
+            extra["ROT"] = self._rotation_angles(table, rows, xyz[:, 2])
+        qe = next((c for c in ("qe", "dqe") if c in table), None)
+        extra["QE"] = (np.asarray(table.peek(qe, rows), dtype=np.float64) if qe
+                       else np.ones(len(rows)))
         return extra
+
+    def _rotation_angles(self, table, rows, z):
+        """ROT (deg): the scan angle at frame z of each row's experiment (z for stills)."""
+        from .. import geometry
+
+        angles = np.asarray(z, dtype=np.float64).copy()
+        ids = np.asarray(table.peek("id", rows), dtype=np.int64)
+        for key, identifier in table.identifiers.items():
+            index = self.experiments.find(identifier)
+            if index < 0 or self.experiments[index].is_still:
+                continue
+            mine = ids == key
+            angles[mine] = geometry.rotation_angle_deg(self.experiments[index], z[mine])
+        return angles
 
 
 def _batches(table, rows, experiments):
@@ -532,6 +557,35 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     unit_cell = geometry.median_unit_cell(experiments)
     obs = scaled_observations(table, experiments, _param(params, "merging.d_min", None),
                               _param(params, "merging.d_max", None), unit_cell)
+    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
+    return merge_observations(obs, space_group, unit_cell, wavelength, params, log,
+                              half_dataset=half_dataset, experiments=experiments, table=table)
+
+
+def merge_unmerged_mtz(unmerged, params, log=None, half_dataset=False) -> MergeResult:
+    """Merge the observations of an unmerged MTZ (mtz.read_unmerged_mtz) as they stand:
+    I and SIGI of the file, its symmetry and cell, merging.d_min/d_max applied."""
+    cut = _resolution_keep(unmerged.miller_index, unmerged.unit_cell,
+                           _param(params, "merging.d_min", None),
+                           _param(params, "merging.d_max", None))
+    take = (lambda v: v) if cut is None else (lambda v: None if v is None else v[cut])
+    obs = ScaledObservations(
+        np.ascontiguousarray(take(unmerged.miller_index)),
+        np.ascontiguousarray(take(unmerged.intensity)), np.ascontiguousarray(take(unmerged.sigma)),
+        batch=take(unmerged.batch), scale=take(unmerged.scale),
+        scale_sigma=take(unmerged.scale_sigma),
+        extra={k: take(v) for k, v in unmerged.extra.items()})
+    return merge_observations(obs, unmerged.space_group, unmerged.unit_cell,
+                              unmerged.wavelength, params, log, half_dataset=half_dataset)
+
+
+def merge_observations(obs, space_group, unit_cell, wavelength, params, log=None,
+                       half_dataset=False, experiments=None, table=None) -> MergeResult:
+    """Merge scaled observations (ScaledObservations) with params.merging.method;
+    statistics by shell and overall. experiments and table (the scaled .refl) are absent
+    for an unmerged MTZ: the per-batch tables and outlier summaries need them."""
+    log = log or logging.getLogger(__name__)
+    method = single_method(params)
     fw = bool(_param(params, "merging.french_wilson", True))
     # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
@@ -560,9 +614,8 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
         # inverse-variance mean of F(+) and F(-)
         merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
                                                                               merged_anom)
-    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
-                         statistics)
+                         statistics, experiments=experiments)
     from .calibration import sigma_calibration
 
     result.calibration = sigma_calibration(obs.intensity, obs.sigma, groupings.get(True))
@@ -573,7 +626,8 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
     # Report-only summaries: a failure here is reported and leaves them out, it does not
     # cost the user the merged data (as for the statistics above)
     try:
-        result.per_batch = per_batch_for(result, groupings, experiments, params)
+        if experiments is not None:
+            result.per_batch = per_batch_for(result, groupings, experiments, params)
     except Exception as e:
         log.warning(f"Statistics against batch could not be computed: {e}")
     try:
@@ -679,29 +733,41 @@ def log_statistics(result: MergeResult, log) -> None:
         log.info(format_batch_statistics(result.per_batch))
 
 
-def write_merge_outputs(result: MergeResult, params, log=None) -> list:
-    """Write merged.mtz (merging.output.merged_mtz) and, if named, the unmerged MTZ."""
-    from ..mtz import write_merged_mtz, write_unmerged_mtz
+def write_merge_outputs(result: MergeResult, params, log=None, program="dials.vmerge") -> list:
+    """Write merged.mtz (merging.output.merged_mtz) and, if named, the unmerged MTZ.
+
+    The unmerged MTZ holds the merged observations (partials combined, rows bad for scaling
+    dropped) as dials.export writes them: I/g and sigma/g, g as SCALEUSED, one batch header
+    per image of the valid ranges, so that iotbx.merging_statistics on it reproduces our
+    statistics."""
+    from ..mtz import batch_headers, history_line, write_merged_mtz, write_unmerged_mtz
     from .groups import map_indices_to_asu
 
     log = log or logging.getLogger(__name__)
     written = []
-    merged_path = _param(params, "merging.output.merged_mtz", "merged.mtz")
+    history = [history_line(program, result.method)]
+    output = _param(params, "merging.output", None)
+    # merged_mtz=None means no merged MTZ (the PHIL help); only a missing scope means default
+    merged_path = "merged.mtz" if output is None else getattr(output, "merged_mtz", "merged.mtz")
     if merged_path:
         index, columns = merged_mtz_columns(result, int(_param(params, "merging.seed", 0)))
         write_merged_mtz(merged_path, result.space_group, result.unit_cell, index, columns,
                          wavelength=result.wavelength,
-                         title=f"dials.vmerge merged ({result.method})")
+                         title=f"dials.vmerge merged ({result.method})", history=history)
         written.append(merged_path)
     unmerged_path = _param(params, "merging.output.unmerged_mtz", None)
     if unmerged_path:
         obs = result.observations
         asu, _ = map_indices_to_asu(obs.miller_index, result.space_group, anomalous=False)
+        batch = obs.batch
+        headers = None
+        if result.experiments is not None:
+            headers = batch_headers(result.experiments, present=np.unique(batch))
         write_unmerged_mtz(unmerged_path, result.space_group, result.unit_cell, asu,
-                           mtz_isym(obs.miller_index, result.space_group), obs.batch,
-                           obs.intensity * obs.scale, obs.sigma * obs.scale,
+                           mtz_isym(obs.miller_index, result.space_group), batch,
+                           obs.intensity, obs.sigma,
                            scale=obs.scale, scale_sigma=obs.scale_sigma, extra=obs.extra,
-                           wavelength=result.wavelength)
+                           headers=headers, wavelength=result.wavelength, history=history)
         written.append(unmerged_path)
     for path in written:
         log.info(f"Written {path}")

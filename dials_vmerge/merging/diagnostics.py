@@ -160,8 +160,9 @@ def merge_diagnostics(result, groupings, table, experiments) -> dict:
         "i_over_sigma_vs_log_i": i_over_sigma_vs_log_i(result.merged),
         "scale_histogram": _histogram(np.asarray(obs.scale), *_scale_range(obs.scale),
                                       SCALE_BINS),
-        "outliers": outlier_summary(table, experiments),
     }
+    if table is not None:  # an unmerged MTZ carries no scaling flags
+        out["outliers"] = outlier_summary(table, experiments)
     if result.statistics is not None:
         out["second_moments"] = second_moments(result.merged,
                                                result.statistics.as_dict()["shells"])

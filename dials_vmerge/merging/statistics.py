@@ -313,17 +313,25 @@ class ShellStatistics:
     anom_probability_slope_all_data: Optional[float] = None
 
     def format(self) -> str:
+        # An undefined value (no Friedel pairs for r_anom/CCanom, fewer than two reflections
+        # with a half-split pair for CC1/2) is shown as n/a in its column, never as 0.000 or
+        # a gap that shifts the columns after it (iotbx.merging_statistics does both).
         def value(x):
-            return "% 7.3f" % x if x is not None else "   None"
+            return "% 7.3f" % x if x is not None and math.isfinite(x) else "    n/a"
 
-        return "%6.2f %6.2f %6d %6d   %5.2f %6.2f  %8.1f  %6.1f  %s  %s  %s  %s  % 5.3f%s  % 5.3f%s" % (
+        def correlation(x, n, significant):
+            if x is None or not math.isfinite(x) or n is None or n < 2:
+                return "   n/a"
+            return "% 5.3f%s" % (x, "*" if significant else "")
+
+        # otherwise iotbx's format, character for character (the * of significance included)
+        return ("%6.2f %6.2f %6d %6d   %5.2f %6.2f  %8.1f  %6.1f  %s  %s  %s  %s  %s  %s" % (
             self.d_max, self.d_min, self.n_obs, self.n_uniq, self.multiplicity,
             self.completeness * 100, self.i_mean, self.i_over_sigma_mean,
-            value(self.r_merge), value(self.r_meas), value(self.r_pim),
-            value(self.r_anom) if self.r_anom is not None else "",
-            self.cc_half, "*" if self.cc_half_significance else "",
-            self.cc_anom, "*" if self.cc_anom_significance else "",
-        )
+            value(self.r_merge), value(self.r_meas), value(self.r_pim), value(self.r_anom),
+            correlation(self.cc_half, self.cc_half_n_refl, self.cc_half_significance),
+            correlation(self.cc_anom, self.cc_anom_n_pairs, self.cc_anom_significance),
+        )).rstrip()
 
 
 TABLE_HEADER = (

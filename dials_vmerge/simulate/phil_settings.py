@@ -9,6 +9,15 @@ def settings_from_phil(scope) -> SimulationSettings:
     """scope: the extracted `simulate` PHIL object."""
     c, i, r, s, m, n = (scope.crystal, scope.instrument, scope.rotation, scope.stills,
                         scope.scale_model, scope.noise)
+    model = m.model
+    if model in (None, "auto") or scope.mode == "stills":
+        # stills imply the per-image KB truth; a rotation model given with stills is
+        # rejected by SimulationSettings.validate
+        model = "KB" if scope.mode == "stills" and model in (None, "auto") else model
+        model = "physical" if model in (None, "auto") else model
+    n_stills = s.n_images
+    if scope.mode == "stills" and n_stills is None:
+        n_stills = r.n_images  # the n_images= shorthand (an alias of rotation.n_images)
     return SimulationSettings(
         mode=scope.mode,
         seed=scope.seed,
@@ -38,11 +47,11 @@ def settings_from_phil(scope) -> SimulationSettings:
         osc_width_deg=r.osc_width,
         mosaicity_deg=r.mosaicity,
         split_fraction=r.split_fraction,
-        n_stills=s.n_images,
+        n_stills=n_stills,
         still_mosaic_half_deg=s.mosaic_half_deg,
         still_domain_size_a=s.domain_size,
         still_min_partiality=s.min_partiality,
-        model=m.model,
+        model=model,
         scale_variation=m.scale_variation,
         sweep_scale_sigma=m.sweep_scale_sigma,
         dose_b_per_sweep=m.dose_b_per_sweep,
