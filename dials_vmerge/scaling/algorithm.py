@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import flags
+from ..kernels.flat import gather_by_dataset, scatter_mask, split_positions
 from ..errors import VmergeError
 from ..memory import release_free_memory
 from ..model.base import is_auto, param
@@ -254,24 +255,26 @@ class ScalingRun:
             mask = sel.select_random(table, min_groups, min_refl, cutoff)
         elif method == "intensity_ranges":
             mask = np.zeros(table.n_obs, dtype=bool)
-            for d_pos in range(len(self.states)):
-                in_d = table.dataset_id == d_pos
+            for d_pos, positions in enumerate(split_positions(table.dataset_id,
+                                                              len(self.states))):
+                in_d = np.zeros(table.n_obs, dtype=bool)
+                in_d[positions] = True
                 sub = table.select(in_d)
                 esq = outl.e_squared(sub, self.space_group, self.unit_cell)
                 keep = sel.select_intensity_ranges(
                     sub, esq, param(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
                     None if partiality is None else partiality[in_d], min_p,
                     None if d is None else d[in_d], d_range)
-                mask[np.flatnonzero(in_d)[keep]] = True
+                mask[positions[keep]] = True
         elif len(self.states) == 1:
             mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
         else:
             mask = sel.select_quasi_random_multi(table, len(self.states), pre, min_groups,
                                                  min_refl, cutoff)
-        for d_pos, state in enumerate(self.states):
-            state.selected = np.zeros(state.suitable_rows.size, dtype=bool)
-            in_d = table.dataset_id == d_pos
-            state.selected[table.loc_index[in_d & mask]] = True
+        selected = scatter_mask(table.dataset_id, table.loc_index, mask,
+                                [s.suitable_rows.size for s in self.states])
+        for state, chosen in zip(self.states, selected):
+            state.selected = chosen
         self.log(f"Reflection selection ({method}): "
                  + ", ".join(str(int(s.selected.sum())) for s in self.states))
         if any(not s.selected.any() for s in self.states):
@@ -282,11 +285,7 @@ class ScalingRun:
             return None
         values = [np.asarray(s.table.peek(name, s.suitable_rows), dtype=float)
                   for s in self.states]
-        out = np.empty(table.n_obs)
-        for d_pos, v in enumerate(values):
-            in_d = table.dataset_id == d_pos
-            out[in_d] = v[table.loc_index[in_d]]
-        return out
+        return gather_by_dataset(values, table.dataset_id, table.loc_index)
 
     def minimise(self, engine="LBFGS", fix_initial=False, final=False):
         p = self.params
@@ -342,13 +341,8 @@ class ScalingRun:
         mask = outl.reject_outliers(table, method, param(p, "scaling_options.outlier_zmax", 6.0),
                                     param(p, "scaling_options.emax", 10.0), self.space_group,
                                     self.unit_cell, self.nproc)
-        out = []
-        for d_pos, state in enumerate(states):
-            o = np.zeros(state.suitable_rows.size, dtype=bool)
-            in_d = table.dataset_id == d_pos
-            o[table.loc_index[in_d & mask]] = True
-            out.append(o)
-        return out
+        return scatter_mask(table.dataset_id, table.loc_index, mask,
+                            [s.suitable_rows.size for s in states])
 
     def outlier_rejection(self):
         if not self.outliers_active:
