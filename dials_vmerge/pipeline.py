@@ -25,6 +25,7 @@ from .selection import (
     freeze_batch_offsets,
     id_of_experiment,
     parse_exclude_images,
+    rows_of_experiments,
     select_datasets,
     valid_ranges,
 )
@@ -100,7 +101,7 @@ def split_by_dataset(experiments, table) -> List:
     """Per-experiment tables, built column by column; each column of `table` is deleted once
     distributed (the caller is done with it), so the input and its split never both exist in
     full. Columns still in the input file stay there (only their row indices are split)."""
-    rows = [np.flatnonzero(table["id"] == id_of_experiment(table, e)) for e in experiments]
+    rows = rows_of_experiments(table, experiments)
     if len(rows) == 1 and rows[0].size == table.nrows:
         return [table]
     return table.split(rows, consume=True)
