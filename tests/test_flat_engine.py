@@ -46,3 +46,42 @@ def test_g_equals_per_dataset_engine(name, stored):
     # var(g) is stored as float32 (7 significant digits) and comes from an inverted normal
     # matrix, which amplifies reordering differences: 1e-4 relative.
     np.testing.assert_allclose(var_g, stored[f"{name}_var_g"], rtol=1e-4, atol=1e-12)
+
+
+def test_dataset_with_nothing_to_minimise_on_is_removed_with_a_warning(caplog):
+    """A sweep whose every observation is far below the selection's I/sigma > 2 window is
+    suitable for scaling but gives the minimiser nothing: DIALS removes such a dataset with a
+    warning; the run goes on with the others (issue 10, test 5)."""
+    import copy
+    import logging
+
+    from dials_vmerge.io.expt import ExperimentList
+    from dials_vmerge.pipeline import run_scaling_job
+    from dials_vmerge.simulate import simulate_rotation
+
+    experiments_dict, table, _ = simulate_rotation(n_obs_target=12_000, n_sweeps=3,
+                                                   model="physical", seed=2)
+    experiments = ExperimentList.from_dict(copy.deepcopy(experiments_dict))
+    table = table.copy()
+    weak_id = 1
+    weak_identifier = table.identifiers[weak_id]
+    weak = np.asarray(table["id"]) == weak_id
+    for column in ("intensity.prf.value", "intensity.sum.value"):
+        values = np.array(table[column])
+        values[weak] *= 1e-4  # I/sigma ~1e-3: no row passes the I/sigma > 2 preselection
+        table[column] = values
+    log = logging.getLogger("test_flat_engine")
+    with caplog.at_level(logging.INFO, logger="test_flat_engine"):
+        kept, scaled, summary = run_scaling_job(REFERENCE.scaling_params(), experiments,
+                                                table, log)
+    assert [e.identifier for e in kept] == [e.identifier for e in experiments
+                                           if e.identifier != weak_identifier]
+    assert weak_identifier in summary["dropped_datasets"]
+    assert weak_id not in set(np.unique(scaled["id"]).tolist())
+    assert weak_identifier not in scaled.identifiers.values()
+    assert any(f"dataset {weak_identifier}: reflection selection left nothing to minimise on"
+               in record.getMessage() for record in caplog.records)
+    # the other two sweeps are scaled
+    from dials_vmerge import flags
+
+    assert np.count_nonzero(scaled.get_flags(flags.scaled)) > 0.8 * scaled.nrows

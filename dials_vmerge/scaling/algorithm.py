@@ -34,6 +34,7 @@ from . import combine as comb
 from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
+from .log_summary import MAX_LISTED, summarise_per_dataset
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
@@ -254,18 +255,20 @@ class ScalingRun:
         elif method == "random":
             mask = sel.select_random(table, min_groups, min_refl, cutoff)
         elif method == "intensity_ranges":
-            mask = np.zeros(table.n_obs, dtype=bool)
-            for d_pos, positions in enumerate(split_positions(table.dataset_id,
-                                                              len(self.states))):
-                in_d = np.zeros(table.n_obs, dtype=bool)
-                in_d[positions] = True
-                sub = table.select(in_d)
-                esq = outl.e_squared(sub, self.space_group, self.unit_cell)
-                keep = sel.select_intensity_ranges(
-                    sub, esq, param(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
-                    None if partiality is None else partiality[in_d], min_p,
-                    None if d is None else d[in_d], d_range)
-                mask[positions[keep]] = True
+            # The preselection is per row; only E^2 is normalised per dataset, and only for
+            # datasets above the size DIALS normalises at (stills are below it).
+            mask = pre.copy()
+            e2_low, e2_high = param(p, "reflection_selection.E2_range", (0.8, 5.0))
+            group_of_obs = None
+            for positions in split_positions(table.dataset_id, len(self.states)):
+                if positions.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+                    continue
+                if group_of_obs is None:
+                    group_of_obs = table.group_of_observation()
+                esq = outl.e_squared(table.select(positions, group_of_obs=group_of_obs),
+                                     self.space_group, self.unit_cell)
+                if esq is not None:
+                    mask[positions] &= (esq > e2_low) & (esq < e2_high)
         elif len(self.states) == 1:
             mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
         else:
@@ -276,9 +279,27 @@ class ScalingRun:
         for state, chosen in zip(self.states, selected):
             state.selected = chosen
         self.log(f"Reflection selection ({method}): "
-                 + ", ".join(str(int(s.selected.sum())) for s in self.states))
-        if any(not s.selected.any() for s in self.states):
-            raise VmergeError("reflection selection left a dataset with nothing to minimise on")
+                 + summarise_per_dataset([int(s.selected.sum()) for s in self.states]))
+        self._remove_datasets_without_selection()
+
+    def _remove_datasets_without_selection(self):
+        """As DIALS: a dataset the selection left with nothing to minimise on is removed
+        from scaling (and from the output) with a warning; the run goes on without it."""
+        empty = [s for s in self.states if not s.selected.any()]
+        if not empty:
+            return
+        for state in empty:
+            identifier = getattr(state.experiment, "identifier", "")
+            self.log(f"Warning: dataset {identifier}: reflection selection left nothing to "
+                     "minimise on; removing it from scaling")
+            self.summary["dropped_datasets"].append(identifier)
+            self.summary.setdefault("dropped_reasons", {})[identifier] = (
+                "reflection selection left nothing to minimise on")
+        self.states = [s for s in self.states if s.selected.any()]
+        self._layout = None
+        if not self.states:
+            raise VmergeError("reflection selection left no dataset with anything to "
+                              "minimise on")
 
     def _sorted_column(self, table, name):
         if not all(name in s.table for s in self.states):
@@ -350,7 +371,7 @@ class ScalingRun:
         new = self._outliers_to_states(self.global_table(), self.states)
         for state, o in zip(self.states, new):
             state.outlier = o
-        self.log("Outlier rejection: " + ", ".join(str(int(o.sum())) for o in new))
+        self.log("Outlier rejection: " + summarise_per_dataset([int(o.sum()) for o in new]))
 
     @property
     def outliers_active(self):
@@ -407,7 +428,10 @@ class ScalingRun:
             if hasattr(state.model, "record_intensity_combination_Imid"):
                 state.model.record_intensity_combination_Imid(imid)
         self.global_uses_error_model_weights = True
-        self.log("Intensity combination: Imid " + ", ".join(f"{i:g}" for i in imids))
+        if joint:
+            self.log(f"Intensity combination: Imid {imids[0]:g} (all datasets)")
+        else:
+            self.log("Intensity combination: Imid " + summarise_per_dataset(imids, "{:g}"))
 
     def refine_error_models(self):
         if not self.error_model_active:
@@ -417,6 +441,7 @@ class ScalingRun:
             len(self.states), param(p, "weighting.error_model.grouping", "combined"),
             param(p, "weighting.error_model.error_model_group"))
         multi = len(self.states) > 1
+        refined, failures = [], []
         for group in groups:
             members = [self.states[d] for d in group]
             masks = [~s.outlier for s in members]
@@ -445,11 +470,25 @@ class ScalingRun:
                     param(p, "weighting.error_model.basic.b"),
                     layout=self.anomalous_layout(group, masks), stills=stills)
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
-                self.log(f"Error model refinement failed: {e}; keeping the current model")
+                failures.append(str(e))
                 continue
             for s in members:
                 s.error_model = em.BasicErrorModel(model.a, model.b)
-            self.log(f"Error model: a = {model.a:.5f}, b = {model.b:.5f}")
+            refined.append((model.a, model.b))
+        if len(groups) <= MAX_LISTED:
+            for message in failures:
+                self.log(f"Error model refinement failed: {message}; keeping the current model")
+            for a, b in refined:
+                self.log(f"Error model: a = {a:.5f}, b = {b:.5f}")
+        else:
+            if failures:
+                self.log(f"Error model refinement failed for {len(failures)} of {len(groups)} "
+                         f"groups (first: {failures[0]}); keeping their current models")
+            if refined:
+                values = np.array(refined)
+                self.log(f"Error model ({len(refined)} groups): a = "
+                         + summarise_per_dataset(values[:, 0].tolist(), "{:.5f}")
+                         + "; b = " + summarise_per_dataset(values[:, 1].tolist(), "{:.5f}"))
         self.global_uses_error_model_weights = True
 
     def full_matrix_wanted(self):
