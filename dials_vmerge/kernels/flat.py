@@ -61,3 +61,20 @@ def gather_by_dataset(per_dataset, dataset_index, local_row, dtype=np.float64):
         return np.zeros(0, dtype=dtype)
     flat = np.concatenate([np.asarray(a, dtype=dtype) for a in per_dataset])
     return flat[offsets[np.asarray(dataset_index)] + np.asarray(local_row)]
+
+
+def dataset_keyed_indices(per_dataset_asu):
+    """ASU indices (N, 3) of several datasets, concatenated, with h shifted per dataset so
+    that a sort by (h, k, l) is a sort by (dataset, h, k, l): groups of one table never mix
+    datasets, and within a dataset they are ordered as in that dataset's own table."""
+    parts = [np.asarray(a, dtype=np.int64).reshape(-1, 3) for a in per_dataset_asu]
+    asu = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    if asu.size == 0:
+        return asu.astype(np.int32)
+    h_low, h_span = asu[:, 0].min(), asu[:, 0].max() - asu[:, 0].min() + 1
+    dataset = np.repeat(np.arange(len(parts), dtype=np.int64), [p.shape[0] for p in parts])
+    keyed = asu.copy()
+    keyed[:, 0] = (asu[:, 0] - h_low) + dataset * h_span
+    if keyed[:, 0].max() >= np.iinfo(np.int32).max:
+        raise ValueError("too many datasets for dataset-keyed ASU indices")
+    return keyed.astype(np.int32)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import flags
-from ..kernels.flat import gather_by_dataset, scatter_mask, split_positions
+from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
+                            split_positions)
 from ..errors import VmergeError
 from ..memory import release_free_memory
 from ..model.base import is_auto, param
@@ -87,17 +88,24 @@ class DatasetState:
     var_g: np.ndarray | None = None
     imid: float | None = None
     log: list = field(default_factory=list)
-    # (rows, intensity, variance) of the rows that are not suitable: the table's work
-    # columns are dropped while scaling runs (the suitable rows' values live here) and
-    # rebuilt for the output.
-    unsuitable: tuple | None = None
+    # every row of this dataset in the table (suitable or not)
+    dataset_rows: np.ndarray | None = None
 
     def weights(self):
         return em.error_model_weights(self.intensity, self.variance, self.error_model)
 
 
 class ScalingRun:
-    def __init__(self, experiments, tables, models, params, log):
+    """One scaling job over ONE prepared reflection table holding every dataset.
+
+    dataset_rows[d]: the ascending rows of dataset d in the table (datasets in experiment
+    order, each dataset's rows contiguous or not). Per dataset a DatasetState keeps what is
+    per dataset by nature (model, error model, Imid) and its suitable rows; the per-row arrays
+    of all suitable rows are read once, for all datasets together, and each state holds its
+    slice of them.
+    """
+
+    def __init__(self, experiments, table, dataset_rows, models, params, log):
         self.params = params
         self.log = log or (lambda *_: None)
         self.nproc = set_num_threads(resolve_nproc(params))
@@ -108,59 +116,80 @@ class ScalingRun:
         self.unit_cell = geometry.unit_cell(experiments[0])
         self.best_cell = geometry.median_unit_cell(experiments)
         self.summary = {"dropped_datasets": [], "rounds": []}
-        self.states = []
-        for position, (expt, table, model) in enumerate(zip(experiments, tables, models)):
-            state = self._make_state(expt, table, model, position)
-            if state is None:
-                continue
-            self.states.append(state)
+        self.table = table
+        self.dataset_rows = [np.asarray(r, dtype=np.int64) for r in dataset_rows]
+        self.states = self._make_states(experiments, models)
         if not self.states:
             raise VmergeError("no reflections left to scale after filtering")
         self.global_uses_error_model_weights = len(self.states) == 1
 
     # -- set-up ---------------------------------------------------------------------------
-    def _make_state(self, expt, table, model, position):
-        p = self.params
-        if "intensity" not in table:
-            d_values = None
-            if param(p, "cut_data.d_min") is not None or param(p, "cut_data.d_max") is not None:
-                d_values = d_from_unit_cell(table.peek("miller_index"), self.best_cell)
-            table = prepare_dataset(
-                table, intensity_choice=param(p, "reflection_selection.intensity_choice",
-                                              "combine"),
-                partiality_cutoff=param(p, "cut_data.partiality_cutoff", 0.25),
-                min_isigi=param(p, "cut_data.min_isigi", -5.0),
-                d_min=param(p, "cut_data.d_min"), d_max=param(p, "cut_data.d_max"),
-                d_values=d_values)
+    def _make_states(self, experiments, models):
+        table = self.table
         suitable = suitable_selection(table)
-        rows = np.flatnonzero(suitable)
-        identifier = getattr(expt, "identifier", str(position))
-        if rows.size == 0:
-            self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
-            self.summary["dropped_datasets"].append(identifier)
-            return None
-        model.configure(RowView(table, rows), expt)
-        asu = map_indices_to_asu(table.peek("miller_index", rows), self.space_group,
+        kept = []
+        for position, (expt, rows, model) in enumerate(zip(experiments, self.dataset_rows,
+                                                           models)):
+            suitable_rows = rows[suitable[rows]]
+            if suitable_rows.size == 0:
+                identifier = getattr(expt, "identifier", str(position))
+                self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
+                self.summary["dropped_datasets"].append(identifier)
+                continue
+            kept.append((expt, model, suitable_rows, rows))
+        if not kept:
+            return []
+        all_rows = np.concatenate([k[2] for k in kept])
+        bounds = np.concatenate([[0], np.cumsum([k[2].size for k in kept])]).astype(np.int64)
+        asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
                                  self.anomalous)
-        g = np.asarray(table.peek("inverse_scale_factor", rows), dtype=np.float64)
-        state = DatasetState(table, expt, model, rows, asu, table.peek("intensity", rows),
-                             table.peek("variance", rows), g, np.zeros(rows.size, dtype=bool))
+        intensity = table.peek("intensity", all_rows)
+        variance = table.peek("variance", all_rows)
+        g = np.array(table.peek("inverse_scale_factor", all_rows), dtype=np.float64)
+        states = []
+        for n, (expt, model, rows, _) in enumerate(kept):
+            model.configure(RowView(table, rows), expt)
+            a, b = bounds[n], bounds[n + 1]
+            state = DatasetState(table, expt, model, rows, asu[a:b], intensity[a:b],
+                                 variance[a:b], g[a:b], np.zeros(rows.size, dtype=bool))
+            state.error_model = self._initial_error_model(expt)
+            state.dataset_rows = kept[n][3]
+            states.append(state)
         other = np.flatnonzero(~suitable)
         del suitable
-        state.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
+        self.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
         table.del_column("intensity")
         table.del_column("variance")
-        # The other columns this table holds in memory (summed partials' intensities,
+        # The other columns the table holds in memory (summed partials' intensities,
         # prescaling correction, output columns) are read again only by the intensity
         # combination and for the output: a scratch file holds them meanwhile. Flags stay:
         # scaling sets them.
         table.spill([name for name in table.keys() if name != "flags"])
-        state.error_model = self._initial_error_model(expt)
-        stored = self._configdict(expt)
-        if stored.get("Imid") is not None and self._can_combine(table):
-            state.imid = stored["Imid"]
-            state.intensity, state.variance = comb.apply_imid(table, state.imid, rows)
-        return state
+        if self._can_combine(table):
+            # Datasets scaled before keep their Imid: one read per distinct value.
+            by_imid = {}
+            for state in states:
+                stored = self._configdict(state.experiment).get("Imid")
+                if stored is not None:
+                    by_imid.setdefault(stored, []).append(state)
+            for imid, members in by_imid.items():
+                rows = np.concatenate([m.suitable_rows for m in members])
+                values, variances = comb.apply_imid(table, imid, rows)
+                start = 0
+                for m in members:
+                    stop = start + m.suitable_rows.size
+                    m.imid = imid
+                    m.intensity, m.variance = values[start:stop], variances[start:stop]
+                    start = stop
+        return states
+
+    def _per_state_column(self, name, states=None, rows_of=None):
+        """Column `name` at each state's suitable rows (or rows_of(state)): one read of the
+        table for all states, split into per-state views."""
+        states = self.states if states is None else states
+        parts = [s.suitable_rows if rows_of is None else rows_of(s) for s in states]
+        values = self.table.peek(name, np.concatenate(parts))
+        return np.split(values, np.cumsum([p.size for p in parts])[:-1])
 
     @staticmethod
     def _configdict(expt):
@@ -198,14 +227,12 @@ class ScalingRun:
         Built when needed and not kept: it serves two error-model refinements, and its
         indices would otherwise stay resident through the final, largest stages of a run.
         """
-        asu, rows = [], []
-        for d, mask in zip(positions, masks):
-            state = self.states[d]
-            kept = np.flatnonzero(mask)
-            asu.append(map_indices_to_asu(state.table.peek("miller_index",
-                                                           state.suitable_rows[kept]),
-                                          self.space_group, True))
-            rows.append(kept)
+        rows = [np.flatnonzero(mask) for mask in masks]
+        members = [self.states[d] for d in positions]
+        indices = self._per_state_column("miller_index", members,
+                                         lambda s, it=iter(rows): s.suitable_rows[next(it)])
+        asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
+        asu = np.split(asu_all, np.cumsum([r.size for r in rows])[:-1])
         return GroupLayout(asu, loc_indices=rows,
                            full_sizes=[self.states[d].suitable_rows.size for d in positions])
 
@@ -229,12 +256,37 @@ class ScalingRun:
 
     # -- steps ----------------------------------------------------------------------------
     def initial_outlier_rejection(self):
-        for state in self.states:
-            if self._configdict(state.experiment) or getattr(state.experiment, "scaling_model",
-                                                             None):
-                continue  # a model that was scaled before: DIALS skips this pass
-            table = self.global_table([state], error_model_weights=True)
-            state.outlier = self._outliers_to_states(table, [state])[0]
+        """Each new dataset's outliers against its own merged intensities (DIALS).
+
+        The z-tests look at one group at a time, so datasets small enough that the E^2 test
+        is skipped for them (stills) share one table whose groups are (dataset, ASU index):
+        one kernel call for all of them. Larger datasets run one by one, with E^2."""
+        new = [s for s in self.states
+               if not (self._configdict(s.experiment)
+                       or getattr(s.experiment, "scaling_model", None))]
+        # a model that was scaled before: DIALS skips this pass for it
+        small = [s for s in new if s.suitable_rows.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
+        for state in new:
+            if state.suitable_rows.size > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+                table = self.global_table([state], error_model_weights=True)
+                state.outlier = self._outliers_to_states(table, [state])[0]
+        if small:
+            p = self.params
+            table = build_ih_table([dataset_keyed_indices([s.asu for s in small])], [np.concatenate([s.intensity for s in small])],
+                                   [np.concatenate([s.variance for s in small])],
+                                   [np.concatenate([s.weights() for s in small])],
+                                   [np.concatenate([s.g for s in small])])
+            mask = outl.reject_outliers(table, param(p, "scaling_options.outlier_rejection",
+                                                     "standard"),
+                                        param(p, "scaling_options.outlier_zmax", 6.0), None,
+                                        None, None, self.nproc)
+            flat = np.zeros(table.n_obs, dtype=bool)
+            flat[table.loc_index[mask]] = True
+            start = 0
+            for state in small:
+                stop = start + state.suitable_rows.size
+                state.outlier = flat[start:stop].copy()
+                start = stop
 
     def select_reflections(self):
         p = self.params
@@ -302,10 +354,9 @@ class ScalingRun:
                               "minimise on")
 
     def _sorted_column(self, table, name):
-        if not all(name in s.table for s in self.states):
+        if name not in self.table:
             return None
-        values = [np.asarray(s.table.peek(name, s.suitable_rows), dtype=float)
-                  for s in self.states]
+        values = [np.asarray(v, dtype=float) for v in self._per_state_column(name)]
         return gather_by_dataset(values, table.dataset_id, table.loc_index)
 
     def minimise(self, engine="LBFGS", fix_initial=False, final=False):
@@ -381,7 +432,7 @@ class ScalingRun:
     @property
     def combine_active(self):
         return (param(self.params, "reflection_selection.intensity_choice", "combine") == "combine"
-                and all(self._can_combine(s.table) for s in self.states))
+                and self._can_combine(self.table))
 
     @property
     def error_model_active(self):
@@ -392,39 +443,56 @@ class ScalingRun:
         p = self.params
         user = param(p, "reflection_selection.combine.Imid")
         joint = param(p, "reflection_selection.combine.joint_analysis", True)
-        datasets = []
-        for state in self.states:
-            t = state.table
-            rows = state.suitable_rows
-            g_full = np.zeros(t.nrows)
-            g_full[rows] = state.g
-            ok = np.zeros(t.nrows, dtype=bool)
-            ok[rows[~state.outlier]] = True
-            test = comb.combination_test_selection(t, g_full, ok)
-            test = np.flatnonzero(test)
-            if self.anomalous:
-                asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
-            else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
-                asu = state.asu[np.searchsorted(rows, test)]
-            datasets.append({"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
-                             "v_prf": t.peek("intensity.prf.variance", test),
-                             "i_sum": t.peek("intensity.sum.value", test),
-                             "v_sum": t.peek("intensity.sum.variance", test),
-                             "partiality": (t.peek("partiality", test) if "partiality" in t
-                                            else np.ones(test.size)),
-                             "correction": t.peek("prescaling_correction", test),
-                             "g": g_full[test]})
-            del g_full, ok
+        t = self.table
+        all_rows = np.concatenate([s.suitable_rows for s in self.states])
+        g_full = np.zeros(t.nrows)
+        g_full[all_rows] = np.concatenate([s.g for s in self.states])
+        ok = np.zeros(t.nrows, dtype=bool)
+        ok[all_rows[~np.concatenate([s.outlier for s in self.states])]] = True
+        usable = comb.combination_test_selection(t, g_full, ok)
+        del ok
+        # test rows in dataset order, ascending within a dataset (as the datasets' lists)
+        position = np.flatnonzero(usable[all_rows])
+        del usable
+        test = all_rows[position]
+        if self.anomalous:
+            asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
+        else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
+            asu = np.concatenate([s.asu for s in self.states])[position]
+        pooled = {"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
+                  "v_prf": t.peek("intensity.prf.variance", test),
+                  "i_sum": t.peek("intensity.sum.value", test),
+                  "v_sum": t.peek("intensity.sum.variance", test),
+                  "partiality": (t.peek("partiality", test) if "partiality" in t
+                                 else np.ones(test.size)),
+                  "correction": t.peek("prescaling_correction", test),
+                  "g": g_full[test]}
+        del g_full
+        if joint:
+            datasets = [pooled]
+        else:
+            state_bounds = np.cumsum([s.suitable_rows.size for s in self.states])
+            cuts = np.searchsorted(position, state_bounds[:-1])
+            datasets = [dict(zip(pooled, parts)) for parts in
+                        zip(*(np.split(v, cuts) for v in pooled.values()))]
         user_list = list(user) if user else None
         if joint:
             imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
             imids = [imid] * len(self.states)
         else:
             imids = [comb.choose_imid([d], user_list, self.nproc, self.log) for d in datasets]
-        for state, imid in zip(self.states, imids):
+        if joint:
+            values, variances = comb.apply_imid(t, imids[0], all_rows)
+            per_state = zip(np.split(values, np.cumsum([s.suitable_rows.size
+                                                        for s in self.states])[:-1]),
+                            np.split(variances, np.cumsum([s.suitable_rows.size
+                                                           for s in self.states])[:-1]))
+        else:
+            per_state = (comb.apply_imid(t, imid, s.suitable_rows)
+                         for s, imid in zip(self.states, imids))
+        for state, imid, (values, variances) in zip(self.states, imids, per_state):
             state.imid = imid
-            state.intensity, state.variance = comb.apply_imid(state.table, imid,
-                                                              state.suitable_rows)
+            state.intensity, state.variance = values, variances
             if hasattr(state.model, "record_intensity_combination_Imid"):
                 state.model.record_intensity_combination_Imid(imid)
         self.global_uses_error_model_weights = True
@@ -451,8 +519,8 @@ class ScalingRun:
                 stills = (param(p, "weighting.error_model.basic.stills.min_Isigma", 2.0),
                           param(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
             min_partiality = param(p, "reflection_selection.min_partiality", 0.25)
-            if (multi or stills) and all("partiality" in s.table for s in members):
-                partialities = [s.table.peek("partiality", s.suitable_rows) for s in members]
+            if (multi or stills) and "partiality" in self.table:
+                partialities = self._per_state_column("partiality", members)
                 if min_partiality is not None:
                     # the partiality cut as part of the layout subset: one table fewer
                     masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
@@ -549,21 +617,34 @@ class ScalingRun:
     def finish(self):
         cutoff = param(self.params, "cut_data.small_scale_cutoff")
         cutoff = DEFAULT_SMALL_SCALE_CUTOFF if is_auto(cutoff) else float(cutoff)
-        tables = []
         for state in self.states:
             if state.error_model is not None and hasattr(state.model, "set_error_model"):
                 state.model.set_error_model("BasicErrorModel", state.error_model.parameters)
-            table = state.table
-            other, other_intensity, other_variance = state.unsuitable
-            for name, suitable_values, other_values in (
-                    ("intensity", state.intensity, other_intensity),
-                    ("variance", state.variance, other_variance)):
-                column = np.empty(table.nrows, dtype=np.float64)
-                column[state.suitable_rows] = suitable_values
-                column[other] = other_values
-                table[name] = column
-            tables.append(prepare_output(table, state.suitable_rows, state.g, state.var_g,
-                                         state.outlier, state.error_model, cutoff))
+        table = self.table
+        other, other_intensity, other_variance = self.unsuitable
+        suitable_rows = np.concatenate([s.suitable_rows for s in self.states])
+        for name, suitable_values, other_values in (
+                ("intensity", np.concatenate([s.intensity for s in self.states]),
+                 other_intensity),
+                ("variance", np.concatenate([s.variance for s in self.states]),
+                 other_variance)):
+            column = np.zeros(table.nrows, dtype=np.float64)
+            column[suitable_rows] = suitable_values
+            column[other] = other_values
+            table[name] = column
+        var_g = None
+        if all(s.var_g is not None for s in self.states):
+            var_g = np.concatenate([s.var_g for s in self.states])
+        table = prepare_output(table, suitable_rows,
+                               np.concatenate([s.g for s in self.states]), var_g,
+                               np.concatenate([s.outlier for s in self.states]),
+                               PerRowErrorModel.of_datasets(
+                                   table.nrows, [(s.dataset_rows, s.error_model)
+                                                 for s in self.states]), cutoff)
+        kept_rows = [s.dataset_rows for s in self.states]
+        if sum(r.size for r in kept_rows) != table.nrows:
+            # rows of datasets removed during scaling leave with their datasets
+            table = table.select(np.sort(np.concatenate(kept_rows)))
         self.summary["datasets"] = [{
             "identifier": getattr(s.experiment, "identifier", ""),
             "error_model": None if s.error_model is None else s.error_model.parameters,
@@ -571,7 +652,32 @@ class ScalingRun:
             "n_selected": int(s.selected.sum()), "n_outliers": int(s.outlier.sum()),
         } for s in self.states]
         self.summary["experiments"] = [s.experiment for s in self.states]
-        return tables, [s.model for s in self.states], self.summary
+        return table, [s.model for s in self.states], self.summary
+
+
+class PerRowErrorModel:
+    """Each dataset's error model applied to its rows of the flat table (rows of datasets
+    without one keep their variance)."""
+
+    def __init__(self, a, b, has_model):
+        self.a, self.b, self.has_model = a, b, has_model
+
+    @classmethod
+    def of_datasets(cls, n_rows, rows_and_models):
+        a, b = np.ones(n_rows), np.zeros(n_rows)
+        has_model = np.zeros(n_rows, dtype=bool)
+        for rows, model in rows_and_models:
+            if model is not None:
+                a[rows], b[rows] = model.a, model.b
+                has_model[rows] = True
+        if not has_model.any():
+            return None
+        return cls(a, b, has_model)
+
+    def variance(self, intensity, variance):
+        with np.errstate(invalid="ignore", over="ignore"):
+            modelled = self.a * self.a * (variance + (self.b * intensity) ** 2)
+        return np.where(self.has_model, modelled, variance)
 
 
 def _evaluate_g(model):
@@ -625,15 +731,56 @@ def prepare_output(table, suitable_rows, g, var_g, outlier, error_model,
     return table
 
 
-def scale_datasets(experiments, tables, models, params, log=None):
-    """Scale several datasets concurrently; returns (output tables, models, summary).
+def scale_table(experiments, table, dataset_rows, models, params, log=None):
+    """Scale every dataset of one prepared table concurrently.
 
-    tables: per experiment, either prepared with prepare.prepare_dataset (which the caller
-    does after clearing flags and applying image exclusions) or raw integrated tables
-    (prepared here with the params' cut_data settings). models: ScalingModel objects.
-    The summary lists dropped datasets, per-round minimiser details and, per dataset, the
-    error model (a, b), Imid and counts; summary["experiments"] are the experiments kept.
+    table: prepared with prepare.prepare_dataset (flags cleared, image exclusions applied by
+    the caller); dataset_rows[d]: the rows of experiment d; models: one ScalingModel per
+    experiment. Returns (table, models, summary): the table with the DIALS output columns and
+    flags, without the rows of datasets removed during scaling; the models and
+    summary["experiments"] of the datasets kept; the summary lists removed datasets,
+    per-round minimiser details and, per dataset, the error model (a, b), Imid and counts.
     """
+    if len(experiments) != len(dataset_rows) or len(dataset_rows) != len(models):
+        raise VmergeError("scaling needs one experiment, row list and model per dataset")
+    return ScalingRun(experiments, table, dataset_rows, models, params, log).run()
+
+
+def scale_datasets(experiments, tables, models, params, log=None):
+    """scale_table for callers holding one table per dataset (raw integrated tables are
+    prepared here with the params' cut_data settings); returns (one output table per dataset
+    kept, models, summary)."""
+    from .. import geometry
+    from ..table import ReflectionTable
+
     if len(experiments) != len(tables) or len(tables) != len(models):
         raise VmergeError("scaling needs one experiment, reflection table and model per dataset")
-    return ScalingRun(experiments, tables, models, params, log).run()
+    prepared = []
+    for table in tables:
+        if "intensity" not in table:
+            d_values = None
+            if param(params, "cut_data.d_min") is not None or \
+                    param(params, "cut_data.d_max") is not None:
+                d_values = d_from_unit_cell(table.peek("miller_index"),
+                                            geometry.median_unit_cell(experiments))
+            table = prepare_dataset(
+                table, intensity_choice=param(params, "reflection_selection.intensity_choice",
+                                              "combine"),
+                partiality_cutoff=param(params, "cut_data.partiality_cutoff", 0.25),
+                min_isigi=param(params, "cut_data.min_isigi", -5.0),
+                d_min=param(params, "cut_data.d_min"), d_max=param(params, "cut_data.d_max"),
+                d_values=d_values)
+        prepared.append(table)
+    sizes = [t.nrows for t in prepared]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = [np.arange(bounds[d], bounds[d + 1]) for d in range(len(prepared))]
+    table = prepared[0] if len(prepared) == 1 else ReflectionTable.concatenate(prepared)
+    table, kept_models, summary = scale_table(experiments, table, rows, models, params, log)
+    if len(prepared) == 1:
+        return [table], kept_models, summary
+    kept = [i for i, e in enumerate(experiments)
+            if any(e is k for k in summary["experiments"])]
+    sizes = [sizes[i] for i in kept]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return (table.split([np.arange(bounds[d], bounds[d + 1]) for d in range(len(kept))]),
+            kept_models, summary)
