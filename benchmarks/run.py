@@ -6,7 +6,7 @@ For each size N, in one run on this machine:
   2. the bandwidth bound: a numpy streaming reduction over as many bytes as one kernel pass
      reads (single thread, and split over all cores);
   3. one target+gradient evaluation of the scaling core (median of several) at nproc=1 and at
-     all cores, via dials_vmerge.scaling.benchmark_hooks, and its ratio to the bound;
+     all cores, via benchmarks/benchmark_hooks.py, and its ratio to the bound;
   4. the full `dials.vmerge` run end to end (subprocess) with its wall time and peak RSS;
   5. accuracy against the truth: RMS relative error of g after removing the overall scale,
      and the correlation of the merged intensities with the true ones.
@@ -83,9 +83,10 @@ def bandwidth_bound(n_bytes: int, repeats: int, threads: int) -> float:
 # -- 3. kernel ----------------------------------------------------------------------------
 def load_hooks():
     try:
-        return importlib.import_module("dials_vmerge.scaling.benchmark_hooks"), None
-    except Exception as e:  # not written yet, or broken: measure the rest
-        return None, f"scaling.benchmark_hooks not importable ({type(e).__name__}: {e})"
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return importlib.import_module("benchmark_hooks"), None
+    except Exception as e:  # broken: measure the rest
+        return None, f"benchmarks/benchmark_hooks.py not importable ({type(e).__name__}: {e})"
 
 
 def bytes_per_pass(hooks, evaluator, n_obs: int):

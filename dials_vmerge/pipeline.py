@@ -8,7 +8,6 @@ only wires them together and reports.
 from __future__ import annotations
 
 import os
-from typing import List
 
 import numpy as np
 
@@ -95,30 +94,6 @@ def select(params, experiments, table, log):
                 + ", ".join(f"{a}-{b}" for a, b in e.scan["valid_image_ranges"][e.identifier])
             )
     return experiments, table, changed
-
-
-def split_by_dataset(experiments, table) -> List:
-    """Per-experiment tables, built column by column; each column of `table` is deleted once
-    distributed (the caller is done with it), so the input and its split never both exist in
-    full. Columns still in the input file stay there (only their row indices are split)."""
-    rows = rows_of_experiments(table, experiments)
-    if len(rows) == 1 and rows[0].size == table.nrows:
-        return [table]
-    return table.split(rows, consume=True)
-
-
-def concatenate_consuming(tables):
-    """ReflectionTable.concatenate, column by column, deleting the parts' columns as it goes.
-
-    Columns the parts read from the input file and left unchanged go back to the file first
-    (release_unchanged): the joined table then holds only row indices for them, not copies.
-    """
-    from .table import ReflectionTable
-
-    if len(tables) == 1:
-        tables[0].release_unchanged()
-        return tables[0]
-    return ReflectionTable.concatenate(tables, consume=True)
 
 
 def group_rows_by_dataset(experiments, table):

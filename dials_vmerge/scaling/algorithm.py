@@ -41,7 +41,7 @@ from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
-from ..table import RowView  # noqa: F401  (re-exported for the benchmark hooks)
+from ..table import RowView
 
 WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_correction",
                 "batch", "asu_miller_index")
