@@ -85,3 +85,32 @@ def test_dataset_with_nothing_to_minimise_on_is_removed_with_a_warning(caplog):
     from dials_vmerge import flags
 
     assert np.count_nonzero(scaled.get_flags(flags.scaled)) > 0.8 * scaled.nrows
+
+
+def test_whole_table_preparation_equals_per_dataset_preparation():
+    """Two copies of the quartz sweep in one table, both numbering partial_id from 0: the
+    whole-table preparation sums partials per (dataset, partial_id) and numbers
+    original_index per dataset, giving exactly the two per-dataset preparations joined."""
+    from dials_vmerge.io import read_reflections
+    from dials_vmerge.scaling.prepare import prepare_dataset
+    from dials_vmerge.table import ReflectionTable
+
+    path = os.path.join(HERE, "data", "dials", "quartz_processed", "integrated.refl")
+    first, second = read_reflections(path), read_reflections(path)
+    second["id"] = np.ones(second.nrows, dtype=np.int32)
+    assert "partial_id" in first and np.any(np.bincount(
+        first["partial_id"].astype(np.int64)) > 1)  # split partials exist
+    both = ReflectionTable.concatenate([first.copy(), second.copy()])
+    dataset_index = np.repeat([0, 1], [first.nrows, second.nrows])
+    whole = prepare_dataset(both, partiality_cutoff=0.4, dataset_index=dataset_index)
+    parts = [prepare_dataset(t, partiality_cutoff=0.4) for t in (first, second)]
+    assert whole.nrows == sum(p.nrows for p in parts) < both.nrows
+    for name in ("intensity", "variance", "partiality", "original_index", "flags",
+                 "inverse_scale_factor", "intensity.sum.value", "intensity.prf.value"):
+        np.testing.assert_array_equal(whole[name], np.concatenate([p[name] for p in parts]),
+                                      err_msg=name)
+    # grouping by partial_id alone would have summed the two copies' pieces together
+    wrong = prepare_dataset(ReflectionTable.concatenate([read_reflections(path),
+                                                         read_reflections(path)]),
+                            partiality_cutoff=0.4)
+    assert wrong.nrows < whole.nrows
