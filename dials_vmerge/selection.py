@@ -83,10 +83,20 @@ def rows_of_experiments(table, experiments) -> list:
         if e.identifier not in key_of_identifier:
             raise SelectionError(f"experiment {e.identifier} has no reflections")
         position_of_key[key_of_identifier[e.identifier]] = position
-    ids = np.asarray(table["id"])
-    unique_ids, inverse = np.unique(ids, return_inverse=True)
-    position = np.array([position_of_key.get(int(k), -1) for k in unique_ids],
-                        dtype=np.int64)[inverse.ravel()]
+    ids = np.asarray(table.peek("id"), dtype=np.int64)
+    low = int(ids.min()) if ids.size else 0
+    high = int(ids.max()) if ids.size else 0
+    if high - low <= 4 * (len(experiments) + ids.size):
+        # ids are small integers: a lookup table, no sort
+        lookup = np.full(high - low + 1, -1, dtype=np.int64)
+        for key, position in position_of_key.items():
+            if low <= key <= high:
+                lookup[key - low] = position
+        position = lookup[ids - low]
+    else:
+        unique_ids, inverse = np.unique(ids, return_inverse=True)
+        position = np.array([position_of_key.get(int(k), -1) for k in unique_ids],
+                            dtype=np.int64)[inverse.ravel()]
     in_experiments = np.flatnonzero(position >= 0)
     order, offsets = rows_by_dataset(position[in_experiments], len(experiments))
     rows = in_experiments[order]

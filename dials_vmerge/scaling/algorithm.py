@@ -1,7 +1,9 @@
 """The dials.scale algorithm on the numba core (dials-scaling.md 5.6, 11.1).
 
-scale_datasets(experiments, tables, models, params, log) runs, for one or several datasets
-refined concurrently:
+scale_table(experiments, table, dataset_rows, models, params, log) runs, for one or several
+datasets refined concurrently, all in ONE prepared table (a dataset index per row, per-dataset
+slices of the per-row arrays; models of one family evaluated for all datasets in one kernel,
+scaling/family.py and kernels/):
   0. initial outlier rejection per dataset (models that were not scaled before),
   1. minimisation subset chosen once (section 8), LBFGS round,
   2. expand g to all suitable reflections, outlier rejection (standard/simple + E^2),
@@ -114,7 +116,6 @@ class ScalingRun:
 
         self.space_group = geometry.space_group(experiments[0])
         self.unit_cell = geometry.unit_cell(experiments[0])
-        self.best_cell = geometry.median_unit_cell(experiments)
         self.summary = {"dropped_datasets": [], "rounds": []}
         self.table = table
         self.dataset_rows = [np.asarray(r, dtype=np.int64) for r in dataset_rows]
