@@ -435,7 +435,7 @@ def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges
                      obs_per_wedge=None, n_obs_sweep=None):
     """Simulate, write and run dials.vmerge end to end on one many-dataset point:
     kind "stills" (n_stills KB stills, the defaults of `dials.vmerge.simulate mode=stills
-    model=KB`), "wedges" (n_wedges physical sweeps of 10 images, ~obs_per_wedge each) or
+    model=KB`), "wedges" (n_wedges narrow physical sweeps, ~obs_per_wedge each) or
     "sweep" (one physical sweep of n_obs_sweep observations, the wedges' reference)."""
     from cctbx import crystal
 
@@ -448,8 +448,8 @@ def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges
         label = f"stills{n_stills}"
     elif kind == "wedges":
         experiments_dict, table, truth = simulate_rotation(
-            n_obs_target=n_wedges * obs_per_wedge, n_sweeps=n_wedges, n_images=10,
-            model="physical", seed=seed, mean_i_over_sigma=10.0)
+            n_obs_target=n_wedges * obs_per_wedge, n_sweeps=n_wedges, model="physical",
+            seed=seed, mean_i_over_sigma=10.0)  # multiplicity 6 over all wedges: each ~1 degree
         label = f"wedges{n_wedges}x{obs_per_wedge}"
     else:
         experiments_dict, table, truth = simulate_rotation(
