@@ -114,3 +114,43 @@ def test_whole_table_preparation_equals_per_dataset_preparation():
                                                          read_reflections(path)]),
                             partiality_cutoff=0.4)
     assert wrong.nrows < whole.nrows
+
+
+def test_reruns_with_exclusions_compose_on_two_sweeps(tmp_path):
+    """Issue 10 test 2: run, rerun on our output excluding the last batches of one sweep,
+    rerun again excluding the last batches of the other; every run succeeds (default
+    settings) and every excluded row stays flagged in the last output."""
+    from dials_vmerge import flags
+    from dials_vmerge.io import read_reflections
+    from dials_vmerge.simulate import simulate_rotation, write_outputs
+
+    from test_vmerge_program import run_vmerge
+
+    experiments, table, truth = simulate_rotation(n_obs_target=8_000, n_sweeps=2,
+                                                  model="physical", seed=6)
+    write_outputs(experiments, table, truth, str(tmp_path / "in.expt"),
+                  str(tmp_path / "in.refl"), str(tmp_path / "truth.h5"))
+    last_image = int(experiments["scan"][0]["image_range"][1])
+    # batch offsets: the second sweep's batches start at the next hundred (batch table)
+    second_offset = 100 * (last_image // 100 + 1)
+    cut = last_image - 9  # the last ten images of each sweep
+    steps = [("run1", ["in.expt", "in.refl"]),
+             ("run2", ["../run1/scaled.expt", "../run1/scaled.refl",
+                       f"exclude_batches={cut},{last_image}"]),
+             ("run3", ["../run2/scaled.expt", "../run2/scaled.refl",
+                       f"exclude_batches={second_offset + cut},{second_offset + last_image}"])]
+    for name, args in steps:
+        work = tmp_path / name
+        work.mkdir()
+        args = [str(tmp_path / a[3:]) if a.startswith("../") else
+                (str(tmp_path / a) if a.startswith("in.") else a) for a in args]
+        result = run_vmerge(args, work)
+        assert result.returncode == 0, result.stderr
+    out = read_reflections(str(tmp_path / "run3" / "scaled.refl"))
+    z = out["xyzobs.px.value"][:, 2]
+    excluded = out.get_flags(flags.user_excluded_in_scaling)
+    ids = np.asarray(out["id"])
+    for dataset in np.unique(ids):
+        late = (ids == dataset) & (z > cut - 1)  # image `cut` spans z in (cut - 1, cut]
+        assert late.sum() > 0 and excluded[late].all(), f"dataset {dataset}"
+        assert not out.get_flags(flags.scaled)[late].any()
