@@ -6,7 +6,7 @@ For each size N, in one run on this machine:
   2. the bandwidth bound: a numpy streaming reduction over as many bytes as one kernel pass
      reads (single thread, and split over all cores);
   3. one target+gradient evaluation of the scaling core (median of several) at nproc=1 and at
-     all cores, via dials_vmerge.scaling.benchmark_hooks, and its ratio to the bound;
+     all cores, via benchmarks/benchmark_hooks.py, and its ratio to the bound;
   4. the full `dials.vmerge` run end to end (subprocess) with its wall time and peak RSS;
   5. accuracy against the truth: RMS relative error of g after removing the overall scale,
      and the correlation of the merged intensities with the true ones.
@@ -83,9 +83,10 @@ def bandwidth_bound(n_bytes: int, repeats: int, threads: int) -> float:
 # -- 3. kernel ----------------------------------------------------------------------------
 def load_hooks():
     try:
-        return importlib.import_module("dials_vmerge.scaling.benchmark_hooks"), None
-    except Exception as e:  # not written yet, or broken: measure the rest
-        return None, f"scaling.benchmark_hooks not importable ({type(e).__name__}: {e})"
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return importlib.import_module("benchmark_hooks"), None
+    except Exception as e:  # broken: measure the rest
+        return None, f"benchmarks/benchmark_hooks.py not importable ({type(e).__name__}: {e})"
 
 
 def bytes_per_pass(hooks, evaluator, n_obs: int):
@@ -215,11 +216,12 @@ def input_rows(table, input_ids):
     local = table["original_index"].astype(np.int64)
     if input_ids is None or "id" not in table:
         return local
-    rows = np.empty(table.nrows, dtype=np.int64)
-    for dataset in np.unique(table["id"]):  # a loop over datasets, not reflections
-        in_dataset = table["id"] == dataset
-        rows[in_dataset] = np.flatnonzero(input_ids == dataset)[local[in_dataset]]
-    return rows
+    # input rows sorted by id (stable): dataset k's rows start at first[k]
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    order = np.argsort(input_ids, kind="stable")
+    ids, first = np.unique(input_ids[order], return_index=True)
+    position = np.searchsorted(ids, np.asarray(table["id"], dtype=np.int64))
+    return order[first[position] + local]
 
 
 def accuracy(directory: str, truth, symmetry, input_ids=None):
@@ -428,6 +430,144 @@ def print_table(records):
             _log(f"{'':>10} note: {note}")
 
 
+# -- many-dataset series (issue 10) ---------------------------------------------------------
+def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges=None,
+                     obs_per_wedge=None, n_obs_sweep=None):
+    """Simulate, write and run dials.vmerge end to end on one many-dataset point:
+    kind "stills" (n_stills KB stills, the defaults of `dials.vmerge.simulate mode=stills
+    model=KB`), "wedges" (n_wedges narrow physical sweeps, ~obs_per_wedge each) or
+    "sweep" (one physical sweep of n_obs_sweep observations, the wedges' reference)."""
+    from cctbx import crystal
+
+    from dials_vmerge.simulate import simulate_rotation, simulate_stills, write_outputs
+
+    rec = {"series": kind, "notes": []}
+    start = time.perf_counter()
+    if kind == "stills":
+        experiments_dict, table, truth = simulate_stills(n_stills=n_stills, seed=seed, model="KB")
+        label = f"stills{n_stills}"
+    elif kind == "wedges":
+        experiments_dict, table, truth = simulate_rotation(
+            n_obs_target=n_wedges * obs_per_wedge, n_sweeps=n_wedges, model="physical",
+            seed=seed, mean_i_over_sigma=10.0)  # multiplicity 6 over all wedges: each ~1 degree
+        label = f"wedges{n_wedges}x{obs_per_wedge}"
+    else:
+        experiments_dict, table, truth = simulate_rotation(
+            n_obs_target=n_obs_sweep, n_sweeps=1, model="physical", seed=seed,
+            mean_i_over_sigma=10.0)
+        label = f"sweep{n_obs_sweep}"
+    rec["simulate_seconds"] = time.perf_counter() - start
+    rec["label"] = label
+    rec["n_obs"] = table.nrows
+    rec["n_experiments"] = len(experiments_dict["experiment"])
+    directory = os.path.join(workdir, label)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    write_outputs(experiments_dict, table, truth, os.path.join(directory, "simulated.expt"),
+                  os.path.join(directory, "simulated.refl"), os.path.join(directory, "truth.h5"))
+    symmetry = crystal.symmetry(unit_cell=truth.structure.unit_cell,
+                                space_group=truth.structure.space_group)
+    input_ids = np.array(table["id"])
+    del table, experiments_dict
+    seconds, peak, _, code, tail = run_end_to_end(directory, "simulated.expt", "simulated.refl")
+    rec["end_to_end_returncode"] = code
+    rec.update(end_to_end_seconds=None, peak_rss_bytes_per_obs=None, scale_rms_rel_error=None,
+               scale_rms_rel_error_after_k_b=None, log_lines=None)
+    if code == 0:
+        rec["end_to_end_seconds"] = seconds
+        rec["peak_rss_bytes"] = peak
+        rec["peak_rss_bytes_per_obs"] = peak / rec["n_obs"]
+        rms, _, _, notes = accuracy(directory, truth, symmetry, input_ids)
+        rec["scale_rms_rel_error"] = rms
+        rec["scale_rms_rel_error_after_k_b"] = accuracy.rms_k_b
+        rec["notes"].extend(notes)
+        log_path = os.path.join(directory, "dials.vmerge.log")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                rec["log_lines"] = sum(1 for _ in f)
+    else:
+        rec["notes"].append(f"dials.vmerge exited {code}: {tail}")
+    return rec
+
+
+def parse_wedges(text: str):
+    """"200x5000,50x5000" -> [(200, 5000), (50, 5000)]."""
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            count, size = item.lower().split("x")
+            out.append((int(float(count)), int(float(size))))
+    return out
+
+
+def print_series_table(records):
+    header = (f"{'point':>16} {'datasets':>8} {'N obs':>9} {'e2e s':>7} {'RSS B/obs':>9} "
+              f"{'g rms K,B':>9} {'log lines':>9}")
+    _log(header)
+    _log("-" * len(header))
+    for r in records:
+        _log(f"{r['label']:>16} {r['n_experiments']:>8d} {r['n_obs']:>9d} "
+             f"{_fmt(r['end_to_end_seconds'], '7.2f')} {_fmt(r['peak_rss_bytes_per_obs'], '9.0f')} "
+             f"{_fmt(r['scale_rms_rel_error_after_k_b'], '9.4f')} {_fmt(r['log_lines'], '9d')}")
+        for note in r["notes"]:
+            _log(f"{'':>16} note: {note}")
+
+
+def series_ratios(records):
+    """Issue 10's figures of merit: time(largest stills)/time(smallest) per size ratio, and
+    each wedge point's time over the one sweep of the same total size."""
+    out = {}
+    stills = sorted((r for r in records if r["series"] == "stills" and r["end_to_end_seconds"]),
+                    key=lambda r: r["n_experiments"])
+    if len(stills) >= 2:
+        small, large = stills[0], stills[-1]
+        out["stills_time_ratio"] = large["end_to_end_seconds"] / small["end_to_end_seconds"]
+        out["stills_size_ratio"] = large["n_experiments"] / small["n_experiments"]
+    sweeps = {r["label"]: r for r in records if r["series"] == "sweep"}
+    for r in records:
+        if r["series"] == "wedges" and r["end_to_end_seconds"]:
+            sweep = sweeps.get(r.get("reference"))
+            if sweep and sweep["end_to_end_seconds"]:
+                out[f"{r['label']}_over_one_sweep"] = (r["end_to_end_seconds"]
+                                                       / sweep["end_to_end_seconds"])
+    return out
+
+
+def run_series(args) -> int:
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vmerge_series_")
+    os.makedirs(workdir, exist_ok=True)
+    records = []
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump({"machine": {"cores": all_cores()}, "records": records,
+                       "ratios": series_ratios(records)}, f, indent=2)
+
+    try:
+        for n in parse_sizes(args.stills):
+            _log(f"== {n} stills")
+            records.append(run_series_point("stills", workdir, args.seed, n_stills=n))
+            save()
+        for count, size in parse_wedges(args.wedges):
+            _log(f"== {count} wedges x {size}")
+            wedges = run_series_point("wedges", workdir, args.seed, n_wedges=count,
+                                      obs_per_wedge=size)
+            records.append(wedges)
+            _log(f"== one sweep of {wedges['n_obs']} observations")
+            sweep = run_series_point("sweep", workdir, args.seed, n_obs_sweep=wedges["n_obs"])
+            wedges["reference"] = sweep["label"]
+            records.append(sweep)
+            save()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_series_table(records)
+    for key, value in series_ratios(records).items():
+        _log(f"{key}: {value:.3f}")
+    _log(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated N (observations)")
@@ -440,7 +580,15 @@ def main(argv=None) -> int:
                         help="comma-separated N for the kernel-only point (e.g. 1e8), run where memory allows")
     parser.add_argument("--workdir", default=None,
                         help="where simulated files and dials.vmerge outputs go (default: temporary)")
+    parser.add_argument("--stills", default="",
+                        help="many-dataset series: comma-separated numbers of KB stills, e.g. "
+                             "500,2000 (with --wedges, instead of the --sizes runs)")
+    parser.add_argument("--wedges", default="",
+                        help="many-dataset series: COUNTxOBS narrow physical wedges, e.g. "
+                             "200x5000, each compared with one sweep of the same total size")
     args = parser.parse_args(argv)
+    if args.stills or args.wedges:
+        return run_series(args)
     sizes = parse_sizes(args.sizes)
     hooks, hooks_note = load_hooks()
     workdir = args.workdir or tempfile.mkdtemp(prefix="vmerge_bench_")

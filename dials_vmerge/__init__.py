@@ -10,8 +10,11 @@ _os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 
 # boost.python extensions of cctbx segfault on import if scipy.special or numba were
 # imported first in the process; importing them here first makes every import order safe.
-import cctbx.sgtbx  # noqa: E402,F401
-import cctbx.miller  # noqa: E402,F401
+try:
+    import cctbx.sgtbx  # noqa: E402,F401
+    import cctbx.miller  # noqa: E402,F401
+except ImportError:  # the kernel layer (dials_vmerge.kernels) runs with numpy and numba alone
+    pass
 
 
 

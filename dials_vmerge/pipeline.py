@@ -8,7 +8,6 @@ only wires them together and reports.
 from __future__ import annotations
 
 import os
-from typing import List
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from .selection import (
     freeze_batch_offsets,
     id_of_experiment,
     parse_exclude_images,
+    rows_of_experiments,
     select_datasets,
     valid_ranges,
 )
@@ -102,32 +102,20 @@ def select(params, experiments, table, log):
     return experiments, table, changed
 
 
-def split_by_dataset(experiments, table) -> List:
-    """Per-experiment tables, built column by column; each column of `table` is deleted once
-    distributed (the caller is done with it), so the input and its split never both exist in
-    full. Columns still in the input file stay there (only their row indices are split)."""
-    rows = [np.flatnonzero(table["id"] == id_of_experiment(table, e)) for e in experiments]
-    if len(rows) == 1 and rows[0].size == table.nrows:
-        return [table]
-    return table.split(rows, consume=True)
+def group_rows_by_dataset(experiments, table):
+    """The table's rows reordered dataset by dataset in experiment order (each dataset's
+    rows in their input order), rows of no experiment dropped; and each row's dataset."""
+    rows = rows_of_experiments(table, experiments)
+    order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    dataset_index = np.repeat(np.arange(len(rows), dtype=np.int64), [r.size for r in rows])
+    if order.size != table.nrows or np.any(order[1:] < order[:-1]):
+        table = table.split([order], consume=True)[0]
+    return table, dataset_index
 
 
-def concatenate_consuming(tables):
-    """ReflectionTable.concatenate, column by column, deleting the parts' columns as it goes.
-
-    Columns the parts read from the input file and left unchanged go back to the file first
-    (release_unchanged): the joined table then holds only row indices for them, not copies.
-    """
-    from .table import ReflectionTable
-
-    if len(tables) == 1:
-        tables[0].release_unchanged()
-        return tables[0]
-    return ReflectionTable.concatenate(tables, consume=True)
-
-
-def prepare_for_scaling(params, experiments, table):
-    """Data preparation (filter, partial summation, intensities) keeping our selection flags."""
+def prepare_for_scaling(params, experiments, table, dataset_index=None):
+    """Data preparation (filter, partial summation, intensities) keeping our selection flags,
+    on the whole table (per dataset where DIALS works per dataset: dataset_index)."""
     from .geometry import median_unit_cell
     from .scaling.prepare import d_from_unit_cell, prepare_dataset
 
@@ -148,6 +136,7 @@ def prepare_for_scaling(params, experiments, table):
         d_values=d_values,
         clear_flags=False,
         consume_input=True,
+        dataset_index=dataset_index,
     )
     if suitable_before is not None:
         rerun.restart_prepared_table(prepared, suitable_before)
@@ -157,7 +146,7 @@ def prepare_for_scaling(params, experiments, table):
 def run_scaling_job(params, experiments, table, log):
     """Everything dials.vmerge does; returns (experiments, scaled table, merge result)."""
     from .model.factory import create_scaling_model
-    from .scaling.algorithm import scale_datasets
+    from .scaling.algorithm import scale_table
 
     check_consistent_space_groups(experiments)
     check_usable_intensities(table)
@@ -179,12 +168,16 @@ def run_scaling_job(params, experiments, table, log):
             "model=KB: a single dataset cannot be scaled with the KB model (its scale is "
             "degenerate with the merged intensities); use model=physical or add datasets"
         )
-    tables = [prepare_for_scaling(params, experiments, t) for t in split_by_dataset(experiments, table)]
-    for t in tables:
-        # Preparation read columns it did not change (d, lp, qe, miller_index, ...): give them
-        # back to the file; later stages read what they need without keeping it (peek).
-        t.release_unchanged()
+    # One table for all datasets, grouped by dataset; prepared as a whole.
+    with stage(log, "Preparation"):
+        table, dataset_index = group_rows_by_dataset(experiments, table)
+        table = prepare_for_scaling(params, experiments, table, dataset_index)
+    del dataset_index
+    # Preparation read columns it did not change (d, lp, qe, miller_index, ...): give them
+    # back to the file; later stages read what they need without keeping it (peek).
+    table.release_unchanged()
     release_free_memory()
+    dataset_rows = rows_of_experiments(table, experiments)
     for key, e in zip(table.identifiers, experiments):
         existing = (e.scaling_model or {}).get("__id__")
         chosen = None if is_auto(params.model) else params.model
@@ -194,9 +187,11 @@ def run_scaling_job(params, experiments, table, log):
                 f"which already has a {existing} model (as dials.scale); set "
                 "overwrite_existing_models=True to replace it"
             )
+    from .table import RowView
+
     models = []
-    for e, t in zip(experiments, tables):
-        model = create_scaling_model(params, e, t)
+    for e, rows in zip(experiments, dataset_rows):
+        model = create_scaling_model(params, e, RowView(table, rows))
         if not e.is_still:
             # As DIALS's scaler factory: a new model covers the scan; any model is then
             # limited to the envelope of the scan's valid image ranges.
@@ -213,7 +208,9 @@ def run_scaling_job(params, experiments, table, log):
         models.append(model)
     choose_compute_device(params, log)
     with stage(log, "Scaling"):
-        tables, models, summary = scale_datasets(experiments, tables, models, params, log.info)
+        scaled, models, summary = scale_table(experiments, table, dataset_rows, models,
+                                              params, log.info)
+    del table
     log.info(format_scaling_summary(experiments, models, summary))
     from .dataset_summary import per_dataset_table
 
@@ -229,13 +226,9 @@ def run_scaling_job(params, experiments, table, log):
             # dials.scale records the intensity choice last (after the error model).
             config["Imid"] = config.pop("Imid")
         e.scaling_model = model.to_dict()
-    # Scaling is done with the tables: their in-memory columns go to one scratch file, laid
-    # out so that the joined table stays file-backed; writing then streams it from there.
-    from .table import ReflectionTable
-
-    with stage(log, "Joining the scaled datasets"):
-        ReflectionTable.spill_together(tables, tables[0].keys())
-        scaled = concatenate_consuming(tables)
+    # Scaling is done with the table: its in-memory columns go to a scratch file, so that
+    # writing streams it from there.
+    scaled.spill(list(scaled.keys()))
     # Each per-dataset table carries the whole identifier map; keep only the datasets that
     # were scaled, or the written .refl names an experiment the .expt lacks.
     kept_identifiers = {e.identifier for e in experiments}

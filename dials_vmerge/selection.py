@@ -72,6 +72,37 @@ def id_of_experiment(table, experiment) -> int:
     raise SelectionError(f"experiment {experiment.identifier} has no reflections")
 
 
+def rows_of_experiments(table, experiments) -> list:
+    """Per experiment, the ascending row indices of its reflections: one pass over the `id`
+    column (kernels.flat counting sort), not one scan of the table per experiment."""
+    from .kernels.flat import rows_by_dataset
+
+    key_of_identifier = {ident: key for key, ident in table.identifiers.items()}
+    position_of_key = {}
+    for position, e in enumerate(experiments):
+        if e.identifier not in key_of_identifier:
+            raise SelectionError(f"experiment {e.identifier} has no reflections")
+        position_of_key[key_of_identifier[e.identifier]] = position
+    ids = np.asarray(table.peek("id"), dtype=np.int64)
+    low = int(ids.min()) if ids.size else 0
+    high = int(ids.max()) if ids.size else 0
+    if high - low <= 4 * (len(experiments) + ids.size):
+        # ids are small integers: a lookup table, no sort
+        lookup = np.full(high - low + 1, -1, dtype=np.int64)
+        for key, position in position_of_key.items():
+            if low <= key <= high:
+                lookup[key - low] = position
+        position = lookup[ids - low]
+    else:
+        unique_ids, inverse = np.unique(ids, return_inverse=True)
+        position = np.array([position_of_key.get(int(k), -1) for k in unique_ids],
+                            dtype=np.int64)[inverse.ravel()]
+    in_experiments = np.flatnonzero(position >= 0)
+    order, offsets = rows_by_dataset(position[in_experiments], len(experiments))
+    rows = in_experiments[order]
+    return [rows[offsets[d]:offsets[d + 1]] for d in range(len(experiments))]
+
+
 def parse_exclude_images(values: Sequence[str], experiments, table) -> List[Tuple[int, ImageRange]]:
     """DIALS `exclude_images` strings -> [(experiment index, (first, last))].
 
@@ -226,25 +257,30 @@ def flag_rows_outside_valid_ranges(experiments, table) -> None:
 
     A row is valid if first - 1 <= z_obs <= last for some valid range (first, last).
     """
+    if all(e.is_still for e in experiments):
+        return
     z = table["xyzobs.px.value"][:, 2]
-    for e in experiments:
-        key = id_of_experiment(table, e)
-        rows = table["id"] == key
+    for e, rows in zip(experiments, rows_of_experiments(table, experiments)):
         if e.is_still:
             continue
-        ok = np.zeros(table.nrows, dtype=bool)
+        z_rows = z[rows]
+        ok = np.zeros(rows.size, dtype=bool)
         for first, last in valid_ranges(e):
-            ok |= (z >= first - 1) & (z <= last)
-        table.set_flags(rows & ~ok, flags.user_excluded_in_scaling)
+            ok |= (z_rows >= first - 1) & (z_rows <= last)
+        table.set_flags(rows[~ok], flags.user_excluded_in_scaling)
 
 
 def drop_empty_datasets(experiments, table, log=None):
     """Datasets with no usable reflection are dropped with a warning (DIALS behaviour)."""
     bad = table.get_flags(flags.bad_for_scaling, all=False)
     keep = []
+    key_of_identifier = {ident: key for key, ident in table.identifiers.items()}
+    usable_ids = set(np.unique(np.asarray(table["id"])[~bad]).tolist())
     for i, e in enumerate(experiments):
-        key = id_of_experiment(table, e)
-        if np.any((table["id"] == key) & ~bad):
+        key = key_of_identifier.get(e.identifier)
+        if key is None:
+            raise SelectionError(f"experiment {e.identifier} has no reflections")
+        if key in usable_ids:
             keep.append(i)
         elif log is not None:
             log.warning(f"Warning: dataset {key} ({e.identifier}) has no reflections left; removing it")
@@ -253,7 +289,7 @@ def drop_empty_datasets(experiments, table, log=None):
     if len(keep) == len(experiments):
         return experiments, table
     kept = experiments.select(keep)
-    ids = [id_of_experiment(table, e) for e in kept]
+    ids = [key_of_identifier[e.identifier] for e in kept]
     out = table.select(np.isin(table["id"], ids))
     out.identifiers = {k: v for k, v in table.identifiers.items() if k in ids}
     return kept, out

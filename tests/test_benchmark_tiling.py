@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import DATA
 from dials_vmerge.io import read_experiments, read_reflections
-from dials_vmerge.scaling import benchmark_hooks
+import benchmark_hooks
 
 
 def test_tiled_pass_is_copies_times_the_pass():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dials_vmerge.io import read_experiments, read_reflections
-from dials_vmerge.scaling.benchmark_hooks import bytes_read_per_pass, make_target_evaluator
+from benchmark_hooks import bytes_read_per_pass, make_target_evaluator
 from dials_vmerge.scaling.ih_table import map_indices_to_asu
 from dials_vmerge import geometry
 

@@ -19,7 +19,7 @@ from dials_vmerge import flags, lazy_column
 from dials_vmerge.errors import FileFormatError
 from dials_vmerge.io import read_reflections, write_reflections
 from dials_vmerge.io.refl import decode_reflections, encode_reflections
-from dials_vmerge.pipeline import concatenate_consuming, split_by_dataset
+from dials_vmerge.pipeline import group_rows_by_dataset
 from dials_vmerge.table import ReflectionTable
 
 QUARTZ = os.path.join(DATA, "quartz_processed", "integrated.refl")
@@ -156,7 +156,9 @@ def test_split_and_consuming_concatenate_never_read_columns():
     assert_tables_equal(joined, reference.select(np.r_[halves[0], halves[1]]))
 
 
-def test_pipeline_split_and_join_keep_columns_lazy(tmp_path):
+def test_pipeline_grouping_by_dataset_keeps_columns_lazy(tmp_path):
+    """The flat engine's one table: rows regrouped dataset by dataset in experiment order,
+    without reading the columns the regrouping does not need."""
     reference = eager(QUARTZ)
     two = reference.copy()
     two["id"] = (np.arange(two.nrows) % 2).astype(np.int32)
@@ -165,13 +167,11 @@ def test_pipeline_split_and_join_keep_columns_lazy(tmp_path):
     write_reflections(two, path)
     t = read_reflections(path)
     experiments = [SimpleNamespace(identifier="second"), SimpleNamespace(identifier="first")]
-    parts = split_by_dataset(experiments, t)
-    assert [p.nrows for p in parts] == [826, 827] and parts[0].is_lazy("bbox")
-    joined = concatenate_consuming(parts)
-    # id was read to split, but unchanged: the consuming split gives it back to the file
-    assert joined.is_lazy("bbox") and joined.is_lazy("id")
+    grouped, dataset_index = group_rows_by_dataset(experiments, t)
+    np.testing.assert_array_equal(np.bincount(dataset_index), [826, 827])
+    assert grouped.is_lazy("bbox")
     order = np.r_[np.arange(1, 1653, 2), np.arange(0, 1653, 2)]
-    assert_tables_equal(joined, two.select(order))
+    assert_tables_equal(grouped, two.select(order))
 
 
 @pytest.mark.parametrize("chunk_rows", [lazy_column.CHUNK_ROWS, 7, 1])

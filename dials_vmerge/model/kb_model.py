@@ -54,3 +54,18 @@ class KBScalingModel(ScalingModel):
             self.components["decay"].configure(table["d"])
         self._configure_analytical(table)
         self.n_configured = n
+
+    def family_description(self) -> dict:
+        """What the KB family kernel (kernels/kb_family.py) needs of this dataset: per
+        configured row 1/(2 d^2) and the fixed analytical factor (None without one); the
+        position of K and B in this model's parameter vector (-1: no such component)."""
+        slices = self.parameter_slices()
+        decay = self.components.get("decay")
+        analytical = self.components.get("analytical")
+        return {
+            "inv_two_d_sq": (1.0 / (2.0 * decay._d ** 2) if decay is not None
+                             else np.zeros(self.n_configured)),
+            "fixed": None if analytical is None else analytical._correction,
+            "scale_index": slices["scale"].start if "scale" in slices else -1,
+            "decay_index": slices["decay"].start if "decay" in slices else -1,
+        }

@@ -1,7 +1,9 @@
 """The dials.scale algorithm on the numba core (dials-scaling.md 5.6, 11.1).
 
-scale_datasets(experiments, tables, models, params, log) runs, for one or several datasets
-refined concurrently:
+scale_table(experiments, table, dataset_rows, models, params, log) runs, for one or several
+datasets refined concurrently, all in ONE prepared table (a dataset index per row, per-dataset
+slices of the per-row arrays; models of one family evaluated for all datasets in one kernel,
+scaling/family.py and kernels/):
   0. initial outlier rejection per dataset (models that were not scaled before),
   1. minimisation subset chosen once (section 8), LBFGS round,
   2. expand g to all suitable reflections, outlier rejection (standard/simple + E^2),
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import flags
+from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
+                            split_positions)
 from ..errors import VmergeError
 from ..memory import release_free_memory
 from ..model.base import is_auto, param
@@ -33,13 +37,14 @@ from . import combine as comb
 from . import error_model as em
 from . import outliers as outl
 from . import selection as sel
+from .log_summary import MAX_LISTED, summarise_per_dataset
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
 from .likelihood import make_target, minimise_with_e_steps
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
-from ..table import RowView  # noqa: F401  (re-exported for the benchmark hooks)
+from ..table import RowView
 
 WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_correction",
                 "batch", "asu_miller_index")
@@ -86,17 +91,24 @@ class DatasetState:
     var_g: np.ndarray | None = None
     imid: float | None = None
     log: list = field(default_factory=list)
-    # (rows, intensity, variance) of the rows that are not suitable: the table's work
-    # columns are dropped while scaling runs (the suitable rows' values live here) and
-    # rebuilt for the output.
-    unsuitable: tuple | None = None
+    # every row of this dataset in the table (suitable or not)
+    dataset_rows: np.ndarray | None = None
 
     def weights(self):
         return em.error_model_weights(self.intensity, self.variance, self.error_model)
 
 
 class ScalingRun:
-    def __init__(self, experiments, tables, models, params, log):
+    """One scaling job over ONE prepared reflection table holding every dataset.
+
+    dataset_rows[d]: the ascending rows of dataset d in the table (datasets in experiment
+    order, each dataset's rows contiguous or not). Per dataset a DatasetState keeps what is
+    per dataset by nature (model, error model, Imid) and its suitable rows; the per-row arrays
+    of all suitable rows are read once, for all datasets together, and each state holds its
+    slice of them.
+    """
+
+    def __init__(self, experiments, table, dataset_rows, models, params, log):
         self.params = params
         self.log = log or (lambda *_: None)
         self.nproc = set_num_threads(resolve_nproc(params))
@@ -105,61 +117,81 @@ class ScalingRun:
 
         self.space_group = geometry.space_group(experiments[0])
         self.unit_cell = geometry.unit_cell(experiments[0])
-        self.best_cell = geometry.median_unit_cell(experiments)
         self.summary = {"dropped_datasets": [], "rounds": []}
-        self.states = []
-        for position, (expt, table, model) in enumerate(zip(experiments, tables, models)):
-            state = self._make_state(expt, table, model, position)
-            if state is None:
-                continue
-            self.states.append(state)
+        self.table = table
+        self.dataset_rows = [np.asarray(r, dtype=np.int64) for r in dataset_rows]
+        self.states = self._make_states(experiments, models)
         if not self.states:
             raise VmergeError("no reflections left to scale after filtering")
         self.global_uses_error_model_weights = len(self.states) == 1
 
     # -- set-up ---------------------------------------------------------------------------
-    def _make_state(self, expt, table, model, position):
-        p = self.params
-        if "intensity" not in table:
-            d_values = None
-            if param(p, "cut_data.d_min") is not None or param(p, "cut_data.d_max") is not None:
-                d_values = d_from_unit_cell(table.peek("miller_index"), self.best_cell)
-            table = prepare_dataset(
-                table, intensity_choice=param(p, "reflection_selection.intensity_choice",
-                                              "combine"),
-                partiality_cutoff=param(p, "cut_data.partiality_cutoff", 0.25),
-                min_isigi=param(p, "cut_data.min_isigi", -5.0),
-                d_min=param(p, "cut_data.d_min"), d_max=param(p, "cut_data.d_max"),
-                d_values=d_values)
+    def _make_states(self, experiments, models):
+        table = self.table
         suitable = suitable_selection(table)
-        rows = np.flatnonzero(suitable)
-        identifier = getattr(expt, "identifier", str(position))
-        if rows.size == 0:
-            self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
-            self.summary["dropped_datasets"].append(identifier)
-            return None
-        model.configure(RowView(table, rows), expt)
-        asu = map_indices_to_asu(table.peek("miller_index", rows), self.space_group,
+        kept = []
+        for position, (expt, rows, model) in enumerate(zip(experiments, self.dataset_rows,
+                                                           models)):
+            suitable_rows = rows[suitable[rows]]
+            if suitable_rows.size == 0:
+                identifier = getattr(expt, "identifier", str(position))
+                self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
+                self.summary["dropped_datasets"].append(identifier)
+                continue
+            kept.append((expt, model, suitable_rows, rows))
+        if not kept:
+            return []
+        all_rows = np.concatenate([k[2] for k in kept])
+        bounds = np.concatenate([[0], np.cumsum([k[2].size for k in kept])]).astype(np.int64)
+        asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
                                  self.anomalous)
-        g = np.asarray(table.peek("inverse_scale_factor", rows), dtype=np.float64)
-        state = DatasetState(table, expt, model, rows, asu, table.peek("intensity", rows),
-                             table.peek("variance", rows), g, np.zeros(rows.size, dtype=bool))
+        intensity = table.peek("intensity", all_rows)
+        variance = table.peek("variance", all_rows)
+        g = np.array(table.peek("inverse_scale_factor", all_rows), dtype=np.float64)
+        states = []
+        for n, (expt, model, rows, _) in enumerate(kept):
+            model.configure(RowView(table, rows), expt)
+            a, b = bounds[n], bounds[n + 1]
+            state = DatasetState(table, expt, model, rows, asu[a:b], intensity[a:b],
+                                 variance[a:b], g[a:b], np.zeros(rows.size, dtype=bool))
+            state.error_model = self._initial_error_model(expt)
+            state.dataset_rows = kept[n][3]
+            states.append(state)
         other = np.flatnonzero(~suitable)
         del suitable
-        state.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
+        self.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
         table.del_column("intensity")
         table.del_column("variance")
-        # The other columns this table holds in memory (summed partials' intensities,
+        # The other columns the table holds in memory (summed partials' intensities,
         # prescaling correction, output columns) are read again only by the intensity
         # combination and for the output: a scratch file holds them meanwhile. Flags stay:
         # scaling sets them.
         table.spill([name for name in table.keys() if name != "flags"])
-        state.error_model = self._initial_error_model(expt)
-        stored = self._configdict(expt)
-        if stored.get("Imid") is not None and self._can_combine(table):
-            state.imid = stored["Imid"]
-            state.intensity, state.variance = comb.apply_imid(table, state.imid, rows)
-        return state
+        if self._can_combine(table):
+            # Datasets scaled before keep their Imid: one read per distinct value.
+            by_imid = {}
+            for state in states:
+                stored = self._configdict(state.experiment).get("Imid")
+                if stored is not None:
+                    by_imid.setdefault(stored, []).append(state)
+            for imid, members in by_imid.items():
+                rows = np.concatenate([m.suitable_rows for m in members])
+                values, variances = comb.apply_imid(table, imid, rows)
+                start = 0
+                for m in members:
+                    stop = start + m.suitable_rows.size
+                    m.imid = imid
+                    m.intensity, m.variance = values[start:stop], variances[start:stop]
+                    start = stop
+        return states
+
+    def _per_state_column(self, name, states=None, rows_of=None):
+        """Column `name` at each state's suitable rows (or rows_of(state)): one read of the
+        table for all states, split into per-state views."""
+        states = self.states if states is None else states
+        parts = [s.suitable_rows if rows_of is None else rows_of(s) for s in states]
+        values = self.table.peek(name, np.concatenate(parts))
+        return np.split(values, np.cumsum([p.size for p in parts])[:-1])
 
     @staticmethod
     def _configdict(expt):
@@ -197,14 +229,12 @@ class ScalingRun:
         Built when needed and not kept: it serves two error-model refinements, and its
         indices would otherwise stay resident through the final, largest stages of a run.
         """
-        asu, rows = [], []
-        for d, mask in zip(positions, masks):
-            state = self.states[d]
-            kept = np.flatnonzero(mask)
-            asu.append(map_indices_to_asu(state.table.peek("miller_index",
-                                                           state.suitable_rows[kept]),
-                                          self.space_group, True))
-            rows.append(kept)
+        rows = [np.flatnonzero(mask) for mask in masks]
+        members = [self.states[d] for d in positions]
+        indices = self._per_state_column("miller_index", members,
+                                         lambda s, it=iter(rows): s.suitable_rows[next(it)])
+        asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
+        asu = np.split(asu_all, np.cumsum([r.size for r in rows])[:-1])
         return GroupLayout(asu, loc_indices=rows,
                            full_sizes=[self.states[d].suitable_rows.size for d in positions])
 
@@ -228,12 +258,37 @@ class ScalingRun:
 
     # -- steps ----------------------------------------------------------------------------
     def initial_outlier_rejection(self):
-        for state in self.states:
-            if self._configdict(state.experiment) or getattr(state.experiment, "scaling_model",
-                                                             None):
-                continue  # a model that was scaled before: DIALS skips this pass
-            table = self.global_table([state], error_model_weights=True)
-            state.outlier = self._outliers_to_states(table, [state])[0]
+        """Each new dataset's outliers against its own merged intensities (DIALS).
+
+        The z-tests look at one group at a time, so datasets small enough that the E^2 test
+        is skipped for them (stills) share one table whose groups are (dataset, ASU index):
+        one kernel call for all of them. Larger datasets run one by one, with E^2."""
+        new = [s for s in self.states
+               if not (self._configdict(s.experiment)
+                       or getattr(s.experiment, "scaling_model", None))]
+        # a model that was scaled before: DIALS skips this pass for it
+        small = [s for s in new if s.suitable_rows.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
+        for state in new:
+            if state.suitable_rows.size > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+                table = self.global_table([state], error_model_weights=True)
+                state.outlier = self._outliers_to_states(table, [state])[0]
+        if small:
+            p = self.params
+            table = build_ih_table([dataset_keyed_indices([s.asu for s in small])], [np.concatenate([s.intensity for s in small])],
+                                   [np.concatenate([s.variance for s in small])],
+                                   [np.concatenate([s.weights() for s in small])],
+                                   [np.concatenate([s.g for s in small])])
+            mask = outl.reject_outliers(table, param(p, "scaling_options.outlier_rejection",
+                                                     "standard"),
+                                        param(p, "scaling_options.outlier_zmax", 6.0), None,
+                                        None, None, self.nproc)
+            flat = np.zeros(table.n_obs, dtype=bool)
+            flat[table.loc_index[mask]] = True
+            start = 0
+            for state in small:
+                stop = start + state.suitable_rows.size
+                state.outlier = flat[start:stop].copy()
+                start = stop
 
     def select_reflections(self):
         p = self.params
@@ -255,40 +310,57 @@ class ScalingRun:
         elif method == "random":
             mask = sel.select_random(table, min_groups, min_refl, cutoff)
         elif method == "intensity_ranges":
-            mask = np.zeros(table.n_obs, dtype=bool)
-            for d_pos in range(len(self.states)):
-                in_d = table.dataset_id == d_pos
-                sub = table.select(in_d)
-                esq = outl.e_squared(sub, self.space_group, self.unit_cell)
-                keep = sel.select_intensity_ranges(
-                    sub, esq, param(p, "reflection_selection.E2_range", (0.8, 5.0)), isig_range,
-                    None if partiality is None else partiality[in_d], min_p,
-                    None if d is None else d[in_d], d_range)
-                mask[np.flatnonzero(in_d)[keep]] = True
+            # The preselection is per row; only E^2 is normalised per dataset, and only for
+            # datasets above the size DIALS normalises at (stills are below it).
+            mask = pre.copy()
+            e2_low, e2_high = param(p, "reflection_selection.E2_range", (0.8, 5.0))
+            group_of_obs = None
+            for positions in split_positions(table.dataset_id, len(self.states)):
+                if positions.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+                    continue
+                if group_of_obs is None:
+                    group_of_obs = table.group_of_observation()
+                esq = outl.e_squared(table.select(positions, group_of_obs=group_of_obs),
+                                     self.space_group, self.unit_cell)
+                if esq is not None:
+                    mask[positions] &= (esq > e2_low) & (esq < e2_high)
         elif len(self.states) == 1:
             mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
         else:
             mask = sel.select_quasi_random_multi(table, len(self.states), pre, min_groups,
                                                  min_refl, cutoff)
-        for d_pos, state in enumerate(self.states):
-            state.selected = np.zeros(state.suitable_rows.size, dtype=bool)
-            in_d = table.dataset_id == d_pos
-            state.selected[table.loc_index[in_d & mask]] = True
+        selected = scatter_mask(table.dataset_id, table.loc_index, mask,
+                                [s.suitable_rows.size for s in self.states])
+        for state, chosen in zip(self.states, selected):
+            state.selected = chosen
         self.log(f"Reflection selection ({method}): "
-                 + ", ".join(str(int(s.selected.sum())) for s in self.states))
-        if any(not s.selected.any() for s in self.states):
-            raise VmergeError("reflection selection left a dataset with nothing to minimise on")
+                 + summarise_per_dataset([int(s.selected.sum()) for s in self.states]))
+        self._remove_datasets_without_selection()
+
+    def _remove_datasets_without_selection(self):
+        """As DIALS: a dataset the selection left with nothing to minimise on is removed
+        from scaling (and from the output) with a warning; the run goes on without it."""
+        empty = [s for s in self.states if not s.selected.any()]
+        if not empty:
+            return
+        for state in empty:
+            identifier = getattr(state.experiment, "identifier", "")
+            self.log(f"Warning: dataset {identifier}: reflection selection left nothing to "
+                     "minimise on; removing it from scaling")
+            self.summary["dropped_datasets"].append(identifier)
+            self.summary.setdefault("dropped_reasons", {})[identifier] = (
+                "reflection selection left nothing to minimise on")
+        self.states = [s for s in self.states if s.selected.any()]
+        self._layout = None
+        if not self.states:
+            raise VmergeError("reflection selection left no dataset with anything to "
+                              "minimise on")
 
     def _sorted_column(self, table, name):
-        if not all(name in s.table for s in self.states):
+        if name not in self.table:
             return None
-        values = [np.asarray(s.table.peek(name, s.suitable_rows), dtype=float)
-                  for s in self.states]
-        out = np.empty(table.n_obs)
-        for d_pos, v in enumerate(values):
-            in_d = table.dataset_id == d_pos
-            out[in_d] = v[table.loc_index[in_d]]
-        return out
+        values = [np.asarray(v, dtype=float) for v in self._per_state_column(name)]
+        return gather_by_dataset(values, table.dataset_id, table.loc_index)
 
     def minimise(self, engine="LBFGS", fix_initial=False, final=False):
         p = self.params
@@ -346,13 +418,8 @@ class ScalingRun:
         mask = outl.reject_outliers(table, method, param(p, "scaling_options.outlier_zmax", 6.0),
                                     param(p, "scaling_options.emax", 10.0), self.space_group,
                                     self.unit_cell, self.nproc)
-        out = []
-        for d_pos, state in enumerate(states):
-            o = np.zeros(state.suitable_rows.size, dtype=bool)
-            in_d = table.dataset_id == d_pos
-            o[table.loc_index[in_d & mask]] = True
-            out.append(o)
-        return out
+        return scatter_mask(table.dataset_id, table.loc_index, mask,
+                            [s.suitable_rows.size for s in states])
 
     def outlier_rejection(self):
         if not self.outliers_active:
@@ -360,7 +427,7 @@ class ScalingRun:
         new = self._outliers_to_states(self.global_table(), self.states)
         for state, o in zip(self.states, new):
             state.outlier = o
-        self.log("Outlier rejection: " + ", ".join(str(int(o.sum())) for o in new))
+        self.log("Outlier rejection: " + summarise_per_dataset([int(o.sum()) for o in new]))
 
     @property
     def outliers_active(self):
@@ -370,7 +437,7 @@ class ScalingRun:
     @property
     def combine_active(self):
         return (param(self.params, "reflection_selection.intensity_choice", "combine") == "combine"
-                and all(self._can_combine(s.table) for s in self.states))
+                and self._can_combine(self.table))
 
     @property
     def error_model_active(self):
@@ -381,43 +448,63 @@ class ScalingRun:
         p = self.params
         user = param(p, "reflection_selection.combine.Imid")
         joint = param(p, "reflection_selection.combine.joint_analysis", True)
-        datasets = []
-        for state in self.states:
-            t = state.table
-            rows = state.suitable_rows
-            g_full = np.zeros(t.nrows)
-            g_full[rows] = state.g
-            ok = np.zeros(t.nrows, dtype=bool)
-            ok[rows[~state.outlier]] = True
-            test = comb.combination_test_selection(t, g_full, ok)
-            test = np.flatnonzero(test)
-            if self.anomalous:
-                asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
-            else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
-                asu = state.asu[np.searchsorted(rows, test)]
-            datasets.append({"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
-                             "v_prf": t.peek("intensity.prf.variance", test),
-                             "i_sum": t.peek("intensity.sum.value", test),
-                             "v_sum": t.peek("intensity.sum.variance", test),
-                             "partiality": (t.peek("partiality", test) if "partiality" in t
-                                            else np.ones(test.size)),
-                             "correction": t.peek("prescaling_correction", test),
-                             "g": g_full[test]})
-            del g_full, ok
+        t = self.table
+        all_rows = np.concatenate([s.suitable_rows for s in self.states])
+        g_full = np.zeros(t.nrows)
+        g_full[all_rows] = np.concatenate([s.g for s in self.states])
+        ok = np.zeros(t.nrows, dtype=bool)
+        ok[all_rows[~np.concatenate([s.outlier for s in self.states])]] = True
+        usable = comb.combination_test_selection(t, g_full, ok)
+        del ok
+        # test rows in dataset order, ascending within a dataset (as the datasets' lists)
+        position = np.flatnonzero(usable[all_rows])
+        del usable
+        test = all_rows[position]
+        if self.anomalous:
+            asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
+        else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
+            asu = np.concatenate([s.asu for s in self.states])[position]
+        pooled = {"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
+                  "v_prf": t.peek("intensity.prf.variance", test),
+                  "i_sum": t.peek("intensity.sum.value", test),
+                  "v_sum": t.peek("intensity.sum.variance", test),
+                  "partiality": (t.peek("partiality", test) if "partiality" in t
+                                 else np.ones(test.size)),
+                  "correction": t.peek("prescaling_correction", test),
+                  "g": g_full[test]}
+        del g_full
+        if joint:
+            datasets = [pooled]
+        else:
+            state_bounds = np.cumsum([s.suitable_rows.size for s in self.states])
+            cuts = np.searchsorted(position, state_bounds[:-1])
+            datasets = [dict(zip(pooled, parts)) for parts in
+                        zip(*(np.split(v, cuts) for v in pooled.values()))]
         user_list = list(user) if user else None
         if joint:
             imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
             imids = [imid] * len(self.states)
         else:
             imids = [comb.choose_imid([d], user_list, self.nproc, self.log) for d in datasets]
-        for state, imid in zip(self.states, imids):
+        if joint:
+            values, variances = comb.apply_imid(t, imids[0], all_rows)
+            per_state = zip(np.split(values, np.cumsum([s.suitable_rows.size
+                                                        for s in self.states])[:-1]),
+                            np.split(variances, np.cumsum([s.suitable_rows.size
+                                                           for s in self.states])[:-1]))
+        else:
+            per_state = (comb.apply_imid(t, imid, s.suitable_rows)
+                         for s, imid in zip(self.states, imids))
+        for state, imid, (values, variances) in zip(self.states, imids, per_state):
             state.imid = imid
-            state.intensity, state.variance = comb.apply_imid(state.table, imid,
-                                                              state.suitable_rows)
+            state.intensity, state.variance = values, variances
             if hasattr(state.model, "record_intensity_combination_Imid"):
                 state.model.record_intensity_combination_Imid(imid)
         self.global_uses_error_model_weights = True
-        self.log("Intensity combination: Imid " + ", ".join(f"{i:g}" for i in imids))
+        if joint:
+            self.log(f"Intensity combination: Imid {imids[0]:g} (all datasets)")
+        else:
+            self.log("Intensity combination: Imid " + summarise_per_dataset(imids, "{:g}"))
 
     def refine_error_models(self):
         if not self.error_model_active:
@@ -427,6 +514,7 @@ class ScalingRun:
             len(self.states), param(p, "weighting.error_model.grouping", "combined"),
             param(p, "weighting.error_model.error_model_group"))
         multi = len(self.states) > 1
+        refined, failures = [], []
         for group in groups:
             members = [self.states[d] for d in group]
             masks = [~s.outlier for s in members]
@@ -436,8 +524,8 @@ class ScalingRun:
                 stills = (param(p, "weighting.error_model.basic.stills.min_Isigma", 2.0),
                           param(p, "weighting.error_model.basic.stills.min_multiplicity", 4))
             min_partiality = param(p, "reflection_selection.min_partiality", 0.25)
-            if (multi or stills) and all("partiality" in s.table for s in members):
-                partialities = [s.table.peek("partiality", s.suitable_rows) for s in members]
+            if (multi or stills) and "partiality" in self.table:
+                partialities = self._per_state_column("partiality", members)
                 if min_partiality is not None:
                     # the partiality cut as part of the layout subset: one table fewer
                     masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
@@ -456,11 +544,25 @@ class ScalingRun:
                     layout=self.anomalous_layout(group, masks), stills=stills,
                     deviation=param(p, "weighting.error_model.basic.deviation", "unbiased"))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
-                self.log(f"Error model refinement failed: {e}; keeping the current model")
+                failures.append(str(e))
                 continue
             for s in members:
                 s.error_model = em.BasicErrorModel(model.a, model.b)
-            self.log(f"Error model: a = {model.a:.5f}, b = {model.b:.5f}")
+            refined.append((model.a, model.b))
+        if len(groups) <= MAX_LISTED:
+            for message in failures:
+                self.log(f"Error model refinement failed: {message}; keeping the current model")
+            for a, b in refined:
+                self.log(f"Error model: a = {a:.5f}, b = {b:.5f}")
+        else:
+            if failures:
+                self.log(f"Error model refinement failed for {len(failures)} of {len(groups)} "
+                         f"groups (first: {failures[0]}); keeping their current models")
+            if refined:
+                values = np.array(refined)
+                self.log(f"Error model ({len(refined)} groups): a = "
+                         + summarise_per_dataset(values[:, 0].tolist(), "{:.5f}")
+                         + "; b = " + summarise_per_dataset(values[:, 1].tolist(), "{:.5f}"))
         self.global_uses_error_model_weights = True
 
     def full_matrix_wanted(self):
@@ -521,21 +623,34 @@ class ScalingRun:
     def finish(self):
         cutoff = param(self.params, "cut_data.small_scale_cutoff")
         cutoff = DEFAULT_SMALL_SCALE_CUTOFF if is_auto(cutoff) else float(cutoff)
-        tables = []
         for state in self.states:
             if state.error_model is not None and hasattr(state.model, "set_error_model"):
                 state.model.set_error_model("BasicErrorModel", state.error_model.parameters)
-            table = state.table
-            other, other_intensity, other_variance = state.unsuitable
-            for name, suitable_values, other_values in (
-                    ("intensity", state.intensity, other_intensity),
-                    ("variance", state.variance, other_variance)):
-                column = np.empty(table.nrows, dtype=np.float64)
-                column[state.suitable_rows] = suitable_values
-                column[other] = other_values
-                table[name] = column
-            tables.append(prepare_output(table, state.suitable_rows, state.g, state.var_g,
-                                         state.outlier, state.error_model, cutoff))
+        table = self.table
+        other, other_intensity, other_variance = self.unsuitable
+        suitable_rows = np.concatenate([s.suitable_rows for s in self.states])
+        for name, suitable_values, other_values in (
+                ("intensity", np.concatenate([s.intensity for s in self.states]),
+                 other_intensity),
+                ("variance", np.concatenate([s.variance for s in self.states]),
+                 other_variance)):
+            column = np.zeros(table.nrows, dtype=np.float64)
+            column[suitable_rows] = suitable_values
+            column[other] = other_values
+            table[name] = column
+        var_g = None
+        if all(s.var_g is not None for s in self.states):
+            var_g = np.concatenate([s.var_g for s in self.states])
+        table = prepare_output(table, suitable_rows,
+                               np.concatenate([s.g for s in self.states]), var_g,
+                               np.concatenate([s.outlier for s in self.states]),
+                               PerRowErrorModel.of_datasets(
+                                   table.nrows, [(s.dataset_rows, s.error_model)
+                                                 for s in self.states]), cutoff)
+        kept_rows = [s.dataset_rows for s in self.states]
+        if sum(r.size for r in kept_rows) != table.nrows:
+            # rows of datasets removed during scaling leave with their datasets
+            table = table.select(np.sort(np.concatenate(kept_rows)))
         self.summary["datasets"] = [{
             "identifier": getattr(s.experiment, "identifier", ""),
             "error_model": None if s.error_model is None else s.error_model.parameters,
@@ -543,7 +658,32 @@ class ScalingRun:
             "n_selected": int(s.selected.sum()), "n_outliers": int(s.outlier.sum()),
         } for s in self.states]
         self.summary["experiments"] = [s.experiment for s in self.states]
-        return tables, [s.model for s in self.states], self.summary
+        return table, [s.model for s in self.states], self.summary
+
+
+class PerRowErrorModel:
+    """Each dataset's error model applied to its rows of the flat table (rows of datasets
+    without one keep their variance)."""
+
+    def __init__(self, a, b, has_model):
+        self.a, self.b, self.has_model = a, b, has_model
+
+    @classmethod
+    def of_datasets(cls, n_rows, rows_and_models):
+        a, b = np.ones(n_rows), np.zeros(n_rows)
+        has_model = np.zeros(n_rows, dtype=bool)
+        for rows, model in rows_and_models:
+            if model is not None:
+                a[rows], b[rows] = model.a, model.b
+                has_model[rows] = True
+        if not has_model.any():
+            return None
+        return cls(a, b, has_model)
+
+    def variance(self, intensity, variance):
+        with np.errstate(invalid="ignore", over="ignore"):
+            modelled = self.a * self.a * (variance + (self.b * intensity) ** 2)
+        return np.where(self.has_model, modelled, variance)
 
 
 def _evaluate_g(model):
@@ -597,25 +737,63 @@ def prepare_output(table, suitable_rows, g, var_g, outlier, error_model,
     return table
 
 
-def scale_datasets(experiments, tables, models, params, log=None):
-    """Scale several datasets concurrently; returns (output tables, models, summary).
+def scale_table(experiments, table, dataset_rows, models, params, log=None):
+    """Scale every dataset of one prepared table concurrently.
 
-    tables: per experiment, either prepared with prepare.prepare_dataset (which the caller
-    does after clearing flags and applying image exclusions) or raw integrated tables
-    (prepared here with the params' cut_data settings). models: ScalingModel objects.
-    The summary lists dropped datasets, per-round minimiser details and, per dataset, the
-    error model (a, b), Imid and counts; summary["experiments"] are the experiments kept.
+    table: prepared with prepare.prepare_dataset (flags cleared, image exclusions applied by
+    the caller); dataset_rows[d]: the rows of experiment d; models: one ScalingModel per
+    experiment. Returns (table, models, summary): the table with the DIALS output columns and
+    flags, without the rows of datasets removed during scaling; the models and
+    summary["experiments"] of the datasets kept; the summary lists removed datasets,
+    per-round minimiser details and, per dataset, the error model (a, b), Imid and counts.
     """
-    if len(experiments) != len(tables) or len(tables) != len(models):
-        raise VmergeError("scaling needs one experiment, reflection table and model per dataset")
+    if len(experiments) != len(dataset_rows) or len(dataset_rows) != len(models):
+        raise VmergeError("scaling needs one experiment, row list and model per dataset")
+    run_class = ScalingRun
     if param(params, "scaling_options.reference"):
         # reference= : scaling against fixed intensities (scaling/targeted.py)
-        from .targeted import TargetedScalingRun
-
-        return TargetedScalingRun(experiments, tables, models, params, log).run()
-    if param(params, "scaling_options.use_free_set", False):
+        from .targeted import TargetedScalingRun as run_class
+    elif param(params, "scaling_options.use_free_set", False):
         # a free set left out of minimisation (scaling/free_set.py, cross-validation)
-        from .free_set import FreeSetScalingRun
+        from .free_set import FreeSetScalingRun as run_class
+    return run_class(experiments, table, dataset_rows, models, params, log).run()
 
-        return FreeSetScalingRun(experiments, tables, models, params, log).run()
-    return ScalingRun(experiments, tables, models, params, log).run()
+
+def scale_datasets(experiments, tables, models, params, log=None):
+    """scale_table for callers holding one table per dataset (raw integrated tables are
+    prepared here with the params' cut_data settings); returns (one output table per dataset
+    kept, models, summary)."""
+    from .. import geometry
+    from ..table import ReflectionTable
+
+    if len(experiments) != len(tables) or len(tables) != len(models):
+        raise VmergeError("scaling needs one experiment, reflection table and model per dataset")
+    prepared = []
+    for table in tables:
+        if "intensity" not in table:
+            d_values = None
+            if param(params, "cut_data.d_min") is not None or \
+                    param(params, "cut_data.d_max") is not None:
+                d_values = d_from_unit_cell(table.peek("miller_index"),
+                                            geometry.median_unit_cell(experiments))
+            table = prepare_dataset(
+                table, intensity_choice=param(params, "reflection_selection.intensity_choice",
+                                              "combine"),
+                partiality_cutoff=param(params, "cut_data.partiality_cutoff", 0.25),
+                min_isigi=param(params, "cut_data.min_isigi", -5.0),
+                d_min=param(params, "cut_data.d_min"), d_max=param(params, "cut_data.d_max"),
+                d_values=d_values)
+        prepared.append(table)
+    sizes = [t.nrows for t in prepared]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = [np.arange(bounds[d], bounds[d + 1]) for d in range(len(prepared))]
+    table = prepared[0] if len(prepared) == 1 else ReflectionTable.concatenate(prepared)
+    table, kept_models, summary = scale_table(experiments, table, rows, models, params, log)
+    if len(prepared) == 1:
+        return [table], kept_models, summary
+    kept = [i for i, e in enumerate(experiments)
+            if any(e is k for k in summary["experiments"])]
+    sizes = [sizes[i] for i in kept]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return (table.split([np.arange(bounds[d], bounds[d + 1]) for d in range(len(kept))]),
+            kept_models, summary)

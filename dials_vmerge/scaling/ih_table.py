@@ -149,14 +149,20 @@ class IhTable:
                                 chunk_bounds(self.group_start, nproc), ih)
         return ih
 
-    def select(self, obs_mask, consume=False):
+    def select(self, obs_mask, consume=False, group_of_obs=None):
         """A new table with the observations in obs_mask (groups left empty vanish).
+
+        obs_mask: a boolean mask, or ascending observation positions; group_of_obs: this
+        table's group_of_observation(), when the caller selects many times.
 
         consume: the caller drops this table; each of its per-observation arrays is released
         as soon as its selection exists, so the two tables never coexist in full (a chain of
         filters then peaks at one table plus one column, not two tables)."""
-        keep = np.flatnonzero(obs_mask)
-        group_of_obs = self.group_of_observation()[keep]
+        obs_mask = np.asarray(obs_mask)
+        keep = np.flatnonzero(obs_mask) if obs_mask.dtype == bool else obs_mask
+        if group_of_obs is None:
+            group_of_obs = self.group_of_observation()
+        group_of_obs = group_of_obs[keep]
         if keep.size:
             boundaries = np.flatnonzero(group_of_obs[1:] != group_of_obs[:-1]) + 1
             group_start = np.concatenate([[0], boundaries, [keep.size]]).astype(np.int64)

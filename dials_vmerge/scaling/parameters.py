@@ -122,22 +122,26 @@ class ParameterManager:
 def gather_ell(per_dataset, dataset_id, loc_index):
     """Stack per-dataset (g, values, cols) into observation order of an IhTable.
 
-    Datasets with fewer derivative slots are padded with unused slots (col -1).
+    Datasets with fewer derivative slots are padded with unused slots (col -1). One
+    concatenation and one gather (kernels.flat), not a scan of all rows per dataset.
     """
+    from ..kernels.flat import gather_by_dataset
+
     n_slots = max((v.shape[1] for _, v, _ in per_dataset), default=0)
-    n = dataset_id.size
-    g = np.empty(n)
-    values = np.zeros((n, n_slots))
-    cols = np.full((n, n_slots), -1, dtype=np.int32)
-    for d, (gd, vd, cd) in enumerate(per_dataset):
-        rows = np.flatnonzero(dataset_id == d)
-        if rows.size == 0:
-            continue
-        src = loc_index[rows]
-        g[rows] = gd[src]
-        values[rows, :vd.shape[1]] = vd[src]
-        cols[rows, :cd.shape[1]] = cd[src]
-    return g, values, cols
+
+    def padded(array, fill, dtype):
+        if array.shape[1] == n_slots:
+            return array
+        out = np.full((array.shape[0], n_slots), fill, dtype=dtype)
+        out[:, :array.shape[1]] = array
+        return out
+
+    g = gather_by_dataset([gd for gd, _, _ in per_dataset], dataset_id, loc_index)
+    values = gather_by_dataset([padded(vd, 0.0, np.float64) for _, vd, _ in per_dataset],
+                               dataset_id, loc_index)
+    cols = gather_by_dataset([padded(cd, -1, np.int32) for _, _, cd in per_dataset],
+                             dataset_id, loc_index, dtype=np.int32)
+    return g, values.reshape(-1, n_slots), cols.reshape(-1, n_slots)
 
 
 def evaluate_rows(model, rows):

@@ -30,6 +30,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.flat import split_positions
+
 GUARD = np.array([0.0, 0.0, 1.0, 0.0, 0.0])
 GUARD_ONE = 2  # offset of the 1.0 in GUARD (the constant "scale" of a model without one)
 INTENSITY, WEIGHT, SCALE_W, DECAY_W = 0, 1, 2, 5  # record columns
@@ -138,8 +140,7 @@ class PhysicalPassInputs:
         self.record[:, WEIGHT] = weight
         self.first_param = np.zeros((n, 2), dtype=np.int32)
         per_dataset = []
-        for d, model in enumerate(self.models):
-            obs = np.flatnonzero(dataset_id == d)
+        for model, obs in zip(self.models, split_positions(dataset_id, len(self.models))):
             per_dataset.append((obs, model.pass_inputs(loc_index[obs])))
         n_abs = {inp["absorption"][0].shape[1] for _, inp in per_dataset if "absorption" in inp}
         with_abs = sum("absorption" in inp for _, inp in per_dataset)

@@ -109,12 +109,28 @@ def initial_filter_selection(table, intensity_choice="combine", partiality_cutof
 
 
 def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.25,
-                         min_isigi=-5.0):
-    """Flag filter failures excluded_for_scaling and number rows in `original_index`."""
+                         min_isigi=-5.0, dataset_index=None):
+    """Flag filter failures excluded_for_scaling and number rows in `original_index`
+    (within each dataset, as dials.scale numbers each dataset's table)."""
     bad = initial_filter_selection(table, intensity_choice, partiality_cutoff, min_isigi)
     table.set_flags(bad, flags.excluded_for_scaling)
-    table["original_index"] = np.arange(table.nrows, dtype=np.uint64)
+    table["original_index"] = rank_within_dataset(dataset_index, table.nrows)
     return bad
+
+
+def rank_within_dataset(dataset_index, n_rows):
+    """Each row's position among the rows of its dataset (0, 1, ... per dataset)."""
+    if dataset_index is None:
+        return np.arange(n_rows, dtype=np.uint64)
+    from ..kernels.flat import rows_by_dataset
+
+    dataset_index = np.asarray(dataset_index, dtype=np.int64)
+    n_datasets = int(dataset_index.max()) + 1 if dataset_index.size else 0
+    order, offsets = rows_by_dataset(dataset_index, n_datasets)
+    rank = np.empty(n_rows, dtype=np.uint64)
+    rank[order] = (np.arange(n_rows, dtype=np.int64)
+                   - np.repeat(offsets[:-1], np.diff(offsets))).astype(np.uint64)
+    return rank
 
 
 def select_rows(table, keep, consume_input=False):
@@ -126,8 +142,11 @@ def select_rows(table, keep, consume_input=False):
     return table.split([np.flatnonzero(keep)], consume=True)[0]
 
 
-def sum_partial_reflections(table, consume_input=False):
+def sum_partial_reflections(table, consume_input=False, dataset_index=None):
     """Merge split partials sharing a `partial_id` into their first piece; others deleted.
+
+    dataset_index (per row, optional): partials are summed per (dataset, partial_id), as
+    dials.scale does on each dataset's table; files number partial_id from 0 each.
 
     Candidates: partiality < 0.99 and variance > 0 for every intensity type present.
     Kept piece: partiality = sum p, sum I/V added, prf I weighted by (I/sigma)^2 with
@@ -144,20 +163,22 @@ def sum_partial_reflections(table, consume_input=False):
     rows = np.flatnonzero(candidate)
     if rows.size == 0:
         return table
-    # One group per (dataset id, partial_id): every integration run numbers partial_id from
-    # 0, so a table joining several files (or datasets) repeats them (dials.merge does the same).
     pid = table["partial_id"][rows]
-    if _has(table, "id"):
-        dataset = table["id"][rows]
-        order = np.lexsort((pid, dataset))
-        rows, pid, dataset = rows[order], pid[order], dataset[order]
-        change = (pid[1:] != pid[:-1]) | (dataset[1:] != dataset[:-1])
-    else:
+    if dataset_index is None and _has(table, "id"):
+        # every integration run numbers partial_id from 0, so a table joining several files
+        # repeats them: one group per (dataset id, partial_id), as dials.merge
+        dataset_index = table["id"]
+    if dataset_index is None:
         order = np.argsort(pid, kind="stable")
-        rows, pid = rows[order], pid[order]
-        change = pid[1:] != pid[:-1]
-    # within one group, ascending row index: first piece first (both sorts are stable)
-    starts = np.flatnonzero(np.r_[True, change])
+    else:  # lexsort is stable: by dataset, then partial_id, then row
+        order = np.lexsort((pid, np.asarray(dataset_index)[rows]))
+    rows = rows[order]  # within one partial_id, ascending row index: first piece first
+    pid = pid[order]
+    new_piece = np.r_[True, pid[1:] != pid[:-1]]
+    if dataset_index is not None:
+        dataset_of_row = np.asarray(dataset_index)[rows]
+        new_piece |= np.r_[True, dataset_of_row[1:] != dataset_of_row[:-1]]
+    starts = np.flatnonzero(new_piece)
     sizes = np.diff(np.r_[starts, rows.size])
     multi = sizes > 1
     if not multi.any():
@@ -248,7 +269,7 @@ def has_usable_profile(table):
         table.get_flags(flags.integrated_prf).any())
 
 
-def choose_initial_intensities(table, intensity_choice="combine"):
+def choose_initial_intensities(table, intensity_choice="combine", dataset_index=None):
     """Write `prescaling_correction`, `intensity`, `variance`; flag V <= 0 excluded.
 
     profile: prf*c. sum/combine: sum*c/p, then for combine prf*c overwrites rows flagged
@@ -257,12 +278,23 @@ def choose_initial_intensities(table, intensity_choice="combine"):
     correction = prescaling_correction(table)
     table["prescaling_correction"] = correction
     use_profile = has_usable_profile(table)
-    if intensity_choice == "profile" and use_profile:
+    if use_profile and dataset_index is not None:
+        # per dataset, as on each dataset's own table: a dataset without any
+        # profile-integrated row falls back to summation
+        dataset_index = np.asarray(dataset_index, dtype=np.int64)
+        with_prf = np.bincount(dataset_index, weights=table.get_flags(
+            flags.integrated_prf).astype(np.float64)) > 0
+        use_profile = with_prf[dataset_index]
+    if intensity_choice == "profile" and np.all(use_profile):
         intensity, variance = profile_intensities(table, correction)
     else:
         intensity, variance = summation_intensities(table, correction)
-        if intensity_choice == "combine" and use_profile:
-            prf_rows = table.get_flags(flags.integrated_prf)
+        if intensity_choice == "profile" and np.any(use_profile):
+            i_prf, v_prf = profile_intensities(table, correction)
+            intensity = np.where(use_profile, i_prf, intensity)
+            variance = np.where(use_profile, v_prf, variance)
+        elif intensity_choice == "combine" and np.any(use_profile):
+            prf_rows = table.get_flags(flags.integrated_prf) & use_profile
             i_prf, v_prf = profile_intensities(table, correction)
             intensity = np.where(prf_rows, i_prf, intensity)
             variance = np.where(prf_rows, v_prf, variance)
@@ -272,29 +304,57 @@ def choose_initial_intensities(table, intensity_choice="combine"):
     return table
 
 
-def initialise_inverse_scale_factor(table):
-    """g = 1 unless the column holds a previous run's values (rescale)."""
-    if "inverse_scale_factor" not in table or not np.any(table["inverse_scale_factor"]):
+def initialise_inverse_scale_factor(table, dataset_index=None):
+    """g = 1 unless the column holds a previous run's values (rescale), per dataset."""
+    if "inverse_scale_factor" not in table:
         table["inverse_scale_factor"] = np.ones(table.nrows)
+        return
+    g = table["inverse_scale_factor"]
+    if dataset_index is None:
+        if not np.any(g):
+            table["inverse_scale_factor"] = np.ones(table.nrows)
+        return
+    dataset_index = np.asarray(dataset_index, dtype=np.int64)
+    scaled_before = np.bincount(dataset_index, weights=(g != 0).astype(np.float64)) > 0
+    fresh = ~scaled_before[dataset_index]
+    if fresh.any():
+        g = np.array(g, dtype=np.float64)
+        g[fresh] = 1.0
+        table["inverse_scale_factor"] = g
 
 
 def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=-5.0,
                     d_min=None, d_max=None, d_values=None, clear_flags=True,
-                    consume_input=False):
+                    consume_input=False, dataset_index=None):
     """Run steps 1-6 on one dataset's table; returns the new table (rows may be removed).
 
     d_values: per-row d from the best cell for the d-range cut (default: the `d` column).
     consume_input: the caller no longer needs `table`; its columns are moved into the
     result (when partials are summed, input and output then never coexist in memory).
+    dataset_index: per row, its dataset (0..n-1) when the table holds several datasets:
+    partials are summed, rows numbered and g and intensities initialised per dataset.
     """
     if clear_flags:
         clear_scaling_flags(table)
     apply_user_exclusions(table, d_min, d_max, partiality_cutoff, d_values)
-    apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi)
-    table = sum_partial_reflections(table, consume_input)
-    initialise_inverse_scale_factor(table)
-    choose_initial_intensities(table, intensity_choice)
+    apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi, dataset_index)
+    table, dataset_index = _sum_partials_keeping_index(table, consume_input, dataset_index)
+    initialise_inverse_scale_factor(table, dataset_index)
+    choose_initial_intensities(table, intensity_choice, dataset_index)
     return table
+
+
+def _sum_partials_keeping_index(table, consume_input, dataset_index):
+    if dataset_index is None:
+        return sum_partial_reflections(table, consume_input), None
+    n_before = table.nrows
+    # the dataset index travels as a column through the row selection of the summation
+    table["__dataset_index"] = np.asarray(dataset_index, dtype=np.int64)
+    table = sum_partial_reflections(table, consume_input, dataset_index)
+    dataset_index = np.array(table["__dataset_index"]) if table.nrows != n_before else \
+        np.asarray(dataset_index, dtype=np.int64)
+    table.del_column("__dataset_index")
+    return table, dataset_index
 
 
 def suitable_selection(table):

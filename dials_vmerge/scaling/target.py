@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.flat import split_positions
+from .family import KBFamily
 from .ih_table import chunk_bounds, group_weighted_sums
 from .physical_pass import (PhysicalPassInputs, physical_target_and_gradient,
                             uses_fused_physical_pass)
@@ -198,8 +200,14 @@ class ScalingTarget:
         self.restraint_weights = manager.restraint_weights()
         self.n_restraints = int(np.count_nonzero(self.restraint_weights))
         self.last_phi = None
-        # Models evaluate only the rows this table uses; positions within those rows.
-        self.rows, self.position = rows_used(ih_table, len(manager.models))
+        # KB models: one family kernel over all rows of the table (scaling/family.py).
+        self.family = None
+        if KBFamily.applies(manager.models):
+            self.family = KBFamily(manager.models, manager.column_of_parameter,
+                                   ih_table.dataset_id, ih_table.loc_index)
+        else:
+            # Models evaluate only the rows this table uses; positions within those rows.
+            self.rows, self.position = rows_used(ih_table, len(manager.models))
         # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
         self.fused = None
         if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
@@ -226,6 +234,9 @@ class ScalingTarget:
     def _ell(self, x):
         from .parameters import gather_ell
 
+        if self.family is not None:
+            # The models' own parameters are set once, by the caller, from the result.
+            return self.family.evaluate(x)
         self.manager.set_free(x)
         per_dataset = self.manager.evaluate(rows=self.rows)
         return gather_ell(per_dataset, self.table.dataset_id, self.position)
@@ -271,8 +282,7 @@ def rows_used(ih_table, n_datasets):
     position within its dataset's list."""
     rows = []
     position = np.empty(ih_table.n_obs, dtype=np.int64)
-    for d in range(n_datasets):
-        obs = np.flatnonzero(ih_table.dataset_id == d)
+    for obs in split_positions(ih_table.dataset_id, n_datasets):
         unique_rows, inverse = np.unique(ih_table.loc_index[obs], return_inverse=True)
         rows.append(unique_rows)
         position[obs] = inverse

@@ -196,8 +196,8 @@ def auto_small_scale_cutoff(reference_mean, states):
 
 
 class TargetedScalingRun(ScalingRun):
-    def __init__(self, experiments, tables, models, params, log):
-        super().__init__(experiments, tables, models, params, log)
+    def __init__(self, experiments, table, dataset_rows, models, params, log):
+        super().__init__(experiments, table, dataset_rows, models, params, log)
         from .. import geometry
 
         path = str(param(params, "scaling_options.reference"))

@@ -1,4 +1,4 @@
-"""Entry points for the benchmark harness (benchmarks/): one target+gradient pass of the core.
+"""Entry points for the benchmark harness (benchmarks/run.py): one target+gradient pass of the core.
 
 make_target_evaluator(experiments, table, nproc) groups every observation with usable
 summation (else profile) intensity by ASU index, makes and configures a physical model per
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ih_table import build_ih_table, chunk_bounds, map_indices_to_asu, set_num_threads
-from .physical_pass import PhysicalPassInputs, physical_target_and_gradient
+import dials_vmerge  # noqa: F401  (cctbx before numba)
+from dials_vmerge.scaling.ih_table import (build_ih_table, chunk_bounds, map_indices_to_asu,
+                                          set_num_threads)
+from dials_vmerge.scaling.physical_pass import PhysicalPassInputs, physical_target_and_gradient
 
 
 def _intensities(table):
@@ -77,10 +79,10 @@ def make_target_evaluator(experiments, table, nproc=1, params=None):
 
     params: model options (default: DIALS defaults, model.factory.default_model_params()).
     """
-    from .. import geometry
-    from ..model.factory import default_model_params
-    from ..model.physical import PhysicalScalingModel
-    from .algorithm import RowView
+    from dials_vmerge import geometry
+    from dials_vmerge.model.factory import default_model_params
+    from dials_vmerge.model.physical import PhysicalScalingModel
+    from dials_vmerge.table import RowView
 
     params = params or default_model_params()
     intensity, variance = _intensities(table)
