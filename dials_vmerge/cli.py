@@ -253,6 +253,10 @@ class Program:
             log.info("Parameters that differ from the defaults:\n" + diff)
         start = time.time()
         result = self.run(params, inputs, log)
+        from .backends import mpi_world
+
+        if mpi_world.n_ranks() > 1:
+            log.info(mpi_world.summary())
         log.info(f"Total time: {time.time() - start:.2f} s")
         log_path = _output_param(params, "log") or f"{self.name}.log"
         if self.write_log:

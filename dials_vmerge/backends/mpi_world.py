@@ -159,6 +159,13 @@ def communication_stats() -> dict:
             "bytes_per_rank": _state["reduced_bytes"]}
 
 
+def summary() -> str:
+    """One log line: ranks and the time rank 0 spent in reductions."""
+    stats = communication_stats()
+    return (f"MPI: {n_ranks()} ranks; {stats['reductions']} reductions of "
+            f"{stats['bytes_per_rank'] / 1e6:.3f} MB per rank in {stats['seconds']:.3f} s")
+
+
 def silence_non_output_ranks() -> None:
     """Only rank 0 talks: the other ranks' stdout goes to /dev/null."""
     if world() is not None and not is_output_rank():
@@ -200,9 +207,6 @@ def report() -> dict:
         from mpi4py import MPI
     except ImportError:
         return out
-    if world() is None and launched_ranks() <= 1 and not MPI.Is_initialized():
-        # Asking the library's version initialises MPI; a singleton init is harmless.
-        pass
     out["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     comm = world()
     host = MPI.Get_processor_name()
