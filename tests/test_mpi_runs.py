@@ -201,3 +201,26 @@ def test_rank_killed_mid_run_leaves_no_output(datasets, tmp_path):
     assert os.listdir(tmp_path) == []  # no outputs, no temporary .part files
     assert {p: os.path.getmtime(p) for p in (expt, refl)} == before
     assert rank_pids(marker, 0) == [] and rank_pids(marker, 1) == []
+
+
+def test_devices_reports_ranks_and_library(tmp_path):
+    done = run(["dials.vmerge.devices"], cwd=tmp_path, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    assert "MPI ranks:            2 on 1 host(s)" in done.stdout
+    assert "MPI library:" in done.stdout and "MPICH" in done.stdout
+    assert done.stdout.count("CPU cores:") == 1  # rank 0 alone prints
+
+
+def test_one_process_is_unchanged_without_launcher():
+    # no launcher variables: no mpi4py import, the single-process splitter and sums
+    from dials_vmerge.backends import mpi_world
+    from dials_vmerge.scaling.ih_table import chunk_bounds
+
+    assert mpi_world.launched_ranks() == 1 or os.environ.get("PMI_SIZE") == "1"
+    group_start = np.array([0, 3, 4, 9, 10, 15])
+    assert np.array_equal(mpi_world.local_chunk_bounds(group_start, 2, chunk_bounds),
+                          chunk_bounds(group_start, 2))
+    grad = np.array([1.0, 2.0])
+    phi, same = mpi_world.sum_over_ranks(1.5, grad)
+    assert phi == 1.5 and same is grad
+    assert mpi_world.is_output_rank() and mpi_world.private_output_dir() is None
