@@ -224,3 +224,31 @@ def test_one_process_is_unchanged_without_launcher():
     phi, same = mpi_world.sum_over_ranks(1.5, grad)
     assert phi == 1.5 and same is grad
     assert mpi_world.is_output_rank() and mpi_world.private_output_dir() is None
+
+
+def test_rank_failing_alone_stops_every_rank(tmp_path):
+    # rank 1 fails after a reduction while rank 0 waits in the next one: rank 1 prints its
+    # line and aborts the job instead of leaving rank 0 hanging; nothing is published
+    code = (
+        "import dials_vmerge, sys\n"
+        "from dials_vmerge.backends import mpi_world\n"
+        "from dials_vmerge.cli import Program\n"
+        "from dials_vmerge.errors import VmergeError\n"
+        "from dials_vmerge.io.atomic import atomic_write\n"
+        "def run(params, inputs, log):\n"
+        "    mpi_world.sum_over_ranks(1.0)\n"
+        "    if mpi_world.rank() == 1:\n"
+        "        raise VmergeError('disk of rank 1 is full')\n"
+        "    mpi_world.sum_over_ranks(2.0)\n"
+        "    with atomic_write('out.txt', 'w') as f:\n"
+        "        f.write('never')\n"
+        "sys.exit(Program('fake', [], run, needs_data=False, write_log=False).main([]))\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([launcher(), "-n", "2", sys.executable, "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 100
+    assert done.returncode != 0
+    ours = [l for l in done.stderr.splitlines() if l.startswith("fake: error:")]
+    assert ours == ["fake: error: disk of rank 1 is full (MPI rank 1 of 2; stopping all ranks)"]
+    assert os.listdir(tmp_path) == []
