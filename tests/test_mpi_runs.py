@@ -226,7 +226,8 @@ def test_one_process_is_unchanged_without_launcher():
     assert mpi_world.is_output_rank() and mpi_world.private_output_dir() is None
 
 
-def test_rank_failing_alone_stops_every_rank(tmp_path):
+@pytest.mark.parametrize("debug", [False, True])
+def test_rank_failing_alone_stops_every_rank(tmp_path, debug):
     # rank 1 fails after a reduction while rank 0 waits in the next one: rank 1 prints its
     # line and aborts the job instead of leaving rank 0 hanging; nothing is published
     code = (
@@ -242,13 +243,19 @@ def test_rank_failing_alone_stops_every_rank(tmp_path):
         "    mpi_world.sum_over_ranks(2.0)\n"
         "    with atomic_write('out.txt', 'w') as f:\n"
         "        f.write('never')\n"
-        "sys.exit(Program('fake', [], run, needs_data=False, write_log=False).main([]))\n"
+        "sys.exit(Program('fake', [], run, needs_data=False, write_log=False)"
+        ".main(sys.argv[1:]))\n"
     )
     started = time.monotonic()
-    done = subprocess.run([launcher(), "-n", "2", sys.executable, "-c", code], cwd=tmp_path,
+    done = subprocess.run([launcher(), "-n", "2", sys.executable, "-c", code]
+                          + (["--debug"] if debug else []), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert time.monotonic() - started < 100
     assert done.returncode != 0
+    assert os.listdir(tmp_path) == []
+    if debug:  # the traceback, then MPI_Abort: no hang in rank 0's reduction
+        assert "VmergeError: disk of rank 1 is full" in done.stderr
+        return
     ours = [l for l in done.stderr.splitlines() if l.startswith("fake: error:")]
     assert ours == ["fake: error: disk of rank 1 is full (MPI rank 1 of 2; stopping all ranks)"]
     assert os.listdir(tmp_path) == []

@@ -68,7 +68,23 @@ def world():
                 # mpiexec stops the surviving ranks with SIGTERM when one rank dies: leave
                 # through the normal unwinding so staged temporary outputs are removed.
                 signal.signal(signal.SIGTERM, _exit_on_signal)
+                # an uncaught exception (--debug) must not leave the other ranks waiting
+                sys.excepthook = _abort_after_traceback
     return _state["comm"]
+
+
+def _abort(code=1):
+    """MPI_Abort once the launcher has had time to forward this rank's last lines (an abort
+    kills the forwarding proxy too, which otherwise cuts the message short)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(1.0)
+    _state["comm"].Abort(code)
+
+
+def _abort_after_traceback(kind, value, traceback):
+    sys.__excepthook__(kind, value, traceback)
+    _abort(1)
 
 
 def _exit_on_signal(signum, frame):
@@ -194,9 +210,7 @@ def stop_after_error(line: str, wait_seconds: float = 20.0) -> int:
             return 1
         time.sleep(0.01)
     print(f"{line} (MPI rank {rank()} of {n_ranks()}; stopping all ranks)", file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
-    comm.Abort(1)
+    _abort(1)
     return 1  # not reached
 
 
