@@ -15,8 +15,8 @@ $(VENV)/.installed: setup.py $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.py $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+$(VENV)/.installed-test: setup.py Makefile $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test,mpi]"  # mpi: mpich + mpi4py, so the MPI tests run
 	touch $@
 
 demo: $(VENV)/.installed

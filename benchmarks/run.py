@@ -586,7 +586,18 @@ def main(argv=None) -> int:
     parser.add_argument("--wedges", default="",
                         help="many-dataset series: COUNTxOBS narrow physical wedges, e.g. "
                              "200x5000, each compared with one sweep of the same total size")
+    # issue 11: MPI series (benchmarks/mpi_scaling.py)
+    parser.add_argument("--mpi", default="", help="MPI series: comma-separated rank counts, e.g. 1,2")
+    parser.add_argument("--mpi-rotation-obs", default="2e5", help="MPI series: rotation size")
+    parser.add_argument("--mpi-stills", type=int, default=2000, help="MPI series: number of stills")
     args = parser.parse_args(argv)
+    if args.mpi:
+        from mpi_scaling import run_mpi_benchmark
+
+        run_mpi_benchmark(parse_sizes(args.mpi), int(float(args.mpi_rotation_obs)),
+                          args.mpi_stills, args.workdir, args.out, args.seed)
+        _log(f"wrote {args.out}")
+        return 0
     if args.stills or args.wedges:
         return run_series(args)
     sizes = parse_sizes(args.sizes)

@@ -223,7 +223,10 @@ class Program:
         _deliver_interrupts_from_callbacks()
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
+        from .backends import mpi_world
+
         try:
+            mpi_world.silence_non_output_ranks()  # under mpiexec: only rank 0 talks
             code = self._main(argv)
         except BrokenPipeError:
             # the reader of our output went away (`dials.vmerge -h | head`): not an error of
@@ -233,25 +236,22 @@ class Program:
         except VmergeError as e:
             if debug:
                 raise
-            print(f"{self.name}: error: {e}", file=sys.stderr)
-            code = 1
+            # one process: print; MPI: printed once, every rank stops (backends/mpi_world.py)
+            code = mpi_world.stop_after_error(f"{self.name}: error: {e}")
         except KeyboardInterrupt:
             print(f"{self.name}: interrupted; no output files were changed", file=sys.stderr)
             code = 130
         except MemoryError:
             if debug:
                 raise
-            print(f"{self.name}: error: out of memory", file=sys.stderr)
-            code = 1
+            code = mpi_world.stop_after_error(f"{self.name}: error: out of memory")
         except Exception as e:  # a bug: still one line unless --debug
             if debug:
                 raise
-            print(
+            code = mpi_world.stop_after_error(
                 f"{self.name}: internal error: {type(e).__name__}: {_first_line(e)} "
-                "(rerun with --debug for the traceback)",
-                file=sys.stderr,
+                "(rerun with --debug for the traceback)"
             )
-            code = 1
         try:
             sys.stdout.flush()
         except BrokenPipeError:
@@ -326,6 +326,10 @@ class Program:
                     log.info(f"Reading the input files: {read_seconds:.1f} s")
                 start = time.time()
                 result = self.run(params, inputs, log)
+                from .backends import mpi_world
+
+                if mpi_world.n_ranks() > 1:
+                    log.info(mpi_world.summary())
                 log.info(f"Total time: {time.time() - start:.2f} s")
             finally:
                 _close_log_file(log, log_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 
 def cpu_report() -> dict:
@@ -41,8 +42,16 @@ def mpi_report() -> dict:
         version = getattr(mpi4py, "__version__", "?")
     except ImportError:
         have_mpi4py, version = False, None
-    launcher = next((shutil.which(n) for n in ("mpiexec", "mpirun") if shutil.which(n)), None)
-    return {"mpi4py": have_mpi4py, "mpi4py_version": version, "mpi_launcher": launcher}
+    # the `mpi` extra's mpich installs mpiexec beside the interpreter, maybe not on PATH
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    launcher = next((shutil.which(n, path=search) for n in ("mpiexec", "mpirun")
+                     if shutil.which(n, path=search)), None)
+    out = {"mpi4py": have_mpi4py, "mpi4py_version": version, "mpi_launcher": launcher}
+    if have_mpi4py:
+        from .backends.mpi_world import report as mpi_world_report
+
+        out.update(mpi_world_report())  # library, ranks and hosts of this run
+    return out
 
 
 def report() -> dict:
@@ -68,4 +77,8 @@ def format_report(r: dict) -> str:
         + (f"mpi4py {r['mpi4py_version']}" if r["mpi4py"] else "mpi4py not installed")
         + (f", launcher {r['mpi_launcher']}" if r["mpi_launcher"] else ", no mpiexec/mpirun on PATH"),
     ]
+    if r.get("mpi_library"):
+        lines.append(f"MPI library:          {r['mpi_library']}")
+        lines.append(f"MPI ranks:            {r['mpi_ranks']} on {len(r['mpi_hosts'])} host(s): "
+                     + ", ".join(r["mpi_hosts"]))
     return "\n".join(lines)

@@ -13,6 +13,8 @@ import tempfile
 
 def _temp_path_beside(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
+    # MPI ranks other than 0 compute the same outputs but never publish them
+    directory = _private_output_dir() or directory
     fd, temp = tempfile.mkstemp(
         prefix="." + os.path.basename(path) + ".", suffix=".part", dir=directory
     )
@@ -22,12 +24,26 @@ def _temp_path_beside(path: str) -> str:
 
 def _replace(temp: str, path: str) -> None:
     """Flush `temp` to disk, give it a plain open()'s mode (mkstemp makes 0600) and rename."""
+    from ..backends.mpi_world import agree_to_publish
+
+    agree_to_publish()  # under MPI: only once no rank has failed
+    private = _private_output_dir()
+    if private is not None and os.path.dirname(os.path.abspath(path)) != private:
+        os.unlink(temp)
+        return
     with open(temp, "rb+") as f:
         os.fsync(f.fileno())
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)
     os.replace(temp, path)
+
+
+def _private_output_dir():
+    """Under MPI, on ranks other than 0: where their outputs go (never published)."""
+    from ..backends.mpi_world import private_output_dir
+
+    return private_output_dir()
 
 
 @contextlib.contextmanager

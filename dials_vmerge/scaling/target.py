@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..backends import mpi_world
 from ..kernels.flat import split_positions
 from .family import KBFamily
 from .ih_table import chunk_bounds, group_weighted_sums
@@ -143,27 +144,28 @@ def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
 def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
                         nproc=1):
     """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller."""
-    chunks = chunk_bounds(group_start, nproc)
+    # under MPI: this rank's groups only, summed over ranks below (backends/mpi_world.py)
+    chunks = mpi_world.local_chunk_bounds(group_start, nproc, chunk_bounds)
     n_chunks = chunks.size - 1
     phi_partial = np.zeros(n_chunks)
     grad_partial = np.zeros((n_chunks, n_par))
     target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
                            phi_partial, grad_partial)
-    return _ordered_sum(phi_partial), _ordered_rows_sum(grad_partial)
+    return mpi_world.sum_over_ranks(_ordered_sum(phi_partial), _ordered_rows_sum(grad_partial))
 
 
 def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
                      nproc=1):
     """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term."""
-    chunks = chunk_bounds(group_start, nproc)
+    chunks = mpi_world.local_chunk_bounds(group_start, nproc, chunk_bounds)
     n_chunks = chunks.size - 1
     phi_partial = np.zeros(n_chunks)
     rhs_partial = np.zeros((n_chunks, n_par))
     normal_partial = np.zeros((n_chunks, n_par, n_par))
     normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
                          phi_partial, rhs_partial, normal_partial)
-    return (_ordered_sum(phi_partial), _ordered_rows_sum(rhs_partial),
-            _ordered_rows_sum(normal_partial))
+    return mpi_world.sum_over_ranks(_ordered_sum(phi_partial), _ordered_rows_sum(rhs_partial),
+                                    _ordered_rows_sum(normal_partial))
 
 
 def variance_of_g(deriv_values, deriv_col, covariance):
@@ -214,7 +216,7 @@ class ScalingTarget:
             self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
                                             ih_table.loc_index, ih_table.intensity,
                                             ih_table.weight)
-            self.chunks = chunk_bounds(ih_table.group_start, nproc)
+            self.chunks = mpi_world.local_chunk_bounds(ih_table.group_start, nproc, chunk_bounds)
             self.max_group_size = int(np.diff(ih_table.group_start).max())
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
@@ -247,6 +249,7 @@ class ScalingTarget:
             self.manager.set_free(x)
             phi, grad_full = physical_target_and_gradient(
                 self.fused, t.group_start, self.chunks, self.max_group_size)
+            phi, grad_full = mpi_world.sum_over_ranks(phi, grad_full)
             grad = np.zeros(self.n_par)
             # fixed order of the full entries; shared components add up here
             np.add.at(grad, self.full_to_free[self.free_entries], grad_full[self.free_entries])

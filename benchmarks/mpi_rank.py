@@ -1,0 +1,63 @@
+"""One MPI rank of a benchmarked run: `mpiexec -n N python benchmarks/mpi_rank.py OUT PROGRAM ARGS`.
+
+Runs the dials.vmerge program PROGRAM (e.g. dials.vmerge) in this process and, when it ends,
+writes OUT.rank<r>.json with this rank's peak RSS (MiB) and its reduction statistics
+(seconds in Allgather + rank-order sums, their number and bytes). Benchmark-only.
+"""
+
+import json
+import resource
+import sys
+
+import dials_vmerge  # noqa: F401  (before numba/scipy.special)
+
+
+SHARDED = {"seconds": 0.0, "calls": 0}
+
+
+def time_sharded_work():
+    """Wrap the evaluations that MPI shards (target and gradient, normal matrix, fused
+    physical pass) with timers; the reductions inside them are subtracted later."""
+    import time
+
+    from dials_vmerge.scaling import target
+
+    def timed(function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                SHARDED["seconds"] += time.perf_counter() - start
+                SHARDED["calls"] += 1
+        return wrapper
+
+    for name in ("target_and_gradient", "normal_equations", "physical_target_and_gradient"):
+        setattr(target, name, timed(getattr(target, name)))
+
+
+def main() -> int:
+    out, program, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    time_sharded_work()
+    module = {"dials.vmerge": "vmerge", "dials.vmerge.merge": "merge",
+              "dials.vmerge.stats": "stats"}[program]
+    import importlib
+
+    entry = importlib.import_module(f"dials_vmerge.command_line.{module}").main
+    code = entry(args)
+    from dials_vmerge.backends import mpi_world
+
+    record = {"rank": mpi_world.rank(), "ranks": mpi_world.n_ranks(), "exit_code": code,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    stats = mpi_world.communication_stats()
+    record.update({f"comm_{k}": v for k, v in stats.items()})
+    # the fused pass's reduction happens outside the wrapper; the others' inside it
+    record["sharded_compute_s"] = max(0.0, SHARDED["seconds"] - stats["seconds"])
+    record["sharded_calls"] = SHARDED["calls"]
+    with open(f"{out}.rank{record['rank']}.json", "w") as f:
+        json.dump(record, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Running every program under `mpiexec -n N` (or `srun -n N`): the MPI world of one run.
+
+Layout (what is distributed and what is not, honestly):
+- Every rank reads the whole input and runs the same straight-line job; all decisions are
+  taken from values that are bit-identical on every rank, so the ranks stay in lock step.
+- The per-observation work of the minimiser (target and gradient, normal matrix) is split by
+  unique reflection: each rank evaluates a contiguous range of whole ASU groups, balanced by
+  observation count (backends.mpi.shard_bounds), and the partial sums are combined with one
+  buffer-based Allgather followed by a sum in rank order on every rank. The same N therefore
+  gives the same bits run after run, and different N agree to rounding (1e-10 relative).
+  Restraints are added once, after the reduction, by the caller.
+- Outputs (files and the log) are written by rank 0 only, atomically; the other ranks' writes
+  go to private temporary files that are discarded (io.atomic asks `is_output_rank`).
+- A failure on any rank stops all ranks: ranks that fail together (bad input: every rank
+  reads the same files and parameters) meet on a separate communicator, rank 0 prints the
+  one-line error and all exit 1; a rank that fails alone prints its line and calls Abort.
+
+Without MPI environment variables (no mpiexec/srun, or one rank) nothing here imports mpi4py
+and every function is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from ..errors import VmergeError
+from .mpi import shard_bounds
+
+# Launchers say how many ranks there are before MPI is initialised: hydra/PMI (MPICH, srun
+# with PMI2), PMIx (srun --mpi=pmix, OpenMPI 5) and OpenMPI's own variable.
+_SIZE_VARIABLES = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+_state = {"comm": None, "error_comm": None, "commit_comm": None, "private_dir": None, "checked": False, "comm_seconds": 0.0,
+          "reductions": 0, "reduced_bytes": 0}
+
+
+def launched_ranks() -> int:
+    """Number of ranks the launcher started (1 when not under a launcher)."""
+    for name in _SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def world():
+    """MPI.COMM_WORLD when running under a launcher with more than one rank, else None."""
+    if not _state["checked"]:
+        _state["checked"] = True
+        if launched_ranks() > 1:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise VmergeError(
+                    f"started with {launched_ranks()} MPI ranks but mpi4py is not installed "
+                    "(pip install 'dials-vmerge[mpi]')") from None
+            comm = MPI.COMM_WORLD
+            if comm.Get_size() > 1:
+                _state["comm"] = comm
+                # Errors meet here, never on COMM_WORLD where healthy ranks wait in reductions.
+                _state["error_comm"] = comm.Dup()
+                _state["commit_comm"] = comm.Dup()
+                # mpiexec stops the surviving ranks with SIGTERM when one rank dies: leave
+                # through the normal unwinding so staged temporary outputs are removed.
+                signal.signal(signal.SIGTERM, _exit_on_signal)
+                # an uncaught exception (--debug) must not leave the other ranks waiting
+                sys.excepthook = _abort_after_traceback
+    return _state["comm"]
+
+
+def _abort(code=1):
+    """MPI_Abort once the launcher has had time to forward this rank's last lines (an abort
+    kills the forwarding proxy too, which otherwise cuts the message short)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(1.0)
+    _state["comm"].Abort(code)
+
+
+def _abort_after_traceback(kind, value, traceback):
+    sys.__excepthook__(kind, value, traceback)
+    _abort(1)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def rank() -> int:
+    comm = world()
+    return 0 if comm is None else comm.Get_rank()
+
+
+def n_ranks() -> int:
+    comm = world()
+    return 1 if comm is None else comm.Get_size()
+
+
+def is_output_rank() -> bool:
+    """True on the one rank that writes files and the log (rank 0; always in one process)."""
+    return rank() == 0
+
+
+def private_output_dir():
+    """A directory of this rank's own (removed at exit) where a rank other than 0 writes the
+    outputs it computes but never publishes; None on rank 0 and in one process."""
+    if world() is None or is_output_rank():
+        return None
+    if _state["private_dir"] is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _state["private_dir"] = tempfile.mkdtemp(prefix=f"dials_vmerge_rank{rank()}_")
+        atexit.register(shutil.rmtree, _state["private_dir"], True)
+    return _state["private_dir"]
+
+
+def agree_to_publish() -> None:
+    """Called by every rank before each atomic rename: a barrier on a communicator of its own,
+    so no file is published while another rank has failed (it aborts the job instead)."""
+    if world() is not None:
+        _state["commit_comm"].Barrier()
+
+
+def local_chunk_bounds(group_start, nproc, chunk_bounds):
+    """Chunk bounds (group offsets, >= 2 entries) over this rank's groups only.
+
+    chunk_bounds(group_start, n) is the single-process splitter; in one process this is
+    exactly chunk_bounds(group_start, nproc)."""
+    group_start = np.asarray(group_start)
+    if world() is None:
+        return chunk_bounds(group_start, nproc)
+    bounds = shard_bounds(group_start, n_ranks())
+    g_lo, g_hi = int(bounds[rank()]), int(bounds[rank() + 1])
+    if g_hi <= g_lo:
+        return np.array([g_lo, g_lo], dtype=np.int64)
+    local_start = group_start[g_lo:g_hi + 1] - group_start[g_lo]
+    return chunk_bounds(local_start, nproc) + g_lo
+
+
+def sum_over_ranks(*values):
+    """Each value (a float or a numpy array) summed over all ranks, identical bits on every
+    rank: one Allgather of the packed partials, then a sum in rank order."""
+    comm = world()
+    if comm is None:
+        return values if len(values) > 1 else values[0]
+    start = time.perf_counter()
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    packed = np.concatenate([a.ravel() for a in arrays])
+    gathered = np.empty((comm.Get_size(), packed.size), dtype=np.float64)
+    comm.Allgather(packed, gathered)
+    total = gathered[0].copy()
+    for row in gathered[1:]:
+        total += row
+    out, offset = [], 0
+    for a, v in zip(arrays, values):
+        part = total[offset:offset + a.size].reshape(a.shape)
+        offset += a.size
+        out.append(float(part) if np.ndim(v) == 0 else part)
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 1
+    _state["reduced_bytes"] += packed.nbytes
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def communication_stats() -> dict:
+    """Seconds spent in reductions, their number and bytes sent per rank (for benchmarks)."""
+    return {"seconds": _state["comm_seconds"], "reductions": _state["reductions"],
+            "bytes_per_rank": _state["reduced_bytes"]}
+
+
+def summary() -> str:
+    """One log line: ranks and the time rank 0 spent in reductions."""
+    stats = communication_stats()
+    return (f"MPI: {n_ranks()} ranks; {stats['reductions']} reductions of "
+            f"{stats['bytes_per_rank'] / 1e6:.3f} MB per rank in {stats['seconds']:.3f} s")
+
+
+def silence_non_output_ranks() -> None:
+    """Only rank 0 talks: the other ranks' stdout goes to /dev/null."""
+    if world() is not None and not is_output_rank():
+        sys.stdout.flush()
+        sys.stdout = open(os.devnull, "w")
+
+
+def stop_after_error(line: str, wait_seconds: float = 20.0) -> int:
+    """Called by a rank that failed with the one-line message `line`.
+
+    If every rank fails (the usual case: each read the same bad input) they meet on the error
+    communicator within wait_seconds: rank 0 prints the line, everyone returns 1. A rank whose
+    partners do not arrive failed alone: it prints its line and aborts the whole job, so no
+    rank hangs in a reduction. In one process: print and return 1."""
+    comm = world()
+    if comm is None:
+        print(line, file=sys.stderr)
+        return 1
+    request = _state["error_comm"].Ibarrier()
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if request.Test():
+            if is_output_rank():
+                print(line, file=sys.stderr)
+            sys.stderr.flush()
+            return 1
+        time.sleep(0.01)
+    print(f"{line} (MPI rank {rank()} of {n_ranks()}; stopping all ranks)", file=sys.stderr)
+    _abort(1)
+    return 1  # not reached
+
+
+def report() -> dict:
+    """MPI library, ranks and hosts of this run (for dials.vmerge.devices)."""
+    out = {"mpi_ranks": n_ranks(), "mpi_library": None, "mpi_hosts": []}
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return out
+    out["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+    comm = world()
+    host = MPI.Get_processor_name()
+    hosts = [host] if comm is None else comm.allgather(host)
+    out["mpi_hosts"] = sorted(set(hosts))
+    return out
