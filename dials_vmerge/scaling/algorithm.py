@@ -117,6 +117,7 @@ class ScalingRun:
 
         self.space_group = geometry.space_group(experiments[0])
         self.unit_cell = geometry.unit_cell(experiments[0])
+        self.best_cell = geometry.median_unit_cell(experiments)  # the likelihood's d
         self.summary = {"dropped_datasets": [], "rounds": []}
         self.table = table
         self.dataset_rows = [np.asarray(r, dtype=np.int64) for r in dataset_rows]
