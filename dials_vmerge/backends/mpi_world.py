@@ -125,7 +125,19 @@ def agree_to_publish() -> None:
     """Called by every rank before each atomic rename: a barrier on a communicator of its own,
     so no file is published while another rank has failed (it aborts the job instead)."""
     if world() is not None:
-        _state["commit_comm"].Barrier()
+        _wait(_state["commit_comm"].Ibarrier())
+
+
+def _wait(request) -> None:
+    """Complete a non-blocking collective, returning to the interpreter between tests: a
+    rank blocked in a C-level MPI wait would not run its SIGTERM handler when mpiexec stops
+    the job after another rank died, and its temporary outputs (the streamed log's .part)
+    would stay behind."""
+    spins = 0
+    while not request.Test():
+        spins += 1
+        if spins > 100:
+            time.sleep(1e-4)  # after a short spin, give the core to the ranks still computing
 
 
 def local_chunk_bounds(group_start, nproc, chunk_bounds):
@@ -154,7 +166,7 @@ def sum_over_ranks(*values):
     arrays = [np.asarray(v, dtype=np.float64) for v in values]
     packed = np.concatenate([a.ravel() for a in arrays])
     gathered = np.empty((comm.Get_size(), packed.size), dtype=np.float64)
-    comm.Allgather(packed, gathered)
+    _wait(comm.Iallgather(packed, gathered))
     total = gathered[0].copy()
     for row in gathered[1:]:
         total += row
