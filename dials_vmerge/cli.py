@@ -305,14 +305,14 @@ class Program:
             read_seconds = time.perf_counter() - read_start
         log_path = _output_param(params, "log") or f"{self.name}.log"
         with contextlib.ExitStack() as outputs:
-            # The log is written line by line as the run goes, to a temporary file beside
-            # log_path that becomes log_path when the run succeeds (removed if it fails: a
-            # failed run leaves no output files).
+            # The log is written line by line as the run goes, to a temporary file (in the
+            # system's temporary directory) that becomes log_path when the run succeeds and
+            # is removed if it fails: a failed or killed run leaves no output files.
             stream_path = None
             if self.write_log:
-                from .io.atomic import atomic_output_path
+                from .io.atomic import streamed_output_path
 
-                stream_path = outputs.enter_context(atomic_output_path(log_path))
+                stream_path = outputs.enter_context(streamed_output_path(log_path))
             log, log_file = _make_logger(self.name, stream_path)
             try:
                 log.info(version_line(self.name))

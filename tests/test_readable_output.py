@@ -87,22 +87,31 @@ def _program(run):
 
 
 def test_log_is_written_as_the_run_goes(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    import tempfile
+
+    # the streamed log lives in the system's temporary directory until the run succeeds
+    work, scratch = tmp_path / "work", tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     seen = {}
 
     def run(params, inputs, log):
         log.info("first stage done")
-        running = glob.glob(str(tmp_path / ".dials.vmerge.test.log.*"))
+        running = glob.glob(str(scratch / ".dials.vmerge.test.log.*"))
         assert len(running) == 1
         seen["during"] = open(running[0]).read()
         assert not os.path.exists("dials.vmerge.test.log")
+        assert os.listdir(work) == []  # nothing beside the outputs while the run goes
 
     assert _program(run).main([]) == 0
     assert "Command line: dials.vmerge.test" in seen["during"]
     assert "first stage done" in seen["during"]
     final = open("dials.vmerge.test.log").read()
     assert final.startswith(seen["during"]) and "Total time" in final
-    assert os.listdir(tmp_path) == ["dials.vmerge.test.log"]
+    assert os.listdir(work) == ["dials.vmerge.test.log"]
+    assert os.listdir(scratch) == []
 
 
 def test_failed_run_leaves_no_log(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -57,6 +58,23 @@ def atomic_output_path(path: str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+@contextlib.contextmanager
+def streamed_output_path(path: str):
+    """Yield a path to write while the run goes (the log): a file in the system's temporary
+    directory, not beside the outputs, so that a run killed outright (SIGKILL; under MPI the
+    launcher kills every rank so when one dies) leaves nothing where the outputs go. When the
+    block succeeds its content becomes `path` atomically; the temporary file always goes."""
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part")
+    os.close(fd)
+    try:
+        yield temp
+        with atomic_output_path(path) as final:
+            shutil.copyfile(temp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
 
 
 class StagedOutputs:
