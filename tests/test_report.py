@@ -62,7 +62,9 @@ def runs(tmp_path_factory):
     experiments, table, truth = simulate_stills(n_stills=200, seed=3, d_min=2.5)
     write_outputs(experiments, table, truth, str(work / "sim.expt"), str(work / "sim.refl"),
                   str(work / "truth.h5"))
-    run_program("vmerge", ["sim.expt", "sim.refl"], work)
+    # with ΔCC½ filtering (as users of many stills run it), so that the report's filtering
+    # section is drawn from a real run's dials.vmerge.json
+    run_program("vmerge", ["sim.expt", "sim.refl", "filtering.method=deltacchalf"], work)
     out["stills"] = work
     return out
 
@@ -173,17 +175,41 @@ def test_report_plot_data_are_the_json_and_log_numbers(runs, name):
         if "absorption" in curves:
             assert plots[f"model_absorption_{n}"]["data"][0]["z"] == curves["absorption"]["values"]
     if name == "stills":
-        assert len(models["kb"]["scale"]) == 200
+        # the stills ΔCC½ filtering removed (reached: 2 in cycle 1, none in cycle 2) are not
+        # scaled or plotted
+        removed = [i for c in report["scaling"]["filtering"]["cycle_results"].values()
+                   for i in c["removed_ids"]]
+        assert len(models["kb"]["scale"]) == 200 - len(removed) < 200
         assert plots["kb_scale_distribution"]["data"][0]["x"] == models["kb"]["scale"]
     if diagnostics["outliers"]["n"]:
         assert trace(plots["outliers_per_batch"], "outliers")["y"] == \
             diagnostics["outliers"]["count"]
         assert sum(diagnostics["outliers"]["count"]) == diagnostics["outliers"]["n"]
 
+    # sigma calibration: the JSON's points and bins
+    calibration = merging["sigma_calibration"]
+    points = calibration["normal_probability_plot"]
+    normal = trace(plots["calibration_normal_probability"], "normalised deviations")
+    assert normal["x"] == [p[0] for p in points] and normal["y"] == [p[1] for p in points]
+    for key in ("by_intensity", "by_resolution"):
+        bins = calibration[key]
+        assert trace(plots[f"calibration_{key}"], "SD")["y"] == [b["sd"] for b in bins]
+        assert trace(plots[f"calibration_{key}"], "robust SD (1.4826 median |δ|)")["y"] == [
+            b["robust_sd"] for b in bins]
+        assert sum(b["n"] for b in bins) == calibration["n"]
+    log_text = open(work / "dials.vmerge.log").read()
+    assert f"overall: SD {calibration['sd']:.3f}, robust SD {calibration['robust_sd']:.3f}" \
+        in log_text
+    # ΔCC½ filtering (the stills run): the scaling summary's "filtering" dict
+    filtering = report["scaling"].get("filtering")
+    assert (filtering is not None) == (name == "stills")
+    if filtering is not None:
+        check_filtering_section(content, filtering)
+        assert filtering == json.load(open(work / "scale_and_filter_results.json"))
+
     # summary table: the JSON's, and the log's printed values
     (summary,) = [t for t in content["tables"] if t["id"] == "summary"]
     assert summary["rows"] == merging["summary_table"]["rows"]
-    log_text = open(work / "dials.vmerge.log").read()
     for row in summary["rows"]:
         label = row[0]
         line = next(l for l in log_text.split("\n") if l.startswith(label + " ")
@@ -372,3 +398,118 @@ def test_array_model_maps_are_its_parameter_grids(tmp_path):
         mean = [[np.mean([absorption[i + j * n_x + k * n_x * n_y] for k in range(n_time)])
                  for i in range(n_x)] for j in range(n_y)]
         np.testing.assert_allclose(maps["absorption_mean_over_time"], mean, atol=5e-7)
+
+
+def check_filtering_section(content, filtering):
+    """The filtering section shows every cycle's ΔCC½ values of the JSON dict (in %), the
+    cutoff line, the points below the cutoff apart, and a table row for everything removed."""
+    (section,) = [s for s in content["sections"] if s["title"].startswith("ΔCC½ filtering")]
+    plots = {p["id"]: p for p in section["plots"]}
+    cycles = filtering["cycle_results"]
+    mode = filtering["mode"]
+    below_name = "below cutoff (removed)" if mode == "dataset" else "below cutoff"
+    for number, cycle in cycles.items():
+        plot = plots[f"filtering_delta_cc_half_cycle_{number}"]
+        cutoff = cycle["cutoff_value"]
+        above, below = trace(plot, "above cutoff"), trace(plot, below_name)
+        shown = sorted(zip(above["x"] + below["x"], above["y"] + below["y"]))
+        expected = sorted(zip(cycle["delta_cc_half_groups"], cycle["delta_cc_half_values"]))
+        assert [x for x, _ in shown] == [x for x, _ in expected]
+        np.testing.assert_allclose([y for _, y in shown], [100 * v for _, v in expected],
+                                   rtol=1e-15)
+        assert all(y < 100 * cutoff for y in below["y"])
+        assert all(y >= 100 * cutoff for y in above["y"])
+        line = trace(plot, f"cutoff {100 * cutoff:.3g}%")
+        assert line["y"] == pytest.approx([100 * cutoff] * 2, rel=1e-15)
+        if mode == "dataset":  # every dataset below the cutoff is removed
+            assert sorted(below["x"]) == sorted(cycle["removed_ids"])
+    (table,) = section["tables"]
+    removed = [(int(n), f"images {first}-{last} of dataset {key}")
+               for n, c in cycles.items() for (first, last), key in
+               c.get("image_ranges_removed") or []]
+    removed += [(int(n), f"dataset {key} ({ident})") for n, c in cycles.items()
+                for key, ident in zip(c["removed_ids"], c["removed_datasets"])]
+    assert sorted((row[0], row[1]) for row in table["rows"]) == sorted(removed)
+    for row in table["rows"]:
+        cycle = cycles[str(row[0])]
+        assert row[4] == pytest.approx(100 * cycle["cutoff_value"], rel=1e-15)
+        if row[2] == "ΔCC½ below cutoff":
+            key = int(row[1].split()[1])
+            value = cycle["delta_cc_half_values"][cycle["delta_cc_half_groups"].index(key)]
+            assert row[3] == pytest.approx(100 * value, rel=1e-15) and value < \
+                cycle["cutoff_value"]
+
+
+def filtering_results(mode):
+    """A scale_and_filter_results dict of two cycles with removals, in DIALS's layout (as
+    scaling/filtering.py writes it): mode=dataset on 12 datasets, or mode=image_group on two
+    sweeps of 5 groups (dataset 1 loses its last group, then dataset 0 all its images)."""
+    rng = np.random.default_rng(5)
+    cycles = {}
+    if mode == "dataset":
+        removed = {1: [7, 3], 2: [10]}
+        left = list(range(12))
+        for number in (1, 2, 3):
+            values = {k: float(rng.normal(0.002, 0.001)) for k in left}
+            for k in removed.get(number, []):
+                values[k] = -0.02 - 0.001 * k
+            cutoff = float(np.mean(list(values.values())) - 2 * np.std(list(values.values())))
+            order = sorted(values, key=values.get)
+            gone = sorted(removed.get(number, []))
+            cycles[str(number)] = {
+                "merging_stats": None, "delta_cc_half_values": [values[k] for k in order],
+                "delta_cc_half_groups": order, "mean_cc_half": 0.98 + 0.005 * number,
+                "cutoff_value": cutoff, "removed_datasets": [f"id-{k}" for k in gone],
+                "removed_ids": gone, "n_removed": 150 * len(gone),
+                "cumul_percent_removed": 100.0 * sum(len(removed.get(c, []))
+                                                     for c in range(1, number + 1)) / 12}
+            left = [k for k in left if k not in gone]
+        reason = "no_more_removed"
+    else:
+        values = [0.004, 0.003, 0.002, 0.001, 0.002, 0.003, 0.004, 0.003, 0.002, -0.03]
+        cycles["1"] = {"merging_stats": None, "delta_cc_half_values": sorted(values),
+                       "delta_cc_half_groups": sorted(range(10), key=lambda g: values[g]),
+                       "mean_cc_half": 0.97, "cutoff_value": -0.01, "removed_datasets": [],
+                       "removed_ids": [], "n_removed": 40, "cumul_percent_removed": 4.0,
+                       "image_ranges_removed": [[[41, 50], 1]]}
+        values = [-0.05, -0.04, -0.04, -0.03, -0.05, 0.01, 0.02, 0.01, 0.02]
+        cycles["2"] = {"merging_stats": None, "delta_cc_half_values": sorted(values),
+                       "delta_cc_half_groups": sorted(range(9), key=lambda g: values[g]),
+                       "mean_cc_half": 0.975, "cutoff_value": -0.005,
+                       "removed_datasets": ["first-sweep"], "removed_ids": [0],
+                       "n_removed": 200, "cumul_percent_removed": 24.0,
+                       "image_ranges_removed": [[[1, 10], 0], [[41, 50], 0], [[11, 20], 0],
+                                                [[31, 40], 0], [[21, 30], 0]]}
+        reason = "max_cycles"
+    return {"termination_reason": reason, "initial_n_reflections": 1000,
+            "initial_expids_and_image_ranges": None, "expids_and_image_ranges": None,
+            "cycle_results": cycles, "final_stats": None, "mode": mode}
+
+
+@pytest.mark.parametrize("mode", ["dataset", "image_group"])
+def test_filtering_section_of_removals_renders(mode, tmp_path):
+    """Removals in both modes (the stills run removes nothing): the plots and the table show
+    the dict's numbers, and a real browser draws every plot without errors."""
+    from dials_vmerge.report import write_report
+
+    filtering = filtering_results(mode)
+    report = json.loads(json.dumps({"scaling": {"filtering": filtering}, "merging": {}}))
+    write_report(report, str(tmp_path / "report.html"))
+    content = embedded_content(tmp_path / "report.html")
+    check_filtering_section(content, report["scaling"]["filtering"])
+    (section,) = content["sections"]
+    assert len(section["plots"]) == len(filtering["cycle_results"]) + 1  # + the cycles plot
+    (table,) = section["tables"]
+    if mode == "dataset":
+        assert [row[1] for row in table["rows"]] == ["dataset 3 (id-3)", "dataset 7 (id-7)",
+                                                     "dataset 10 (id-10)"]
+    else:
+        assert len(table["rows"]) == 7
+        assert table["rows"][-1][1:3] == ["dataset 0 (first-sweep)", "no valid images left"]
+    text = open(tmp_path / "report.html", encoding="utf-8").read()
+    assert 'id="table-filtering_removed"' in text
+    assert all(f"<td>{row[1]}</td>" in text for row in table["rows"])
+    chromium = chromium_or_skip()
+    found = load_in_browser(chromium, tmp_path / "report.html", str(tmp_path))
+    assert found["errors"] == []
+    assert found["containers"] == found["drawn"] == len(section["plots"])

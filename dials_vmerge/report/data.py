@@ -3,8 +3,9 @@ JSON (dials.vmerge.json, dials.vmerge.merge.json, dials.vmerge.stats.json), so t
 shows exactly the numbers of the JSON and the log.
 
 report_content(report) -> {"title", "method", "tables": [...], "sections": [...]}; each
-section {"title", "plots": [plotly figure dicts {"id", "data", "layout"}]}. Values are copied
-from the JSON lists, never recomputed; per-observation data never enters (the JSON holds
+section {"title", "plots": [plotly figure dicts {"id", "data", "layout"}]} and optionally
+"tables" (shown below its plots). Values are copied from the JSON lists (at most scaled to
+percent), never recomputed; per-observation data never enters (the JSON holds
 per-shell, per-batch and per-dataset values only), so the report's size does not grow with
 the number of observations.
 """
@@ -426,6 +427,147 @@ def model_section(models: dict) -> Optional[dict]:
     return {"title": "Scaling models", "plots": plots} if plots else None
 
 
+# -- ΔCC½ filtering (scaling summary "filtering": scale_and_filter_results.json's layout) ----
+MAX_FILTER_TABLE_ROWS = 200
+
+
+def _filter_label(mode: str, label: int) -> str:
+    return f"dataset {label}" if mode == "dataset" else f"image group {label}"
+
+
+def filtering_section(filtering: Optional[dict]) -> Optional[dict]:
+    """Per cycle, ΔCC½ of every dataset (mode=dataset, x = dataset id) or image group
+    (mode=image_group, x = group index) with the cutoff line and those below it marked; the
+    removed datasets and image ranges in a table, with the reason."""
+    cycles = (filtering or {}).get("cycle_results") or {}
+    if not cycles:
+        return None
+    mode = filtering.get("mode", "dataset")
+    x_title = "dataset id" if mode == "dataset" else "image group (index)"
+    plots = []
+    for number in sorted(cycles, key=int):
+        cycle = cycles[number]
+        labels, values = cycle["delta_cc_half_groups"], cycle["delta_cc_half_values"]
+        cutoff = cycle["cutoff_value"]
+        below = [k for k, v in enumerate(values) if v < cutoff]
+        above = [k for k, v in enumerate(values) if v >= cutoff]
+        kind = "scattergl" if len(values) > 2000 else "scatter"
+        # dataset mode removes every dataset below the cutoff; image_group mode only the
+        # groups at an end of a sweep (the table lists what went)
+        below_name = "below cutoff (removed)" if mode == "dataset" else "below cutoff"
+        traces = []
+        for name, which, colour in (("above cutoff", above, "#1f77b4"),
+                                    (below_name, below, "#d62728")):
+            traces.append({"type": kind, "mode": "markers", "name": name,
+                           "x": [labels[k] for k in which],
+                           "y": [100 * values[k] for k in which],
+                           "text": [_filter_label(mode, labels[k]) for k in which],
+                           "marker": {"size": 6, "color": colour}})
+        ends = [min(labels), max(labels)] if labels else [0, 1]
+        traces.append(_line(ends, [100 * cutoff] * 2, f"cutoff {100 * cutoff:.3g}%",
+                            mode="lines"))
+        plots.append(_figure(
+            f"filtering_delta_cc_half_cycle_{number}", traces,
+            f"Cycle {number}: ΔCC½ of {len(values)} "
+            f"{'datasets' if mode == 'dataset' else 'image groups'} "
+            f"(CC½ {100 * cycle['mean_cc_half']:.2f}%)", x_title, "ΔCC½ (%)"))
+    order = sorted(cycles, key=int)
+    if len(order) > 1:
+        plots.append(_figure("filtering_cycles", [
+            _line([int(c) for c in order], [cycles[c]["cumul_percent_removed"] for c in order],
+                  "reflections removed, cumulative (%)"),
+            _line([int(c) for c in order], [100 * cycles[c]["mean_cc_half"] for c in order],
+                  "CC½ before the cycle's removal (%)", yaxis="y2"),
+        ], "Filtering cycles", "cycle", "reflections removed (%)", y2_title="CC½ (%)"))
+    return {"title": f"ΔCC½ filtering (mode={mode}, stopped: "
+                     f"{(filtering.get('termination_reason') or 'unknown').replace('_', ' ')})",
+            "plots": plots, "tables": [filtering_table(filtering)]}
+
+
+def filtering_table(filtering: dict) -> dict:
+    """What each cycle removed and why (at most MAX_FILTER_TABLE_ROWS rows; all in the
+    JSON)."""
+    mode = filtering.get("mode", "dataset")
+    cycles = filtering["cycle_results"]
+    rows = []
+    for number in sorted(cycles, key=int):
+        cycle = cycles[number]
+        delta = dict(zip(cycle["delta_cc_half_groups"], cycle["delta_cc_half_values"]))
+        cutoff = 100 * cycle["cutoff_value"]
+        for (first, last), key in cycle.get("image_ranges_removed") or []:
+            rows.append([int(number), f"images {first}-{last} of dataset {key}",
+                         "ΔCC½ below cutoff, at a sweep end", None, cutoff])
+        identifiers = cycle.get("removed_datasets") or []
+        for k, key in enumerate(cycle.get("removed_ids") or []):
+            name = f"dataset {key}" + (f" ({identifiers[k]})" if k < len(identifiers) else "")
+            if mode == "dataset":
+                value = delta.get(key)
+                rows.append([int(number), name, "ΔCC½ below cutoff",
+                             None if value is None else 100 * value, cutoff])
+            else:
+                rows.append([int(number), name, "no valid images left", None, cutoff])
+    n_rows = len(rows)
+    title = "Removed by ΔCC½ filtering"
+    if not rows:
+        title += ": nothing"
+    elif n_rows > MAX_FILTER_TABLE_ROWS:
+        rows = rows[:MAX_FILTER_TABLE_ROWS]
+        title += f" (first {MAX_FILTER_TABLE_ROWS} of {n_rows}; all in the JSON)"
+    return {"id": "filtering_removed", "title": title,
+            "columns": ["cycle", "removed", "why", "ΔCC½ (%)", "cutoff (%)"], "rows": rows}
+
+
+# -- sigma calibration (merging "sigma_calibration", merging/calibration.py) -----------------
+def _calibration_bins(bins: list, name: str) -> list:
+    """Category labels of the equal-count bins: intensity ranges, or d ranges in Å."""
+    labels = []
+    for b in bins:
+        lo, hi = b[f"{name}_min"], b[f"{name}_max"]
+        if name == "dstar_sq":
+            lo, hi = (lo ** -0.5 if lo > 0 else float("inf")), (hi ** -0.5 if hi > 0
+                                                               else float("inf"))
+            labels.append(f"{lo:.2f}-{hi:.2f} Å")
+        else:
+            labels.append(f"{lo:.4g} to {hi:.4g}")
+    return labels
+
+
+def calibration_section(calibration: Optional[dict]) -> Optional[dict]:
+    if not calibration or not calibration.get("n") or \
+            not calibration.get("normal_probability_plot"):
+        return None
+    points = calibration["normal_probability_plot"]
+    expected = [p[0] for p in points]
+    ends = [expected[0], expected[-1]]
+    plots = [_figure("calibration_normal_probability", [
+        _line(expected, [p[1] for p in points], "normalised deviations", mode="markers"),
+        _line(ends, ends, "expected (y = x)", mode="lines"),
+    ], f"Normal probability plot of δ ({calibration['n']} observations)",
+        "expected normal quantile", "observed deviation δ")]
+    for key, name, title, x_title in (
+            ("by_intensity", "intensity", "by intensity",
+             "mean I of the other observations (equal-count bins)"),
+            ("by_resolution", "dstar_sq", "by resolution", "d range (equal-count bins)")):
+        bins = calibration.get(key)
+        if not bins:
+            continue
+        x = _calibration_bins(bins, name)
+        figure = _figure(f"calibration_{key}", [
+            _line(x, [b["sd"] for b in bins], "SD"),
+            _line(x, [b["robust_sd"] for b in bins], "robust SD (1.4826 median |δ|)"),
+            _line(x, [1.0] * len(x), "correct sigmas (1)", mode="lines"),
+        ], f"SD of normalised deviations {title}", x_title, "SD of δ")
+        # the bin ranges are slanted tick labels: room for them below the axis
+        figure["layout"]["xaxis"].update({"type": "category", "tickangle": 30,
+                                          "automargin": True})
+        figure["layout"]["height"] = 430
+        figure["layout"]["legend"]["y"] = -0.45
+        plots.append(figure)
+    return {"title": f"Sigma calibration: SD {calibration['sd']:.3f}, robust SD "
+                     f"{calibration['robust_sd']:.3f} (1 = correct sigmas, > 1 = sigmas too "
+                     "small)", "plots": plots}
+
+
 def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     merge, scaling, half = _statistics_parts(report)
     method = merge.get("method", "classical")
@@ -443,7 +585,9 @@ def report_content(report: dict, program: str = "dials.vmerge") -> dict:
     models = report.get("scaling_models")
     for section in (model_section(models) if models else None,
                     scaling_section(scaling, diagnostics),
+                    filtering_section((scaling or {}).get("filtering")),
                     error_model_section(diagnostics, scaling),
+                    calibration_section(merge.get("sigma_calibration")),
                     anomalous_section(diagnostics.get("anomalous")),
                     outlier_section(diagnostics.get("outliers", {}))):
         if section is not None:

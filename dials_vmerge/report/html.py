@@ -51,6 +51,8 @@ def _cell(value) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return ""
+        if value != 0 and abs(value) < 0.01:  # small values (ΔCC½ in %) keep 3 digits
+            return f"{value:.3g}"
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
     return html.escape(str(value))
 
@@ -79,6 +81,9 @@ def render_report(content: dict) -> str:
         body.append(f"<h2>{html.escape(section['title'])}</h2><div class=\"grid\">")
         body += [f'<div class="plot" id="{plot["id"]}"></div>' for plot in section["plots"]]
         body.append("</div>")
+        if section.get("tables"):
+            body.append('<div class="tables">' + "".join(f"<div>{_table(t)}</div>"
+                                                         for t in section["tables"]) + "</div>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(content['title'])}</title><style>{STYLE}</style>"
