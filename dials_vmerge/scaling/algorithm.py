@@ -365,7 +365,9 @@ class ScalingRun:
         models = [s.model for s in self.states]
         fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
         manager = ParameterManager(models, fix_dataset)
-        target = ScalingTarget(manager, self.minimisation_table(), self.nproc)
+        # issue 12 hook: compute.device picks the CPU target or its CUDA twin
+        from ..backends.run_device import target_for_run
+        target = target_for_run(self, manager, self.minimisation_table())
         tolerance = param(p, "scaling_refinery.rmsd_tolerance", 1e-4)
         x0 = manager.get_free()
         if engine == "LBFGS":
