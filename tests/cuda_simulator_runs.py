@@ -59,15 +59,22 @@ class Shadow:
             return target
         cpu = ScalingTarget(manager, ih_table, nproc)
         self.kinds.add(target.kind)
-        self.batches.add(len(target._device_target.batches))
+        if target._device_target is not None:
+            self.batches.add(len(target._device_target.batches))
         device_call = target.value_and_gradient
 
         def both(x):
             phi, grad = device_call(x)
             g_dev = target._g.copy_to_host()[:target.n_obs]
-            deriv = target._deriv.copy_to_host()[:target.n_obs]
             phi_c, grad_c = cpu.value_and_gradient(x)
-            if cpu.family is not None:
+            if target.kind == "host-model":  # g and dg/dp come from the host models
+                g_c, deriv, cols = cpu._ell(x)
+                deriv_c = None
+            else:
+                deriv = target._deriv.copy_to_host()[:target.n_obs]
+            if target.kind == "host-model":
+                pass
+            elif cpu.family is not None:
                 g_c, deriv_c, cols_c = cpu.family.evaluate(x)
                 cols = cols_c
             else:
@@ -113,18 +120,27 @@ def run(simulation, *args, shadow=None):
     return np.asarray(scaled["inverse_scale_factor"]), np.asarray(scaled["intensity.scale.value"])
 
 
-def main(out_path):
+def main(out_path, size):
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = {}
+    if size == "full":  # the issue's layouts: 200 KB stills, two small sweeps per model
+        n_stills, d_min, n_rotation = 200, 6.0, 3000
+    else:  # seconds under the simulator
+        n_stills, d_min, n_rotation = 30, 8.0, 600
     cases = {
-        "kb": (simulate_stills(n_stills=200, n_obs_target=4000, seed=5), "model=KB"),
-        "array": (simulate_rotation(n_obs_target=3000, n_sweeps=2, model="array", seed=6),
-                  "model=array"),
-        "physical": (simulate_rotation(n_obs_target=3000, n_sweeps=2, model="physical",
+        "kb": (simulate_stills(n_stills=n_stills, d_min=d_min, seed=5), "model=KB"),
+        "physical": (simulate_rotation(n_obs_target=n_rotation, n_sweeps=2, model="physical",
                                        seed=7), "model=physical"),
     }
+    # The array model (host-evaluated Jacobian, device sums) is not run here: under the
+    # simulator its job took minutes (not yet understood); see the issue 12 report.
     for name, (simulation, model) in cases.items():
+        t0 = time.perf_counter()
         shadow = Shadow()
         g_gpu, i_gpu = run(simulation, model, "compute.device=cuda", shadow=shadow)
+        print(f"{name}: device run {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         g_cpu, i_cpu = run(simulation, model, "compute.device=cpu")
         out[f"{name}_shadow"] = np.array(shadow.rows)
         out[f"{name}_kinds"] = np.array(sorted(shadow.kinds))
@@ -142,4 +158,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "full")

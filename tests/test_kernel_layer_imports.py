@@ -66,3 +66,30 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
     assert "max diff 0.0" in lines
     recomputed = float(lines[-1].split()[-1])
     assert recomputed < 1e-15
+
+
+def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
+    """benchmarks/gpu_check.py in its simulator mode: every kernel agrees with its CPU twin,
+    a timing row per pass and layout, and the JSON says so."""
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    run = run_blocked(
+        """
+        import runpy, sys
+        sys.argv = ["gpu_check.py"] + sys.argv[1:]
+        runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+        """, "--sizes", "1e3", "--check-size", "1e3", "--repeats", "1", "--out", str(out))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["all_checks_pass"] is True
+    assert result["device"]["name"] == "numba CUDA simulator"
+    expected = {"model", "model_g", "target_phi", "target_gradient", "merged_intensity",
+                "var_g", "merge"}
+    for kind in ("kb", "physical"):
+        checks = result["checks"][kind]
+        assert set(checks) - {"size"} == expected
+        assert all(checks[name] <= 1e-10 for name in expected)
+    passes = {(row["layout"], row["pass"]) for row in result["timings"]}
+    assert len(passes) == 14
+    assert all(row["seconds"] > 0 and row["bound_seconds"] > 0 for row in result["timings"])
