@@ -51,6 +51,7 @@ OBS_PER_STILL = 250
 N_SWEEPS = 4
 N_ABSORPTION = 8
 TOLERANCE = 1e-10
+MAX_DENSE_COVARIANCE = 8192
 
 
 def _blocks(n):
@@ -125,6 +126,50 @@ def physical_layout(n, seed=2):
     }
 
 
+# Layouts above this size are copies of one layout of this size (host generation time of a
+# 1e8 physical layout would otherwise dominate the check): KB copies are new stills (their
+# own K and B), physical copies add observations to the same sweeps.
+BASE_SIZE = 10_000_000
+
+
+def build_layout(kind, n):
+    builder = {"kb": kb_layout, "physical": physical_layout}[kind]
+    if n <= BASE_SIZE:
+        return builder(n)
+    copies = -(-n // BASE_SIZE)
+    base = builder(-(-n // copies))
+    return replicate(base, copies)
+
+
+def replicate(base, copies):
+    nb = base["n"]
+    n = nb * copies
+    lay = dict(base)
+    lay["n"] = n
+    for key in ("intensity", "weight", "inv_two_d_sq", "record", "first_param",
+                "absorption_coefficients", "absorption_first", "cols"):
+        if key in base:
+            reps = (copies,) + (1,) * (base[key].ndim - 1)
+            lay[key] = np.tile(base[key], reps)
+    starts = base["group_start"][:-1]
+    lay["group_start"] = np.concatenate(
+        [starts + k * nb for k in range(copies)] + [np.array([n])]).astype(np.int64)
+    if base["kind"] == "kb":
+        nd = base["n_datasets"]
+        lay["n_datasets"] = nd * copies
+        lay["row_dataset"] = np.concatenate([base["row_dataset"] + k * nd
+                                             for k in range(copies)])
+        lay["scale_value"] = np.tile(base["scale_value"], copies)
+        lay["decay_value"] = np.tile(base["decay_value"], copies)
+        lay["scale_col"] = (2 * np.arange(nd * copies)).astype(np.int32)
+        lay["decay_col"] = (2 * np.arange(nd * copies) + 1).astype(np.int32)
+        lay["scale_col"][0] = -1
+        lay["n_params"] = 2 * nd * copies
+        lay["cols"] = dm.kb_family_columns(lay["row_dataset"], lay["scale_col"],
+                                           lay["decay_col"])
+    return lay
+
+
 class DeviceLayout:
     """A layout's arrays on the device, its DeviceTarget and output buffers."""
 
@@ -151,13 +196,14 @@ class DeviceLayout:
         self.target = DeviceTarget(lay["intensity"], lay["weight"], lay["group_start"],
                                    lay["cols"], lay["n_params"], batch_size)
         self.var_g = cuda.device_array(n)
-        rng = np.random.default_rng(3)
-        m = rng.normal(size=(lay["n_params"], lay["n_params"])) if lay["n_params"] <= 2048 else None
-        # var(g) needs a dense covariance: for many-parameter layouts use a diagonal one
-        self.covariance_host = (m @ m.T / lay["n_params"]) if m is not None else np.diag(
-            rng.uniform(0.1, 1.0, lay["n_params"]))
-        if self.covariance_host.shape[0] > 2048:
-            self.covariance_host = None
+        # var(g) takes a dense covariance of the free parameters: a positive definite
+        # low-rank-plus-diagonal one, up to MAX_DENSE_COVARIANCE parameters (else not timed)
+        self.covariance_host = None
+        n_par = lay["n_params"]
+        if n_par <= MAX_DENSE_COVARIANCE:
+            rng = np.random.default_rng(3)
+            low = rng.normal(size=(n_par, 4))
+            self.covariance_host = low @ low.T / 4.0 + np.diag(rng.uniform(0.1, 1.0, n_par))
         self.covariance = (cuda.to_device(self.covariance_host)
                            if self.covariance_host is not None else None)
         self.n_groups = lay["group_start"].size - 1
@@ -394,12 +440,11 @@ def main(argv=None):
     print(f"device: {result['device']['name']}  numba {result['numba']}  "
           f"numba-cuda {result['numba_cuda']}")
     print(f"device-to-device copy rate: {rate / 1e9:.1f} GB/s (read + written)")
-    builders = {"kb": kb_layout, "physical": physical_layout}
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     ok = True
     check_size = parse_size(args.check_size)
     for kind in layouts:
-        dev = DeviceLayout(builders[kind](check_size))
+        dev = DeviceLayout(build_layout(kind, check_size))
         checks = check_against_cpu(dev)
         result["checks"][kind] = {"size": check_size, **checks}
         for name, value in checks.items():
@@ -415,7 +460,7 @@ def main(argv=None):
         size = parse_size(size_text)
         for kind in layouts:
             t0 = time.perf_counter()
-            lay = builders[kind](size)
+            lay = build_layout(kind, size)
             t_host = time.perf_counter() - t0
             t0 = time.perf_counter()
             try:
