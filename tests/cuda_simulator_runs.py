@@ -128,7 +128,7 @@ def main(out_path, size):
     if size == "full":  # the layouts: 200 KB stills, two small sweeps per model
         n_stills, d_min, n_rotation = 200, 6.0, 3000
     else:  # seconds under the simulator
-        n_stills, d_min, n_rotation = 30, 8.0, 600
+        n_stills, d_min, n_rotation = 20, 8.0, 300
     cases = {
         "kb": (simulate_stills(n_stills=n_stills, d_min=d_min, seed=5), "model=KB"),
         "physical": (simulate_rotation(n_obs_target=n_rotation, n_sweeps=2, model="physical",
