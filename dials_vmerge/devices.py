@@ -25,13 +25,57 @@ def cuda_report() -> dict:
 
         available = bool(cuda.is_available())
         devices = []
-        if available:
+        if available and simulator:  # the simulator has no device list
+            devices.append("numba CUDA simulator")
+        elif available:
             for dev in cuda.list_devices():
                 devices.append(dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name))
         reason = "" if available else "no CUDA driver or GPU visible to numba"
     except Exception as e:  # the CUDA target is optional
         available, devices, reason = False, [], f"numba.cuda unusable ({type(e).__name__})"
-    return {"cuda_available": available, "cuda_devices": devices, "cuda_simulator": simulator, "cuda_note": reason}
+    out = {"cuda_available": available, "cuda_devices": devices, "cuda_simulator": simulator, "cuda_note": reason}
+    out.update(cuda_kernel_report(available))  # issue 12
+    return out
+
+
+def cuda_kernel_report(available: bool) -> dict:
+    """GPU memory, the numba-cuda version and whether the engine's CUDA kernels compile and
+    give the CPU kernel's answer on a tiny input."""
+    out = {"cuda_memory_gib": None, "numba_cuda_version": None, "cuda_kernels": "not tried (no GPU)"}
+    try:
+        from importlib.metadata import version
+
+        out["numba_cuda_version"] = version("numba-cuda")
+    except Exception:
+        pass
+    if not available:
+        return out
+    try:
+        import numpy as np
+        from numba import cuda
+
+        try:
+            free, total = cuda.current_context().get_memory_info()
+            if np.isfinite(total):
+                out["cuda_memory_gib"] = round(total / 2**30, 1)
+                out["cuda_memory_free_gib"] = round(free / 2**30, 1)
+        except Exception:
+            pass
+        from .kernels.cuda import models
+        from .kernels.kb_family import evaluate_kb_family_g
+
+        row = np.array([0, 1, 1], dtype=np.int64)
+        s2 = np.array([0.05, 0.1, 0.2])
+        k, b = np.array([1.5, 0.5]), np.array([-2.0, 1.0])
+        g = cuda.device_array(3)
+        models.kb_family_g_kernel[1, models.THREADS_PER_BLOCK](
+            cuda.to_device(row), cuda.to_device(s2), cuda.to_device(np.ones(1)), False,
+            cuda.to_device(k), cuda.to_device(b), g)
+        same = np.allclose(g.copy_to_host(), evaluate_kb_family_g(row, s2, None, k, b), rtol=1e-12, atol=0)
+        out["cuda_kernels"] = "compile and agree with the CPU" if same else "compile but DISAGREE with the CPU"
+    except Exception as e:
+        out["cuda_kernels"] = f"do not compile ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return out
 
 
 def mpi_report() -> dict:
@@ -73,6 +117,10 @@ def format_report(r: dict) -> str:
             else f"not available ({r['cuda_note']})"
         ),
         f"CUDA simulator:       {'on' if r['cuda_simulator'] else 'off'} (NUMBA_ENABLE_CUDASIM)",
+        "GPU memory:           "
+        + (f"{r['cuda_memory_gib']} GiB ({r.get('cuda_memory_free_gib')} GiB free)" if r.get("cuda_memory_gib") else "unknown"),
+        f"numba-cuda:           {r.get('numba_cuda_version') or 'not installed (numba built-in CUDA target)'}",
+        f"CUDA kernels:         {r.get('cuda_kernels')}",
         "MPI:                  "
         + (f"mpi4py {r['mpi4py_version']}" if r["mpi4py"] else "mpi4py not installed")
         + (f", launcher {r['mpi_launcher']}" if r["mpi_launcher"] else ", no mpiexec/mpirun on PATH"),

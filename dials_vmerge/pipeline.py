@@ -241,9 +241,10 @@ def choose_compute_device(params, log) -> str:
 
     device = choose_device(params.compute.device)
     if device == "cuda":
-        # The CUDA twins exist (dials_vmerge.backends.cuda_target) but the minimiser does not
-        # drive them yet; say so rather than pretend.
-        log.info("compute.device: a GPU is visible, but the scaling engine runs on the CPU in this version")
+        # issue 12: the scaling rounds' target and gradient run on the device
+        # (backends/cuda_scaling.py); the other passes still run on the CPU.
+        log.info("compute.device: a GPU is visible; scaling target and gradient use it for large jobs "
+                 "(cuda: always)")
     return device
 
 

@@ -368,8 +368,16 @@ class ScalingRun:
         models = [s.model for s in self.states]
         fix_dataset = first_fix_initial_dataset(models) if fix_initial else None
         manager = ParameterManager(models, fix_dataset)
-        target = make_target(p, manager, self.minimisation_table(), self.nproc,
-                             self.space_group, self.best_cell)
+        if param(p, "scaling_options.target", "least_squares") == "likelihood":
+            # the likelihood target has CPU kernels only (compute.device applies to least
+            # squares)
+            target = make_target(p, manager, self.minimisation_table(), self.nproc,
+                                 self.space_group, self.best_cell)
+        else:
+            # compute.device picks the CPU target or its CUDA twin (backends/run_device.py)
+            from ..backends.run_device import target_for_run
+
+            target = target_for_run(self, manager, self.minimisation_table())
         tolerance = param(p, "scaling_refinery.rmsd_tolerance", 1e-4)
         x0 = manager.get_free()
         if engine == "LBFGS":

@@ -1,0 +1,74 @@
+"""Which target a scaling round uses (compute.device), without importing numba.cuda on CPU runs.
+
+The hook of ScalingRun.minimise is target_for_run; the CUDA target lives in cuda_scaling.py.
+"""
+
+from __future__ import annotations
+
+# Below this many observations in a job, compute.device=auto stays on the CPU: copies and
+# launches cost more than the passes.
+AUTO_MIN_OBSERVATIONS = 1_000_000
+
+
+def make_scaling_target(device, manager, ih_table, nproc=1, batch_size=None):
+    """The target of one minimisation for the chosen device ('cpu' or 'cuda')."""
+    if device == "cuda":
+        from .cuda_scaling import CudaScalingTarget
+
+        return CudaScalingTarget(manager, ih_table, nproc, batch_size)
+    from ..scaling.target import ScalingTarget
+
+    return ScalingTarget(manager, ih_table, nproc)
+
+
+def resolve_run_device(params, n_obs):
+    """'cpu' or 'cuda' for a scaling job of n_obs observations: cuda insists on the GPU,
+    auto takes it only when a GPU is visible and the job is large."""
+    from .select import choose_device
+
+    requested = str(getattr(getattr(params, "compute", None), "device", "cpu") or "cpu")
+    device = choose_device(requested)
+    if requested.strip().lower() == "auto" and n_obs < AUTO_MIN_OBSERVATIONS:
+        return "cpu"
+    return device
+
+
+def target_for_run(run, manager, ih_table):
+    """The hook of ScalingRun.minimise: the device is resolved once per scaling job (from
+    compute.device and the job's size) and logged; every round then builds its target on it,
+    copying that round's observation arrays to the device once."""
+    device = getattr(run, "_compute_device", None)
+    if device is None:
+        params = run.params
+        device = resolve_run_device(params, ih_table.n_obs)
+        batch = getattr(getattr(getattr(params, "compute", None), "gpu", None), "batch_size",
+                        None)
+        run._compute_device = device
+        # libtbx's Auto (and None) mean: from free device memory
+        run._gpu_batch_size = batch if isinstance(batch, int) else None
+        if device == "cuda":
+            run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
+                    f"device ({device_name()})")
+    target = make_scaling_target(device, manager, ih_table, run.nproc,
+                                 getattr(run, "_gpu_batch_size", None))
+    if device == "cuda":
+        n_batches = (len(target._device_target.batches)
+                     if target._device_target is not None else 0)
+        run.log(f"  device target: {target.kind} model, {target.n_obs} observations, "
+                f"{n_batches} batch(es)")
+    return target
+
+
+def device_name():
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1":
+        return "numba CUDA simulator"
+    try:
+        from numba import cuda
+
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    except Exception:
+        name = "unknown GPU"
+    return name

@@ -1,0 +1,187 @@
+"""The scaling target and gradient over device-resident observations, in batches of groups.
+
+The observation arrays (I, w, group offsets, the gradient's column entries) go to the device
+once, when the plan is built; each evaluation takes g and dg/dp already on the device (from
+kernels.cuda.models) and returns (Phi, gradient) on the host. Per batch of whole groups two
+launches (backends.cuda_target): a thread per group for Ih, Phi per block and the
+per-observation factor -2 w r Ih, then a thread per (segment, column) for the gradient.
+
+Reduction order, fixed: the per-block Phi of all batches are added exactly (math.fsum), so
+Phi does not depend on the batching; gradient rows are added per batch in segment order and
+the batches in order, so the gradient is bitwise reproducible for a given batch size and
+agrees to rounding across batch sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from numba import njit
+
+from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK, gradient_segment_kernel,
+                                               group_residual_kernel, ordered_rows_sum,
+                                               segment_bounds)
+
+# Device bytes per observation of a scaling job besides the model's own inputs: I, w, g,
+# factor (8 B each), K ELL values (8 B) and entries (8 B) at K <= 9, and the group offsets.
+BYTES_PER_OBSERVATION_ESTIMATE = 4 * 8 + 9 * 16 + 8
+
+
+def _blocks(n):
+    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+
+
+def auto_batch_size(n_obs, bytes_per_observation=BYTES_PER_OBSERVATION_ESTIMATE,
+                    free_fraction=0.8):
+    """Observations per batch so that one job fits in free device memory (all of n_obs when
+    it fits)."""
+    try:
+        free, _total = cuda.current_context().get_memory_info()
+    except Exception:  # no memory info: no batching
+        return max(int(n_obs), 1)
+    if not math.isfinite(free):  # the simulator reports unlimited memory
+        return max(int(n_obs), 1)
+    fit = int(free * free_fraction) // max(int(bytes_per_observation), 1)
+    return max(1, min(int(n_obs), fit))
+
+
+def group_batches(group_start, batch_size):
+    """Group offsets [b0=0, b1, ..., n_groups] of batches of whole groups with at most
+    batch_size observations each (a larger group makes a batch of its own)."""
+    group_start = np.asarray(group_start, dtype=np.int64)
+    n_groups = group_start.size - 1
+    bounds = [0]
+    while bounds[-1] < n_groups:
+        first = bounds[-1]
+        limit = group_start[first] + max(int(batch_size), 1)
+        # last group end within the limit; at least one group per batch
+        end = int(np.searchsorted(group_start, limit, side="right")) - 1
+        bounds.append(max(end, first + 1))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+@njit(cache=True)
+def _column_entries_kernel(cols, n_slots, n_params, seg_bounds):
+    counts = np.zeros(n_params + 1, np.int64)
+    for e in range(cols.size):
+        if cols[e] >= 0:
+            counts[cols[e] + 1] += 1
+    for c in range(n_params):
+        counts[c + 1] += counts[c]
+    entry_flat = np.empty(counts[n_params], np.int64)
+    fill = counts[:n_params].copy()
+    for e in range(cols.size):
+        c = cols[e]
+        if c >= 0:
+            entry_flat[fill[c]] = e
+            fill[c] += 1
+    n_bounds = seg_bounds.size
+    entry_offset = np.empty((n_params, n_bounds), np.int64)
+    for c in range(n_params):
+        j = counts[c]
+        for s in range(n_bounds):
+            limit = seg_bounds[s] * n_slots  # observation < bound <=> flat position < limit
+            while j < counts[c + 1] and entry_flat[j] < limit:
+                j += 1
+            entry_offset[c, s] = j
+    return entry_flat, entry_offset
+
+
+def column_entries(deriv_col, n_params, seg_bounds):
+    """(entry_flat, entry_offset) for gradient_segment_kernel: the used ELL slots (flat
+    positions obs * K + slot) ordered by column, then position; entry_offset[c, s] is the
+    first entry of column c in segment s. The same arrays as backends.cuda_target's
+    column_entries, by a counting sort in O(n K) instead of an argsort (1e8 observations)."""
+    n_obs, n_slots = deriv_col.shape
+    cols = np.ascontiguousarray(deriv_col).reshape(-1).astype(np.int64)
+    if cols.size and cols.max() >= n_params:
+        raise ValueError(f"deriv_col refers to parameter {int(cols.max())} "
+                         f"but n_params={n_params}")
+    return _column_entries_kernel(cols, np.int64(n_slots), np.int64(n_params),
+                                  np.asarray(seg_bounds, dtype=np.int64))
+
+
+class _Batch:
+    def __init__(self, obs_lo, obs_hi, group_start_local, deriv_col_local, n_params):
+        self.obs_lo, self.obs_hi = int(obs_lo), int(obs_hi)
+        self.n_obs = self.obs_hi - self.obs_lo
+        self.n_groups = group_start_local.size - 1
+        self.group_start = cuda.to_device(group_start_local)
+        self.seg_bounds = segment_bounds(self.n_obs, n_params)
+        self.n_segments = self.seg_bounds.size - 1
+        flat, offset = column_entries(deriv_col_local, n_params, self.seg_bounds)
+        self.entry_flat = cuda.to_device(flat if flat.size else np.zeros(1, np.int64))
+        self.entry_offset = cuda.to_device(offset if offset.size else np.zeros((1, 1), np.int64))
+        self.group_blocks = _blocks(self.n_groups)
+        self.phi_block = cuda.device_array(self.group_blocks)
+        self.grad_partial = cuda.device_array((self.n_segments, max(n_params, 1)))
+        self.ih = cuda.device_array(max(self.n_groups, 1))
+
+
+class DeviceTarget:
+    """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
+
+    def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None):
+        intensity = np.ascontiguousarray(intensity, dtype=np.float64)
+        group_start = np.ascontiguousarray(group_start, dtype=np.int64)
+        deriv_col = np.asarray(deriv_col)
+        if deriv_col.ndim != 2 or deriv_col.shape[0] != intensity.size:
+            raise ValueError(f"deriv_col must be (n_obs, K) with n_obs={intensity.size}")
+        if group_start.size < 1 or group_start[0] != 0 or group_start[-1] != intensity.size:
+            raise ValueError("group_start must run from 0 to the number of observations")
+        self.n_obs = intensity.size
+        self.n_slots = deriv_col.shape[1]
+        self.n_params = int(n_params)
+        self.n_groups = group_start.size - 1
+        if batch_size is None:
+            batch_size = auto_batch_size(self.n_obs)
+        self.batch_size = int(batch_size)
+        self.intensity = cuda.to_device(intensity)
+        self.weight = cuda.to_device(np.ascontiguousarray(weight, dtype=np.float64))
+        self.factor = cuda.device_array(max(self.n_obs, 1))
+        self.batches = []
+        bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
+        for b in range(len(bounds) - 1):
+            g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
+            lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
+            self.batches.append(_Batch(lo, hi, group_start[g_lo:g_hi + 1] - lo,
+                                       deriv_col[lo:hi], self.n_params))
+
+    def _residuals(self, g, batch):
+        sl = slice(batch.obs_lo, max(batch.obs_hi, batch.obs_lo + 1))
+        group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK](
+            self.intensity[sl], self.weight[sl], g[sl], batch.group_start,
+            batch.ih[:max(batch.n_groups, 1)] if batch.n_groups else batch.ih,
+            self.factor[sl], batch.phi_block)
+
+    def evaluate(self, g, deriv_values):
+        """(Phi, gradient (n_params,)) for device arrays g (n,) and deriv_values (n, K)."""
+        phi_parts = []
+        gradient = np.zeros(self.n_params)
+        for batch in self.batches:
+            if batch.n_obs == 0:
+                continue
+            self._residuals(g, batch)
+            phi_parts.extend(batch.phi_block.copy_to_host().tolist())
+            if self.n_params:
+                sl = slice(batch.obs_lo, batch.obs_hi)
+                n_threads = batch.n_segments * self.n_params
+                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK](
+                    self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
+                    batch.grad_partial)
+                gradient += ordered_rows_sum(batch.grad_partial.copy_to_host())
+        return math.fsum(phi_parts), gradient
+
+    def merged_intensity(self, g):
+        """Ih per group (0 where sum w g^2 = 0), for device g."""
+        out = []
+        for batch in self.batches:
+            if batch.n_obs == 0:
+                out.append(np.zeros(batch.n_groups))
+                continue
+            self._residuals(g, batch)
+            out.append(batch.ih.copy_to_host()[:batch.n_groups])
+        return np.concatenate(out) if out else np.zeros(0)

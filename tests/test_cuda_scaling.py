@@ -1,0 +1,126 @@
+"""compute.device=cuda in the real run, under the CUDA simulator (issue 12).
+
+The simulator must be on before numba.cuda is first imported, so the runs happen in
+subprocesses (tests/cuda_simulator_runs.py and the dials.vmerge program); every assertion is
+made here. The shadow comparison evaluates the CPU target at the same parameters as every
+device evaluation of the scaling job, so each CUDA kernel of the run (model, target, gradient,
+var(g)) is compared with its CPU twin on the layouts the run really builds.
+"""
+
+import os
+import subprocess
+import sys
+
+import dials_vmerge  # noqa: F401  (before numba)
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+EXAMPLES = os.path.join(ROOT, "examples")
+SIM = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+# Independent summation orders (device tree and segments vs CPU chunks) differ by rounding:
+# 1e-10 relative is the issue's bar; the differences seen are ~1e-14.
+RTOL = 1e-10
+
+
+def simulator_runs(tmp_path, size):
+    out = tmp_path / f"{size}.npz"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_simulator_runs.py"),
+                          str(out), size], env=SIM, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return dict(np.load(out)), run.stderr
+
+
+def check_runs(results, log):
+    assert "scaling target and gradient kernels run on the CUDA device (numba CUDA simulator)" in log
+    for name, kind in (("kb", "kb"), ("physical", "physical")):
+        shadow = results[f"{name}_shadow"]
+        assert str(results[f"{name}_kinds"][0]) == kind
+        assert shadow.shape[0] >= 5  # a whole job: several rounds of evaluations
+        phi_rel, grad_rel, g_rel, var_rel, deriv_rel = shadow.max(axis=0)
+        assert phi_rel <= RTOL and grad_rel <= RTOL, (name, phi_rel, grad_rel)
+        assert g_rel <= RTOL and var_rel <= RTOL and deriv_rel <= RTOL, (name, g_rel, var_rel)
+        # The whole job: same inverse scales and scaled intensities as the CPU run.
+        cpu, gpu = results[f"{name}_g"]
+        np.testing.assert_allclose(gpu, cpu, rtol=RTOL, atol=0)
+        cpu, gpu = results[f"{name}_i"]
+        np.testing.assert_allclose(gpu, cpu, rtol=RTOL, atol=1e-12)
+        assert np.std(cpu) > 0.01 * np.mean(cpu) if name == "kb" else True
+    # A tiny forced batch size: many batches of whole groups, same result as one batch.
+    assert results["kb_batched_n_batches"].max() > 5
+    assert results["kb_batched_shadow"].max(axis=0)[1] <= RTOL
+    np.testing.assert_allclose(results["kb_batched_g"], results["kb_g"][1], rtol=RTOL, atol=0)
+
+
+def test_small_kb_and_physical_jobs_match_cpu(tmp_path):
+    results, log = simulator_runs(tmp_path, "small")
+    check_runs(results, log)
+
+
+@pytest.mark.slow
+def test_200_stills_and_sweeps_match_cpu(tmp_path):
+    results, log = simulator_runs(tmp_path, "full")
+    check_runs(results, log)
+
+
+def run_vmerge(directory, *args, env=None):
+    os.makedirs(directory, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from dials_vmerge.command_line.vmerge import main; "
+         "sys.exit(main())", os.path.join(EXAMPLES, "integrated.expt"),
+         os.path.join(EXAMPLES, "integrated.refl"), *args],
+        env=env or os.environ, capture_output=True, text=True, cwd=directory, timeout=1200)
+
+
+def test_cuda_without_gpu_is_one_line_and_exit_1(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    run = run_vmerge(tmp_path, "compute.device=cuda", env=env)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "dials.vmerge: error: compute.device=cuda: no GPU visible to numba "
+        "(see dials.vmerge.devices)"]
+    assert not any(f.endswith((".refl", ".mtz", ".expt")) for f in os.listdir(tmp_path))
+
+
+def test_devices_names_simulator_and_kernels_compile():
+    run = subprocess.run([sys.executable, "-c", "import sys; from dials_vmerge.command_line."
+                          "devices import main; sys.exit(main())"], env=SIM,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "CUDA:                 available: numba CUDA simulator" in run.stdout
+    assert "CUDA kernels:         compile and agree with the CPU" in run.stdout
+    assert "numba-cuda:" in run.stdout
+
+
+@pytest.mark.slow
+def test_quartz_cuda_run_equals_cpu_run(tmp_path):
+    """The issue's test 2: scaled.refl columns and merged.mtz of the quartz example, CPU vs
+    CUDA (simulator), 1e-10 relative; the log says the kernels ran on the device."""
+    from dials_vmerge.io import read_reflections
+    from iotbx import mtz
+
+    cpu = run_vmerge(tmp_path / "cpu", "compute.device=cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    gpu = run_vmerge(tmp_path / "gpu", "compute.device=cuda", env=SIM)
+    assert gpu.returncode == 0, gpu.stderr
+    assert "kernels run on the CUDA device (numba CUDA simulator)" in gpu.stdout
+    assert "device target: physical model" in gpu.stdout
+    a = read_reflections(str(tmp_path / "cpu" / "scaled.refl"))
+    b = read_reflections(str(tmp_path / "gpu" / "scaled.refl"))
+    assert sorted(a.keys()) == sorted(b.keys()) and a.nrows == b.nrows
+    for key in a.keys():
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(y, x, rtol=RTOL, atol=0, err_msg=key)
+        else:
+            assert np.array_equal(x, y), key
+    ma = mtz.object(str(tmp_path / "cpu" / "merged.mtz"))
+    mb = mtz.object(str(tmp_path / "gpu" / "merged.mtz"))
+    for ca, cb in zip(ma.columns(), mb.columns()):
+        assert ca.label() == cb.label()
+        np.testing.assert_allclose(np.array(cb.extract_values()),
+                                   np.array(ca.extract_values()), rtol=RTOL, atol=0,
+                                   err_msg=ca.label())
