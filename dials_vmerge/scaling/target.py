@@ -188,38 +188,26 @@ def _ordered_rows_sum(partials):
     return total
 
 
-class ScalingTarget:
-    """The target over one IhTable for the models behind a ParameterManager.
+class ModelTerms:
+    """What every scaling target shares: the models behind a ParameterManager evaluated at
+    the rows of a table (dataset_id/loc_index point into the rows each model was configured
+    with) as g and its ELL derivatives over the free parameters, and the restraints
+    wr_k p_k^2 on the free parameters (absolute weights, as in DIALS)."""
 
-    The table's dataset_id/loc_index point into the rows each model was configured with.
-    Restraints wr_k p_k^2 act on the free parameters (absolute weights, as in DIALS).
-    """
-
-    def __init__(self, manager, ih_table, nproc=1):
+    def __init__(self, manager, table, nproc=1):
         self.manager = manager
-        self.table = ih_table
+        self.table = table
         self.nproc = nproc
         self.restraint_weights = manager.restraint_weights()
         self.n_restraints = int(np.count_nonzero(self.restraint_weights))
-        self.last_phi = None
         # KB models: one family kernel over all rows of the table (scaling/family.py).
         self.family = None
         if KBFamily.applies(manager.models):
             self.family = KBFamily(manager.models, manager.column_of_parameter,
-                                   ih_table.dataset_id, ih_table.loc_index)
+                                   table.dataset_id, table.loc_index)
         else:
             # Models evaluate only the rows this table uses; positions within those rows.
-            self.rows, self.position = rows_used(ih_table, len(manager.models))
-        # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
-        self.fused = None
-        if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
-            self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
-                                            ih_table.loc_index, ih_table.intensity,
-                                            ih_table.weight)
-            self.chunks = mpi_world.local_chunk_bounds(ih_table.group_start, nproc, chunk_bounds)
-            self.max_group_size = int(np.diff(ih_table.group_start).max())
-            self.full_to_free = manager.full_to_free()
-            self.free_entries = np.flatnonzero(self.full_to_free >= 0)
+            self.rows, self.position = rows_used(table, len(manager.models))
 
     @property
     def n_par(self):
@@ -242,6 +230,29 @@ class ScalingTarget:
         self.manager.set_free(x)
         per_dataset = self.manager.evaluate(rows=self.rows)
         return gather_ell(per_dataset, self.table.dataset_id, self.position)
+
+    def rmsd(self, phi):
+        """DIALS's RMSD_I = sqrt(phi / n_refl)."""
+        return float(np.sqrt(phi / max(self.n_obs, 1)))
+
+
+class ScalingTarget(ModelTerms):
+    """The least-squares target over one IhTable (observations grouped by unique
+    reflection, Ih free per group)."""
+
+    def __init__(self, manager, ih_table, nproc=1):
+        super().__init__(manager, ih_table, nproc)
+        self.last_phi = None
+        # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
+        self.fused = None
+        if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
+            self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
+                                            ih_table.loc_index, ih_table.intensity,
+                                            ih_table.weight)
+            self.chunks = mpi_world.local_chunk_bounds(ih_table.group_start, nproc, chunk_bounds)
+            self.max_group_size = int(np.diff(ih_table.group_start).max())
+            self.full_to_free = manager.full_to_free()
+            self.free_entries = np.flatnonzero(self.full_to_free >= 0)
 
     def value_and_gradient(self, x):
         t = self.table
@@ -275,9 +286,6 @@ class ScalingTarget:
         normal = normal + np.diag(wr)
         return phi, rhs, normal
 
-    def rmsd(self, phi):
-        """DIALS's RMSD_I = sqrt(phi / n_refl)."""
-        return float(np.sqrt(phi / max(self.n_obs, 1)))
 
 
 def rows_used(ih_table, n_datasets):

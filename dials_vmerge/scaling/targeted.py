@@ -40,7 +40,7 @@ from .algorithm import ScalingRun
 from .ih_table import map_indices_to_asu, pack_indices
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager
-from .target import _ordered_rows_sum, _ordered_sum, rows_used
+from .target import ModelTerms, _ordered_rows_sum, _ordered_sum
 
 ROWS_PER_CHUNK_MIN = 4096
 
@@ -103,37 +103,14 @@ def _row_chunks(n, nproc):
     return np.linspace(0, n, n_chunks + 1).astype(np.int64)
 
 
-class FixedTarget:
+class FixedTarget(ModelTerms):
     """The targeted least-squares problem for the models behind a ParameterManager
-    (the interface of ScalingTarget that the minimisers use)."""
+    (the interface of ScalingTarget that the minimisers use); Ih is the fixed reference,
+    so rows need no grouping and are summed in row chunks."""
 
     def __init__(self, manager, table, nproc=1):
-        self.manager = manager
-        self.table = table
-        self.nproc = nproc
-        self.restraint_weights = manager.restraint_weights()
-        self.n_restraints = int(np.count_nonzero(self.restraint_weights))
-        self.rows, self.position = rows_used(table, len(manager.models))
+        super().__init__(manager, table, nproc)
         self.chunks = _row_chunks(table.n_obs, nproc)
-
-    @property
-    def n_par(self):
-        return self.manager.n_free
-
-    @property
-    def n_obs(self):
-        return self.table.n_obs
-
-    @property
-    def n_equations(self):
-        return self.n_obs + self.n_restraints
-
-    def _ell(self, x):
-        from .parameters import gather_ell
-
-        self.manager.set_free(x)
-        return gather_ell(self.manager.evaluate(rows=self.rows), self.table.dataset_id,
-                          self.position)
 
     def value_and_gradient(self, x):
         g, values, cols = self._ell(x)
@@ -160,10 +137,6 @@ class FixedTarget:
         phi = _ordered_sum(phi_partial) + float(np.sum(wr * x * x))
         return (phi, _ordered_rows_sum(rhs_partial) + wr * x,
                 _ordered_rows_sum(normal_partial) + np.diag(wr))
-
-    def rmsd(self, phi):
-        return float(np.sqrt(phi / max(self.n_obs, 1)))
-
 
 def match_to_reference(data_asu, reference_asu):
     """Per data row the reference row with the same ASU index, or -1."""
