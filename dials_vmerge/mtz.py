@@ -332,6 +332,22 @@ class UnmergedMtz:
     column_labels: List[str]
 
 
+def _unmerged_cell_parameters(mtz) -> tuple:
+    """The cell of an unmerged MTZ: the median of the batch headers' cells (float32, 7
+    digits) where every one agrees with the file header's cell (text, 4 decimals) to the
+    header's rounding, else the header's cell. The batch cells are the cell that the
+    intensities were indexed with, as exact as the file holds it; d* from the 4-decimal cell
+    differs by ~1e-5 relative from that of the .expt the file was written from."""
+    cell = mtz.get_cell()
+    header = np.array([cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma])
+    if not len(mtz.batches):
+        return tuple(header)
+    batch_cells = np.array([b.cell.parameters for b in mtz.batches], dtype=np.float64)
+    # 5e-5: half the last printed decimal of the header; 2e-6: float32 of the batch values
+    agree = np.all(np.abs(batch_cells - header) <= 5e-5 + 2e-6 * np.abs(header))
+    return tuple(np.median(batch_cells, axis=0)) if agree else tuple(header)
+
+
 def read_unmerged_mtz(path: str) -> UnmergedMtz:
     """Read an unmerged MTZ with gemmi; FileFormatError naming the file if it is not one
     (merged, no intensities, unreadable). Rows with a missing I or SIGI <= 0 are dropped
@@ -367,8 +383,7 @@ def read_unmerged_mtz(path: str) -> UnmergedMtz:
         raise FileFormatError(f"{path}: no observation with a positive SIG{i_label}")
     hall = mtz.spacegroup.hall
     space_group = sgtbx.space_group(hall)
-    cell = mtz.get_cell()
-    unit_cell = uctbx.unit_cell((cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma))
+    unit_cell = uctbx.unit_cell(_unmerged_cell_parameters(mtz))
     wavelength = next((d.wavelength for d in reversed(mtz.datasets) if d.wavelength > 0), 1.0)
 
     def optional(label):

@@ -26,9 +26,17 @@ With fewer than `min_reflections` (200) reflections the flat positive prior is u
 I/sigma > -4, F = sqrt((I + D)/2) with D = sqrt(I^2 + 2 sigma^2),
 sigma(F) = 1/sqrt(1/F^2 + (I + 3D)/sigma^2).
 
-One deliberate difference from DIALS: a bin left empty by tied d*^3 values (equal edges) is
-dropped from the interpolation, where DIALS's binned median would be NaN and reject the
-reflections near it.
+Two deliberate differences from DIALS:
+- a bin left empty by tied d*^3 values (equal edges) is dropped from the interpolation, where
+  DIALS's binned median would be NaN and reject the reflections near it;
+- reflections of equal resolution get one d*^3 before binning: values that agree to
+  `TIE_RELATIVE_TOLERANCE` take the smallest of them. cctbx's d*^2 of reflections related by
+  lattice (not Laue) symmetry, e.g. (h,k,l) and (k,h,l) in P321, differ in the last bits in a
+  way that depends on the cell's 16th digit, and a bin edge that falls on such a tie then
+  splits it by rounding noise. DIALS is left to that noise; here the bins, and so <I>, F and
+  SIGF, do not move when the cell changes in its 5th to 16th digit (the cell an MTZ file
+  holds, say). Where the d* of tied reflections happen to be bit-identical this is DIALS's
+  binning exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ CENTRIC_TABLE_H_MAX = 4.0
 MAX_BINS = 60
 MIN_PER_BIN = 20
 DEFAULT_MIN_REFLECTIONS = 200
+# d*^3 values closer than this (relative) are one resolution: rounding noise of cctbx's d*^2
+# is ~1e-16 relative, and distinct resolutions of a real cell differ by far more than 1e-9
+TIE_RELATIVE_TOLERANCE = 1e-9
 FLAT_PRIOR_MIN_I_OVER_SIGMA = -4.0
 
 
@@ -73,13 +84,28 @@ def expected_intensity_bins(dstar_cubed: np.ndarray):
     return np.interp(np.linspace(0, n, n_bins + 1), np.arange(n), np.sort(dstar_cubed))
 
 
+def merge_equal_resolutions(dstar_cubed: np.ndarray,
+                            relative_tolerance: float = TIE_RELATIVE_TOLERANCE) -> np.ndarray:
+    """d*^3 with values that agree to `relative_tolerance` (each to the previous one in
+    sorted order) replaced by the smallest value of their run: reflections of one resolution
+    then tie exactly, whatever the rounding of their d*."""
+    order = np.argsort(dstar_cubed, kind="stable")
+    ordered = dstar_cubed[order]
+    starts_run = np.ones(len(ordered), dtype=bool)
+    starts_run[1:] = np.diff(ordered) > relative_tolerance * np.abs(ordered[1:])
+    run_start = np.maximum.accumulate(np.where(starts_run, np.arange(len(ordered)), 0))
+    merged = np.empty_like(dstar_cubed)
+    merged[order] = ordered[run_start]
+    return merged
+
+
 def mean_intensity_by_resolution(intensity, dstar_sq) -> np.ndarray:
     """<I> for each reflection: binned standardised medians interpolated in d*^3."""
     intensity = np.asarray(intensity, dtype=np.float64)
     n = len(intensity)
     if n == 0:
         return np.zeros(0)
-    dstar_cubed = np.asarray(dstar_sq, dtype=np.float64) ** 1.5
+    dstar_cubed = merge_equal_resolutions(np.asarray(dstar_sq, dtype=np.float64) ** 1.5)
     edges = expected_intensity_bins(dstar_cubed)
     order = np.argsort(dstar_cubed, kind="stable")
     sorted_x = dstar_cubed[order]
