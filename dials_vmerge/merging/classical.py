@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from .groups import GroupedObservations
 from .merged import MergedIntensities
 
@@ -33,7 +35,7 @@ def inverse_variance_sums(intensity, sigma, start, end):
     return sum_w, sum_wi, n_usable
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def inverse_variance_merge_kernel(
     intensity, sigma, group_start, sigma_dynamic_range, use_internal_variance
 ):
@@ -85,7 +87,7 @@ def inverse_variance_merge_kernel(
     return mean, merged_sigma
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def deviation_sums_kernel(intensity, group_start, mean):
     """Per group: sum |I - mean| and sum I (the Rmerge numerator and denominator terms)."""
     n_groups = group_start.shape[0] - 1

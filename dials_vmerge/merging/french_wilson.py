@@ -46,6 +46,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 MIN_H = -4.0
 MIN_I_OVER_SIGMA = MIN_H + 0.3
 ACENTRIC_TABLE_H_MAX = 3.0
@@ -136,7 +138,7 @@ def _interpolate_table(table, h):
     )
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def french_wilson_kernel(intensity, sigma, mean_intensity, centric, acentric_table, centric_table):
     n = intensity.shape[0]
     J = np.full(n, np.nan)
@@ -181,7 +183,7 @@ def french_wilson_kernel(intensity, sigma, mean_intensity, centric, acentric_tab
     return J, sigma_J, F, sigma_F
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def flat_prior_kernel(intensity, sigma, min_i_over_sigma):
     n = intensity.shape[0]
     F = np.full(n, np.nan)

@@ -22,6 +22,8 @@ from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
+
+from ..kernels.size_dispatch import parallel_when_large
 from scipy.special import sph_harm_y
 
 from .component import Component, take_rows
@@ -61,7 +63,7 @@ def _crystal_vector(v0, v1, v2, setting, axis, fixed, cos_phi, sin_phi):
     return x, y, z
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def crystal_frame_vectors_kernel(
     z_obs, s1, sample_to_source, setting, axis, fixed, phi0_deg, osc_width_deg, first_image
 ):
@@ -227,7 +229,7 @@ def configure_absorption(component, s0c, s1c) -> None:
 # -- the component --------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def _lookup_rows(table, cell_s0, cell_s1):
     """(table[cell_s0] + table[cell_s1]) / 2, row by row."""
     n = cell_s0.shape[0]
@@ -239,7 +241,7 @@ def _lookup_rows(table, cell_s0, cell_s1):
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def _one_plus_lookup_dot(table, cell_s0, cell_s1, parameters):
     """1 + sum_j (table[c0, j] + table[c1, j]) / 2 * p_j without forming the rows."""
     n = cell_s0.shape[0]
@@ -253,7 +255,7 @@ def _one_plus_lookup_dot(table, cell_s0, cell_s1, parameters):
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def _one_plus_table_dot(coefficients, parameters):
     n, k = coefficients.shape
     out = np.empty(n)

@@ -23,6 +23,8 @@ import copy
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 try:  # libtbx.Auto is how "auto" arrives from a PHIL extract
     from libtbx import Auto as _LIBTBX_AUTO
 except ImportError:  # pragma: no cover - cctbx-base is a dependency
@@ -48,7 +50,7 @@ def param(params, dotted: str, default=None):
     return node
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def product_rule(component_values, deriv_values, column_start):
     """g = prod_c g_c and each component's derivative columns times the other factors.
 
@@ -74,7 +76,7 @@ def product_rule(component_values, deriv_values, column_start):
     return g, out
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def variance_of_g(deriv_values, deriv_index, covariance):
     """diag(J Sigma J^T) per observation: var(g) from the parameter covariance Sigma."""
     n, k = deriv_values.shape

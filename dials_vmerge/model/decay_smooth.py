@@ -11,11 +11,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from .component import Component, take_rows
 from .smoother import Smoother1D
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def b_factor_values_and_derivatives(weights, index, parameters, d):
     """g = exp(B/(2d^2)) with B the smoothed value, and dg/dq in the same ELL layout."""
     n, k = weights.shape
@@ -33,7 +35,7 @@ def b_factor_values_and_derivatives(weights, index, parameters, d):
     return values, derivs
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def b_factor_values(weights, index, parameters, d):
     """g = exp(B/(2d^2)) alone (same operations as b_factor_values_and_derivatives)."""
     n, k = weights.shape

@@ -24,6 +24,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 MAX_AVERAGE = 3  # DIALS's default num_average: 3 parameters per axis contribute
 
 
@@ -147,7 +149,7 @@ def _normalise_row(values, r, n_used, total):
             values[r, s] /= total
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def smoother_weights_1d(z, n_values):
     """Normalised weights (n, 3) and parameter indices (n, 3) of a 1D smoother."""
     n = z.shape[0]
@@ -170,7 +172,7 @@ def smoother_weights_1d(z, n_values):
     return values, index
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def smoother_weights_2d(z1, z2, n1, n2):
     """Normalised weights (n, 9) and indices (n, 9) of a 2D smoother; idx = i + j*n1."""
     n = z1.shape[0]
@@ -197,7 +199,7 @@ def smoother_weights_2d(z1, z2, n1, n2):
     return values, index
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
     """Normalised weights (n, 27) and indices (n, 27) of a 3D smoother; idx = i + j*n1 + k*n1*n2."""
     n = z1.shape[0]
@@ -228,7 +230,7 @@ def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
     return values, index
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def ell_values(deriv_values, deriv_index, parameters):
     """Row-wise sum_j deriv_values[r, j] * parameters[deriv_index[r, j]]."""
     n, k = deriv_values.shape

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from .. import flags
 from .ih_table import chunk_bounds, group_sort
 
@@ -36,7 +38,7 @@ def profile_weight(i_sum, imid):
         return np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3))
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def scaled_combined_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid,
                            weight, scaled_i, scaled_sigma):
     """I c / g and sqrt(max(V, 0)) c / g of combine_values(..., imid), element by element
@@ -70,7 +72,7 @@ def candidate_imids(i_sum, partiality):
     return values
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_partial,
                            den_partial, n_partial):
     """Per chunk of groups, over the observations with sigma > 0 and I/sigma > 1 only (read

@@ -14,6 +14,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 
 def map_indices_to_asu(miller_index, space_group, anomalous):
     """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous.
@@ -98,7 +100,7 @@ def group_weighted_sums(intensity, weight, g, lo, hi):
     return s_wgi, s_wgg
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def merged_intensity_kernel(intensity, weight, g, group_start, chunk_start, ih_out):
     """Ih per group; groups with sum(w g^2) = 0 get 0."""
     n_chunks = chunk_start.size - 1

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from .ih_table import chunk_bounds, group_weighted_sums
 
 WEIGHT_CAP_FACTOR = 10.0
@@ -27,7 +29,7 @@ ZERO_DENOMINATOR_Z = 1000.0
 MIN_REFLECTIONS_FOR_NORMALISATION = 10000
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def capped_weights_kernel(weight, group_start, chunk_start, out):
     """min(w, 10 median(w of the group)); the median sorts a per-thread buffer in place
     (np.median would allocate a copy for every group)."""
@@ -59,7 +61,7 @@ def capped_weights_kernel(weight, group_start, chunk_start, out):
                 out[i] = min(weight[i], cap)
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def standard_outlier_kernel(intensity, weight, g, group_start, chunk_start, zmax, outlier):
     n_chunks = chunk_start.size - 1
     for c in prange(n_chunks):
@@ -100,7 +102,7 @@ def standard_outlier_kernel(intensity, weight, g, group_start, chunk_start, zmax
                     break
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def simple_outlier_kernel(intensity, weight, g, group_start, chunk_start, zmax, outlier):
     n_chunks = chunk_start.size - 1
     for c in prange(n_chunks):

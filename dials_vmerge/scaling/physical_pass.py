@@ -30,6 +30,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from ..kernels.flat import split_positions
 
 GUARD = np.array([0.0, 0.0, 1.0, 0.0, 0.0])
@@ -38,7 +40,7 @@ INTENSITY, WEIGHT, SCALE_W, DECAY_W = 0, 1, 2, 5  # record columns
 RECORD_WIDTH = 8
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def physical_target_gradient_kernel(record, first_param, absorption_coefficients,
                                     absorption_first, fixed_factor, parameters, group_start,
                                     chunk_start, max_group_size, phi_partial, grad_partial):
@@ -119,7 +121,8 @@ def physical_target_gradient_kernel(record, first_param, absorption_coefficients
                         grad[a0 + np.uint64(k)] += fa * absorption_coefficients[i, k]
                 i += one
         phi_partial[c] = phi
-        grad_partial[c, :] = grad
+        for k in range(n_full):  # not a slice assignment: its error message compiles slowly
+            grad_partial[c, k] = grad[k]
 
 
 class PhysicalPassInputs:

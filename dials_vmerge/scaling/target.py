@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
+
 from ..backends import mpi_world
 from ..kernels.flat import split_positions
 from .family import KBFamily
@@ -29,7 +31,7 @@ from .physical_pass import (PhysicalPassInputs, physical_target_and_gradient,
                             uses_fused_physical_pass)
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
                            chunk_start, phi_partial, grad_partial):
     """Per chunk: sum w r^2 into phi_partial[c] and -2 w r Ih dg into grad_partial[c, :]."""
@@ -57,10 +59,13 @@ def target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_
                     if col >= 0:
                         grad[col] += factor * deriv_values[i, k]
         phi_partial[c] = phi
-        grad_partial[c, :] = grad
+        # element loops, not slice assignments: those compile numba's shape-mismatch error
+        # message (string formatting), about a second of every cold start
+        for a in range(n_par):
+            grad_partial[c, a] = grad[a]
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
                          chunk_start, phi_partial, rhs_partial, normal_partial):
     """Per chunk: phi, J^T W r and J^T W J with the dIh/dp term of J included."""
@@ -118,11 +123,13 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
             for a in range(n_local):
                 local_of_col[cols[a]] = -1
         phi_partial[c] = phi
-        rhs_partial[c, :] = rhs
-        normal_partial[c, :, :] = normal
+        for a in range(n_par):  # element loops: see target_gradient_kernel
+            rhs_partial[c, a] = rhs[a]
+            for b in range(n_par):
+                normal_partial[c, a, b] = normal[a, b]
 
 
-@njit(cache=True, parallel=True)
+@parallel_when_large
 def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
     """var(g_i) = sum_kk' dg_i/dp_k cov[k, k'] dg_i/dp_k' over the free parameters."""
     n = deriv_values.shape[0]
