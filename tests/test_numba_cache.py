@@ -20,9 +20,12 @@ hits = misses = 0
 for name, module in list(sys.modules.items()):
     if name.startswith("dials_vmerge"):
         for obj in vars(module).values():
-            if isinstance(obj, Dispatcher):
-                hits += sum(obj.stats.cache_hits.values())
-                misses += sum(obj.stats.cache_misses.values())
+            # a size-dispatched kernel (kernels/size_dispatch.py) holds two dispatchers
+            for dispatcher in ([obj] if isinstance(obj, Dispatcher)
+                               else getattr(obj, "dispatchers", [])):
+                if isinstance(dispatcher, Dispatcher):
+                    hits += sum(dispatcher.stats.cache_hits.values())
+                    misses += sum(dispatcher.stats.cache_misses.values())
 print(json.dumps({"code": code, "hits": hits, "misses": misses}))
 """
 

@@ -11,7 +11,7 @@ internal-variance merging, non-anomalous groups) wins.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
 

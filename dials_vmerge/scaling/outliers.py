@@ -18,7 +18,7 @@ Each call returns a fresh boolean mask over the table's observations (sets are r
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
 

@@ -19,7 +19,7 @@ into per-chunk partial sums, then reduces the chunks in order: deterministic for
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
