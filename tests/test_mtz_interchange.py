@@ -168,7 +168,7 @@ def test_merging_our_unmerged_mtz_gives_the_merged_mtz_of_scaled_refl(merged_fro
     assert np.isfinite(db[:, labels.index("F")]).sum() == len(db)  # amplitudes compared
 
 
-def test_unmerged_mtz_cell_is_the_batch_cell_of_the_expt(merged_from_refl):
+def test_unmerged_mtz_cell_is_the_batch_cell_of_the_expt(merged_from_refl, tmp_path):
     """The header holds the cell to 4 decimals, the batch headers in float32: the reader
     takes the latter, which equals the .expt's cell to float32 rounding."""
     from dials_vmerge import geometry
@@ -182,6 +182,13 @@ def test_unmerged_mtz_cell_is_the_batch_cell_of_the_expt(merged_from_refl):
     assert abs(header[2] - expected[2]) > 1e-6  # the header alone is not precise enough
     read = read_unmerged_mtz(str(work / "unmerged.mtz")).unit_cell.parameters()
     np.testing.assert_allclose(read, expected, rtol=1.2e-7)
+    # batches whose cells disagree with the header (another crystal, a wrong header): the
+    # header's cell is used
+    mtz = gemmi.read_mtz_file(str(work / "unmerged.mtz"))
+    mtz.batches[3].cell = gemmi.UnitCell(5.0, 5.0, 5.5, 90, 90, 120)
+    mtz.write_to_file(str(tmp_path / "other.mtz"))
+    read = read_unmerged_mtz(str(tmp_path / "other.mtz")).unit_cell.parameters()
+    np.testing.assert_allclose(read, header, rtol=1e-12)
 
 
 def test_merge_program_refuses_a_merged_mtz(merged_from_refl, tmp_path, monkeypatch, capsys):
