@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .io.atomic import atomic_output_path
+from .io.atomic import atomic_output_path, interrupts_deferred
 
 MERGED_COLUMNS = [
     ("FreeR_flag", "I"), ("IMEAN", "J"), ("SIGIMEAN", "Q"), ("N", "I"),
@@ -112,6 +112,7 @@ def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
     return flags.data().as_numpy_array().astype(np.int32)
 
 
+@interrupts_deferred()  # gemmi aborts the process on a Ctrl-C inside its calls
 def write_merged_mtz(path, space_group, unit_cell, miller_index, columns: Dict[str, np.ndarray],
                      wavelength=1.0, title="dials.vmerge merged", crystal_name="XTAL",
                      project_name="DIALS", dataset_name="NATIVE", history=None):
@@ -275,6 +276,7 @@ def _isym_in_file_order(isym, space_group, gemmi_space_group) -> np.ndarray:
     return 2 * to_file[op] + 1 + friedel
 
 
+@interrupts_deferred()  # gemmi aborts the process on a Ctrl-C inside its calls
 def write_unmerged_mtz(path, space_group, unit_cell, miller_index, isym, batch, intensity,
                        sigma, scale=None, scale_sigma=None, extra: Optional[dict] = None,
                        headers: Optional[List[BatchHeader]] = None, wavelength=1.0,
@@ -361,7 +363,8 @@ def read_unmerged_mtz(path: str) -> UnmergedMtz:
 
     check_input_file(path, ".mtz")
     try:
-        mtz = gemmi.read_mtz_file(path)
+        with interrupts_deferred():
+            mtz = gemmi.read_mtz_file(path)
     except Exception as e:  # gemmi raises RuntimeError/ValueError with its own text
         raise FileFormatError(f"{path}: not a readable MTZ file ({e})") from None
     labels = [c.label for c in mtz.columns]

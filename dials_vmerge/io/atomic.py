@@ -114,3 +114,33 @@ def atomic_write(path: str, mode: str = "wb"):
         encoding = None if "b" in mode else "utf-8"
         with open(temp, mode, encoding=encoding) as f:
             yield f
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM while native library code runs (gemmi's MTZ I/O).
+
+    gemmi's bindings check Python's pending signals and turn a KeyboardInterrupt raised
+    inside C++ into std::terminate: the run aborts with a C++ message instead of stopping
+    cleanly. Python-level handlers are swapped for a recorder here and the first signal
+    received is re-delivered to the original handler once the native call has returned."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if callable(handler):  # only Python-level handlers run inside native code
+            previous[number] = handler
+            signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            previous[received[0]](received[0], None)
