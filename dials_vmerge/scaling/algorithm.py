@@ -53,7 +53,7 @@ OUTPUT_COLUMNS = ("inverse_scale_factor", "inverse_scale_factor_variance",
 DEFAULT_SMALL_SCALE_CUTOFF = 0.001
 # rows per Jacobian chunk when expanding var(g): with absorption (30 derivative columns)
 # a 64k-row chunk was a 47 MB transient and the peak of a 1e6 run
-VARIANCE_CHUNK_ROWS = 65536
+VARIANCE_CHUNK_ROWS = 16384
 MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
 
 
