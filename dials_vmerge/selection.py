@@ -72,11 +72,9 @@ def id_of_experiment(table, experiment) -> int:
     raise SelectionError(f"experiment {experiment.identifier} has no reflections")
 
 
-def rows_of_experiments(table, experiments) -> list:
-    """Per experiment, the ascending row indices of its reflections: one pass over the `id`
-    column (kernels.flat counting sort), not one scan of the table per experiment."""
-    from .kernels.flat import rows_by_dataset
-
+def dataset_position_of_rows(table, experiments) -> np.ndarray:
+    """Per row, the position in `experiments` of the row's experiment (-1 for rows of none),
+    from one pass over the `id` column."""
     key_of_identifier = {ident: key for key, ident in table.identifiers.items()}
     position_of_key = {}
     for position, e in enumerate(experiments):
@@ -92,11 +90,18 @@ def rows_of_experiments(table, experiments) -> list:
         for key, position in position_of_key.items():
             if low <= key <= high:
                 lookup[key - low] = position
-        position = lookup[ids - low]
-    else:
-        unique_ids, inverse = np.unique(ids, return_inverse=True)
-        position = np.array([position_of_key.get(int(k), -1) for k in unique_ids],
-                            dtype=np.int64)[inverse.ravel()]
+        return lookup[ids - low]
+    unique_ids, inverse = np.unique(ids, return_inverse=True)
+    return np.array([position_of_key.get(int(k), -1) for k in unique_ids],
+                    dtype=np.int64)[inverse.ravel()]
+
+
+def rows_of_experiments(table, experiments) -> list:
+    """Per experiment, the ascending row indices of its reflections: one pass over the `id`
+    column (kernels.flat counting sort), not one scan of the table per experiment."""
+    from .kernels.flat import rows_by_dataset
+
+    position = dataset_position_of_rows(table, experiments)
     in_experiments = np.flatnonzero(position >= 0)
     order, offsets = rows_by_dataset(position[in_experiments], len(experiments))
     rows = in_experiments[order]
@@ -255,19 +260,20 @@ def apply_image_exclusions(experiments, table, exclusions: List[Tuple[int, Image
 def flag_rows_outside_valid_ranges(experiments, table) -> None:
     """Rows whose z_obs lies outside every valid range get user_excluded_in_scaling.
 
-    A row is valid if first - 1 <= z_obs <= last for some valid range (first, last).
+    A row is valid if first - 1 <= z_obs <= last for some valid range (first, last). One
+    kernel pass over all rows with every dataset's ranges (kernels.valid_ranges): linear in
+    rows plus datasets.
     """
+    from .kernels.valid_ranges import rows_outside_valid_ranges
+
     if all(e.is_still for e in experiments):
         return
+    position = dataset_position_of_rows(table, experiments)
+    is_still = np.array([e.is_still for e in experiments] + [True], dtype=bool)
+    position = np.where(is_still[position], -1, position)  # -1 (no experiment) indexes True
     z = table["xyzobs.px.value"][:, 2]
-    for e, rows in zip(experiments, rows_of_experiments(table, experiments)):
-        if e.is_still:
-            continue
-        z_rows = z[rows]
-        ok = np.zeros(rows.size, dtype=bool)
-        for first, last in valid_ranges(e):
-            ok |= (z_rows >= first - 1) & (z_rows <= last)
-        table.set_flags(rows[~ok], flags.user_excluded_in_scaling)
+    outside = rows_outside_valid_ranges(position, z, [valid_ranges(e) for e in experiments])
+    table.set_flags(outside, flags.user_excluded_in_scaling)
 
 
 def drop_empty_datasets(experiments, table, log=None):

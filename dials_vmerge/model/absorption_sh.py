@@ -267,6 +267,23 @@ def _one_plus_table_dot(coefficients, parameters):
     return out
 
 
+def _compact_cells(cells):
+    """(used, compact): the distinct cell numbers ascending and each cell's position among
+    them (int32), as np.unique(cells, return_inverse=True) gives them but without a sort when
+    the cell numbers are a small range (the lookup grid): one presence table and a cumsum."""
+    if cells.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    low, high = int(cells.min()), int(cells.max())
+    if low < 0 or high - low > 4 * cells.size:
+        used, compact = np.unique(cells, return_inverse=True)
+        return used, compact.ravel().astype(np.int32)
+    present = np.zeros(high - low + 1, dtype=bool)
+    present[cells - low] = True
+    used = np.flatnonzero(present).astype(np.int64) + low
+    position = np.cumsum(present, dtype=np.int64) - 1
+    return used, position[cells - low].astype(np.int32)
+
+
 class SHAbsorption(Component):
     name = "absorption"
     null_parameter_value = 0.0
@@ -304,10 +321,8 @@ class SHAbsorption(Component):
     def configure_lookup(self, cell_s0, cell_s1) -> None:
         """Per observation the lookup-table cells of s0c and s1c (sph_harm_lookup_table)."""
         n = np.asarray(cell_s0).size
-        used, compact = np.unique(np.concatenate([np.asarray(cell_s0, dtype=np.int64).ravel(),
-                                                  np.asarray(cell_s1, dtype=np.int64).ravel()]),
-                                  return_inverse=True)
-        compact = compact.ravel().astype(np.int32)
+        used, compact = _compact_cells(np.concatenate([np.asarray(cell_s0, dtype=np.int64).ravel(),
+                                                       np.asarray(cell_s1, dtype=np.int64).ravel()]))
         self._cells = (np.ascontiguousarray(compact[:n]), np.ascontiguousarray(compact[n:]))
         self._table = lookup_table_rows(used, self.lmax)
         self._exact = np.zeros((0, self.n_parameters))

@@ -471,13 +471,19 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
     residual_sq = (intensity / g - data.ih) ** 2
     n_groups = int(data.group.max()) + 1 if data.group.size else 0
 
+    # one numba kernel per evaluation of b (kernels/error_model_ml.py), no numpy temporaries
+    from ..kernels.error_model_ml import a_sq_and_cost_kernel
+
+    arrays = [np.ascontiguousarray(v, dtype=np.float64)
+              for v in (intensity, variance, g, share, residual_sq)]
+    group = np.ascontiguousarray(data.group, dtype=np.int64)
+    scratch = np.empty(group.size)
+    fixed_a_sq = -1.0 if fixed_a is None else float(fixed_a) ** 2
+
     def a_sq_and_cost(b):
-        q = (variance + (b * intensity) ** 2) / (g * g)
-        spread = np.bincount(data.group, share * share * q, minlength=n_groups)[data.group]
-        unit = np.maximum(q * (1.0 - 2.0 * share) + spread, 1e-300)
-        ratio = residual_sq / unit
-        a_sq = float(np.mean(ratio)) if fixed_a is None else float(fixed_a) ** 2
-        return a_sq, float(np.sum(np.log(a_sq * unit)) + np.sum(ratio) / a_sq)
+        a_sq, cost = a_sq_and_cost_kernel(arrays[0], arrays[1], arrays[2], arrays[3], group,
+                                          arrays[4], n_groups, float(b), fixed_a_sq, scratch)
+        return float(a_sq), float(cost)
 
     if fixed_b is not None:
         b = float(fixed_b)

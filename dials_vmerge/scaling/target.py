@@ -118,10 +118,19 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
                         continue
                     ca = cols[a]
                     rhs[ca] += wja * r
-                    for b in range(n_local):
-                        normal[ca, cols[b]] += wja * jrow[b]
+                    # J^T W J is symmetric: only its upper triangle (row <= column) is
+                    # accumulated, then mirrored once per chunk (half the multiply-adds)
+                    for b in range(a, n_local):
+                        cb = cols[b]
+                        if ca <= cb:
+                            normal[ca, cb] += wja * jrow[b]
+                        else:
+                            normal[cb, ca] += wja * jrow[b]
             for a in range(n_local):
                 local_of_col[cols[a]] = -1
+        for a in range(n_par):
+            for b in range(a + 1, n_par):
+                normal[b, a] = normal[a, b]
         phi_partial[c] = phi
         for a in range(n_par):  # element loops: see target_gradient_kernel
             rhs_partial[c, a] = rhs[a]
@@ -135,17 +144,20 @@ def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
     n = deriv_values.shape[0]
     n_slots = deriv_values.shape[1]
     for i in prange(n):
-        total = 0.0
+        # the covariance is symmetric: diagonal terms once, each off-diagonal pair twice
+        diagonal = 0.0
+        off_diagonal = 0.0
         for k in range(n_slots):
             ck = deriv_col[i, k]
             if ck < 0:
                 continue
             dk = deriv_values[i, k]
-            for kk in range(n_slots):
+            diagonal += dk * covariance[ck, ck] * dk
+            for kk in range(k + 1, n_slots):
                 ckk = deriv_col[i, kk]
                 if ckk >= 0:
-                    total += dk * covariance[ck, ckk] * deriv_values[i, kk]
-        out[i] = total
+                    off_diagonal += dk * covariance[ck, ckk] * deriv_values[i, kk]
+        out[i] = diagonal + 2.0 * off_diagonal
 
 
 def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
