@@ -76,6 +76,10 @@ def test_blocks_depend_on_the_data_only(monkeypatch):
     assert bounds[0] == 0 and bounds[-1] == sizes.size and np.all(np.diff(bounds) > 0)
     block_obs = np.diff(group_start[bounds])
     assert block_obs.max() - block_obs.min() <= 2 * sizes.max()  # balanced to a group
+    # many parameters: fewer, larger blocks (the tree's vector additions stay small)
+    n_par = 20000
+    wide = fixed_block_bounds(group_start, n_par)
+    assert wide.size - 1 == n_obs // (block_sums.OBSERVATIONS_PER_PARAMETER * n_par)
     # ranks own whole, contiguous blocks balanced by observations
     ranges = rank_block_ranges(bounds, group_start, 3)
     rank_obs = np.diff(group_start[bounds[ranges]])

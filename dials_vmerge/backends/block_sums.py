@@ -29,19 +29,26 @@ import numpy as np
 from . import mpi_world
 from .mpi import shard_bounds
 
-# A block is one thread's sequential pass: large enough that the tree's additions (one
-# vector of the partial's size per block) stay small beside the kernel's work, small
-# enough that ranks get whole blocks in balance (MAX_BLOCKS >= ranks you will use).
+# A block is one thread's sequential pass: large enough that the tree's additions (a few
+# passes over one vector of n_par entries per block) stay small beside the kernel's work on
+# the block's observations, small enough that ranks get whole blocks in balance
+# (MAX_BLOCKS >= the ranks you will use).
 MIN_BLOCK_OBSERVATIONS = 4096
+OBSERVATIONS_PER_PARAMETER = 2
 MAX_BLOCKS = 512
 
 
-def fixed_block_bounds(group_start):
-    """Group offsets (n_blocks + 1) of the blocks: a function of group_start only."""
+def fixed_block_bounds(group_start, n_par=0):
+    """Group offsets (n_blocks + 1) of the blocks: a function of the groups and of the number
+    of parameters (the length of the partial vectors) only.
+
+    n_blocks = clip(n_obs // max(MIN_BLOCK_OBSERVATIONS, OBSERVATIONS_PER_PARAMETER n_par),
+    1, MAX_BLOCKS)."""
     group_start = np.asarray(group_start, dtype=np.int64)
     n_groups = group_start.size - 1
     n_obs = int(group_start[-1]) if group_start.size else 0
-    n_blocks = int(np.clip(n_obs // MIN_BLOCK_OBSERVATIONS, 1, MAX_BLOCKS))
+    block_obs = max(MIN_BLOCK_OBSERVATIONS, OBSERVATIONS_PER_PARAMETER * int(n_par))
+    n_blocks = int(np.clip(n_obs // block_obs, 1, MAX_BLOCKS))
     n_blocks = max(1, min(n_blocks, max(n_groups, 1)))
     targets = np.linspace(0, n_obs, n_blocks + 1)[1:-1]
     inner = np.searchsorted(group_start, targets, side="left")
@@ -75,13 +82,16 @@ class _Fold:
         self.stack = []  # [level, index, values]
 
     def push(self, block, values):
+        """values: arrays this fold may overwrite (a left node is summed in place)."""
         node = [0, block, values]
         while self.stack:
             level, index, left = self.stack[-1]
             if level != node[0] or index % 2 or index + 1 != node[1]:
                 break
             self.stack.pop()
-            node = [level + 1, index // 2, [a + b for a, b in zip(left, node[2])]]
+            for a, b in zip(left, node[2]):
+                a += b
+            node = [level + 1, index // 2, left]
         self.stack.append(node)
 
     def nodes(self):
@@ -110,15 +120,23 @@ def tree_root(nodes, n_blocks):
     return value(top, 0)
 
 
-def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None):
+def _row(partial, row):
+    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); a
+    large row is copied so that the fold does not keep whole batches alive."""
+    view = partial[row:row + 1].reshape(partial.shape[1:])
+    return view.copy() if view.nbytes > (1 << 20) else view
+
+
+def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0):
     """Totals of a per-block kernel over all groups, identical on every rank and for any
     number of ranks or threads.
 
     evaluate(chunks) runs the kernel over the blocks whose group offsets are `chunks`
     (len(chunks) - 1 blocks) and returns a list of arrays, each with one leading row per
-    block. Returns the list of totals (shapes without the leading row)."""
+    block. Returns the list of totals (shapes without the leading row). The blocks are
+    fixed_block_bounds(group_start, n_par) unless given."""
     if block_bounds is None:
-        block_bounds = fixed_block_bounds(group_start)
+        block_bounds = fixed_block_bounds(group_start, n_par)
     n_blocks = block_bounds.size - 1
     n_ranks = mpi_world.n_ranks()
     ranges = rank_block_ranges(block_bounds, group_start, n_ranks)
@@ -132,7 +150,7 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None):
         partials = evaluate(block_bounds[b0:b1 + 1])
         shapes = [p.shape[1:] for p in partials]
         for row in range(b1 - b0):
-            fold.push(b0 + row, [np.array(p[row], dtype=np.float64) for p in partials])
+            fold.push(b0 + row, [_row(p, row) for p in partials])
     if n_ranks == 1:
         return tree_root(fold.nodes(), n_blocks)
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call

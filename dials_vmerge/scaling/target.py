@@ -155,7 +155,7 @@ def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_sta
                                chunks, phi_partial, grad_partial)
         return [phi_partial, grad_partial]
 
-    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par))
+    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), n_par=n_par)
     return float(phi), grad
 
 
@@ -172,7 +172,7 @@ def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start,
         return [phi_partial, rhs_partial, normal_partial]
 
     # one block per thread at a time: a block's partial normal matrix is n_par^2 doubles
-    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1))
+    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1), n_par=n_par)
     return float(phi), rhs, normal
 
 
@@ -263,7 +263,8 @@ class ScalingTarget(ModelTerms):
             self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
                                             ih_table.loc_index, ih_table.intensity,
                                             ih_table.weight)
-            self.block_bounds = fixed_block_bounds(ih_table.group_start)
+            self.block_bounds = fixed_block_bounds(ih_table.group_start,
+                                                   self.fused.full_parameters().size)
             self.max_group_size = int(np.diff(ih_table.group_start).max())
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
