@@ -2,7 +2,7 @@
 
 Runs the dials.vmerge program PROGRAM (e.g. dials.vmerge) in this process and, when it ends,
 writes OUT.rank<r>.json with this rank's peak RSS (MiB) and its reduction statistics
-(seconds in Allgather + rank-order sums, their number and bytes). Benchmark-only.
+(seconds in the Allgatherv of block-sum tree nodes, their number and bytes). Benchmark-only.
 """
 
 import json
