@@ -3,7 +3,7 @@
 For a simulated rotation dataset and a simulated stills dataset, each N runs
 `mpiexec -n N python benchmarks/mpi_rank.py ... dials.vmerge ...` (N = 1: no launcher) and
 records the wall time, the peak RSS of every rank, and the time, number and size of the
-reductions (Allgather of the partial target/gradient/normal matrix + the rank-order sum; the
+reductions (Allgatherv of the block-sum tree nodes of the target/gradient/normal matrix; the
 time includes waiting for the slowest rank). From the N = 1 and N = 2 runs a strong-scaling
 model to 64 ranks is fitted (see model_times and the README section "Running under MPI").
 

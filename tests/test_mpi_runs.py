@@ -9,6 +9,7 @@ output and the job ends.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from dials_vmerge.io import read_reflections
 QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
 BIN = os.path.dirname(sys.executable)
 TIMEOUT_S = 240
+STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
 
 pytest.importorskip("mpi4py")
 gemmi = pytest.importorskip("gemmi")
@@ -87,9 +89,7 @@ def comparable_log(path):
     for line in open(path).read().splitlines():
         if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
             continue
-        if "asymptotic limit" in line:
-            # 1/(a b) with the likelihood-fitted b ~ 1e-9 on quartz: b's last bits (see the
-            # tolerance note below) move this number in its leading digits
+        if STAGE_TIME.fullmatch(line):  # progress.stage: logged only when a stage was slow
             continue
         keep.append(line)
     return keep
@@ -117,21 +117,17 @@ def test_mpi_outputs_equal_single_process(datasets, single_process, tmp_path, na
     assert np.array_equal(ours["miller_index"], theirs["miller_index"])  # rows in input order
     assert np.array_equal(ours["flags"], theirs["flags"])
     g, g_ref = ours["inverse_scale_factor"], theirs["inverse_scale_factor"]
-    # Issue 11 asks for 1e-10. The reductions differ from one process only in how the partial
-    # sums are grouped (per rank, then in rank order): ~1e-16 per target evaluation. Since the
-    # error model is fitted by maximum likelihood by default (issue 14) and small jobs are
-    # minimised on every reflection (issue 10), those last bits come out amplified on the
-    # small, poorly conditioned quartz problem: measured max 6.3e-9 (2 ranks) and 9.2e-9
-    # (3 ranks) relative in g (4e-14 to 1e-12 before); 4-sweep simulation 3e-10, 500 stills
-    # 2e-14. 2e-8 holds; making the grouping of partial sums independent of the number of
-    # ranks would give identical bits (issue 11 stays open on this).
-    assert np.all(np.abs(g - g_ref) <= 2e-8 * np.abs(g_ref))
+    # Issue 11: 1e-10 relative. Every sum over groups is grouped by fixed blocks of the data
+    # and added as a tree over the blocks (backends/block_sums.py), whatever the number of
+    # ranks, so the bits are expected to be equal; 1e-10 is the requirement.
+    assert np.all(np.abs(g - g_ref) <= 1e-10 * np.abs(g_ref))
 
     hkl, i_mean = imean(tmp_path / "merged.mtz")
     hkl_ref, i_ref = imean(reference / "merged.mtz")
     assert np.array_equal(hkl, hkl_ref)
-    # IMEAN is float32 in the MTZ: a 1e-8 change of g can flip its last bit (6e-8 relative)
-    assert np.all(np.abs(i_mean - i_ref) <= 2.5e-7 * np.maximum(np.abs(i_ref), 1e-300))
+    # float32 IMEAN: with g equal to 1e-10 its bits are equal unless a value sits on a
+    # rounding boundary; the same 1e-10 is asserted on the float32 values
+    assert np.all(np.abs(i_mean - i_ref) <= 1e-10 * np.abs(i_ref))
 
     log = open(tmp_path / "dials.vmerge.log").read()
     assert f"MPI: {n_ranks} ranks; " in log  # the target really was reduced over ranks
@@ -225,14 +221,11 @@ def test_devices_reports_ranks_and_library(tmp_path):
 
 
 def test_one_process_is_unchanged_without_launcher():
-    # no launcher variables: no mpi4py import, the single-process splitter and sums
+    # no launcher variables: no MPI world, sums are the identity
     from dials_vmerge.backends import mpi_world
-    from dials_vmerge.scaling.ih_table import chunk_bounds
 
     assert mpi_world.launched_ranks() == 1 or os.environ.get("PMI_SIZE") == "1"
-    group_start = np.array([0, 3, 4, 9, 10, 15])
-    assert np.array_equal(mpi_world.local_chunk_bounds(group_start, 2, chunk_bounds),
-                          chunk_bounds(group_start, 2))
+    assert mpi_world.n_ranks() == 1 and mpi_world.world() is None
     grad = np.array([1.0, 2.0])
     phi, same = mpi_world.sum_over_ranks(1.5, grad)
     assert phi == 1.5 and same is grad

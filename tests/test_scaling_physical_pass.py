@@ -79,10 +79,14 @@ def test_fused_pass_equals_generic_pass(quartz, overrides):
         assert fd == pytest.approx(grad_f[j], rel=1e-4, abs=1e-6 * scale)
 
 
-def test_fused_pass_with_first_scale_parameter_fixed_and_across_nproc(quartz):
+def test_fused_pass_with_first_scale_parameter_fixed_and_across_nproc(quartz, monkeypatch):
     import numba
 
+    from dials_vmerge.backends import block_sums
     from dials_vmerge.scaling.ih_table import set_num_threads
+
+    # quartz is one block at the default size: smaller blocks so that threads share several
+    monkeypatch.setattr(block_sums, "MIN_BLOCK_OBSERVATIONS", 256)
 
     threads_before = numba.get_num_threads()
     fused1, generic1, x = _targets(quartz, nproc=1, fix_initial=0)
@@ -93,12 +97,13 @@ def test_fused_pass_with_first_scale_parameter_fixed_and_across_nproc(quartz):
     try:
         set_num_threads(2)
         fused2 = ScalingTarget(fused1.manager, fused1.table, 2)
-        assert fused2.chunks.size - 1 == 2
+        assert fused2.block_bounds.size - 1 >= 2  # the two threads share the blocks
         phi2, grad2 = fused2.value_and_gradient(x)
     finally:
         set_num_threads(threads_before)
-    assert phi2 == pytest.approx(phi1, rel=1e-10)
-    assert np.abs(grad2 - grad1).max() <= 1e-10 * np.abs(grad1).max()
+    # fixed blocks of the data added as a tree (backends/block_sums.py): nproc changes no bit
+    assert phi2 == phi1
+    assert np.array_equal(grad2, grad1)
     assert fused1.value_and_gradient(x)[0] == phi1  # same nproc: identical numbers
 
 

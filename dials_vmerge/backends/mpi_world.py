@@ -4,11 +4,12 @@ Layout (what is distributed and what is not, honestly):
 - Every rank reads the whole input and runs the same straight-line job; all decisions are
   taken from values that are bit-identical on every rank, so the ranks stay in lock step.
 - The per-observation work of the minimiser (target and gradient, normal matrix) is split by
-  unique reflection: each rank evaluates a contiguous range of whole ASU groups, balanced by
-  observation count (backends.mpi.shard_bounds), and the partial sums are combined with one
-  buffer-based Allgather followed by a sum in rank order on every rank. The same N therefore
-  gives the same bits run after run, and different N agree to rounding (1e-10 relative).
-  Restraints are added once, after the reduction, by the caller.
+  unique reflection: the groups are cut into fixed blocks that depend on the data only, each
+  rank evaluates a contiguous range of whole blocks, balanced by observation count, and the
+  block partials are added as a tree over the blocks whose nodes the ranks exchange with one
+  buffer-based Allgatherv (backends/block_sums.py, gather_tree_nodes). Any N (and any nproc)
+  therefore gives the same bits as one process. Restraints are added once, after the
+  reduction, by the caller.
 - Outputs (files and the log) are written by rank 0 only, atomically; the other ranks' writes
   go to private temporary files that are discarded (io.atomic asks `is_output_rank`).
 - A failure on any rank stops all ranks: ranks that fail together (bad input: every rank
@@ -140,22 +141,6 @@ def _wait(request) -> None:
             time.sleep(1e-4)  # after a short spin, give the core to the ranks still computing
 
 
-def local_chunk_bounds(group_start, nproc, chunk_bounds):
-    """Chunk bounds (group offsets, >= 2 entries) over this rank's groups only.
-
-    chunk_bounds(group_start, n) is the single-process splitter; in one process this is
-    exactly chunk_bounds(group_start, nproc)."""
-    group_start = np.asarray(group_start)
-    if world() is None:
-        return chunk_bounds(group_start, nproc)
-    bounds = shard_bounds(group_start, n_ranks())
-    g_lo, g_hi = int(bounds[rank()]), int(bounds[rank() + 1])
-    if g_hi <= g_lo:
-        return np.array([g_lo, g_lo], dtype=np.int64)
-    local_start = group_start[g_lo:g_hi + 1] - group_start[g_lo]
-    return chunk_bounds(local_start, nproc) + g_lo
-
-
 def sum_over_ranks(*values):
     """Each value (a float or a numpy array) summed over all ranks, identical bits on every
     rank: one Allgather of the packed partials, then a sum in rank order."""
@@ -179,6 +164,46 @@ def sum_over_ranks(*values):
     _state["reductions"] += 1
     _state["reduced_bytes"] += packed.nbytes
     return tuple(out) if len(out) > 1 else out[0]
+
+
+def gather_tree_nodes(own_nodes, block_ranges, shapes, canonical_nodes):
+    """Every rank's tree nodes of a block sum (backends/block_sums.py), on every rank.
+
+    own_nodes: {(level, index): [arrays of `shapes`]} of this rank's blocks; block_ranges:
+    block offsets of all ranks, from which every rank knows every rank's node list, so one
+    Allgatherv of the packed float64 values is the whole exchange."""
+    from mpi4py import MPI
+
+    comm = world()
+    start = time.perf_counter()
+    per_node = int(sum(int(np.prod(s)) for s in shapes))
+    node_lists = [canonical_nodes(int(block_ranges[r]), int(block_ranges[r + 1]))
+                  for r in range(comm.Get_size())]
+    mine = node_lists[comm.Get_rank()]
+    packed = np.empty(len(mine) * per_node, dtype=np.float64)
+    offset = 0
+    for node in mine:
+        for value in own_nodes[node]:
+            flat = np.asarray(value, dtype=np.float64).ravel()
+            packed[offset:offset + flat.size] = flat
+            offset += flat.size
+    counts = np.array([len(nodes) * per_node for nodes in node_lists], dtype=np.int64)
+    displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    gathered = np.empty(int(counts.sum()), dtype=np.float64)
+    _wait(comm.Iallgatherv(packed, [gathered, (counts, displacements), MPI.DOUBLE]))
+    nodes, offset = {}, 0
+    for node_list in node_lists:
+        for node in node_list:
+            values = []
+            for s in shapes:
+                size = int(np.prod(s))
+                values.append(gathered[offset:offset + size].reshape(s))
+                offset += size
+            nodes[node] = values
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 1
+    _state["reduced_bytes"] += packed.nbytes
+    return nodes
 
 
 def communication_stats() -> dict:

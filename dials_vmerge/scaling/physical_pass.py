@@ -196,11 +196,10 @@ class PhysicalPassInputs:
         return total
 
 
-def physical_target_and_gradient(inputs, group_start, chunks, max_group_size,
-                                 parameters=None):
-    """(sum w r^2, dPhi/dp over the full vector without the guard) with fixed chunk order."""
-    if parameters is None:
-        parameters = inputs.full_parameters()
+def physical_target_gradient_partials(inputs, group_start, chunks, max_group_size,
+                                      parameters):
+    """Per chunk: (sum w r^2 (n_chunks,), dPhi/dp (n_chunks, parameters.size) with the
+    guard entry); the caller reduces the chunks (backends/block_sums.py under MPI)."""
     n_chunks = chunks.size - 1
     phi_partial = np.zeros(n_chunks)
     grad_partial = np.zeros((n_chunks, parameters.size))
@@ -208,6 +207,16 @@ def physical_target_and_gradient(inputs, group_start, chunks, max_group_size,
         inputs.record, inputs.first_param, inputs.absorption_coefficients,
         inputs.absorption_first, inputs.fixed_factor, parameters, group_start, chunks,
         max_group_size, phi_partial, grad_partial)
+    return phi_partial, grad_partial
+
+
+def physical_target_and_gradient(inputs, group_start, chunks, max_group_size,
+                                 parameters=None):
+    """(sum w r^2, dPhi/dp over the full vector without the guard) with fixed chunk order."""
+    if parameters is None:
+        parameters = inputs.full_parameters()
+    phi_partial, grad_partial = physical_target_gradient_partials(
+        inputs, group_start, chunks, max_group_size, parameters)
     phi = 0.0
     for value in phi_partial:  # fixed order: deterministic for a given nproc
         phi += float(value)

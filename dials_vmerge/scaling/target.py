@@ -12,8 +12,9 @@ Normal matrix (Gauss-Newton/LevMar): J = dr/dp = -(Ih dg/dp + g dIh/dp) with
     dIh/dp = sum_l w (I - 2 g Ih) dg/dp / sum_l w g^2,
 accumulated per group over the union of the columns its observations touch.
 
-Each kernel walks contiguous chunks of groups (one per thread, see ih_table.chunk_bounds)
-into per-chunk partial sums, then reduces the chunks in order: deterministic for a given nproc.
+Each kernel walks fixed blocks of groups (one per thread) into per-block partial sums that
+backends/block_sums.py adds as a tree over the blocks, over MPI ranks too: the bits depend on
+the data alone, not on nproc or the number of ranks.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
-from ..backends import mpi_world
+from ..backends.block_sums import blockwise_sum, fixed_block_bounds
 from ..kernels.flat import split_positions
 from .family import KBFamily
 from .ih_table import chunk_bounds, group_weighted_sums
-from .physical_pass import (PhysicalPassInputs, physical_target_and_gradient,
+from .physical_pass import (PhysicalPassInputs, physical_target_gradient_partials,
                             uses_fused_physical_pass)
 
 
@@ -162,29 +163,42 @@ def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
 
 def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
                         nproc=1):
-    """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller."""
-    # under MPI: this rank's groups only, summed over ranks below (backends/mpi_world.py)
-    chunks = mpi_world.local_chunk_bounds(group_start, nproc, chunk_bounds)
-    n_chunks = chunks.size - 1
-    phi_partial = np.zeros(n_chunks)
-    grad_partial = np.zeros((n_chunks, n_par))
-    target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
-                           phi_partial, grad_partial)
-    return mpi_world.sum_over_ranks(_ordered_sum(phi_partial), _ordered_rows_sum(grad_partial))
+    """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller.
+
+    Summed per fixed block of groups and then as a tree over the blocks, over all MPI ranks
+    (backends/block_sums.py): the bits do not depend on nproc or on the number of ranks."""
+    def evaluate(chunks):
+        phi_partial = np.zeros(chunks.size - 1)
+        grad_partial = np.zeros((chunks.size - 1, n_par))
+        target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+                               chunks, phi_partial, grad_partial)
+        return [phi_partial, grad_partial]
+
+    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), n_par=n_par)
+    return float(phi), grad
 
 
 def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
                      nproc=1):
     """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term."""
-    chunks = mpi_world.local_chunk_bounds(group_start, nproc, chunk_bounds)
-    n_chunks = chunks.size - 1
-    phi_partial = np.zeros(n_chunks)
-    rhs_partial = np.zeros((n_chunks, n_par))
-    normal_partial = np.zeros((n_chunks, n_par, n_par))
-    normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start, chunks,
-                         phi_partial, rhs_partial, normal_partial)
-    return mpi_world.sum_over_ranks(_ordered_sum(phi_partial), _ordered_rows_sum(rhs_partial),
-                                    _ordered_rows_sum(normal_partial))
+    def evaluate(chunks):
+        n_chunks = chunks.size - 1
+        phi_partial = np.zeros(n_chunks)
+        rhs_partial = np.zeros((n_chunks, n_par))
+        normal_partial = np.zeros((n_chunks, n_par, n_par))
+        normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+                             chunks, phi_partial, rhs_partial, normal_partial)
+        return [phi_partial, rhs_partial, normal_partial]
+
+    # one block per thread at a time: a block's partial normal matrix is n_par^2 doubles
+    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1), n_par=n_par)
+    return float(phi), rhs, normal
+
+
+def _batch_blocks(nproc, partial_size):
+    """Blocks per kernel call: a few per thread, the batch's partials within ~64 MB."""
+    by_memory = max(1, (64 << 20) // (8 * max(int(partial_size), 1)))
+    return int(max(1, min(4 * max(int(nproc), 1), by_memory)))
 
 
 def variance_of_g(deriv_values, deriv_col, covariance):
@@ -268,7 +282,8 @@ class ScalingTarget(ModelTerms):
             self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
                                             ih_table.loc_index, ih_table.intensity,
                                             ih_table.weight)
-            self.chunks = mpi_world.local_chunk_bounds(ih_table.group_start, nproc, chunk_bounds)
+            self.block_bounds = fixed_block_bounds(ih_table.group_start,
+                                                   self.fused.full_parameters().size)
             self.max_group_size = int(np.diff(ih_table.group_start).max())
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
@@ -277,9 +292,16 @@ class ScalingTarget(ModelTerms):
         t = self.table
         if self.fused is not None:
             self.manager.set_free(x)
-            phi, grad_full = physical_target_and_gradient(
-                self.fused, t.group_start, self.chunks, self.max_group_size)
-            phi, grad_full = mpi_world.sum_over_ranks(phi, grad_full)
+            parameters = self.fused.full_parameters()
+
+            def evaluate(chunks):
+                return list(physical_target_gradient_partials(
+                    self.fused, t.group_start, chunks, self.max_group_size, parameters))
+
+            phi, grad_full = blockwise_sum(t.group_start, evaluate,
+                                           _batch_blocks(self.nproc, parameters.size),
+                                           self.block_bounds)
+            phi, grad_full = float(phi), grad_full[:self.fused.n_full]
             grad = np.zeros(self.n_par)
             # fixed order of the full entries; shared components add up here
             np.add.at(grad, self.full_to_free[self.free_entries], grad_full[self.free_entries])

@@ -1,0 +1,159 @@
+"""Sums over ASU groups whose bits depend on the data alone: not on nproc, not on MPI ranks.
+
+A floating-point sum depends on how its terms are grouped. The scaling target, its gradient
+and its normal matrix are sums over groups of observations (unique reflections), so the
+grouping is fixed here once, from the data:
+
+- Blocks: the groups are cut into `n_blocks` contiguous blocks of about equal observation
+  count, n_blocks = clip(n_obs // MIN_BLOCK_OBSERVATIONS, 1, MAX_BLOCKS). Each block's
+  partial sum is one sequential pass of a kernel (one thread) over its groups in order.
+- Tree: the block partials are added as a pairwise tree over the block index (leaf b at
+  level 0; node (l, i) = node (l-1, 2i) + node (l-1, 2i+1); leaves past the last block are
+  absent and a node with one present child is that child). Its root is the total.
+- Ranks: under MPI each rank owns a contiguous range of whole blocks, balanced by
+  observation count. It folds its blocks into the maximal tree nodes lying inside its range
+  (at most 2 log2(n_blocks) of them, found by `canonical_nodes`), the ranks exchange those
+  nodes (one Allgatherv of float64 buffers; every rank can compute every range, so no
+  counts travel), and every rank finishes the same tree. Every node's value is defined by
+  the tree alone, so N = 1, 2, 3 ... ranks and any nproc give identical bits.
+
+Threads: a kernel is called on a batch of consecutive blocks of a rank (one block per
+prange iteration), so nproc threads share a batch; the batch size changes nothing in the
+result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import mpi_world
+from .mpi import shard_bounds
+
+# A block is one thread's sequential pass: large enough that the tree's additions (a few
+# passes over one vector of n_par entries per block) stay small beside the kernel's work on
+# the block's observations, small enough that ranks get whole blocks in balance
+# (MAX_BLOCKS >= the ranks you will use).
+MIN_BLOCK_OBSERVATIONS = 4096
+OBSERVATIONS_PER_PARAMETER = 2
+MAX_BLOCKS = 512
+
+
+def fixed_block_bounds(group_start, n_par=0):
+    """Group offsets (n_blocks + 1) of the blocks: a function of the groups and of the number
+    of parameters (the length of the partial vectors) only.
+
+    n_blocks = clip(n_obs // max(MIN_BLOCK_OBSERVATIONS, OBSERVATIONS_PER_PARAMETER n_par),
+    1, MAX_BLOCKS)."""
+    group_start = np.asarray(group_start, dtype=np.int64)
+    n_groups = group_start.size - 1
+    n_obs = int(group_start[-1]) if group_start.size else 0
+    block_obs = max(MIN_BLOCK_OBSERVATIONS, OBSERVATIONS_PER_PARAMETER * int(n_par))
+    n_blocks = int(np.clip(n_obs // block_obs, 1, MAX_BLOCKS))
+    n_blocks = max(1, min(n_blocks, max(n_groups, 1)))
+    targets = np.linspace(0, n_obs, n_blocks + 1)[1:-1]
+    inner = np.searchsorted(group_start, targets, side="left")
+    bounds = np.concatenate([[0], inner, [max(n_groups, 0)]]).astype(np.int64)
+    return np.maximum.accumulate(bounds)
+
+
+def rank_block_ranges(block_bounds, group_start, n_ranks):
+    """Block offsets (n_ranks + 1): rank r owns blocks [out[r], out[r+1])."""
+    block_obs_start = np.asarray(group_start, dtype=np.int64)[block_bounds]
+    return shard_bounds(block_obs_start, n_ranks)
+
+
+def canonical_nodes(lo, hi):
+    """The maximal aligned tree nodes (level, index) covering blocks [lo, hi), in order."""
+    nodes = []
+    while lo < hi:
+        level = 0
+        # grow while lo stays aligned to the bigger node and it still fits in [lo, hi)
+        while lo % (2 << level) == 0 and lo + (2 << level) <= hi:
+            level += 1
+        nodes.append((level, lo >> level))
+        lo += 1 << level
+    return nodes
+
+
+class _Fold:
+    """Block partials pushed in block order, folded into the canonical nodes of the range."""
+
+    def __init__(self):
+        self.stack = []  # [level, index, values]
+
+    def push(self, block, values):
+        """values: arrays this fold may overwrite (a left node is summed in place)."""
+        node = [0, block, values]
+        while self.stack:
+            level, index, left = self.stack[-1]
+            if level != node[0] or index % 2 or index + 1 != node[1]:
+                break
+            self.stack.pop()
+            for a, b in zip(left, node[2]):
+                a += b
+            node = [level + 1, index // 2, left]
+        self.stack.append(node)
+
+    def nodes(self):
+        return {(level, index): values for level, index, values in self.stack}
+
+
+def tree_root(nodes, n_blocks):
+    """The root of the pairwise tree over n_blocks leaves from its known nodes
+    {(level, index): values}; the known nodes must cover every block exactly once."""
+    top = max(int(np.ceil(np.log2(max(n_blocks, 1)))), 0)
+
+    def value(level, index):
+        if (index << level) >= n_blocks:
+            return None  # entirely past the last block
+        known = nodes.get((level, index))
+        if known is not None:
+            return known
+        if level == 0:
+            raise ValueError(f"block {index} has no partial sum")
+        left = value(level - 1, 2 * index)
+        right = value(level - 1, 2 * index + 1)
+        if right is None:
+            return left
+        return [a + b for a, b in zip(left, right)]
+
+    return value(top, 0)
+
+
+def _row(partial, row):
+    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); a
+    large row is copied so that the fold does not keep whole batches alive."""
+    view = partial[row:row + 1].reshape(partial.shape[1:])
+    return view.copy() if view.nbytes > (1 << 20) else view
+
+
+def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0):
+    """Totals of a per-block kernel over all groups, identical on every rank and for any
+    number of ranks or threads.
+
+    evaluate(chunks) runs the kernel over the blocks whose group offsets are `chunks`
+    (len(chunks) - 1 blocks) and returns a list of arrays, each with one leading row per
+    block. Returns the list of totals (shapes without the leading row). The blocks are
+    fixed_block_bounds(group_start, n_par) unless given."""
+    if block_bounds is None:
+        block_bounds = fixed_block_bounds(group_start, n_par)
+    n_blocks = block_bounds.size - 1
+    n_ranks = mpi_world.n_ranks()
+    ranges = rank_block_ranges(block_bounds, group_start, n_ranks)
+    rank = mpi_world.rank()
+    lo, hi = int(ranges[rank]), int(ranges[rank + 1])
+    fold = _Fold()
+    batch_blocks = max(int(batch_blocks), 1)
+    shapes = None
+    for b0 in range(lo, hi, batch_blocks):
+        b1 = min(b0 + batch_blocks, hi)
+        partials = evaluate(block_bounds[b0:b1 + 1])
+        shapes = [p.shape[1:] for p in partials]
+        for row in range(b1 - b0):
+            fold.push(b0 + row, [_row(p, row) for p in partials])
+    if n_ranks == 1:
+        return tree_root(fold.nodes(), n_blocks)
+    if shapes is None:  # this rank owns no block: learn the shapes from an empty call
+        shapes = [p.shape[1:] for p in evaluate(block_bounds[lo:lo + 1])]
+    nodes = mpi_world.gather_tree_nodes(fold.nodes(), ranges, shapes, canonical_nodes)
+    return tree_root(nodes, n_blocks)
