@@ -81,6 +81,29 @@ def compare(target, seed, with_normal=True, n_segments=None):
         target._deriv[:n], cuda.to_device(cols64), cuda.to_device(cov), var_d)
     out["var_g"] = rel(var_d.copy_to_host()[:n],
                        variance_of_g(deriv_c, np.ascontiguousarray(cols_c, np.int64), cov))
+    out.update(compare_outliers(target.table, g_c, rng))
+    return out
+
+
+def compare_outliers(table, g, rng):
+    """Outlier masks (standard and simple) of the device and CPU kernels, with a few
+    intensities made outliers so that both tests reject something."""
+    from types import SimpleNamespace
+
+    from dials_vmerge.kernels.cuda.outliers import outlier_mask
+    from dials_vmerge.scaling.outliers import simple_outliers, standard_outliers
+
+    intensity = np.array(table.intensity, dtype=np.float64)
+    hit = rng.choice(intensity.size, size=max(3, intensity.size // 50), replace=False)
+    intensity[hit] = intensity[hit] * 30.0 + 50.0 * np.sqrt(1.0 / np.asarray(table.weight)[hit])
+    t = SimpleNamespace(intensity=intensity, weight=np.asarray(table.weight, np.float64),
+                        g=g, group_start=np.asarray(table.group_start), n_obs=intensity.size)
+    out = {}
+    for method, cpu_kernel in (("standard", standard_outliers), ("simple", simple_outliers)):
+        cpu = cpu_kernel(t, 6.0, 2)
+        dev = outlier_mask(t.intensity, t.weight, t.g, t.group_start, method, 6.0)
+        out[f"outliers_{method}_n"] = int(cpu.sum())
+        out[f"outliers_{method}_differ"] = int(np.count_nonzero(cpu != dev))
     return out
 
 
