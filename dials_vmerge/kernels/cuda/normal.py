@@ -16,6 +16,7 @@ so this is the pass for the moderate parameter counts of a full-matrix round.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import cuda
@@ -26,6 +27,10 @@ THREADS_PER_BLOCK = 128
 PARTIAL_BUDGET_BYTES = 1 << 30
 MAX_SEGMENTS = 4096
 MIN_SEGMENT_OBSERVATIONS = 512
+# Threads of the reduction (entries per thread beyond that). The CUDA simulator runs a Python
+# thread per CUDA thread, so there it uses one block.
+REDUCE_MAX_THREADS = (THREADS_PER_BLOCK if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+                      else 1 << 20)
 
 
 def _blocks(n):
@@ -98,15 +103,18 @@ def normal_segment_kernel(intensity, weight, g, deriv_values, deriv_col, group_s
 
 @cuda.jit
 def ordered_segment_sum_kernel(partial, out):
-    """Thread per entry: out[e] = sum over segments of partial[s, e], in segment order; the
-    partials are left zero for the next evaluation."""
+    """Entries e, e + T, e + 2T, ... per thread (T threads in all, coalesced): out[e] = sum
+    over segments of partial[s, e], in segment order; the partials are left zero for the
+    next evaluation."""
     e = cuda.grid(1)
-    if e < out.shape[0]:
+    stride = cuda.gridsize(1)
+    while e < out.shape[0]:
         total = 0.0
         for s in range(partial.shape[0]):
             total += partial[s, e]
             partial[s, e] = 0.0
         out[e] = total
+        e += stride
 
 
 def segment_count(n_obs, n_groups, n_par, budget_bytes=PARTIAL_BUDGET_BYTES):
@@ -151,7 +159,8 @@ class DeviceNormalEquations:
             self.phi_partial, self.rhs_partial, self.normal_partial)
         p = max(self.n_par, 1)
         flat = self.normal_partial.reshape(self.n_segments, p * p)
-        ordered_segment_sum_kernel[_blocks(p * p), THREADS_PER_BLOCK](flat, self.normal)
+        ordered_segment_sum_kernel[_blocks(min(p * p, REDUCE_MAX_THREADS)),
+                                   THREADS_PER_BLOCK](flat, self.normal)
         phi = math.fsum(self.phi_partial.copy_to_host().tolist())
         rhs_partial = self.rhs_partial.copy_to_host()
         rhs = np.zeros(p)
