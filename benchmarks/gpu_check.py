@@ -48,6 +48,7 @@ from numba import cuda  # noqa: E402
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK,  # noqa: E402
                                                merged_means_kernel)
 from dials_vmerge.kernels.cuda import array as da  # noqa: E402
+from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
 from dials_vmerge.kernels.cuda import models as dm  # noqa: E402
 from dials_vmerge.kernels.cuda import outliers as do  # noqa: E402
 from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations  # noqa: E402
@@ -67,7 +68,7 @@ NORMAL_LAYOUTS = ["physical", "array"]
 
 
 def _blocks(n):
-    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n)
 
 
 def group_offsets(rng, n):

@@ -39,8 +39,7 @@ def _component_values(weights, full_index, component_start, parameters, i, value
 @cuda.jit
 def array_model_kernel(weights, full_index, component_start, fixed_factor, has_fixed,
                        parameters, g, deriv_values):
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         values = cuda.local.array(MAX_COMPONENTS, float64)
         n_components = _component_values(weights, full_index, component_start, parameters, i,
                                          values)
@@ -64,8 +63,7 @@ def array_model_kernel(weights, full_index, component_start, fixed_factor, has_f
 @cuda.jit
 def array_g_kernel(weights, full_index, component_start, fixed_factor, has_fixed, parameters,
                    g):
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         values = cuda.local.array(MAX_COMPONENTS, float64)
         n_components = _component_values(weights, full_index, component_start, parameters, i,
                                          values)

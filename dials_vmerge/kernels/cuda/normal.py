@@ -16,34 +16,27 @@ so this is the pass for the moderate parameter counts of a full-matrix round.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from numba import cuda
 
-THREADS_PER_BLOCK = 128
+from .launch import THREADS_PER_BLOCK  # noqa: E402
+from .launch import blocks as launch_blocks  # noqa: E402
 # Device memory for the segments' dense partial matrices, and the most segments worth
 # launching (beyond that the per-segment zeroing and the reduction dominate).
 PARTIAL_BUDGET_BYTES = 1 << 30
 MAX_SEGMENTS = 4096
 MIN_SEGMENT_OBSERVATIONS = 512
-# Threads of the reduction (entries per thread beyond that). The CUDA simulator runs a Python
-# thread per CUDA thread, so there it uses one block.
-REDUCE_MAX_THREADS = (THREADS_PER_BLOCK if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
-                      else 1 << 20)
 
 
 def _blocks(n):
-    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n)
 
 
-@cuda.jit
-def normal_segment_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+@cuda.jit(device=True)
+def _normal_segment_kernel_one(intensity, weight, g, deriv_values, deriv_col, group_start,
                           segment_groups, local_of_col, cols, dih, jrow, phi_partial,
-                          rhs_partial, normal_partial):
-    s = cuda.grid(1)
-    if s >= segment_groups.shape[0] - 1:
-        return
+                          rhs_partial, normal_partial, s):
     n_slots = deriv_values.shape[1]
     # normal_partial[s] is all zero here: zeroed once when allocated, then by the reduction
     # as it reads it (only the entries this segment touches are ever non-zero).
@@ -99,6 +92,14 @@ def normal_segment_kernel(intensity, weight, g, deriv_values, deriv_col, group_s
         for a in range(n_local):
             local_of_col[s, cols[s, a]] = -1
     phi_partial[s] = phi
+
+
+@cuda.jit
+def normal_segment_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
+                          segment_groups, local_of_col, cols, dih, jrow, phi_partial,
+                          rhs_partial, normal_partial):
+    for s in range(cuda.grid(1), segment_groups.shape[0] - 1, cuda.gridsize(1)):
+        _normal_segment_kernel_one(intensity, weight, g, deriv_values, deriv_col, group_start, segment_groups, local_of_col, cols, dih, jrow, phi_partial, rhs_partial, normal_partial, s)
 
 
 @cuda.jit
@@ -159,8 +160,7 @@ class DeviceNormalEquations:
             self.phi_partial, self.rhs_partial, self.normal_partial)
         p = max(self.n_par, 1)
         flat = self.normal_partial.reshape(self.n_segments, p * p)
-        ordered_segment_sum_kernel[_blocks(min(p * p, REDUCE_MAX_THREADS)),
-                                   THREADS_PER_BLOCK](flat, self.normal)
+        ordered_segment_sum_kernel[_blocks(p * p), THREADS_PER_BLOCK](flat, self.normal)
         phi = math.fsum(self.phi_partial.copy_to_host().tolist())
         rhs_partial = self.rhs_partial.copy_to_host()
         rhs = np.zeros(p)

@@ -15,20 +15,18 @@ import math
 
 from numba import cuda
 
-THREADS_PER_BLOCK = 128
+from .launch import THREADS_PER_BLOCK  # noqa: E402
+from .launch import blocks as launch_blocks  # noqa: E402
 WEIGHT_CAP_FACTOR = 10.0  # as scaling.outliers (the kernel layer does not import scaling)
 ZERO_DENOMINATOR_Z = 1000.0
 
 
 def blocks(n):
-    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n)
 
 
-@cuda.jit
-def capped_weights_kernel(weight, group_start, scratch, out):
-    grp = cuda.grid(1)
-    if grp >= group_start.shape[0] - 1:
-        return
+@cuda.jit(device=True)
+def _capped_weights_kernel_one(weight, group_start, scratch, out, grp):
     lo = group_start[grp]
     hi = group_start[grp + 1]
     n = hi - lo
@@ -51,10 +49,13 @@ def capped_weights_kernel(weight, group_start, scratch, out):
 
 
 @cuda.jit
-def standard_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
-    grp = cuda.grid(1)
-    if grp >= group_start.shape[0] - 1:
-        return
+def capped_weights_kernel(weight, group_start, scratch, out):
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        _capped_weights_kernel_one(weight, group_start, scratch, out, grp)
+
+
+@cuda.jit(device=True)
+def _standard_outlier_kernel_one(intensity, weight, g, group_start, zmax, outlier, grp):
     lo = group_start[grp]
     hi = group_start[grp + 1]
     while True:
@@ -92,10 +93,13 @@ def standard_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
 
 
 @cuda.jit
-def simple_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
-    grp = cuda.grid(1)
-    if grp >= group_start.shape[0] - 1:
-        return
+def standard_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        _standard_outlier_kernel_one(intensity, weight, g, group_start, zmax, outlier, grp)
+
+
+@cuda.jit(device=True)
+def _simple_outlier_kernel_one(intensity, weight, g, group_start, zmax, outlier, grp):
     lo = group_start[grp]
     hi = group_start[grp + 1]
     s_wgi = 0.0
@@ -112,6 +116,12 @@ def simple_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
         z = abs(intensity[i] - g[i] * ih) / math.sqrt(1.0 / weight[i] + term * term)
         if z > zmax:
             outlier[i] = 1
+
+
+@cuda.jit
+def simple_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        _simple_outlier_kernel_one(intensity, weight, g, group_start, zmax, outlier, grp)
 
 
 def outlier_mask(intensity, weight, g, group_start, method="standard", zmax=6.0):
