@@ -48,6 +48,7 @@ from numba import cuda  # noqa: E402
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK,  # noqa: E402
                                                merged_means_kernel)
 from dials_vmerge.kernels.cuda import array as da  # noqa: E402
+from dials_vmerge.kernels.cuda import merging as dmg  # noqa: E402
 from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
 from dials_vmerge.kernels.cuda import models as dm  # noqa: E402
 from dials_vmerge.kernels.cuda import outliers as do  # noqa: E402
@@ -281,6 +282,19 @@ class DeviceLayout:
         self.scratch = cuda.device_array(n)
         self.outlier = cuda.device_array(n, np.uint8)
         self.normal = None
+        self.sigma_obs = cuda.to_device(1.0 / np.sqrt(lay["weight"]))
+        self.abs_dev = cuda.device_array(self.n_groups)
+        self.total = cuda.device_array(self.n_groups)
+
+    def merge_classical(self):
+        """Classical merge with internal variance (the merging-statistics call)."""
+        dmg.inverse_variance_merge_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.sigma_obs, self.group_start, 1e-6, True, self.mean,
+            self.sigma)
+
+    def statistics_sums(self):
+        dmg.deviation_sums_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.group_start, self.mean, self.abs_dev, self.total)
 
     def with_normal(self):
         """The normal-equation pass's scratch (physical and array layouts)."""
@@ -382,6 +396,8 @@ class DeviceLayout:
             "gradient": used * 24,
             "var_g": n * 16 * k + n * 8,
             "merge": n * 16 + groups + 16 * self.n_groups,
+            "merge_classical": n * 16 + groups + 16 * self.n_groups,
+            "statistics_sums": n * 8 + groups + 24 * self.n_groups,
             # capped weights (w read, scratch and capped written) and the z-test (I, w, g
             # read, mask written)
             "outliers": n * (8 + 16) + n * (24 + 1) + 2 * groups,
@@ -509,8 +525,30 @@ def check_against_cpu(dev):
         size = min(dev.n, NORMAL_CHECK_MAX[lay["kind"]])
         small = dev if size == dev.n else DeviceLayout(build_layout(lay["kind"], size))
         out["normal"] = check_normal(small)
-    dev.merge()
+    # classical merge (internal variance, as the statistics) and the Rmerge sums, against a
+    # numpy recomputation (merging.classical's CPU kernels import cctbx with their package;
+    # tests/test_cuda_passes.py compares with those kernels). Every sigma > 0 here, so every
+    # observation is used.
     grp = np.repeat(np.arange(dev.n_groups), np.diff(lay["group_start"]))
+    w, inten = lay["weight"], lay["intensity"]
+    s_w = np.bincount(grp, w, minlength=dev.n_groups)
+    mean_c = np.bincount(grp, w * inten, minlength=dev.n_groups) / s_w
+    n_used = np.diff(lay["group_start"])
+    s_w_sq = np.bincount(grp, w * w, minlength=dev.n_groups)
+    s_wd = np.bincount(grp, w * (inten - mean_c[grp]) ** 2, minlength=dev.n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        internal = s_w / (s_w * s_w - s_w_sq) * s_wd / n_used
+    sig_c = np.where(n_used == 1, np.sqrt(1.0 / s_w), np.sqrt(np.maximum(internal, 1.0 / s_w)))
+    dev.merge_classical()
+    out["merge_classical"] = max(relative(dev.mean.copy_to_host(), mean_c),
+                                 relative(dev.sigma.copy_to_host(), sig_c))
+    dev.statistics_sums()  # about the device means, as the statistics
+    mean_d = dev.mean.copy_to_host()
+    dev_c = np.bincount(grp, np.abs(inten - mean_d[grp]), minlength=dev.n_groups)
+    tot_c = np.bincount(grp, inten, minlength=dev.n_groups)
+    out["statistics_sums"] = max(relative(dev.abs_dev.copy_to_host(), dev_c),
+                                 relative(dev.total.copy_to_host(), tot_c))
+    dev.merge()
     s_w = np.bincount(grp, lay["weight"], minlength=dev.n_groups)
     s_wi = np.bincount(grp, lay["weight"] * lay["intensity"], minlength=dev.n_groups)
     out["merge"] = max(relative(dev.mean.copy_to_host(), s_wi / s_w),
@@ -647,7 +685,8 @@ def main(argv=None):
             t_upload = time.perf_counter() - t0
             passes = {"model": dev.model, "model_g": dev.model_g, "residuals": dev.residuals,
                       "gradient": dev.gradient_only, "var_g": dev.variance,
-                      "merge": dev.merge, "outliers": dev.outliers,
+                      "merge": dev.merge, "merge_classical": dev.merge_classical,
+                      "statistics_sums": dev.statistics_sums, "outliers": dev.outliers,
                       "evaluation": dev.evaluation}
             if kind == "physical" and size <= parse_size(args.normal_max):
                 passes["normal"] = dev.normal_equations

@@ -82,6 +82,32 @@ def compare(target, seed, with_normal=True, n_segments=None):
     out["var_g"] = rel(var_d.copy_to_host()[:n],
                        variance_of_g(deriv_c, np.ascontiguousarray(cols_c, np.int64), cov))
     out.update(compare_outliers(target.table, g_c, rng))
+    out.update(compare_merging(target.table, g_c, rng))
+    return out
+
+
+def compare_merging(table, g, rng):
+    """Classical merge (internal variance off and on) and the Rmerge sums of the scaled
+    intensities I/g, sigma/g, with a few sigma = 0 observations (not used by the merge)."""
+    from dials_vmerge.kernels.cuda import merging as device_merging
+    from dials_vmerge.merging.classical import (SIGMA_DYNAMIC_RANGE, deviation_sums_kernel,
+                                                inverse_variance_merge_kernel)
+
+    intensity = np.asarray(table.intensity, np.float64) / g
+    sigma = 1.0 / np.sqrt(np.asarray(table.weight, np.float64)) / g
+    sigma[rng.choice(sigma.size, size=max(2, sigma.size // 100), replace=False)] = 0.0
+    gs = np.asarray(table.group_start, dtype=np.int64)
+    out = {}
+    for internal in (False, True):
+        mean_c, sig_c = inverse_variance_merge_kernel(intensity, sigma, gs, SIGMA_DYNAMIC_RANGE,
+                                                      internal)
+        mean_d, sig_d = device_merging.inverse_variance_merge(intensity, sigma, gs,
+                                                              SIGMA_DYNAMIC_RANGE, internal)
+        tag = "internal" if internal else "external"
+        out[f"merge_{tag}"] = max(rel(mean_d, mean_c), rel(sig_d, sig_c))
+    dev_c, tot_c = deviation_sums_kernel(intensity, gs, mean_c)
+    dev_d, tot_d = device_merging.deviation_sums(intensity, gs, mean_c)
+    out["statistics_sums"] = max(rel(dev_d, dev_c), rel(tot_d, tot_c))
     return out
 
 

@@ -58,7 +58,8 @@ def test_device_passes_equal_cpu_kernels(tmp_path, case):
     assert str(d["kind"]) == KINDS[case]  # the model ran in its device kernel, not on the host
     if case == "kb":
         assert int(d["n_par"]) == 400  # 200 stills: K and B each
-    for name in ("model_g", "model_deriv", "target_phi", "target_gradient", "var_g"):
+    for name in ("model_g", "model_deriv", "target_phi", "target_gradient", "var_g",
+                 "merge_external", "merge_internal", "statistics_sums"):
         assert float(d[name]) <= RTOL, (case, name, float(d[name]))
     for method in ("standard", "simple"):  # the same mask, with rejections to compare
         assert int(d[f"outliers_{method}_n"]) > 0

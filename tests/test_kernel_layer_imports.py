@@ -37,7 +37,7 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
         import numpy as np
         import dials_vmerge
         from dials_vmerge.kernels import flat, kb_family
-        from dials_vmerge.kernels.cuda import array, models, normal, outliers, target
+        from dials_vmerge.kernels.cuda import array, merging, models, normal, outliers, target
         from dials_vmerge.backends import cuda_target, select
         from numba import cuda
         try:
@@ -86,7 +86,7 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
     assert result["all_checks_pass"] is True
     assert result["device"]["name"] == "numba CUDA simulator"
     expected = {"model", "model_g", "target_phi", "target_gradient", "merged_intensity",
-                "var_g", "merge", "outliers"}
+                "var_g", "merge", "outliers", "merge_classical", "statistics_sums"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
@@ -96,5 +96,5 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         assert all(checks[name] <= 1e-10 for name in names)
         assert checks["outliers"] == 0  # differing mask entries
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
-    assert len(passes) == 24
+    assert len(passes) == 30
     assert all(row["seconds"] > 0 and row["bound_seconds"] > 0 for row in result["timings"])
