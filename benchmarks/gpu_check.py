@@ -9,8 +9,12 @@ Runs with numpy and numba (numba-cuda) alone: no cctbx. From the repository root
 
 Layouts (numpy, fixed seed): "kb" - KB stills, ~250 observations per still, one scale and one
 B per still; "physical" - 4 sweeps with 3-parameter smoother runs for scale and decay and 8
-spherical-harmonic absorption coefficients per observation. Observations are sorted by
-group (mean multiplicity 8), as in the scaling engine.
+spherical-harmonic absorption coefficients per observation; "array" - 4 sweeps of the array
+model, a 3x3 neighbourhood of a 2D decay grid and a 3x3x3 one of a 3D absorption grid per
+observation. Observations are sorted by group (mean multiplicity 8), as in the scaling
+engine. The array layout (36 ELL slots, ~1 kB per observation on the device) is timed up to
+--array-max observations; the normal equations of the full-matrix round (dense n_par^2
+partials per segment) on the physical and array layouts up to --normal-max.
 
 Agreement (check size, default 1e6): each device kernel against its CPU twin, max relative
 difference (gradients relative to the largest gradient component); must be <= 1e-10.
@@ -43,7 +47,12 @@ from numba import cuda  # noqa: E402
 
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK,  # noqa: E402
                                                merged_means_kernel)
+from dials_vmerge.kernels.cuda import array as da  # noqa: E402
+from dials_vmerge.kernels.cuda import merging as dmg  # noqa: E402
+from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
 from dials_vmerge.kernels.cuda import models as dm  # noqa: E402
+from dials_vmerge.kernels.cuda import outliers as do  # noqa: E402
+from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations  # noqa: E402
 from dials_vmerge.kernels.cuda.target import DeviceTarget  # noqa: E402
 
 MEAN_MULTIPLICITY = 8
@@ -52,10 +61,15 @@ N_SWEEPS = 4
 N_ABSORPTION = 8
 TOLERANCE = 1e-10
 MAX_DENSE_COVARIANCE = 8192
+# The normal equations are compared with the CPU kernel on a layout of at most this size:
+# the work per observation grows as (columns per group)^2, ~100^2 (physical) and ~300^2
+# (array) in these layouts, on the CPU as on the device.
+NORMAL_CHECK_MAX = {"physical": 1_000_000, "array": 100_000}
+NORMAL_LAYOUTS = ["physical", "array"]
 
 
 def _blocks(n):
-    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n)
 
 
 def group_offsets(rng, n):
@@ -126,6 +140,54 @@ def physical_layout(n, seed=2):
     }
 
 
+ARRAY_DECAY_GRID = (10, 10)  # resolution x time
+ARRAY_ABSORPTION_GRID = (4, 4, 10)  # x, y, time
+
+
+def array_layout(n, seed=4):
+    """Array-model layout: per observation 9 decay and 27 absorption smoother weights
+    (normalised per component) on a 3x3 (3x3x3) neighbourhood of its sweep's grids."""
+    rng = np.random.default_rng(seed)
+    n_decay = ARRAY_DECAY_GRID[0] * ARRAY_DECAY_GRID[1]
+    nx, ny, nt = ARRAY_ABSORPTION_GRID
+    per_sweep = n_decay + nx * ny * nt
+    sweep = rng.integers(0, N_SWEEPS, n)
+    weights = rng.uniform(0.05, 1.0, (n, 36))
+    weights[:, :9] /= weights[:, :9].sum(axis=1)[:, None]
+    weights[:, 9:] /= weights[:, 9:].sum(axis=1)[:, None]
+    index = np.empty((n, 36), dtype=np.int64)
+    n1, n2 = ARRAY_DECAY_GRID
+    i0, j0 = rng.integers(0, n1 - 2, n), rng.integers(0, n2 - 2, n)
+    base = sweep * per_sweep
+    slot = 0
+    for b in range(3):
+        for a in range(3):
+            index[:, slot] = base + (i0 + a) + (j0 + b) * n1
+            slot += 1
+    x0, y0, t0 = rng.integers(0, nx - 2, n), rng.integers(0, ny - 2, n), rng.integers(0, nt - 2, n)
+    for c in range(3):
+        for b in range(3):
+            for a in range(3):
+                index[:, slot] = base + n_decay + (x0 + a) + (y0 + b) * nx + (t0 + c) * nx * ny
+                slot += 1
+    n_full = N_SWEEPS * per_sweep
+    parameters = np.concatenate([rng.uniform(0.8, 1.2, n_full), [1.0]])
+    return {
+        "kind": "array",
+        "n": n,
+        "weights": weights,
+        "full_index": index,
+        "component_start": np.array([0, 9, 36], dtype=np.int64),
+        "parameters": parameters,
+        "n_full": n_full,
+        "n_params": n_full,
+        "intensity": rng.exponential(500.0, n),
+        "weight": rng.uniform(0.001, 0.01, n),
+        "group_start": group_offsets(rng, n),
+        "cols": index,
+    }
+
+
 # Layouts above this size are copies of one layout of this size (host generation time of a
 # 1e8 physical layout would otherwise dominate the check): KB copies are new stills (their
 # own K and B), physical copies add observations to the same sweeps.
@@ -133,7 +195,7 @@ BASE_SIZE = 10_000_000
 
 
 def build_layout(kind, n):
-    builder = {"kb": kb_layout, "physical": physical_layout}[kind]
+    builder = {"kb": kb_layout, "physical": physical_layout, "array": array_layout}[kind]
     if n <= BASE_SIZE:
         return builder(n)
     copies = -(-n // BASE_SIZE)
@@ -147,7 +209,8 @@ def replicate(base, copies):
     lay = dict(base)
     lay["n"] = n
     for key in ("intensity", "weight", "inv_two_d_sq", "record", "first_param",
-                "absorption_coefficients", "absorption_first", "cols"):
+                "absorption_coefficients", "absorption_first", "cols", "weights",
+                "full_index"):
         if key in base:
             reps = (copies,) + (1,) * (base[key].ndim - 1)
             lay[key] = np.tile(base[key], reps)
@@ -183,6 +246,11 @@ class DeviceLayout:
             self.inv_two_d_sq = cuda.to_device(lay["inv_two_d_sq"])
             self.scale_value = cuda.to_device(lay["scale_value"])
             self.decay_value = cuda.to_device(lay["decay_value"])
+        elif lay["kind"] == "array":
+            self.weights = cuda.to_device(lay["weights"])
+            self.full_index = cuda.to_device(lay["full_index"])
+            self.component_start = cuda.to_device(lay["component_start"])
+            self.parameters = cuda.to_device(lay["parameters"])
         else:
             self.record = cuda.to_device(lay["record"])
             self.first_param = cuda.to_device(lay["first_param"])
@@ -209,12 +277,58 @@ class DeviceLayout:
         self.n_groups = lay["group_start"].size - 1
         self.mean = cuda.device_array(self.n_groups)
         self.sigma = cuda.device_array(self.n_groups)
+        self.group_start = cuda.to_device(lay["group_start"])
+        self.capped = cuda.device_array(n)
+        self.scratch = cuda.device_array(n)
+        self.outlier = cuda.device_array(n, np.uint8)
+        self.normal = None
+        self.sigma_obs = cuda.to_device(1.0 / np.sqrt(lay["weight"]))
+        self.abs_dev = cuda.device_array(self.n_groups)
+        self.total = cuda.device_array(self.n_groups)
+
+    def merge_classical(self):
+        """Classical merge with internal variance (the merging-statistics call)."""
+        dmg.inverse_variance_merge_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.sigma_obs, self.group_start, 1e-6, True, self.mean,
+            self.sigma)
+
+    def statistics_sums(self):
+        dmg.deviation_sums_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.group_start, self.mean, self.abs_dev, self.total)
+
+    def with_normal(self):
+        """The normal-equation pass's scratch (physical and array layouts)."""
+        if self.normal is None:
+            self.normal = DeviceNormalEquations(self.target.intensity, self.target.weight,
+                                                self.lay["group_start"], self.group_start,
+                                                self.lay["cols"], self.lay["n_params"])
+        return self.normal
+
+    def normal_equations(self):
+        return self.with_normal().evaluate(self.g, self.deriv)
+
+    def outliers(self):
+        """Capped weights and the standard z-test (the mask zeroed first, as a new round)."""
+        do.capped_weights_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.weight, self.group_start, self.scratch, self.capped)
+        self.outlier.copy_to_device(self.zero_mask())
+        do.standard_outlier_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.capped, self.g, self.group_start, 6.0, self.outlier)
+
+    def zero_mask(self):
+        if getattr(self, "_zero_mask", None) is None:
+            self._zero_mask = cuda.to_device(np.zeros(self.n, np.uint8))
+        return self._zero_mask
 
     def model(self):
         if self.lay["kind"] == "kb":
             dm.kb_family_kernel[_blocks(self.n), THREADS_PER_BLOCK](
                 self.row_dataset, self.inv_two_d_sq, self.fixed, False, self.scale_value,
                 self.decay_value, self.g, self.deriv)
+        elif self.lay["kind"] == "array":
+            da.array_model_kernel[_blocks(self.n), THREADS_PER_BLOCK](
+                self.weights, self.full_index, self.component_start, self.fixed, False,
+                self.parameters, self.g, self.deriv)
         else:
             dm.physical_model_kernel[_blocks(self.n), THREADS_PER_BLOCK](
                 self.record, self.first_param, self.absorption, self.absorption_first, True,
@@ -225,6 +339,10 @@ class DeviceLayout:
             dm.kb_family_g_kernel[_blocks(self.n), THREADS_PER_BLOCK](
                 self.row_dataset, self.inv_two_d_sq, self.fixed, False, self.scale_value,
                 self.decay_value, self.g)
+        elif self.lay["kind"] == "array":
+            da.array_g_kernel[_blocks(self.n), THREADS_PER_BLOCK](
+                self.weights, self.full_index, self.component_start, self.fixed, False,
+                self.parameters, self.g)
         else:
             dm.physical_g_kernel[_blocks(self.n), THREADS_PER_BLOCK](
                 self.record, self.first_param, self.absorption, self.absorption_first, True,
@@ -267,6 +385,8 @@ class DeviceLayout:
         groups = 8 * (self.n_groups + 1)
         if self.lay["kind"] == "kb":
             model_in = n * 16
+        elif self.lay["kind"] == "array":
+            model_in = n * k * 16
         else:
             model_in = n * (64 + 8 + 8 * N_ABSORPTION + 4)
         out = {
@@ -276,6 +396,13 @@ class DeviceLayout:
             "gradient": used * 24,
             "var_g": n * 16 * k + n * 8,
             "merge": n * 16 + groups + 16 * self.n_groups,
+            "merge_classical": n * 16 + groups + 16 * self.n_groups,
+            "statistics_sums": n * 8 + groups + 24 * self.n_groups,
+            # capped weights (w read, scratch and capped written) and the z-test (I, w, g
+            # read, mask written)
+            "outliers": n * (8 + 16) + n * (24 + 1) + 2 * groups,
+            # one read of I, w, g, dg/dp and the columns; the dense partials are not counted
+            "normal": n * 24 + n * k * 16 + groups,
         }
         out["evaluation"] = out["model"] + out["residuals"] + out["gradient"]
         return out
@@ -287,6 +414,22 @@ def relative(a, b):
         return 0.0
     scale = np.maximum(np.abs(b), 1e-300)
     return float(np.max(np.abs(a - b) / scale))
+
+
+def check_normal(dev):
+    """Normal equations (phi, J^T W r, J^T W J) of the device pass against the CPU kernel."""
+    from dials_vmerge.scaling.target import normal_equations
+
+    lay = dev.lay
+    dev.model()
+    phi_n, rhs_n, normal_n = dev.normal_equations()
+    phi_c, rhs_c, normal_c = normal_equations(
+        lay["intensity"], lay["weight"], dev.g.copy_to_host(), dev.deriv.copy_to_host(),
+        np.ascontiguousarray(lay["cols"], dtype=np.int64), lay["group_start"],
+        lay["n_params"], 4)
+    return max(relative(phi_n, phi_c),
+               float(np.max(np.abs(rhs_n - rhs_c)) / np.max(np.abs(rhs_c))),
+               float(np.max(np.abs(normal_n - normal_c)) / np.max(np.abs(normal_c))))
 
 
 def check_against_cpu(dev):
@@ -301,7 +444,23 @@ def check_against_cpu(dev):
     dev.model()
     g_dev, deriv_dev = dev.g.copy_to_host(), dev.deriv.copy_to_host()
     cols = np.ascontiguousarray(lay["cols"], dtype=np.int64)
-    if lay["kind"] == "kb":
+    if lay["kind"] == "array":
+        from dials_vmerge.model.base import product_rule
+        from dials_vmerge.model.smoother import ell_values
+
+        cs = lay["component_start"]
+        values = np.vstack([ell_values(np.ascontiguousarray(lay["weights"][:, a:b]),
+                                       np.ascontiguousarray(lay["full_index"][:, a:b]),
+                                       lay["parameters"]) for a, b in zip(cs[:-1], cs[1:])])
+        g_cpu, deriv_cpu = product_rule(values, np.ascontiguousarray(lay["weights"]), cs)
+        out["model"] = max(relative(g_dev, g_cpu), relative(deriv_dev, deriv_cpu))
+        dev.model_g()
+        out["model_g"] = relative(dev.g.copy_to_host(), g_cpu)
+        dev.model()
+        phi_cpu, grad_cpu = target_and_gradient(
+            lay["intensity"], lay["weight"], g_cpu, deriv_cpu, cols, lay["group_start"],
+            lay["n_params"], 4)
+    elif lay["kind"] == "kb":
         from dials_vmerge.kernels.kb_family import evaluate_kb_family, evaluate_kb_family_g
 
         g_cpu, deriv_cpu, cols_cpu = evaluate_kb_family(
@@ -353,8 +512,43 @@ def check_against_cpu(dev):
         dev.variance()
         out["var_g"] = relative(dev.var_g.copy_to_host(),
                                 variance_of_g(deriv_dev, cols, dev.covariance_host))
-    dev.merge()
+    # outlier rejection: capped weights and the standard test, the same mask as the CPU
+    from dials_vmerge.scaling.outliers import standard_outliers
+
+    table = SimpleNamespace(intensity=lay["intensity"], weight=lay["weight"], g=g_dev,
+                            group_start=lay["group_start"], n_obs=dev.n)
+    dev.outliers()
+    mask_cpu = standard_outliers(table, 6.0, 4)
+    out["outliers"] = float(np.count_nonzero(dev.outlier.copy_to_host().astype(bool)
+                                             != mask_cpu))
+    if lay["kind"] in NORMAL_LAYOUTS:
+        size = min(dev.n, NORMAL_CHECK_MAX[lay["kind"]])
+        small = dev if size == dev.n else DeviceLayout(build_layout(lay["kind"], size))
+        out["normal"] = check_normal(small)
+    # classical merge (internal variance, as the statistics) and the Rmerge sums, against a
+    # numpy recomputation (merging.classical's CPU kernels import cctbx with their package;
+    # tests/test_cuda_passes.py compares with those kernels). Every sigma > 0 here, so every
+    # observation is used.
     grp = np.repeat(np.arange(dev.n_groups), np.diff(lay["group_start"]))
+    w, inten = lay["weight"], lay["intensity"]
+    s_w = np.bincount(grp, w, minlength=dev.n_groups)
+    mean_c = np.bincount(grp, w * inten, minlength=dev.n_groups) / s_w
+    n_used = np.diff(lay["group_start"])
+    s_w_sq = np.bincount(grp, w * w, minlength=dev.n_groups)
+    s_wd = np.bincount(grp, w * (inten - mean_c[grp]) ** 2, minlength=dev.n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        internal = s_w / (s_w * s_w - s_w_sq) * s_wd / n_used
+    sig_c = np.where(n_used == 1, np.sqrt(1.0 / s_w), np.sqrt(np.maximum(internal, 1.0 / s_w)))
+    dev.merge_classical()
+    out["merge_classical"] = max(relative(dev.mean.copy_to_host(), mean_c),
+                                 relative(dev.sigma.copy_to_host(), sig_c))
+    dev.statistics_sums()  # about the device means, as the statistics
+    mean_d = dev.mean.copy_to_host()
+    dev_c = np.bincount(grp, np.abs(inten - mean_d[grp]), minlength=dev.n_groups)
+    tot_c = np.bincount(grp, inten, minlength=dev.n_groups)
+    out["statistics_sums"] = max(relative(dev.abs_dev.copy_to_host(), dev_c),
+                                 relative(dev.total.copy_to_host(), tot_c))
+    dev.merge()
     s_w = np.bincount(grp, lay["weight"], minlength=dev.n_groups)
     s_wi = np.bincount(grp, lay["weight"] * lay["intensity"], minlength=dev.n_groups)
     out["merge"] = max(relative(dev.mean.copy_to_host(), s_wi / s_w),
@@ -413,11 +607,24 @@ def main(argv=None):
     parser.add_argument("--sizes", default="1e6,1e7,1e8",
                         help="observations per layout, comma-separated")
     parser.add_argument("--check-size", default="1e6", help="layout size of the CPU checks")
-    parser.add_argument("--layouts", default="kb,physical")
+    parser.add_argument("--layouts", default="kb,physical,array")
+    parser.add_argument("--array-max", default="1e7",
+                        help="largest array layout timed (device memory ~1 kB/observation)")
+    parser.add_argument("--normal-max", default="1e6",
+                        help="largest layout whose normal-equation pass is timed")
+    parser.add_argument("--normal-layouts", default="physical,array",
+                        help="layouts whose normal equations are checked against the CPU")
+    parser.add_argument("--normal-check-size", default=None,
+                        help="largest layout of the normal-equation checks (default: "
+                             "1e6 physical, 1e5 array)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None,
                         help="JSON path (default $OUT/gpu_check.json when OUT is set)")
     args = parser.parse_args(argv)
+    NORMAL_LAYOUTS[:] = [k.strip() for k in args.normal_layouts.split(",") if k.strip()]
+    if args.normal_check_size is not None:
+        for kind in NORMAL_CHECK_MAX:
+            NORMAL_CHECK_MAX[kind] = parse_size(args.normal_check_size)
     if not cuda.is_available():
         print("gpu_check: no CUDA GPU visible to numba (set NUMBA_ENABLE_CUDASIM=1 for the "
               "simulator)", file=sys.stderr)
@@ -459,6 +666,11 @@ def main(argv=None):
     for size_text in args.sizes.split(","):
         size = parse_size(size_text)
         for kind in layouts:
+            if kind == "array" and size > parse_size(args.array_max):
+                print(f"{kind:9s} {size:10d} skipped: above --array-max")
+                result["timings"].append({"layout": kind, "n_obs": size,
+                                          "skipped": "above --array-max"})
+                continue
             t0 = time.perf_counter()
             lay = build_layout(kind, size)
             t_host = time.perf_counter() - t0
@@ -473,14 +685,19 @@ def main(argv=None):
             t_upload = time.perf_counter() - t0
             passes = {"model": dev.model, "model_g": dev.model_g, "residuals": dev.residuals,
                       "gradient": dev.gradient_only, "var_g": dev.variance,
-                      "merge": dev.merge, "evaluation": dev.evaluation}
+                      "merge": dev.merge, "merge_classical": dev.merge_classical,
+                      "statistics_sums": dev.statistics_sums, "outliers": dev.outliers,
+                      "evaluation": dev.evaluation}
+            if kind == "physical" and size <= parse_size(args.normal_max):
+                passes["normal"] = dev.normal_equations
             moved = dev.bytes_per_pass()
             dev.model()
             dev.residuals()
             for name, function in passes.items():
                 if name == "var_g" and dev.covariance is None:
                     continue
-                seconds = timed(function, args.repeats)
+                # one repeat of the (slow, dense-partial) normal pass
+                seconds = timed(function, 1 if name == "normal" else args.repeats)
                 bound = moved[name] / rate
                 row = {"layout": kind, "n_obs": size, "pass": name, "seconds": seconds,
                        "bound_seconds": bound, "ratio_to_bound": seconds / bound,

@@ -6,10 +6,12 @@ inputs and the gradient's column entries) are copied once, when the target is bu
 scaling round, and stay there; each call uploads the parameters (K, B per dataset, or the
 full physical vector) and brings back Phi and the gradient. The minimiser stays on the host.
 
-Model families on the device: the KB family (kernels.cuda.models.kb_family_kernel) and the
-fused physical layout (physical_model_kernel). Any other model (array, mixed) evaluates its
-ELL Jacobian on the host and uploads g and dg/dp per call; the target sums still run on the
-device. The normal matrix of the full-matrix round runs on the CPU (inherited).
+Model families on the device: the KB family (kernels.cuda.models.kb_family_kernel), the
+fused physical layout (physical_model_kernel) and the array model's smoothed grids
+(kernels.cuda.array.array_model_kernel, layout from array_layout below). Any other model
+(mixed families) evaluates its ELL Jacobian on the host and uploads g and dg/dp per call; the
+target sums still run on the device. The normal equations of the full-matrix round run on the
+device too (kernels.cuda.normal), over the free columns of the same g and dg/dp.
 """
 
 from __future__ import annotations
@@ -17,9 +19,71 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from dials_vmerge.kernels.cuda import array as device_array_model
 from dials_vmerge.kernels.cuda import models as device_models
+from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations
 from dials_vmerge.kernels.cuda.target import DeviceTarget
 from dials_vmerge.scaling.target import ScalingTarget
+
+def array_layout(models, dataset_id, loc_index, column_of_parameter):
+    """The device layout of array models (kernels.cuda.array), or None when some dataset's
+    model has a component that is not a smoothed grid or the analytical correction.
+
+    Returns a dict: weights (n, K), full_index (n, K) int64 into every model's parameters
+    concatenated plus a guard entry (= 1, at n_full), free_col (n, K) int32 (-1: fixed,
+    guard), component_start (C + 1), fixed_factor (n,) or None, n_full.
+    """
+    from ..kernels.flat import split_positions
+    from ..model.array_grid import _Grid
+    from ..model.component import AnalyticalComponent
+
+    names, widths = [], {}
+    for model in models:
+        for name, comp in model.components.items():
+            if isinstance(comp, AnalyticalComponent):
+                continue
+            if not isinstance(comp, _Grid) or comp._smoother is None:
+                return None
+            if name not in widths:
+                names.append(name)
+                widths[name] = 0
+            widths[name] = max(widths[name], int(comp.n_deriv_columns))
+    if not names or len(names) > device_array_model.MAX_COMPONENTS:
+        return None
+    component_start = np.concatenate([[0], np.cumsum([widths[n] for n in names])]).astype(
+        np.int64)
+    offsets = np.concatenate([[0], np.cumsum([m.n_parameters for m in models])]).astype(
+        np.int64)
+    n_full = int(offsets[-1])
+    n, n_slots = int(dataset_id.size), int(component_start[-1])
+    weights = np.zeros((n, n_slots))
+    full_index = np.full((n, n_slots), n_full, dtype=np.int64)  # the guard: weight 0 or 1
+    free_col = np.full((n, n_slots), -1, dtype=np.int32)
+    fixed_factor = None
+    for d, obs in enumerate(split_positions(dataset_id, len(models))):
+        model, rows = models[d], np.asarray(loc_index)[obs]
+        slices = model.parameter_slices()
+        present = set()
+        for name, comp in model.components.items():
+            if isinstance(comp, AnalyticalComponent):
+                if fixed_factor is None:
+                    fixed_factor = np.ones(n)
+                fixed_factor[obs] *= comp.values(rows=rows)
+                continue
+            lo = int(component_start[names.index(name)])
+            w, idx = comp._smoother.ell(rows)
+            local = np.asarray(idx, dtype=np.int64) + slices[name].start
+            weights[obs, lo:lo + w.shape[1]] = w
+            full_index[obs, lo:lo + w.shape[1]] = local + offsets[d]
+            free_col[obs, lo:lo + w.shape[1]] = np.asarray(column_of_parameter[d])[local]
+            present.add(name)
+        for c, name in enumerate(names):
+            if name not in present:  # value 1: weight 1 on the guard
+                weights[obs, component_start[c]] = 1.0
+    return {"weights": weights, "full_index": full_index, "free_col": free_col,
+            "component_start": component_start, "fixed_factor": fixed_factor,
+            "n_full": n_full}
+
 
 class CudaScalingTarget(ScalingTarget):
     def __init__(self, manager, ih_table, nproc=1, batch_size=None):
@@ -49,9 +113,21 @@ class CudaScalingTarget(ScalingTarget):
             self._inv_two_d_sq = cuda.to_device(np.ascontiguousarray(fam.inv_two_d_sq))
             self._fixed, self._has_fixed = device_models.placeholder(fam.fixed_factor)
         else:
-            self._kind = "host-model"
-            self._n_params = self.n_par
-            cols = None
+            layout = array_layout(manager.models, t.dataset_id, t.loc_index,
+                                  manager.column_of_parameter) if n else None
+            if layout is not None:
+                self._kind = "array"
+                cols = layout["free_col"]
+                self._n_params = self.n_par
+                self._weights = cuda.to_device(layout["weights"])
+                self._full_index = cuda.to_device(layout["full_index"])
+                self._component_start = cuda.to_device(layout["component_start"])
+                self._fixed, self._has_fixed = device_models.placeholder(
+                    layout["fixed_factor"])
+            else:
+                self._kind = "host-model"
+                self._n_params = self.n_par
+                cols = None
         self._g = cuda.device_array(max(n, 1))
         self._cols = cols
         self._batch_size = batch_size
@@ -75,6 +151,14 @@ class CudaScalingTarget(ScalingTarget):
             device_models.kb_family_kernel[blocks, tpb](
                 self._row_dataset, self._inv_two_d_sq, self._fixed, self._has_fixed,
                 cuda.to_device(scale), cuda.to_device(decay), self._g[:n], self._deriv[:n])
+        elif self._kind == "array":
+            self.manager.set_free(x)
+            parameters = np.concatenate(
+                [np.asarray(m.parameter_vector(), dtype=np.float64)
+                 for m in self.manager.models] + [np.ones(1)])
+            device_array_model.array_model_kernel[blocks, tpb](
+                self._weights, self._full_index, self._component_start, self._fixed,
+                self._has_fixed, cuda.to_device(parameters), self._g[:n], self._deriv[:n])
         else:
             self.manager.set_free(x)
             parameters = self.fused.full_parameters()
@@ -115,3 +199,27 @@ class CudaScalingTarget(ScalingTarget):
         self.last_phi = phi
         return phi, grad
 
+    def normal_free_columns(self):
+        """The ELL columns of the device dg/dp in the free vector (-1: fixed or guard)."""
+        if self._kind == "physical":
+            full_to_free = np.concatenate([self.full_to_free, np.full(5, -1, np.int64)])
+            return full_to_free[self._cols]
+        return self._cols
+
+    def normal_equations(self, x):
+        """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr), on the device."""
+        if self._kind == "host-model" or self._n == 0:
+            return super().normal_equations(x)
+        if getattr(self, "_normal", None) is None:
+            gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)
+            dt = self._device_target
+            self._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs,
+                                                 cuda.to_device(gs),
+                                                 self.normal_free_columns(), self.n_par)
+        self._device_model(x)
+        phi, rhs, normal = self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])
+        wr = self.restraint_weights
+        phi += float(np.sum(wr * x * x))
+        rhs = rhs + wr * x
+        normal = normal + np.diag(wr)
+        return phi, rhs, normal

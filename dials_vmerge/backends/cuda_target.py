@@ -27,8 +27,10 @@ import dials_vmerge  # noqa: F401  (cctbx before numba: import-order crash other
 import numpy as np
 from numba import cuda, float64, njit
 
-# Power of two: the shared-memory tree reduction halves the active threads each step.
-THREADS_PER_BLOCK = 128
+# Power of two: the shared-memory tree reduction halves the active threads each step
+# (kernels/cuda/launch.py: 32 under the simulator).
+from dials_vmerge.kernels.cuda.launch import THREADS_PER_BLOCK  # noqa: E402
+from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
 # Enough (segment, column) threads to occupy a GPU; segments shorter than this many
 # observations would cost more in partial rows than they gain in parallelism.
 TARGET_GRADIENT_THREADS = 65536
@@ -39,10 +41,9 @@ MIN_SEGMENT_OBSERVATIONS = 256
 def group_residual_kernel(intensity, weight, g, group_start, ih_out, factor_out, phi_block):
     """Thread per group: Ih, factor -2 w r Ih per observation, Phi per block (fixed tree)."""
     phi_shared = cuda.shared.array(THREADS_PER_BLOCK, float64)
-    grp = cuda.grid(1)
     tid = cuda.threadIdx.x
     phi = 0.0
-    if grp < ih_out.shape[0]:
+    for grp in range(cuda.grid(1), ih_out.shape[0], cuda.gridsize(1)):
         lo = group_start[grp]
         hi = group_start[grp + 1]
         s_wgi = 0.0
@@ -86,8 +87,7 @@ def gradient_segment_kernel(factor, deriv_values, entry_flat, entry_offset, grad
     n_segments = grad_partial.shape[0]
     n_params = grad_partial.shape[1]
     n_slots = deriv_values.shape[1]
-    idx = cuda.grid(1)
-    if idx < n_segments * n_params:
+    for idx in range(cuda.grid(1), n_segments * n_params, cuda.gridsize(1)):
         seg = idx // n_params
         col = idx - seg * n_params
         total = 0.0
@@ -98,18 +98,9 @@ def gradient_segment_kernel(factor, deriv_values, entry_flat, entry_offset, grad
         grad_partial[seg, col] = total
 
 
-@cuda.jit
-def merged_means_kernel(intensity, weight, group_start, sigma_dynamic_range, mean_out,
-                        sigma_out):
-    """Thread per group: inverse-variance weighted mean and sqrt(1 / sum w).
-
-    Observations with w <= 0 are not used. With sigma_dynamic_range r > 0, as in the classical
-    merge, an observation is used only if its sigma exceeds r times the largest sigma in the
-    group (w r^2 < min w). A group with no usable observation gets mean 0, sigma 0.
-    """
-    grp = cuda.grid(1)
-    if grp >= mean_out.shape[0]:
-        return
+@cuda.jit(device=True)
+def _merged_means_kernel_one(intensity, weight, group_start, sigma_dynamic_range, mean_out,
+                        sigma_out, grp):
     lo = group_start[grp]
     hi = group_start[grp + 1]
     w_min = math.inf
@@ -132,6 +123,19 @@ def merged_means_kernel(intensity, weight, group_start, sigma_dynamic_range, mea
         sigma_out[grp] = 0.0
 
 
+@cuda.jit
+def merged_means_kernel(intensity, weight, group_start, sigma_dynamic_range, mean_out,
+                        sigma_out):
+    """Thread per group: inverse-variance weighted mean and sqrt(1 / sum w).
+
+    Observations with w <= 0 are not used. With sigma_dynamic_range r > 0, as in the classical
+    merge, an observation is used only if its sigma exceeds r times the largest sigma in the
+    group (w r^2 < min w). A group with no usable observation gets mean 0, sigma 0.
+    """
+    for grp in range(cuda.grid(1), mean_out.shape[0], cuda.gridsize(1)):
+        _merged_means_kernel_one(intensity, weight, group_start, sigma_dynamic_range, mean_out, sigma_out, grp)
+
+
 @njit(cache=True)
 def ordered_rows_sum(partials):
     """Sum of the rows of a 2-D array, added in row order."""
@@ -143,7 +147,7 @@ def ordered_rows_sum(partials):
 
 
 def _blocks(n_threads):
-    return max(1, (n_threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n_threads)
 
 
 def segment_bounds(n_obs, n_params):

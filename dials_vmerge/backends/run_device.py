@@ -37,18 +37,7 @@ def target_for_run(run, manager, ih_table):
     """The hook of ScalingRun.minimise: the device is resolved once per scaling job (from
     compute.device and the job's size) and logged; every round then builds its target on it,
     copying that round's observation arrays to the device once."""
-    device = getattr(run, "_compute_device", None)
-    if device is None:
-        params = run.params
-        device = resolve_run_device(params, ih_table.n_obs)
-        batch = getattr(getattr(getattr(params, "compute", None), "gpu", None), "batch_size",
-                        None)
-        run._compute_device = device
-        # libtbx's Auto (and None) mean: from free device memory
-        run._gpu_batch_size = batch if isinstance(batch, int) else None
-        if device == "cuda":
-            run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
-                    f"device ({device_name()})")
+    device = device_for_run(run, ih_table.n_obs)
     target = make_scaling_target(device, manager, ih_table, run.nproc,
                                  getattr(run, "_gpu_batch_size", None))
     if device == "cuda":
@@ -57,6 +46,37 @@ def target_for_run(run, manager, ih_table):
         run.log(f"  device target: {target.kind} model, {target.n_obs} observations, "
                 f"{n_batches} batch(es)")
     return target
+
+
+# The device of the passes after scaling (merging, statistics sums) of the current job: set
+# when a scaling job resolves its device, "cpu" until then.
+_PASS_DEVICE = ["cpu"]
+
+
+def pass_device():
+    return _PASS_DEVICE[0]
+
+
+def device_for_run(run, n_obs):
+    """The run's device for its per-observation passes, resolved once per scaling job (from
+    compute.device and the size of the first table that asks) and logged."""
+    device = getattr(run, "_compute_device", None)
+    if device is None:
+        params = run.params
+        device = resolve_run_device(params, n_obs)
+        batch = getattr(getattr(getattr(params, "compute", None), "gpu", None), "batch_size",
+                        None)
+        run._compute_device = device
+        _PASS_DEVICE[0] = device
+        # libtbx's Auto (and None) mean: from free device memory
+        run._gpu_batch_size = batch if isinstance(batch, int) else None
+        if device == "cuda":
+            run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
+                    f"device ({device_name()})")
+            run.log("  also on the device: model evaluation (KB, physical, array), the normal "
+                    "equations of full-matrix rounds, outlier rejection, classical merging "
+                    "and the merging-statistics sums")
+    return device
 
 
 def device_name():

@@ -104,13 +104,38 @@ def deviation_sums_kernel(intensity, group_start, mean):
     return abs_dev, total
 
 
+def merge_sums(i_sorted, s_sorted, group_start, sigma_dynamic_range, use_internal_variance):
+    """inverse_variance_merge_kernel on the scaling job's device (compute.device=cuda:
+    kernels.cuda.merging, backends.run_device.pass_device)."""
+    from ..backends.run_device import pass_device
+
+    if pass_device() == "cuda":
+        from ..kernels.cuda.merging import inverse_variance_merge
+
+        return inverse_variance_merge(i_sorted, s_sorted, group_start, sigma_dynamic_range,
+                                      use_internal_variance)
+    return inverse_variance_merge_kernel(i_sorted, s_sorted, group_start, sigma_dynamic_range,
+                                         use_internal_variance)
+
+
+def deviation_sums(i_sorted, group_start, mean):
+    """deviation_sums_kernel on the scaling job's device (as merge_sums)."""
+    from ..backends.run_device import pass_device
+
+    if pass_device() == "cuda":
+        from ..kernels.cuda.merging import deviation_sums as device_deviation_sums
+
+        return device_deviation_sums(i_sorted, group_start, mean)
+    return deviation_sums_kernel(i_sorted, group_start, mean)
+
+
 def merge_classical(
     groups: GroupedObservations, intensity, sigma, use_internal_variance: bool = False
 ) -> MergedIntensities:
     """Inverse-variance merge of observations given in the caller's row order."""
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
-    mean, merged_sigma = inverse_variance_merge_kernel(
+    mean, merged_sigma = merge_sums(
         i_sorted, s_sorted, groups.group_start, SIGMA_DYNAMIC_RANGE, use_internal_variance
     )
     return MergedIntensities.from_groups(groups, mean, merged_sigma, "classical")

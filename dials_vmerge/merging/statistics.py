@@ -41,7 +41,7 @@ from typing import List, Optional
 import numpy as np
 from numba import njit
 
-from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums_kernel, inverse_variance_merge_kernel
+from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_sums
 from .groups import Groupings, per_index_chunks
 
 BIN_RELATIVE_TOLERANCE = 1e-6
@@ -515,18 +515,18 @@ class _Prepared:
         i_sorted = g.gather(intensity)
         s_sorted = g.gather(sigma)
         if merger is None:
-            self.mean, self.merged_sigma = inverse_variance_merge_kernel(
+            self.mean, self.merged_sigma = merge_sums(
                 i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
             )
         else:
             self.mean, self.merged_sigma = merger.merge(g, intensity, sigma)
-        self.abs_dev, self.total = deviation_sums_kernel(i_sorted, g.group_start, self.mean)
+        self.abs_dev, self.total = deviation_sums(i_sorted, g.group_start, self.mean)
         if a is not g:
             del i_sorted, s_sorted
             i_sorted = a.gather(intensity)
             s_sorted = a.gather(sigma)
         if merger is None:
-            self.anom_mean, self.anom_sigma_internal = inverse_variance_merge_kernel(
+            self.anom_mean, self.anom_sigma_internal = merge_sums(
                 i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
             )
         else:

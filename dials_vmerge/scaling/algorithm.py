@@ -282,7 +282,7 @@ class ScalingRun:
             mask = outl.reject_outliers(table, param(p, "scaling_options.outlier_rejection",
                                                      "standard"),
                                         param(p, "scaling_options.outlier_zmax", 6.0), None,
-                                        None, None, self.nproc)
+                                        None, None, self.nproc, self._pass_device(table))
             flat = np.zeros(table.n_obs, dtype=bool)
             flat[table.loc_index[mask]] = True
             start = 0
@@ -421,12 +421,18 @@ class ScalingRun:
                 _, values, cols = manager.evaluate_dataset(d, rows)
                 state.var_g[rows] = variance_of_g(values, cols, covariance)
 
+    def _pass_device(self, table):
+        """compute.device for a per-observation pass (backends/run_device.py)."""
+        from ..backends.run_device import device_for_run
+
+        return device_for_run(self, table.n_obs)
+
     def _outliers_to_states(self, table, states):
         p = self.params
         method = param(p, "scaling_options.outlier_rejection", "standard")
         mask = outl.reject_outliers(table, method, param(p, "scaling_options.outlier_zmax", 6.0),
                                     param(p, "scaling_options.emax", 10.0), self.space_group,
-                                    self.unit_cell, self.nproc)
+                                    self.unit_cell, self.nproc, self._pass_device(table))
         return scatter_mask(table.dataset_id, table.loc_index, mask,
                             [s.suitable_rows.size for s in states])
 

@@ -170,9 +170,15 @@ def esq_outliers(table, space_group, unit_cell, emax=10.0):
 
 
 def reject_outliers(table, method="standard", zmax=6.0, emax=10.0, space_group=None,
-                    unit_cell=None, nproc=1):
-    """The outlier mask of one rejection round: method, then the E^2 test if emax is set."""
-    if method == "simple":
+                    unit_cell=None, nproc=1, device="cpu"):
+    """The outlier mask of one rejection round: method, then the E^2 test if emax is set.
+    device="cuda": the z-test on the device (kernels.cuda.outliers, the same mask)."""
+    if device == "cuda" and method in ("simple", "standard", None):
+        from ..kernels.cuda.outliers import outlier_mask
+
+        outlier = outlier_mask(table.intensity, table.weight, table.g, table.group_start,
+                               method or "standard", zmax)
+    elif method == "simple":
         outlier = simple_outliers(table, zmax, nproc)
     elif method in ("standard", None):
         outlier = standard_outliers(table, zmax, nproc)

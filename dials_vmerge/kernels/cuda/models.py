@@ -21,19 +21,19 @@ import math
 import numpy as np
 from numba import cuda
 
-THREADS_PER_BLOCK = 128
+from .launch import THREADS_PER_BLOCK  # noqa: E402
+from .launch import blocks as launch_blocks  # noqa: E402
 
 
 def blocks(n_threads):
-    return max(1, (n_threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n_threads)
 
 
 @cuda.jit
 def kb_family_kernel(row_dataset, inv_two_d_sq, fixed_factor, has_fixed, scale_value,
                      decay_value, g, deriv_values):
     """g = K exp(B / 2d^2) f; slot 0 dg/dK, slot 1 dg/dB (columns fixed: kb_family_columns)."""
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         d = row_dataset[i]
         k = scale_value[d]
         e = math.exp(decay_value[d] * inv_two_d_sq[i])
@@ -48,8 +48,7 @@ def kb_family_kernel(row_dataset, inv_two_d_sq, fixed_factor, has_fixed, scale_v
 @cuda.jit
 def kb_family_g_kernel(row_dataset, inv_two_d_sq, fixed_factor, has_fixed, scale_value,
                        decay_value, g):
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         d = row_dataset[i]
         f = 1.0
         if has_fixed:
@@ -89,8 +88,7 @@ def _physical_parts(record, first_param, absorption_coefficients, absorption_fir
 @cuda.jit
 def physical_model_kernel(record, first_param, absorption_coefficients, absorption_first,
                           has_abs, fixed_factor, has_fixed, parameters, g, deriv_values):
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         s, e, a, f = _physical_parts(record, first_param, absorption_coefficients,
                                      absorption_first, has_abs, fixed_factor, has_fixed,
                                      parameters, i)
@@ -109,8 +107,7 @@ def physical_model_kernel(record, first_param, absorption_coefficients, absorpti
 @cuda.jit
 def physical_g_kernel(record, first_param, absorption_coefficients, absorption_first, has_abs,
                       fixed_factor, has_fixed, parameters, g):
-    i = cuda.grid(1)
-    if i < g.shape[0]:
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
         s, e, a, f = _physical_parts(record, first_param, absorption_coefficients,
                                      absorption_first, has_abs, fixed_factor, has_fixed,
                                      parameters, i)
@@ -133,8 +130,7 @@ def physical_columns(first_param, absorption_first, n_absorption):
 @cuda.jit
 def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
     """var(g_i) = sum_kk' dg_i/dp_k cov[k, k'] dg_i/dp_k' over the used slots."""
-    i = cuda.grid(1)
-    if i < out.shape[0]:
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
         n_slots = deriv_values.shape[1]
         total = 0.0
         for k in range(n_slots):

@@ -21,6 +21,8 @@ from numba import cuda
 
 from numba import njit
 
+from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks
+
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK, gradient_segment_kernel,
                                                group_residual_kernel, ordered_rows_sum,
                                                segment_bounds)
@@ -31,7 +33,7 @@ BYTES_PER_OBSERVATION_ESTIMATE = 4 * 8 + 9 * 16 + 8
 
 
 def _blocks(n):
-    return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    return launch_blocks(n)
 
 
 def auto_batch_size(n_obs, bytes_per_observation=BYTES_PER_OBSERVATION_ESTIMATE,

@@ -1,0 +1,24 @@
+"""Launch geometry shared by the CUDA kernels.
+
+THREADS_PER_BLOCK is a power of two (the shared-memory reductions halve it). The CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1) runs one Python thread per CUDA thread, at ~0.3 ms each,
+and starting a thread costs more than most kernels' work per item: there a launch is one block
+of 32 threads, each looping over many items (every kernel is a grid-stride loop). That
+changes the launch shape and the order of the per-block Phi tree, not the results beyond
+rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+THREADS_PER_BLOCK = 32 if SIMULATOR else 128
+# Every kernel loops over its items with a grid stride, so any grid covers them; the
+# simulator gets one block (thread start-up dominates its cost), a GPU one thread per item.
+MAX_BLOCKS = 1 if SIMULATOR else 2 ** 31 - 1
+
+
+def blocks(n_threads):
+    """Blocks of a launch over n_threads items."""
+    return min(MAX_BLOCKS, max(1, (int(n_threads) + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK))

@@ -1,0 +1,113 @@
+"""Classical merging and the merging-statistics sums on the device.
+
+Twins of dials_vmerge.merging.classical's inverse_variance_merge_kernel (inverse-variance
+weighted mean and merged sigma per group, sigma dynamic range, optional internal variance)
+and deviation_sums_kernel (per group sum |I - mean| and sum I, the Rmerge terms). One thread
+per group walks the group's observations in order, as the CPU kernel does: no reduction, so
+the results are the CPU kernel's to rounding of the same operations (bitwise in practice).
+Observations in sorted group order; group_start the offsets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from .launch import THREADS_PER_BLOCK
+from .launch import blocks as launch_blocks
+
+
+@cuda.jit(device=True)
+def _merge_group(intensity, sigma, group_start, sigma_dynamic_range, use_internal_variance,
+                 mean, merged_sigma, grp):
+    start = group_start[grp]
+    end = group_start[grp + 1]
+    mean[grp] = 0.0
+    merged_sigma[grp] = 0.0
+    max_sigma = 0.0
+    for i in range(start, end):
+        if sigma[i] > max_sigma:
+            max_sigma = sigma[i]
+    threshold = max_sigma * sigma_dynamic_range
+    n_used = 0
+    sum_w = 0.0
+    sum_wi = 0.0
+    last_sigma = 0.0
+    for i in range(start, end):
+        if sigma[i] > threshold:
+            w = 1.0 / (sigma[i] * sigma[i])
+            sum_w += w
+            sum_wi += w * intensity[i]
+            n_used += 1
+            last_sigma = sigma[i]
+    if n_used == 0:
+        return
+    if n_used == 1:
+        mean[grp] = sum_wi / sum_w
+        merged_sigma[grp] = last_sigma
+        return
+    m = sum_wi / sum_w
+    mean[grp] = m
+    external_variance = 1.0 / sum_w
+    if use_internal_variance:
+        sum_w_sq = 0.0
+        sum_w_delta_sq = 0.0
+        for i in range(start, end):
+            if sigma[i] > threshold:
+                w = 1.0 / (sigma[i] * sigma[i])
+                sum_w_sq += w * w
+                sum_w_delta_sq += w * (intensity[i] - m) ** 2
+        internal_variance = sum_w / (sum_w * sum_w - sum_w_sq) * sum_w_delta_sq / n_used
+        merged_sigma[grp] = math.sqrt(max(internal_variance, external_variance))
+    else:
+        merged_sigma[grp] = math.sqrt(external_variance)
+
+
+@cuda.jit
+def inverse_variance_merge_kernel(intensity, sigma, group_start, sigma_dynamic_range,
+                                  use_internal_variance, mean, merged_sigma):
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        _merge_group(intensity, sigma, group_start, sigma_dynamic_range,
+                     use_internal_variance, mean, merged_sigma, grp)
+
+
+@cuda.jit
+def deviation_sums_kernel(intensity, group_start, mean, abs_dev, total):
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        s_dev = 0.0
+        s_tot = 0.0
+        for i in range(group_start[grp], group_start[grp + 1]):
+            s_dev += abs(intensity[i] - mean[grp])
+            s_tot += intensity[i]
+        abs_dev[grp] = s_dev
+        total[grp] = s_tot
+
+
+def inverse_variance_merge(intensity, sigma, group_start, sigma_dynamic_range,
+                           use_internal_variance):
+    """(mean, merged sigma) per group as numpy: the CPU kernel's call, on the device."""
+    n_groups = int(np.asarray(group_start).size) - 1
+    mean = cuda.device_array(max(n_groups, 1))
+    merged_sigma = cuda.device_array(max(n_groups, 1))
+    if n_groups:
+        inverse_variance_merge_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
+            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
+            cuda.to_device(np.ascontiguousarray(sigma, dtype=np.float64)),
+            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)),
+            float(sigma_dynamic_range), bool(use_internal_variance), mean, merged_sigma)
+    return mean.copy_to_host()[:n_groups], merged_sigma.copy_to_host()[:n_groups]
+
+
+def deviation_sums(intensity, group_start, mean):
+    """(sum |I - mean|, sum I) per group as numpy, on the device."""
+    n_groups = int(np.asarray(group_start).size) - 1
+    abs_dev = cuda.device_array(max(n_groups, 1))
+    total = cuda.device_array(max(n_groups, 1))
+    if n_groups:
+        deviation_sums_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
+            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
+            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)),
+            cuda.to_device(np.ascontiguousarray(mean, dtype=np.float64)), abs_dev, total)
+    return abs_dev.copy_to_host()[:n_groups], total.copy_to_host()[:n_groups]

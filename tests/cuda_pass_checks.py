@@ -1,0 +1,245 @@
+"""Run under NUMBA_ENABLE_CUDASIM=1 by test_cuda_passes.py: the device passes of one scaling
+round against their CPU kernels on small real layouts. Each case runs the real pipeline with
+compute.device=cuda up to its first device target (so the layout is the one a run builds:
+selection, preparation, models, Ih table), evaluates every pass once on the device and on
+the CPU at the same perturbed parameters, and stops the job. Writes the max relative
+differences and the dense matrices the test recomputes to an .npz (argv[1]); the test makes
+every assertion.
+
+Cases (argv[2:], default all): kb (a 200-still KB simulation), array (an array-model sweep
+simulation), quartz (the physical model on examples/integrated.refl, the quartz sweep).
+"""
+
+import copy
+import logging
+import os
+import sys
+import time
+
+import dials_vmerge  # noqa: F401  (cctbx before numba)
+import numpy as np
+from numba import cuda
+
+from dials_vmerge.backends import run_device
+from dials_vmerge.kernels.cuda import models as device_models
+from dials_vmerge.scaling.target import ScalingTarget, variance_of_g
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "..", "examples")
+LOG = logging.getLogger("cuda_pass_checks")
+assert cuda.is_available(), "run with NUMBA_ENABLE_CUDASIM=1"
+
+
+class FirstTarget(Exception):
+    pass
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def dense(deriv, cols, n_par):
+    out = np.zeros((deriv.shape[0], n_par))
+    rows = np.repeat(np.arange(deriv.shape[0]), deriv.shape[1])
+    c = np.asarray(cols).reshape(-1)
+    keep = c >= 0
+    np.add.at(out, (rows[keep], c[keep]), deriv.reshape(-1)[keep])
+    return out
+
+
+def compare(target, seed, with_normal=True, n_segments=None):
+    """Every pass of one device target at perturbed parameters vs the CPU target."""
+    manager = target.manager
+    cpu = ScalingTarget(manager, target.table, 2)
+    rng = np.random.default_rng(seed)
+    x0 = manager.get_free()
+    x = x0 + 0.02 * np.where(x0 != 0, np.abs(x0), 1.0) * rng.normal(size=x0.size)
+    out = {"kind": target.kind, "n_obs": target.n_obs, "n_par": target.n_par}
+    phi_d, grad_d = target.value_and_gradient(x)
+    n = target.n_obs
+    g_d = target._g.copy_to_host()[:n]
+    deriv_d = target._deriv.copy_to_host()[:n]
+    cols_d = target.normal_free_columns()
+    phi_c, grad_c = cpu.value_and_gradient(x)
+    g_c, deriv_c, cols_c = cpu._ell(x)
+    out["model_g"] = rel(g_d, g_c)
+    out["model_deriv"] = rel(dense(deriv_d, cols_d, target.n_par),
+                             dense(deriv_c, cols_c, target.n_par))
+    out["target_phi"] = rel(phi_d, phi_c)
+    out["target_gradient"] = rel(grad_d, grad_c)
+    if with_normal:
+        out.update(compare_normal(target, cpu, x, n_segments))
+    # var(g) with a random symmetric positive definite covariance of the free parameters
+    m = rng.normal(size=(target.n_par, target.n_par))
+    cov = m @ m.T / target.n_par
+    cols64 = np.ascontiguousarray(cols_d, dtype=np.int64)
+    var_d = cuda.device_array(max(n, 1))
+    device_models.variance_of_g_kernel[device_models.blocks(n), device_models.THREADS_PER_BLOCK](
+        target._deriv[:n], cuda.to_device(cols64), cuda.to_device(cov), var_d)
+    out["var_g"] = rel(var_d.copy_to_host()[:n],
+                       variance_of_g(deriv_c, np.ascontiguousarray(cols_c, np.int64), cov))
+    out.update(compare_outliers(target.table, g_c, rng))
+    out.update(compare_merging(target.table, g_c, rng))
+    return out
+
+
+def compare_merging(table, g, rng):
+    """Classical merge (internal variance off and on) and the Rmerge sums of the scaled
+    intensities I/g, sigma/g, with a few sigma = 0 observations (not used by the merge)."""
+    from dials_vmerge.kernels.cuda import merging as device_merging
+    from dials_vmerge.merging.classical import (SIGMA_DYNAMIC_RANGE, deviation_sums_kernel,
+                                                inverse_variance_merge_kernel)
+
+    intensity = np.asarray(table.intensity, np.float64) / g
+    sigma = 1.0 / np.sqrt(np.asarray(table.weight, np.float64)) / g
+    sigma[rng.choice(sigma.size, size=max(2, sigma.size // 100), replace=False)] = 0.0
+    gs = np.asarray(table.group_start, dtype=np.int64)
+    out = {}
+    for internal in (False, True):
+        mean_c, sig_c = inverse_variance_merge_kernel(intensity, sigma, gs, SIGMA_DYNAMIC_RANGE,
+                                                      internal)
+        mean_d, sig_d = device_merging.inverse_variance_merge(intensity, sigma, gs,
+                                                              SIGMA_DYNAMIC_RANGE, internal)
+        tag = "internal" if internal else "external"
+        out[f"merge_{tag}"] = max(rel(mean_d, mean_c), rel(sig_d, sig_c))
+    dev_c, tot_c = deviation_sums_kernel(intensity, gs, mean_c)
+    dev_d, tot_d = device_merging.deviation_sums(intensity, gs, mean_c)
+    out["statistics_sums"] = max(rel(dev_d, dev_c), rel(tot_d, tot_c))
+    return out
+
+
+def compare_outliers(table, g, rng):
+    """Outlier masks (standard and simple) of the device and CPU kernels, with a few
+    intensities made outliers so that both tests reject something."""
+    from types import SimpleNamespace
+
+    from dials_vmerge.kernels.cuda.outliers import outlier_mask
+    from dials_vmerge.scaling.outliers import simple_outliers, standard_outliers
+
+    intensity = np.array(table.intensity, dtype=np.float64)
+    hit = rng.choice(intensity.size, size=max(3, intensity.size // 50), replace=False)
+    intensity[hit] = intensity[hit] * 30.0 + 50.0 * np.sqrt(1.0 / np.asarray(table.weight)[hit])
+    t = SimpleNamespace(intensity=intensity, weight=np.asarray(table.weight, np.float64),
+                        g=g, group_start=np.asarray(table.group_start), n_obs=intensity.size)
+    out = {}
+    for method, cpu_kernel in (("standard", standard_outliers), ("simple", simple_outliers)):
+        cpu = cpu_kernel(t, 6.0, 2)
+        dev = outlier_mask(t.intensity, t.weight, t.g, t.group_start, method, 6.0)
+        out[f"outliers_{method}_n"] = int(cpu.sum())
+        out[f"outliers_{method}_differ"] = int(np.count_nonzero(cpu != dev))
+    return out
+
+
+def compare_normal(target, cpu, x, n_segments):
+    from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations
+
+    out = {}
+    if n_segments is not None:  # several segments on a small layout: the ordered reduction
+        gs = np.ascontiguousarray(target.table.group_start, dtype=np.int64)
+        dt = target._device_target
+        target._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs, cuda.to_device(gs),
+                                               target.normal_free_columns(), target.n_par,
+                                               n_segments)
+    t0 = time.perf_counter()
+    phi_nd, rhs_d, normal_d = target.normal_equations(x)
+    out["normal_seconds"] = time.perf_counter() - t0
+    phi_nc, rhs_c, normal_c = cpu.normal_equations(x)
+    out["normal_phi"] = rel(phi_nd, phi_nc)
+    out["normal_rhs"] = rel(rhs_d, rhs_c)
+    out["normal_matrix"] = rel(normal_d, normal_c)
+    out["normal_segments"] = target._normal.n_segments
+    # for the test's independent recomputation of J^T W J (small layouts only)
+    n = target.n_obs
+    if n * target.n_par <= 4_000_000:
+        g_c, deriv_c, cols_c = cpu._ell(x)
+        t = target.table
+        out["J_dense"] = dense(deriv_c, cols_c, target.n_par)
+        out["g"] = g_c
+        out["intensity"] = np.asarray(t.intensity)
+        out["weight"] = np.asarray(t.weight)
+        out["group_start"] = np.asarray(t.group_start)
+        out["normal_device"] = normal_d
+        out["rhs_device"] = rhs_d
+        out["restraint_weights"] = target.restraint_weights
+        out["x"] = x
+    return out
+
+
+def first_target_of(params_args, experiments, table):
+    from dials_vmerge.pipeline import run_scaling_job
+    from cuda_simulator_runs import scaling_params
+
+    captured = {}
+    original = run_device.make_scaling_target
+
+    def hook(device, manager, ih_table, nproc=1, batch_size=None):
+        target = original(device, manager, ih_table, nproc, batch_size)
+        if device == "cuda":
+            captured["target"] = target
+            raise FirstTarget
+        return target
+
+    run_device.make_scaling_target = hook
+    try:
+        run_scaling_job(scaling_params(*params_args), experiments, table, LOG)
+    except FirstTarget:
+        pass
+    finally:
+        run_device.make_scaling_target = original
+    return captured["target"]
+
+
+def case_inputs(name):
+    from dials_vmerge.io.expt import ExperimentList
+    from dials_vmerge.simulate import simulate_rotation, simulate_stills
+
+    if name == "quartz":
+        from dials_vmerge.io.combine import load_experiments_and_reflections
+
+        experiments, table = load_experiments_and_reflections(
+            [os.path.join(EXAMPLES, "integrated.expt")],
+            [os.path.join(EXAMPLES, "integrated.refl")])
+        return experiments, table, ("model=physical",)
+    if name == "kb":
+        simulation = simulate_stills(n_stills=200, d_min=8.0, seed=5)
+        model = ("model=KB",)
+    elif name == "kb_normal":
+        simulation = simulate_stills(n_stills=20, d_min=8.0, seed=6)
+        model = ("model=KB",)
+    else:
+        # coarse grids keep n_par (and the simulator's n_par^2 reduction threads) small
+        simulation = simulate_rotation(n_obs_target=1500, n_sweeps=2, model="array", seed=7)
+        model = ("model=array", "array.n_resolution_bins=3", "array.n_absorption_bins=1",
+                 "array.decay_interval=60")
+    experiments_dict, table, _ = simulation
+    return ExperimentList.from_dict(copy.deepcopy(experiments_dict)), table.copy(), model
+
+
+# The 200-still KB layout has 400 parameters: its normal matrix is checked on 20 stills
+# (kb_normal), whose 40 x 40 reduction the simulator runs in seconds. Forced segment counts
+# exercise the ordered reduction over several segments on layouts this small.
+CASE_OPTIONS = {"kb": {"with_normal": False}, "kb_normal": {"n_segments": 3},
+                "array": {"n_segments": 3}}
+
+
+def main(out_path, names):
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    out = {}
+    for seed, name in enumerate(names):
+        t0 = time.perf_counter()
+        experiments, table, model = case_inputs(name)
+        target = first_target_of(model + ("compute.device=cuda",), experiments, table)
+        result = compare(target, seed, **CASE_OPTIONS.get(name, {}))
+        for key, value in result.items():
+            out[f"{name}/{key}"] = value
+        print(f"{name}: {target.kind}, {target.n_obs} obs, {target.n_par} params, "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    np.savez(out_path, **out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main(sys.argv[1], sys.argv[2:] or ["kb", "kb_normal", "array", "quartz"])
