@@ -372,7 +372,8 @@ class ScalingRun:
             # the likelihood target has CPU kernels only (compute.device applies to least
             # squares)
             target = make_target(p, manager, self.minimisation_table(), self.nproc,
-                                 self.space_group, self.best_cell)
+                                 self.space_group, self.best_cell,
+                                 self._likelihood_error_models())
         else:
             # compute.device picks the CPU target or its CUDA twin (backends/run_device.py)
             from ..backends.run_device import target_for_run
@@ -394,6 +395,7 @@ class ScalingRun:
                 max_it, tolerance = 1, tolerance / 4.0
             result = minimise_with_e_steps(levenberg_marquardt, target, x0, max_it, tolerance)
         manager.set_free(result.x)
+        self._store_likelihood_error_models(target)
         self.summary["rounds"].append({"engine": engine, "fix_initial": fix_initial,
                                        "n_iterations": result.n_iterations,
                                        "rmsd": result.rmsd_history, "message": result.message})
@@ -515,10 +517,35 @@ class ScalingRun:
         else:
             self.log("Intensity combination: Imid " + summarise_per_dataset(imids, "{:g}"))
 
+    # -- issue 14: a, b fitted inside the marginal likelihood (scaling/likelihood.py) ------
+    def _likelihood_error_models(self):
+        return [s.error_model for s in self.states] if self.error_model_active else None
+
+    def _store_likelihood_error_models(self, target):
+        models = getattr(target, "fitted_error_models", lambda: None)()
+        if models is None:
+            return
+        for state, model in zip(self.states, models):
+            state.error_model = model
+        self.global_uses_error_model_weights = True
+
+    def refine_error_models_by_likelihood(self):
+        """a, b by maximum marginal likelihood at the current scales (target=likelihood)."""
+        manager = ParameterManager([s.model for s in self.states])
+        target = make_target(self.params, manager, self.minimisation_table(), self.nproc,
+                             self.space_group, self.best_cell, self._likelihood_error_models())
+        target.e_step(manager.get_free())
+        self._store_likelihood_error_models(target)
+        fitted = {(m.a, m.b) for m in target.fitted_error_models()}
+        for a, b in sorted(fitted)[:MAX_LISTED]:
+            self.log(f"Error model (marginal likelihood): a = {a:.5f}, b = {b:.5f}")
+
     def refine_error_models(self):
         if not self.error_model_active:
             return
         p = self.params
+        if param(p, "scaling_options.target", "least_squares") == "likelihood":
+            return self.refine_error_models_by_likelihood()
         groups = em.error_model_groups(
             len(self.states), param(p, "weighting.error_model.grouping", "combined"),
             param(p, "weighting.error_model.error_model_group"))
