@@ -125,6 +125,7 @@ class ScalingRun:
         if not self.states:
             raise VmergeError("no reflections left to scale after filtering")
         self.global_uses_error_model_weights = len(self.states) == 1
+        self._likelihood_em_started = False  # target=likelihood: a, b fitted in its E-steps
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_states(self, experiments, models):
@@ -518,8 +519,15 @@ class ScalingRun:
             self.log("Intensity combination: Imid " + summarise_per_dataset(imids, "{:g}"))
 
     # -- issue 14: a, b fitted inside the marginal likelihood (scaling/likelihood.py) ------
-    def _likelihood_error_models(self):
-        return [s.error_model for s in self.states] if self.error_model_active else None
+    def _likelihood_error_models(self, refine_step=False):
+        """The error models the likelihood target fits, None to keep the weights fixed: as
+        in DIALS's round order, a, b are first fitted at the error-model step, on scales
+        already refined (fitted from the first round, on the unscaled data, they came out
+        inflated and the dose_decay scales then ran away); every later round refits them."""
+        if not self.error_model_active or not (refine_step or self._likelihood_em_started):
+            return None
+        self._likelihood_em_started = True
+        return [s.error_model for s in self.states]
 
     def _store_likelihood_error_models(self, target):
         models = getattr(target, "fitted_error_models", lambda: None)()
@@ -533,7 +541,8 @@ class ScalingRun:
         """a, b by maximum marginal likelihood at the current scales (target=likelihood)."""
         manager = ParameterManager([s.model for s in self.states])
         target = make_target(self.params, manager, self.minimisation_table(), self.nproc,
-                             self.space_group, self.best_cell, self._likelihood_error_models())
+                             self.space_group, self.best_cell,
+                             self._likelihood_error_models(refine_step=True))
         target.e_step(manager.get_free())
         self._store_likelihood_error_models(target)
         fitted = {(m.a, m.b) for m in target.fitted_error_models()}

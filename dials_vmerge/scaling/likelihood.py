@@ -96,9 +96,15 @@ def _acentric(p_sum, b_sum, c_sum, mean_prior):
         for k in range(TAIL_CONTINUED_FRACTION_TERMS, 1, -1):
             d = t + k / d
         c = 1.0 / d
-        log_cdf = -0.5 * t * t - 0.5 * LOG_2PI - math.log(t + c)
         lam = t + c
         var_factor = 1.0 - lam * c  # 1 - lambda (lambda + alpha) without cancellation in lambda
+        mean = mu + lam / root_p
+        var = max(var_factor, 0.0) / p_sum
+        # -2 log Phi(alpha) = t^2 + log 2pi + 2 log(t + c) and t^2 = b^2/P: the two cancel
+        # exactly, and log P + 2 log(t + c) = 2 log(c sqrt(P) - b). Written out, the
+        # difference of b^2/P and t^2 (both ~1e76 when g ~ 1e-38) was rounding noise.
+        value = c_sum + 2.0 * math.log(c * root_p - b) + 2.0 * math.log(mean_prior)
+        return value, mean, var + mean * mean
     mean = mu + lam / root_p
     var = max(var_factor, 0.0) / p_sum
     value = c_sum - b * b / p_sum + math.log(p_sum) - LOG_2PI - 2.0 * log_cdf \
@@ -160,7 +166,12 @@ def _group_posterior(intensity, u, g, lo, hi, centric, mean_prior, nodes, weight
         b_sum += ug * intensity[i]
         c_sum += u[i] * intensity[i] * intensity[i]
     if p_sum <= 0.0:
-        return 0.0, 0.0, 0.0, False
+        # g = 0 (exp underflow far out in a line search) or u = 0: the data say nothing
+        # about J, whose posterior is its prior, and L_h is the limit g -> 0, prod N(I; 0, 1/u).
+        # Leaving such a group out (value 0) made a collapse of all g to 0 look like a
+        # minimum (the dose_decay model found it).
+        second = (3.0 if centric else 2.0) * mean_prior * mean_prior
+        return c_sum, mean_prior, second, True
     if centric:
         value, m, e2 = _centric(p_sum, b_sum, c_sum, mean_prior, nodes, weights)
     else:
