@@ -519,6 +519,22 @@ class LikelihoodTarget(ScalingTarget):
         return np.bincount(self.bins, values, minlength=self.n_bins) / np.maximum(count, 1)
 
     # -- M-step target -------------------------------------------------------------------
+    def _ell(self, x):
+        """g and its derivatives at x, kept for the next call at the same x: an E-step, its
+        RMSD offset, the minimiser's first value and LevMar's normal equations after the
+        accepted step's value all ask at one x, and evaluating the models with derivatives
+        is most of a likelihood run's time (the least-squares target's fused physical pass
+        computes no such table)."""
+        x = np.asarray(x, dtype=np.float64)
+        cached = getattr(self, "_ell_cache", None)
+        if cached is not None and np.array_equal(cached[0], x):
+            if self.family is None:
+                self.manager.set_free(x)  # as an evaluation would leave the models
+            return cached[1]
+        result = super()._ell(x)
+        self._ell_cache = (x.copy(), result)
+        return result
+
     def value_and_gradient(self, x):
         if self.mean_prior is None:
             self.e_step(x)
