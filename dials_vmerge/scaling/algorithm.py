@@ -372,9 +372,12 @@ class ScalingRun:
         if param(p, "scaling_options.target", "least_squares") == "likelihood":
             # the likelihood target has CPU kernels only (compute.device applies to least
             # squares)
-            target = make_target(p, manager, self.minimisation_table(), self.nproc,
-                                 self.space_group, self.best_cell,
-                                 self._likelihood_error_models())
+            table = self.minimisation_table()
+            error_models = self._likelihood_error_models()
+            target = make_target(p, manager, table, self.nproc, self.space_group,
+                                 self.best_cell, error_models,
+                                 None if error_models is None else self._friedel_hand(table),
+                                 fit_error_model=False)  # a, b: at refine_error_models
         else:
             # compute.device picks the CPU target or its CUDA twin (backends/run_device.py)
             from ..backends.run_device import target_for_run
@@ -520,14 +523,31 @@ class ScalingRun:
 
     # -- issue 14: a, b fitted inside the marginal likelihood (scaling/likelihood.py) ------
     def _likelihood_error_models(self, refine_step=False):
-        """The error models the likelihood target fits, None to keep the weights fixed: as
+        """The error models of the likelihood target, None to keep the table's weights: as
         in DIALS's round order, a, b are first fitted at the error-model step, on scales
         already refined (fitted from the first round, on the unscaled data, they came out
-        inflated and the dose_decay scales then ran away); every later round refits them."""
+        inflated, a = 1.98 at a true 1.3, and the dose_decay scales then ran away); later
+        rounds weight by them with Ihat = g E[J]."""
         if not self.error_model_active or not (refine_step or self._likelihood_em_started):
             return None
         self._likelihood_em_started = True
         return [s.error_model for s in self.states]
+
+    def _friedel_hand(self, table):
+        """1 where an observation of an Ih table is the Friedel mate of its ASU reflection
+        (its anomalous ASU index differs from the Friedel-merged one), else 0."""
+        hand = np.zeros(table.n_obs, dtype=np.int64)
+        dataset_id = np.asarray(table.dataset_id, dtype=np.int64)
+        for d, state in enumerate(self.states):
+            mine = np.flatnonzero(dataset_id == d)
+            if not mine.size:
+                continue
+            rows = state.suitable_rows[np.asarray(table.loc_index)[mine]]
+            hkl = self._per_state_column("miller_index", [state], lambda s: rows)[0]
+            merged = map_indices_to_asu(hkl, self.space_group, False)
+            apart = map_indices_to_asu(hkl, self.space_group, True)
+            hand[mine] = np.any(np.asarray(merged) != np.asarray(apart), axis=1)
+        return hand
 
     def _store_likelihood_error_models(self, target):
         models = getattr(target, "fitted_error_models", lambda: None)()
@@ -540,9 +560,10 @@ class ScalingRun:
     def refine_error_models_by_likelihood(self):
         """a, b by maximum marginal likelihood at the current scales (target=likelihood)."""
         manager = ParameterManager([s.model for s in self.states])
-        target = make_target(self.params, manager, self.minimisation_table(), self.nproc,
-                             self.space_group, self.best_cell,
-                             self._likelihood_error_models(refine_step=True))
+        table = self.minimisation_table()
+        target = make_target(self.params, manager, table, self.nproc, self.space_group,
+                             self.best_cell, self._likelihood_error_models(refine_step=True),
+                             self._friedel_hand(table))
         target.e_step(manager.get_free())
         self._store_likelihood_error_models(target)
         fitted = {(m.a, m.b) for m in target.fitted_error_models()}
