@@ -12,7 +12,8 @@ Reached (seed 7, 60 000 observations, two sweeps, physical model, mean I/sigma 2
   a, b = 1.5, 0    -> 1.487, 0.0012; merged SD 1.016
   a, b = 1.0, 0.03 -> 0.991, 0.0299; merged SD 1.029
   a, b = 1.5, 0.03 -> 1.487, 0.0300; merged SD 1.028
-Fitted on all groups (with a, b refitted at every E-step, I(+) and I(-) together) instead of those with mean g E[J] > min_Ih (25), a came out 3-7% low
+Fitted on all groups (with a, b refitted at every E-step, I(+) and I(-) together) instead
+of those with mean g E[J] > min_Ih (25), a came out 3-7% low
 (1.389 at a = 1.5): the simulated sigmas of weak reflections are estimated from the observed
 counts, clipped at zero, which overstates them, as in real data; DIALS's min_Ih cut has the
 same reason.
