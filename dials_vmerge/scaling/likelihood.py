@@ -33,7 +33,7 @@ error-model group k (weighting.error_model.grouping),
 
 u_i = w_i / s_i^2, and (a, b) minimise the exact -2 log p(I | theta, a, b), which now keeps
 the normalisers: sum_h -2 log L_h + sum_i log s_i^2. Ihat is the model's expected intensity
-of the observation, held fixed between E-steps (as DIALS holds g Ih in its refinement), not
+of the observation, updated at each E-step and fixed in between (as DIALS holds g Ih), not
 the observed I: the observed intensity puts the observation's own noise into its variance
 (positive fluctuations get larger s, negative ones smaller), which biases both the weights
 and the log s term that makes a and b identifiable; g E[J] is also what the simulator's and
@@ -50,8 +50,8 @@ evaluation), alternating with Sigma(d) and Ihat; the rounds of theta in between 
 and update Ihat at each E-step: block-coordinate maximisation of one likelihood. Refitting
 a, b at every E-step inside the theta rounds as well reached the same a, b but worse scales
 on the anomalous scenario (merged-I error 0.02756 against 0.02741, CCanom 0.925 against
-0.930). The output (merged sigmas) applies the
-fitted a, b in dials.scale's form a^2 (sigma^2 + (b I)^2), as for least squares.
+0.930). The output (merged sigmas) applies the fitted a, b in dials.scale's form
+a^2 (sigma^2 + (b I)^2), as for least squares.
 Deterministic: fixed quadrature, chunked sums reduced in order.
 """
 
