@@ -125,6 +125,7 @@ class ScalingRun:
         if not self.states:
             raise VmergeError("no reflections left to scale after filtering")
         self.global_uses_error_model_weights = len(self.states) == 1
+        self._likelihood_em_started = False  # target=likelihood: a, b fitted in its E-steps
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_states(self, experiments, models):
@@ -371,8 +372,12 @@ class ScalingRun:
         if param(p, "scaling_options.target", "least_squares") == "likelihood":
             # the likelihood target has CPU kernels only (compute.device applies to least
             # squares)
-            target = make_target(p, manager, self.minimisation_table(), self.nproc,
-                                 self.space_group, self.best_cell)
+            table = self.minimisation_table()
+            error_models = self._likelihood_error_models()
+            target = make_target(p, manager, table, self.nproc, self.space_group,
+                                 self.best_cell, error_models,
+                                 None if error_models is None else self._friedel_hand(table),
+                                 fit_error_model=False)  # a, b: at refine_error_models
         else:
             # compute.device picks the CPU target or its CUDA twin (backends/run_device.py)
             from ..backends.run_device import target_for_run
@@ -394,6 +399,7 @@ class ScalingRun:
                 max_it, tolerance = 1, tolerance / 4.0
             result = minimise_with_e_steps(levenberg_marquardt, target, x0, max_it, tolerance)
         manager.set_free(result.x)
+        self._store_likelihood_error_models(target)
         self.summary["rounds"].append({"engine": engine, "fix_initial": fix_initial,
                                        "n_iterations": result.n_iterations,
                                        "rmsd": result.rmsd_history, "message": result.message})
@@ -521,10 +527,61 @@ class ScalingRun:
         else:
             self.log("Intensity combination: Imid " + summarise_per_dataset(imids, "{:g}"))
 
+    # -- issue 14: a, b fitted inside the marginal likelihood (scaling/likelihood.py) ------
+    def _likelihood_error_models(self, refine_step=False):
+        """The error models of the likelihood target, None to keep the table's weights: as
+        in DIALS's round order, a, b are first fitted at the error-model step, on scales
+        already refined (fitted from the first round, on the unscaled data, they came out
+        inflated, a = 1.98 at a true 1.3, and the dose_decay scales then ran away); later
+        rounds weight by them with Ihat = g E[J]."""
+        if not self.error_model_active or not (refine_step or self._likelihood_em_started):
+            return None
+        self._likelihood_em_started = True
+        return [s.error_model for s in self.states]
+
+    def _friedel_hand(self, table):
+        """1 where an observation of an Ih table is the Friedel mate of its ASU reflection
+        (its anomalous ASU index differs from the Friedel-merged one), else 0."""
+        hand = np.zeros(table.n_obs, dtype=np.int64)
+        dataset_id = np.asarray(table.dataset_id, dtype=np.int64)
+        for d, state in enumerate(self.states):
+            mine = np.flatnonzero(dataset_id == d)
+            if not mine.size:
+                continue
+            rows = state.suitable_rows[np.asarray(table.loc_index)[mine]]
+            hkl = self._per_state_column("miller_index", [state], lambda s: rows)[0]
+            merged = map_indices_to_asu(hkl, self.space_group, False)
+            apart = map_indices_to_asu(hkl, self.space_group, True)
+            hand[mine] = np.any(np.asarray(merged) != np.asarray(apart), axis=1)
+        return hand
+
+    def _store_likelihood_error_models(self, target):
+        models = getattr(target, "fitted_error_models", lambda: None)()
+        if models is None:
+            return
+        for state, model in zip(self.states, models):
+            state.error_model = model
+        self.global_uses_error_model_weights = True
+
+    def refine_error_models_by_likelihood(self):
+        """a, b by maximum marginal likelihood at the current scales (target=likelihood)."""
+        manager = ParameterManager([s.model for s in self.states])
+        table = self.minimisation_table()
+        target = make_target(self.params, manager, table, self.nproc, self.space_group,
+                             self.best_cell, self._likelihood_error_models(refine_step=True),
+                             self._friedel_hand(table))
+        target.e_step(manager.get_free())
+        self._store_likelihood_error_models(target)
+        fitted = {(m.a, m.b) for m in target.fitted_error_models()}
+        for a, b in sorted(fitted)[:MAX_LISTED]:
+            self.log(f"Error model (marginal likelihood): a = {a:.5f}, b = {b:.5f}")
+
     def refine_error_models(self):
         if not self.error_model_active:
             return
         p = self.params
+        if param(p, "scaling_options.target", "least_squares") == "likelihood":
+            return self.refine_error_models_by_likelihood()
         groups = em.error_model_groups(
             len(self.states), param(p, "weighting.error_model.grouping", "combined"),
             param(p, "weighting.error_model.error_model_group"))
