@@ -31,6 +31,7 @@ from numba import cuda, float64, njit
 # (kernels/cuda/launch.py: 32 under the simulator).
 from dials_vmerge.kernels.cuda.launch import THREADS_PER_BLOCK  # noqa: E402
 from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
+from dials_vmerge.kernels.cuda.launch import group_weighted_sums
 # Enough (segment, column) threads to occupy a GPU; segments shorter than this many
 # observations would cost more in partial rows than they gain in parallelism.
 TARGET_GRADIENT_THREADS = 65536
@@ -46,12 +47,7 @@ def group_residual_kernel(intensity, weight, g, group_start, ih_out, factor_out,
     for grp in range(cuda.grid(1), ih_out.shape[0], cuda.gridsize(1)):
         lo = group_start[grp]
         hi = group_start[grp + 1]
-        s_wgi = 0.0
-        s_wgg = 0.0
-        for i in range(lo, hi):
-            wg = weight[i] * g[i]
-            s_wgi += wg * intensity[i]
-            s_wgg += wg * g[i]
+        s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
         if s_wgg > 0.0:
             ih = s_wgi / s_wgg
             ih_out[grp] = ih

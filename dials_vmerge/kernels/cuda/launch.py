@@ -1,4 +1,4 @@
-"""Launch geometry shared by the CUDA kernels.
+"""Launch geometry and the group sums shared by the CUDA kernels.
 
 THREADS_PER_BLOCK is a power of two (the shared-memory reductions halve it). The CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1) runs one Python thread per CUDA thread, at ~0.3 ms each,
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from numba import cuda
+
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 THREADS_PER_BLOCK = 32 if SIMULATOR else 128
 # Every kernel loops over its items with a grid stride, so any grid covers them; the
@@ -22,3 +24,16 @@ MAX_BLOCKS = 1 if SIMULATOR else 2 ** 31 - 1
 def blocks(n_threads):
     """Blocks of a launch over n_threads items."""
     return min(MAX_BLOCKS, max(1, (int(n_threads) + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK))
+
+
+@cuda.jit(device=True)
+def group_weighted_sums(intensity, weight, g, lo, hi):
+    """(sum w g I, sum w g^2) over one group's rows: Ih = the first / the second (device twin
+    of scaling.ih_table.group_weighted_sums)."""
+    s_wgi = 0.0
+    s_wgg = 0.0
+    for i in range(lo, hi):
+        wg = weight[i] * g[i]
+        s_wgi += wg * intensity[i]
+        s_wgg += wg * g[i]
+    return s_wgi, s_wgg

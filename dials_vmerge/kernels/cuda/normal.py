@@ -22,6 +22,7 @@ from numba import cuda
 
 from .launch import THREADS_PER_BLOCK  # noqa: E402
 from .launch import blocks as launch_blocks  # noqa: E402
+from .launch import group_weighted_sums
 # Device memory for the segments' dense partial matrices, and the most segments worth
 # launching (beyond that the per-segment zeroing and the reduction dominate).
 PARTIAL_BUDGET_BYTES = 1 << 30
@@ -47,12 +48,7 @@ def _normal_segment_kernel_one(intensity, weight, g, deriv_values, deriv_col, gr
     for grp in range(segment_groups[s], segment_groups[s + 1]):
         lo = group_start[grp]
         hi = group_start[grp + 1]
-        s_wgi = 0.0
-        s_wgg = 0.0
-        for i in range(lo, hi):
-            wg = weight[i] * g[i]
-            s_wgi += wg * intensity[i]
-            s_wgg += wg * g[i]
+        s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
         if s_wgg <= 0.0:
             continue
         ih = s_wgi / s_wgg

@@ -17,6 +17,7 @@ from numba import cuda
 
 from .launch import THREADS_PER_BLOCK  # noqa: E402
 from .launch import blocks as launch_blocks  # noqa: E402
+from .launch import group_weighted_sums
 WEIGHT_CAP_FACTOR = 10.0  # as scaling.outliers (the kernel layer does not import scaling)
 ZERO_DENOMINATOR_Z = 1000.0
 
@@ -102,12 +103,7 @@ def standard_outlier_kernel(intensity, weight, g, group_start, zmax, outlier):
 def _simple_outlier_kernel_one(intensity, weight, g, group_start, zmax, outlier, grp):
     lo = group_start[grp]
     hi = group_start[grp + 1]
-    s_wgi = 0.0
-    s_wgg = 0.0
-    for i in range(lo, hi):
-        wg = weight[i] * g[i]
-        s_wgi += wg * intensity[i]
-        s_wgg += wg * g[i]
+    s_wgi, s_wgg = group_weighted_sums(intensity, weight, g, lo, hi)
     if s_wgg <= 0.0:
         return
     ih = s_wgi / s_wgg
