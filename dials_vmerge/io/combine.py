@@ -113,8 +113,9 @@ def combine_pairs(pairs) -> Tuple[ExperimentList, ReflectionTable]:
     for experiments, table, _ in prepared:
         if clash:
             new_id = {}
+            index_of_identifier = experiments.index_by_identifier()
             for key, ident in table.identifiers.items():
-                new_id[key] = len(combined) + experiments.find(ident)
+                new_id[key] = len(combined) + index_of_identifier.get(ident, -1)
             ids = table["id"].copy()
             remap = np.full(max(new_id) + 1, -1, dtype=np.int64)
             for old, new in new_id.items():

@@ -454,6 +454,30 @@ def refine_individual(data, a=DEFAULT_A, b=DEFAULT_B, fix_a=False, fix_b=False):
     return a, abs(b), log
 
 
+@njit(cache=True)
+def _likelihood_unit_variances(intensity, variance, g_sq, share, share_sq, residual_sq, group, b,
+                               spread, unit, ratio):
+    """For refine_maximum_likelihood at one b: unit[i] = var(r_i) at a = 1 (floored at
+    1e-300) and ratio[i] = r_i^2 / unit[i], in place; spread (per group, zeroed here) is
+    sum_j p_j^2 q_j accumulated in observation order as np.bincount does, and each value is
+    computed with the same operations as the numpy expression
+        q = (variance + (b I)^2) / g^2
+        unit = maximum(q (1 - 2 p) + spread[group], 1e-300)."""
+    n = intensity.size
+    spread[:] = 0.0
+    for i in range(n):
+        bi = b * intensity[i]
+        q = (variance[i] + bi * bi) / g_sq[i]
+        unit[i] = q  # q for now: the second pass needs the group sums first
+        spread[group[i]] += share_sq[i] * q
+    for i in range(n):
+        u = unit[i] * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        if not u > 1e-300 and u == u:  # np.maximum keeps NaN
+            u = 1e-300
+        unit[i] = u
+        ratio[i] = residual_sq[i] / u
+
+
 def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
     """(a, b) maximising the Gaussian likelihood of the deviations r_i = I_i/g_i - Ih.
 
@@ -470,12 +494,17 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
     intensity, variance, g, share = data.intensity, data.variance, data.g, data.weight_share
     residual_sq = (intensity / g - data.ih) ** 2
     n_groups = int(data.group.max()) + 1 if data.group.size else 0
+    # one kernel pass per b for the per-observation unit variances and ratios (the numpy
+    # form below, ~20 passes over the rows, was the largest cost of a 5000-still run); the
+    # sums stay numpy's (pairwise), so every value is bit for bit what it was
+    group = np.ascontiguousarray(data.group, dtype=np.int64)
+    g_sq, share_sq = g * g, share * share
+    unit, ratio, spread = (np.empty(intensity.size), np.empty(intensity.size),
+                           np.zeros(n_groups))
 
     def a_sq_and_cost(b):
-        q = (variance + (b * intensity) ** 2) / (g * g)
-        spread = np.bincount(data.group, share * share * q, minlength=n_groups)[data.group]
-        unit = np.maximum(q * (1.0 - 2.0 * share) + spread, 1e-300)
-        ratio = residual_sq / unit
+        _likelihood_unit_variances(intensity, variance, g_sq, share, share_sq, residual_sq,
+                                   group, float(b), spread, unit, ratio)
         a_sq = float(np.mean(ratio)) if fixed_a is None else float(fixed_a) ** 2
         return a_sq, float(np.sum(np.log(a_sq * unit)) + np.sum(ratio) / a_sq)
 
