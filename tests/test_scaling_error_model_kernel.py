@@ -68,3 +68,41 @@ def test_likelihood_kernel_gives_the_numpy_refinement_bit_for_bit():
         a, b = em.refine_maximum_likelihood(data, fixed_a=fixed_a)
         assert (a, b) == _numpy_refine_maximum_likelihood(data, fixed_a=fixed_a)
     assert 0.0 < b < em.B_MAX
+
+
+def _intensity_bins_by_full_sort(expected, n_bins=10):
+    """intensity_bins as first written: the lowered edges read from a full stable sort."""
+    n = expected.size
+    min_per_bin = min(250 if n <= 25000 else n // 100, int(n / (3.0 * n_bins)))
+    order = np.argsort(-expected, kind="stable")
+    i_max, i_min = float(expected.max()), max(1.0, float(expected.min()))
+    spacing = (np.log(i_max) - np.log(i_min)) / n_bins
+    bounds = [i_max] + [float(np.exp(np.log(i_max) - i * spacing)) for i in range(1, n_bins + 1)]
+    bounds[-1] = float(expected.min()) - 0.01
+    bin_index = np.full(n, -1, dtype=np.int64)
+    counts, n_cumulative = [], 0
+    for i in range(n_bins):
+        in_bin = (expected <= bounds[i]) & (expected > bounds[i + 1])
+        if in_bin.sum() < min_per_bin and n_cumulative + min_per_bin < n:
+            bounds[i + 1] = float(expected[order[n_cumulative + min_per_bin]])
+            in_bin = (expected <= bounds[i]) & (expected > bounds[i + 1])
+        bin_index[in_bin] = i
+        counts.append(int(in_bin.sum()))
+        n_cumulative += counts[-1]
+    kept = [i for i, c in enumerate(counts) if c >= min_per_bin - 5]
+    remap = np.full(n_bins, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    bin_index[bin_index >= 0] = remap[bin_index[bin_index >= 0]]
+    return bin_index, len(kept)
+
+
+def test_intensity_bins_lower_sparse_edges_as_a_full_sort_does():
+    rng = np.random.default_rng(11)
+    # heavy-tailed intensities with ties: the top log-spaced bins are sparse and lowered
+    expected = np.round(rng.lognormal(4.0, 1.5, 60000), 1)
+    bin_index, n_kept = em.intensity_bins(expected, 10)
+    reference, n_reference = _intensity_bins_by_full_sort(expected, 10)
+    assert n_kept == n_reference
+    assert np.array_equal(bin_index, reference)
+    top = bin_index == 0
+    assert top.sum() >= 600  # n // 100: the first bin's edge was lowered to fill it
