@@ -31,7 +31,8 @@ def _likelihood_data(seed=7, n=6000):
     weight = 1.0 / variance
     u = weight * g * g
     share = u / np.bincount(group, u)[group]
-    ih = np.bincount(group, weight * g * intensity) / np.bincount(group, u)
+    with np.errstate(invalid="ignore"):  # group numbers no observation drew: 0/0, unused
+        ih = np.bincount(group, weight * g * intensity) / np.bincount(group, u)
     data = em.ErrorModelData(intensity, variance, g, ih[group], None, None, None, 0,
                              weight_share=share, group=group)
     return data
