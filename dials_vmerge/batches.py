@@ -69,8 +69,9 @@ def batch_numbers(table, experiments, offsets=None) -> np.ndarray:
     """Batch of each row: floor(z_obs) + 1 + offset of the row's experiment (0 if unassigned)."""
     offsets = batch_offsets(experiments) if offsets is None else offsets
     per_id = np.zeros(max(list(table.identifiers) + [0]) + 1, dtype=np.int64)
+    index_of_identifier = experiments.index_by_identifier()
     for key, ident in table.identifiers.items():
-        index = experiments.find(ident)
+        index = index_of_identifier.get(ident, -1)
         if index >= 0:
             per_id[key] = offsets[index]
     ids = table["id"].astype(np.int64)

@@ -427,3 +427,50 @@ class RowView:
             return np.zeros(self.nrows, dtype=bool)
         f = self._table.peek("flags", self._rows) & np.uint64(mask)
         return f == np.uint64(mask) if all else f != 0
+
+
+class SharedRowViews:
+    """RowViews of many datasets whose columns are read together: the first request of a
+    column reads it once at the rows of all datasets, and each dataset's view gets its
+    slice. For thousands of small datasets (stills), where a read per dataset and column
+    (one file read each for a spilled column) cost more than the reading itself.
+
+    The columns read stay in this object until it is dropped: keep it for one set-up loop.
+    """
+
+    def __init__(self, table: ReflectionTable, rows_per_dataset):
+        self._table = table
+        self._rows = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows_per_dataset]) \
+            if len(rows_per_dataset) else np.zeros(0, np.int64)
+        self._bounds = np.concatenate([[0], np.cumsum([len(r) for r in rows_per_dataset])]
+                                      ).astype(np.int64)
+        self._columns = {}
+
+    def column(self, name: str, position: int) -> np.ndarray:
+        if name not in self._columns:
+            self._columns[name] = self._table.peek(name, self._rows)
+        return self._columns[name][self._bounds[position]:self._bounds[position + 1]]
+
+    def view(self, position: int) -> "RowView":
+        return _SharedRowView(self, position)
+
+
+class _SharedRowView(RowView):
+    def __init__(self, shared: SharedRowViews, position: int):
+        super().__init__(shared._table,
+                         shared._rows[shared._bounds[position]:shared._bounds[position + 1]])
+        self._shared, self._position = shared, position
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        # a copy, as RowView's read gives: a model may keep or change what it is given
+        return self._shared.column(name, self._position).copy()
+
+    def peek(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        values = self._shared.column(name, self._position)
+        return values.copy() if rows is None else values[rows]
+
+    def get_flags(self, mask: int, all: bool = True) -> np.ndarray:
+        if "flags" not in self._table:
+            return np.zeros(self.nrows, dtype=bool)
+        f = self._shared.column("flags", self._position) & np.uint64(mask)
+        return f == np.uint64(mask) if all else f != 0

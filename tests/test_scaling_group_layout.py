@@ -73,7 +73,9 @@ def test_capped_weights_equal_ten_times_the_numpy_group_median():
     from dials_vmerge.scaling.ih_table import chunk_bounds
     from dials_vmerge.scaling.outliers import capped_weights_kernel
 
-    sizes = RNG.integers(1, 9, 400)
+    # small groups (insertion sort) and stills-sized ones of up to 2000 (sorted in place)
+    sizes = np.concatenate([RNG.integers(1, 9, 400), RNG.integers(30, 2000, 20)])
+    RNG.shuffle(sizes)
     group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     weight = RNG.lognormal(0.0, 2.0, group_start[-1])
     expected = np.concatenate([np.minimum(weight[a:b], 10 * np.median(weight[a:b]))
@@ -92,3 +94,21 @@ def test_layout_of_masked_rows_equals_subset_of_full_layout():
                          loc_indices=[np.flatnonzero(m) for m in masks],
                          full_sizes=[a.shape[0] for a in asu])
     _assert_same(direct.table(i, v, w, g), GroupLayout(asu).subset(masks).table(i, v, w, g))
+
+
+@pytest.mark.parametrize("spread", [6, 4000])
+def test_group_sort_is_the_stable_argsort_of_the_packed_indices(spread):
+    """The counting sort (few distinct indices, spread 6) and the argsort fallback (packed
+    keys spanning far more values than rows, spread 4000) both give numpy's stable order
+    and the group boundaries of the sorted (h, k, l)."""
+    from dials_vmerge.scaling.ih_table import group_sort
+
+    asu = RNG.integers(-spread, spread + 1, (5000, 3)).astype(np.int32)
+    order, group_start = group_sort(asu)
+    lexicographic = np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))  # stable, h slowest
+    assert np.array_equal(order, lexicographic)
+    ordered = asu[order]
+    changes = np.flatnonzero((ordered[1:] != ordered[:-1]).any(axis=1)) + 1
+    assert np.array_equal(group_start, np.concatenate([[0], changes, [asu.shape[0]]]))
+    empty_order, empty_start = group_sort(np.zeros((0, 3), np.int32))
+    assert empty_order.size == 0 and empty_start.tolist() == [0]

@@ -394,8 +394,9 @@ class _OptionalColumns:
 
         angles = np.asarray(z, dtype=np.float64).copy()
         ids = np.asarray(table.peek("id", rows), dtype=np.int64)
+        index_of_identifier = self.experiments.index_by_identifier()
         for key, identifier in table.identifiers.items():
-            index = self.experiments.find(identifier)
+            index = index_of_identifier.get(identifier, -1)
             if index < 0 or self.experiments[index].is_still:
                 continue
             mine = ids == key

@@ -213,7 +213,7 @@ def intensity_bins(expected, n_bins=10):
     n = expected.size
     per_bin_target = 250 if n <= 25000 else n // 100
     min_per_bin = min(per_bin_target, int(n / (3.0 * n_bins)))
-    order = np.argsort(-expected, kind="stable")
+    negated = -expected  # the m-th largest expected below: a partition, not a full sort
     i_max = float(expected.max())
     i_min = max(1.0, float(expected.min()))
     spacing = (np.log(i_max) - np.log(i_min)) / n_bins
@@ -229,7 +229,7 @@ def intensity_bins(expected, n_bins=10):
         if count < min_per_bin:
             m = n_cumulative + min_per_bin
             if m < n:
-                bounds[i + 1] = float(expected[order[m]])
+                bounds[i + 1] = -float(np.partition(negated, m)[m])
                 in_bin = (expected <= upper) & (expected > bounds[i + 1])
                 count = int(in_bin.sum())
         bin_index[in_bin] = i
@@ -470,7 +470,6 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
     intensity, variance, g, share = data.intensity, data.variance, data.g, data.weight_share
     residual_sq = (intensity / g - data.ih) ** 2
     n_groups = int(data.group.max()) + 1 if data.group.size else 0
-
     # one numba kernel per evaluation of b (kernels/error_model_ml.py), no numpy temporaries
     from ..kernels.error_model_ml import a_sq_and_cost_kernel
 

@@ -217,7 +217,9 @@ def remove_image_groups(experiments, table, result: DeltaCCHalfResult, log):
     groups = result.groups
     removal = Removal()
     before = _scaled_count(table)
-    index_of_id = {key: experiments.find(ident) for key, ident in table.identifiers.items()}
+    index_of_identifier = experiments.index_by_identifier()
+    index_of_id = {key: index_of_identifier.get(ident, -1)
+                   for key, ident in table.identifiers.items()}
     remaining: Dict[int, List[int]] = {}
     for g in range(groups.n):
         remaining.setdefault(int(groups.dataset[g]), []).append(g)

@@ -62,9 +62,25 @@ def pack_indices(asu_index):
     return _pack_indices_kernel(np.ascontiguousarray(h).reshape(-1, 3))
 
 
+COUNTING_SORT_SPAN_PER_ROW = 4  # the counting sort's O(span) memory stays below the rows'
+COUNTING_SORT_MIN_SPAN = 1 << 20
+
+
 def group_sort(asu_index):
-    """(order, group_start): a stable permutation sorting by ASU index, and group offsets."""
+    """(order, group_start): a stable permutation sorting by ASU index, and group offsets.
+
+    When the packed keys span few values for the rows (always for scaling data: thousands
+    of unique reflections, up to ~1e7 observations), a counting sort, O(n + span), gives the
+    same permutation as the stable argsort (which took ~1.5 s per 1e7 rows)."""
+    from ..kernels.flat import rows_by_dataset
+
     keys = pack_indices(asu_index)
+    if keys.size:
+        span = int(keys.max()) + 1  # keys are >= 0 (packed from the lowest index)
+        if span <= max(COUNTING_SORT_SPAN_PER_ROW * keys.size, COUNTING_SORT_MIN_SPAN):
+            order, offsets = rows_by_dataset(keys, span)
+            filled = offsets[1:][np.diff(offsets) > 0]
+            return order, np.concatenate([[0], filled]).astype(np.int64)
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     if sorted_keys.size == 0:
