@@ -18,7 +18,7 @@ Each call returns a fresh boolean mask over the table's observations (sets are r
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
@@ -28,6 +28,32 @@ WEIGHT_CAP_FACTOR = 10.0
 ZERO_DENOMINATOR_Z = 1000.0
 MIN_REFLECTIONS_FOR_NORMALISATION = 10000
 INSERTION_SORT_MAX = 32  # larger groups are sorted in O(n log n) for their median
+
+
+@njit(cache=True)
+def _heap_sort_prefix(values, n):
+    """Sort values[:n] in place, ascending. A heap sort rather than ndarray.sort(): numba's
+    generic quicksort costs ~1.8 s of compilation on every first run (issue 15's cold start),
+    and the sorted values, hence the median, are the same whichever sort produces them."""
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down(values, start, n)
+    for end in range(n - 1, 0, -1):
+        values[0], values[end] = values[end], values[0]
+        _sift_down(values, 0, end)
+
+
+@njit(cache=True)
+def _sift_down(values, root, end):
+    while True:
+        child = 2 * root + 1
+        if child >= end:
+            return
+        if child + 1 < end and values[child + 1] > values[child]:
+            child += 1
+        if values[root] >= values[child]:
+            return
+        values[root], values[child] = values[child], values[root]
+        root = child
 
 
 @parallel_when_large
@@ -59,7 +85,7 @@ def capped_weights_kernel(weight, group_start, chunk_start, out):
                 # quadratic insertion sort took 4.5 s a call (20 000 stills)
                 for j in range(n):
                     buf[j] = weight[lo + j]
-                buf[:n].sort()
+                _heap_sort_prefix(buf, n)
             if n % 2 == 1:
                 median = buf[n // 2]
             else:
