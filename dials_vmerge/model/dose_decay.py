@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .absorption_sh import SHAbsorption, configure_absorption, crystal_frame_vectors, n_sh_parameters
-from .base import ScalingModel, param
-from .component import AnalyticalComponent
+from .absorption_sh import n_sh_parameters
+from .base import param
 from .dose_term import DoseDecayTerm
 from .kb import SingleB
 from .physical import (
+    SmoothRotationModel,
     finish_limit_image_range,
     new_parameter_offset,
     osc_range_for_new_images,
     scan_oscillation_range,
 )
-from .scale_smooth import ScaleSmooth1D
 from .smoother import initialise_smooth_input
 
 DEFAULTS = dict(
@@ -40,32 +39,18 @@ DEFAULTS = dict(
 )
 
 
-class DoseDecayScalingModel(ScalingModel):
+class DoseDecayScalingModel(SmoothRotationModel):
     id_ = "dose_decay"
     stored_components = ("scale", "decay", "relative_B", "absorption")
     consecutive_refinement_order = [["scale", "relative_B", "decay"], ["absorption"]]
 
-    def __init__(self, setups: dict, configdict: dict, fix_initial=True):
-        super().__init__({}, configdict)
-        corrections = configdict["corrections"]
-        if "scale" in corrections:
-            self.components["scale"] = ScaleSmooth1D(*setups["scale"])
+    def _add_resolution_terms(self, setups: dict, corrections) -> None:
         if "decay" in corrections:
             self.components["decay"] = DoseDecayTerm(
                 *setups["decay"],
-                resolution_dependence=configdict.get("resolution_dependence", "quadratic"))
+                resolution_dependence=self.configdict.get("resolution_dependence", "quadratic"))
         if "relative_B" in corrections:
             self.components["relative_B"] = SingleB(*setups["relative_B"])
-        if "absorption" in corrections:
-            self.components["absorption"] = SHAbsorption(
-                *setups["absorption"], surface_weight=configdict["abs_surface_weight"])
-        if "analytical" in corrections:
-            self.components["analytical"] = AnalyticalComponent()
-        self.fix_initial = bool(fix_initial)
-
-    @property
-    def supports_fix_initial(self) -> bool:
-        return self.fix_initial and "scale" in self.components
 
     def shared_component(self):
         """"decay" (one dose rate for all sweeps) unless it is fixed (DIALS)."""
@@ -123,22 +108,12 @@ class DoseDecayScalingModel(ScalingModel):
             self.fix_initial = bool(fix_initial)
 
     # -- data -----------------------------------------------------------------------------
-    def configure(self, table, experiment, params=None) -> None:
-        """Per-observation inputs for the rows of `table` (the suitable rows of one dataset)."""
-        z_obs = np.ascontiguousarray(table["xyzobs.px.value"][:, 2], dtype=np.float64)
+    def _configure_resolution_terms(self, table, z_obs, params) -> None:
         d = np.ascontiguousarray(table["d"], dtype=np.float64)
-        if "scale" in self.components:
-            self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
         if "decay" in self.components:
             self.components["decay"].configure(z_obs, d)
         if "relative_B" in self.components:
             self.components["relative_B"].configure(d)
-        if "absorption" in self.components:
-            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
-            configure_absorption(self.components["absorption"], s0c, s1c)
-            del s0c, s1c
-        self._configure_analytical(table)
-        self.n_configured = int(z_obs.size)
 
     # -- image range ----------------------------------------------------------------------
     def limit_image_range(self, new_first: int, new_last: int) -> None:

@@ -74,20 +74,17 @@ def absorption_settings(physical_params):
     return (4 if is_auto(lmax) else int(lmax)), (5e5 if is_auto(weight) else float(weight))
 
 
-class PhysicalScalingModel(ScalingModel):
-    id_ = "physical"
-    stored_components = ("scale", "decay", "absorption")
-    consecutive_refinement_order = [["scale", "decay"], ["absorption"]]
+class SmoothRotationModel(ScalingModel):
+    """What the physical and dose_decay models share: a smooth scale along the rotation,
+    the model's own resolution-dependent terms, spherical-harmonic absorption and the
+    analytical factor, in that component order, and `fix_initial` for the scale."""
 
-    def __init__(self, setups: dict, configdict: dict, decay_restraint=0.1, fix_initial=True):
+    def __init__(self, setups: dict, configdict: dict, fix_initial=True):
         super().__init__({}, configdict)
         corrections = configdict["corrections"]
         if "scale" in corrections:
             self.components["scale"] = ScaleSmooth1D(*setups["scale"])
-        if "decay" in corrections:
-            self.components["decay"] = DecaySmooth1D(
-                *setups["decay"], restraint_weight=decay_restraint
-            )
+        self._add_resolution_terms(setups, corrections)
         if "absorption" in corrections:
             self.components["absorption"] = SHAbsorption(
                 *setups["absorption"], surface_weight=configdict["abs_surface_weight"]
@@ -96,9 +93,44 @@ class PhysicalScalingModel(ScalingModel):
             self.components["analytical"] = AnalyticalComponent()
         self.fix_initial = bool(fix_initial)
 
+    def _add_resolution_terms(self, setups: dict, corrections) -> None:
+        raise NotImplementedError
+
+    def _configure_resolution_terms(self, table, z_obs, params) -> None:
+        raise NotImplementedError
+
     @property
     def supports_fix_initial(self) -> bool:
         return self.fix_initial and "scale" in self.components
+
+    def configure(self, table, experiment, params=None) -> None:
+        """Per-observation inputs for the rows of `table` (the suitable rows of one dataset)."""
+        z_obs = np.ascontiguousarray(table["xyzobs.px.value"][:, 2], dtype=np.float64)
+        if "scale" in self.components:
+            self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
+        self._configure_resolution_terms(table, z_obs, params)
+        if "absorption" in self.components:
+            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
+            configure_absorption(self.components["absorption"], s0c, s1c)
+            del s0c, s1c
+        self._configure_analytical(table)
+        self.n_configured = int(z_obs.size)
+
+
+class PhysicalScalingModel(SmoothRotationModel):
+    id_ = "physical"
+    stored_components = ("scale", "decay", "absorption")
+    consecutive_refinement_order = [["scale", "decay"], ["absorption"]]
+
+    def __init__(self, setups: dict, configdict: dict, decay_restraint=0.1, fix_initial=True):
+        self._initial_decay_restraint = decay_restraint  # read by _add_resolution_terms
+        super().__init__(setups, configdict, fix_initial=fix_initial)
+
+    def _add_resolution_terms(self, setups: dict, corrections) -> None:
+        if "decay" in corrections:
+            self.components["decay"] = DecaySmooth1D(
+                *setups["decay"], restraint_weight=self._initial_decay_restraint
+            )
 
     def shared_component(self):
         if "absorption" in self.configdict.get("shared", []) and (
@@ -205,23 +237,14 @@ class PhysicalScalingModel(ScalingModel):
             self.configdict["shared"] = ["absorption"]
 
     # -- data -----------------------------------------------------------------------------
-    def configure(self, table, experiment, params=None) -> None:
-        """Per-observation inputs for the rows of `table` (the suitable rows of one dataset)."""
-        if params is not None and "decay" in self.components:
+    def _configure_resolution_terms(self, table, z_obs, params) -> None:
+        if "decay" not in self.components:
+            return
+        if params is not None:
             self.components["decay"].set_restraint(
                 param(params, "physical.decay_restraint", 0.1)
             )
-        z_obs = np.ascontiguousarray(table["xyzobs.px.value"][:, 2], dtype=np.float64)
-        if "scale" in self.components:
-            self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
-        if "decay" in self.components:
-            self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
-        if "absorption" in self.components:
-            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
-            configure_absorption(self.components["absorption"], s0c, s1c)
-            del s0c, s1c
-        self._configure_analytical(table)
-        self.n_configured = int(z_obs.size)
+        self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
 
     def pass_inputs(self, rows) -> dict:
         """Per-row inputs of the fused physical target pass (scaling.physical_pass).
