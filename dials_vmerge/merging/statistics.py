@@ -97,24 +97,48 @@ def cctbx_draws_needed(groups) -> int:
 
 
 @njit(cache=True)
-def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_order, uniforms,
-                      weighted):
-    """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
-    Observations are read in the caller's row order through `permutation` (no sorted copy).
+def _draw_first_half(rows, n, uniforms, u):
+    """Reorder rows[:n] so that rows[:n_first] is the random first half, in draw order, and
+    rows[n_first:n] the second; returns (n_first, next draw). For odd n the first half takes
+    the extra observation when a draw is < 0.5; the first half is drawn by a partial
+    Fisher-Yates shuffle, one draw per member (cctbx's split)."""
+    n_first = n // 2
+    if u + n_first + 2 * (n - 2 * n_first) > uniforms.shape[0]:
+        raise ValueError("half split: too few random numbers")
+    if 2 * n_first != n:
+        if uniforms[u] < 0.5:
+            n_first += 1
+        u += 1
+    for i in range(n_first):
+        pick = i + min(n - i - 1, int(uniforms[u] * (n - i)))
+        u += 1
+        picked = rows[pick]
+        rows[pick] = rows[i]
+        rows[i] = picked
+    return n_first, u
 
-    For odd n the first half takes the extra observation when a draw is < 0.5; the first
-    half is drawn by a partial Fisher-Yates shuffle, one draw per member."""
-    n_sel = groups_in_order.shape[0]
-    half_1 = np.full(n_sel, np.nan)
-    half_2 = np.full(n_sel, np.nan)
+
+@njit(cache=True)
+def _largest_group(group_start, groups_in_order):
     max_n = 1
-    for k in range(n_sel):
+    for k in range(groups_in_order.shape[0]):
         g = groups_in_order[k]
         n = group_start[g + 1] - group_start[g]
         if n > max_n:
             max_n = n
-    values = np.empty(max_n)
-    w = np.empty(max_n)
+    return max_n
+
+
+@njit(cache=True)
+def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_order, uniforms,
+                      weighted):
+    """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
+    Observations are read in the caller's row order through `permutation` (no sorted copy);
+    the halves are those of _draw_first_half."""
+    n_sel = groups_in_order.shape[0]
+    half_1 = np.full(n_sel, np.nan)
+    half_2 = np.full(n_sel, np.nan)
+    rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
     u = 0
     for k in range(n_sel):
         g = groups_in_order[k]
@@ -123,30 +147,21 @@ def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_orde
         if n < 2:
             continue
         for i in range(n):
-            row = permutation[start + i]
-            values[i] = intensity[row]
-            w[i] = 1.0 / (sigma[row] * sigma[row]) if weighted else 1.0
-        n_first = n // 2
-        if u + n_first + 2 * (n - 2 * n_first) > uniforms.shape[0]:
-            raise ValueError("half_split_kernel: too few random numbers")
-        if 2 * n_first != n:
-            if uniforms[u] < 0.5:
-                n_first += 1
-            u += 1
+            rows[i] = permutation[start + i]
+        n_first, u = _draw_first_half(rows, n, uniforms, u)
         sum_1 = 0.0
         weight_1 = 0.0
-        for i in range(n_first):
-            pick = i + min(n - i - 1, int(uniforms[u] * (n - i)))
-            u += 1
-            sum_1 += values[pick] * w[pick]
-            weight_1 += w[pick]
-            values[pick] = values[i]
-            w[pick] = w[i]
         sum_2 = 0.0
         weight_2 = 0.0
-        for i in range(n_first, n):
-            sum_2 += values[i] * w[i]
-            weight_2 += w[i]
+        for i in range(n):
+            row = rows[i]
+            w = 1.0 / (sigma[row] * sigma[row]) if weighted else 1.0
+            if i < n_first:
+                sum_1 += intensity[row] * w
+                weight_1 += w
+            else:
+                sum_2 += intensity[row] * w
+                weight_2 += w
         half_1[k] = sum_1 / weight_1
         half_2[k] = sum_2 / weight_2
     return half_1, half_2
@@ -159,13 +174,7 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
     of groups not in the order or with n < 2): the same draws from the same stream, so a
     method's merge of each half sees exactly the split the inverse-variance CC1/2 uses."""
     label = np.zeros(n_rows, np.int8)
-    max_n = 1
-    for k in range(groups_in_order.shape[0]):
-        g = groups_in_order[k]
-        n = group_start[g + 1] - group_start[g]
-        if n > max_n:
-            max_n = n
-    rows = np.empty(max_n, np.int64)
+    rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
     u = 0
     for k in range(groups_in_order.shape[0]):
         g = groups_in_order[k]
@@ -175,20 +184,9 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
             continue
         for i in range(n):
             rows[i] = permutation[start + i]
-        n_first = n // 2
-        if u + n_first + 2 * (n - 2 * n_first) > uniforms.shape[0]:
-            raise ValueError("half_split_assignment_kernel: too few random numbers")
-        if 2 * n_first != n:
-            if uniforms[u] < 0.5:
-                n_first += 1
-            u += 1
-        for i in range(n_first):
-            pick = i + min(n - i - 1, int(uniforms[u] * (n - i)))
-            u += 1
-            label[rows[pick]] = 1
-            rows[pick] = rows[i]
-        for i in range(n_first, n):
-            label[rows[i]] = 2
+        n_first, u = _draw_first_half(rows, n, uniforms, u)
+        for i in range(n):
+            label[rows[i]] = 1 if i < n_first else 2
     return label
 
 
