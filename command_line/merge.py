@@ -3,7 +3,7 @@
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.model.curves import model_curves
-from dials_vmerge.report import report_html_path, write_report
+from dials_vmerge.report import stage_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.unit_cells import check_unit_cells_of_table
@@ -60,10 +60,7 @@ def run(params, inputs, log):
                 report["scaling_models"] = model_curves(experiments, table)
             with StagedOutputs() as staged:
                 write_json(params.output.json or "dials.vmerge.merge.json", report)
-                html_path = report_html_path(params, "dials.vmerge.merge.html")
-                if html_path:
-                    write_report(report, staged.path_for(html_path), "dials.vmerge.merge")
-                    log.info(f"Written report {html_path}")
+                stage_report(report, params, staged, "dials.vmerge.merge", log)
 
 
 def _merge_mtz(params, paths, method, log):

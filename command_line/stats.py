@@ -2,7 +2,7 @@
 
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
-from dials_vmerge.report import report_html_path, write_report
+from dials_vmerge.report import stage_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
     apply_input_selection,
@@ -61,10 +61,7 @@ def run(params, inputs, log):
         log.info(format_half_dataset_table(report["half_dataset"]))
     with StagedOutputs() as staged:
         write_json(params.output.json or "dials.vmerge.stats.json", report)
-        html_path = report_html_path(params, "dials.vmerge.stats.html")
-        if html_path:
-            write_report(report, staged.path_for(html_path), "dials.vmerge.stats")
-            log.info(f"Written report {html_path}")
+        stage_report(report, params, staged, "dials.vmerge.stats", log)
 
 
 main = Program(

@@ -10,7 +10,7 @@ from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_m
 from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.model.curves import model_curves
-from dials_vmerge.report import report_html_path, write_report
+from dials_vmerge.report import stage_report
 
 HELP = """\
 dials.vmerge integrated.expt integrated.refl [more.expt more.refl ...] [name=value ...]
@@ -90,10 +90,7 @@ def _run(params, inputs, log):
                 from dials_vmerge.scaling.filtering import write_filter_results
 
                 write_filter_results(params, summary)
-            html_path = report_html_path(params, "dials.vmerge.html")
-            if html_path:
-                write_report(report, staged.path_for(html_path), "dials.vmerge")
-                log.info(f"Written report {html_path}")
+            stage_report(report, params, staged, "dials.vmerge", log)
 
 
 main = Program(

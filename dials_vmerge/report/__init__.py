@@ -2,6 +2,6 @@
 (data.py), rendered into one self-contained file with plotly.js embedded (html.py)."""
 
 from .data import report_content
-from .html import render_report, report_html_path, write_report
+from .html import render_report, report_html_path, stage_report, write_report
 
-__all__ = ["report_content", "render_report", "report_html_path", "write_report"]
+__all__ = ["report_content", "render_report", "report_html_path", "stage_report", "write_report"]

@@ -101,6 +101,15 @@ def report_html_path(params, default: str):
     return default if path is Auto else path
 
 
+def stage_report(report: dict, params, staged, program: str, log) -> None:
+    """The program's HTML report (`<program>.html` unless output.html says otherwise),
+    written among the `staged` outputs, and its line in the log."""
+    html_path = report_html_path(params, f"{program}.html")
+    if html_path:
+        write_report(report, staged.path_for(html_path), program)
+        log.info(f"Written report {html_path}")
+
+
 def write_report(report: dict, path: str, program: str = "dials.vmerge") -> None:
     """Write the report of a program's JSON dict to `path` (the caller stages it)."""
     from .data import report_content
