@@ -8,6 +8,7 @@ import pytest
 from dials_vmerge import flags, geometry
 from dials_vmerge.io import read_experiments, read_reflections
 from dials_vmerge.model.factory import create_scaling_model, default_model_params
+from dials_vmerge.scaling.family import DatasetByDataset
 from dials_vmerge.scaling.ih_table import build_ih_table, map_indices_to_asu
 from dials_vmerge.scaling.parameters import ParameterManager
 from dials_vmerge.scaling.physical_pass import uses_fused_physical_pass
@@ -51,6 +52,10 @@ def _targets(quartz, nproc=1, fix_initial=None, **overrides):
     fused = ScalingTarget(manager, ih, nproc)
     generic = ScalingTarget(manager, ih, nproc)
     generic.fused = None
+    # the models' own Jacobians (components and product rule), not the family kernel that
+    # reads the fused pass's inputs
+    generic._families = DatasetByDataset(manager, range(len(models)), ih.dataset_id,
+                                         ih.loc_index)
     return fused, generic, manager.get_free()
 
 
@@ -83,7 +88,8 @@ def test_fused_pass_with_first_scale_parameter_fixed_and_across_nproc(quartz, mo
     import numba
 
     from dials_vmerge.backends import block_sums
-    from dials_vmerge.scaling.ih_table import set_num_threads
+    from dials_vmerge.scaling.family import DatasetByDataset
+from dials_vmerge.scaling.ih_table import set_num_threads
 
     # quartz is one block at the default size: smaller blocks so that threads share several
     monkeypatch.setattr(block_sums, "MIN_BLOCK_OBSERVATIONS", 256)

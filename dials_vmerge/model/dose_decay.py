@@ -53,8 +53,10 @@ class DoseDecayScalingModel(SmoothRotationModel):
             self.components["relative_B"] = SingleB(*setups["relative_B"])
 
     def shared_component(self):
-        """"decay" (one dose rate for all sweeps) unless it is fixed (DIALS)."""
-        if "decay" in self.configdict.get("shared", []) and "decay" not in self.fixed_components:
+        """"decay" (one dose rate for all sweeps) unless it is fixed (DIALS) or absent
+        (decay_correction=False)."""
+        if ("decay" in self.configdict.get("shared", []) and "decay" in self.components
+                and "decay" not in self.fixed_components):
             return "decay"
         return None
 
@@ -114,6 +116,25 @@ class DoseDecayScalingModel(SmoothRotationModel):
             self.components["decay"].configure(z_obs, d)
         if "relative_B" in self.components:
             self.components["relative_B"].configure(d)
+
+    def _exponent_rows(self, rows, slices):
+        """exp(C z/d^n) exp(B_rel / 2d^2) = exp(E): weights z/d^n on C and 1/(2 d^2) on
+        B_rel. The two parameters are consecutive (component order decay, relative_B), so
+        one run of 3 weights starts at the first of them; the third weight is 0."""
+        terms = [name for name in ("decay", "relative_B") if name in self.components]
+        if not terms:
+            return None
+        weights = np.zeros((rows.size, 3))
+        for slot, name in enumerate(terms):
+            if name == "decay":
+                weights[:, slot] = self.components["decay"].per_row_input(rows)
+            else:
+                d = self.components["relative_B"]._d[rows]
+                weights[:, slot] = 1.0 / (2.0 * d * d)
+        if len(terms) == 2 and slices["relative_B"].start != slices["decay"].start + 1:
+            raise ValueError("dose_decay: decay and relative_B parameters are not consecutive")
+        first = np.full(rows.size, slices[terms[0]].start, dtype=np.int32)
+        return weights, first
 
     # -- image range ----------------------------------------------------------------------
     def limit_image_range(self, new_first: int, new_last: int) -> None:

@@ -116,6 +116,40 @@ class SmoothRotationModel(ScalingModel):
         self._configure_analytical(table)
         self.n_configured = int(z_obs.size)
 
+    def pass_inputs(self, rows) -> dict:
+        """Per-row inputs of the fused physical target pass (scaling.physical_pass) and of
+        the smooth-rotation family kernel (kernels.physical_family).
+
+        {"scale": (weights (n, 3), first parameter (n,)), "decay": (the exponent's weights
+        (n, 3), first), "absorption": (coefficients (n, L), first), "fixed": analytical factor
+        (n,)}, with parameter indices into this model's full parameter vector; g = S exp(E)
+        A F with E = sum_j weight_j q[first + j] (the model's resolution-dependent terms).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        slices = self.parameter_slices()
+        out = {}
+        if "scale" in self.components:
+            weights, first = self.components["scale"].smoother_rows(rows)
+            out["scale"] = (weights, first.astype(np.int32) + np.int32(slices["scale"].start))
+        exponent = self._exponent_rows(rows, slices)
+        if exponent is not None:
+            out["decay"] = exponent
+        if "absorption" in self.components:
+            coefficients = self.components["absorption"].coefficient_rows(rows)
+            first = np.full(rows.size, slices["absorption"].start, dtype=np.int32)
+            out["absorption"] = (coefficients, first)
+        if "analytical" in self.components:
+            out["fixed"] = self.components["analytical"].evaluate(rows=rows)[0]
+        return out
+
+    def _exponent_rows(self, rows, slices):
+        """(weights (n, 3), first parameter (n,) int32) of the exponent E, or None."""
+        raise NotImplementedError
+
+    def pass_signature(self):
+        """Models with equal signatures can share one fused pass."""
+        return tuple(self.components), self.configdict.get("lmax")
+
 
 class PhysicalScalingModel(SmoothRotationModel):
     id_ = "physical"
@@ -246,31 +280,12 @@ class PhysicalScalingModel(SmoothRotationModel):
             )
         self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
 
-    def pass_inputs(self, rows) -> dict:
-        """Per-row inputs of the fused physical target pass (scaling.physical_pass).
-
-        {"scale": (weights (n, 3), first parameter (n,)), "decay": (weights / 2d^2, first),
-         "absorption": (coefficients (n, L), first), "fixed": analytical factor (n,)}, with
-        parameter indices into this model's full parameter vector.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        slices = self.parameter_slices()
-        out = {}
-        for name in ("scale", "decay"):
-            if name in self.components:
-                weights, first = self.components[name].smoother_rows(rows)
-                out[name] = (weights, first.astype(np.int32) + np.int32(slices[name].start))
-        if "absorption" in self.components:
-            coefficients = self.components["absorption"].coefficient_rows(rows)
-            first = np.full(rows.size, slices["absorption"].start, dtype=np.int32)
-            out["absorption"] = (coefficients, first)
-        if "analytical" in self.components:
-            out["fixed"] = self.components["analytical"].evaluate(rows=rows)[0]
-        return out
-
-    def pass_signature(self):
-        """Models with equal signatures can share one fused pass."""
-        return tuple(self.components), self.configdict.get("lmax")
+    def _exponent_rows(self, rows, slices):
+        """The smooth B along the rotation: its 3 smoother weights over 2 d^2."""
+        if "decay" not in self.components:
+            return None
+        weights, first = self.components["decay"].smoother_rows(rows)
+        return weights, first.astype(np.int32) + np.int32(slices["decay"].start)
 
     # -- image range ----------------------------------------------------------------------
     def limit_image_range(self, new_first: int, new_last: int) -> None:

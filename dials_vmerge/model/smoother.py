@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
-
-MAX_AVERAGE = 3  # DIALS's default num_average: 3 parameters per axis contribute
+from ..kernels.smoother_weights import (MAX_AVERAGE, index_range, normalise_row, position,
+                                        sigma_of)
 
 
 def n_values_from_intervals(n_intervals: int) -> int:
@@ -99,56 +99,6 @@ def smoother_coordinates(normalised_x: np.ndarray, n_values: int) -> np.ndarray:
     return (x - x0) / spacing
 
 
-@njit(cache=True)
-def _iround(v):
-    """Boost iround: round half away from zero."""
-    if v >= 0.0:
-        t = math.ceil(v)
-        if t - v > 0.5:
-            t -= 1.0
-        return int(t)
-    t = math.ceil(-v)
-    if t + v > 0.5:
-        t -= 1.0
-    return -int(t)
-
-
-@njit(cache=True)
-def _index_range(z, n_values, n_average):
-    """First and one-past-last contributing parameter along one axis."""
-    if n_values <= 3:
-        return 0, n_values
-    i1 = _iround(z - n_average / 2.0) + 1
-    i2 = i1 + n_average
-    if i1 < 0:
-        i1 = 0
-        i2 = max(2, i2)
-    if i2 > n_values:
-        i2 = n_values
-        i1 = min(i1, n_values - 2)
-    return i1, i2
-
-
-@njit(cache=True)
-def _position(i, n_values):
-    if n_values < 4:
-        return float(i)
-    return i - 0.5
-
-
-@njit(cache=True)
-def _sigma(min_n_average):
-    return 0.65 + 0.05 * (min_n_average - 2)
-
-
-@njit(cache=True)
-def _normalise_row(values, r, n_used, total):
-    """Divide the first n_used weights of row r by their sum (rows of zero weight stay 0)."""
-    if total > 0.0:
-        for s in range(n_used):
-            values[r, s] /= total
-
-
 @parallel_when_large
 def smoother_weights_1d(z, n_values):
     """Normalised weights (n, 3) and parameter indices (n, 3) of a 1D smoother."""
@@ -156,19 +106,19 @@ def smoother_weights_1d(z, n_values):
     values = np.zeros((n, 3), dtype=np.float64)
     index = np.zeros((n, 3), dtype=np.int32)
     n_avg = min(MAX_AVERAGE, n_values)
-    sigma = _sigma(n_avg)
+    sigma = sigma_of(n_avg)
     for r in prange(n):
-        i1, i2 = _index_range(z[r], n_values, n_avg)
+        i1, i2 = index_range(z[r], n_values, n_avg)
         total = 0.0
         slot = 0
         for i in range(i1, i2):
-            ds = (z[r] - _position(i, n_values)) / sigma
+            ds = (z[r] - position(i, n_values)) / sigma
             w = math.exp(-ds * ds)
             values[r, slot] = w
             index[r, slot] = i
             total += w
             slot += 1
-        _normalise_row(values, r, slot, total)
+        normalise_row(values, r, slot, total)
     return values, index
 
 
@@ -180,22 +130,22 @@ def smoother_weights_2d(z1, z2, n1, n2):
     index = np.zeros((n, 9), dtype=np.int32)
     a1 = min(MAX_AVERAGE, n1)
     a2 = min(MAX_AVERAGE, n2)
-    sigma = _sigma(min(a1, a2))
+    sigma = sigma_of(min(a1, a2))
     for r in prange(n):
-        i1, i2 = _index_range(z1[r], n1, a1)
-        j1, j2 = _index_range(z2[r], n2, a2)
+        i1, i2 = index_range(z1[r], n1, a1)
+        j1, j2 = index_range(z2[r], n2, a2)
         total = 0.0
         slot = 0
         for i in range(i1, i2):
-            d1 = z1[r] - _position(i, n1)
+            d1 = z1[r] - position(i, n1)
             for j in range(j1, j2):
-                d2 = z2[r] - _position(j, n2)
+                d2 = z2[r] - position(j, n2)
                 w = math.exp(-(d1 * d1 + d2 * d2) / (sigma * sigma))
                 values[r, slot] = w
                 index[r, slot] = i + j * n1
                 total += w
                 slot += 1
-        _normalise_row(values, r, slot, total)
+        normalise_row(values, r, slot, total)
     return values, index
 
 
@@ -208,25 +158,25 @@ def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
     a1 = min(MAX_AVERAGE, n1)
     a2 = min(MAX_AVERAGE, n2)
     a3 = min(MAX_AVERAGE, n3)
-    sigma = _sigma(min(a1, min(a2, a3)))
+    sigma = sigma_of(min(a1, min(a2, a3)))
     for r in prange(n):
-        i1, i2 = _index_range(z1[r], n1, a1)
-        j1, j2 = _index_range(z2[r], n2, a2)
-        k1, k2 = _index_range(z3[r], n3, a3)
+        i1, i2 = index_range(z1[r], n1, a1)
+        j1, j2 = index_range(z2[r], n2, a2)
+        k1, k2 = index_range(z3[r], n3, a3)
         total = 0.0
         slot = 0
         for i in range(i1, i2):
-            d1 = z1[r] - _position(i, n1)
+            d1 = z1[r] - position(i, n1)
             for j in range(j1, j2):
-                d2 = z2[r] - _position(j, n2)
+                d2 = z2[r] - position(j, n2)
                 for k in range(k1, k2):
-                    d3 = z3[r] - _position(k, n3)
+                    d3 = z3[r] - position(k, n3)
                     w = math.exp(-(d1 * d1 + d2 * d2 + d3 * d3) / (sigma * sigma))
                     values[r, slot] = w
                     index[r, slot] = i + j * n1 + k * n1 * n2
                     total += w
                     slot += 1
-        _normalise_row(values, r, slot, total)
+        normalise_row(values, r, slot, total)
     return values, index
 
 

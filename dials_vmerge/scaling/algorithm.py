@@ -41,6 +41,7 @@ from .log_summary import MAX_LISTED, summarise_per_dataset
 from .ih_table import GroupLayout, build_ih_table, map_indices_to_asu, set_num_threads
 from .likelihood import make_target, minimise_with_e_steps
 from .minimisers import lbfgs, levenberg_marquardt
+from .family import evaluate_all_rows
 from .parameters import ParameterManager, first_fix_initial_dataset
 from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
@@ -51,9 +52,6 @@ WORK_COLUMNS = ("intensity", "variance", "Esq", "s0c", "s1c", "s0", "prescaling_
 OUTPUT_COLUMNS = ("inverse_scale_factor", "inverse_scale_factor_variance",
                   "intensity.scale.value", "intensity.scale.variance", "original_index")
 DEFAULT_SMALL_SCALE_CUTOFF = 0.001
-# rows per Jacobian chunk when expanding var(g): with absorption (30 derivative columns)
-# a 64k-row chunk was a 47 MB transient and the peak of a 1e6 run
-VARIANCE_CHUNK_ROWS = 16384
 MAX_DATASETS_FOR_AUTO_FULL_MATRIX = 10
 # more datasets than this, of at most this many suitable rows on average: models configure
 # from columns read once for all datasets (table.SharedRowViews)
@@ -427,16 +425,15 @@ class ScalingRun:
         """
         if manager is None:
             manager = ParameterManager([s.model for s in self.states])
+        # one kernel call per model family and block of rows (scaling/family.py); each
+        # state's g (and var(g)) is its slice of the one array
+        sizes = [s.suitable_rows.size for s in self.states]
+        g, var_g = evaluate_all_rows(manager, sizes, covariance, variance_of_g)
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         for d, state in enumerate(self.states):
-            state.g = _evaluate_g(state.model)
-            if covariance is None:
-                continue
-            n = state.suitable_rows.size
-            state.var_g = np.empty(n)
-            for start in range(0, n, VARIANCE_CHUNK_ROWS):
-                rows = np.arange(start, min(n, start + VARIANCE_CHUNK_ROWS))
-                _, values, cols = manager.evaluate_dataset(d, rows)
-                state.var_g[rows] = variance_of_g(values, cols, covariance)
+            state.g = g[bounds[d]:bounds[d + 1]]
+            if var_g is not None:
+                state.var_g = var_g[bounds[d]:bounds[d + 1]]
 
     def _pass_device(self, table):
         """compute.device for a per-observation pass (backends/run_device.py)."""
@@ -767,12 +764,6 @@ class PerRowErrorModel:
         with np.errstate(invalid="ignore", over="ignore"):
             modelled = self.a * self.a * (variance + (self.b * intensity) ** 2)
         return np.where(self.has_model, modelled, variance)
-
-
-def _evaluate_g(model):
-    if hasattr(model, "evaluate_g"):
-        return model.evaluate_g()
-    return np.asarray(model.evaluate()[0], dtype=np.float64)
 
 
 def scaled_variance(intensity, variance, g, var_g, error_model):

@@ -3,15 +3,24 @@
 A family gathers, once per table, each row's inputs from the datasets' models (row-level
 arrays in the table's order) and, per dataset, where its parameters sit in the global free
 vector; every later evaluation is then one kernel call over all rows, whatever the number
-of datasets. KB is such a family; physical models have their fused pass (physical_pass.py).
+of datasets. Families: KB (kernels/kb_family.py) and the smooth-rotation models, physical
+and dose_decay (kernels/physical_family.py, on the inputs of the fused pass,
+physical_pass.py) and array (kernels/array_family.py). ModelFamilies evaluates a job whose
+datasets use several families with one kernel call per family; a model of no family is
+evaluated dataset by dataset.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.flat import gather_by_dataset
+from ..kernels.flat import gather_by_dataset, split_positions
 from ..kernels.kb_family import evaluate_kb_family, evaluate_kb_family_g
+from ..kernels.array_family import (GRID_AXES, GRID_SLOTS, N_GRIDS, evaluate_array_family,
+                                    evaluate_array_family_g)
+from ..kernels.physical_family import (evaluate_smooth_rotation_family,
+                                       evaluate_smooth_rotation_family_g)
+from .physical_pass import GUARD, PhysicalPassInputs
 
 
 class KBFamily:
@@ -67,3 +76,292 @@ class KBFamily:
         scale, decay = self.parameters(x)
         return evaluate_kb_family_g(self.row_dataset, self.inv_two_d_sq, self.fixed_factor,
                                     scale, decay)
+
+
+def absorption_width(model) -> int:
+    absorption = model.components.get("absorption") if hasattr(model, "components") else None
+    return 0 if absorption is None else int(absorption.n_parameters)
+
+
+class SmoothRotationFamily:
+    """Physical and dose_decay models (SmoothRotationModel) of several datasets: g and the
+    ELL derivatives of every row in one kernel call, from the per-row inputs of the fused
+    physical pass. All datasets of one family have the same number of absorption terms."""
+
+    @staticmethod
+    def applies(models) -> bool:
+        return (bool(models) and all(hasattr(m, "pass_inputs") for m in models)
+                and len({absorption_width(m) for m in models}) == 1)
+
+    def __init__(self, models, column_of_parameter, row_dataset, local_row, inputs=None):
+        """inputs: the fused pass's PhysicalPassInputs of these rows, when the caller has
+        them (a least-squares target): the family reads the same arrays."""
+        self.inputs = inputs if inputs is not None else PhysicalPassInputs(
+            models, np.asarray(row_dataset), np.asarray(local_row), None, None)
+        self.free_col_of_full = np.concatenate(
+            [np.asarray(c, dtype=np.int32) for c in column_of_parameter]
+            + [np.full(GUARD.size, -1, dtype=np.int32)])
+        self.base = self.inputs.full_parameters()
+        self.free_entries = np.flatnonzero(self.free_col_of_full >= 0)
+        self.free_of_entry = self.free_col_of_full[self.free_entries]
+
+    def parameters(self, x):
+        """The full vector (every dataset's parameters, then the guard) at free values x;
+        shared components take their one free value in every dataset."""
+        full = self.base.copy()
+        full[self.free_entries] = np.asarray(x, dtype=np.float64)[self.free_of_entry]
+        return full
+
+    def _arrays(self):
+        f = self.inputs
+        return (f.record, f.first_param, f.absorption_coefficients, f.absorption_first,
+                f.fixed_factor)
+
+    def evaluate(self, x):
+        return evaluate_smooth_rotation_family(*self._arrays(), self.parameters(x),
+                                               self.free_col_of_full)
+
+    def evaluate_g(self, x):
+        return evaluate_smooth_rotation_family_g(*self._arrays(), self.parameters(x))
+
+
+ARRAY_GRIDS = ("decay", "absorption", "modulation")  # kernels/array_family.py's order
+
+
+def _array_grids(model):
+    """{grid position: component} of an array model whose components are all configured
+    smoothed grids (or the analytical factor), else None."""
+    components = getattr(model, "components", None)
+    if not components or getattr(model, "id_", None) != "array":
+        return None
+    grids = {}
+    for name, comp in components.items():
+        if name == "analytical":
+            continue
+        smoother = getattr(comp, "_smoother", None)
+        if name not in ARRAY_GRIDS or smoother is None or \
+                len(smoother.coordinates) != GRID_AXES[ARRAY_GRIDS.index(name)]:
+            return None
+        grids[ARRAY_GRIDS.index(name)] = comp
+    return grids or None
+
+
+class ArrayFamily:
+    """Array models (smoothed grids) of several datasets: g and the ELL derivatives of every
+    row in one kernel call, the smoother weights computed inline from each row's
+    coordinates (kernels/array_family.py). Datasets may have different grids."""
+
+    @staticmethod
+    def applies(models) -> bool:
+        return bool(models) and all(_array_grids(m) is not None for m in models)
+
+    def __init__(self, models, column_of_parameter, row_dataset, local_row):
+        row_dataset = np.ascontiguousarray(row_dataset, dtype=np.int64)
+        local_row = np.asarray(local_row, dtype=np.int64)
+        grids = [_array_grids(m) for m in models]
+        present = sorted({c for g in grids for c in g})
+        self.slot_start = np.full(N_GRIDS, -1, dtype=np.int64)
+        self.coordinate_start = np.zeros(N_GRIDS, dtype=np.int64)
+        slots = columns = 0
+        for c in present:
+            self.slot_start[c], self.coordinate_start[c] = slots, columns
+            slots += int(GRID_SLOTS[c])
+            columns += int(GRID_AXES[c])
+        self.n_slots = slots
+        offsets = np.concatenate([[0], np.cumsum([m.n_parameters for m in models])]).astype(
+            np.int64)
+        self.grid_shape = np.zeros((len(models), N_GRIDS, 3), dtype=np.int64)
+        self.grid_first = np.zeros((len(models), N_GRIDS), dtype=np.int64)
+        self.coordinates = np.zeros((row_dataset.size, columns))
+        self.fixed_factor = None
+        for d, (model, obs) in enumerate(zip(models, split_positions(row_dataset,
+                                                                     len(models)))):
+            rows = local_row[obs]
+            slices = model.parameter_slices()
+            for c, comp in grids[d].items():
+                shape = tuple(comp.shape) + (1,) * (3 - len(comp.shape))
+                self.grid_shape[d, c] = shape
+                self.grid_first[d, c] = offsets[d] + slices[ARRAY_GRIDS[c]].start
+                for axis, z in enumerate(comp._smoother.coordinates):
+                    self.coordinates[obs, self.coordinate_start[c] + axis] = z[rows]
+            if "analytical" in model.components:
+                if self.fixed_factor is None:
+                    self.fixed_factor = np.ones(row_dataset.size)
+                self.fixed_factor[obs] = model.components["analytical"].values(rows=rows)
+        self.row_dataset = row_dataset
+        self.free_col_of_full = np.concatenate(
+            [np.asarray(c, dtype=np.int32) for c in column_of_parameter])
+        self.base = np.concatenate([np.asarray(m.parameter_vector(), dtype=np.float64)
+                                    for m in models])
+        self.free_entries = np.flatnonzero(self.free_col_of_full >= 0)
+        self.free_of_entry = self.free_col_of_full[self.free_entries]
+
+    def parameters(self, x):
+        full = self.base.copy()
+        full[self.free_entries] = np.asarray(x, dtype=np.float64)[self.free_of_entry]
+        return full
+
+    def _arrays(self):
+        return (self.row_dataset, self.coordinates, self.grid_shape, self.grid_first,
+                self.coordinate_start, self.slot_start, self.n_slots, self.fixed_factor)
+
+    def evaluate(self, x):
+        return evaluate_array_family(*self._arrays(), self.parameters(x),
+                                     self.free_col_of_full)
+
+    def evaluate_g(self, x):
+        return evaluate_array_family_g(*self._arrays(), self.parameters(x))
+
+
+class DatasetByDataset:
+    """Models of no family: each dataset's model evaluates its rows, and the
+    results are placed in row order (one concatenation and one gather)."""
+
+    def __init__(self, manager, datasets, row_dataset, local_row):
+        self.manager = manager
+        self.datasets = list(datasets)
+        self.row_dataset = np.asarray(row_dataset, dtype=np.int64)
+        self.rows = []
+        self.position = np.empty(self.row_dataset.size, dtype=np.int64)
+        local_row = np.asarray(local_row)
+        for obs in split_positions(self.row_dataset, len(self.datasets)):
+            unique_rows, inverse = np.unique(local_row[obs], return_inverse=True)
+            self.rows.append(unique_rows)
+            self.position[obs] = inverse
+
+    def _per_dataset(self, x):
+        self.manager.set_free(x)
+        return [self.manager.evaluate_dataset(d, rows)
+                for d, rows in zip(self.datasets, self.rows)]
+
+    def evaluate(self, x):
+        from .parameters import gather_ell
+
+        return gather_ell(self._per_dataset(x), self.row_dataset, self.position)
+
+    def evaluate_g(self, x):
+        self.manager.set_free(x)
+        from .parameters import evaluate_rows
+
+        per_dataset = [np.asarray(evaluate_rows(self.manager.models[d], rows)[0],
+                                  dtype=np.float64)
+                       for d, rows in zip(self.datasets, self.rows)]
+        return gather_by_dataset(per_dataset, self.row_dataset, self.position)
+
+
+def family_key(model):
+    if hasattr(model, "family_description"):
+        return ("KB",)
+    if hasattr(model, "pass_inputs"):
+        return ("smooth rotation", absorption_width(model))
+    if _array_grids(model) is not None:
+        return ("array",)
+    return ("dataset by dataset",)
+
+
+class ModelFamilies:
+    """g and its ELL derivatives over the free parameters for given rows of the datasets of
+    a ParameterManager: one kernel call per model family present, whatever the number of
+    datasets (a job may mix families: KB for some datasets, physical for others).
+
+    row_dataset, local_row: per row its dataset (position in manager.models) and its row
+    among the rows that dataset's model was configured with. Datasets without rows are left
+    out. smooth_inputs: the fused pass's inputs of exactly these rows, to be shared.
+    """
+
+    def __init__(self, manager, row_dataset, local_row, smooth_inputs=None):
+        self.manager = manager
+        row_dataset = np.asarray(row_dataset, dtype=np.int64)
+        local_row = np.asarray(local_row, dtype=np.int64)
+        self.n_rows = int(row_dataset.size)
+        models = manager.models
+        present = np.bincount(row_dataset, minlength=len(models)) > 0
+        keys = {}
+        family_of_dataset = np.full(len(models), -1, dtype=np.int64)
+        for d in np.flatnonzero(present):
+            key = family_key(models[d])
+            family_of_dataset[d] = keys.setdefault(key, len(keys))
+        self.families = []  # (family, its rows in this row order or None for all)
+        for key, f in keys.items():
+            datasets = np.flatnonzero(family_of_dataset == f)
+            if len(keys) == 1:
+                rows, sub_dataset, sub_local = None, row_dataset, local_row
+            else:
+                rows = np.flatnonzero(family_of_dataset[row_dataset] == f)
+                sub_dataset, sub_local = row_dataset[rows], local_row[rows]
+            renumber = np.full(len(models), -1, dtype=np.int64)
+            renumber[datasets] = np.arange(datasets.size)
+            sub_dataset = renumber[sub_dataset]
+            members = [models[d] for d in datasets]
+            columns = [manager.column_of_parameter[d] for d in datasets]
+            if key[0] == "KB":
+                family = KBFamily(members, columns, sub_dataset, sub_local)
+            elif key[0] == "smooth rotation":
+                family = SmoothRotationFamily(
+                    members, columns, sub_dataset, sub_local,
+                    smooth_inputs if len(keys) == 1 and present.all() else None)
+            elif key[0] == "array":
+                family = ArrayFamily(members, columns, sub_dataset, sub_local)
+            else:
+                family = DatasetByDataset(manager, datasets, sub_dataset, sub_local)
+            self.families.append((family, rows))
+
+    def evaluate(self, x):
+        """(g (n,), deriv_values (n, K), deriv_col (n, K) int32), K the widest family's."""
+        x = np.asarray(x, dtype=np.float64)
+        if len(self.families) == 1:
+            return self.families[0][0].evaluate(x)
+        parts = [(family.evaluate(x), rows) for family, rows in self.families]
+        k = max((values.shape[1] for (_, values, _), _ in parts), default=0)
+        g = np.empty(self.n_rows)
+        values = np.zeros((self.n_rows, k))
+        cols = np.full((self.n_rows, k), -1, dtype=np.int32)
+        for (g_f, values_f, cols_f), rows in parts:
+            g[rows] = g_f
+            values[rows, :values_f.shape[1]] = values_f
+            cols[rows, :cols_f.shape[1]] = cols_f
+        return g, values, cols
+
+    def evaluate_g(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        if len(self.families) == 1:
+            return self.families[0][0].evaluate_g(x)
+        g = np.empty(self.n_rows)
+        for family, rows in self.families:
+            g[rows] = family.evaluate_g(x)
+        return g
+
+
+# Rows per block when every configured row is evaluated (expand): the per-row model inputs
+# and the ELL table of a block are transients (physical with absorption: ~300 B per row for
+# g, ~600 B per row with derivatives), never arrays of all observations. (A 64k-row
+# derivative block with absorption was a 47 MB transient and the peak of a 1e6 run.)
+G_BLOCK_ROWS = 65536
+DERIVATIVE_BLOCK_ROWS = 16384
+
+
+def evaluate_all_rows(manager, sizes, covariance=None, variance_of_g=None):
+    """g of every configured row of every dataset of the manager, concatenated in dataset
+    order (sizes[d]: dataset d's configured rows), and var(g) = diag(J C J^T) when a
+    covariance C over the manager's free parameters is given (variance_of_g(values, cols, C)
+    computes it from the ELL derivatives). Blocks of rows cross dataset boundaries: one
+    family call per block, not one model evaluation per dataset."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(bounds[-1])
+    x = manager.get_free()
+    g = np.empty(n)
+    var_g = None if covariance is None else np.empty(n)
+    block = G_BLOCK_ROWS if covariance is None else DERIVATIVE_BLOCK_ROWS
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        flat = np.arange(start, stop, dtype=np.int64)
+        row_dataset = np.searchsorted(bounds, flat, side="right") - 1
+        families = ModelFamilies(manager, row_dataset, flat - bounds[row_dataset])
+        if covariance is None:
+            g[start:stop] = families.evaluate_g(x)
+        else:
+            g_block, values, cols = families.evaluate(x)
+            g[start:stop] = g_block
+            var_g[start:stop] = variance_of_g(values, cols, covariance)
+    return g, var_g

@@ -128,8 +128,9 @@ def physical_target_gradient_kernel(record, first_param, absorption_coefficients
 class PhysicalPassInputs:
     """The per-observation arrays of the fused pass, in IhTable observation order.
 
-    Built from the models' `pass_inputs(rows)` (PhysicalScalingModel) and the table's I and
-    w; `full_offsets[d]` is where dataset d's parameters start in the full vector.
+    Built from the models' `pass_inputs(rows)` (physical and dose_decay models) and the
+    table's I and w (None: the model inputs alone, for the family kernel); `full_offsets[d]`
+    is where dataset d's parameters start in the full vector.
     """
 
     def __init__(self, models, dataset_id, loc_index, intensity, weight):
@@ -139,8 +140,9 @@ class PhysicalPassInputs:
         self.n_full = int(self.full_offsets[-1])
         n = dataset_id.size
         self.record = np.zeros((n, RECORD_WIDTH))
-        self.record[:, INTENSITY] = intensity
-        self.record[:, WEIGHT] = weight
+        if intensity is not None:  # None: model inputs only (kernels/physical_family.py)
+            self.record[:, INTENSITY] = intensity
+            self.record[:, WEIGHT] = weight
         self.first_param = np.zeros((n, 2), dtype=np.int32)
         per_dataset = []
         for model, obs in zip(self.models, split_positions(dataset_id, len(self.models))):

@@ -25,8 +25,7 @@ from numba import prange
 from ..kernels.size_dispatch import parallel_when_large
 
 from ..backends.block_sums import blockwise_sum, fixed_block_bounds
-from ..kernels.flat import split_positions
-from .family import KBFamily
+from .family import KBFamily, ModelFamilies
 from .ih_table import chunk_bounds, group_weighted_sums
 from .physical_pass import (PhysicalPassInputs, physical_target_gradient_partials,
                             uses_fused_physical_pass)
@@ -238,9 +237,9 @@ class ModelTerms:
         if KBFamily.applies(manager.models):
             self.family = KBFamily(manager.models, manager.column_of_parameter,
                                    table.dataset_id, table.loc_index)
-        else:
-            # Models evaluate only the rows this table uses; positions within those rows.
-            self.rows, self.position = rows_used(table, len(manager.models))
+        # other models: one kernel call per model family (scaling/family.py), built when
+        # first asked for (the fused physical pass needs no derivative table)
+        self._families = None
 
     @property
     def n_par(self):
@@ -255,14 +254,15 @@ class ModelTerms:
         return self.n_obs + self.n_restraints
 
     def _ell(self, x):
-        from .parameters import gather_ell
-
         if self.family is not None:
             # The models' own parameters are set once, by the caller, from the result.
             return self.family.evaluate(x)
-        self.manager.set_free(x)
-        per_dataset = self.manager.evaluate(rows=self.rows)
-        return gather_ell(per_dataset, self.table.dataset_id, self.position)
+        self.manager.set_free(x)  # as the models' own evaluation left them
+        if self._families is None:
+            self._families = ModelFamilies(self.manager, self.table.dataset_id,
+                                           self.table.loc_index,
+                                           getattr(self, "fused", None))
+        return self._families.evaluate(x)
 
     def rmsd(self, phi):
         """DIALS's RMSD_I = sqrt(phi / n_refl)."""
@@ -326,16 +326,3 @@ class ScalingTarget(ModelTerms):
         rhs = rhs + wr * x
         normal = normal + np.diag(wr)
         return phi, rhs, normal
-
-
-
-def rows_used(ih_table, n_datasets):
-    """Per dataset the sorted configured rows the table uses, and each observation's
-    position within its dataset's list."""
-    rows = []
-    position = np.empty(ih_table.n_obs, dtype=np.int64)
-    for obs in split_positions(ih_table.dataset_id, n_datasets):
-        unique_rows, inverse = np.unique(ih_table.loc_index[obs], return_inverse=True)
-        rows.append(unique_rows)
-        position[obs] = inverse
-    return rows, position
