@@ -36,7 +36,8 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
         """
         import numpy as np
         import dials_vmerge
-        from dials_vmerge.kernels import flat, kb_family
+        from dials_vmerge.kernels import (array_family, flat, kb_family, physical_family,
+                                          smoother_weights)
         from dials_vmerge.kernels.cuda import array, merging, models, normal, outliers, target
         from dials_vmerge.backends import cuda_target, select
         from numba import cuda

@@ -10,11 +10,11 @@ from dials_vmerge.model.smoother import (
     Smoother1D,
     Smoother2D,
     Smoother3D,
-    _iround,
     calc_n_param_from_bins,
     initialise_smooth_input,
     smoother_coordinates,
 )
+from dials_vmerge.kernels.smoother_weights import iround
 
 
 def gauss(dz, sigma):
@@ -30,7 +30,7 @@ def dense(weights, index, n_par):
 
 
 def test_boost_iround_is_half_away_from_zero():
-    assert [_iround(v) for v in (-1.5, -0.5, -0.49, 0.49, 0.5, 1.5, 2.5, -2.5)] == [
+    assert [iround(v) for v in (-1.5, -0.5, -0.49, 0.49, 0.5, 1.5, 2.5, -2.5)] == [
         -2, -1, 0, 0, 1, 2, 3, -3,
     ]
 

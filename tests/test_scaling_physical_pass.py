@@ -88,8 +88,7 @@ def test_fused_pass_with_first_scale_parameter_fixed_and_across_nproc(quartz, mo
     import numba
 
     from dials_vmerge.backends import block_sums
-    from dials_vmerge.scaling.family import DatasetByDataset
-from dials_vmerge.scaling.ih_table import set_num_threads
+    from dials_vmerge.scaling.ih_table import set_num_threads
 
     # quartz is one block at the default size: smaller blocks so that threads share several
     monkeypatch.setattr(block_sums, "MIN_BLOCK_OBSERVATIONS", 256)

@@ -225,6 +225,42 @@ def build_ih_table(asu_indices, intensities, variances, weights, gs, loc_indices
                    extra_sorted)
 
 
+def joined(arrays, dtype=np.float64):
+    """Per-dataset 1-D arrays as one array in dataset order. When they are consecutive
+    slices of one array (each dataset's slice of a flat per-row array: the scaling run's g
+    after expand, the intensities as read), that array's span is returned without a copy;
+    otherwise they are concatenated."""
+    arrays = [np.asarray(a, dtype=dtype) for a in arrays]
+    span = _consecutive_span(arrays)
+    if span is not None:
+        return span
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
+def _consecutive_span(arrays):
+    """The one array whose consecutive slices `arrays` are (views of one owner, contiguous,
+    each starting where the previous ends), or None."""
+    filled = [a for a in arrays if a.size]
+    if not filled:
+        return None
+    first = filled[0]
+    owner = first.base if first.base is not None else first
+    if not (isinstance(owner, np.ndarray) and owner.flags.c_contiguous
+            and owner.dtype == first.dtype):
+        return None
+    begin = expected = first.__array_interface__["data"][0]
+    for a in filled:
+        if not (a.ndim == 1 and a.flags.c_contiguous and (a is owner or a.base is owner)
+                and a.__array_interface__["data"][0] == expected):
+            return None
+        expected += a.nbytes
+    offset = (begin - owner.__array_interface__["data"][0]) // first.itemsize
+    flat = owner.reshape(-1)
+    if offset < 0 or offset + (expected - begin) // first.itemsize > flat.size:
+        return None
+    return flat[offset:offset + (expected - begin) // first.itemsize]
+
+
 class GroupLayout:
     """The group sort of a fixed set of observations, computed once and reused.
 
@@ -262,8 +298,7 @@ class GroupLayout:
 
     def gather(self, arrays, dtype=np.float64):
         """Per-dataset arrays -> one array in sorted observation order."""
-        return np.ascontiguousarray(np.concatenate(
-            [np.asarray(a, dtype=dtype) for a in arrays])[self.order])
+        return np.ascontiguousarray(joined(arrays, dtype)[self.order])
 
     def table(self, intensities, variances, weights, gs, extra=None):
         return IhTable(self.gather(intensities), self.gather(variances), self.gather(weights),

@@ -287,12 +287,16 @@ class ScalingTarget(ModelTerms):
             self.max_group_size = int(np.diff(ih_table.group_start).max())
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
+            # the full vector at x without setting every model's parameters per call
+            self.full_base = self.fused.full_parameters()
 
     def value_and_gradient(self, x):
         t = self.table
         if self.fused is not None:
-            self.manager.set_free(x)
-            parameters = self.fused.full_parameters()
+            # the models' own parameters are set once, by the caller, from the result
+            parameters = self.full_base.copy()
+            parameters[self.free_entries] = np.asarray(x, dtype=np.float64)[
+                self.full_to_free[self.free_entries]]
 
             def evaluate(chunks):
                 return list(physical_target_gradient_partials(
