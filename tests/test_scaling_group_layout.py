@@ -112,3 +112,25 @@ def test_group_sort_is_the_stable_argsort_of_the_packed_indices(spread):
     assert np.array_equal(group_start, np.concatenate([[0], changes, [asu.shape[0]]]))
     empty_order, empty_start = group_sort(np.zeros((0, 3), np.int32))
     assert empty_order.size == 0 and empty_start.tolist() == [0]
+
+
+def test_joined_takes_consecutive_slices_of_one_array_without_a_copy():
+    """gather's join: per-dataset slices of one flat array (as expand leaves g) are that
+    array's span, no copy; anything else (gaps, other arrays, other dtypes) is concatenated
+    to the same values."""
+    from dials_vmerge.scaling.ih_table import joined
+
+    flat = np.arange(20.0)
+    slices = np.split(flat[2:17], [4, 4, 9])  # includes an empty slice
+    span = joined(slices)
+    assert np.shares_memory(span, flat)
+    np.testing.assert_array_equal(span, flat[2:17])
+    for parts in ([flat[0:3], flat[4:7]],  # a gap
+                  [flat[0:3], np.arange(3.0)],  # two arrays
+                  [flat[3:6], flat[0:3]],  # out of order
+                  [flat.astype(np.float32)[:5], flat.astype(np.float32)[5:]]):
+        out = joined(parts)
+        assert not np.shares_memory(out, flat)
+        np.testing.assert_array_equal(out, np.concatenate(parts).astype(np.float64))
+    column = np.arange(12.0).reshape(3, 4)[:, 0]  # strided: copied
+    np.testing.assert_array_equal(joined([column]), [0.0, 4.0, 8.0])
