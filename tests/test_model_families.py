@@ -206,3 +206,36 @@ def test_all_rows_g_and_variance_of_g(sweeps, monkeypatch):
     np.testing.assert_allclose(var_g, var_ref, rtol=1e-9, atol=1e-12 * var_ref.max())
     for model, start, stop in zip(models, np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)):
         np.testing.assert_allclose(g[start:stop], model.evaluate_g(), rtol=1e-12, atol=0)
+
+
+def test_friedel_hand_of_a_multi_dataset_table(sweeps):
+    """The likelihood target's Friedel hand per observation of an Ih table, taken for all
+    datasets at once, equals a per-dataset recomputation from each observation's row."""
+    from types import SimpleNamespace
+
+    from dials_vmerge import geometry
+    from dials_vmerge.scaling.algorithm import ScalingRun
+    from dials_vmerge.scaling.ih_table import build_ih_table, map_indices_to_asu
+    from dials_vmerge.table import ReflectionTable
+
+    experiments, tables = sweeps
+    table = ReflectionTable.concatenate([t.copy() for t in tables])
+    bounds = np.cumsum([0] + [t.nrows for t in tables])
+    space_group = geometry.space_group(experiments[0])
+    states = []
+    for k in range(N_SWEEPS):  # every other row of each dataset is "suitable"
+        states.append(SimpleNamespace(suitable_rows=np.arange(bounds[k], bounds[k + 1], 2)))
+    asus = [map_indices_to_asu(table["miller_index"][s.suitable_rows], space_group, False)
+            for s in states]
+    ones = [np.ones(s.suitable_rows.size) for s in states]
+    ih = build_ih_table(asus, ones, ones, ones, ones)
+    run = SimpleNamespace(states=states, table=table, space_group=space_group)
+    hand = ScalingRun._friedel_hand(run, ih)
+    expected = np.empty(ih.n_obs, dtype=np.int64)
+    for i in range(ih.n_obs):
+        row = states[ih.dataset_id[i]].suitable_rows[ih.loc_index[i]]
+        hkl = table["miller_index"][row:row + 1]
+        expected[i] = np.any(map_indices_to_asu(hkl, space_group, False)
+                             != map_indices_to_asu(hkl, space_group, True))
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(hand, expected)
