@@ -103,11 +103,19 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
     mean_mult = mult[mult > 1].mean()
     total_target = max(mean_mult * min_groups, min_reflections)
     target_qr = min(1000, min_groups) * mean_mult
-    # dataset x group membership counts
-    counts = np.zeros((n_datasets, table.n_groups), dtype=np.int64)
-    np.add.at(counts, (table.dataset_id, grp), 1)
-    span = (counts > 0).sum(axis=0)
-    chosen = np.zeros(table.n_groups, dtype=bool)
+    # (group, dataset) pairs with their observation counts, sparse and group-major: a
+    # dense datasets x groups count matrix costs 8 B x datasets x groups (and a scan of
+    # every group once per dataset)
+    n_groups = table.n_groups
+    pair_key, pair_count = np.unique(
+        grp.astype(np.int64) * n_datasets + np.asarray(table.dataset_id, dtype=np.int64),
+        return_counts=True)
+    pair_group = pair_key // n_datasets
+    pair_dataset = pair_key - pair_group * n_datasets
+    del pair_key
+    group_pairs = np.searchsorted(pair_group, np.arange(n_groups + 1))
+    span = np.diff(group_pairs)  # datasets per group
+    chosen = np.zeros(n_groups, dtype=bool)
     per_dataset = np.zeros(n_datasets, dtype=np.int64)
     share = target_qr / (n_datasets * 4.0)
     order = np.flatnonzero(eligible)
@@ -117,18 +125,28 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
         if used > 1.2 * target_qr or (per_dataset >= share).all():
             break
         neediest = int(np.argmin(per_dataset))
-        if counts[neediest, grp_id] == 0 and per_dataset[neediest] < share:
+        members = pair_dataset[group_pairs[grp_id]:group_pairs[grp_id + 1]]
+        if per_dataset[neediest] < share and not (members == neediest).any():
             continue
         chosen[grp_id] = True
-        per_dataset += counts[:, grp_id]
+        per_dataset[members] += pair_count[group_pairs[grp_id]:group_pairs[grp_id + 1]]
         used += mult[grp_id]
     # within each dataset: random eligible groups until its share is reached
     per_dataset_target = (total_target - used) / (2.0 * n_datasets)
+    by_dataset = np.argsort(pair_dataset, kind="stable")  # groups ascending within each
+    dataset_pairs = np.searchsorted(pair_dataset[by_dataset], np.arange(n_datasets + 1))
     for d in range(n_datasets):
-        in_d = np.flatnonzero(eligible & (counts[d] > 1) & ~chosen)
-        rng.shuffle(in_d)
-        cumulative = np.cumsum(counts[d, in_d])
-        take = in_d[: int(np.searchsorted(cumulative, per_dataset_target)) + 1]
+        mine = by_dataset[dataset_pairs[d]:dataset_pairs[d + 1]]
+        groups, counts = pair_group[mine], pair_count[mine]
+        usable = (counts > 1) & eligible[groups] & ~chosen[groups]
+        groups, counts = groups[usable], counts[usable]
+        # the permutation a shuffle of the groups themselves would make (it depends on the
+        # length alone), applied to groups and counts together
+        permutation = np.arange(groups.size)
+        rng.shuffle(permutation)
+        groups, counts = groups[permutation], counts[permutation]
+        cumulative = np.cumsum(counts)
+        take = groups[: int(np.searchsorted(cumulative, per_dataset_target)) + 1]
         chosen[take] = True
         used += int(mult[take].sum())
     # across datasets: random groups to reach the total target
