@@ -137,13 +137,14 @@ def read_child_peak_rss(path: str):
         return None
 
 
-def run_end_to_end(directory: str, expt: str, refl: str):
-    """Run dials.vmerge in `directory`; (seconds, peak RSS bytes, peak RSS source, returncode,
-    stderr tail)."""
+def run_end_to_end(directory: str, expt: str, refl: str, extra_args=()):
+    """Run dials.vmerge in `directory` (with PHIL arguments extra_args); (seconds, peak RSS
+    bytes, peak RSS source, returncode, stderr tail)."""
     peak_path = os.path.join(os.path.abspath(directory), PEAK_RSS_FILE)
     if os.path.exists(peak_path):
         os.remove(peak_path)
-    command = [sys.executable, "-c", _CHILD_WRAPPER.format(path=peak_path), expt, refl]
+    command = [sys.executable, "-c", _CHILD_WRAPPER.format(path=peak_path), expt, refl,
+               *extra_args]
     stderr_path = os.path.join(directory, "dials.vmerge.stderr")
     with open(stderr_path, "wb") as err, open(os.path.join(directory, "dials.vmerge.stdout"), "wb") as out:
         start = time.perf_counter()
@@ -432,11 +433,13 @@ def print_table(records):
 
 # -- many-dataset series (issue 10) ---------------------------------------------------------
 def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges=None,
-                     obs_per_wedge=None, n_obs_sweep=None):
+                     obs_per_wedge=None, n_obs_sweep=None, model=None):
     """Simulate, write and run dials.vmerge end to end on one many-dataset point:
     kind "stills" (n_stills KB stills, the defaults of `dials.vmerge.simulate mode=stills
     model=KB`), "wedges" (n_wedges narrow physical sweeps, ~obs_per_wedge each) or
-    "sweep" (one physical sweep of n_obs_sweep observations, the wedges' reference)."""
+    "sweep" (one physical sweep of n_obs_sweep observations, the wedges' reference).
+    model: the scaling model dials.vmerge is asked for (None: its default, which is KB for
+    wedges this narrow, as in DIALS)."""
     from cctbx import crystal
 
     from dials_vmerge.simulate import simulate_rotation, simulate_stills, write_outputs
@@ -450,12 +453,12 @@ def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges
         experiments_dict, table, truth = simulate_rotation(
             n_obs_target=n_wedges * obs_per_wedge, n_sweeps=n_wedges, model="physical",
             seed=seed, mean_i_over_sigma=10.0)  # multiplicity 6 over all wedges: each ~1 degree
-        label = f"wedges{n_wedges}x{obs_per_wedge}"
+        label = f"wedges{n_wedges}x{obs_per_wedge}" + (f"-{model}" if model else "")
     else:
         experiments_dict, table, truth = simulate_rotation(
             n_obs_target=n_obs_sweep, n_sweeps=1, model="physical", seed=seed,
             mean_i_over_sigma=10.0)
-        label = f"sweep{n_obs_sweep}"
+        label = f"sweep{n_obs_sweep}" + (f"-{model}" if model else "")
     rec["simulate_seconds"] = time.perf_counter() - start
     rec["label"] = label
     rec["n_obs"] = table.nrows
@@ -469,7 +472,8 @@ def run_series_point(kind: str, workdir: str, seed: int, n_stills=None, n_wedges
                                 space_group=truth.structure.space_group)
     input_ids = np.array(table["id"])
     del table, experiments_dict
-    seconds, peak, _, code, tail = run_end_to_end(directory, "simulated.expt", "simulated.refl")
+    seconds, peak, _, code, tail = run_end_to_end(directory, "simulated.expt", "simulated.refl",
+                                                  [f"model={model}"] if model else [])
     rec["end_to_end_returncode"] = code
     rec.update(end_to_end_seconds=None, peak_rss_bytes_per_obs=None, scale_rms_rel_error=None,
                scale_rms_rel_error_after_k_b=None, log_lines=None)
@@ -551,10 +555,11 @@ def run_series(args) -> int:
         for count, size in parse_wedges(args.wedges):
             _log(f"== {count} wedges x {size}")
             wedges = run_series_point("wedges", workdir, args.seed, n_wedges=count,
-                                      obs_per_wedge=size)
+                                      obs_per_wedge=size, model=args.wedge_model)
             records.append(wedges)
             _log(f"== one sweep of {wedges['n_obs']} observations")
-            sweep = run_series_point("sweep", workdir, args.seed, n_obs_sweep=wedges["n_obs"])
+            sweep = run_series_point("sweep", workdir, args.seed, n_obs_sweep=wedges["n_obs"],
+                                     model=args.wedge_model)
             wedges["reference"] = sweep["label"]
             records.append(sweep)
             save()
@@ -586,6 +591,10 @@ def main(argv=None) -> int:
     parser.add_argument("--wedges", default="",
                         help="many-dataset series: COUNTxOBS narrow physical wedges, e.g. "
                              "200x5000, each compared with one sweep of the same total size")
+    parser.add_argument("--wedge-model", default=None,
+                        help="scaling model for the wedges and their one-sweep reference, e.g. "
+                             "physical (default: dials.vmerge's own choice, KB for narrow "
+                             "wedges)")
     # issue 11: MPI series (benchmarks/mpi_scaling.py)
     parser.add_argument("--mpi", default="", help="MPI series: comma-separated rank counts, e.g. 1,2")
     parser.add_argument("--mpi-rotation-obs", default="2e5", help="MPI series: rotation size")
