@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from .size_dispatch import parallel_when_large
+from .smoother_weights import MAX_AVERAGE, index_range, position, sigma_of
 
 SCALE_WEIGHT_COLUMN = 2  # record columns of the fused pass (scaling/physical_pass.py)
 EXPONENT_WEIGHT_COLUMN = 5
@@ -115,3 +116,67 @@ def evaluate_smooth_rotation_family_g(record, first_param, absorption_coefficien
     smooth_rotation_family_g_kernel(record, first_param, absorption_coefficients,
                                     absorption_first, fixed_factor, parameters, g)
     return g
+
+
+# -- g alone, from the smoothers' coordinates (no weight table) --------------------------
+NO_EXPONENT, SMOOTH_B, DOSE_AND_B = 0, 1, 2  # per dataset: the model's exponent terms
+
+
+@njit(cache=True)
+def _smoothed_1d(z, n_values, parameters, first):
+    """The 1D Gaussian smoother's value at coordinate z: model/smoother.py's weights (2 or
+    3 neighbours), normalised, then summed with the parameters in slot order."""
+    n_average = min(MAX_AVERAGE, n_values)
+    sigma = sigma_of(n_average)
+    i1, i2 = index_range(z, n_values, n_average)
+    ds = (z - position(i1, n_values)) / sigma
+    w0 = math.exp(-ds * ds)
+    ds = (z - position(i1 + 1, n_values)) / sigma
+    w1 = math.exp(-ds * ds)
+    w2 = 0.0
+    total = w0 + w1
+    if i2 - i1 > 2:
+        ds = (z - position(i1 + 2, n_values)) / sigma
+        w2 = math.exp(-ds * ds)
+        total += w2
+    if total > 0.0:
+        w0 /= total
+        w1 /= total
+        w2 /= total
+    value = w0 * parameters[first + i1] + w1 * parameters[first + i1 + 1]
+    if i2 - i1 > 2:
+        value += w2 * parameters[first + i1 + 2]
+    return value
+
+
+@parallel_when_large
+def smooth_rotation_g_kernel(row_dataset, scale_z, exponent_inputs, absorption_value,
+                             fixed_factor, scale_n, scale_first, exponent_kind, exponent_n,
+                             exponent_first, parameters, g):
+    """g = S exp-terms A F in the models' component order, S and a smooth B computed from
+    each row's smoother coordinates. Per row: scale_z, exponent_inputs (n, 2) (smooth B:
+    its coordinate and 1/(2 d^2); dose_decay: z/d^n and 1/(2 d^2)), absorption_value and
+    fixed_factor (None when no dataset has them). Per dataset: scale_n (0: no scale term),
+    scale_first, exponent_kind, exponent_n, exponent_first (d, 2) (dose_decay: C and B_rel,
+    -1 when absent)."""
+    n = row_dataset.shape[0]
+    for r in prange(n):
+        d = row_dataset[r]
+        value = 1.0
+        if scale_n[d] > 0:
+            value = _smoothed_1d(scale_z[r], scale_n[d], parameters, scale_first[d])
+        kind = exponent_kind[d]
+        if kind == SMOOTH_B:
+            b = _smoothed_1d(exponent_inputs[r, 0], exponent_n[d], parameters,
+                             exponent_first[d, 0])
+            value *= math.exp(b * exponent_inputs[r, 1])
+        elif kind == DOSE_AND_B:
+            if exponent_first[d, 0] >= 0:
+                value *= math.exp(parameters[exponent_first[d, 0]] * exponent_inputs[r, 0])
+            if exponent_first[d, 1] >= 0:
+                value *= math.exp(parameters[exponent_first[d, 1]] * exponent_inputs[r, 1])
+        if absorption_value is not None:
+            value *= absorption_value[r]
+        if fixed_factor is not None:
+            value *= fixed_factor[r]
+        g[r] = value

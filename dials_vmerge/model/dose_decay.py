@@ -117,6 +117,21 @@ class DoseDecayScalingModel(SmoothRotationModel):
         if "relative_B" in self.components:
             self.components["relative_B"].configure(d)
 
+    def _exponent_g_inputs(self, rows, slices):
+        """exp(C z/d^n) then exp(B_rel / 2d^2), as the components form them: per row z/d^n
+        and 1/(2 d^2), the parameters C and B_rel (-1: no such term)."""
+        if "decay" not in self.components and "relative_B" not in self.components:
+            return None
+        inputs = np.zeros((rows.size, 2))
+        first = [-1, -1]
+        if "decay" in self.components:
+            inputs[:, 0] = self.components["decay"].per_row_input(rows)
+            first[0] = slices["decay"].start
+        if "relative_B" in self.components:
+            inputs[:, 1] = 1.0 / (2.0 * self.components["relative_B"]._d[rows] ** 2)
+            first[1] = slices["relative_B"].start
+        return "dose and B", inputs, 0, tuple(first)
+
     def _exponent_rows(self, rows, slices):
         """exp(C z/d^n) exp(B_rel / 2d^2) = exp(E): weights z/d^n on C and 1/(2 d^2) on
         B_rel. The two parameters are consecutive (component order decay, relative_B), so

@@ -146,6 +146,31 @@ class SmoothRotationModel(ScalingModel):
         """(weights (n, 3), first parameter (n,) int32) of the exponent E, or None."""
         raise NotImplementedError
 
+    def g_inputs(self, rows) -> dict:
+        """Per-row inputs of g alone (kernels.physical_family.smooth_rotation_g_kernel):
+        {"scale": (smoother coordinates (n,), n_values, first parameter), "exponent":
+        (kind, inputs (n, 2), n_values, (first, second parameter)), "absorption": values
+        (n,) at the current parameters, "fixed": analytical factor (n,)}, parameter
+        indices into this model's full parameter vector."""
+        rows = np.asarray(rows, dtype=np.int64)
+        slices = self.parameter_slices()
+        out = {}
+        if "scale" in self.components:
+            smoother = self.components["scale"]._smoother
+            out["scale"] = (smoother.coordinates[0][rows], smoother.n_values,
+                            slices["scale"].start)
+        exponent = self._exponent_g_inputs(rows, slices)
+        if exponent is not None:
+            out["exponent"] = exponent
+        if "absorption" in self.components:
+            out["absorption"] = self.components["absorption"].values(rows=rows)
+        if "analytical" in self.components:
+            out["fixed"] = self.components["analytical"].evaluate(rows=rows)[0]
+        return out
+
+    def _exponent_g_inputs(self, rows, slices):
+        raise NotImplementedError
+
     def pass_signature(self):
         """Models with equal signatures can share one fused pass."""
         return tuple(self.components), self.configdict.get("lmax")
@@ -279,6 +304,17 @@ class PhysicalScalingModel(SmoothRotationModel):
                 param(params, "physical.decay_restraint", 0.1)
             )
         self.components["decay"].configure(z_obs * self.configdict["d_norm_fac"], table["d"])
+
+    def _exponent_g_inputs(self, rows, slices):
+        """The smooth B: its smoother coordinate and 1/(2 d^2) per row."""
+        if "decay" not in self.components:
+            return None
+        decay = self.components["decay"]
+        d = decay._d[rows]
+        inputs = np.empty((rows.size, 2))
+        inputs[:, 0] = decay._smoother.coordinates[0][rows]
+        inputs[:, 1] = 1.0 / (2.0 * d * d)  # as b_factor_values forms it
+        return "smooth B", inputs, decay._smoother.n_values, (slices["decay"].start, -1)
 
     def _exponent_rows(self, rows, slices):
         """The smooth B along the rotation: its 3 smoother weights over 2 d^2."""

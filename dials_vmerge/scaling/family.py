@@ -18,8 +18,10 @@ from ..kernels.flat import gather_by_dataset, split_positions
 from ..kernels.kb_family import evaluate_kb_family, evaluate_kb_family_g
 from ..kernels.array_family import (GRID_AXES, GRID_SLOTS, N_GRIDS, evaluate_array_family,
                                     evaluate_array_family_g)
-from ..kernels.physical_family import (evaluate_smooth_rotation_family,
-                                       evaluate_smooth_rotation_family_g)
+from ..kernels.physical_family import (DOSE_AND_B, NO_EXPONENT, SMOOTH_B,
+                                       evaluate_smooth_rotation_family,
+                                       evaluate_smooth_rotation_family_g,
+                                       smooth_rotation_g_kernel)
 from .physical_pass import GUARD, PhysicalPassInputs
 
 
@@ -123,6 +125,96 @@ class SmoothRotationFamily:
 
     def evaluate_g(self, x):
         return evaluate_smooth_rotation_family_g(*self._arrays(), self.parameters(x))
+
+
+EXPONENT_KINDS = {"smooth B": SMOOTH_B, "dose and B": DOSE_AND_B}
+
+
+class SmoothRotationGFamily:
+    """g alone of physical and dose_decay models of several datasets in one kernel call,
+    from each row's smoother coordinates (no weight table, no harmonic coefficients): what
+    the expand step needs for every reflection. Absorption enters as each row's value at
+    the models' current parameters, so evaluate_g(x) takes x equal to those on the
+    absorption entries (evaluate_all_rows does; anything else is refused)."""
+
+    def __init__(self, models, column_of_parameter, row_dataset, local_row):
+        row_dataset = np.ascontiguousarray(row_dataset, dtype=np.int64)
+        local_row = np.asarray(local_row, dtype=np.int64)
+        n, n_models = row_dataset.size, len(models)
+        offsets = np.concatenate([[0], np.cumsum([m.n_parameters for m in models])]).astype(
+            np.int64)
+        self.row_dataset = row_dataset
+        self.absorption_value = None
+        self.fixed_factor = None
+        self.scale_n = np.zeros(n_models, dtype=np.int64)
+        self.scale_first = np.zeros(n_models, dtype=np.int64)
+        self.exponent_kind = np.full(n_models, NO_EXPONENT, dtype=np.int64)
+        self.exponent_n = np.zeros(n_models, dtype=np.int64)
+        self.exponent_first = np.full((n_models, 2), -1, dtype=np.int64)
+        absorption_entries = []
+        positions = split_positions(row_dataset, n_models)
+        per_dataset = [model.g_inputs(local_row[obs]) for model, obs in zip(models, positions)]
+        # each input stacked over the datasets and placed in one assignment
+        order = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        in_order = bool(np.array_equal(order, np.arange(n)))
+
+        def place(pieces, fill, width=None):
+            shape = (0,) if width is None else (0, width)
+            stacked = np.concatenate(pieces) if pieces else np.zeros(shape)
+            if in_order:
+                return stacked
+            out = np.full_like(stacked, fill)
+            out[order] = stacked
+            return out
+
+        scale_z, exponent, absorption, fixed = [], [], [], []
+        for d, (model, obs, inputs) in enumerate(zip(models, positions, per_dataset)):
+            if "scale" in inputs:
+                z, n_values, first = inputs["scale"]
+                scale_z.append(z)
+                self.scale_n[d], self.scale_first[d] = n_values, offsets[d] + first
+            else:
+                scale_z.append(np.zeros(obs.size))
+            if "exponent" in inputs:
+                kind, values, n_values, first = inputs["exponent"]
+                exponent.append(values)
+                self.exponent_kind[d], self.exponent_n[d] = EXPONENT_KINDS[kind], n_values
+                self.exponent_first[d] = [offsets[d] + f if f >= 0 else -1 for f in first]
+            else:
+                exponent.append(np.zeros((obs.size, 2)))
+            absorption.append(inputs.get("absorption", np.ones(obs.size)))
+            fixed.append(inputs.get("fixed", np.ones(obs.size)))
+            if "absorption" in inputs:
+                part = model.parameter_slices()["absorption"]
+                absorption_entries.append(np.arange(part.start, part.stop) + offsets[d])
+        self.scale_z = place(scale_z, 0.0)
+        self.exponent_inputs = place(exponent, 0.0, 2)
+        if any("absorption" in inputs for inputs in per_dataset):
+            self.absorption_value = place(absorption, 1.0)
+        if any("fixed" in inputs for inputs in per_dataset):
+            self.fixed_factor = place(fixed, 1.0)
+        del per_dataset, scale_z, exponent, absorption, fixed
+        self.free_col_of_full = np.concatenate(
+            [np.asarray(c, dtype=np.int32) for c in column_of_parameter])
+        self.base = np.concatenate([np.asarray(m.parameter_vector(), dtype=np.float64)
+                                    for m in models])
+        self.free_entries = np.flatnonzero(self.free_col_of_full >= 0)
+        self.free_of_entry = self.free_col_of_full[self.free_entries]
+        self.absorption_entries = (np.concatenate(absorption_entries) if absorption_entries
+                                   else np.zeros(0, np.int64))
+
+    def evaluate_g(self, x):
+        full = self.base.copy()
+        full[self.free_entries] = np.asarray(x, dtype=np.float64)[self.free_of_entry]
+        if not np.array_equal(full[self.absorption_entries],
+                              self.base[self.absorption_entries]):
+            raise ValueError("absorption values were taken at other parameters")
+        g = np.empty(self.row_dataset.size)
+        smooth_rotation_g_kernel(self.row_dataset, self.scale_z, self.exponent_inputs,
+                                 self.absorption_value, self.fixed_factor, self.scale_n,
+                                 self.scale_first, self.exponent_kind, self.exponent_n,
+                                 self.exponent_first, full, g)
+        return g
 
 
 ARRAY_GRIDS = ("decay", "absorption", "modulation")  # kernels/array_family.py's order
@@ -267,9 +359,11 @@ class ModelFamilies:
     row_dataset, local_row: per row its dataset (position in manager.models) and its row
     among the rows that dataset's model was configured with. Datasets without rows are left
     out. smooth_inputs: the fused pass's inputs of exactly these rows, to be shared.
+    g_only: only evaluate_g will be asked for, at the models' current parameters (physical
+    and dose_decay then use SmoothRotationGFamily).
     """
 
-    def __init__(self, manager, row_dataset, local_row, smooth_inputs=None):
+    def __init__(self, manager, row_dataset, local_row, smooth_inputs=None, g_only=False):
         self.manager = manager
         row_dataset = np.asarray(row_dataset, dtype=np.int64)
         local_row = np.asarray(local_row, dtype=np.int64)
@@ -296,6 +390,8 @@ class ModelFamilies:
             columns = [manager.column_of_parameter[d] for d in datasets]
             if key[0] == "KB":
                 family = KBFamily(members, columns, sub_dataset, sub_local)
+            elif key[0] == "smooth rotation" and g_only:
+                family = SmoothRotationGFamily(members, columns, sub_dataset, sub_local)
             elif key[0] == "smooth rotation":
                 family = SmoothRotationFamily(
                     members, columns, sub_dataset, sub_local,
@@ -357,7 +453,8 @@ def evaluate_all_rows(manager, sizes, covariance=None, variance_of_g=None):
         stop = min(n, start + block)
         flat = np.arange(start, stop, dtype=np.int64)
         row_dataset = np.searchsorted(bounds, flat, side="right") - 1
-        families = ModelFamilies(manager, row_dataset, flat - bounds[row_dataset])
+        families = ModelFamilies(manager, row_dataset, flat - bounds[row_dataset],
+                                 g_only=covariance is None)
         if covariance is None:
             g[start:stop] = families.evaluate_g(x)
         else:

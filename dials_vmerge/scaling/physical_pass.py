@@ -139,11 +139,12 @@ class PhysicalPassInputs:
         self.full_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n_full = int(self.full_offsets[-1])
         n = dataset_id.size
-        self.record = np.zeros((n, RECORD_WIDTH))
+        self.record = np.empty((n, RECORD_WIDTH))
+        self.record[:, INTENSITY:WEIGHT + 1] = 0.0
         if intensity is not None:  # None: model inputs only (kernels/physical_family.py)
             self.record[:, INTENSITY] = intensity
             self.record[:, WEIGHT] = weight
-        self.first_param = np.zeros((n, 2), dtype=np.int32)
+        self.first_param = np.empty((n, 2), dtype=np.int32)
         per_dataset = []
         for model, obs in zip(self.models, split_positions(dataset_id, len(self.models))):
             per_dataset.append((obs, model.pass_inputs(loc_index[obs])))
@@ -154,30 +155,56 @@ class PhysicalPassInputs:
         self.absorption_coefficients = None
         self.absorption_first = None
         if with_abs:
-            self.absorption_coefficients = np.zeros((n, n_abs.pop()))
-            self.absorption_first = np.zeros(n, dtype=np.int32)
+            self.absorption_coefficients = np.empty((n, n_abs.pop()))
+            self.absorption_first = np.empty(n, dtype=np.int32)
         self.fixed_factor = None
         if any("fixed" in inp for _, inp in per_dataset):
             self.fixed_factor = np.ones(n)
         guard_one = self.n_full + GUARD_ONE
+        # each input is stacked over the datasets and placed in one assignment (per-dataset
+        # fancy assignments cost more than the inputs at hundreds of small datasets)
+        order = np.concatenate([obs for obs, _ in per_dataset]) if per_dataset else \
+            np.zeros(0, np.int64)
+        in_order = bool(np.array_equal(order, np.arange(n)))
+
+        def place(target, pieces):
+            stacked = np.concatenate(pieces) if pieces else np.zeros(0)
+            if in_order:
+                target[...] = stacked
+            else:
+                target[order] = stacked
+
+        scale_w, decay_w, first_scale, first_decay, absorption, absorption_first = \
+            [], [], [], [], [], []
         for d, (obs, inp) in enumerate(per_dataset):
             offset = self.full_offsets[d]
             if "scale" in inp:
-                self.record[obs, SCALE_W:SCALE_W + 3] = inp["scale"][0]
-                self.first_param[obs, 0] = inp["scale"][1] + offset
+                scale_w.append(inp["scale"][0])
+                first_scale.append(inp["scale"][1] + offset)
             else:
-                self.record[obs, SCALE_W] = 1.0
-                self.first_param[obs, 0] = guard_one
+                scale_w.append(np.tile([1.0, 0.0, 0.0], (obs.size, 1)))
+                first_scale.append(np.full(obs.size, guard_one, dtype=np.int32))
             if "decay" in inp:
-                self.record[obs, DECAY_W:DECAY_W + 3] = inp["decay"][0]
-                self.first_param[obs, 1] = inp["decay"][1] + offset
+                decay_w.append(inp["decay"][0])
+                first_decay.append(inp["decay"][1] + offset)
             else:
-                self.first_param[obs, 1] = self.n_full
+                decay_w.append(np.zeros((obs.size, 3)))
+                first_decay.append(np.full(obs.size, self.n_full, dtype=np.int32))
             if with_abs:
-                self.absorption_coefficients[obs] = inp["absorption"][0]
-                self.absorption_first[obs] = inp["absorption"][1] + offset
-            if "fixed" in inp:
-                self.fixed_factor[obs] = inp["fixed"]
+                absorption.append(inp["absorption"][0])
+                absorption_first.append(inp["absorption"][1] + offset)
+        place(self.record[:, SCALE_W:SCALE_W + 3], scale_w)
+        place(self.record[:, DECAY_W:DECAY_W + 3], decay_w)
+        place(self.first_param[:, 0], first_scale)
+        place(self.first_param[:, 1], first_decay)
+        del scale_w, decay_w, first_scale, first_decay
+        if with_abs:
+            place(self.absorption_coefficients, absorption)
+            place(self.absorption_first, absorption_first)
+            del absorption, absorption_first
+        if self.fixed_factor is not None:
+            place(self.fixed_factor, [inp["fixed"] if "fixed" in inp else np.ones(obs.size)
+                                      for obs, inp in per_dataset])
 
     @property
     def n_obs(self):
