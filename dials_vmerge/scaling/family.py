@@ -429,10 +429,11 @@ class ModelFamilies:
 
 
 # Rows per block when every configured row is evaluated (expand): the per-row model inputs
-# and the ELL table of a block are transients (physical with absorption: ~300 B per row for
-# g, ~600 B per row with derivatives), never arrays of all observations. (A 64k-row
-# derivative block with absorption was a 47 MB transient and the peak of a 1e6 run.)
-G_BLOCK_ROWS = 65536
+# and the ELL table of a block are transients, never arrays of all observations: g alone
+# needs ~70 B per row (~19 MB a block; fewer blocks, less per-block set-up), derivatives
+# with absorption ~600 B per row (a 64k-row derivative block with absorption was a 47 MB
+# transient and the peak of a 1e6 run).
+G_BLOCK_ROWS = 262144
 DERIVATIVE_BLOCK_ROWS = 16384
 
 
