@@ -16,7 +16,7 @@ sorting again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cctbx import miller
@@ -38,6 +38,11 @@ class GroupedObservations:
     epsilon: np.ndarray  # float64 (n_groups,): statistical weight (centring included)
     dstar_sq: np.ndarray  # float64 (n_groups,): 1/d^2 from the unit cell (NaN if no cell)
     anomalous: bool
+    # Values derived from asu_index alone (Bijvoet partners, + hemisphere), computed once:
+    # statistics (twice, with and without I+/I- apart) and the report's anomalous summary
+    # all ask for them. with_cell's copies share the dict (same asu_index); subset makes
+    # a fresh grouping with a new one.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_groups(self) -> int:

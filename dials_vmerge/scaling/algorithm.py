@@ -97,6 +97,10 @@ class DatasetState:
     log: list = field(default_factory=list)
     # every row of this dataset in the table (suitable or not)
     dataset_rows: np.ndarray | None = None
+    # ASU indices of the suitable rows with Friedel mates apart (the error model's
+    # grouping), mapped once for the run's two error-model refinements (ScalingRun.
+    # anomalous_asu); `asu` itself when the run is anomalous
+    anomalous_asu: np.ndarray | None = None
 
     def weights(self):
         return em.error_model_weights(self.intensity, self.variance, self.error_model)
@@ -244,12 +248,26 @@ class ScalingRun:
         """
         rows = [np.flatnonzero(mask) for mask in masks]
         members = [self.states[d] for d in positions]
-        indices = self._per_state_column("miller_index", members,
-                                         lambda s, it=iter(rows): s.suitable_rows[next(it)])
-        asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
-        asu = np.split(asu_all, np.cumsum([r.size for r in rows])[:-1])
+        asu = [full[r] for full, r in zip(self.anomalous_asu(members), rows)]
         return GroupLayout(asu, loc_indices=rows,
                            full_sizes=[self.states[d].suitable_rows.size for d in positions])
+
+    def anomalous_asu(self, members):
+        """Per state of `members`: the anomalous ASU indices of all its suitable rows.
+
+        Mapped once per run (12 B per suitable row kept from the first error-model
+        refinement to the last; the mapping of ~1e6 rows took ~0.1 s each time)."""
+        if self.anomalous:
+            return [s.asu for s in members]
+        missing = [s for s in members if s.anomalous_asu is None]
+        if missing:
+            indices = self._per_state_column("miller_index", missing)
+            asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
+            del indices
+            for s, part in zip(missing, np.split(asu_all, np.cumsum(
+                    [m.suitable_rows.size for m in missing])[:-1])):
+                s.anomalous_asu = part
+        return [s.anomalous_asu for s in members]
 
     def global_table(self, states=None, error_model_weights=None):
         use_em = self.global_uses_error_model_weights if error_model_weights is None else \
@@ -428,15 +446,20 @@ class ScalingRun:
         if manager is None:
             manager = ParameterManager([s.model for s in self.states])
         for d, state in enumerate(self.states):
-            state.g = _evaluate_g(state.model)
             if covariance is None:
+                state.g = _evaluate_g(state.model)
                 continue
+            # The chunks' evaluation gives g too (bit for bit evaluate_g's, model/base.py):
+            # the models are not evaluated a second time for it.
             n = state.suitable_rows.size
+            g = np.empty(n)
             state.var_g = np.empty(n)
             for start in range(0, n, VARIANCE_CHUNK_ROWS):
-                rows = np.arange(start, min(n, start + VARIANCE_CHUNK_ROWS))
-                _, values, cols = manager.evaluate_dataset(d, rows)
-                state.var_g[rows] = variance_of_g(values, cols, covariance)
+                stop = min(n, start + VARIANCE_CHUNK_ROWS)
+                g[start:stop], values, cols = manager.evaluate_dataset(
+                    d, np.arange(start, stop))
+                state.var_g[start:stop] = variance_of_g(values, cols, covariance)
+            state.g = g
 
     def _pass_device(self, table):
         """compute.device for a per-observation pass (backends/run_device.py)."""
