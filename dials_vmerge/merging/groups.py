@@ -260,8 +260,10 @@ def unique_properties(unique: np.ndarray, space_group, unit_cell=None):
     if len(unique) == 0:
         return np.zeros(0, bool), np.zeros(0), np.zeros(0)
     indices = flex_indices(unique)
-    centric = np.array(space_group.is_centric(indices), dtype=bool)
-    epsilon = np.array(space_group.epsilon(indices), dtype=np.float64)
+    # as_numpy_array: np.array of a flex array walks it element by element in Python
+    # (0.17 s for 3e5 groups, against 0.01 s)
+    centric = space_group.is_centric(indices).as_numpy_array().astype(bool, copy=False)
+    epsilon = space_group.epsilon(indices).as_numpy_array().astype(np.float64)
     if unit_cell is not None:
         dstar_sq = unit_cell.d_star_sq(indices).as_numpy_array()
     else:
