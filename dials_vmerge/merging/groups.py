@@ -255,6 +255,48 @@ def group_observations(miller_index, space_group, anomalous: bool, unit_cell=Non
     )
 
 
+def non_anomalous_from_anomalous(anomalous: GroupedObservations, space_group,
+                                 unit_cell=None) -> GroupedObservations:
+    """group_observations(miller_index, space_group, False, unit_cell) of the observations
+    whose anomalous grouping is given, without mapping every observation again: an
+    observation's ASU index with Friedel mates together is that of its anomalous group's
+    index (both are symmetry or Friedel equivalents of it), so only the groups are mapped.
+    The observations are then sorted stably by that index, as group_observations does:
+    the same permutation, group offsets and unique indices."""
+    n = anomalous.n_obs
+    if n == 0 or anomalous.n_groups == 0:
+        return replace(anomalous, anomalous=False)
+    group_asu, _ = map_indices_to_asu(anomalous.asu_index, space_group, False)
+    lo = group_asu.min(axis=0).astype(np.int64)
+    span = group_asu.max(axis=0).astype(np.int64) - lo + 1
+    shifted = group_asu.astype(np.int64) - lo
+    # ((h - lo_h) s_k + k - lo_k) s_l + l - lo_l: ordered like (h, k, l), < 2^63 for any
+    # indices cctbx maps
+    group_key = (shifted[:, 0] * span[1] + shifted[:, 1]) * span[2] + shifted[:, 2]
+    del shifted
+    keys = group_key[anomalous.group_of_original()]
+    permutation = np.argsort(keys, kind="stable")
+    ordered = keys[permutation]
+    del keys
+    new_group = np.empty(n, dtype=bool)
+    new_group[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new_group[1:])
+    starts = np.flatnonzero(new_group)
+    del new_group
+    group_keys = ordered[starts]
+    del ordered
+    group_start = np.append(starts, n).astype(np.int64)
+    unique = np.empty((len(group_keys), 3), dtype=np.int32)
+    unique[:, 2] = group_keys % span[2] + lo[2]
+    group_keys //= span[2]
+    unique[:, 1] = group_keys % span[1] + lo[1]
+    unique[:, 0] = group_keys // span[1] + lo[0]
+    centric, epsilon, dstar_sq = unique_properties(unique, space_group, unit_cell)
+    return GroupedObservations(permutation=permutation, group_start=group_start,
+                               asu_index=unique, centric=centric, epsilon=epsilon,
+                               dstar_sq=dstar_sq, anomalous=False)
+
+
 def unique_properties(unique: np.ndarray, space_group, unit_cell=None):
     """Centric flags, epsilon and 1/d^2 of a list of unique indices."""
     if len(unique) == 0:
@@ -294,6 +336,10 @@ class Groupings:
         if base is None:
             if self._parent is not None:
                 base = self._parent.get(anomalous).subset(self._keep)
+            elif not anomalous and True in self._base:
+                # the anomalous grouping is there: map its groups, not every observation
+                base = non_anomalous_from_anomalous(self._base[True], self.space_group,
+                                                    self.unit_cell)
             else:
                 base = group_observations(self.miller_index, self.space_group, anomalous,
                                           self.unit_cell)

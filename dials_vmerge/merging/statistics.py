@@ -525,10 +525,11 @@ class _Prepared:
         self.anomalous = anomalous
         self.intensity = intensity
         self.sigma = sigma
+        # The anomalous grouping for CCanom and Ranom (the same one when anomalous); made
+        # first, so that the other is derived from it (groups.non_anomalous_from_anomalous)
+        self.anom = groupings.get(True, unit_cell)
         self.groups = groupings.get(anomalous, unit_cell)
         g = self.groups
-        # The anomalous grouping for CCanom and Ranom (the same one when anomalous).
-        self.anom = groupings.get(True, unit_cell)
         a = self.anom
         i_sorted = g.gather(intensity)
         s_sorted = g.gather(sigma)
