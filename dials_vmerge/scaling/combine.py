@@ -179,8 +179,28 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     return best
 
 
+# apply_imid reads and combines this many rows at a time: its ~15 temporaries of every row
+# (1e6 sweep: ~100 MB, the peak RSS of the scaling stage) are those of one slice instead.
+APPLY_IMID_CHUNK_ROWS = 1 << 17
+
+
 def apply_imid(table, imid, rows):
-    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9)."""
+    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9).
+
+    Element by element, so computed in slices of rows with the same values."""
+    rows = np.asarray(rows)
+    if rows.size <= APPLY_IMID_CHUNK_ROWS:
+        return _apply_imid_rows(table, imid, rows)
+    intensity = np.empty(rows.size)
+    variance = np.empty(rows.size)
+    for start in range(0, rows.size, APPLY_IMID_CHUNK_ROWS):
+        stop = min(rows.size, start + APPLY_IMID_CHUNK_ROWS)
+        intensity[start:stop], variance[start:stop] = _apply_imid_rows(table, imid,
+                                                                       rows[start:stop])
+    return intensity, variance
+
+
+def _apply_imid_rows(table, imid, rows):
     c = table.peek("prescaling_correction", rows)
     row_flags = table.peek("flags", rows)
     prf_flag = (row_flags & np.uint64(flags.integrated_prf)) != 0
