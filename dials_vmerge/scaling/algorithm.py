@@ -249,7 +249,9 @@ class ScalingRun:
         """
         rows = [np.flatnonzero(mask) for mask in masks]
         members = [self.states[d] for d in positions]
-        asu = [full[r] for full, r in zip(self.anomalous_asu(members), rows)]
+        # a dataset without masked rows uses its mapped indices as they are (no copy)
+        asu = [full if r.size == full.shape[0] else full[r]
+               for full, r in zip(self.anomalous_asu(members), rows)]
         return GroupLayout(asu, loc_indices=rows,
                            full_sizes=[self.states[d].suitable_rows.size for d in positions])
 
