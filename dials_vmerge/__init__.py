@@ -8,6 +8,14 @@ import os as _os
 # its thread pool, so it is fixed here, at the first import of the package.
 _os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 
+# One BLAS thread (numpy's and scipy's OpenBLAS read this when they load, i.e. only if the
+# package is imported before numpy, as the programs do; a value already set wins): the
+# engine's BLAS calls are dot products and small matrices, where OpenBLAS's threads gain
+# nothing and, spinning beside numba's workers, cost a lot: on the 2-core machine at load 4,
+# np.dot of 1.5e5 doubles took 15 ms with its threads against 0.04 ms without, and
+# dials.vmerge on a 1e6 sweep used ~0.9 s less CPU (issue 10). Outputs bit-identical there.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # boost.python extensions of cctbx segfault on import if scipy.special or numba were
 # imported first in the process; importing them here first makes every import order safe.
 try:

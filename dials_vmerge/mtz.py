@@ -12,6 +12,7 @@ of centric reflections, amplitudes French-Wilson rejected) are MTZ missing numbe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -80,6 +81,66 @@ def _finish(mtz, path, labelled_columns, n_sort):
         mtz.write_to_file(temp)
 
 
+def python_randint_draws(state, n_draws: int, upper: int) -> np.ndarray:
+    """The n_draws values [random.randint(0, upper) for _ in range(n_draws)] would give from
+    Python's random module in `state` (random.getstate()), computed with numpy: the same
+    Mersenne Twister outputs (MT19937 with Python's key and position), the same recipe
+    (CPython's _randbelow: getrandbits(k) = output >> (32 - k), k = (upper + 1).bit_length(),
+    drawn again while >= upper + 1)."""
+    n = int(upper) + 1
+    k = n.bit_length()
+    if not 0 < k <= 32:
+        raise ValueError("randint range outside one 32-bit draw")
+    version, internal, _ = state
+    if version != 3 or len(internal) != 625:
+        raise ValueError("not a Mersenne Twister state")
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937",
+                  "state": {"key": np.array(internal[:624], dtype=np.uint32),
+                            "pos": int(internal[624])}}
+    parts, needed = [], int(n_draws)
+    while needed > 0:
+        raw = bits.random_raw(2 * needed + 64) >> np.uint64(32 - k)
+        kept = raw[raw < n][:needed]
+        parts.append(kept)
+        needed -= kept.size
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+@contextlib.contextmanager
+def _vectorised_ccp4_draws():
+    """cctbx's CCP4-format flags are one random.randint per reflection in a Python loop
+    (r_free_utils.assign_random_r_free_flags, ~0.2 s for 1.6e5 reflections). Within this
+    block that function draws the same values with python_randint_draws (without advancing
+    Python's random state: free_r_flags restores it anyway, and cctbx draws nothing after
+    the flags); other formats, or a Python whose randint differs from the recipe (checked
+    on the first 64 draws), use cctbx's loop."""
+    import random
+
+    from cctbx import r_free_utils
+    from libtbx.math_utils import iround
+    from scitbx.array_family import flex
+
+    original = r_free_utils.assign_random_r_free_flags
+
+    def assign(n_refl, fraction_free, format="cns"):
+        if format != "ccp4" or not 0 < fraction_free < 0.5:
+            return original(n_refl, fraction_free, format=format)
+        flag_max = iround(1 / fraction_free) - 1
+        start = random.getstate()
+        probe = [random.randint(0, flag_max) for _ in range(64)]
+        random.setstate(start)
+        if probe != python_randint_draws(start, 64, flag_max).tolist():
+            return original(n_refl, fraction_free, format=format)
+        return flex.int(python_randint_draws(start, n_refl, flag_max))
+
+    r_free_utils.assign_random_r_free_flags = assign
+    try:
+        yield
+    finally:
+        r_free_utils.assign_random_r_free_flags = original
+
+
 def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
                  seed: int = 0) -> np.ndarray:
     """CCP4-convention FreeR_flag for unique (ASU, non-anomalous) indices: integers
@@ -94,7 +155,7 @@ def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
 
     from cctbx import crystal, miller
 
-    from .merging.groups import flex_indices
+    from .merging.groups import _numpy_indices, flex_indices
 
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     if len(miller_index) == 0:
@@ -105,10 +166,14 @@ def free_r_flags(miller_index, space_group, unit_cell, fraction: float = 0.05,
     state = random.getstate()
     try:
         random.seed(seed)
-        flags = unique.generate_r_free_flags(fraction=fraction, max_free=None, format="ccp4")
+        with _vectorised_ccp4_draws():
+            flags = unique.generate_r_free_flags(fraction=fraction, max_free=None,
+                                                 format="ccp4")
     finally:
         random.setstate(state)
-    assert np.array_equal(np.asarray(flags.indices()), miller_index)
+    # _numpy_indices, not np.asarray: that walks the flex indices as Python tuples (0.3 s
+    # for 1.6e5 indices)
+    assert np.array_equal(_numpy_indices(flags.indices()), miller_index)
     return flags.data().as_numpy_array().astype(np.int32)
 
 

@@ -55,3 +55,18 @@ def test_calibration_on_exact_sigmas(sigma_factor):
     assert slope == pytest.approx(truth, rel=0.05)
     text = format_calibration(cal)
     assert f"SD {cal['sd']:.3f}" in text and "d (A)" in text
+
+
+def test_stable_order_of_group_values_equals_a_stable_sort_of_the_expanded_values():
+    """The resolution bins' order from a sort of the groups alone: the same permutation as a
+    stable argsort of every observation's value (many tied values, empty groups)."""
+    from dials_vmerge.merging.calibration import stable_order_of_group_values
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        n_groups = int(rng.integers(1, 400))
+        values = (rng.integers(0, 6, n_groups).astype(float) if trial % 2
+                  else rng.random(n_groups))
+        group = np.sort(rng.integers(0, n_groups, int(rng.integers(1, 3000))))
+        np.testing.assert_array_equal(stable_order_of_group_values(values, group),
+                                      np.argsort(values[group], kind="stable"))

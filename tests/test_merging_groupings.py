@@ -284,3 +284,30 @@ def test_merging_statistics_memory_per_observation():
     finally:
         tracemalloc.stop()
     assert peak / n < 150
+
+
+@pytest.mark.parametrize("symbol", ["P 1", "P -1", "C 1 2 1", "P 43 21 2", "P 61 2 2",
+                                    "R 3 :H", "I 2 3", "P 4/m m m", "F d -3 m"])
+def test_non_anomalous_grouping_derived_from_the_anomalous_one_equals_a_fresh_one(symbol):
+    """Groupings.get(False) after get(True) maps the anomalous groups instead of every
+    observation: the same grouping as group_observations(..., False) in every field."""
+    from cctbx import sgtbx, uctbx
+
+    from dials_vmerge.merging.groups import (Groupings, group_observations,
+                                             non_anomalous_from_anomalous)
+
+    space_group = sgtbx.space_group_info(symbol).group()
+    cell = space_group.average_unit_cell(uctbx.unit_cell((50, 60, 70, 90, 100, 110)))
+    hkl = np.random.default_rng(7).integers(-9, 10, size=(20000, 3)).astype(np.int32)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    fresh = group_observations(hkl, space_group, False, cell)
+    anomalous = group_observations(hkl, space_group, True, cell)
+    derived = non_anomalous_from_anomalous(anomalous, space_group, cell)
+    groupings = Groupings(hkl, space_group, cell)
+    groupings.get(True)
+    for grouping in (derived, groupings.get(False)):
+        assert not grouping.anomalous
+        for name in ("permutation", "group_start", "asu_index", "centric", "epsilon",
+                     "dstar_sq"):
+            np.testing.assert_array_equal(getattr(grouping, name), getattr(fresh, name))
+            assert getattr(grouping, name).dtype == getattr(fresh, name).dtype

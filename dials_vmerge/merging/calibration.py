@@ -48,8 +48,10 @@ def _sd_summary(delta):
             "robust_sd": float(MAD_TO_SD * np.median(np.abs(delta)))}
 
 
-def _equal_count_bins(values, delta, n_bins, name):
-    order = np.argsort(values, kind="stable")
+def _equal_count_bins(values, delta, n_bins, name, order=None):
+    """order: np.argsort(values, kind="stable") when the caller has it."""
+    if order is None:
+        order = np.argsort(values, kind="stable")
     out = []
     for chunk in np.array_split(order, n_bins):
         if chunk.size == 0:
@@ -58,6 +60,27 @@ def _equal_count_bins(values, delta, n_bins, name):
         entry.update(_sd_summary(delta[chunk]))
         out.append(entry)
     return out
+
+
+def stable_order_of_group_values(group_values, group):
+    """np.argsort(group_values[group], kind="stable") for `group` ascending (observations
+    in group order), from a sort of the groups alone: sorting by (value, observation) is
+    sorting the groups by (value, group) and listing each group's observations in turn, as
+    a group's observations are contiguous and follow those of every lower group."""
+    group = np.asarray(group, dtype=np.int64)
+    n_groups = len(group_values)
+    counts = np.bincount(group, minlength=n_groups)
+    first = np.zeros(n_groups, dtype=np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    group_order = np.argsort(group_values, kind="stable")
+    group_order = group_order[counts[group_order] > 0]
+    lengths = counts[group_order]
+    # position k of the output: observation first[g] + (k - start of g's run in the output)
+    run_start = np.zeros(len(group_order), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=run_start[1:])
+    order = np.arange(int(lengths.sum()), dtype=np.int64)
+    order += np.repeat(first[group_order] - run_start, lengths)
+    return order
 
 
 def probability_plot_points(delta, n_points=N_PLOT_POINTS):
@@ -89,7 +112,9 @@ def sigma_calibration(intensity, sigma, grouped, n_bins=N_BINS):
         out["by_intensity"] = _equal_count_bins(others_mean, delta, n_bins, "intensity")
         dstar_sq = grouped.dstar_sq[group]
         if np.all(np.isfinite(dstar_sq)):
-            out["by_resolution"] = _equal_count_bins(dstar_sq, delta, n_bins, "dstar_sq")
+            out["by_resolution"] = _equal_count_bins(
+                dstar_sq, delta, n_bins, "dstar_sq",
+                order=stable_order_of_group_values(grouped.dstar_sq, group))
     out["normal_probability_plot"] = probability_plot_points(delta)
     return out
 

@@ -244,14 +244,15 @@ def anomalous_summary(result, groupings) -> dict:
       every k-th pair (at most MAX_SCATTER_POINTS) for the scatter plot;
     - the normal probability plot of dI / sigma(dI) of the merged I+ and I- (the merging
       method's), sigma(dI) = sqrt(sigma+^2 + sigma-^2)."""
-    from .statistics import bijvoet_partner, is_plus_hemisphere
+    from .statistics import (bijvoet_partner, bijvoet_partner_of, is_plus_hemisphere,
+                             plus_hemisphere_of)
 
     groups = groupings.get(True)
     obs = result.observations
     h1, h2 = alternate_half_means_kernel(groups.permutation, groups.group_start,
                                          obs.intensity, obs.sigma)
-    partner = bijvoet_partner(groups.asu_index)
-    plus = np.flatnonzero(is_plus_hemisphere(groups.asu_index, result.space_group)
+    partner = bijvoet_partner_of(groups)
+    plus = np.flatnonzero(plus_hemisphere_of(groups, result.space_group)
                           & (partner >= 0) & ~groups.centric)
     minus = partner[plus]
     d1, d2 = h1[plus] - h1[minus], h2[plus] - h2[minus]

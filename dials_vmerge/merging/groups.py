@@ -16,7 +16,7 @@ sorting again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cctbx import miller
@@ -38,6 +38,11 @@ class GroupedObservations:
     epsilon: np.ndarray  # float64 (n_groups,): statistical weight (centring included)
     dstar_sq: np.ndarray  # float64 (n_groups,): 1/d^2 from the unit cell (NaN if no cell)
     anomalous: bool
+    # Values derived from asu_index alone (Bijvoet partners, + hemisphere), computed once:
+    # statistics (twice, with and without I+/I- apart) and the report's anomalous summary
+    # all ask for them. with_cell's copies share the dict (same asu_index); subset makes
+    # a fresh grouping with a new one.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_groups(self) -> int:
@@ -250,13 +255,57 @@ def group_observations(miller_index, space_group, anomalous: bool, unit_cell=Non
     )
 
 
+def non_anomalous_from_anomalous(anomalous: GroupedObservations, space_group,
+                                 unit_cell=None) -> GroupedObservations:
+    """group_observations(miller_index, space_group, False, unit_cell) of the observations
+    whose anomalous grouping is given, without mapping every observation again: an
+    observation's ASU index with Friedel mates together is that of its anomalous group's
+    index (both are symmetry or Friedel equivalents of it), so only the groups are mapped.
+    The observations are then sorted stably by that index, as group_observations does:
+    the same permutation, group offsets and unique indices."""
+    n = anomalous.n_obs
+    if n == 0 or anomalous.n_groups == 0:
+        return replace(anomalous, anomalous=False)
+    group_asu, _ = map_indices_to_asu(anomalous.asu_index, space_group, False)
+    lo = group_asu.min(axis=0).astype(np.int64)
+    span = group_asu.max(axis=0).astype(np.int64) - lo + 1
+    shifted = group_asu.astype(np.int64) - lo
+    # ((h - lo_h) s_k + k - lo_k) s_l + l - lo_l: ordered like (h, k, l), < 2^63 for any
+    # indices cctbx maps
+    group_key = (shifted[:, 0] * span[1] + shifted[:, 1]) * span[2] + shifted[:, 2]
+    del shifted
+    keys = group_key[anomalous.group_of_original()]
+    permutation = np.argsort(keys, kind="stable")
+    ordered = keys[permutation]
+    del keys
+    new_group = np.empty(n, dtype=bool)
+    new_group[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new_group[1:])
+    starts = np.flatnonzero(new_group)
+    del new_group
+    group_keys = ordered[starts]
+    del ordered
+    group_start = np.append(starts, n).astype(np.int64)
+    unique = np.empty((len(group_keys), 3), dtype=np.int32)
+    unique[:, 2] = group_keys % span[2] + lo[2]
+    group_keys //= span[2]
+    unique[:, 1] = group_keys % span[1] + lo[1]
+    unique[:, 0] = group_keys // span[1] + lo[0]
+    centric, epsilon, dstar_sq = unique_properties(unique, space_group, unit_cell)
+    return GroupedObservations(permutation=permutation, group_start=group_start,
+                               asu_index=unique, centric=centric, epsilon=epsilon,
+                               dstar_sq=dstar_sq, anomalous=False)
+
+
 def unique_properties(unique: np.ndarray, space_group, unit_cell=None):
     """Centric flags, epsilon and 1/d^2 of a list of unique indices."""
     if len(unique) == 0:
         return np.zeros(0, bool), np.zeros(0), np.zeros(0)
     indices = flex_indices(unique)
-    centric = np.array(space_group.is_centric(indices), dtype=bool)
-    epsilon = np.array(space_group.epsilon(indices), dtype=np.float64)
+    # as_numpy_array: np.array of a flex array walks it element by element in Python
+    # (0.17 s for 3e5 groups, against 0.01 s)
+    centric = space_group.is_centric(indices).as_numpy_array().astype(bool, copy=False)
+    epsilon = space_group.epsilon(indices).as_numpy_array().astype(np.float64)
     if unit_cell is not None:
         dstar_sq = unit_cell.d_star_sq(indices).as_numpy_array()
     else:
@@ -287,6 +336,10 @@ class Groupings:
         if base is None:
             if self._parent is not None:
                 base = self._parent.get(anomalous).subset(self._keep)
+            elif not anomalous and True in self._base:
+                # the anomalous grouping is there: map its groups, not every observation
+                base = non_anomalous_from_anomalous(self._base[True], self.space_group,
+                                                    self.unit_cell)
             else:
                 base = group_observations(self.miller_index, self.space_group, anomalous,
                                           self.unit_cell)

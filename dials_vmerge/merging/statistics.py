@@ -257,6 +257,26 @@ def bijvoet_partner(asu_index: np.ndarray) -> np.ndarray:
     return partner.astype(np.int64)
 
 
+def bijvoet_partner_of(groups) -> np.ndarray:
+    """bijvoet_partner of a grouping's ASU indices, computed once per grouping."""
+    if "bijvoet_partner" not in groups.derived:
+        partner = bijvoet_partner(groups.asu_index)
+        partner.setflags(write=False)  # shared by every caller
+        groups.derived["bijvoet_partner"] = partner
+    return groups.derived["bijvoet_partner"]
+
+
+def plus_hemisphere_of(groups, space_group) -> np.ndarray:
+    """is_plus_hemisphere of a grouping's ASU indices, computed once per grouping and space
+    group."""
+    key = ("plus_hemisphere", space_group.type().hall_symbol())
+    if key not in groups.derived:
+        plus = is_plus_hemisphere(groups.asu_index, space_group)
+        plus.setflags(write=False)  # shared by every caller
+        groups.derived[key] = plus
+    return groups.derived[key]
+
+
 def _packed(hkl, reference=None):
     span_source = np.concatenate([hkl, -hkl]) if reference is None else np.concatenate(
         [reference, -reference]
@@ -505,10 +525,11 @@ class _Prepared:
         self.anomalous = anomalous
         self.intensity = intensity
         self.sigma = sigma
+        # The anomalous grouping for CCanom and Ranom (the same one when anomalous); made
+        # first, so that the other is derived from it (groups.non_anomalous_from_anomalous)
+        self.anom = groupings.get(True, unit_cell)
         self.groups = groupings.get(anomalous, unit_cell)
         g = self.groups
-        # The anomalous grouping for CCanom and Ranom (the same one when anomalous).
-        self.anom = groupings.get(True, unit_cell)
         a = self.anom
         i_sorted = g.gather(intensity)
         s_sorted = g.gather(sigma)
@@ -532,8 +553,8 @@ class _Prepared:
         del i_sorted, s_sorted
         self.n = g.multiplicity
         self.group_d = _cctbx_d(unit_cell, g.asu_index)  # cctbx's rounding, for boundaries
-        self.partner = bijvoet_partner(a.asu_index)
-        self.plus = is_plus_hemisphere(a.asu_index, space_group) & (self.partner >= 0)
+        self.partner = bijvoet_partner_of(a)
+        self.plus = plus_hemisphere_of(a, space_group) & (self.partner >= 0)
         # The stream restarts for every shell; all groups together take the most draws.
         self.uniforms = cctbx_uniform_stream(max(cctbx_draws_needed(g),
                                                  cctbx_draws_needed(a)))

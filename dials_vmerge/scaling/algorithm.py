@@ -95,6 +95,10 @@ class DatasetState:
     log: list = field(default_factory=list)
     # every row of this dataset in the table (suitable or not)
     dataset_rows: np.ndarray | None = None
+    # ASU indices of the suitable rows with Friedel mates apart (the error model's
+    # grouping), mapped once for the run's two error-model refinements (ScalingRun.
+    # anomalous_asu); `asu` itself when the run is anomalous
+    anomalous_asu: np.ndarray | None = None
 
     def weights(self):
         return em.error_model_weights(self.intensity, self.variance, self.error_model)
@@ -152,6 +156,17 @@ class ScalingRun:
         intensity = table.peek("intensity", all_rows)
         variance = table.peek("variance", all_rows)
         g = np.array(table.peek("inverse_scale_factor", all_rows), dtype=np.float64)
+        other = np.flatnonzero(~suitable)
+        del suitable
+        self.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
+        table.del_column("intensity")
+        table.del_column("variance")
+        # The other columns the table holds in memory (summed partials' intensities,
+        # prescaling correction, output columns) are read again only by the intensity
+        # combination and for the output: a scratch file holds them meanwhile. Flags stay:
+        # scaling sets them. Spilled before the models read their columns, the largest
+        # allocations of this set-up (1e6 sweep: 52 MB less at its peak RSS).
+        table.spill([name for name in table.keys() if name != "flags"])
         states = []
         # many small datasets (stills): each column the models configure from is read once
         # for all, not once per dataset (20 000 file reads took ~30 s at 20 000 stills); not
@@ -168,16 +183,6 @@ class ScalingRun:
             state.dataset_rows = kept[n][3]
             states.append(state)
         del shared
-        other = np.flatnonzero(~suitable)
-        del suitable
-        self.unsuitable = (other, table.peek("intensity", other), table.peek("variance", other))
-        table.del_column("intensity")
-        table.del_column("variance")
-        # The other columns the table holds in memory (summed partials' intensities,
-        # prescaling correction, output columns) are read again only by the intensity
-        # combination and for the output: a scratch file holds them meanwhile. Flags stay:
-        # scaling sets them.
-        table.spill([name for name in table.keys() if name != "flags"])
         if self._can_combine(table):
             # Datasets scaled before keep their Imid: one read per distinct value.
             by_imid = {}
@@ -242,12 +247,28 @@ class ScalingRun:
         """
         rows = [np.flatnonzero(mask) for mask in masks]
         members = [self.states[d] for d in positions]
-        indices = self._per_state_column("miller_index", members,
-                                         lambda s, it=iter(rows): s.suitable_rows[next(it)])
-        asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
-        asu = np.split(asu_all, np.cumsum([r.size for r in rows])[:-1])
+        # a dataset without masked rows uses its mapped indices as they are (no copy)
+        asu = [full if r.size == full.shape[0] else full[r]
+               for full, r in zip(self.anomalous_asu(members), rows)]
         return GroupLayout(asu, loc_indices=rows,
                            full_sizes=[self.states[d].suitable_rows.size for d in positions])
+
+    def anomalous_asu(self, members):
+        """Per state of `members`: the anomalous ASU indices of all its suitable rows.
+
+        Mapped once per run (12 B per suitable row kept from the first error-model
+        refinement to the last; the mapping of ~1e6 rows took ~0.1 s each time)."""
+        if self.anomalous:
+            return [s.asu for s in members]
+        missing = [s for s in members if s.anomalous_asu is None]
+        if missing:
+            indices = self._per_state_column("miller_index", missing)
+            asu_all = map_indices_to_asu(np.concatenate(indices), self.space_group, True)
+            del indices
+            for s, part in zip(missing, np.split(asu_all, np.cumsum(
+                    [m.suitable_rows.size for m in missing])[:-1])):
+                s.anomalous_asu = part
+        return [s.anomalous_asu for s in members]
 
     def global_table(self, states=None, error_model_weights=None):
         use_em = self.global_uses_error_model_weights if error_model_weights is None else \

@@ -34,8 +34,15 @@ def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
 
 def profile_weight(i_sum, imid):
     """w = 1 / (1 + (I_sum/Imid)^3), 1 where I_sum <= 0 (numpy's power, as combine_values)."""
+    # the same ufuncs as np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3)), in
+    # one array instead of five (1e6 sweep: 28 MB less at the scaling stage's peak RSS)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3))
+        w = np.divide(i_sum, imid)
+        np.power(w, 3, out=w)
+        np.add(1.0, w, out=w)
+        np.divide(1.0, w, out=w)
+    w[i_sum <= 0] = 1.0
+    return w
 
 
 @parallel_when_large
@@ -179,8 +186,28 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     return best
 
 
+# apply_imid reads and combines this many rows at a time: its ~15 temporaries of every row
+# (1e6 sweep: ~100 MB, the peak RSS of the scaling stage) are those of one slice instead.
+APPLY_IMID_CHUNK_ROWS = 1 << 17
+
+
 def apply_imid(table, imid, rows):
-    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9)."""
+    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9).
+
+    Element by element, so computed in slices of rows with the same values."""
+    rows = np.asarray(rows)
+    if rows.size <= APPLY_IMID_CHUNK_ROWS:
+        return _apply_imid_rows(table, imid, rows)
+    intensity = np.empty(rows.size)
+    variance = np.empty(rows.size)
+    for start in range(0, rows.size, APPLY_IMID_CHUNK_ROWS):
+        stop = min(rows.size, start + APPLY_IMID_CHUNK_ROWS)
+        intensity[start:stop], variance[start:stop] = _apply_imid_rows(table, imid,
+                                                                       rows[start:stop])
+    return intensity, variance
+
+
+def _apply_imid_rows(table, imid, rows):
     c = table.peek("prescaling_correction", rows)
     row_flags = table.peek("flags", rows)
     prf_flag = (row_flags & np.uint64(flags.integrated_prf)) != 0
