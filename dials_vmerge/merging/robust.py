@@ -149,7 +149,12 @@ def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = DEF
     a, b = gaussian_calibration(float(dof), float(sigma_scale))
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
-    mean, merged_sigma, fallback = student_t_merge_kernel(
+    from ..backends.run_device import pass_device
+
+    kernel = student_t_merge_kernel
+    if pass_device() == "cuda":  # the scaling job's device (kernels.cuda.merging, same sums)
+        from ..kernels.cuda.merging import student_t_merge as kernel
+    mean, merged_sigma, fallback = kernel(
         i_sorted, s_sorted, groups.group_start, float(dof), float(sigma_scale),
         (dof + 1.0) * a / b, a / (b * b), MAX_ITERATIONS, RELATIVE_TOLERANCE,
         MIN_OBSERVATIONS_FOR_REWEIGHTING,

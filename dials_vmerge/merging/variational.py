@@ -256,6 +256,18 @@ def merge_variational(
             t_dof, max_t_iterations, GL_NODES, GL_WEIGHTS, want_amplitude,
         )
 
+    from ..backends.run_device import pass_device
+
+    if pass_device() == "cuda":
+        # the scaling job's device: observations copied once, every E-step on the device
+        from ..kernels.cuda.variational import DeviceVariationalPosterior
+
+        device = DeviceVariationalPosterior(i_sorted, s_sorted, groups.group_start, centric,
+                                            GL_NODES, GL_WEIGHTS)
+
+        def e_step(prior_mean, want_amplitude):  # noqa: F811 (the device twin)
+            return device.e_step(prior_mean, t_dof, max_t_iterations, want_amplitude)
+
     extra = {}
     if wilson_sigma_per_group is None:
         bin_of = resolution_bins(groups.dstar_sq, n_bins)

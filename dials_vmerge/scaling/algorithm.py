@@ -427,6 +427,12 @@ class ScalingRun:
         """
         if manager is None:
             manager = ParameterManager([s.model for s in self.states])
+        if getattr(self, "_compute_device", None) == "cuda":
+            # compute.device=cuda: the model kernels of the scaling target, on every row
+            from ..backends.cuda_expand import expand_on_device
+
+            if expand_on_device(self.states, manager, covariance):
+                return
         for d, state in enumerate(self.states):
             state.g = _evaluate_g(state.model)
             if covariance is None:
