@@ -111,6 +111,8 @@ def test_quartz_cuda_run_equals_cpu_run(tmp_path):
     assert "kernels run on the CUDA device (numba CUDA simulator)" in gpu.stdout
     assert "device target: physical model" in gpu.stdout
     assert "LevMar" in gpu.stdout  # the normal equations ran on the device too
+    assert ("g and var(g) of every reflection, outlier rejection, the error-model sums, "
+            "merging (classical, robust, variational)") in gpu.stdout
     a = read_reflections(str(tmp_path / "cpu" / "scaled.refl"))
     b = read_reflections(str(tmp_path / "gpu" / "scaled.refl"))
     assert sorted(a.keys()) == sorted(b.keys()) and a.nrows == b.nrows

@@ -1,10 +1,13 @@
-"""The profile likelihood of the error model's b (scaling/error_model.py,
+"""The error model's per-observation sums: the profile likelihood of b (scaling/error_model.py,
 refine_maximum_likelihood) in one kernel: a few passes over the observations with no
 per-observation temporaries but one, instead of a dozen numpy arrays per evaluation of b.
 
 Per observation q = (sigma^2 + b^2 I^2) / g^2, per group spread = sum p^2 q, unit =
 max(q (1 - 2p) + spread, 1e-300), ratio = r^2 / unit; a^2 = mean(ratio) (or fixed) and
-cost = sum log(a^2 unit) + sum(ratio) / a^2.
+cost = sum log(a^2 unit) + sum(ratio) / a^2; cost_slope_kernel its derivative in b.
+binned_deviation_sums: the per-bin sums of the DIALS b functional (error_model.b_functional).
+Here, not in scaling/, so that the CUDA twins (kernels/cuda/error_model.py) are compared with
+them on machines without cctbx.
 """
 
 from __future__ import annotations
@@ -82,3 +85,21 @@ def cost_slope_kernel(intensity, variance, g, share, group, residual_sq, n_group
         sum_log_slope += unit_slope[i] / unit[i]
         sum_ratio_slope += residual_sq[i] * unit_slope[i] / unit[i] / unit[i]
     return sum_log_slope - sum_ratio_slope / a_sq
+
+
+@njit(cache=True)
+def binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bins, a, b):
+    """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
+    observation order (as np.bincount does)."""
+    s1 = np.zeros(n_bins)
+    s2 = np.zeros(n_bins)
+    for i in range(intensity.size):
+        k = bin_index[i]
+        if k < 0:
+            continue
+        bi = b * intensity[i]
+        sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
+        d = prefactor[i] * (intensity[i] / g[i] - ih[i]) / sigma_prime
+        s1[k] += d
+        s2[k] += d * d
+    return s1, s2

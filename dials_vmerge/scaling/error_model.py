@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 # ndtri/ndtr are what scipy.stats.norm.ppf/cdf evaluate; importing scipy.stats and
 # scipy.optimize (~45 MB of RSS) for them and one 1-D minimisation (b_step) is not worth it.
 from scipy.special import ndtr, ndtri
 
+from ..kernels.error_model_ml import binned_deviation_sums as _binned_deviation_sums  # noqa: E501
 from .ih_table import build_ih_table
 
 DEFAULT_A = 1.0
@@ -259,24 +259,6 @@ def bin_variances(data, delta):
     mean_sq = np.bincount(idx, d * d, minlength=data.n_bins) / count
     weight = np.bincount(idx, data.expected[valid], minlength=data.n_bins) / count
     return mean_sq - mean * mean, weight
-
-
-@njit(cache=True)
-def _binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bins, a, b):
-    """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
-    observation order (as np.bincount does)."""
-    s1 = np.zeros(n_bins)
-    s2 = np.zeros(n_bins)
-    for i in range(intensity.size):
-        k = bin_index[i]
-        if k < 0:
-            continue
-        bi = b * intensity[i]
-        sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
-        d = prefactor[i] * (intensity[i] / g[i] - ih[i]) / sigma_prime
-        s1[k] += d
-        s2[k] += d * d
-    return s1, s2
 
 
 def _bin_counts_and_weights(data):
