@@ -15,7 +15,7 @@ import os
 from numba import cuda
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
-THREADS_PER_BLOCK = 32 if SIMULATOR else 128
+THREADS_PER_BLOCK = 8 if SIMULATOR else 128
 # Every kernel loops over its items with a grid stride, so any grid covers them; the
 # simulator gets one block (thread start-up dominates its cost), a GPU one thread per item.
 MAX_BLOCKS = 1 if SIMULATOR else 2 ** 31 - 1
