@@ -174,8 +174,15 @@ def compare_error_model(table, g):
 
     gs = np.asarray(table.group_start, dtype=np.int64)
     group = np.repeat(np.arange(gs.size - 1), np.diff(gs))
-    intensity = np.asarray(table.intensity, np.float64)
-    weight = np.asarray(table.weight, np.float64)
+    # as the refinement's filter: groups of two or more (a single observation has r = 0 and
+    # unit variance 0, clamped to 1e-300, which makes the likelihood meaningless)
+    keep = (np.diff(gs) > 1)[group]
+    sizes = np.diff(gs)[np.diff(gs) > 1]
+    gs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    group = np.repeat(np.arange(sizes.size), sizes)
+    intensity = np.asarray(table.intensity, np.float64)[keep]
+    weight = np.asarray(table.weight, np.float64)[keep]
+    g = np.asarray(g, np.float64)[keep]
     variance = 1.0 / weight
     u = weight * g * g
     total = np.bincount(group, u, minlength=gs.size - 1)
