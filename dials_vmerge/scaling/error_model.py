@@ -525,8 +525,9 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
 
 
 SLOPE_POLISH_STEPS = 6
-# b below this is b = 0 found to Brent's accuracy (a few B_XATOL): which tiny b the search
-# ends on is rounding noise, and b^2 I^2 < 1e-16 I^2 changes no variance.
+# b below this is b = 0 found to Brent's accuracy (a few B_XATOL): the slope (~ b) has no
+# zero to polish towards but 0 itself; which tiny b the search ends on is rounding noise,
+# and b^2 I^2 < 1e-16 I^2 changes no variance to the 1e-10 the devices agree on.
 B_ZERO = 10.0 * B_XATOL
 
 
@@ -541,7 +542,7 @@ def _polish_stationary_point(slope, b):
     leaves Brent's accuracy (B_XATOL + 1e-6 b) is not taken.
     """
     if not b > B_ZERO:
-        return 0.0
+        return b
     x0, s0 = b, slope(b)
     x1 = b * (1.0 + 1e-6)
     s1 = slope(x1)
@@ -555,8 +556,7 @@ def _polish_stationary_point(slope, b):
         if abs(x1 - x0) <= 1e-15 * x1:
             break
         s1 = slope(x1)
-    b = float(x1) if abs(x1 - b) <= 1e-6 * b + B_XATOL else b
-    return b if b > B_ZERO else 0.0
+    return float(x1) if abs(x1 - b) <= 1e-6 * b + B_XATOL else b
 
 
 def refine_regression(table):
