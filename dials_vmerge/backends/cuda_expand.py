@@ -20,9 +20,10 @@ from numba import cuda
 from ..kernels.cuda import array as device_array_model
 from ..kernels.cuda import models as device_models
 
-# Rows per device chunk: with absorption (~30 slots of 8 + 8 B) 4M rows are ~2 GB of dg/dp
-# and columns on the device.
-EXPAND_CHUNK_ROWS = 1 << 22
+# Rows per device chunk: the chunk's model inputs are built on the host (~350 B per row with
+# absorption), so 1M rows keep that transient near the CPU run's own; on the device that is
+# ~0.5 GB of dg/dp and columns, and enough threads to fill a GPU.
+EXPAND_CHUNK_ROWS = 1 << 20
 
 
 def device_model_kind(models):
