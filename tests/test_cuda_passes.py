@@ -3,7 +3,10 @@
 model sweep simulation and the quartz sweep (physical model). The runs happen in a subprocess
 (tests/cuda_pass_checks.py: the simulator must be on before numba.cuda is imported); every
 assertion is made here. The normal matrix is also recomputed here with dense numpy, an
-implementation independent of both kernels.
+implementation independent of both kernels. Also compared: g and var(g) of every configured
+row (ScalingRun.expand), the error-model sums and both refinements' (a, b), robust and
+variational merging through the functions a run calls, and the target over a tiny forced
+batch size (two CUDA streams) against one batch.
 """
 
 import os
