@@ -54,6 +54,8 @@ from dials_vmerge.kernels.cuda import models as dm  # noqa: E402
 from dials_vmerge.kernels.cuda import outliers as do  # noqa: E402
 from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations  # noqa: E402
 from dials_vmerge.kernels.cuda.target import DeviceTarget  # noqa: E402
+from dials_vmerge.kernels.cuda import variational as dv  # noqa: E402
+from dials_vmerge.kernels.cuda.error_model import DeviceErrorModelSums  # noqa: E402
 
 MEAN_MULTIPLICITY = 8
 OBS_PER_STILL = 250
@@ -66,6 +68,14 @@ MAX_DENSE_COVARIANCE = 8192
 # (array) in these layouts, on the CPU as on the device.
 NORMAL_CHECK_MAX = {"physical": 1_000_000, "array": 100_000}
 NORMAL_LAYOUTS = ["physical", "array"]
+# The error-model passes are evaluated at these a and b; the streamed target in this many
+# batches (tiny compared with the layout: the overlap of copies and kernels on two streams)
+EM_A, EM_B = 1.1, 0.03
+STREAMED_BATCHES = 8
+# robust merging at the run's defaults nu = 4, c = 1.5: (nu + 1) A / B and A / B^2 of
+# merging/robust.py's gaussian_calibration (scipy quadrature; its values, to 5 digits)
+ROBUST_INFO_TO_VARIANCE, ROBUST_GAUSSIAN_FACTOR = 0.44361, 1.02892
+GL_NODES_8, GL_WEIGHTS_8 = np.polynomial.legendre.leggauss(8)
 
 
 def _blocks(n):
@@ -378,6 +388,99 @@ class DeviceLayout:
             if len(self.target.batches) == 1 else cuda.to_device(self.lay["group_start"]),
             0.0, self.mean, self.sigma)
 
+    # -- the passes added with the error model, expansion, robust/variational merging and
+    # streamed batches; their device inputs are made on first use (not at 1e8 unless timed)
+    def error_model_host(self):
+        """Error-model refinement inputs from the layout and the current g (numpy)."""
+        if getattr(self, "_em_host", None) is None:
+            lay = self.lay
+            gs = lay["group_start"]
+            group = np.repeat(np.arange(self.n_groups, dtype=np.int64), np.diff(gs))
+            g = self.g.copy_to_host()
+            w, inten = lay["weight"], lay["intensity"]
+            u = w * g * g
+            total = np.bincount(group, u, minlength=self.n_groups)
+            share = u / total[group]
+            ih = (np.bincount(group, w * g * inten, minlength=self.n_groups) / total)[group]
+            n_h = np.diff(gs)[group].astype(np.float64)
+            expected = ih * g
+            # ten equal-count bins of expected intensity; a tenth of the observations left
+            # out of every bin (bin -1), as bins deleted by the refinement
+            edges = np.quantile(expected, np.linspace(0.0, 1.0, 11)[1:-1])
+            bin_index = np.searchsorted(edges, expected).astype(np.int64)
+            bin_index[::10] = -1
+            self._em_host = {
+                "intensity": inten, "variance": 1.0 / w, "g": g, "share": share,
+                "residual_sq": (inten / g - ih) ** 2, "group": group, "ih": ih,
+                "prefactor": np.sqrt(n_h / np.maximum(n_h - 1.0, 1.0)),
+                "bin_index": bin_index, "n_bins": 10}
+        return self._em_host
+
+    def error_model_sums(self):
+        if getattr(self, "_em", None) is None:
+            h = self.error_model_host()
+            self._em = DeviceErrorModelSums(
+                h["intensity"], h["variance"], h["g"], h["share"], h["residual_sq"],
+                h["group"], ih=h["ih"], prefactor=h["prefactor"], bin_index=h["bin_index"],
+                n_bins=h["n_bins"])
+        return self._em
+
+    def error_model_ml(self):
+        return self.error_model_sums().a_sq_and_cost(EM_B, -1.0)
+
+    def error_model_slope(self):
+        return self.error_model_sums().cost_slope(EM_B, -1.0)
+
+    def error_model_binned(self):
+        return self.error_model_sums().binned_deviation_sums(EM_A, EM_B)
+
+    def expand(self):
+        """g, dg/dp and var(g) of every row: ScalingRun.expand's device pass."""
+        self.model()
+        self.variance()
+
+    def merge_inputs(self):
+        if getattr(self, "_merge_in", None) is None:
+            rng = np.random.default_rng(6)
+            centric = (rng.uniform(size=self.n_groups) < 0.1).astype(np.uint8)
+            prior = np.full(self.n_groups, float(np.mean(np.abs(self.lay["intensity"]))))
+            self._merge_in = {
+                "centric": centric, "prior": prior,
+                "centric_d": cuda.to_device(centric), "prior_d": cuda.to_device(prior),
+                "nodes": cuda.to_device(GL_NODES_8), "weights": cuda.to_device(GL_WEIGHTS_8),
+                "fallback": cuda.device_array(self.n_groups, np.uint8),
+                "mean_f": cuda.device_array(self.n_groups),
+                "sd_f": cuda.device_array(self.n_groups)}
+        return self._merge_in
+
+    def merge_robust(self):
+        m = self.merge_inputs()
+        dmg.student_t_merge_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.sigma_obs, self.group_start, 4.0, 1.5,
+            ROBUST_INFO_TO_VARIANCE, ROBUST_GAUSSIAN_FACTOR, 200, 1e-10, 3, self.mean,
+            self.sigma, m["fallback"])
+
+    def merge_variational(self):
+        """One E-step of variational merging with amplitudes (the final one of a merge)."""
+        m = self.merge_inputs()
+        dv.posterior_kernel[_blocks(self.n_groups), THREADS_PER_BLOCK](
+            self.target.intensity, self.sigma_obs, self.group_start, m["centric_d"],
+            m["prior_d"], 0.0, 100, m["nodes"], m["weights"], True, self.mean, self.sigma,
+            m["mean_f"], m["sd_f"])
+
+    def streamed_target(self):
+        """The target over STREAMED_BATCHES batches of whole groups on two streams."""
+        if getattr(self, "_streamed", None) is None:
+            lay = self.lay
+            self._streamed = DeviceTarget(lay["intensity"], lay["weight"], lay["group_start"],
+                                          lay["cols"], lay["n_params"],
+                                          -(-self.n // STREAMED_BATCHES))
+        return self._streamed
+
+    def evaluation_streamed(self):
+        self.model()
+        return self.streamed_target().evaluate(self.g, self.deriv)
+
     def bytes_per_pass(self):
         """(read + written) bytes of each pass, counting every array element once."""
         n, k = self.n, self.n_slots
@@ -405,6 +508,16 @@ class DeviceLayout:
             "normal": n * 24 + n * k * 16 + groups,
         }
         out["evaluation"] = out["model"] + out["residuals"] + out["gradient"]
+        out["evaluation_streamed"] = out["evaluation"]
+        out["expand"] = out["model"] + out["var_g"]
+        # unit and ratio pass (I, sigma^2, g, p, r^2 read, unit written) and the log pass
+        out["error_model_ml"] = n * 48 + groups + n * 8
+        # u and u' written, then read with r^2
+        out["error_model_slope"] = n * 56 + groups + n * 24
+        out["error_model_binned"] = n * 48
+        # each element counted once: the IRLS iterations re-read a group from cache
+        out["merge_robust"] = n * 16 + groups + 17 * self.n_groups
+        out["merge_variational"] = n * 16 + groups + 9 * self.n_groups + 32 * self.n_groups
         return out
 
 
@@ -548,11 +661,81 @@ def check_against_cpu(dev):
     tot_c = np.bincount(grp, inten, minlength=dev.n_groups)
     out["statistics_sums"] = max(relative(dev.abs_dev.copy_to_host(), dev_c),
                                  relative(dev.total.copy_to_host(), tot_c))
+    out.update(check_new_passes(dev))
     dev.merge()
     s_w = np.bincount(grp, lay["weight"], minlength=dev.n_groups)
     s_wi = np.bincount(grp, lay["weight"] * lay["intensity"], minlength=dev.n_groups)
     out["merge"] = max(relative(dev.mean.copy_to_host(), s_wi / s_w),
                        relative(dev.sigma.copy_to_host(), np.sqrt(1.0 / s_w)))
+    return out
+
+
+def check_new_passes(dev):
+    """The error-model sums, g and var(g) expansion, robust and variational merging and the
+    streamed target against their CPU kernels (kernel layer: no cctbx)."""
+    from dials_vmerge.kernels import error_model_ml as em_cpu
+    from dials_vmerge.kernels import merging as merge_cpu
+
+    out = {}
+    lay = dev.lay
+    dev.model()
+    h = dev.error_model_host()
+    n = dev.n
+    a_sq_c, cost_c = em_cpu.a_sq_and_cost_kernel(
+        h["intensity"], h["variance"], h["g"], h["share"], h["group"], h["residual_sq"],
+        dev.n_groups, EM_B, -1.0, np.empty(n))
+    a_sq_d, cost_d = dev.error_model_ml()
+    out["error_model_ml"] = max(relative(a_sq_d, a_sq_c), relative(cost_d, cost_c))
+    slope_c = em_cpu.cost_slope_kernel(
+        h["intensity"], h["variance"], h["g"], h["share"], h["group"], h["residual_sq"],
+        dev.n_groups, EM_B, -1.0, np.empty(n), np.empty(n))
+    # the slope is a difference of two sums: relative to the larger of them
+    scale = float(np.sum(np.abs(h["residual_sq"]))) if slope_c == 0 else abs(slope_c)
+    out["error_model_slope"] = abs(dev.error_model_slope() - slope_c) / scale
+    s1c, s2c = em_cpu.binned_deviation_sums(h["intensity"], h["variance"], h["g"], h["ih"],
+                                            h["prefactor"], h["bin_index"], h["n_bins"],
+                                            EM_A, EM_B)
+    s1d, s2d = dev.error_model_binned()
+    # sum delta is a sum of signed terms: relative to sum |delta| (~ sqrt(sum delta^2 n))
+    s1_scale = np.sqrt(s2c * np.bincount(h["bin_index"][h["bin_index"] >= 0],
+                                         minlength=h["n_bins"]))
+    out["error_model_binned"] = max(float(np.max(np.abs(s1d - s1c) / s1_scale)),
+                                    relative(s2d, s2c))
+    # expansion: g, dg/dp and var(g) of every row (the model kernels and var(g)), as checked
+    # above pass by pass; here the call ScalingRun.expand makes, against the CPU twins
+    if dev.covariance is not None:
+        dev.expand()
+        from dials_vmerge.scaling.target import variance_of_g
+
+        out["expand_var_g"] = relative(
+            dev.var_g.copy_to_host(),
+            variance_of_g(dev.deriv.copy_to_host(),
+                          np.ascontiguousarray(lay["cols"], dtype=np.int64),
+                          dev.covariance_host))
+    sigma = 1.0 / np.sqrt(lay["weight"])
+    gs = lay["group_start"]
+    mean_c, sig_c, fallback_c = merge_cpu.student_t_merge_kernel(
+        lay["intensity"], sigma, gs, 4.0, 1.5, ROBUST_INFO_TO_VARIANCE,
+        ROBUST_GAUSSIAN_FACTOR, 200, 1e-10, 3)
+    dev.merge_robust()
+    out["merge_robust"] = max(relative(dev.mean.copy_to_host(), mean_c),
+                              relative(dev.sigma.copy_to_host(), sig_c))
+    out["merge_robust_fallback"] = float(np.count_nonzero(
+        dev.merge_inputs()["fallback"].copy_to_host().astype(bool) != fallback_c))
+    m = dev.merge_inputs()
+    mj, sj, mf, sf = merge_cpu.posterior_kernel(
+        lay["intensity"], sigma, gs, m["centric"].astype(np.bool_), m["prior"], 0.0, 100,
+        GL_NODES_8, GL_WEIGHTS_8, True)
+    dev.merge_variational()
+    out["merge_variational"] = max(relative(dev.mean.copy_to_host(), mj),
+                                   relative(dev.sigma.copy_to_host(), sj),
+                                   relative(m["mean_f"].copy_to_host(), mf),
+                                   relative(m["sd_f"].copy_to_host(), sf))
+    phi_1, grad_1 = dev.evaluation()
+    phi_s, grad_s = dev.evaluation_streamed()
+    out["evaluation_streamed"] = max(relative(phi_s, phi_1),
+                                     float(np.max(np.abs(grad_s - grad_1))
+                                           / max(np.max(np.abs(grad_1)), 1e-300)))
     return out
 
 
@@ -617,6 +800,9 @@ def main(argv=None):
     parser.add_argument("--normal-check-size", default=None,
                         help="largest layout of the normal-equation checks (default: "
                              "1e6 physical, 1e5 array)")
+    parser.add_argument("--extra-max", default="1e8",
+                        help="largest layout whose error-model, expansion, robust, "
+                             "variational and streamed passes are timed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None,
                         help="JSON path (default $OUT/gpu_check.json when OUT is set)")
@@ -688,16 +874,30 @@ def main(argv=None):
                       "merge": dev.merge, "merge_classical": dev.merge_classical,
                       "statistics_sums": dev.statistics_sums, "outliers": dev.outliers,
                       "evaluation": dev.evaluation}
+            if size <= parse_size(args.extra_max):
+                passes.update({
+                    "expand": dev.expand, "error_model_ml": dev.error_model_ml,
+                    "error_model_slope": dev.error_model_slope,
+                    "error_model_binned": dev.error_model_binned,
+                    "merge_robust": dev.merge_robust,
+                    "merge_variational": dev.merge_variational,
+                    "evaluation_streamed": dev.evaluation_streamed})
             if kind == "physical" and size <= parse_size(args.normal_max):
                 passes["normal"] = dev.normal_equations
             moved = dev.bytes_per_pass()
             dev.model()
             dev.residuals()
             for name, function in passes.items():
-                if name == "var_g" and dev.covariance is None:
+                if name in ("var_g", "expand") and dev.covariance is None:
                     continue
                 # one repeat of the (slow, dense-partial) normal pass
-                seconds = timed(function, 1 if name == "normal" else args.repeats)
+                try:
+                    seconds = timed(function, 1 if name == "normal" else args.repeats)
+                except Exception as e:  # e.g. the extra passes' inputs beyond device memory
+                    print(f"{kind:9s} {size:10d} {name:12s} skipped: {type(e).__name__}")
+                    result["timings"].append({"layout": kind, "n_obs": size, "pass": name,
+                                              "skipped": f"{type(e).__name__}: {e}"})
+                    continue
                 bound = moved[name] / rate
                 row = {"layout": kind, "n_obs": size, "pass": name, "seconds": seconds,
                        "bound_seconds": bound, "ratio_to_bound": seconds / bound,

@@ -250,8 +250,8 @@ def choose_compute_device(params, log) -> str:
 
     device = choose_device(params.compute.device)
     if device == "cuda":
-        # issue 12: the scaling rounds' target and gradient run on the device
-        # (backends/cuda_scaling.py); the other passes still run on the CPU.
+        # issue 12: the per-observation passes run on the device (backends/run_device.py
+        # logs which); the minimiser stays on the host.
         log.info("compute.device: a GPU is visible; scaling target and gradient use it for large jobs "
                  "(cuda: always)")
     return device

@@ -81,8 +81,189 @@ def compare(target, seed, with_normal=True, n_segments=None):
         target._deriv[:n], cuda.to_device(cols64), cuda.to_device(cov), var_d)
     out["var_g"] = rel(var_d.copy_to_host()[:n],
                        variance_of_g(deriv_c, np.ascontiguousarray(cols_c, np.int64), cov))
+    out.update(compare_streamed_batches(target.table, g_c, deriv_c, cols_c, target.n_par,
+                                        phi_c - float(np.sum(target.restraint_weights * x * x)),
+                                        grad_c - 2.0 * target.restraint_weights * x))
     out.update(compare_outliers(target.table, g_c, rng))
     out.update(compare_merging(target.table, g_c, rng))
+    out.update(compare_robust_variational(target.table, g_c))
+    out.update(compare_error_model(target.table, g_c))
+    out.update(compare_expand(manager, rng))
+    return out
+
+
+def compare_streamed_batches(table, g, deriv, cols, n_par, phi_cpu, grad_cpu):
+    """The target over a tiny forced batch size (batches of whole groups on two streams,
+    g and dg/dp uploaded batch by batch from the host) vs one batch, and both vs the CPU
+    data term."""
+    from dials_vmerge.kernels.cuda.target import DeviceTarget
+
+    gs = np.asarray(table.group_start, dtype=np.int64)
+    n = int(gs[-1])
+    one = DeviceTarget(table.intensity, table.weight, gs, cols, n_par)
+    many = DeviceTarget(table.intensity, table.weight, gs, cols, n_par,
+                        batch_size=max(20, n // 9))
+    g = np.ascontiguousarray(g, np.float64)
+    deriv = np.ascontiguousarray(deriv, np.float64)
+    phi_1, grad_1 = one.evaluate(cuda.to_device(g), cuda.to_device(deriv))
+    phi_m, grad_m = many.evaluate(cuda.device_array(n), cuda.device_array(deriv.shape), g,
+                                  deriv)
+    return {"streamed_batches": len(many.batches), "streamed_streams": len(many._streams()),
+            "streamed_vs_one": max(rel(phi_m, phi_1), rel(grad_m, grad_1)),
+            "streamed_vs_cpu": max(rel(phi_m, phi_cpu), rel(grad_m, grad_cpu))}
+
+
+def compare_robust_variational(table, g):
+    """Robust (Student-t) and variational merging (Gaussian and Student-t likelihoods,
+    Sigma(d) by EM) of the scaled intensities, CPU kernels vs the device, through the
+    merging functions a run calls (the device chosen by run_device's pass device)."""
+    from dials_vmerge.merging.robust import merge_robust
+    from dials_vmerge.merging.variational import merge_variational
+
+    groups = grouped_observations(table)
+    intensity = np.asarray(table.intensity, np.float64) / g
+    sigma = 1.0 / np.sqrt(np.asarray(table.weight, np.float64)) / g
+    out = {}
+    runs = {"robust": lambda: merge_robust(groups, intensity, sigma),
+            "variational": lambda: merge_variational(groups, intensity, sigma, n_bins=4,
+                                                     max_em_iterations=3),
+            "variational_t": lambda: merge_variational(groups, intensity, sigma, dof=4.0,
+                                                       n_bins=4, max_em_iterations=2)}
+    for name, merge in runs.items():
+        run_device._PASS_DEVICE[0] = "cpu"
+        cpu = merge()
+        run_device._PASS_DEVICE[0] = "cuda"
+        dev = merge()
+        diffs = [rel(dev.intensity, cpu.intensity), rel(dev.sigma, cpu.sigma)]
+        if name.startswith("variational"):
+            diffs += [rel(dev.amplitude, cpu.amplitude),
+                      rel(dev.amplitude_sigma, cpu.amplitude_sigma)]
+            out[f"{name}_em_iterations"] = int(cpu.extra["em_iterations"])
+            out[f"{name}_centric"] = int(np.count_nonzero(groups.centric))
+        else:
+            out["robust_fallback_differ"] = int(np.count_nonzero(
+                cpu.extra["sigma_fallback"] != dev.extra["sigma_fallback"]))
+            out["robust_reweighted"] = int(np.count_nonzero(np.diff(groups.group_start) >= 3))
+        out[f"merge_{name}"] = max(diffs)
+        out[f"merge_{name}_n"] = len(cpu.intensity)
+    return out
+
+
+def grouped_observations(table):
+    """GroupedObservations of the Ih table's groups (observations in table order), with
+    every fifth group centric so both prior families are exercised."""
+    from dials_vmerge.merging.groups import GroupedObservations
+
+    gs = np.asarray(table.group_start, dtype=np.int64)
+    n_groups = gs.size - 1
+    rng = np.random.default_rng(11)
+    return GroupedObservations(
+        permutation=np.arange(gs[-1], dtype=np.int64), group_start=gs,
+        asu_index=np.zeros((n_groups, 3), np.int32), centric=np.arange(n_groups) % 5 == 0,
+        epsilon=np.ones(n_groups), dstar_sq=np.sort(rng.uniform(0.01, 0.5, n_groups)),
+        anomalous=False)
+
+
+def compare_error_model(table, g):
+    """The error-model sums: the ML profile likelihood of b (a^2 and cost at several b, a
+    free and fixed), the DIALS b functional's binned sums, and the refined (a, b) of both
+    refinements with every evaluation on the device vs the CPU."""
+    from dials_vmerge.kernels.cuda.error_model import DeviceErrorModelSums
+    from dials_vmerge.kernels.error_model_ml import a_sq_and_cost_kernel, cost_slope_kernel
+    from dials_vmerge.scaling import error_model as em
+
+    gs = np.asarray(table.group_start, dtype=np.int64)
+    group = np.repeat(np.arange(gs.size - 1), np.diff(gs))
+    # as the refinement's filter: groups of two or more (a single observation has r = 0 and
+    # unit variance 0, clamped to 1e-300, which makes the likelihood meaningless)
+    keep = (np.diff(gs) > 1)[group]
+    sizes = np.diff(gs)[np.diff(gs) > 1]
+    gs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    group = np.repeat(np.arange(sizes.size), sizes)
+    intensity = np.asarray(table.intensity, np.float64)[keep]
+    weight = np.asarray(table.weight, np.float64)[keep]
+    g = np.asarray(g, np.float64)[keep]
+    variance = 1.0 / weight
+    u = weight * g * g
+    total = np.bincount(group, u, minlength=gs.size - 1)
+    share = u / total[group]
+    ih = (np.bincount(group, weight * g * intensity, minlength=gs.size - 1) / total)[group]
+    residual_sq = (intensity / g - ih) ** 2
+    device = DeviceErrorModelSums(intensity, variance, g, share, residual_sq, group)
+    worst = 0.0
+    for b in (0.0, 0.02, 0.1):
+        for fixed_a_sq in (-1.0, 1.44):
+            cpu = a_sq_and_cost_kernel(intensity, variance, g, share, group, residual_sq,
+                                       gs.size - 1, b, fixed_a_sq, np.empty(intensity.size))
+            dev = device.a_sq_and_cost(b, fixed_a_sq)
+            worst = max(worst, rel(dev[0], cpu[0]), rel(dev[1], cpu[1]))
+    out = {"error_model_ml_sums": worst}
+    worst = 0.0
+    for b in (0.01, 0.05):
+        for fixed_a_sq in (-1.0, 1.44):
+            n = intensity.size
+            cpu = cost_slope_kernel(intensity, variance, g, share, group, residual_sq,
+                                    gs.size - 1, b, fixed_a_sq, np.empty(n), np.empty(n))
+            worst = max(worst, rel(device.cost_slope(b, fixed_a_sq), cpu))
+    out["error_model_ml_slope"] = worst
+    expected = ih * g
+    bin_index, n_bins = em.intensity_bins(expected, 10)
+    prefactor = np.sqrt(np.diff(gs)[group] / np.maximum(np.diff(gs)[group] - 1.0, 1.0))
+    device = DeviceErrorModelSums(intensity, variance, g, ih=ih, prefactor=prefactor,
+                                  bin_index=bin_index, n_bins=n_bins)
+    worst = 0.0
+    for a, b in ((1.0, 0.02), (1.3, 0.05)):
+        s1c, s2c = em._binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index,
+                                             n_bins, a, b)
+        s1d, s2d = device.binned_deviation_sums(a, b)
+        worst = max(worst, rel(s1d, s1c), rel(s2d, s2c))
+    out["error_model_binned_sums"] = worst
+    out["error_model_bins"] = n_bins
+    data = em.ErrorModelData(intensity, variance, g, ih, np.diff(gs)[group].astype(float),
+                             expected, bin_index, n_bins, prefactor, share, group)
+    for name, refine in (("ml", lambda: em.refine_maximum_likelihood(data)),
+                         ("individual", lambda: em.refine_individual(data)[:2])):
+        run_device._PASS_DEVICE[0] = "cpu"
+        data._device_binned_sums = None
+        cpu = refine()
+        run_device._PASS_DEVICE[0] = "cuda"
+        dev = refine()
+        # b below error_model.B_ZERO (1e-8) is b = 0 found to Brent's accuracy: which tiny
+        # b a search ends on is rounding noise, and it changes sigma'^2 = a^2 (sigma^2 +
+        # b^2 I^2) by < 1e-16 I^2, so b is compared to 1e-10 relative plus 1e-8 absolute
+        b_diff = abs(dev[1] - cpu[1]) / (1e-10 * abs(cpu[1]) + 1e-8) * 1e-10
+        out[f"error_model_{name}_ab"] = max(rel(dev[0], cpu[0]), b_diff)
+        out[f"error_model_{name}_b"] = float(cpu[1])
+        out[f"error_model_{name}_used_device"] = int(
+            name == "ml" or getattr(data, "_device_binned_sums", None) is not None)
+    return out
+
+
+def compare_expand(manager, rng):
+    """g and var(g) of every configured row of every dataset: ScalingRun.expand's CPU loop
+    (models' evaluate_g, evaluate_dataset + variance_of_g) vs backends.cuda_expand, with a
+    random SPD covariance and a chunk size that splits datasets."""
+    from types import SimpleNamespace
+
+    from dials_vmerge.backends.cuda_expand import expand_on_device
+    from dials_vmerge.scaling.algorithm import _evaluate_g
+
+    g_cpu = [_evaluate_g(m) for m in manager.models]
+    m = rng.normal(size=(manager.n_free, manager.n_free))
+    cov = m @ m.T / manager.n_free
+    var_cpu = []
+    for d, g in enumerate(g_cpu):
+        _, values, cols = manager.evaluate_dataset(d, np.arange(g.size))
+        var_cpu.append(variance_of_g(values, np.ascontiguousarray(cols, np.int64), cov))
+    states = [SimpleNamespace(suitable_rows=np.arange(g.size), g=None, var_g=None)
+              for g in g_cpu]
+    total = sum(g.size for g in g_cpu)
+    done = expand_on_device(states, manager, cov, chunk_rows=max(7, total // 3 + 1))
+    out = {"expand_on_device": int(done)}
+    if done:
+        out["expand_g"] = max(rel(s.g, g) for s, g in zip(states, g_cpu))
+        out["expand_var_g"] = max(rel(s.var_g, v) for s, v in zip(states, var_cpu))
+        out["expand_rows"] = total
     return out
 
 

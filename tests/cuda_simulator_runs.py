@@ -120,7 +120,7 @@ def run(simulation, *args, shadow=None):
     return np.asarray(scaled["inverse_scale_factor"]), np.asarray(scaled["intensity.scale.value"])
 
 
-def main(out_path, size):
+def main(out_path, size, names=()):
     import time
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -129,17 +129,24 @@ def main(out_path, size):
     # 200-still layout is checked pass by pass in tests/test_cuda_passes.py.
     n_stills, d_min, n_rotation = 20, 8.0, 300
     cases = {
-        "kb": (simulate_stills(n_stills=n_stills, d_min=d_min, seed=5), "model=KB"),
+        "kb": (simulate_stills(n_stills=n_stills, d_min=d_min, seed=5), ("model=KB",)),
+        # at most two LevMar iterations per full-matrix round (both runs): the simulator
+        # interprets the normal-matrix pass element by element, and two iterations already
+        # make the covariance, var(g) and the final expansion of a full-matrix job
         "physical": (simulate_rotation(n_obs_target=n_rotation, n_sweeps=2, model="physical",
-                                       seed=7), "model=physical"),
+                                       seed=7),
+                     ("model=physical", "scaling_refinery.full_matrix_max_iterations=2")),
     }
     # The array model's device kernels are compared pass by pass in test_cuda_passes.py.
-    for name, (simulation, model) in cases.items():
+    if names:
+        cases = {name: cases[name] for name in names}
+    for name, (simulation, options) in cases.items():
+        model = options[0]
         t0 = time.perf_counter()
         shadow = Shadow()
-        g_gpu, i_gpu = run(simulation, model, "compute.device=cuda", shadow=shadow)
+        g_gpu, i_gpu = run(simulation, *options, "compute.device=cuda", shadow=shadow)
         print(f"{name}: device run {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        g_cpu, i_cpu = run(simulation, model, "compute.device=cpu")
+        g_cpu, i_cpu = run(simulation, *options, "compute.device=cpu")
         out[f"{name}_shadow"] = np.array(shadow.rows)
         out[f"{name}_kinds"] = np.array(sorted(shadow.kinds))
         out[f"{name}_g"] = np.stack([g_cpu, g_gpu])
@@ -156,4 +163,4 @@ def main(out_path, size):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "small")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "small", sys.argv[3:])

@@ -3,7 +3,10 @@
 model sweep simulation and the quartz sweep (physical model). The runs happen in a subprocess
 (tests/cuda_pass_checks.py: the simulator must be on before numba.cuda is imported); every
 assertion is made here. The normal matrix is also recomputed here with dense numpy, an
-implementation independent of both kernels.
+implementation independent of both kernels. Also compared: g and var(g) of every configured
+row (ScalingRun.expand), the error-model sums and both refinements' (a, b), robust and
+variational merging through the functions a run calls, and the target over a tiny forced
+batch size (two CUDA streams) against one batch.
 """
 
 import os
@@ -64,6 +67,28 @@ def test_device_passes_equal_cpu_kernels(tmp_path, case):
     for method in ("standard", "simple"):  # the same mask, with rejections to compare
         assert int(d[f"outliers_{method}_n"]) > 0
         assert int(d[f"outliers_{method}_differ"]) == 0
+    # robust and variational merging (Gaussian and Student-t likelihoods, centric and
+    # acentric groups, Sigma(d) by a few EM iterations) through the functions a run calls
+    for name in ("merge_robust", "merge_variational", "merge_variational_t"):
+        assert float(d[name]) <= RTOL, (case, name, float(d[name]))
+        assert int(d[f"{name}_n"]) > 20
+    assert int(d["robust_reweighted"]) > 10 and int(d["robust_fallback_differ"]) == 0
+    assert int(d["variational_centric"]) > 0 and int(d["variational_em_iterations"]) >= 2
+    # the error-model sums: ML profile likelihood (value and slope of b), the binned sums of
+    # the DIALS functional, and both refinements' (a, b) with every evaluation on the device
+    for name in ("error_model_ml_sums", "error_model_ml_slope", "error_model_binned_sums",
+                 "error_model_ml_ab", "error_model_individual_ab"):
+        assert float(d[name]) <= RTOL, (case, name, float(d[name]))
+    assert int(d["error_model_bins"]) >= 3
+    assert int(d["error_model_ml_used_device"]) == 1
+    assert int(d["error_model_individual_used_device"]) == 1
+    # g and var(g) of every configured row (ScalingRun.expand), chunks splitting datasets
+    assert int(d["expand_on_device"]) == 1
+    assert int(d["expand_rows"]) >= int(d["n_obs"])
+    assert float(d["expand_g"]) <= RTOL and float(d["expand_var_g"]) <= RTOL
+    # a tiny forced batch size: whole-group batches on two streams, uploads per batch
+    assert int(d["streamed_batches"]) >= 5 and int(d["streamed_streams"]) == 2
+    assert float(d["streamed_vs_one"]) <= RTOL and float(d["streamed_vs_cpu"]) <= RTOL
     if case == "kb":
         return
     for name in ("normal_phi", "normal_rhs", "normal_matrix"):

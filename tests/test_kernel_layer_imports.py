@@ -39,6 +39,9 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
         from dials_vmerge.kernels import (array_family, flat, kb_family, physical_family,
                                           smoother_weights)
         from dials_vmerge.kernels.cuda import array, merging, models, normal, outliers, target
+        from dials_vmerge.kernels.cuda import error_model, variational
+        from dials_vmerge.kernels import error_model_ml
+        from dials_vmerge.kernels import merging as cpu_merging
         from dials_vmerge.backends import cuda_target, select
         from numba import cuda
         try:
@@ -87,7 +90,11 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
     assert result["all_checks_pass"] is True
     assert result["device"]["name"] == "numba CUDA simulator"
     expected = {"model", "model_g", "target_phi", "target_gradient", "merged_intensity",
-                "var_g", "merge", "outliers", "merge_classical", "statistics_sums"}
+                "var_g", "merge", "outliers", "merge_classical", "statistics_sums",
+                # the error-model sums, expansion, robust/variational merging, streamed batches
+                "error_model_ml", "error_model_slope", "error_model_binned", "expand_var_g",
+                "merge_robust", "merge_robust_fallback", "merge_variational",
+                "evaluation_streamed"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
@@ -96,6 +103,10 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         assert set(checks) - {"size"} == names
         assert all(checks[name] <= 1e-10 for name in names)
         assert checks["outliers"] == 0  # differing mask entries
+        assert checks["merge_robust_fallback"] == 0  # differing fallback flags
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
-    assert len(passes) == 30
+    assert len(passes) == 3 * 17
+    assert {"expand", "error_model_ml", "error_model_slope", "error_model_binned",
+            "merge_robust", "merge_variational", "evaluation_streamed"} <= {
+        p for _, p in passes}
     assert all(row["seconds"] > 0 and row["bound_seconds"] > 0 for row in result["timings"])

@@ -176,9 +176,18 @@ class CudaScalingTarget(ScalingTarget):
                 self._device_target = DeviceTarget(t.intensity, t.weight, t.group_start,
                                                    cols, self.n_par, self._batch_size)
             n = self._n
-            self._g[:n].copy_to_device(np.ascontiguousarray(g, dtype=np.float64))
-            deriv = cuda.to_device(np.ascontiguousarray(values, dtype=np.float64))
-            phi, grad = self._device_target.evaluate(self._g[:n], deriv)
+            g = np.ascontiguousarray(g, dtype=np.float64)
+            values = np.ascontiguousarray(values, dtype=np.float64)
+            if len(self._device_target.batches) > 1:
+                # each batch's g and dg/dp go up on its stream, overlapping the batch before
+                if getattr(self, "_host_deriv", None) is None or \
+                        self._host_deriv.shape != values.shape:
+                    self._host_deriv = cuda.device_array(values.shape)
+                phi, grad = self._device_target.evaluate(self._g[:n], self._host_deriv, g,
+                                                         values)
+            else:
+                self._g[:n].copy_to_device(g)
+                phi, grad = self._device_target.evaluate(self._g[:n], cuda.to_device(values))
         elif self._n == 0:
             phi, grad = 0.0, np.zeros(self.n_par)
         else:

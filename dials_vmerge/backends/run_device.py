@@ -74,8 +74,9 @@ def device_for_run(run, n_obs):
             run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
                     f"device ({device_name()})")
             run.log("  also on the device: model evaluation (KB, physical, array), the normal "
-                    "equations of full-matrix rounds, outlier rejection, classical merging "
-                    "and the merging-statistics sums")
+                    "equations of full-matrix rounds, g and var(g) of every reflection, "
+                    "outlier rejection, the error-model sums, merging (classical, robust, "
+                    "variational) and the merging-statistics sums")
     return device
 
 

@@ -1,10 +1,13 @@
-"""The profile likelihood of the error model's b (scaling/error_model.py,
+"""The error model's per-observation sums: the profile likelihood of b (scaling/error_model.py,
 refine_maximum_likelihood) in one kernel: a few passes over the observations with no
 per-observation temporaries but one, instead of a dozen numpy arrays per evaluation of b.
 
 Per observation q = (sigma^2 + b^2 I^2) / g^2, per group spread = sum p^2 q, unit =
 max(q (1 - 2p) + spread, 1e-300), ratio = r^2 / unit; a^2 = mean(ratio) (or fixed) and
-cost = sum log(a^2 unit) + sum(ratio) / a^2.
+cost = sum log(a^2 unit) + sum(ratio) / a^2; cost_slope_kernel its derivative in b.
+binned_deviation_sums: the per-bin sums of the DIALS b functional (error_model.b_functional).
+Here, not in scaling/, so that the CUDA twins (kernels/cuda/error_model.py) are compared with
+them on machines without cctbx.
 """
 
 from __future__ import annotations
@@ -39,3 +42,64 @@ def a_sq_and_cost_kernel(intensity, variance, g, share, group, residual_sq, n_gr
     for i in range(n):
         sum_log += np.log(a_sq * unit[i])
     return a_sq, sum_log + sum_ratio / a_sq
+
+
+@njit(cache=True)
+def cost_slope_kernel(intensity, variance, g, share, group, residual_sq, n_groups, b,
+                      fixed_a_sq, unit, unit_slope):
+    """d cost / d b of a_sq_and_cost_kernel's cost (a^2 profiled out or fixed: the same
+    formula, sum u'/u - sum r^2 u'/u^2 / a^2). unit, unit_slope: scratch (n,).
+
+    u' = q'(1 - 2p) + sum_group p^2 q', q' = 2 b I^2 / g^2; a clamped u has u' = 0."""
+    n = intensity.size
+    spread = np.zeros(n_groups)
+    spread_slope = np.zeros(n_groups)
+    for i in range(n):
+        bi = b * intensity[i]
+        g_sq = g[i] * g[i]
+        q = (variance[i] + bi * bi) / g_sq
+        dq = 2.0 * b * intensity[i] * intensity[i] / g_sq
+        p_sq = share[i] * share[i]
+        spread[group[i]] += p_sq * q
+        spread_slope[group[i]] += p_sq * dq
+    sum_ratio = 0.0
+    for i in range(n):
+        bi = b * intensity[i]
+        g_sq = g[i] * g[i]
+        q = (variance[i] + bi * bi) / g_sq
+        dq = 2.0 * b * intensity[i] * intensity[i] / g_sq
+        u = q * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        du = dq * (1.0 - 2.0 * share[i]) + spread_slope[group[i]]
+        if not u >= 1e-300:
+            u = 1e-300 if u == u else u
+            du = 0.0
+        unit[i] = u
+        unit_slope[i] = du
+        sum_ratio += residual_sq[i] / u
+    a_sq = fixed_a_sq
+    if a_sq < 0.0:
+        a_sq = sum_ratio / n if n > 0 else np.nan
+    sum_log_slope = 0.0
+    sum_ratio_slope = 0.0
+    for i in range(n):
+        sum_log_slope += unit_slope[i] / unit[i]
+        sum_ratio_slope += residual_sq[i] * unit_slope[i] / unit[i] / unit[i]
+    return sum_log_slope - sum_ratio_slope / a_sq
+
+
+@njit(cache=True)
+def binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bins, a, b):
+    """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
+    observation order (as np.bincount does)."""
+    s1 = np.zeros(n_bins)
+    s2 = np.zeros(n_bins)
+    for i in range(intensity.size):
+        k = bin_index[i]
+        if k < 0:
+            continue
+        bi = b * intensity[i]
+        sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
+        d = prefactor[i] * (intensity[i] / g[i] - ih[i]) / sigma_prime
+        s1[k] += d
+        s2[k] += d * d
+    return s1, s2

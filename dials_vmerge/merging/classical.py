@@ -10,29 +10,15 @@ sample spread over n.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from ..kernels.merging import inverse_variance_sums  # noqa: F401  (moved to the kernel layer)
 from ..kernels.size_dispatch import parallel_when_large
 
 from .groups import GroupedObservations
 from .merged import MergedIntensities
 
 SIGMA_DYNAMIC_RANGE = 1e-6
-
-
-@njit(cache=True)
-def inverse_variance_sums(intensity, sigma, start, end):
-    """(sum w, sum w I, n) over observations start:end with sigma > 0, w = 1/sigma^2."""
-    sum_w = 0.0
-    sum_wi = 0.0
-    n_usable = 0
-    for i in range(start, end):
-        if sigma[i] > 0.0:
-            w = 1.0 / (sigma[i] * sigma[i])
-            sum_w += w
-            sum_wi += w * intensity[i]
-            n_usable += 1
-    return sum_w, sum_wi, n_usable
 
 
 @parallel_when_large

@@ -38,9 +38,8 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
 
-from .classical import inverse_variance_sums
+from ..kernels.merging import student_t_merge_kernel  # noqa: F401  (cctbx-free kernel layer)
 from .groups import GroupedObservations
 from .merged import MergedIntensities
 
@@ -81,64 +80,6 @@ def asymptotic_rms_ratio(dof: float, sigma_scale: float) -> float:
     return math.sqrt(a / (b * b))
 
 
-@njit(cache=True, parallel=True)
-def student_t_merge_kernel(
-    intensity, sigma, group_start, dof, sigma_scale, info_to_variance, gaussian_variance_factor,
-    max_iterations, tolerance, min_observations
-):
-    """Per group: t-likelihood location (IRLS), calibrated sigma, fallback flag.
-
-    info_to_variance = (nu + 1) A / B and gaussian_variance_factor = A / B^2 (docstring)."""
-    n_groups = group_start.shape[0] - 1
-    mean = np.zeros(n_groups)
-    merged_sigma = np.zeros(n_groups)
-    used_fallback = np.zeros(n_groups, dtype=np.bool_)
-    scale_sq = sigma_scale * sigma_scale
-    for g in prange(n_groups):
-        start = group_start[g]
-        end = group_start[g + 1]
-        sum_w, sum_wi, n_usable = inverse_variance_sums(intensity, sigma, start, end)
-        if sum_w == 0.0:
-            continue
-        inverse_variance_sum = sum_w
-        mu = sum_wi / sum_w
-        if n_usable < min_observations:
-            mean[g] = mu
-            merged_sigma[g] = 1.0 / np.sqrt(inverse_variance_sum)
-            continue
-        for _ in range(max_iterations):
-            sum_w = 0.0
-            sum_wi = 0.0
-            for i in range(start, end):
-                if sigma[i] > 0.0:
-                    s2 = sigma[i] * sigma[i]
-                    r2 = (intensity[i] - mu) ** 2 / (scale_sq * s2)
-                    w = (dof + 1.0) / (dof + r2) / s2
-                    sum_w += w
-                    sum_wi += w * intensity[i]
-            new_mu = sum_wi / sum_w
-            step = abs(new_mu - mu)
-            mu = new_mu
-            if step <= tolerance * (abs(mu) + 1.0 / np.sqrt(sum_w)):
-                break
-        observed = 0.0
-        for i in range(start, end):
-            if sigma[i] > 0.0:
-                s2 = scale_sq * sigma[i] * sigma[i]
-                r2 = (intensity[i] - mu) ** 2 / s2
-                observed += (dof + 1.0) * (dof - r2) / (s2 * (dof + r2) ** 2)
-        mean[g] = mu
-        gaussian_variance = gaussian_variance_factor / inverse_variance_sum
-        # "Clearly positive": the calibrated variance at most 10x the Gaussian one, else the
-        # curvature is too flat or negative to give a usable sigma.
-        if observed > 0.0 and info_to_variance / observed < 10.0 * gaussian_variance:
-            merged_sigma[g] = np.sqrt(info_to_variance / observed)
-        else:
-            merged_sigma[g] = np.sqrt(gaussian_variance)
-            used_fallback[g] = True
-    return mean, merged_sigma, used_fallback
-
-
 def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = DEFAULT_DOF,
                  sigma_scale: float = DEFAULT_SIGMA_SCALE):
     """Student-t (dof, scale sigma_scale x sigma) maximum-likelihood merge per group."""
@@ -149,7 +90,12 @@ def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = DEF
     a, b = gaussian_calibration(float(dof), float(sigma_scale))
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
-    mean, merged_sigma, fallback = student_t_merge_kernel(
+    from ..backends.run_device import pass_device
+
+    kernel = student_t_merge_kernel
+    if pass_device() == "cuda":  # the scaling job's device (kernels.cuda.merging, same sums)
+        from ..kernels.cuda.merging import student_t_merge as kernel
+    mean, merged_sigma, fallback = kernel(
         i_sorted, s_sorted, groups.group_start, float(dof), float(sigma_scale),
         (dof + 1.0) * a / b, a / (b * b), MAX_ITERATIONS, RELATIVE_TOLERANCE,
         MIN_OBSERVATIONS_FOR_REWEIGHTING,

@@ -446,6 +446,12 @@ class ScalingRun:
         """
         if manager is None:
             manager = ParameterManager([s.model for s in self.states])
+        if getattr(self, "_compute_device", None) == "cuda":
+            # compute.device=cuda: the model kernels of the scaling target, on every row
+            from ..backends.cuda_expand import expand_on_device
+
+            if expand_on_device(self.states, manager, covariance):
+                return
         # one kernel call per model family and block of rows (scaling/family.py); each
         # state's g (and var(g)) is its slice of the one array
         sizes = [s.suitable_rows.size for s in self.states]

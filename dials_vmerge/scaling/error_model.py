@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 # ndtri/ndtr are what scipy.stats.norm.ppf/cdf evaluate; importing scipy.stats and
 # scipy.optimize (~45 MB of RSS) for them and one 1-D minimisation (b_step) is not worth it.
 from scipy.special import ndtr, ndtri
 
+from ..kernels.error_model_ml import binned_deviation_sums as _binned_deviation_sums  # noqa: E501
 from .ih_table import build_ih_table
 
 DEFAULT_A = 1.0
@@ -261,24 +261,6 @@ def bin_variances(data, delta):
     return mean_sq - mean * mean, weight
 
 
-@njit(cache=True)
-def _binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bins, a, b):
-    """Per bin sum(delta) and sum(delta^2), delta as normalised_deviations, summed in
-    observation order (as np.bincount does)."""
-    s1 = np.zeros(n_bins)
-    s2 = np.zeros(n_bins)
-    for i in range(intensity.size):
-        k = bin_index[i]
-        if k < 0:
-            continue
-        bi = b * intensity[i]
-        sigma_prime = a * np.sqrt(variance[i] + bi * bi) / g[i]
-        d = prefactor[i] * (intensity[i] / g[i] - ih[i]) / sigma_prime
-        s1[k] += d
-        s2[k] += d * d
-    return s1, s2
-
-
 def _bin_counts_and_weights(data):
     """Per bin count and mean expected intensity (independent of a and b), cached."""
     cached = getattr(data, "_bin_counts_and_weights", None)
@@ -292,11 +274,35 @@ def _bin_counts_and_weights(data):
     return cached
 
 
+def _on_device():
+    """The error-model sums run on the scaling job's device (backends.run_device)."""
+    from ..backends.run_device import pass_device
+
+    return pass_device() == "cuda"
+
+
+def _device_binned_sums(data, prefactor):
+    """The device twin of _binned_deviation_sums for this data (its arrays copied once)."""
+    device = getattr(data, "_device_binned_sums", None)
+    if device is None:
+        from ..kernels.cuda.error_model import DeviceErrorModelSums
+
+        device = DeviceErrorModelSums(data.intensity, data.variance, data.g, ih=data.ih,
+                                      prefactor=prefactor, bin_index=data.bin_index,
+                                      n_bins=data.n_bins)
+        data._device_binned_sums = device
+    return device
+
+
 def b_functional(data, a, b):
     count, w = _bin_counts_and_weights(data)
     prefactor = data.prefactor if data.prefactor is not None else np.sqrt((data.n_h - 1.0) / data.n_h)
-    s1, s2 = _binned_deviation_sums(data.intensity, data.variance, data.g, data.ih, prefactor,
-                                    data.bin_index, data.n_bins, float(a), float(b))
+    if _on_device():
+        s1, s2 = _device_binned_sums(data, prefactor).binned_deviation_sums(float(a), float(b))
+    else:
+        s1, s2 = _binned_deviation_sums(data.intensity, data.variance, data.g, data.ih,
+                                        prefactor, data.bin_index, data.n_bins, float(a),
+                                        float(b))
     mean = s1 / count
     v = s2 / count - mean * mean
     return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)) / np.sum(w))
@@ -484,6 +490,27 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
                                           arrays[4], n_groups, float(b), fixed_a_sq, scratch)
         return float(a_sq), float(cost)
 
+    def cost_slope(b):
+        from ..kernels.error_model_ml import cost_slope_kernel
+
+        return float(cost_slope_kernel(arrays[0], arrays[1], arrays[2], arrays[3], group,
+                                       arrays[4], n_groups, float(b), fixed_a_sq, scratch,
+                                       np.empty(group.size)))
+
+    if _on_device() and (group.size == 0 or np.all(np.diff(group) >= 0)):
+        # the scaling job's device: the arrays copied once, every evaluation of b there
+        # (kernels.cuda.error_model; the Ih table's observations are sorted by group)
+        from ..kernels.cuda.error_model import DeviceErrorModelSums
+
+        device = DeviceErrorModelSums(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4],
+                                      group)
+
+        def a_sq_and_cost(b):  # noqa: F811 (the device twin)
+            return device.a_sq_and_cost(float(b), fixed_a_sq)
+
+        def cost_slope(b):  # noqa: F811 (the device twin)
+            return device.cost_slope(float(b), fixed_a_sq)
+
     if fixed_b is not None:
         b = float(fixed_b)
     else:
@@ -493,7 +520,43 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
 
         lo, x, fx, hi = _bracket_minimum(f, DEFAULT_B)
         b = abs(float(_brent_minimise(f, lo, hi, x, fx)))
+        b = _polish_stationary_point(cost_slope, b)
     return float(np.sqrt(a_sq_and_cost(b)[0])), b
+
+
+SLOPE_POLISH_STEPS = 6
+# b below this is b = 0 found to Brent's accuracy (a few B_XATOL): the slope (~ b) has no
+# zero to polish towards but 0 itself; which tiny b the search ends on is rounding noise,
+# and b^2 I^2 < 1e-16 I^2 changes no variance to the 1e-10 the devices agree on.
+B_ZERO = 10.0 * B_XATOL
+
+
+def _polish_stationary_point(slope, b):
+    """b refined from the Brent minimum by secant steps on d cost / d b = 0.
+
+    Why: Brent locates a minimum from cost values, so only to ~sqrt(eps) relative: closer
+    in, cost differences are below the rounding of a sum over every observation, and which
+    point wins depends on that rounding (the CPU kernel and its CUDA twin, which add in
+    different orders, found b 1e-7 apart). The zero of the analytic slope is determined to
+    ~eps, so both devices agree to ~1e-13 and the run's 1e-10 agreement holds. A step that
+    leaves Brent's accuracy (B_XATOL + 1e-6 b) is not taken.
+    """
+    if not b > B_ZERO:
+        return b
+    x0, s0 = b, slope(b)
+    x1 = b * (1.0 + 1e-6)
+    s1 = slope(x1)
+    for _ in range(SLOPE_POLISH_STEPS):
+        if not (np.isfinite(s0) and np.isfinite(s1)) or s1 == s0:
+            break
+        x2 = x1 - s1 * (x1 - x0) / (s1 - s0)
+        if not abs(x2 - b) <= 1e-6 * b + B_XATOL:
+            return b
+        x0, s0, x1 = x1, s1, x2
+        if abs(x1 - x0) <= 1e-15 * x1:
+            break
+        s1 = slope(x1)
+    return float(x1) if abs(x1 - b) <= 1e-6 * b + B_XATOL else b
 
 
 def refine_regression(table):

@@ -111,3 +111,90 @@ def deviation_sums(intensity, group_start, mean):
             cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)),
             cuda.to_device(np.ascontiguousarray(mean, dtype=np.float64)), abs_dev, total)
     return abs_dev.copy_to_host()[:n_groups], total.copy_to_host()[:n_groups]
+
+
+@cuda.jit(device=True)
+def _inverse_variance_sums(intensity, sigma, start, end):
+    """(sum w, sum w I, n) over start:end with sigma > 0 (twin of
+    merging.classical.inverse_variance_sums)."""
+    sum_w = 0.0
+    sum_wi = 0.0
+    n_usable = 0
+    for i in range(start, end):
+        if sigma[i] > 0.0:
+            w = 1.0 / (sigma[i] * sigma[i])
+            sum_w += w
+            sum_wi += w * intensity[i]
+            n_usable += 1
+    return sum_w, sum_wi, n_usable
+
+
+@cuda.jit
+def student_t_merge_kernel(intensity, sigma, group_start, dof, sigma_scale, info_to_variance,
+                           gaussian_variance_factor, max_iterations, tolerance,
+                           min_observations, mean, merged_sigma, used_fallback):
+    """Twin of merging.robust.student_t_merge_kernel: per group (one thread) the IRLS
+    t-likelihood location, its calibrated sigma and the fallback flag (uint8)."""
+    scale_sq = sigma_scale * sigma_scale
+    for grp in range(cuda.grid(1), group_start.shape[0] - 1, cuda.gridsize(1)):
+        start = group_start[grp]
+        end = group_start[grp + 1]
+        mean[grp] = 0.0
+        merged_sigma[grp] = 0.0
+        used_fallback[grp] = 0
+        sum_w, sum_wi, n_usable = _inverse_variance_sums(intensity, sigma, start, end)
+        if sum_w == 0.0:
+            continue
+        inverse_variance_sum = sum_w
+        mu = sum_wi / sum_w
+        if n_usable < min_observations:
+            mean[grp] = mu
+            merged_sigma[grp] = 1.0 / math.sqrt(inverse_variance_sum)
+            continue
+        for _ in range(max_iterations):
+            sum_w = 0.0
+            sum_wi = 0.0
+            for i in range(start, end):
+                if sigma[i] > 0.0:
+                    s2 = sigma[i] * sigma[i]
+                    r2 = (intensity[i] - mu) ** 2 / (scale_sq * s2)
+                    w = (dof + 1.0) / (dof + r2) / s2
+                    sum_w += w
+                    sum_wi += w * intensity[i]
+            new_mu = sum_wi / sum_w
+            step = abs(new_mu - mu)
+            mu = new_mu
+            if step <= tolerance * (abs(mu) + 1.0 / math.sqrt(sum_w)):
+                break
+        observed = 0.0
+        for i in range(start, end):
+            if sigma[i] > 0.0:
+                s2 = scale_sq * sigma[i] * sigma[i]
+                r2 = (intensity[i] - mu) ** 2 / s2
+                observed += (dof + 1.0) * (dof - r2) / (s2 * (dof + r2) ** 2)
+        mean[grp] = mu
+        gaussian_variance = gaussian_variance_factor / inverse_variance_sum
+        if observed > 0.0 and info_to_variance / observed < 10.0 * gaussian_variance:
+            merged_sigma[grp] = math.sqrt(info_to_variance / observed)
+        else:
+            merged_sigma[grp] = math.sqrt(gaussian_variance)
+            used_fallback[grp] = 1
+
+
+def student_t_merge(intensity, sigma, group_start, dof, sigma_scale, info_to_variance,
+                    gaussian_variance_factor, max_iterations, tolerance, min_observations):
+    """(mean, sigma, fallback) per group as numpy: the CPU kernel's call, on the device."""
+    n_groups = int(np.asarray(group_start).size) - 1
+    mean = cuda.device_array(max(n_groups, 1))
+    merged_sigma = cuda.device_array(max(n_groups, 1))
+    fallback = cuda.device_array(max(n_groups, 1), dtype=np.uint8)
+    if n_groups:
+        student_t_merge_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
+            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
+            cuda.to_device(np.ascontiguousarray(sigma, dtype=np.float64)),
+            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)), float(dof),
+            float(sigma_scale), float(info_to_variance), float(gaussian_variance_factor),
+            int(max_iterations), float(tolerance), int(min_observations), mean, merged_sigma,
+            fallback)
+    return (mean.copy_to_host()[:n_groups], merged_sigma.copy_to_host()[:n_groups],
+            fallback.copy_to_host()[:n_groups].astype(bool))

@@ -121,6 +121,14 @@ class _Batch:
         self.phi_block = cuda.device_array(self.group_blocks)
         self.grad_partial = cuda.device_array((self.n_segments, max(n_params, 1)))
         self.ih = cuda.device_array(max(self.n_groups, 1))
+        # page-locked host copies of the partials: their copies run on the batch's stream,
+        # overlapping the next batch's kernels
+        self.phi_host = cuda.pinned_array(self.group_blocks)
+        self.grad_host = cuda.pinned_array((self.n_segments, max(n_params, 1)))
+
+
+# Batches in flight at once (copy of one while the other computes): two CUDA streams.
+N_STREAMS = 2
 
 
 class DeviceTarget:
@@ -152,30 +160,68 @@ class DeviceTarget:
             self.batches.append(_Batch(lo, hi, group_start[g_lo:g_hi + 1] - lo,
                                        deriv_col[lo:hi], self.n_params))
 
-    def _residuals(self, g, batch):
+    def _residuals(self, g, batch, stream=0):
         sl = slice(batch.obs_lo, max(batch.obs_hi, batch.obs_lo + 1))
-        group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK](
+        group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK, stream](
             self.intensity[sl], self.weight[sl], g[sl], batch.group_start,
             batch.ih[:max(batch.n_groups, 1)] if batch.n_groups else batch.ih,
             self.factor[sl], batch.phi_block)
 
-    def evaluate(self, g, deriv_values):
-        """(Phi, gradient (n_params,)) for device arrays g (n,) and deriv_values (n, K)."""
+    def evaluate(self, g, deriv_values, g_host=None, deriv_host=None):
+        """(Phi, gradient (n_params,)) for device arrays g (n,) and deriv_values (n, K).
+
+        With g_host and deriv_host (a model evaluated on the host), each batch's slice is
+        copied into g and deriv_values on the batch's stream just before its kernels.
+        Batches alternate between two CUDA streams: batch k+1's copies (its inputs up, its
+        partials down into pinned buffers) overlap batch k's kernels. The partials are
+        added on the host in batch order whatever the streams did, so the result does not
+        depend on the overlap."""
+        streams = self._streams()
+        pending = [None] * len(streams)  # the batch whose partials each stream is copying
         phi_parts = []
         gradient = np.zeros(self.n_params)
-        for batch in self.batches:
-            if batch.n_obs == 0:
-                continue
-            self._residuals(g, batch)
-            phi_parts.extend(batch.phi_block.copy_to_host().tolist())
+
+        def collect(k):
+            batch = pending[k]
+            if batch is None:
+                return
+            streams[k].synchronize()
+            phi_parts.extend(batch.phi_host.tolist())
             if self.n_params:
-                sl = slice(batch.obs_lo, batch.obs_hi)
+                gradient[:] += ordered_rows_sum(batch.grad_host)
+            pending[k] = None
+
+        used = [b for b in self.batches if b.n_obs]
+        for index, batch in enumerate(used):
+            k = index % len(streams)
+            collect(k)  # batch index - 2 on this stream: its buffers are free again
+            stream = streams[k]
+            sl = slice(batch.obs_lo, batch.obs_hi)
+            if g_host is not None:
+                g[sl].copy_to_device(g_host[sl], stream=stream)
+                deriv_values[sl].copy_to_device(deriv_host[sl], stream=stream)
+            self._residuals(g, batch, stream)
+            batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
+            if self.n_params:
                 n_threads = batch.n_segments * self.n_params
-                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK](
+                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
                     self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
                     batch.grad_partial)
-                gradient += ordered_rows_sum(batch.grad_partial.copy_to_host())
+                batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
+            pending[k] = batch
+            if len(streams) > 1 and k == len(streams) - 1:
+                # keep batch order of the sums: the older stream's batch first
+                collect((k + 1) % len(streams))
+        for j in range(len(streams)):  # the last batches, oldest first
+            collect((len(used) + j) % len(streams))
         return math.fsum(phi_parts), gradient
+
+    def _streams(self):
+        """Two CUDA streams when there are several batches (one, the default, otherwise)."""
+        if getattr(self, "_stream_list", None) is None:
+            n = N_STREAMS if len(self.batches) > 1 else 1
+            self._stream_list = [cuda.stream() for _ in range(n)]
+        return self._stream_list
 
     def merged_intensity(self, g):
         """Ih per group (0 where sum w g^2 = 0), for device g."""

@@ -1,0 +1,186 @@
+"""compute.device=cuda: g and var(g) of every suitable reflection after a scaling round.
+
+Twin of ScalingRun.expand (scaling/algorithm.py): the models are evaluated at all suitable
+rows of every dataset by the device model kernels of the scaling target
+(kernels.cuda.models: the KB family and the fused physical layout; kernels.cuda.array: the
+array model's smoothed grids), and var(g) = d^T C d by kernels.cuda.models
+.variance_of_g_kernel over the same dg/dp. The rows go in chunks of whole datasets' rows
+(EXPAND_CHUNK_ROWS), so no (n, K) table of all reflections exists on the host or the device;
+per chunk only the model's per-row inputs go up and g (and var(g)) come back.
+
+Any other model (mixed families, components without a device kernel) returns False and the
+caller expands on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ..kernels.cuda import array as device_array_model
+from ..kernels.cuda import models as device_models
+
+# Rows per device chunk: the chunk's model inputs are built on the host (~350 B per row with
+# absorption), so 1M rows keep that transient near the CPU run's own; on the device that is
+# ~0.5 GB of dg/dp and columns, and enough threads to fill a GPU.
+EXPAND_CHUNK_ROWS = 1 << 20
+
+
+def device_model_kind(models):
+    """'kb', 'physical', 'array' or None: which device kernel evaluates these models."""
+    from ..scaling.family import KBFamily
+    from ..scaling.physical_pass import uses_fused_physical_pass
+
+    if KBFamily.applies(models):
+        return "kb"
+    if uses_fused_physical_pass(models):
+        return "physical"
+    return "array"  # if array_layout accepts them (checked per chunk)
+
+
+class _Chunk:
+    """The device inputs of one chunk of rows: evaluate() -> (g, deriv, free columns) on the
+    device (deriv and columns None when only g is wanted)."""
+
+    def __init__(self, kind, manager, dataset_id, loc_index):
+        self.kind = kind
+        self.n = int(dataset_id.size)
+        models = manager.models
+        if kind == "kb":
+            from ..scaling.family import KBFamily
+
+            fam = KBFamily(models, manager.column_of_parameter, dataset_id, loc_index)
+            self.scale, self.decay = fam.parameters(manager.get_free())
+            self.row_dataset = cuda.to_device(fam.row_dataset)
+            self.inv_two_d_sq = cuda.to_device(np.ascontiguousarray(fam.inv_two_d_sq))
+            self.fixed, self.has_fixed = device_models.placeholder(fam.fixed_factor)
+            self.cols = device_models.kb_family_columns(fam.row_dataset, fam.scale_col,
+                                                        fam.decay_col)
+        elif kind == "physical":
+            from ..scaling.physical_pass import PhysicalPassInputs
+
+            zeros = np.zeros(self.n)
+            f = PhysicalPassInputs(models, dataset_id, loc_index, zeros, zeros)
+            n_abs = (0 if f.absorption_coefficients is None
+                     else f.absorption_coefficients.shape[1])
+            full_cols = device_models.physical_columns(f.first_param, f.absorption_first,
+                                                       n_abs)
+            guard = np.full(f.full_parameters().size - f.n_full, -1, np.int64)
+            full_to_free = np.concatenate([manager.full_to_free(), guard])
+            self.cols = full_to_free[full_cols]
+            self.parameters = f.full_parameters()
+            self.record = cuda.to_device(np.ascontiguousarray(f.record))
+            self.first_param = cuda.to_device(np.ascontiguousarray(f.first_param))
+            self.abs, self.has_abs = device_models.placeholder(f.absorption_coefficients,
+                                                               ndim=2)
+            self.abs_first, _ = device_models.placeholder(f.absorption_first, np.int32)
+            self.fixed, self.has_fixed = device_models.placeholder(f.fixed_factor)
+        else:
+            from .cuda_scaling import array_layout
+
+            layout = array_layout(models, dataset_id, loc_index, manager.column_of_parameter)
+            if layout is None:
+                raise _NoDeviceModel
+            self.cols = layout["free_col"]
+            self.parameters = np.concatenate(
+                [np.asarray(m.parameter_vector(), dtype=np.float64) for m in models]
+                + [np.ones(1)])
+            self.weights = cuda.to_device(layout["weights"])
+            self.full_index = cuda.to_device(layout["full_index"])
+            self.component_start = cuda.to_device(layout["component_start"])
+            self.fixed, self.has_fixed = device_models.placeholder(layout["fixed_factor"])
+
+    def evaluate(self, with_derivatives):
+        n = self.n
+        blocks, tpb = device_models.blocks(n), device_models.THREADS_PER_BLOCK
+        g = cuda.device_array(n)
+        deriv = cuda.device_array((n, self.cols.shape[1])) if with_derivatives else None
+        if self.kind == "kb":
+            scale, decay = cuda.to_device(self.scale), cuda.to_device(self.decay)
+            if with_derivatives:
+                device_models.kb_family_kernel[blocks, tpb](
+                    self.row_dataset, self.inv_two_d_sq, self.fixed, self.has_fixed, scale,
+                    decay, g, deriv)
+            else:
+                device_models.kb_family_g_kernel[blocks, tpb](
+                    self.row_dataset, self.inv_two_d_sq, self.fixed, self.has_fixed, scale,
+                    decay, g)
+        elif self.kind == "physical":
+            parameters = cuda.to_device(self.parameters)
+            args = (self.record, self.first_param, self.abs, self.abs_first, self.has_abs,
+                    self.fixed, self.has_fixed, parameters, g)
+            if with_derivatives:
+                device_models.physical_model_kernel[blocks, tpb](*args, deriv)
+            else:
+                device_models.physical_g_kernel[blocks, tpb](*args)
+        else:
+            parameters = cuda.to_device(self.parameters)
+            args = (self.weights, self.full_index, self.component_start, self.fixed,
+                    self.has_fixed, parameters, g)
+            if with_derivatives:
+                device_array_model.array_model_kernel[blocks, tpb](*args, deriv)
+            else:
+                device_array_model.array_g_kernel[blocks, tpb](*args)
+        return g, deriv
+
+
+class _NoDeviceModel(Exception):
+    pass
+
+
+def _chunks(sizes, chunk_rows):
+    """(dataset_id, loc_index, [(dataset, first row, rows)]) per chunk of at most
+    chunk_rows rows (a larger dataset is split)."""
+    current, count = [], 0
+    for d, n in enumerate(sizes):
+        start = 0
+        while start < n:
+            take = min(n - start, chunk_rows - count)
+            current.append((d, start, take))
+            count += take
+            start += take
+            if count == chunk_rows:
+                yield current
+                current, count = [], 0
+    if current:
+        yield current
+
+
+def expand_on_device(states, manager, covariance=None, chunk_rows=EXPAND_CHUNK_ROWS):
+    """g (and var(g) with a covariance) of every state's suitable rows on the device, into
+    state.g / state.var_g. False (nothing changed) when the models have no device kernel."""
+    kind = device_model_kind(manager.models)
+    sizes = [int(s.suitable_rows.size) for s in states]
+    g_out = [np.empty(n) for n in sizes]
+    var_out = [np.empty(n) for n in sizes] if covariance is not None else None
+    cov = (cuda.to_device(np.ascontiguousarray(covariance, dtype=np.float64))
+           if covariance is not None else None)
+    try:
+        for pieces in _chunks(sizes, max(int(chunk_rows), 1)):
+            dataset_id = np.concatenate([np.full(n, d, np.int64) for d, _, n in pieces])
+            loc_index = np.concatenate([np.arange(s, s + n, dtype=np.int64)
+                                        for _, s, n in pieces])
+            chunk = _Chunk(kind, manager, dataset_id, loc_index)
+            g, deriv = chunk.evaluate(covariance is not None)
+            g_host = g.copy_to_host()
+            var_host = None
+            if covariance is not None:
+                var = cuda.device_array(chunk.n)
+                device_models.variance_of_g_kernel[device_models.blocks(chunk.n),
+                                                   device_models.THREADS_PER_BLOCK](
+                    deriv, cuda.to_device(np.ascontiguousarray(chunk.cols, np.int64)), cov,
+                    var)
+                var_host = var.copy_to_host()
+            at = 0
+            for d, s, n in pieces:
+                g_out[d][s:s + n] = g_host[at:at + n]
+                if var_host is not None:
+                    var_out[d][s:s + n] = var_host[at:at + n]
+                at += n
+    except _NoDeviceModel:
+        return False
+    for d, state in enumerate(states):
+        state.g = g_out[d]
+        if var_out is not None:
+            state.var_g = var_out[d]
+    return True
