@@ -241,12 +241,16 @@ def compare_error_model(table, g):
 
 def compare_expand(manager, rng):
     """g and var(g) of every configured row of every dataset: ScalingRun.expand's CPU loop
-    (models' evaluate_g, evaluate_dataset + variance_of_g) vs backends.cuda_expand, with a
+    (each model's own evaluate_g, evaluate_dataset + variance_of_g) vs backends.cuda_expand, with a
     random SPD covariance and a chunk size that splits datasets."""
     from types import SimpleNamespace
 
     from dials_vmerge.backends.cuda_expand import expand_on_device
-    from dials_vmerge.scaling.algorithm import _evaluate_g
+
+    def _evaluate_g(model):  # each model's own evaluation, dataset by dataset
+        if hasattr(model, "evaluate_g"):
+            return model.evaluate_g()
+        return np.asarray(model.evaluate()[0], dtype=np.float64)
 
     g_cpu = [_evaluate_g(m) for m in manager.models]
     m = rng.normal(size=(manager.n_free, manager.n_free))
