@@ -44,7 +44,7 @@ class PeakSampler:
     def __init__(self):
         import threading
 
-        self.peak_mib, self.stack = 0.0, []
+        self.peak_mib, self.stack, self.timeline = 0.0, [], []
         self.main = threading.main_thread().ident
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -57,8 +57,13 @@ class PeakSampler:
         while not self.stop.wait(0.02):
             with open("/proc/self/statm") as f:
                 rss = int(f.read().split()[1]) * page / 2 ** 20
+            frame = sys._current_frames().get(self.main)
+            if frame is not None and len(self.timeline) < 20000:
+                where = [f"{s.filename.split('/')[-1]}:{s.lineno} {s.name}"
+                         for s in traceback.extract_stack(frame)
+                         if "dials_vmerge" in s.filename or "command_line" in s.filename]
+                self.timeline.append((round(rss, 1), " < ".join(where[::-1][:3])))
             if rss > self.peak_mib:
-                frame = sys._current_frames().get(self.main)
                 self.peak_mib = rss
                 self.stack = [f"{s.filename.split('dials_vmerge/')[-1]}:{s.lineno} {s.name}"
                               for s in traceback.extract_stack(frame)][-12:]
@@ -66,7 +71,8 @@ class PeakSampler:
     def record(self):
         self.stop.set()
         self.thread.join()
-        return {"sampled_peak_mib": self.peak_mib, "stack_at_peak": self.stack}
+        return {"sampled_peak_mib": self.peak_mib, "stack_at_peak": self.stack,
+                "rss_timeline_20ms": self.timeline}
 
 
 def main() -> int:

@@ -90,12 +90,20 @@ def test_real_mpi_target_equals_one_process_and_numpy(tmp_path):
         "import dials_vmerge\n"
         "import numpy as np\n"
         "from dials_vmerge.backends import mpi_world\n"
-        "from dials_vmerge.scaling.target import target_and_gradient\n"
+        "from dials_vmerge.scaling.target import RankShare, normal_equations, target_and_gradient\n"
         "d = np.load(sys.argv[1])\n"
         "args = [d[f'arr_{i}'] for i in range(6)]\n"
+        "r = mpi_world.rank()\n"
         f"phi, grad = target_and_gradient(*args, {N_PARAMS})\n"
-        "np.save(sys.argv[2] + f'.{mpi_world.rank()}.npy', np.concatenate([[phi], grad]))\n"
-        "np.save(sys.argv[2] + f'.ranks{mpi_world.rank()}.npy', [mpi_world.n_ranks()])\n"
+        "np.save(sys.argv[2] + f'.{r}.npy', np.concatenate([[phi], grad]))\n"
+        "np.save(sys.argv[2] + f'.ranks{r}.npy', [mpi_world.n_ranks()])\n"
+        # the same sums from each rank's own rows only (RankShare)
+        f"share = RankShare(args[5], {N_PARAMS})\n"
+        "own = [share.rows(a) for a in args[:5]]\n"
+        f"phi, grad = target_and_gradient(*own, args[5], {N_PARAMS}, share=share)\n"
+        f"phi_n, rhs, normal = normal_equations(*own, args[5], {N_PARAMS}, share=share)\n"
+        "np.save(sys.argv[2] + f'.share{r}.npy', np.concatenate([[phi, phi_n], grad, rhs,"
+        " normal.ravel(), [share.obs_lo, share.obs_hi]]))\n"
     )
     out = str(tmp_path / "result")
     run = subprocess.run([launcher, "-n", "2", sys.executable, "-c", code, str(inputs), out],
@@ -104,10 +112,18 @@ def test_real_mpi_target_equals_one_process_and_numpy(tmp_path):
     assert np.load(out + ".ranks0.npy").tolist() == [2]
     rank0, rank1 = np.load(out + ".0.npy"), np.load(out + ".1.npy")
     assert np.array_equal(rank0, rank1)
-    from dials_vmerge.scaling.target import target_and_gradient
+    from dials_vmerge.scaling.target import normal_equations, target_and_gradient
 
     phi_one, grad_one = target_and_gradient(*problem, N_PARAMS)
     assert rank0[0] == phi_one and np.array_equal(rank0[1:], grad_one)
+    # from each rank's own rows: the one-process bits, and the ranks' rows split the table
+    phi_n, rhs_one, normal_one = normal_equations(*problem, N_PARAMS)
+    expected = np.concatenate([[phi_one, phi_n], grad_one, rhs_one, normal_one.ravel()])
+    share0, share1 = np.load(out + ".share0.npy"), np.load(out + ".share1.npy")
+    assert np.array_equal(share0[:-2], expected) and np.array_equal(share1[:-2], expected)
+    n_obs = problem[-1][-1]
+    assert share0[-2:].tolist() == [0, share1[-2]] and share1[-1] == n_obs
+    assert 0.3 * n_obs < share1[-2] < 0.7 * n_obs  # each rank evaluated about half the rows
     phi_ref, grad_ref, scale = numpy_target(*problem)
     assert abs(rank0[0] - phi_ref) <= 1e-12 * phi_ref
     assert np.all(np.abs(rank0[1:] - grad_ref) <= 1e-12 * scale)

@@ -80,6 +80,17 @@ def rank_block_ranges(block_bounds, group_start, n_ranks):
     return shard_bounds(block_obs_start, n_ranks)
 
 
+def rank_group_range(group_start, n_par=0, block_bounds=None):
+    """(first group, end group) of the blocks this rank evaluates in
+    blockwise_sum(group_start, n_par=n_par) (all groups in one process): a rank needs the
+    per-observation inputs of these groups' observations only."""
+    if block_bounds is None:
+        block_bounds = fixed_block_bounds(group_start, n_par)
+    ranges = rank_block_ranges(block_bounds, group_start, mpi_world.n_ranks())
+    rank = mpi_world.rank()
+    return int(block_bounds[ranges[rank]]), int(block_bounds[ranges[rank + 1]])
+
+
 def canonical_nodes(lo, hi):
     """The maximal aligned tree nodes (level, index) covering blocks [lo, hi), in order."""
     nodes = []
