@@ -18,7 +18,8 @@ SHARDED = {"seconds": 0.0, "calls": 0}
 
 def time_sharded_work():
     """Wrap the evaluations that MPI shards (target and gradient, normal matrix, fused
-    physical pass: all block sums) with timers; the exchanges inside are subtracted later."""
+    physical pass: all block sums; the least-squares target's model evaluations) with
+    timers; the exchanges inside are subtracted later."""
     import time
 
     from dials_vmerge.scaling import target
@@ -35,6 +36,10 @@ def time_sharded_work():
 
     # every sharded sum of the target module goes through blockwise_sum (its exchange inside)
     target.blockwise_sum = timed(target.blockwise_sum)
+    # the least-squares target's model evaluations (g and its derivatives), which under MPI
+    # run on the rank's own rows (RankShare); never nested in a blockwise_sum
+    target.ScalingTarget._ell = timed(target.ScalingTarget._ell)
+    target.ScalingTarget._rank_ell = timed(target.ScalingTarget._rank_ell)
 
 
 class PeakSampler:
