@@ -6,6 +6,7 @@ writes OUT.rank<r>.json with this rank's peak RSS (MiB) and its reduction statis
 """
 
 import json
+import os
 import resource
 import sys
 
@@ -17,7 +18,8 @@ SHARDED = {"seconds": 0.0, "calls": 0}
 
 def time_sharded_work():
     """Wrap the evaluations that MPI shards (target and gradient, normal matrix, fused
-    physical pass: all block sums) with timers; the exchanges inside are subtracted later."""
+    physical pass: all block sums; the least-squares target's model evaluations) with
+    timers; the exchanges inside are subtracted later."""
     import time
 
     from dials_vmerge.scaling import target
@@ -34,11 +36,54 @@ def time_sharded_work():
 
     # every sharded sum of the target module goes through blockwise_sum (its exchange inside)
     target.blockwise_sum = timed(target.blockwise_sum)
+    # the least-squares target's model evaluations (g and its derivatives), which under MPI
+    # run on the rank's own rows (RankShare); never nested in a blockwise_sum
+    target.ScalingTarget._ell = timed(target.ScalingTarget._ell)
+    target.ScalingTarget._rank_ell = timed(target.ScalingTarget._rank_ell)
+
+
+class PeakSampler:
+    """With VMERGE_PEAK_STACK=1: a thread samples this rank's RSS every 20 ms and keeps the
+    main thread's Python stack at the highest sample, to say what makes the peak."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mib, self.stack, self.timeline = 0.0, [], []
+        self.main = threading.main_thread().ident
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        import traceback
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.stop.wait(0.02):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page / 2 ** 20
+            frame = sys._current_frames().get(self.main)
+            if frame is not None and len(self.timeline) < 20000:
+                where = [f"{s.filename.split('/')[-1]}:{s.lineno} {s.name}"
+                         for s in traceback.extract_stack(frame)
+                         if "dials_vmerge" in s.filename or "command_line" in s.filename]
+                self.timeline.append((round(rss, 1), " < ".join(where[::-1][:3])))
+            if rss > self.peak_mib:
+                self.peak_mib = rss
+                self.stack = [f"{s.filename.split('dials_vmerge/')[-1]}:{s.lineno} {s.name}"
+                              for s in traceback.extract_stack(frame)][-12:]
+
+    def record(self):
+        self.stop.set()
+        self.thread.join()
+        return {"sampled_peak_mib": self.peak_mib, "stack_at_peak": self.stack,
+                "rss_timeline_20ms": self.timeline}
 
 
 def main() -> int:
     out, program, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     time_sharded_work()
+    sampler = PeakSampler() if os.environ.get("VMERGE_PEAK_STACK") else None
     module = {"dials.vmerge": "vmerge", "dials.vmerge.merge": "merge",
               "dials.vmerge.stats": "stats"}[program]
     import importlib
@@ -53,6 +98,8 @@ def main() -> int:
     record.update({f"comm_{k}": v for k, v in stats.items()})
     record["sharded_compute_s"] = max(0.0, SHARDED["seconds"] - stats["seconds"])
     record["sharded_calls"] = SHARDED["calls"]
+    if sampler is not None:
+        record.update(sampler.record())
     with open(f"{out}.rank{record['rank']}.json", "w") as f:
         json.dump(record, f)
     return code

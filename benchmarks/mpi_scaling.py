@@ -41,12 +41,18 @@ def _launcher():
 def simulate(workdir, kind, size, seed):
     d = os.path.join(workdir, f"{kind}_{size}")
     os.makedirs(d, exist_ok=True)
+    done = os.path.join(d, "simulated.done")
+    if os.path.exists(done):  # a --workdir kept from an earlier run: same size and seed
+        if open(done).read() == str(seed):
+            return d
     if kind == "rotation":
         args = [f"n_obs_target={size}", "rotation.n_sweeps=4", f"seed={seed}"]
     else:
         args = ["mode=stills", f"stills.n_images={size}", "model=KB", f"seed={seed}"]
     subprocess.run([os.path.join(BIN, "dials.vmerge.simulate")] + args, cwd=d, check=True,
                    stdout=subprocess.DEVNULL, timeout=TIMEOUT_S)
+    with open(done, "w") as f:
+        f.write(str(seed))
     return d
 
 
@@ -62,10 +68,12 @@ def run_ranks(data_dir, n_ranks, extra):
                "nproc=1"] + list(extra)
     if n_ranks > 1:
         command = [_launcher(), "-n", str(n_ranks)] + command
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(command, cwd=out_dir, check=True, stdout=subprocess.DEVNULL,
                    timeout=TIMEOUT_S)
     wall = time.perf_counter() - start
+    load_after = os.getloadavg()[0]
     ranks = [json.load(open(p)) for p in sorted(glob.glob(stem + ".rank*.json"))]
     log = open(os.path.join(out_dir, "dials.vmerge.log")).read()
     n_iter = iterations(log)
@@ -81,7 +89,11 @@ def run_ranks(data_dir, n_ranks, extra):
         "sharded_compute_s_per_rank": [r["sharded_compute_s"] for r in ranks],
         "sharded_calls": root["sharded_calls"],
         "comm_s_per_iteration": root["comm_seconds"] / n_iter if n_iter else None,
+        # other jobs on a shared machine slow the ranks: the 1-minute load around the run
+        "load_average_before_after": [load_before, load_after],
     }
+    if "stack_at_peak" in root:  # VMERGE_PEAK_STACK=1 (benchmarks/mpi_rank.py)
+        record["stack_at_peak_per_rank"] = [r["stack_at_peak"] for r in ranks]
     shutil.rmtree(out_dir, ignore_errors=True)
     return record
 

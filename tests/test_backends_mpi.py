@@ -1,86 +1,28 @@
-"""Sharding groups over MPI ranks and the rank-ordered sum of partial targets, without MPI.
+"""Splitting work over MPI ranks (backends/block_sums.py shard_bounds) and one real two-rank
+run of the block-summed scaling target against a numpy recomputation.
 
-The ranks are threads joined by a fake communicator with mpi4py's pickle-style gather/bcast
-semantics, so the collective code runs exactly as it would under mpiexec.
+The pickle-based sharding helpers these tests once covered were replaced by the block sums
+and backends/mpi_world.py; what remains is the balanced split and a run under the `mpi`
+extra's own mpiexec (found beside the interpreter, as tests/test_mpi_runs.py does, so CI
+runs it).
 """
 
+import os
+import shutil
+import subprocess
 import sys
-import threading
 
 import dials_vmerge  # noqa: F401  (before numba)
 import numpy as np
 import pytest
 
-from dials_vmerge.backends import mpi
-from dials_vmerge.errors import VmergeError
-from dials_vmerge.scaling.target import target_and_gradient
+from dials_vmerge.backends.block_sums import shard_bounds
 
 N_PARAMS = 9
+BIN = os.path.dirname(sys.executable)
 
 
-class ThreadComm:
-    """One rank's view of a communicator shared by n_ranks threads."""
-
-    def __init__(self, rank, shared):
-        self.rank = rank
-        self.shared = shared
-
-    def Get_rank(self):
-        return self.rank
-
-    def Get_size(self):
-        return self.shared["size"]
-
-    def gather(self, obj, root=0):
-        self.shared["slots"][self.rank] = obj
-        self.shared["barrier"].wait()
-        result = list(self.shared["slots"]) if self.rank == root else None
-        self.shared["barrier"].wait()  # nobody overwrites a slot before root has read it
-        return result
-
-    def bcast(self, obj, root=0):
-        if self.rank == root:
-            self.shared["bcast"] = obj
-        self.shared["barrier"].wait()
-        result = self.shared["bcast"]
-        self.shared["barrier"].wait()
-        return result
-
-
-def run_ranks(n_ranks, job):
-    """job(comm) on n_ranks threads; the list of their return values in rank order."""
-    shared = {"size": n_ranks, "slots": [None] * n_ranks, "bcast": None,
-              "barrier": threading.Barrier(n_ranks, timeout=30)}
-    results, errors = [None] * n_ranks, []
-
-    def work(rank):
-        try:
-            results[rank] = job(ThreadComm(rank, shared))
-        except BaseException as e:  # surfaced in the main thread below
-            errors.append(e)
-            shared["barrier"].abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(n_ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-# numba's workqueue layer must not launch parallel kernels from two threads at once;
-# real ranks are processes, so serialising the fake ranks' local work changes nothing.
-_kernel_lock = threading.Lock()
-
-
-def locked_cpu_target(*args):
-    with _kernel_lock:
-        return target_and_gradient(*args)
-
-
-def random_problem(seed=5, n_groups=400):
+def random_problem(seed=5, n_groups=4000):
     rng = np.random.default_rng(seed)
     multiplicity = rng.integers(1, 15, n_groups)
     group_start = np.concatenate([[0], np.cumsum(multiplicity)]).astype(np.int64)
@@ -91,6 +33,8 @@ def random_problem(seed=5, n_groups=400):
 
 
 def numpy_target(intensity, weight, g, deriv_values, deriv_index, group_start):
+    """sum w r^2 and its gradient, written independently of the kernels (dials-scaling.md
+    5.2), and the scale of the gradient's terms for a relative tolerance."""
     grp = np.repeat(np.arange(group_start.size - 1), np.diff(group_start))
     ih = np.bincount(grp, weight * g * intensity) / np.bincount(grp, weight * g * g)
     r = intensity - g * ih[grp]
@@ -102,100 +46,42 @@ def numpy_target(intensity, weight, g, deriv_values, deriv_index, group_start):
             np.bincount(deriv_index[used], np.abs(terms), minlength=N_PARAMS))
 
 
-def test_hand_computed_shards():
+def test_hand_computed_bounds():
     # sizes 3,1,1,3: the half-way target 4 is a group boundary -> 4 + 4 observations
-    group_start = np.array([0, 3, 4, 5, 8])
-    assert mpi.shard_groups(group_start, 2, 0) == (slice(0, 4), slice(0, 2))
-    assert mpi.shard_groups(group_start, 2, 1) == (slice(4, 8), slice(2, 4))
+    assert shard_bounds(np.array([0, 3, 4, 5, 8]), 2).tolist() == [0, 2, 4]
     # sizes 5,1,1,1: target 4 lies inside group 0; boundary 5 is nearer than 0
-    group_start = np.array([0, 5, 6, 7, 8])
-    assert mpi.shard_groups(group_start, 2, 0) == (slice(0, 5), slice(0, 1))
-    assert mpi.shard_groups(group_start, 2, 1) == (slice(5, 8), slice(1, 4))
-    assert mpi.shard_arrays(group_start, slice(1, 4)).tolist() == [0, 1, 2, 3]
+    assert shard_bounds(np.array([0, 5, 6, 7, 8]), 2).tolist() == [0, 1, 4]
+    # more ranks than groups (targets 1, 2, 3 on boundaries 0, 2, 4; a tie goes to the lower
+    # boundary): ranks 0 and 2 own nothing, every group is owned once
+    assert shard_bounds(np.array([0, 2, 4]), 4).tolist() == [0, 0, 1, 1, 2]
 
 
 @pytest.mark.parametrize("n_ranks", [1, 2, 3, 7, 16, 450])
-def test_shards_cover_every_group_once_contiguously_and_balanced(n_ranks):
-    group_start = random_problem()[-1]
+def test_bounds_cover_every_group_once_contiguously_and_balanced(n_ranks):
+    group_start = random_problem(n_groups=400)[-1]
     n_groups, n_obs = group_start.size - 1, int(group_start[-1])
     largest_group = int(np.max(np.diff(group_start)))
-    shards = [mpi.shard_groups(group_start, n_ranks, r) for r in range(n_ranks)]
-    owner = np.concatenate([np.arange(gs.start, gs.stop) for _, gs in shards])
-    assert owner.tolist() == list(range(n_groups))  # each group once, in rank order
-    next_obs = 0
-    for obs, groups in shards:
-        assert obs.start == next_obs == group_start[groups.start]  # contiguous, whole groups
-        assert obs.stop == group_start[groups.stop]
-        next_obs = obs.stop
-        assert abs((obs.stop - obs.start) - n_obs / n_ranks) <= largest_group
-    assert next_obs == n_obs
-    again = [mpi.shard_groups(group_start, n_ranks, r) for r in range(n_ranks)]
-    assert again == shards
+    bounds = shard_bounds(group_start, n_ranks)
+    assert bounds.size == n_ranks + 1 and bounds[0] == 0 and bounds[-1] == n_groups
+    assert np.all(np.diff(bounds) >= 0)
+    per_rank = np.diff(group_start[bounds])
+    assert per_rank.sum() == n_obs
+    assert np.all(np.abs(per_rank - n_obs / n_ranks) <= largest_group)
+    assert np.array_equal(shard_bounds(group_start, n_ranks), bounds)
 
 
-def test_bad_rank_is_rejected():
-    with pytest.raises(ValueError):
-        mpi.shard_groups(np.array([0, 2]), 2, 2)
+def test_bad_rank_count_is_rejected():
+    with pytest.raises(ValueError, match="n_ranks"):
+        shard_bounds(np.array([0, 2]), 0)
 
 
-@pytest.mark.parametrize("n_ranks", [1, 2, 3, 5])
-def test_sharded_target_equals_unsharded(n_ranks):
-    problem = random_problem()
-    phi_ref, grad_ref, scale = numpy_target(*problem)
-    phi_cpu, grad_cpu = target_and_gradient(*problem, N_PARAMS)
-
-    def job(comm):
-        return mpi.sharded_target_and_gradient(*problem, N_PARAMS, comm,
-                                               evaluate=locked_cpu_target)
-
-    results = run_ranks(n_ranks, job)
-    phi, grad = results[0]
-    for other_phi, other_grad in results[1:]:  # every rank holds the same bits
-        assert other_phi == phi and np.array_equal(other_grad, grad)
-    for phi_expected, grad_expected in ((phi_ref, grad_ref), (phi_cpu, grad_cpu)):
-        assert abs(phi - phi_expected) <= 1e-12 * phi_expected
-        assert np.all(np.abs(grad - grad_expected) <= 1e-12 * scale)
-    assert np.max(np.abs(grad_ref)) > 1.0
-    rerun = run_ranks(n_ranks, job)[0]
-    assert rerun[0] == phi and np.array_equal(rerun[1], grad)
-
-
-def test_allreduce_adds_in_rank_order():
-    # In rank order (((1e16 + 1) - 1e16) + 1) = 1 (1e16 + 1 rounds to 1e16); a pairwise tree
-    # gives (1e16 + 1) + (-1e16 + 1) = 0 and an exact sum 2, so only rank order passes.
-    phis = [1e16, 1.0, -1e16, 1.0]
-
-    def job(comm):
-        r = comm.Get_rank()
-        return mpi.allreduce_target(phis[r], np.array([phis[r], float(r)]), comm)
-
-    results = run_ranks(4, job)
-    for phi, grad in results:
-        assert phi == 1.0
-        assert grad.tolist() == [1.0, 6.0]
-
-
-def test_allreduce_without_comm_is_identity():
-    phi, grad = mpi.allreduce_target(3.5, np.array([1.0, 2.0]), None)
-    assert phi == 3.5 and grad.tolist() == [1.0, 2.0]
-
-
-def test_missing_mpi4py_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import now raises ImportError
-    with pytest.raises(VmergeError, match="mpi4py is not installed"):
-        mpi.world_comm()
-
-
-def test_real_mpi_run_matches_unsharded(tmp_path):
-    # Only where mpi4py and a launcher are installed (the `mpi` extra); the fake-comm tests
-    # above cover the logic everywhere else.
-    import shutil
-    import subprocess
-
+def test_real_mpi_target_equals_one_process_and_numpy(tmp_path):
+    # Two real ranks each evaluate their own blocks and exchange tree nodes (Allgatherv):
+    # both ranks must hold the bits of the one-process evaluation, which agrees with numpy.
     pytest.importorskip("mpi4py")
-    launcher = shutil.which("mpiexec") or shutil.which("mpirun")
+    launcher = shutil.which("mpiexec", path=BIN + os.pathsep + os.environ.get("PATH", ""))
     if launcher is None:
-        pytest.skip("no mpiexec/mpirun on PATH")
+        pytest.skip("no mpiexec beside the interpreter or on PATH (install the `mpi` extra)")
     problem = random_problem()
     inputs = tmp_path / "problem.npz"
     np.savez(inputs, *problem)
@@ -203,19 +89,42 @@ def test_real_mpi_run_matches_unsharded(tmp_path):
         "import sys\n"
         "import dials_vmerge\n"
         "import numpy as np\n"
-        "from dials_vmerge.backends import mpi\n"
-        "comm = mpi.world_comm()\n"
+        "from dials_vmerge.backends import mpi_world\n"
+        "from dials_vmerge.scaling.target import RankShare, normal_equations, target_and_gradient\n"
         "d = np.load(sys.argv[1])\n"
         "args = [d[f'arr_{i}'] for i in range(6)]\n"
-        f"phi, grad = mpi.sharded_target_and_gradient(*args, {N_PARAMS}, comm)\n"
-        "np.save(sys.argv[2] + f'.{comm.Get_rank()}.npy', np.concatenate([[phi], grad]))\n"
+        "r = mpi_world.rank()\n"
+        f"phi, grad = target_and_gradient(*args, {N_PARAMS})\n"
+        "np.save(sys.argv[2] + f'.{r}.npy', np.concatenate([[phi], grad]))\n"
+        "np.save(sys.argv[2] + f'.ranks{r}.npy', [mpi_world.n_ranks()])\n"
+        # the same sums from each rank's own rows only (RankShare)
+        f"share = RankShare(args[5], {N_PARAMS})\n"
+        "own = [share.rows(a) for a in args[:5]]\n"
+        f"phi, grad = target_and_gradient(*own, args[5], {N_PARAMS}, share=share)\n"
+        f"phi_n, rhs, normal = normal_equations(*own, args[5], {N_PARAMS}, share=share)\n"
+        "np.save(sys.argv[2] + f'.share{r}.npy', np.concatenate([[phi, phi_n], grad, rhs,"
+        " normal.ravel(), [share.obs_lo, share.obs_hi]]))\n"
     )
     out = str(tmp_path / "result")
     run = subprocess.run([launcher, "-n", "2", sys.executable, "-c", code, str(inputs), out],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert np.load(out + ".ranks0.npy").tolist() == [2]
     rank0, rank1 = np.load(out + ".0.npy"), np.load(out + ".1.npy")
     assert np.array_equal(rank0, rank1)
+    from dials_vmerge.scaling.target import normal_equations, target_and_gradient
+
+    phi_one, grad_one = target_and_gradient(*problem, N_PARAMS)
+    assert rank0[0] == phi_one and np.array_equal(rank0[1:], grad_one)
+    # from each rank's own rows: the one-process bits, and the ranks' rows split the table
+    phi_n, rhs_one, normal_one = normal_equations(*problem, N_PARAMS)
+    expected = np.concatenate([[phi_one, phi_n], grad_one, rhs_one, normal_one.ravel()])
+    share0, share1 = np.load(out + ".share0.npy"), np.load(out + ".share1.npy")
+    assert np.array_equal(share0[:-2], expected) and np.array_equal(share1[:-2], expected)
+    n_obs = problem[-1][-1]
+    assert share0[-2:].tolist() == [0, share1[-2]] and share1[-1] == n_obs
+    assert 0.3 * n_obs < share1[-2] < 0.7 * n_obs  # each rank evaluated about half the rows
     phi_ref, grad_ref, scale = numpy_target(*problem)
     assert abs(rank0[0] - phi_ref) <= 1e-12 * phi_ref
     assert np.all(np.abs(rank0[1:] - grad_ref) <= 1e-12 * scale)
+    assert np.max(np.abs(grad_ref)) > 1.0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import mpi_world
-from .mpi import shard_bounds
 
 # A block is one thread's sequential pass: large enough that the tree's additions (a few
 # passes over one vector of n_par entries per block) stay small beside the kernel's work on
@@ -56,10 +55,40 @@ def fixed_block_bounds(group_start, n_par=0):
     return np.maximum.accumulate(bounds)
 
 
+def shard_bounds(start, n_ranks):
+    """Offsets (n_ranks + 1) into the units whose observation offsets are `start` (groups or
+    blocks): each boundary is the unit boundary nearest to its equal-observation target, so
+    a rank's share is within one unit's size of n_obs / n_ranks."""
+    if n_ranks < 1:
+        raise ValueError(f"n_ranks must be >= 1, got {n_ranks}")
+    start = np.asarray(start, dtype=np.int64)
+    n_units = start.size - 1
+    n_obs = int(start[-1])
+    targets = (np.arange(1, n_ranks, dtype=np.int64) * n_obs) / n_ranks
+    above = np.searchsorted(start, targets, side="left")  # first boundary >= target
+    below = np.maximum(above - 1, 0)
+    distance_above = start[np.minimum(above, n_units)] - targets
+    take_below = (targets - start[below]) <= distance_above
+    inner = np.where(take_below, below, above)
+    bounds = np.concatenate([[0], inner, [n_units]]).astype(np.int64)
+    return np.maximum.accumulate(bounds)
+
+
 def rank_block_ranges(block_bounds, group_start, n_ranks):
     """Block offsets (n_ranks + 1): rank r owns blocks [out[r], out[r+1])."""
     block_obs_start = np.asarray(group_start, dtype=np.int64)[block_bounds]
     return shard_bounds(block_obs_start, n_ranks)
+
+
+def rank_group_range(group_start, n_par=0, block_bounds=None):
+    """(first group, end group) of the blocks this rank evaluates in
+    blockwise_sum(group_start, n_par=n_par) (all groups in one process): a rank needs the
+    per-observation inputs of these groups' observations only."""
+    if block_bounds is None:
+        block_bounds = fixed_block_bounds(group_start, n_par)
+    ranges = rank_block_ranges(block_bounds, group_start, mpi_world.n_ranks())
+    rank = mpi_world.rank()
+    return int(block_bounds[ranges[rank]]), int(block_bounds[ranges[rank + 1]])
 
 
 def canonical_nodes(lo, hi):

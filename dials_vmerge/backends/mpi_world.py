@@ -30,7 +30,6 @@ import time
 import numpy as np
 
 from ..errors import VmergeError
-from .mpi import shard_bounds
 
 # Launchers say how many ranks there are before MPI is initialised: hydra/PMI (MPICH, srun
 # with PMI2), PMIx (srun --mpi=pmix, OpenMPI 5) and OpenMPI's own variable.

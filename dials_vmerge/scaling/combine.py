@@ -186,22 +186,21 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     return best
 
 
-# apply_imid reads and combines this many rows at a time: its ~15 temporaries of every row
-# (1e6 sweep: ~100 MB, the peak RSS of the scaling stage) are those of one slice instead.
-APPLY_IMID_CHUNK_ROWS = 1 << 17
+# Rows combined per pass of apply_imid: its ~15 temporaries per row (columns read, flags,
+# the summation and combined values, np.where results) were the peak RSS of 1e7-observation
+# runs (1.2 GB of transients over all rows at once); per chunk they are ~30 MB.
+APPLY_CHUNK_ROWS = 1 << 18
 
 
 def apply_imid(table, imid, rows):
-    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9).
-
-    Element by element, so computed in slices of rows with the same values."""
+    """(intensity, variance) for `rows` of a prepared table with the chosen Imid (9),
+    combined chunk by chunk (element by element, so the same values as all rows at once)."""
     rows = np.asarray(rows)
-    if rows.size <= APPLY_IMID_CHUNK_ROWS:
+    if rows.size <= APPLY_CHUNK_ROWS:
         return _apply_imid_rows(table, imid, rows)
-    intensity = np.empty(rows.size)
-    variance = np.empty(rows.size)
-    for start in range(0, rows.size, APPLY_IMID_CHUNK_ROWS):
-        stop = min(rows.size, start + APPLY_IMID_CHUNK_ROWS)
+    intensity, variance = np.empty(rows.size), np.empty(rows.size)
+    for start in range(0, rows.size, APPLY_CHUNK_ROWS):
+        stop = min(start + APPLY_CHUNK_ROWS, rows.size)
         intensity[start:stop], variance[start:stop] = _apply_imid_rows(table, imid,
                                                                        rows[start:stop])
     return intensity, variance

@@ -24,7 +24,8 @@ from numba import prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
-from ..backends.block_sums import blockwise_sum, fixed_block_bounds
+from ..backends import mpi_world
+from ..backends.block_sums import blockwise_sum, fixed_block_bounds, rank_group_range
 from .family import KBFamily, ModelFamilies
 from .ih_table import chunk_bounds, group_weighted_sums
 from .physical_pass import (PhysicalPassInputs, physical_target_gradient_partials,
@@ -160,17 +161,49 @@ def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
         out[i] = diagonal + 2.0 * off_diagonal
 
 
+class RankShare:
+    """The observations whose inputs this MPI rank needs for the block sums of a table
+    (backends/block_sums.py): the groups [group_lo, group_hi) of its blocks, i.e. the
+    observations [obs_lo, obs_hi) of the table's group order. A rank that evaluates its
+    models and kernels on these rows only does 1/N of the per-iteration work and holds 1/N
+    of the derivative table (the ELL arrays), with the same bits: the kernels see the same
+    values per block."""
+
+    def __init__(self, group_start, n_par):
+        self.group_lo, self.group_hi = rank_group_range(group_start, n_par)
+        self.obs_lo = int(group_start[self.group_lo])
+        self.obs_hi = int(group_start[self.group_hi])
+        # the groups' offsets into the rank's own rows
+        self.group_start = np.asarray(group_start[self.group_lo:self.group_hi + 1],
+                                      dtype=np.int64) - self.obs_lo
+
+    def rows(self, array):
+        return array[self.obs_lo:self.obs_hi]
+
+
+def _kernel_groups(group_start, share):
+    """(group offsets the kernel indexes the arrays with, first group of the arrays)."""
+    if share is None:
+        return group_start, 0
+    return share.group_start, share.group_lo
+
+
 def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
-                        nproc=1):
+                        nproc=1, share=None):
     """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller.
 
     Summed per fixed block of groups and then as a tree over the blocks, over all MPI ranks
-    (backends/block_sums.py): the bits do not depend on nproc or on the number of ranks."""
+    (backends/block_sums.py): the bits do not depend on nproc or on the number of ranks.
+    share (RankShare, MPI): the per-observation arrays hold this rank's rows only;
+    group_start is the whole table's."""
+    local_start, group_lo = _kernel_groups(group_start, share)
+
     def evaluate(chunks):
         phi_partial = np.zeros(chunks.size - 1)
         grad_partial = np.zeros((chunks.size - 1, n_par))
-        target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
-                               chunks, phi_partial, grad_partial)
+        target_gradient_kernel(intensity, weight, g, deriv_values, deriv_col, local_start,
+                               chunks - group_lo if group_lo else chunks, phi_partial,
+                               grad_partial)
         return [phi_partial, grad_partial]
 
     phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), n_par=n_par)
@@ -178,15 +211,19 @@ def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_sta
 
 
 def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
-                     nproc=1):
-    """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term."""
+                     nproc=1, share=None):
+    """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term (share: as
+    target_and_gradient)."""
+    local_start, group_lo = _kernel_groups(group_start, share)
+
     def evaluate(chunks):
         n_chunks = chunks.size - 1
         phi_partial = np.zeros(n_chunks)
         rhs_partial = np.zeros((n_chunks, n_par))
         normal_partial = np.zeros((n_chunks, n_par, n_par))
-        normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_start,
-                             chunks, phi_partial, rhs_partial, normal_partial)
+        normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, local_start,
+                             chunks - group_lo if group_lo else chunks, phi_partial,
+                             rhs_partial, normal_partial)
         return [phi_partial, rhs_partial, normal_partial]
 
     # one block per thread at a time: a block's partial normal matrix is n_par^2 doubles
@@ -310,9 +347,10 @@ class ScalingTarget(ModelTerms):
             # fixed order of the full entries; shared components add up here
             np.add.at(grad, self.full_to_free[self.free_entries], grad_full[self.free_entries])
         else:
-            g, values, cols = self._ell(x)
-            phi, grad = target_and_gradient(t.intensity, t.weight, g, values, cols,
-                                            t.group_start, self.n_par, self.nproc)
+            share = self._rank_share()
+            g, values, cols = self._ell(x) if share is None else self._rank_ell(x, share)
+            phi, grad = target_and_gradient(*self._rank_rows(share), g, values, cols,
+                                            t.group_start, self.n_par, self.nproc, share)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         grad = grad + 2.0 * wr * x
@@ -321,12 +359,44 @@ class ScalingTarget(ModelTerms):
 
     def normal_equations(self, x):
         """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr)."""
-        g, values, cols = self._ell(x)
+        share = self._rank_share()
+        g, values, cols = self._ell(x) if share is None else self._rank_ell(x, share)
         t = self.table
-        phi, rhs, normal = normal_equations(t.intensity, t.weight, g, values, cols,
-                                            t.group_start, self.n_par, self.nproc)
+        phi, rhs, normal = normal_equations(*self._rank_rows(share), g, values, cols,
+                                            t.group_start, self.n_par, self.nproc, share)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         rhs = rhs + wr * x
         normal = normal + np.diag(wr)
         return phi, rhs, normal
+
+    # -- MPI: each rank evaluates the models at the rows of its own blocks only ----------
+    def _rank_share(self):
+        """This rank's RankShare of the table (None in one process: every row is used)."""
+        if mpi_world.n_ranks() == 1:
+            return None
+        if getattr(self, "_share", None) is None:
+            self._share = RankShare(self.table.group_start, self.n_par)
+        return self._share
+
+    def _rank_rows(self, share):
+        t = self.table
+        if share is None:
+            return t.intensity, t.weight
+        return share.rows(t.intensity), share.rows(t.weight)
+
+    def _rank_ell(self, x, share):
+        """(g, deriv_values, deriv_col) of the share's rows only."""
+        t = self.table
+        if getattr(self, "_rank_evaluator", None) is None:
+            dataset_id, loc_index = share.rows(t.dataset_id), share.rows(t.loc_index)
+            if self.family is not None:
+                self._rank_evaluator = KBFamily(self.manager.models,
+                                                self.manager.column_of_parameter,
+                                                dataset_id, loc_index)
+            else:
+                self._rank_evaluator = ModelFamilies(self.manager, dataset_id, loc_index)
+        if self.family is None:
+            self.manager.set_free(x)  # as the models' own evaluation left them
+        return self._rank_evaluator.evaluate(x)
+
