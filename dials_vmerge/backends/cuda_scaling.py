@@ -22,6 +22,7 @@ from numba import cuda
 from dials_vmerge.kernels.cuda import array as device_array_model
 from dials_vmerge.kernels.cuda import models as device_models
 from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations
+from dials_vmerge.backends import cuda_streamed_scaling as streamed_target
 from dials_vmerge.kernels.cuda.target import DeviceTarget
 from dials_vmerge.scaling.target import ScalingTarget
 
@@ -86,11 +87,19 @@ def array_layout(models, dataset_id, loc_index, column_of_parameter):
 
 
 class CudaScalingTarget(ScalingTarget):
-    def __init__(self, manager, ih_table, nproc=1, batch_size=None):
+    def __init__(self, manager, ih_table, nproc=1, batch_size=None, host_resident=None,
+                 device_memory_limit=None):
         super().__init__(manager, ih_table, nproc)
         t = ih_table
         n = t.n_obs
         self._n = n
+        self.host_resident = False
+        if host_resident is not False and n and (self.fused is not None
+                                                 or self.family is not None):
+            # a layout larger than free device memory (or a forced one): streamed per batch
+            if streamed_target.stream_layout(self, host_resident, batch_size,
+                                             device_memory_limit):
+                return
         if self.fused is not None:
             f = self.fused
             self._kind = "physical"
@@ -191,9 +200,12 @@ class CudaScalingTarget(ScalingTarget):
         elif self._n == 0:
             phi, grad = 0.0, np.zeros(self.n_par)
         else:
-            self._device_model(x)
-            phi, grad_cols = self._device_target.evaluate(self._g[:self._n],
-                                                          self._deriv[:self._n])
+            if self.host_resident:
+                phi, grad_cols = streamed_target.evaluate(self, x)
+            else:
+                self._device_model(x)
+                phi, grad_cols = self._device_target.evaluate(self._g[:self._n],
+                                                              self._deriv[:self._n])
             if self._kind == "physical":
                 grad_full = grad_cols[:self.fused.n_full]
                 grad = np.zeros(self.n_par)
@@ -217,7 +229,9 @@ class CudaScalingTarget(ScalingTarget):
 
     def normal_equations(self, x):
         """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr), on the device."""
-        if self._kind == "host-model" or self._n == 0:
+        if self._kind == "host-model" or self._n == 0 or self.host_resident:
+            # host-resident layouts: the normal matrix pass needs the whole layout on the
+            # device, so it runs on the CPU
             return super().normal_equations(x)
         if getattr(self, "_normal", None) is None:
             gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)

@@ -10,12 +10,14 @@ from __future__ import annotations
 AUTO_MIN_OBSERVATIONS = 1_000_000
 
 
-def make_scaling_target(device, manager, ih_table, nproc=1, batch_size=None):
+def make_scaling_target(device, manager, ih_table, nproc=1, batch_size=None,
+                        device_memory_limit=None):
     """The target of one minimisation for the chosen device ('cpu' or 'cuda')."""
     if device == "cuda":
         from .cuda_scaling import CudaScalingTarget
 
-        return CudaScalingTarget(manager, ih_table, nproc, batch_size)
+        return CudaScalingTarget(manager, ih_table, nproc, batch_size,
+                                 device_memory_limit=device_memory_limit)
     from ..scaling.target import ScalingTarget
 
     return ScalingTarget(manager, ih_table, nproc)
@@ -38,8 +40,18 @@ def target_for_run(run, manager, ih_table):
     compute.device and the job's size) and logged; every round then builds its target on it,
     copying that round's observation arrays to the device once."""
     device = device_for_run(run, ih_table.n_obs)
-    target = make_scaling_target(device, manager, ih_table, run.nproc,
-                                 getattr(run, "_gpu_batch_size", None))
+    limit = getattr(run, "_gpu_memory_limit", None)
+    if limit is None:
+        target = make_scaling_target(device, manager, ih_table, run.nproc,
+                                     getattr(run, "_gpu_batch_size", None))
+    else:
+        target = make_scaling_target(device, manager, ih_table, run.nproc,
+                                     getattr(run, "_gpu_batch_size", None),
+                                     device_memory_limit=limit)
+    if device == "cuda" and getattr(target, "host_resident", False):
+        run.log(f"  the layout ({target.n_obs} observations) exceeds the device memory: "
+                f"streamed from the host in "
+                f"{len(target._device_target.batches)} batch(es) of whole groups")
     if device == "cuda":
         n_batches = (len(target._device_target.batches)
                      if target._device_target is not None else 0)
@@ -70,6 +82,9 @@ def device_for_run(run, n_obs):
         _PASS_DEVICE[0] = device
         # libtbx's Auto (and None) mean: from free device memory
         run._gpu_batch_size = batch if isinstance(batch, int) else None
+        limit = getattr(getattr(getattr(params, "compute", None), "gpu", None),
+                        "device_memory_limit", None)
+        run._gpu_memory_limit = limit if isinstance(limit, int) else None
         if device == "cuda":
             run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
                     f"device ({device_name()})")
