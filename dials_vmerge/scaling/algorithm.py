@@ -639,18 +639,24 @@ class ScalingRun:
                     # the partiality cut as part of the layout subset: one table fewer
                     masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
             try:
+                # the table is built here and the layout, masks and partialities let go, so
+                # that only its columns (consumed by the filters) stay through the refinement
+                ih_table = em.unfiltered_table(
+                    None, [s.intensity for s in members], [s.variance for s in members],
+                    [s.g for s in members], partialities, self.anomalous_layout(group, masks))
+                del partialities, masks
                 model = em.refine_error_model(
                     None,
                     [s.intensity for s in members],
                     [s.variance for s in members],
                     [s.g for s in members],
-                    members[0].error_model, partialities, min_partiality,
+                    members[0].error_model, None, min_partiality,
                     param(p, "weighting.error_model.basic.min_Ih", 25.0),
                     param(p, "weighting.error_model.basic.n_bins", 10),
                     param(p, "weighting.error_model.basic.minimisation", "auto"),
                     param(p, "weighting.error_model.basic.a"),
                     param(p, "weighting.error_model.basic.b"),
-                    layout=self.anomalous_layout(group, masks), stills=stills,
+                    stills=stills, ih_table=ih_table,
                     deviation=param(p, "weighting.error_model.basic.deviation", "unbiased"))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 failures.append(str(e))
@@ -710,6 +716,11 @@ class ScalingRun:
             step(self.minimise, "LBFGS", final=True)
         step(self.expand, covariance_manager, covariance)
         step(self.outlier_rejection)
+        # no step after this one uses the group sort (the error model builds its own
+        # anomalous one; the likelihood's refinement does use it): let it go before the
+        # run's last two, largest steps
+        if param(self.params, "scaling_options.target", "least_squares") != "likelihood":
+            self._layout = None
         step(self.refine_error_models)
         return step(self.finish)
 
