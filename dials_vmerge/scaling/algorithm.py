@@ -505,11 +505,11 @@ class ScalingRun:
         user = param(p, "reflection_selection.combine.Imid")
         joint = param(p, "reflection_selection.combine.joint_analysis", True)
         t = self.table
-        all_rows = np.concatenate([s.suitable_rows for s in self.states])
+        all_rows = _joined([s.suitable_rows for s in self.states])  # read only
         g_full = np.zeros(t.nrows)
-        g_full[all_rows] = np.concatenate([s.g for s in self.states])
+        g_full[all_rows] = _joined([s.g for s in self.states])
         ok = np.zeros(t.nrows, dtype=bool)
-        ok[all_rows[~np.concatenate([s.outlier for s in self.states])]] = True
+        ok[all_rows[~_joined([s.outlier for s in self.states])]] = True
         usable = comb.combination_test_selection(t, g_full, ok)
         del ok
         # test rows in dataset order, ascending within a dataset (as the datasets' lists)
@@ -519,7 +519,7 @@ class ScalingRun:
         if self.anomalous:
             asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
         else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
-            asu = np.concatenate([s.asu for s in self.states])[position]
+            asu = _joined([s.asu for s in self.states])[position]
         pooled = {"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
                   "v_prf": t.peek("intensity.prf.variance", test),
                   "i_sum": t.peek("intensity.sum.value", test),
@@ -528,7 +528,9 @@ class ScalingRun:
                                  else np.ones(test.size)),
                   "correction": t.peek("prescaling_correction", test),
                   "g": g_full[test]}
-        del g_full
+        # only `pooled` holds the test rows' arrays now: choose_imid releases them as it
+        # sorts them (this step's peak)
+        del g_full, test, asu
         if joint:
             datasets = [pooled]
         else:
@@ -536,6 +538,7 @@ class ScalingRun:
             cuts = np.searchsorted(position, state_bounds[:-1])
             datasets = [dict(zip(pooled, parts)) for parts in
                         zip(*(np.split(v, cuts) for v in pooled.values()))]
+        del position, pooled
         user_list = list(user) if user else None
         if joint:
             imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
