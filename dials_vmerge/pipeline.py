@@ -220,6 +220,7 @@ def run_scaling_job(params, experiments, table, log):
         scaled, models, summary = scale_table(experiments, table, dataset_rows, models,
                                               params, log.info)
     del table
+    release_free_memory()  # the scaling run's state is gone: writing starts from live data
     log.info(format_scaling_summary(experiments, models, summary))
     from .dataset_summary import per_dataset_table
 

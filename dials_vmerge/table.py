@@ -380,7 +380,13 @@ class ReflectionTable:
     def set_flags(self, selection, mask: int) -> None:
         if "flags" not in self:
             self["flags"] = np.zeros(self.nrows, dtype=np.uint64)
-        self["flags"][selection] |= np.uint64(mask)
+        column = self["flags"]
+        if isinstance(selection, np.ndarray) and selection.dtype == bool and \
+                selection.shape == column.shape:
+            # in place: `column[mask] |= m` gathers and scatters a copy of the selected rows
+            np.bitwise_or(column, np.uint64(mask), out=column, where=selection)
+        else:
+            column[selection] |= np.uint64(mask)
 
     def unset_flags(self, selection, mask: int) -> None:
         if "flags" not in self:

@@ -226,6 +226,31 @@ def configure_absorption(component, s0c, s1c) -> None:
         component.configure(sph_harm_coefficients(s0c, s1c, component.lmax))
 
 
+# Rows per pass of configure_absorption_from_geometry: s0c and s1c of all rows (48 B per
+# row, with their theta/phi temporaries ~100 B) were the peak RSS of a 1e6 sweep's model
+# configuration; per chunk they are a few MB.
+GEOMETRY_CHUNK_ROWS = 1 << 17
+
+
+def configure_absorption_from_geometry(component, experiment, z_obs, s1) -> None:
+    """configure_absorption(component, *crystal_frame_vectors(experiment, z_obs, s1)); above
+    LOOKUP_THRESHOLD the vectors and their table cells are formed chunk by chunk (element by
+    element, so the same cells as all rows at once)."""
+    n = len(z_obs)
+    if n <= LOOKUP_THRESHOLD:
+        configure_absorption(component, *crystal_frame_vectors(experiment, z_obs, s1))
+        return
+    cell_s0 = np.empty(n, np.int32)
+    cell_s1 = np.empty(n, np.int32)
+    for start in range(0, n, GEOMETRY_CHUNK_ROWS):
+        stop = min(start + GEOMETRY_CHUNK_ROWS, n)
+        s0c, s1c = crystal_frame_vectors(experiment, z_obs[start:stop], s1[start:stop])
+        cell_s0[start:stop] = lookup_index(*theta_phi(s0c)).astype(np.int32)
+        cell_s1[start:stop] = lookup_index(*theta_phi(s1c)).astype(np.int32)
+        del s0c, s1c
+    component.configure_lookup(cell_s0, cell_s1)
+
+
 # -- the component --------------------------------------------------------------------------
 
 

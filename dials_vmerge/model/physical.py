@@ -10,8 +10,7 @@ import numpy as np
 from ..errors import VmergeError
 from .absorption_sh import (
     SHAbsorption,
-    configure_absorption,
-    crystal_frame_vectors,
+    configure_absorption_from_geometry,
     n_sh_parameters,
 )
 from .base import ScalingModel, is_auto, param
@@ -110,9 +109,8 @@ class SmoothRotationModel(ScalingModel):
             self.components["scale"].configure(z_obs * self.configdict["s_norm_fac"])
         self._configure_resolution_terms(table, z_obs, params)
         if "absorption" in self.components:
-            s0c, s1c = crystal_frame_vectors(experiment, z_obs, table["s1"])
-            configure_absorption(self.components["absorption"], s0c, s1c)
-            del s0c, s1c
+            configure_absorption_from_geometry(self.components["absorption"], experiment,
+                                               z_obs, table["s1"])
         self._configure_analytical(table)
         self.n_configured = int(z_obs.size)
 

@@ -505,11 +505,11 @@ class ScalingRun:
         user = param(p, "reflection_selection.combine.Imid")
         joint = param(p, "reflection_selection.combine.joint_analysis", True)
         t = self.table
-        all_rows = np.concatenate([s.suitable_rows for s in self.states])
+        all_rows = _joined([s.suitable_rows for s in self.states])  # read only
         g_full = np.zeros(t.nrows)
-        g_full[all_rows] = np.concatenate([s.g for s in self.states])
+        g_full[all_rows] = _joined([s.g for s in self.states])
         ok = np.zeros(t.nrows, dtype=bool)
-        ok[all_rows[~np.concatenate([s.outlier for s in self.states])]] = True
+        ok[all_rows[~_joined([s.outlier for s in self.states])]] = True
         usable = comb.combination_test_selection(t, g_full, ok)
         del ok
         # test rows in dataset order, ascending within a dataset (as the datasets' lists)
@@ -519,7 +519,7 @@ class ScalingRun:
         if self.anomalous:
             asu = map_indices_to_asu(t.peek("miller_index", test), self.space_group, False)
         else:  # test rows are suitable rows: their (non-anomalous) ASU indices are known
-            asu = np.concatenate([s.asu for s in self.states])[position]
+            asu = _joined([s.asu for s in self.states])[position]
         pooled = {"asu_index": asu, "i_prf": t.peek("intensity.prf.value", test),
                   "v_prf": t.peek("intensity.prf.variance", test),
                   "i_sum": t.peek("intensity.sum.value", test),
@@ -528,7 +528,9 @@ class ScalingRun:
                                  else np.ones(test.size)),
                   "correction": t.peek("prescaling_correction", test),
                   "g": g_full[test]}
-        del g_full
+        # only `pooled` holds the test rows' arrays now: choose_imid releases them as it
+        # sorts them (this step's peak)
+        del g_full, test, asu
         if joint:
             datasets = [pooled]
         else:
@@ -536,6 +538,7 @@ class ScalingRun:
             cuts = np.searchsorted(position, state_bounds[:-1])
             datasets = [dict(zip(pooled, parts)) for parts in
                         zip(*(np.split(v, cuts) for v in pooled.values()))]
+        del position, pooled
         user_list = list(user) if user else None
         if joint:
             imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
@@ -621,6 +624,9 @@ class ScalingRun:
             param(p, "weighting.error_model.error_model_group"))
         multi = len(self.states) > 1
         refined, failures = [], []
+        # the anomalous group sort below is the step's largest allocation: give the heap
+        # holes of the step's earlier temporaries back first (memory.py; once, not per group)
+        release_free_memory(collect_cycles=False)
         for group in groups:
             members = [self.states[d] for d in group]
             masks = [~s.outlier for s in members]
@@ -636,18 +642,24 @@ class ScalingRun:
                     # the partiality cut as part of the layout subset: one table fewer
                     masks = [m & (pr > min_partiality) for m, pr in zip(masks, partialities)]
             try:
+                # the table is built here and the layout, masks and partialities let go, so
+                # that only its columns (consumed by the filters) stay through the refinement
+                ih_table = em.unfiltered_table(
+                    None, [s.intensity for s in members], [s.variance for s in members],
+                    [s.g for s in members], partialities, self.anomalous_layout(group, masks))
+                del partialities, masks
                 model = em.refine_error_model(
                     None,
                     [s.intensity for s in members],
                     [s.variance for s in members],
                     [s.g for s in members],
-                    members[0].error_model, partialities, min_partiality,
+                    members[0].error_model, None, min_partiality,
                     param(p, "weighting.error_model.basic.min_Ih", 25.0),
                     param(p, "weighting.error_model.basic.n_bins", 10),
                     param(p, "weighting.error_model.basic.minimisation", "auto"),
                     param(p, "weighting.error_model.basic.a"),
                     param(p, "weighting.error_model.basic.b"),
-                    layout=self.anomalous_layout(group, masks), stills=stills,
+                    stills=stills, ih_table=ih_table,
                     deviation=param(p, "weighting.error_model.basic.deviation", "unbiased"))
             except (em.ErrorModelError, ValueError, FloatingPointError) as e:
                 failures.append(str(e))
@@ -707,6 +719,11 @@ class ScalingRun:
             step(self.minimise, "LBFGS", final=True)
         step(self.expand, covariance_manager, covariance)
         step(self.outlier_rejection)
+        # no step after this one uses the group sort (the error model builds its own
+        # anomalous one; the likelihood's refinement does use it): let it go before the
+        # run's last two, largest steps
+        if param(self.params, "scaling_options.target", "least_squares") != "likelihood":
+            self._layout = None
         step(self.refine_error_models)
         return step(self.finish)
 
@@ -733,23 +750,29 @@ class ScalingRun:
             if state.error_model is not None and hasattr(state.model, "set_error_model"):
                 state.model.set_error_model("BasicErrorModel", state.error_model.parameters)
         table = self.table
+        # finish is the last step: the group sorts and the error model's anomalous indices
+        # are done with, and would otherwise stay resident through the output columns
+        self._layout = None
+        for state in self.states:
+            state.anomalous_asu = None
         other, other_intensity, other_variance = self.unsuitable
-        suitable_rows = np.concatenate([s.suitable_rows for s in self.states])
-        for name, suitable_values, other_values in (
-                ("intensity", np.concatenate([s.intensity for s in self.states]),
-                 other_intensity),
-                ("variance", np.concatenate([s.variance for s in self.states]),
-                 other_variance)):
+        suitable_rows = _joined([s.suitable_rows for s in self.states])
+        for name, other_values in (("intensity", other_intensity),
+                                   ("variance", other_variance)):
             column = np.zeros(table.nrows, dtype=np.float64)
-            column[suitable_rows] = suitable_values
+            for state in self.states:  # disjoint rows: no joined copy of the values
+                column[state.suitable_rows] = getattr(state, name)
             column[other] = other_values
             table[name] = column
+        # the output columns are the run's last large allocations (peak RSS of a 1e6 sweep):
+        # return the holes the joins above and the last steps left in the heap first
+        release_free_memory(collect_cycles=False)
         var_g = None
         if all(s.var_g is not None for s in self.states):
-            var_g = np.concatenate([s.var_g for s in self.states])
+            var_g = _joined([s.var_g for s in self.states])
         table = prepare_output(table, suitable_rows,
-                               np.concatenate([s.g for s in self.states]), var_g,
-                               np.concatenate([s.outlier for s in self.states]),
+                               _joined([s.g for s in self.states]), var_g,
+                               _joined([s.outlier for s in self.states]),
                                PerRowErrorModel.of_datasets(
                                    table.nrows, [(s.dataset_rows, s.error_model)
                                                  for s in self.states]), cutoff)
@@ -767,15 +790,30 @@ class ScalingRun:
         return table, [s.model for s in self.states], self.summary
 
 
+def _joined(parts):
+    """np.concatenate(parts) for reading only: the one part itself when there is one (one
+    sweep: no copy of a per-row array at the run's peak)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class PerRowErrorModel:
     """Each dataset's error model applied to its rows of the flat table (rows of datasets
-    without one keep their variance)."""
+    without one keep their variance). a, b and has_model are per-row arrays, or scalars when
+    every row has the same model (the same arithmetic per element, without 17 B per row)."""
 
     def __init__(self, a, b, has_model):
         self.a, self.b, self.has_model = a, b, has_model
 
     @classmethod
     def of_datasets(cls, n_rows, rows_and_models):
+        rows_and_models = list(rows_and_models)
+        models = [(rows, model) for rows, model in rows_and_models if model is not None]
+        if not models:
+            return None
+        parameters = {(float(model.a), float(model.b)) for _, model in models}
+        if len(parameters) == 1 and sum(rows.size for rows, _ in models) == n_rows:
+            (a, b), = parameters
+            return cls(a, b, True)
         a, b = np.ones(n_rows), np.zeros(n_rows)
         has_model = np.zeros(n_rows, dtype=bool)
         for rows, model in rows_and_models:
@@ -787,17 +825,31 @@ class PerRowErrorModel:
         return cls(a, b, has_model)
 
     def variance(self, intensity, variance):
+        # a * a * (V + (b I)^2), evaluated in that order, in one buffer
         with np.errstate(invalid="ignore", over="ignore"):
-            modelled = self.a * self.a * (variance + (self.b * intensity) ** 2)
+            modelled = np.multiply(self.b, intensity)
+            np.square(modelled, out=modelled)
+            np.add(variance, modelled, out=modelled)
+            np.multiply(self.a * self.a, modelled, out=modelled)
+        if self.has_model is True:
+            return modelled
         return np.where(self.has_model, modelled, variance)
 
 
 def scaled_variance(intensity, variance, g, var_g, error_model):
-    """DIALS output variance: a^2 (V + (b I)^2) (1 + sigma_g / g); a, b = 1, 0 without a model."""
+    """DIALS output variance: a^2 (V + (b I)^2) (1 + sigma_g / g); a, b = 1, 0 without a model.
+
+    Computed in one per-row buffer besides the result (this is the peak of a run's memory):
+    the same operations in the same order as v * (1 + where(var_g > 0 & g != 0,
+    sqrt(clip(var_g, 0)) / g, 0))."""
     v = variance if error_model is None else error_model.variance(intensity, variance)
+    fractional = np.clip(var_g, 0, None)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fractional = np.where((var_g > 0) & (g != 0), np.sqrt(np.clip(var_g, 0, None)) / g, 0.0)
-    return v * (1.0 + fractional)
+        np.sqrt(fractional, out=fractional)
+        np.divide(fractional, g, out=fractional)
+    fractional[~((var_g > 0) & (g != 0))] = 0.0
+    fractional += 1.0
+    return np.multiply(v, fractional, out=fractional)
 
 
 def prepare_output(table, suitable_rows, g, var_g, outlier, error_model,
@@ -821,7 +873,7 @@ def prepare_output(table, suitable_rows, g, var_g, outlier, error_model,
     table["intensity.scale.variance"] = scaled_variance(table["intensity"], table["variance"],
                                                         g_all, var_all, error_model)
     outlier_rows = suitable_rows[outlier]
-    table.unset_flags(np.ones(n, dtype=bool), flags.outlier_in_scaling | flags.scaled)
+    table.unset_flags(slice(None), flags.outlier_in_scaling | flags.scaled)
     table.set_flags(outlier_rows, flags.outlier_in_scaling)
     small = np.zeros(n, dtype=bool)
     small[suitable_rows] = g < small_scale_cutoff

@@ -83,24 +83,34 @@ class ErrorModelData:
     group: np.ndarray = None  # per observation, its group
 
 
+def unfiltered_table(asu_indices, intensities, variances, gs, partialities=None, layout=None):
+    """The anomalous Ih table of the reflections, before the error model's filters: weights
+    1 / variance, partialities carried along (see filter_for_error_model)."""
+    extra = {"partiality": partialities} if partialities is not None else None
+    weights = [1.0 / np.asarray(v, dtype=float) for v in variances]
+    if layout is not None:
+        return layout.table(intensities, variances, weights, gs, extra=extra)
+    return build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
+
+
 def filter_for_error_model(asu_indices, intensities, variances, gs, partialities=None,
                            min_partiality=None, min_ih=25.0, layout=None, stills=None, model=None,
-                           deviation="unbiased"):
+                           deviation="unbiased", ih_table=None):
     """The filtered anomalous Ih table the error model is refined on (an IhTable).
 
     layout: optional ih_table.GroupLayout of the reflections to use (anomalous ASU groups);
     the per-dataset arrays are then the full arrays the layout indexes, asu_indices unused.
+    ih_table: optional, the unfiltered table itself (as `unfiltered_table` builds it); the
+    per-dataset arrays and layout are then unused, and the filters consume its columns.
     """
-    extra = {"partiality": partialities} if partialities is not None else None
-    weights = [1.0 / np.asarray(v, dtype=float) for v in variances]
-    if layout is not None:
-        table = layout.table(intensities, variances, weights, gs, extra=extra)
+    if ih_table is not None:
+        table = ih_table
     else:
-        table = build_ih_table(asu_indices, intensities, variances, weights, gs, extra=extra)
-    del weights, extra, layout
+        table = unfiltered_table(asu_indices, intensities, variances, gs, partialities, layout)
+    del ih_table, layout
     # Each filter below replaces the table by its selection, consuming the old one: the
     # chain then never holds two tables of all reflections at once.
-    if partialities is not None and min_partiality is not None:
+    if min_partiality is not None and "partiality" in table.extra:
         keep = table.extra["partiality"] > min_partiality
         if not keep.all():  # callers with a layout have usually cut already: skip the copy
             table = table.select(keep, consume=True)
@@ -579,18 +589,22 @@ def refine_regression(table):
 
 def refine_error_model(asu_indices, intensities, variances, gs, model=None, partialities=None,
                        min_partiality=None, min_ih=25.0, n_bins=10, minimisation="auto",
-                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="unbiased"):
+                       fixed_a=None, fixed_b=None, layout=None, stills=None, deviation="unbiased",
+                       ih_table=None):
     """A refined BasicErrorModel, or raises ErrorModelError (the caller keeps its model).
 
     The inputs are per-dataset lists (suitable, non-outlier reflections) with ASU indices
     mapped anomalously; or, with `layout` (a GroupLayout of those reflections), the full
-    per-dataset arrays the layout indexes.
+    per-dataset arrays the layout indexes; or, with `ih_table`, their unfiltered table
+    (`unfiltered_table`), consumed by the filters.
     """
     if minimisation == "auto":
         minimisation = "likelihood" if deviation == "unbiased" else "individual"
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
-                                   min_partiality, min_ih, layout, stills, model, deviation)
+                                   min_partiality, min_ih, layout, stills, model, deviation,
+                                   ih_table)
+    del ih_table
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":
