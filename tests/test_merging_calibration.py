@@ -36,6 +36,32 @@ def test_leave_one_out_deviations_equal_a_loop():
     assert np.array_equal(group, expected[:, 2].astype(int))
 
 
+def test_leave_one_out_kernel_equals_numpy_bit_for_bit_in_any_order():
+    """The kernel (reading observations through `order`) against the whole-array numpy
+    formulation written here: the same values bit for bit, as np.bincount adds each group's
+    terms in the same order."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 9, 3000)
+    group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(group_start[-1])
+    x = rng.normal(50.0, 30.0, n)
+    s = rng.uniform(0.5, 20.0, n)
+    order = rng.permutation(n)  # observation order[k] is the k-th in group order
+    xs, ss = x[order], s[order]
+    group = np.repeat(np.arange(sizes.size), sizes)
+    w = 1.0 / (ss * ss)
+    total_w = np.bincount(group, w)[group]
+    total_wx = np.bincount(group, w * xs)[group]
+    others_w = total_w - w
+    keep = others_w > 1e-9 * total_w
+    mean = (total_wx[keep] - w[keep] * xs[keep]) / others_w[keep]
+    delta_numpy = (xs[keep] - mean) / np.sqrt(ss[keep] ** 2 + 1.0 / others_w[keep])
+    delta, others_mean, group_kept = leave_one_out_deviations(x, s, group_start, order=order)
+    assert np.array_equal(delta, delta_numpy)
+    assert np.array_equal(others_mean, mean)
+    assert np.array_equal(group_kept, group[keep])
+
+
 @pytest.mark.parametrize("sigma_factor", [1.0, 0.5])
 def test_calibration_on_exact_sigmas(sigma_factor):
     sim = simulate(seed=4, d_min=2.2)
