@@ -23,9 +23,10 @@ import numpy as np
 from numba import cuda
 
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK, gradient_segment_kernel,
-                                               group_residual_kernel, ordered_rows_sum,
+                                               group_residual_kernel,
                                                segment_bounds)
-from dials_vmerge.kernels.cuda.target import N_STREAMS, column_entries, group_batches
+from dials_vmerge.kernels.cuda.target import (N_STREAMS, column_entries, group_batches,
+                                              sum_batches_on_streams)
 from dials_vmerge.kernels.cuda.launch import blocks
 
 # Share of the free device memory a scaling job may use (the rest: kernels, other passes).
@@ -181,41 +182,17 @@ class HostStreamedTarget:
 
     def evaluate(self, launch_model):
         """(Phi, gradient (n_params,)); launch_model fills g and dg/dp of each batch."""
-        streams = self._streams
-        pending = [None] * len(streams)
-        phi_parts = []
-        gradient = np.zeros(self.n_params)
-
-        def collect(k):
-            batch = pending[k]
-            if batch is None:
-                return
-            streams[k].synchronize()
-            phi_parts.extend(batch.phi_host.tolist())
-            if self.n_params:
-                gradient[:] += ordered_rows_sum(batch.grad_host)
-            pending[k] = None
-
-        used = [b for b in self.batches if b.n_obs]
-        for index, batch in enumerate(used):
-            k = index % len(streams)
-            collect(k)  # batch index - 2: its pinned partials are read before reuse
-            stream = streams[k]
-            v = self._upload(batch, self._buffers[k], stream)
+        def launch(batch, stream_index, stream):
+            v = self._upload(batch, self._buffers[stream_index], stream)
             launch_model(stream, v, v["g"], v["deriv"])
             group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK, stream](
                 v["intensity"], v["weight"], v["g"], v["group_start"], v["ih"], v["factor"],
                 batch.phi_block)
-            batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
             if self.n_params:
                 n_threads = batch.n_segments * self.n_params
                 gradient_segment_kernel[blocks(n_threads), THREADS_PER_BLOCK, stream](
                     v["factor"], v["deriv"], v["entry_flat"], v["entry_offset"],
                     batch.grad_partial)
-                batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
-            pending[k] = batch
-            if len(streams) > 1 and k == len(streams) - 1:
-                collect((k + 1) % len(streams))  # batch order: the older stream first
-        for j in range(len(streams)):
-            collect((len(used) + j) % len(streams))
-        return math.fsum(phi_parts), gradient
+
+        return sum_batches_on_streams([b for b in self.batches if b.n_obs], self._streams,
+                                      self.n_params, launch)

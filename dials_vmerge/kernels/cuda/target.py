@@ -131,6 +131,45 @@ class _Batch:
 N_STREAMS = 2
 
 
+def sum_batches_on_streams(batches, streams, n_params, launch):
+    """(Phi, gradient) of batches whose kernels launch(batch, stream_index, stream) enqueues (leaving the
+    batch's phi_block and, with parameters, grad_partial filled on the device).
+
+    Batches alternate between the streams: batch k+1's copies and kernels overlap batch k's
+    copy of its partials into its pinned host buffers. Each stream's previous batch is
+    collected before the stream is reused, and partials are added in batch order whatever
+    the streams did, so the result does not depend on the overlap."""
+    pending = [None] * len(streams)  # the batch whose partials each stream is copying
+    phi_parts = []
+    gradient = np.zeros(n_params)
+
+    def collect(k):
+        batch = pending[k]
+        if batch is None:
+            return
+        streams[k].synchronize()
+        phi_parts.extend(batch.phi_host.tolist())
+        if n_params:
+            gradient[:] += ordered_rows_sum(batch.grad_host)
+        pending[k] = None
+
+    for index, batch in enumerate(batches):
+        k = index % len(streams)
+        collect(k)  # batch index - 2 on this stream: its buffers are free again
+        stream = streams[k]
+        launch(batch, k, stream)
+        batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
+        if n_params:
+            batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
+        pending[k] = batch
+        if len(streams) > 1 and k == len(streams) - 1:
+            # keep batch order of the sums: the older stream's batch first
+            collect((k + 1) % len(streams))
+    for j in range(len(streams)):  # the last batches, oldest first
+        collect((len(batches) + j) % len(streams))
+    return math.fsum(phi_parts), gradient
+
+
 class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
@@ -177,44 +216,21 @@ class DeviceTarget:
         added on the host in batch order whatever the streams did, so the result does not
         depend on the overlap."""
         streams = self._streams()
-        pending = [None] * len(streams)  # the batch whose partials each stream is copying
-        phi_parts = []
-        gradient = np.zeros(self.n_params)
 
-        def collect(k):
-            batch = pending[k]
-            if batch is None:
-                return
-            streams[k].synchronize()
-            phi_parts.extend(batch.phi_host.tolist())
-            if self.n_params:
-                gradient[:] += ordered_rows_sum(batch.grad_host)
-            pending[k] = None
-
-        used = [b for b in self.batches if b.n_obs]
-        for index, batch in enumerate(used):
-            k = index % len(streams)
-            collect(k)  # batch index - 2 on this stream: its buffers are free again
-            stream = streams[k]
+        def launch(batch, stream_index, stream):
             sl = slice(batch.obs_lo, batch.obs_hi)
             if g_host is not None:
                 g[sl].copy_to_device(g_host[sl], stream=stream)
                 deriv_values[sl].copy_to_device(deriv_host[sl], stream=stream)
             self._residuals(g, batch, stream)
-            batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
             if self.n_params:
                 n_threads = batch.n_segments * self.n_params
                 gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
                     self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
                     batch.grad_partial)
-                batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
-            pending[k] = batch
-            if len(streams) > 1 and k == len(streams) - 1:
-                # keep batch order of the sums: the older stream's batch first
-                collect((k + 1) % len(streams))
-        for j in range(len(streams)):  # the last batches, oldest first
-            collect((len(used) + j) % len(streams))
-        return math.fsum(phi_parts), gradient
+
+        return sum_batches_on_streams([b for b in self.batches if b.n_obs], streams,
+                                      self.n_params, launch)
 
     def _streams(self):
         """Two CUDA streams when there are several batches (one, the default, otherwise)."""
