@@ -32,28 +32,39 @@ EXPONENT_WEIGHT_COLUMN = 5
 SMOOTH_SLOTS = 6
 
 
+@njit(cache=True)
+def _row_factors(i, record, first_param, absorption_coefficients, absorption_first,
+                 fixed_factor, parameters):
+    """(S, exp(B), A, F) of row i: g = S exp(B) A F (the fused pass's record layout)."""
+    p0 = first_param[i, 0]
+    q0 = first_param[i, 1]
+    s = (record[i, 2] * parameters[p0] + record[i, 3] * parameters[p0 + 1]
+         + record[i, 4] * parameters[p0 + 2])
+    e = math.exp(record[i, 5] * parameters[q0] + record[i, 6] * parameters[q0 + 1]
+                 + record[i, 7] * parameters[q0 + 2])
+    a = 1.0
+    if absorption_coefficients is not None:
+        a0 = absorption_first[i]
+        for k in range(absorption_coefficients.shape[1]):
+            a += absorption_coefficients[i, k] * parameters[a0 + k]
+    f = 1.0
+    if fixed_factor is not None:
+        f = fixed_factor[i]
+    return s, e, a, f
+
+
 @parallel_when_large
 def smooth_rotation_family_kernel(record, first_param, absorption_coefficients,
                                   absorption_first, fixed_factor, parameters,
                                   free_col_of_full, g, deriv_values, deriv_col):
     n = record.shape[0]
     for i in prange(n):
-        p0 = first_param[i, 0]
-        q0 = first_param[i, 1]
-        s = (record[i, 2] * parameters[p0] + record[i, 3] * parameters[p0 + 1]
-             + record[i, 4] * parameters[p0 + 2])
-        e = math.exp(record[i, 5] * parameters[q0] + record[i, 6] * parameters[q0 + 1]
-                     + record[i, 7] * parameters[q0 + 2])
-        a = 1.0
-        if absorption_coefficients is not None:
-            a0 = absorption_first[i]
-            for k in range(absorption_coefficients.shape[1]):
-                a += absorption_coefficients[i, k] * parameters[a0 + k]
-        f = 1.0
-        if fixed_factor is not None:
-            f = fixed_factor[i]
+        s, e, a, f = _row_factors(i, record, first_param, absorption_coefficients,
+                                  absorption_first, fixed_factor, parameters)
         value = s * e * a * f
         g[i] = value
+        p0 = first_param[i, 0]
+        q0 = first_param[i, 1]
         not_scale = e * a * f
         for j in range(3):
             deriv_values[i, j] = record[i, 2 + j] * not_scale
@@ -73,20 +84,8 @@ def smooth_rotation_family_g_kernel(record, first_param, absorption_coefficients
                                     absorption_first, fixed_factor, parameters, g):
     n = record.shape[0]
     for i in prange(n):
-        p0 = first_param[i, 0]
-        q0 = first_param[i, 1]
-        s = (record[i, 2] * parameters[p0] + record[i, 3] * parameters[p0 + 1]
-             + record[i, 4] * parameters[p0 + 2])
-        e = math.exp(record[i, 5] * parameters[q0] + record[i, 6] * parameters[q0 + 1]
-                     + record[i, 7] * parameters[q0 + 2])
-        a = 1.0
-        if absorption_coefficients is not None:
-            a0 = absorption_first[i]
-            for k in range(absorption_coefficients.shape[1]):
-                a += absorption_coefficients[i, k] * parameters[a0 + k]
-        f = 1.0
-        if fixed_factor is not None:
-            f = fixed_factor[i]
+        s, e, a, f = _row_factors(i, record, first_param, absorption_coefficients,
+                                  absorption_first, fixed_factor, parameters)
         g[i] = s * e * a * f
 
 
