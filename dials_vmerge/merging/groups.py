@@ -206,6 +206,26 @@ def sort_into_groups(asu: np.ndarray):
     return permutation, group_start
 
 
+def _groups_of_sorted_keys(ordered, lo, span):
+    """(group_start, unique (n_groups, 3) int32) of observations sorted by their packed ASU
+    index ((h - lo_h) s_k + k - lo_k) s_l + l - lo_l (s = span): one group per distinct
+    key, its index unpacked. (The caller drops the unsorted keys first: peak memory.)"""
+    n = ordered.size
+    new_group = np.empty(n, dtype=bool)
+    new_group[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new_group[1:])
+    starts = np.flatnonzero(new_group)
+    del new_group
+    group_keys = ordered[starts]
+    group_start = np.append(starts, n).astype(np.int64)
+    unique = np.empty((len(group_keys), 3), dtype=np.int32)
+    unique[:, 2] = group_keys % span[2] + lo[2]
+    group_keys //= span[2]
+    unique[:, 1] = group_keys % span[1] + lo[1]
+    unique[:, 0] = group_keys // span[1] + lo[0]
+    return group_start, unique
+
+
 def group_observations(miller_index, space_group, anomalous: bool, unit_cell=None):
     """Group observations by unique reflection (Friedel mates apart if `anomalous`)."""
     hkl = np.asarray(miller_index).reshape(-1, 3)
@@ -226,19 +246,9 @@ def group_observations(miller_index, space_group, anomalous: bool, unit_cell=Non
         permutation = np.argsort(keys, kind="stable")
         ordered = keys[permutation]
         del keys
-        new_group = np.empty(n, dtype=bool)
-        new_group[0] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=new_group[1:])
-        starts = np.flatnonzero(new_group)
-        del new_group
-        group_keys = ordered[starts]
+        group_start, unique = _groups_of_sorted_keys(
+            ordered, np.full(3, -bound, dtype=np.int64), np.full(3, size, dtype=np.int64))
         del ordered
-        group_start = np.append(starts, n).astype(np.int64)
-        unique = np.empty((len(group_keys), 3), dtype=np.int32)
-        unique[:, 2] = group_keys % size - bound
-        group_keys //= size
-        unique[:, 1] = group_keys % size - bound
-        unique[:, 0] = group_keys // size - bound
     else:  # absurdly large indices: sort the (n, 3) indices themselves
         asu, _ = map_indices_to_asu(hkl, space_group, anomalous)
         permutation, group_start = sort_into_groups(asu)
@@ -278,19 +288,8 @@ def non_anomalous_from_anomalous(anomalous: GroupedObservations, space_group,
     permutation = np.argsort(keys, kind="stable")
     ordered = keys[permutation]
     del keys
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=new_group[1:])
-    starts = np.flatnonzero(new_group)
-    del new_group
-    group_keys = ordered[starts]
+    group_start, unique = _groups_of_sorted_keys(ordered, lo, span)
     del ordered
-    group_start = np.append(starts, n).astype(np.int64)
-    unique = np.empty((len(group_keys), 3), dtype=np.int32)
-    unique[:, 2] = group_keys % span[2] + lo[2]
-    group_keys //= span[2]
-    unique[:, 1] = group_keys % span[1] + lo[1]
-    unique[:, 0] = group_keys // span[1] + lo[0]
     centric, epsilon, dstar_sq = unique_properties(unique, space_group, unit_cell)
     return GroupedObservations(permutation=permutation, group_start=group_start,
                                asu_index=unique, centric=centric, epsilon=epsilon,
