@@ -101,6 +101,25 @@ def format_batch_table(experiments, offsets=None) -> str:
     return "\n".join(lines)
 
 
+def describe_batch_ranges(ranges) -> str:
+    """"lo-hi, ..." of the datasets' batch ranges; a run of consecutive single-batch datasets
+    (stills) is one entry, "first-last (n single-image datasets)", so that a message about
+    10^4 stills stays one line."""
+    parts = []
+    i = 0
+    while i < len(ranges):
+        j = i
+        while j < len(ranges) and ranges[j][0] == ranges[j][1]:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ranges[i][0]}-{ranges[j - 1][1]} ({j - i} single-image datasets)")
+            i = j
+            continue
+        parts.append(f"{ranges[i][0]}-{ranges[i][1]}")
+        i += 1
+    return ", ".join(parts)
+
+
 def _collapse_single_image_runs(entries):
     """Table rows from (identifier, first image, last image, first batch, last batch); a run
     of consecutive single-image datasets (stills, one-image sweeps) becomes one row, so

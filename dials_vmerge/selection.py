@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from . import flags
-from .batches import batch_offsets, batch_ranges
+from .batches import batch_offsets, batch_ranges, describe_batch_ranges
 from .errors import SelectionError
 from .geometry import image_range
 
@@ -201,9 +201,9 @@ def batches_to_image_exclusions(batch_ranges_excluded, experiments) -> List[Tupl
                 out.append((index, (max(first, blo) - off, min(last, bhi) - off)))
             hit = True
         if not hit:
-            spans = ", ".join(f"{lo}-{hi}" for lo, hi in ranges)
             raise SelectionError(
-                f"exclude_batches={first},{last}: no data in these batches (batch ranges: {spans})"
+                f"exclude_batches={first},{last}: no data in these batches (batch ranges: "
+                f"{describe_batch_ranges(ranges)})"
             )
     return out
 

@@ -96,10 +96,23 @@ def test_bad_exclude_images(two_sweeps, value, words):
 def test_bad_exclude_batches(two_sweeps):
     experiments, table = two_sweeps
     freeze_batch_offsets(experiments)
-    with pytest.raises(SelectionError, match="no data in these batches"):
+    with pytest.raises(SelectionError,
+                       match=r"no data in these batches \(batch ranges: 1-100, 201-300\)"):
         batches_to_image_exclusions([[500, 600]], experiments)
     with pytest.raises(SelectionError, match="first batch is after the last"):
         batches_to_image_exclusions([[20, 10]], experiments)
+
+
+def test_batch_ranges_of_many_stills_are_described_in_one_short_line():
+    """300 stills (batches 1, 101, ..., 29901) between two sweeps: each run of single-batch
+    datasets is one entry (a rerun's error once listed all 300)."""
+    from dials_vmerge.batches import describe_batch_ranges
+
+    stills = [(1 + 100 * k, 1 + 100 * k) for k in range(300)]
+    ranges = [(40001, 40100)] + stills + [(50001, 50001), (60001, 60100), (70001, 70001)]
+    assert describe_batch_ranges(ranges) == (
+        "40001-40100, 1-50001 (301 single-image datasets), 60001-60100, 70001-70001")
+    assert describe_batch_ranges([(1, 100), (201, 300)]) == "1-100, 201-300"
 
 
 def test_empty_dataset_dropped_with_warning_and_all_empty_is_error(two_sweeps):
