@@ -79,10 +79,14 @@ def _run(params, inputs, log):
                                         log)
         with stage(log, "Merging statistics"):
             log_statistics(merged, log)
+        from dials_vmerge.backends.run_device import device_transfer_report
+
+        device_transfers = device_transfer_report(log.info)  # compute.device=cuda (issue 12)
         with stage(log, "Writing merged files"):
             report = json_ready({"scaling": summary, "merging": merged.as_json(),
                                  "scaling_models": model_curves(experiments,
-                                                                read_reflections(scaled_refl))})
+                                                                read_reflections(scaled_refl)),
+                                 **device_transfers})
             json.dumps(report)  # fail before any file is written if the report cannot be saved
             write_merge_outputs(merged, params, log)
             write_json(params.output.json or "dials.vmerge.json", report)

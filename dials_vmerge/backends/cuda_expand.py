@@ -42,8 +42,17 @@ class _Chunk:
     """The device inputs of one chunk of rows: evaluate() -> (g, deriv, free columns) on the
     device (deriv and columns None when only g is wanted)."""
 
-    def __init__(self, kind, manager, dataset_id, loc_index):
+    def __init__(self, kind, manager, dataset_id, loc_index, put, put_parameters):
+        """put(name, array): the per-row input on the device (the job table's copy when the
+        same content is resident); put_parameters(array): a per-call upload."""
         self.kind = kind
+        self.put_parameters = put_parameters
+
+        def placeholder(array, dtype=np.float64, ndim=1, name=None):
+            if array is None:
+                return put_parameters(np.zeros((1,) * ndim, dtype=dtype)), False
+            return put(name, np.ascontiguousarray(array, dtype=dtype)), True
+
         self.n = int(dataset_id.size)
         models = manager.models
         if kind == "kb":
@@ -51,9 +60,9 @@ class _Chunk:
 
             fam = KBFamily(models, manager.column_of_parameter, dataset_id, loc_index)
             self.scale, self.decay = fam.parameters(manager.get_free())
-            self.row_dataset = cuda.to_device(fam.row_dataset)
-            self.inv_two_d_sq = cuda.to_device(np.ascontiguousarray(fam.inv_two_d_sq))
-            self.fixed, self.has_fixed = device_models.placeholder(fam.fixed_factor)
+            self.row_dataset = put("row_dataset", fam.row_dataset)
+            self.inv_two_d_sq = put("inv_two_d_sq", np.ascontiguousarray(fam.inv_two_d_sq))
+            self.fixed, self.has_fixed = placeholder(fam.fixed_factor, name="fixed")
             self.cols = device_models.kb_family_columns(fam.row_dataset, fam.scale_col,
                                                         fam.decay_col)
         elif kind == "physical":
@@ -69,12 +78,12 @@ class _Chunk:
             full_to_free = np.concatenate([manager.full_to_free(), guard])
             self.cols = full_to_free[full_cols]
             self.parameters = f.full_parameters()
-            self.record = cuda.to_device(np.ascontiguousarray(f.record))
-            self.first_param = cuda.to_device(np.ascontiguousarray(f.first_param))
-            self.abs, self.has_abs = device_models.placeholder(f.absorption_coefficients,
-                                                               ndim=2)
-            self.abs_first, _ = device_models.placeholder(f.absorption_first, np.int32)
-            self.fixed, self.has_fixed = device_models.placeholder(f.fixed_factor)
+            self.record = put("record", np.ascontiguousarray(f.record))
+            self.first_param = put("first_param", np.ascontiguousarray(f.first_param))
+            self.abs, self.has_abs = placeholder(f.absorption_coefficients, ndim=2,
+                                                 name="absorption")
+            self.abs_first, _ = placeholder(f.absorption_first, np.int32, name="absorption_first")
+            self.fixed, self.has_fixed = placeholder(f.fixed_factor, name="fixed")
         else:
             from .cuda_scaling import array_layout
 
@@ -85,10 +94,10 @@ class _Chunk:
             self.parameters = np.concatenate(
                 [np.asarray(m.parameter_vector(), dtype=np.float64) for m in models]
                 + [np.ones(1)])
-            self.weights = cuda.to_device(layout["weights"])
-            self.full_index = cuda.to_device(layout["full_index"])
-            self.component_start = cuda.to_device(layout["component_start"])
-            self.fixed, self.has_fixed = device_models.placeholder(layout["fixed_factor"])
+            self.weights = put("weights", layout["weights"])
+            self.full_index = put("full_index", layout["full_index"])
+            self.component_start = put_parameters(layout["component_start"])
+            self.fixed, self.has_fixed = placeholder(layout["fixed_factor"], name="fixed")
 
     def evaluate(self, with_derivatives):
         n = self.n
@@ -96,7 +105,7 @@ class _Chunk:
         g = cuda.device_array(n)
         deriv = cuda.device_array((n, self.cols.shape[1])) if with_derivatives else None
         if self.kind == "kb":
-            scale, decay = cuda.to_device(self.scale), cuda.to_device(self.decay)
+            scale, decay = self.put_parameters(self.scale), self.put_parameters(self.decay)
             if with_derivatives:
                 device_models.kb_family_kernel[blocks, tpb](
                     self.row_dataset, self.inv_two_d_sq, self.fixed, self.has_fixed, scale,
@@ -106,7 +115,7 @@ class _Chunk:
                     self.row_dataset, self.inv_two_d_sq, self.fixed, self.has_fixed, scale,
                     decay, g)
         elif self.kind == "physical":
-            parameters = cuda.to_device(self.parameters)
+            parameters = self.put_parameters(self.parameters)
             args = (self.record, self.first_param, self.abs, self.abs_first, self.has_abs,
                     self.fixed, self.has_fixed, parameters, g)
             if with_derivatives:
@@ -114,7 +123,7 @@ class _Chunk:
             else:
                 device_models.physical_g_kernel[blocks, tpb](*args)
         else:
-            parameters = cuda.to_device(self.parameters)
+            parameters = self.put_parameters(self.parameters)
             args = (self.weights, self.full_index, self.component_start, self.fixed,
                     self.has_fixed, parameters, g)
             if with_derivatives:
@@ -148,28 +157,50 @@ def _chunks(sizes, chunk_rows):
 
 def expand_on_device(states, manager, covariance=None, chunk_rows=EXPAND_CHUNK_ROWS):
     """g (and var(g) with a covariance) of every state's suitable rows on the device, into
-    state.g / state.var_g. False (nothing changed) when the models have no device kernel."""
+    state.g / state.var_g. False (nothing changed) when the models have no device kernel.
+
+    The model's per-row inputs of each chunk stay in the job's device table
+    (backends.cuda_job_table) and go up again only when their content changes; the g of all
+    rows stays there too (adopted as the job's "g"), so the next outlier rejection finds it
+    resident."""
+    from .cuda_job_table import current_job_table
+
+    store = current_job_table()
+    with store.counting("expansion"):
+        store.begin_call()
+        return _expand(store, states, manager, covariance, chunk_rows)
+
+
+def _expand(store, states, manager, covariance, chunk_rows):
     kind = device_model_kind(manager.models)
     sizes = [int(s.suitable_rows.size) for s in states]
     g_out = [np.empty(n) for n in sizes]
     var_out = [np.empty(n) for n in sizes] if covariance is not None else None
-    cov = (cuda.to_device(np.ascontiguousarray(covariance, dtype=np.float64))
+    cov = (store.put(np.ascontiguousarray(covariance, dtype=np.float64))
            if covariance is not None else None)
+    g_all = cuda.device_array(max(sum(sizes), 1))
+    at_all = 0
     try:
-        for pieces in _chunks(sizes, max(int(chunk_rows), 1)):
+        for number, pieces in enumerate(_chunks(sizes, max(int(chunk_rows), 1))):
             dataset_id = np.concatenate([np.full(n, d, np.int64) for d, _, n in pieces])
             loc_index = np.concatenate([np.arange(s, s + n, dtype=np.int64)
                                         for _, s, n in pieces])
-            chunk = _Chunk(kind, manager, dataset_id, loc_index)
+
+            def put(name, array, number=number):
+                return store.content(f"expansion {number}:{name}", array)
+
+            chunk = _Chunk(kind, manager, dataset_id, loc_index, put, store.put)
             g, deriv = chunk.evaluate(covariance is not None)
+            # the chunks are consecutive job rows: g of all rows stays on the device
+            g_all[at_all:at_all + chunk.n].copy_to_device(g)
+            at_all += chunk.n
             g_host = g.copy_to_host()
             var_host = None
             if covariance is not None:
                 var = cuda.device_array(chunk.n)
                 device_models.variance_of_g_kernel[device_models.blocks(chunk.n),
                                                    device_models.THREADS_PER_BLOCK](
-                    deriv, cuda.to_device(np.ascontiguousarray(chunk.cols, np.int64)), cov,
-                    var)
+                    deriv, put("cols", np.ascontiguousarray(chunk.cols, np.int64)), cov, var)
                 var_host = var.copy_to_host()
             at = 0
             for d, s, n in pieces:
@@ -183,4 +214,5 @@ def expand_on_device(states, manager, covariance=None, chunk_rows=EXPAND_CHUNK_R
         state.g = g_out[d]
         if var_out is not None:
             state.var_g = var_out[d]
+    store.adopt("g", [state.g for state in states], g_all[:at_all])
     return True

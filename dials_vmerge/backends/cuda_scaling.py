@@ -90,6 +90,13 @@ class CudaScalingTarget(ScalingTarget):
     def __init__(self, manager, ih_table, nproc=1, batch_size=None, host_resident=None,
                  device_memory_limit=None):
         super().__init__(manager, ih_table, nproc)
+        from .cuda_job_table import current_job_table
+
+        # the round's copies are counted in the job table (pass "scaling target"): the
+        # minimisation table of each round goes up once, then only parameters per call
+        self._store = current_job_table()
+        with self._store.counting("scaling target"):
+            self._store.begin_call()
         t = ih_table
         n = t.n_obs
         self._n = n
@@ -106,21 +113,20 @@ class CudaScalingTarget(ScalingTarget):
             n_abs = 0 if f.absorption_coefficients is None else f.absorption_coefficients.shape[1]
             cols = device_models.physical_columns(f.first_param, f.absorption_first, n_abs)
             self._n_params = f.n_full + 5  # the guard's columns are computed and dropped
-            self._record = cuda.to_device(np.ascontiguousarray(f.record))
-            self._first_param = cuda.to_device(np.ascontiguousarray(f.first_param))
-            self._abs, self._has_abs = device_models.placeholder(f.absorption_coefficients,
-                                                                 ndim=2)
-            self._abs_first, _ = device_models.placeholder(f.absorption_first, np.int32)
-            self._fixed, self._has_fixed = device_models.placeholder(f.fixed_factor)
+            self._record = self._upload(f.record)
+            self._first_param = self._upload(f.first_param)
+            self._abs, self._has_abs = self._placeholder(f.absorption_coefficients, ndim=2)
+            self._abs_first, _ = self._placeholder(f.absorption_first, np.int32)
+            self._fixed, self._has_fixed = self._placeholder(f.fixed_factor)
         elif self.family is not None:
             fam = self.family
             self._kind = "kb"
             cols = device_models.kb_family_columns(fam.row_dataset, fam.scale_col,
                                                    fam.decay_col)
             self._n_params = self.n_par
-            self._row_dataset = cuda.to_device(fam.row_dataset)
-            self._inv_two_d_sq = cuda.to_device(np.ascontiguousarray(fam.inv_two_d_sq))
-            self._fixed, self._has_fixed = device_models.placeholder(fam.fixed_factor)
+            self._row_dataset = self._upload(fam.row_dataset)
+            self._inv_two_d_sq = self._upload(fam.inv_two_d_sq)
+            self._fixed, self._has_fixed = self._placeholder(fam.fixed_factor)
         else:
             layout = array_layout(manager.models, t.dataset_id, t.loc_index,
                                   manager.column_of_parameter) if n else None
@@ -128,11 +134,10 @@ class CudaScalingTarget(ScalingTarget):
                 self._kind = "array"
                 cols = layout["free_col"]
                 self._n_params = self.n_par
-                self._weights = cuda.to_device(layout["weights"])
-                self._full_index = cuda.to_device(layout["full_index"])
-                self._component_start = cuda.to_device(layout["component_start"])
-                self._fixed, self._has_fixed = device_models.placeholder(
-                    layout["fixed_factor"])
+                self._weights = self._upload(layout["weights"])
+                self._full_index = self._upload(layout["full_index"])
+                self._component_start = self._upload(layout["component_start"], "parameters")
+                self._fixed, self._has_fixed = self._placeholder(layout["fixed_factor"])
             else:
                 self._kind = "host-model"
                 self._n_params = self.n_par
@@ -144,7 +149,19 @@ class CudaScalingTarget(ScalingTarget):
         if cols is not None:
             self._deriv = cuda.device_array((max(n, 1), cols.shape[1]))
             self._device_target = DeviceTarget(t.intensity, t.weight, t.group_start, cols,
-                                               self._n_params, batch_size)
+                                               self._n_params, batch_size, self._upload)
+
+    def _upload(self, array, kind="observations"):
+        """The device copy of array, counted in the job table's pass "scaling target"."""
+        with self._store.counting("scaling target"):
+            return self._store.put(array, kind, "minimisation table" if kind ==
+                                   "observations" else None)
+
+    def _placeholder(self, array, dtype=np.float64, ndim=1):
+        """(device array, flag) as kernels.cuda.models.placeholder, counted."""
+        if array is None:
+            return self._upload(np.zeros((1,) * ndim, dtype=dtype), "parameters"), False
+        return self._upload(np.ascontiguousarray(array, dtype=dtype)), True
 
     @property
     def kind(self):
@@ -159,7 +176,8 @@ class CudaScalingTarget(ScalingTarget):
             scale, decay = self.family.parameters(x)
             device_models.kb_family_kernel[blocks, tpb](
                 self._row_dataset, self._inv_two_d_sq, self._fixed, self._has_fixed,
-                cuda.to_device(scale), cuda.to_device(decay), self._g[:n], self._deriv[:n])
+                self._upload(scale, "parameters"), self._upload(decay, "parameters"),
+                self._g[:n], self._deriv[:n])
         elif self._kind == "array":
             self.manager.set_free(x)
             parameters = np.concatenate(
@@ -167,13 +185,14 @@ class CudaScalingTarget(ScalingTarget):
                  for m in self.manager.models] + [np.ones(1)])
             device_array_model.array_model_kernel[blocks, tpb](
                 self._weights, self._full_index, self._component_start, self._fixed,
-                self._has_fixed, cuda.to_device(parameters), self._g[:n], self._deriv[:n])
+                self._has_fixed, self._upload(parameters, "parameters"), self._g[:n],
+                self._deriv[:n])
         else:
             self.manager.set_free(x)
             parameters = self.fused.full_parameters()
             device_models.physical_model_kernel[blocks, tpb](
                 self._record, self._first_param, self._abs, self._abs_first, self._has_abs,
-                self._fixed, self._has_fixed, cuda.to_device(parameters), self._g[:n],
+                self._fixed, self._has_fixed, self._upload(parameters, "parameters"), self._g[:n],
                 self._deriv[:n])
 
     def value_and_gradient(self, x):
@@ -183,10 +202,13 @@ class CudaScalingTarget(ScalingTarget):
             if self._device_target is None or not np.array_equal(cols, self._cols):
                 self._cols = cols
                 self._device_target = DeviceTarget(t.intensity, t.weight, t.group_start,
-                                                   cols, self.n_par, self._batch_size)
+                                                   cols, self.n_par, self._batch_size,
+                                                   self._upload)
             n = self._n
             g = np.ascontiguousarray(g, dtype=np.float64)
             values = np.ascontiguousarray(values, dtype=np.float64)
+            with self._store.counting("scaling target"):  # a host model: g, dg/dp per call
+                self._store._count("observations", g.nbytes + values.nbytes, "host-model g")
             if len(self._device_target.batches) > 1:
                 # each batch's g and dg/dp go up on its stream, overlapping the batch before
                 if getattr(self, "_host_deriv", None) is None or \
@@ -196,7 +218,8 @@ class CudaScalingTarget(ScalingTarget):
                                                          values)
             else:
                 self._g[:n].copy_to_device(g)
-                phi, grad = self._device_target.evaluate(self._g[:n], cuda.to_device(values))
+                phi, grad = self._device_target.evaluate(self._g[:n],
+                                                         cuda.to_device(values))
         elif self._n == 0:
             phi, grad = 0.0, np.zeros(self.n_par)
         else:
@@ -237,8 +260,9 @@ class CudaScalingTarget(ScalingTarget):
             gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)
             dt = self._device_target
             self._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs,
-                                                 cuda.to_device(gs),
-                                                 self.normal_free_columns(), self.n_par)
+                                                 self._upload(gs),
+                                                 self.normal_free_columns(), self.n_par,
+                                                 upload=self._upload)
         self._device_model(x)
         phi, rhs, normal = self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])
         wr = self.restraint_weights

@@ -86,6 +86,10 @@ def device_for_run(run, n_obs):
                         "device_memory_limit", None)
         run._gpu_memory_limit = limit if isinstance(limit, int) else None
         if device == "cuda":
+            # one device copy of the job's observation arrays for all its passes
+            from .cuda_job_table import new_job_table
+
+            new_job_table()
             run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
                     f"device ({device_name()})")
             run.log("  also on the device: model evaluation (KB, physical, array), the normal "
@@ -108,3 +112,17 @@ def device_name():
     except Exception:
         name = "unknown GPU"
     return name
+
+
+def device_transfer_report(log=None):
+    """{"device_transfers": bytes host->device per pass} of the current CUDA job (logged when
+    log is given); {} on a CPU run."""
+    if pass_device() != "cuda":
+        return {}
+    from .cuda_job_table import current_job_table, transfer_lines
+
+    table = current_job_table()
+    if log is not None:
+        for line in transfer_lines(table):
+            log(line)
+    return {"device_transfers": table.summary()}

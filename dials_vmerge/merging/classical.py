@@ -90,26 +90,39 @@ def deviation_sums_kernel(intensity, group_start, mean):
     return abs_dev, total
 
 
-def merge_sums(i_sorted, s_sorted, group_start, sigma_dynamic_range, use_internal_variance):
+def merge_sums(i_sorted, s_sorted, group_start, sigma_dynamic_range, use_internal_variance,
+               sources=None, pass_name="merging"):
     """inverse_variance_merge_kernel on the scaling job's device (compute.device=cuda:
-    kernels.cuda.merging, backends.run_device.pass_device)."""
+    kernels.cuda.merging, backends.run_device.pass_device). sources: (groups, intensity,
+    sigma) that i_sorted and s_sorted were gathered from; on the device their resident copies
+    are used instead (backends.cuda_job_table: uploaded once per job)."""
     from ..backends.run_device import pass_device
 
     if pass_device() == "cuda":
         from ..kernels.cuda.merging import inverse_variance_merge
 
+        if sources is not None:
+            from ..backends.cuda_job_table import merging_columns
+
+            i_sorted, s_sorted, group_start = merging_columns(*sources, pass_name=pass_name)
         return inverse_variance_merge(i_sorted, s_sorted, group_start, sigma_dynamic_range,
                                       use_internal_variance)
     return inverse_variance_merge_kernel(i_sorted, s_sorted, group_start, sigma_dynamic_range,
                                          use_internal_variance)
 
 
-def deviation_sums(i_sorted, group_start, mean):
-    """deviation_sums_kernel on the scaling job's device (as merge_sums)."""
+def deviation_sums(i_sorted, group_start, mean, sources=None, pass_name="merging statistics"):
+    """deviation_sums_kernel on the scaling job's device (as merge_sums; sources: (groups,
+    intensity))."""
     from ..backends.run_device import pass_device
 
     if pass_device() == "cuda":
         from ..kernels.cuda.merging import deviation_sums as device_deviation_sums
+
+        if sources is not None:
+            from ..backends.cuda_job_table import merging_columns
+
+            i_sorted, _, group_start = merging_columns(*sources, pass_name=pass_name)
 
         return device_deviation_sums(i_sorted, group_start, mean)
     return deviation_sums_kernel(i_sorted, group_start, mean)
@@ -122,6 +135,7 @@ def merge_classical(
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
     mean, merged_sigma = merge_sums(
-        i_sorted, s_sorted, groups.group_start, SIGMA_DYNAMIC_RANGE, use_internal_variance
+        i_sorted, s_sorted, groups.group_start, SIGMA_DYNAMIC_RANGE, use_internal_variance,
+        sources=(groups, intensity, sigma)
     )
     return MergedIntensities.from_groups(groups, mean, merged_sigma, "classical")

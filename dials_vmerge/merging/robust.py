@@ -94,9 +94,15 @@ def merge_robust(groups: GroupedObservations, intensity, sigma, dof: float = DEF
 
     kernel = student_t_merge_kernel
     if pass_device() == "cuda":  # the scaling job's device (kernels.cuda.merging, same sums)
+        from ..backends.cuda_job_table import merging_columns
         from ..kernels.cuda.merging import student_t_merge as kernel
+
+        # the job's resident I and sigma (uploaded once per job), gathered on the device
+        i_sorted, s_sorted, group_start = merging_columns(groups, intensity, sigma)
+    else:
+        group_start = groups.group_start
     mean, merged_sigma, fallback = kernel(
-        i_sorted, s_sorted, groups.group_start, float(dof), float(sigma_scale),
+        i_sorted, s_sorted, group_start, float(dof), float(sigma_scale),
         (dof + 1.0) * a / b, a / (b * b), MAX_ITERATIONS, RELATIVE_TOLERANCE,
         MIN_OBSERVATIONS_FOR_REWEIGHTING,
     )

@@ -535,18 +535,21 @@ class _Prepared:
         s_sorted = g.gather(sigma)
         if merger is None:
             self.mean, self.merged_sigma = merge_sums(
-                i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False
+                i_sorted, s_sorted, g.group_start, SIGMA_DYNAMIC_RANGE, False,
+                sources=(g, intensity, sigma), pass_name="merging statistics"
             )
         else:
             self.mean, self.merged_sigma = merger.merge(g, intensity, sigma)
-        self.abs_dev, self.total = deviation_sums(i_sorted, g.group_start, self.mean)
+        self.abs_dev, self.total = deviation_sums(i_sorted, g.group_start, self.mean,
+                                                  sources=(g, intensity))
         if a is not g:
             del i_sorted, s_sorted
             i_sorted = a.gather(intensity)
             s_sorted = a.gather(sigma)
         if merger is None:
             self.anom_mean, self.anom_sigma_internal = merge_sums(
-                i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True
+                i_sorted, s_sorted, a.group_start, SIGMA_DYNAMIC_RANGE, True,
+                sources=(a, intensity, sigma), pass_name="merging statistics"
             )
         else:
             self.anom_mean, self.anom_sigma_internal = merger.merge(a, intensity, sigma)

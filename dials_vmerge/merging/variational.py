@@ -87,7 +87,11 @@ def merge_variational(
         # the scaling job's device: observations copied once, every E-step on the device
         from ..kernels.cuda.variational import DeviceVariationalPosterior
 
-        device = DeviceVariationalPosterior(i_sorted, s_sorted, groups.group_start, centric,
+        from ..backends.cuda_job_table import merging_columns
+
+        # the job's resident I and sigma (uploaded once per job), gathered on the device
+        i_device, s_device, gs_device = merging_columns(groups, intensity, sigma)
+        device = DeviceVariationalPosterior(i_device, s_device, gs_device, centric,
                                             GL_NODES, GL_WEIGHTS)
 
         def e_step(prior_mean, want_amplitude):  # noqa: F811 (the device twin)

@@ -303,7 +303,7 @@ class ScalingRun:
         for state in new:
             if state.suitable_rows.size > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
                 table = self.global_table([state], error_model_weights=True)
-                state.outlier = self._outliers_to_states(table, [state])[0]
+                state.outlier = self._outliers_to_states(table, [state], True)[0]
         if small:
             p = self.params
             table = build_ih_table([dataset_keyed_indices([s.asu for s in small])], [np.concatenate([s.intensity for s in small])],
@@ -468,12 +468,17 @@ class ScalingRun:
 
         return device_for_run(self, table.n_obs)
 
-    def _outliers_to_states(self, table, states):
+    def _outliers_to_states(self, table, states, error_model_weights=None):
         p = self.params
         method = param(p, "scaling_options.outlier_rejection", "standard")
+        device, resident = self._pass_device(table), None
+        if device == "cuda":  # the table from the job's device-resident arrays (issue 12)
+            from ..backends.cuda_job_table import outlier_columns
+
+            resident = outlier_columns(self, table, states, error_model_weights)
         mask = outl.reject_outliers(table, method, param(p, "scaling_options.outlier_zmax", 6.0),
                                     param(p, "scaling_options.emax", 10.0), self.space_group,
-                                    self.unit_cell, self.nproc, self._pass_device(table))
+                                    self.unit_cell, self.nproc, device, resident)
         return scatter_mask(table.dataset_id, table.loc_index, mask,
                             [s.suitable_rows.size for s in states])
 

@@ -297,9 +297,11 @@ def _device_binned_sums(data, prefactor):
     if device is None:
         from ..kernels.cuda.error_model import DeviceErrorModelSums
 
+        from ..backends.cuda_job_table import error_model_upload
+
         device = DeviceErrorModelSums(data.intensity, data.variance, data.g, ih=data.ih,
                                       prefactor=prefactor, bin_index=data.bin_index,
-                                      n_bins=data.n_bins)
+                                      n_bins=data.n_bins, upload=error_model_upload())
         data._device_binned_sums = device
     return device
 
@@ -512,8 +514,10 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
         # (kernels.cuda.error_model; the Ih table's observations are sorted by group)
         from ..kernels.cuda.error_model import DeviceErrorModelSums
 
+        from ..backends.cuda_job_table import error_model_upload
+
         device = DeviceErrorModelSums(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4],
-                                      group)
+                                      group, upload=error_model_upload())
 
         def a_sq_and_cost(b):  # noqa: F811 (the device twin)
             return device.a_sq_and_cost(float(b), fixed_a_sq)

@@ -204,10 +204,17 @@ def esq_outliers(table, space_group, unit_cell, emax=10.0):
 
 
 def reject_outliers(table, method="standard", zmax=6.0, emax=10.0, space_group=None,
-                    unit_cell=None, nproc=1, device="cpu"):
+                    unit_cell=None, nproc=1, device="cpu", device_columns=None):
     """The outlier mask of one rejection round: method, then the E^2 test if emax is set.
-    device="cuda": the z-test on the device (kernels.cuda.outliers, the same mask)."""
-    if device == "cuda" and method in ("simple", "standard", None):
+    device="cuda": the z-test on the device (kernels.cuda.outliers, the same mask);
+    device_columns: the table's (I, w, g, group_start) already on the device (the job's
+    resident table, backends.cuda_job_table), so nothing goes up."""
+    if device == "cuda" and device_columns is not None and method in ("simple", "standard",
+                                                                      None):
+        from ..kernels.cuda.outliers import resident_outlier_mask
+
+        outlier = resident_outlier_mask(*device_columns, method or "standard", zmax)
+    elif device == "cuda" and method in ("simple", "standard", None):
         from ..kernels.cuda.outliers import outlier_mask
 
         outlier = outlier_mask(table.intensity, table.weight, table.g, table.group_start,

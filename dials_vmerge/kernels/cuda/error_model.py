@@ -169,14 +169,19 @@ class DeviceErrorModelSums:
     """One error-model refinement's observations on the device (sorted by group)."""
 
     def __init__(self, intensity, variance, g, share=None, residual_sq=None, group=None,
-                 ih=None, prefactor=None, bin_index=None, n_bins=0):
-        def put(values, dtype=np.float64):
-            return cuda.to_device(np.ascontiguousarray(values, dtype=dtype))
+                 ih=None, prefactor=None, bin_index=None, n_bins=0, upload=None):
+        """upload(name, host array): its device copy (default cuda.to_device; a run passes
+        its job table's, which reuses a resident copy of the same content)."""
+        def put(name, values, dtype=np.float64):
+            values = np.ascontiguousarray(values, dtype=dtype)
+            if upload is not None:
+                return upload(name, values)
+            return cuda.to_device(values)
 
         self.n = int(np.asarray(intensity).size)
-        self._intensity = put(intensity)
-        self._variance = put(variance)
-        self._g = put(g)
+        self._intensity = put("intensity", intensity)
+        self._variance = put("variance", variance)
+        self._g = put("g", g)
         if group is not None:
             group = np.asarray(group, dtype=np.int64)
             if group.size and np.any(np.diff(group) < 0):
@@ -185,9 +190,9 @@ class DeviceErrorModelSums:
             n_groups = int(group[-1]) + 1 if group.size else 0
             group_start = np.searchsorted(group, np.arange(n_groups + 1)).astype(np.int64)
             self.n_groups = n_groups
-            self._share = put(share)
-            self._residual_sq = put(residual_sq)
-            self._group_start = put(group_start, np.int64)
+            self._share = put("share", share)
+            self._residual_sq = put("residual_sq", residual_sq)
+            self._group_start = put("group_start", group_start, np.int64)
             self._unit = cuda.device_array(max(self.n, 1))
             self._group_blocks = launch_blocks(n_groups)
             self._ratio_block = cuda.device_array(self._group_blocks)
@@ -198,9 +203,9 @@ class DeviceErrorModelSums:
             if n_bins > MAX_BINS:
                 raise ValueError(f"the device error-model sums take at most {MAX_BINS} bins")
             self.n_bins = int(n_bins)
-            self._ih = put(ih)
-            self._prefactor = put(prefactor)
-            self._bin_index = put(bin_index, np.int64)
+            self._ih = put("ih", ih)
+            self._prefactor = put("prefactor", prefactor)
+            self._bin_index = put("bin_index", bin_index, np.int64)
             self._bin_blocks = min(launch_blocks(self.n), BINNED_SUM_BLOCKS, MAX_BLOCKS)
             rows = self._bin_blocks * THREADS_PER_BLOCK
             self._s1 = cuda.device_array((rows, max(self.n_bins, 1)))

@@ -22,6 +22,16 @@ THREADS_PER_BLOCK = 8 if SIMULATOR else 128
 MAX_BLOCKS = 1 if SIMULATOR else 2 ** 31 - 1
 
 
+def as_device(array, dtype):
+    """array itself when it is already on the device (a resident column of the job table,
+    backends.cuda_job_table), else its copy there."""
+    import numpy as np
+
+    if cuda.is_cuda_array(array):
+        return array
+    return cuda.to_device(np.ascontiguousarray(array, dtype=dtype))
+
+
 def blocks(n_threads):
     """Blocks of a launch over n_threads items."""
     return min(MAX_BLOCKS, max(1, (int(n_threads) + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK))

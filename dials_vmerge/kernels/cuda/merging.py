@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .launch import THREADS_PER_BLOCK
+from .launch import THREADS_PER_BLOCK, as_device
 from .launch import blocks as launch_blocks
 
 
@@ -88,27 +88,27 @@ def deviation_sums_kernel(intensity, group_start, mean, abs_dev, total):
 def inverse_variance_merge(intensity, sigma, group_start, sigma_dynamic_range,
                            use_internal_variance):
     """(mean, merged sigma) per group as numpy: the CPU kernel's call, on the device."""
-    n_groups = int(np.asarray(group_start).size) - 1
+    n_groups = len(group_start) - 1
     mean = cuda.device_array(max(n_groups, 1))
     merged_sigma = cuda.device_array(max(n_groups, 1))
     if n_groups:
         inverse_variance_merge_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
-            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
-            cuda.to_device(np.ascontiguousarray(sigma, dtype=np.float64)),
-            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)),
+            as_device(intensity, np.float64),
+            as_device(sigma, np.float64),
+            as_device(group_start, np.int64),
             float(sigma_dynamic_range), bool(use_internal_variance), mean, merged_sigma)
     return mean.copy_to_host()[:n_groups], merged_sigma.copy_to_host()[:n_groups]
 
 
 def deviation_sums(intensity, group_start, mean):
     """(sum |I - mean|, sum I) per group as numpy, on the device."""
-    n_groups = int(np.asarray(group_start).size) - 1
+    n_groups = len(group_start) - 1
     abs_dev = cuda.device_array(max(n_groups, 1))
     total = cuda.device_array(max(n_groups, 1))
     if n_groups:
         deviation_sums_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
-            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
-            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)),
+            as_device(intensity, np.float64),
+            as_device(group_start, np.int64),
             cuda.to_device(np.ascontiguousarray(mean, dtype=np.float64)), abs_dev, total)
     return abs_dev.copy_to_host()[:n_groups], total.copy_to_host()[:n_groups]
 
@@ -184,15 +184,15 @@ def student_t_merge_kernel(intensity, sigma, group_start, dof, sigma_scale, info
 def student_t_merge(intensity, sigma, group_start, dof, sigma_scale, info_to_variance,
                     gaussian_variance_factor, max_iterations, tolerance, min_observations):
     """(mean, sigma, fallback) per group as numpy: the CPU kernel's call, on the device."""
-    n_groups = int(np.asarray(group_start).size) - 1
+    n_groups = len(group_start) - 1
     mean = cuda.device_array(max(n_groups, 1))
     merged_sigma = cuda.device_array(max(n_groups, 1))
     fallback = cuda.device_array(max(n_groups, 1), dtype=np.uint8)
     if n_groups:
         student_t_merge_kernel[launch_blocks(n_groups), THREADS_PER_BLOCK](
-            cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)),
-            cuda.to_device(np.ascontiguousarray(sigma, dtype=np.float64)),
-            cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64)), float(dof),
+            as_device(intensity, np.float64),
+            as_device(sigma, np.float64),
+            as_device(group_start, np.int64), float(dof),
             float(sigma_scale), float(info_to_variance), float(gaussian_variance_factor),
             int(max_iterations), float(tolerance), int(min_observations), mean, merged_sigma,
             fallback)

@@ -125,7 +125,7 @@ class DeviceNormalEquations:
     intensity, weight and group offsets are already on the device."""
 
     def __init__(self, intensity, weight, group_start_host, group_start, deriv_col, n_par,
-                 n_segments=None):
+                 n_segments=None, upload=None):
         from dials_vmerge.scaling.ih_table import chunk_bounds
 
         self.intensity, self.weight, self.group_start = intensity, weight, group_start
@@ -137,7 +137,8 @@ class DeviceNormalEquations:
         bounds = chunk_bounds(np.asarray(group_start_host, np.int64), n_segments)
         self.n_segments = bounds.size - 1
         self.segment_groups = cuda.to_device(bounds)
-        self.deriv_col = cuda.to_device(np.ascontiguousarray(deriv_col, dtype=np.int64))
+        self.deriv_col = (upload or cuda.to_device)(np.ascontiguousarray(deriv_col,
+                                                                          dtype=np.int64))
         s, p = self.n_segments, max(self.n_par, 1)
         self.local_of_col = cuda.device_array((s, p), np.int64)
         self.cols = cuda.device_array((s, p), np.int64)

@@ -125,18 +125,37 @@ def outlier_mask(intensity, weight, g, group_start, method="standard", zmax=6.0)
     import numpy as np
 
     n = int(np.asarray(intensity).size)
-    n_groups = int(np.asarray(group_start).size) - 1
     if n == 0:
         return np.zeros(0, dtype=bool)
-    group_start_d = cuda.to_device(np.ascontiguousarray(group_start, dtype=np.int64))
+
+    def put(values, dtype=np.float64):
+        return cuda.to_device(np.ascontiguousarray(values, dtype=dtype))
+
+    return resident_outlier_mask(put(intensity), put(weight), put(g),
+                                 put(group_start, np.int64), method, zmax)
+
+
+def resident_outlier_mask(intensity, weight, g, group_start, method="standard", zmax=6.0):
+    """outlier_mask of device arrays (the job's resident table, backends.cuda_job_table):
+    nothing goes up, the mask comes down."""
+    import numpy as np
+
+    n = int(intensity.shape[0])
+    n_groups = int(group_start.shape[0]) - 1
+    if n == 0:
+        return np.zeros(0, dtype=bool)
     capped = cuda.device_array(n)
     capped_weights_kernel[blocks(n_groups), THREADS_PER_BLOCK](
-        cuda.to_device(np.ascontiguousarray(weight, dtype=np.float64)), group_start_d,
-        cuda.device_array(n), capped)
-    mask = cuda.to_device(np.zeros(n, dtype=np.uint8))
+        weight, group_start, cuda.device_array(n), capped)
+    mask = cuda.device_array(n, dtype=np.uint8)
+    zero_mask_kernel[blocks(n), THREADS_PER_BLOCK](mask)
     kernel = simple_outlier_kernel if method == "simple" else standard_outlier_kernel
-    kernel[blocks(n_groups), THREADS_PER_BLOCK](
-        cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64)), capped,
-        cuda.to_device(np.ascontiguousarray(g, dtype=np.float64)), group_start_d, float(zmax),
-        mask)
+    kernel[blocks(n_groups), THREADS_PER_BLOCK](intensity, capped, g, group_start,
+                                                float(zmax), mask)
     return mask.copy_to_host().astype(bool)
+
+
+@cuda.jit
+def zero_mask_kernel(mask):
+    for i in range(cuda.grid(1), mask.shape[0], cuda.gridsize(1)):
+        mask[i] = 0

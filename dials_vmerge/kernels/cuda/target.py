@@ -107,16 +107,17 @@ def column_entries(deriv_col, n_params, seg_bounds):
 
 
 class _Batch:
-    def __init__(self, obs_lo, obs_hi, group_start_local, deriv_col_local, n_params):
+    def __init__(self, obs_lo, obs_hi, group_start_local, deriv_col_local, n_params,
+                 upload=cuda.to_device):
         self.obs_lo, self.obs_hi = int(obs_lo), int(obs_hi)
         self.n_obs = self.obs_hi - self.obs_lo
         self.n_groups = group_start_local.size - 1
-        self.group_start = cuda.to_device(group_start_local)
+        self.group_start = upload(np.ascontiguousarray(group_start_local))
         self.seg_bounds = segment_bounds(self.n_obs, n_params)
         self.n_segments = self.seg_bounds.size - 1
         flat, offset = column_entries(deriv_col_local, n_params, self.seg_bounds)
-        self.entry_flat = cuda.to_device(flat if flat.size else np.zeros(1, np.int64))
-        self.entry_offset = cuda.to_device(offset if offset.size else np.zeros((1, 1), np.int64))
+        self.entry_flat = upload(flat if flat.size else np.zeros(1, np.int64))
+        self.entry_offset = upload(offset if offset.size else np.zeros((1, 1), np.int64))
         self.group_blocks = _blocks(self.n_groups)
         self.phi_block = cuda.device_array(self.group_blocks)
         self.grad_partial = cuda.device_array((self.n_segments, max(n_params, 1)))
@@ -173,7 +174,11 @@ def sum_batches_on_streams(batches, streams, n_params, launch):
 class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
-    def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None):
+    def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None,
+                 upload=None):
+        """upload(host array): its device copy (default cuda.to_device; the run passes its
+        job table's counted upload)."""
+        upload = upload or cuda.to_device
         intensity = np.ascontiguousarray(intensity, dtype=np.float64)
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
         deriv_col = np.asarray(deriv_col)
@@ -188,8 +193,8 @@ class DeviceTarget:
         if batch_size is None:
             batch_size = auto_batch_size(self.n_obs)
         self.batch_size = int(batch_size)
-        self.intensity = cuda.to_device(intensity)
-        self.weight = cuda.to_device(np.ascontiguousarray(weight, dtype=np.float64))
+        self.intensity = upload(intensity)
+        self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
         self.factor = cuda.device_array(max(self.n_obs, 1))
         self.batches = []
         bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
@@ -197,7 +202,7 @@ class DeviceTarget:
             g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
             lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
             self.batches.append(_Batch(lo, hi, group_start[g_lo:g_hi + 1] - lo,
-                                       deriv_col[lo:hi], self.n_params))
+                                       deriv_col[lo:hi], self.n_params, upload))
 
     def _residuals(self, g, batch, stream=0):
         sl = slice(batch.obs_lo, max(batch.obs_hi, batch.obs_lo + 1))

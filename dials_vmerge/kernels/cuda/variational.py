@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .launch import THREADS_PER_BLOCK
+from .launch import THREADS_PER_BLOCK, as_device
 from .launch import blocks as launch_blocks
 from .merging import _inverse_variance_sums
 
@@ -196,10 +196,10 @@ class DeviceVariationalPosterior:
 
     def __init__(self, intensity, sigma, group_start, centric, nodes, weights):
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
-        self.n_groups = group_start.size - 1
-        self._intensity = cuda.to_device(np.ascontiguousarray(intensity, dtype=np.float64))
-        self._sigma = cuda.to_device(np.ascontiguousarray(sigma, dtype=np.float64))
-        self._group_start = cuda.to_device(group_start)
+        self.n_groups = len(group_start) - 1
+        self._intensity = as_device(intensity, np.float64)
+        self._sigma = as_device(sigma, np.float64)
+        self._group_start = as_device(group_start, np.int64)
         self._centric = cuda.to_device(np.ascontiguousarray(centric, dtype=np.uint8))
         self._nodes = cuda.to_device(np.ascontiguousarray(nodes, dtype=np.float64))
         self._weights = cuda.to_device(np.ascontiguousarray(weights, dtype=np.float64))
