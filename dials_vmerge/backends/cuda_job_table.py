@@ -19,6 +19,7 @@ log and the JSON show what crossed the bus in each pass (transfer_summary).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -38,10 +39,11 @@ def _sample(array):
 
 
 class _Entry:
-    __slots__ = ("parts", "samples", "device", "key")
+    __slots__ = ("parts", "samples", "device", "key", "serial")
 
     def __init__(self, parts, device, key=None):
         self.key = key
+        self.serial = 0
         self.parts = tuple(parts)  # held: an id is not reused while the entry lives
         self.samples = tuple(_sample(p) for p in parts)
         self.device = device
@@ -57,6 +59,7 @@ class DeviceJobTable:
 
     def __init__(self):
         self._entries = {}
+        self._uploads_made = 0
         self._pass = "other"
         # pass -> {"observations": bytes, "parameters": bytes, "uploads": [role, ...]}
         self.transfers = {}
@@ -124,20 +127,37 @@ class DeviceJobTable:
         self._entries[role] = _Entry(hold, device, key)
         return device
 
-    def content(self, role, array, dtype=None):
+    def content(self, role, array, dtype=None, slots=1):
         """The device copy of array, uploaded only when its content differs from the array
         last given for role (for inputs the host rebuilds on every call, e.g. the model's
-        per-row inputs of the expansion: a host copy is kept to compare with)."""
-        array = np.ascontiguousarray(array, dtype=dtype)
-        entry = self._entries.get(role)
-        if entry is not None and entry.key == "content":
-            kept = entry.parts[0]
-            if kept.dtype == array.dtype and kept.shape == array.shape and \
-                    np.array_equal(kept, array):
+        per-row inputs of the expansion or a statistics subset: a host copy is kept to
+        compare with; the same array object with the same samples is taken as unchanged
+        without the comparison). slots: how many arrays of this role stay resident (the
+        least recently uploaded is replaced)."""
+        source = np.asarray(array)
+        array = np.ascontiguousarray(source, dtype=dtype)
+        names = [role] if slots == 1 else [f"{role} #{k}" for k in range(slots)]
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is None or entry.key != "content":
+                continue
+            kept, ref = entry.parts[0], entry.parts[1]
+            if ref() is source and entry.samples[0] == _sample(source):
                 return entry.device
-        self._entries.pop(role, None)
+            if kept.dtype == array.dtype and kept.shape == array.shape and \
+                    np.array_equal(kept, array, equal_nan=array.dtype.kind == "f"):
+                return entry.device
+        self._uploads_made += 1
+        free = [n for n in names if n not in self._entries]
+        name = free[0] if free else min(names, key=lambda n: self._entries[n].serial)
+        self._entries.pop(name, None)
         device = self.put(array, "observations", role)
-        self._entries[role] = _Entry([array.copy()], device, "content")
+        entry = _Entry([], device, "content")
+        entry.parts = (array.copy() if array is source or array.base is source else array,
+                       weakref.ref(source))
+        entry.samples = (_sample(source),)
+        entry.serial = self._uploads_made
+        self._entries[name] = entry
         return device
 
     def adopt(self, role, parts, device):
@@ -293,13 +313,18 @@ def merging_columns(groups, intensity, sigma=None, pass_name="merging"):
     tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
     with store.counting(pass_name):
         store.begin_call()
-        order = store.column(f"merging order ({tag})", [groups.permutation], np.int64)
-        group_start = store.column(f"merging group_start ({tag})", [groups.group_start],
-                                   np.int64)
-        i_sorted = store.gather(store.column("merging intensity", [intensity]), order)
+        # compared by content (each statistics call rebuilds its sigma > 0 subset arrays);
+        # two of each stay resident: the statistics' resolution-cut subset and the full set
+        order = store.content(f"merging order ({tag})", groups.permutation, np.int64,
+                              slots=2)
+        group_start = store.content(f"merging group_start ({tag})", groups.group_start,
+                                    np.int64, slots=2)
+        i_sorted = store.gather(store.content("merging intensity", intensity, np.float64,
+                                              slots=2), order)
         s_sorted = None
         if sigma is not None:
-            s_sorted = store.gather(store.column("merging sigma", [sigma]), order)
+            s_sorted = store.gather(store.content("merging sigma", sigma, np.float64,
+                                                  slots=2), order)
     return i_sorted, s_sorted, group_start
 
 

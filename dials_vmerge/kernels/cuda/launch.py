@@ -27,7 +27,7 @@ def as_device(array, dtype):
     backends.cuda_job_table), else its copy there."""
     import numpy as np
 
-    if cuda.is_cuda_array(array):
+    if hasattr(array, "copy_to_host"):  # a device array (the simulator has no is_cuda_array)
         return array
     return cuda.to_device(np.ascontiguousarray(array, dtype=dtype))
 
