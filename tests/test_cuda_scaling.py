@@ -74,11 +74,19 @@ def test_small_physical_job_matches_cpu(tmp_path):
     check_runs(results, log, ("physical",))
 
 
-def run_vmerge(directory, *args, env=None):
+def run_vmerge(directory, *args, env=None, record=None):
+    """dials.vmerge on the quartz example; record: a path where every host->device copy of
+    the run is written (tests/cuda_transfer_recorder.py, simulator runs only)."""
     os.makedirs(directory, exist_ok=True)
+    program = ("import sys; from dials_vmerge.command_line.vmerge import main; "
+               "sys.exit(main())")
+    if record is not None:
+        program = (f"import sys; sys.path.insert(0, {HERE!r}); import dials_vmerge; "
+                   "import cuda_transfer_recorder as r; r.install(); "
+                   "from dials_vmerge.command_line.vmerge import main; code = main(); "
+                   f"r.dump({str(record)!r}); sys.exit(code)")
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from dials_vmerge.command_line.vmerge import main; "
-         "sys.exit(main())", os.path.join(EXAMPLES, "integrated.expt"),
+        [sys.executable, "-c", program, os.path.join(EXAMPLES, "integrated.expt"),
          os.path.join(EXAMPLES, "integrated.refl"), *args],
         env=env or os.environ, capture_output=True, text=True, cwd=directory, timeout=1200)
 
@@ -121,7 +129,8 @@ def test_quartz_cuda_run_equals_cpu_run(tmp_path):
 
     cpu = run_vmerge(tmp_path / "cpu", "compute.device=cpu", *QUARTZ_CUT)
     assert cpu.returncode == 0, cpu.stderr
-    gpu = run_vmerge(tmp_path / "gpu", "compute.device=cuda", *QUARTZ_CUT, env=SIM)
+    gpu = run_vmerge(tmp_path / "gpu", "compute.device=cuda", *QUARTZ_CUT, env=SIM,
+                     record=tmp_path / "uploads.json")
     assert gpu.returncode == 0, gpu.stderr
     assert "kernels run on the CUDA device (numba CUDA simulator)" in gpu.stdout
     assert "device target: physical model" in gpu.stdout
@@ -144,3 +153,56 @@ def test_quartz_cuda_run_equals_cpu_run(tmp_path):
         np.testing.assert_allclose(np.array(cb.extract_values()),
                                    np.array(ca.extract_values()), rtol=RTOL, atol=0,
                                    err_msg=ca.label())
+    check_device_transfers(tmp_path / "gpu" / "dials.vmerge.json", tmp_path / "uploads.json",
+                           gpu.stdout)
+
+
+def check_device_transfers(report_path, uploads_path, log):
+    """Issue 12: each observation array crosses the bus once per job. The job table's
+    counter (dials.vmerge.json "device_transfers", per pass and call) against an independent
+    record of every host->device copy at the numba.cuda API; a second outlier rejection,
+    expansion and merging pass copies no observation array again."""
+    import json
+    from collections import defaultdict
+
+    transfers = json.load(open(report_path))["device_transfers"]
+    recorded = defaultdict(int)
+    for pass_name, call, nbytes in json.load(open(uploads_path)):
+        recorded[pass_name, call] += nbytes
+    assert "Device transfers host->device per pass" in log
+    for name in ("scaling target", "expansion", "outlier rejection", "merging statistics",
+                 "merging"):
+        calls = transfers[name]["calls"]
+        assert len(calls) >= 2, name
+        for k, call in enumerate(calls):
+            counted = call["observation_bytes"] + call["parameter_bytes"]
+            # the counter sees every copy the API saw (the statistics also copy per-group
+            # means, outside the job table: at most the API's count)
+            if name == "merging statistics":
+                assert counted <= recorded[name, k], (name, k)
+            else:
+                assert counted == recorded[name, k], (name, k, counted, recorded[name, k])
+    outliers = transfers["outlier rejection"]["calls"]
+    # the first rejection copies I, sigma^2, the table's row order and group offsets (g was
+    # left on the device by the expansion before it) ...
+    assert {"intensity", "variance", "rows", "group_start"} <= set(outliers[0]["uploaded"])
+    assert "g" not in outliers[0]["uploaded"]
+    assert outliers[0]["observation_bytes"] > 8 * 200
+    # ... the rejection after combine_intensities only the new I and sigma^2 (replaced by
+    # the Imid choice), and every later one nothing: g comes from the expansion on the device
+    assert set(outliers[1]["uploaded"]) <= {"intensity", "variance"}
+    for call in outliers[2:]:
+        assert call["observation_bytes"] == 0 and call["uploaded"] == [], call
+        assert call["parameter_bytes"] <= 64  # a, b, error-model flag per dataset
+    expansion = transfers["expansion"]["calls"]
+    assert expansion[0]["observation_bytes"] > 0
+    for call in expansion[1:]:  # the model's per-row inputs stay (cols: var(g)'s only)
+        assert set(call["uploaded"]) <= {"expansion 0:cols"}, call
+    # merging (classical and anomalous) finds I, sigma and both permutations resident from
+    # the statistics, which copy each once per distinct subset (sigma > 0; resolution cut)
+    for k, call in enumerate(transfers["merging"]["calls"]):
+        assert call["observation_bytes"] == 0 and recorded["merging", k] == 0, call
+    statistics = transfers["merging statistics"]["calls"]
+    intensity_copies = sum(c["uploaded"].count("merging intensity") for c in statistics)
+    assert 1 <= intensity_copies <= 2
+    assert transfers["scaling target"]["calls"][0]["observation_bytes"] > 0
