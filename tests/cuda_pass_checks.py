@@ -170,6 +170,7 @@ def compare_error_model(table, g):
     refinements with every evaluation on the device vs the CPU."""
     from dials_vmerge.kernels.cuda.error_model import DeviceErrorModelSums
     from dials_vmerge.kernels.error_model_ml import a_sq_and_cost_kernel, cost_slope_kernel
+    from dials_vmerge.backends.cuda_job_table import new_job_table
     from dials_vmerge.scaling import error_model as em
 
     gs = np.asarray(table.group_start, dtype=np.int64)
@@ -197,7 +198,7 @@ def compare_error_model(table, g):
                                        gs.size - 1, b, fixed_a_sq, np.empty(intensity.size))
             dev = device.a_sq_and_cost(b, fixed_a_sq)
             worst = max(worst, rel(dev[0], cpu[0]), rel(dev[1], cpu[1]))
-    out = {"error_model_ml_sums": worst}
+    out = {"error_model_ml_sums": worst, "error_model_rows": intensity.size}
     worst = 0.0
     for b in (0.01, 0.05):
         for fixed_a_sq in (-1.0, 1.44):
@@ -227,7 +228,20 @@ def compare_error_model(table, g):
         data._device_binned_sums = None
         cpu = refine()
         run_device._PASS_DEVICE[0] = "cuda"
+        store = new_job_table()
         dev = refine()
+        # a second refinement of the same data (a new device object, as a run's next
+        # refinement makes): the job table finds every array resident, nothing goes up
+        first = store.summary()["error model"]["calls"]
+        data._device_binned_sums = None
+        again = refine()
+        calls = store.summary()["error model"]["calls"]
+        out[f"error_model_{name}_first_upload_bytes"] = sum(
+            c["observation_bytes"] for c in first)
+        out[f"error_model_{name}_second_upload_bytes"] = sum(
+            c["observation_bytes"] for c in calls[len(first):])
+        out[f"error_model_{name}_second_calls"] = len(calls) - len(first)
+        out[f"error_model_{name}_repeat"] = max(rel(again[0], dev[0]), rel(again[1], dev[1]))
         # b below error_model.B_ZERO (1e-8) is b = 0 found to Brent's accuracy: which tiny
         # b a search ends on is rounding noise, and it changes sigma'^2 = a^2 (sigma^2 +
         # b^2 I^2) by < 1e-16 I^2, so b is compared to 1e-10 relative plus 1e-8 absolute

@@ -82,6 +82,15 @@ def test_device_passes_equal_cpu_kernels(tmp_path, case):
     assert int(d["error_model_bins"]) >= 3
     assert int(d["error_model_ml_used_device"]) == 1
     assert int(d["error_model_individual_used_device"]) == 1
+    # issue 12: a second refinement's device sums upload no observation array again (the
+    # job table holds them: backends/cuda_job_table.py) and give the same (a, b)
+    for name in ("ml", "individual"):
+        # the first: at least I, sigma^2 and g of every row
+        assert int(d[f"error_model_{name}_first_upload_bytes"]) >= 3 * 8 * int(
+            d["error_model_rows"])
+        assert int(d[f"error_model_{name}_second_calls"]) >= 1
+        assert int(d[f"error_model_{name}_second_upload_bytes"]) == 0
+        assert float(d[f"error_model_{name}_repeat"]) == 0.0
     # g and var(g) of every configured row (ScalingRun.expand), chunks splitting datasets
     assert int(d["expand_on_device"]) == 1
     assert int(d["expand_rows"]) >= int(d["n_obs"])
