@@ -42,6 +42,25 @@ def compare_targets(manager, table, out, name):
         values = [t.value_and_gradient(x) for t in (resident, streamed, limited, cpu)]
         rows.append(np.concatenate([[phi, *grad] for phi, grad in values]))
     out[f"{name}_values"] = np.array(rows)  # per point: (phi, grad) x 4 targets
+    # the normal equations of a full-matrix round (phi, J^T W r, J^T W J): the streamed
+    # batches on the device against the resident pass and the CPU kernel
+    worst = {"streamed_cpu": 0.0, "limited_cpu": 0.0, "streamed_resident": 0.0}
+    for x in points:
+        ne = {key: t.normal_equations(x) for key, t in (("resident", resident),
+                                                         ("streamed", streamed),
+                                                         ("limited", limited), ("cpu", cpu))}
+        for pair in worst:
+            a, b = pair.split("_")
+            for u, v in zip(ne[a], ne[b]):
+                u, v = np.atleast_1d(u), np.atleast_1d(v)
+                scale = max(float(np.max(np.abs(v))), 1e-300)
+                worst[pair] = max(worst[pair], float(np.max(np.abs(u - v))) / scale)
+    for pair, value in worst.items():
+        out[f"{name}_normal_{pair}"] = np.array(value)
+    out[f"{name}_normal_streamed_on_device"] = np.array(
+        getattr(streamed, "_streamed_normal", None) is not None
+        and getattr(limited, "_streamed_normal", None) is not None)
+    out[f"{name}_normal_size"] = np.array(cpu.n_par)
     out[f"{name}_n_par"] = np.array(cpu.n_par)
     out[f"{name}_kinds"] = np.array([resident.kind, streamed.kind, limited.kind])
     out[f"{name}_host_resident"] = np.array([resident.host_resident, streamed.host_resident,

@@ -43,6 +43,12 @@ def test_host_streamed_target_and_job_match_device_resident_and_cpu(tmp_path):
                 assert abs(device[0] - cpu[0]) <= RTOL_CPU * abs(cpu[0])
                 scale = np.max(np.abs(cpu[1:]))
                 assert np.max(np.abs(device[1:] - cpu[1:])) <= RTOL_CPU * scale
+        # the full-matrix round's normal equations over the streamed batches (issue 12),
+        # not on the CPU: equal to the CPU kernel and the resident pass to rounding
+        assert bool(results[f"{name}_normal_streamed_on_device"])
+        assert int(results[f"{name}_normal_size"]) >= 4
+        for pair in ("streamed_cpu", "limited_cpu", "streamed_resident"):
+            assert float(results[f"{name}_normal_{pair}"]) <= RTOL_CPU, (name, pair)
     assert "streamed from the host in 5 batch(es)" in run.stderr
     g_resident, g_streamed = results["job_g"]
     np.testing.assert_allclose(g_streamed, g_resident, rtol=RTOL_JOB, atol=0)

@@ -252,10 +252,20 @@ class CudaScalingTarget(ScalingTarget):
 
     def normal_equations(self, x):
         """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr), on the device."""
-        if self._kind == "host-model" or self._n == 0 or self.host_resident:
-            # host-resident layouts: the normal matrix pass needs the whole layout on the
-            # device, so it runs on the CPU
+        if self._kind == "host-model" or self._n == 0:
             return super().normal_equations(x)
+        if self.host_resident:
+            # a layout larger than device memory: over the streamed batches
+            phi, rhs, normal = streamed_target.normal_equations(self, x)
+        else:
+            phi, rhs, normal = self._resident_normal_equations(x)
+        wr = self.restraint_weights
+        phi += float(np.sum(wr * x * x))
+        rhs = rhs + wr * x
+        normal = normal + np.diag(wr)
+        return phi, rhs, normal
+
+    def _resident_normal_equations(self, x):
         if getattr(self, "_normal", None) is None:
             gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)
             dt = self._device_target
@@ -264,9 +274,4 @@ class CudaScalingTarget(ScalingTarget):
                                                  self.normal_free_columns(), self.n_par,
                                                  upload=self._upload)
         self._device_model(x)
-        phi, rhs, normal = self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])
-        wr = self.restraint_weights
-        phi += float(np.sum(wr * x * x))
-        rhs = rhs + wr * x
-        normal = normal + np.diag(wr)
-        return phi, rhs, normal
+        return self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])

@@ -7,9 +7,8 @@ observations on the host: forced by host_resident=True, or when the device-resid
 device memory, capped by compute.gpu.device_memory_limit. evaluate gives (Phi, gradient over
 the model's ELL columns) like the device-resident path, bit-identical for the same batches.
 
-Still needing the whole layout on the device (so on the host for a streamed job): the normal
-equations of full-matrix rounds run on the CPU target; the expansion of g and var(g), outlier
-rejection, the error model and merging passes build their own device arrays of the whole table.
+The normal equations of full-matrix rounds run over the same streamed batches
+(normal_equations, kernels.cuda.streamed_normal).
 """
 
 from __future__ import annotations
@@ -80,6 +79,23 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
 
 def evaluate(target, x):
     """(Phi, gradient over the ELL columns) of the host-resident layout at free vector x."""
+    return target._device_target.evaluate(model_launcher(target, x))
+
+
+def normal_equations(target, x):
+    """(Phi, J^T W r, J^T W J) over the free parameters of the host-resident layout at x,
+    on the device over the streamed batches (kernels.cuda.streamed_normal)."""
+    from dials_vmerge.kernels.cuda.streamed_normal import StreamedNormalEquations
+
+    if getattr(target, "_streamed_normal", None) is None:
+        target._streamed_normal = StreamedNormalEquations(
+            target._device_target, target.normal_free_columns(), target.n_par)
+    return target._streamed_normal.evaluate(model_launcher(target, x))
+
+
+def model_launcher(target, x):
+    """launch(stream, inputs, g, deriv): the model kernel of one streamed batch at x (the
+    parameters go up once, here)."""
     tpb = device_models.THREADS_PER_BLOCK
     if target._kind == "kb":
         scale, decay = target.family.parameters(x)
@@ -100,4 +116,4 @@ def evaluate(target, x):
                 v["record"], v["first_param"], v.get("absorption", target._placeholder_2d),
                 v.get("absorption_first", target._placeholder_int), has_abs,
                 v.get("fixed", target._placeholder), "fixed" in v, parameters, g, deriv)
-    return target._device_target.evaluate(launch)
+    return launch
