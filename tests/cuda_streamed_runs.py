@@ -98,6 +98,20 @@ def main(out_path):
     run(physical, "model=physical", "compute.device=cpu",
         "scaling_refinery.full_matrix_max_iterations=2",
         capture={"done": False, "out": out, "name": "physical"})
+    # the array model's grids, and the same layout as a host-evaluated model (the array
+    # device layout refused: g and dg/dp from the host models, streamed batch by batch)
+    array = simulate_rotation(n_obs_target=300, n_sweeps=2, model="array", seed=7)
+    array_args = ("model=array", "array.n_resolution_bins=3", "array.n_absorption_bins=1",
+                  "array.decay_interval=60", "compute.device=cpu")
+    run(array, *array_args, capture={"done": False, "out": out, "name": "array"})
+    from dials_vmerge.backends import cuda_scaling
+
+    layout = cuda_scaling.array_layout
+    cuda_scaling.array_layout = lambda *args, **kwargs: None
+    try:
+        run(array, *array_args, capture={"done": False, "out": out, "name": "host-model"})
+    finally:
+        cuda_scaling.array_layout = layout
     # the whole KB job with a memory limit that forces streaming, and without
     g_limit, i_limit = run(kb, "model=KB", "compute.device=cuda",
                            "compute.gpu.device_memory_limit=20000")

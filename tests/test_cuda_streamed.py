@@ -27,7 +27,8 @@ def test_host_streamed_target_and_job_match_device_resident_and_cpu(tmp_path):
                          cwd=HERE)
     assert run.returncode == 0, run.stderr[-4000:]
     results = dict(np.load(out))
-    for name in ("kb", "physical"):
+    # issue 12: every model kind streams (the array model's grids, host-evaluated models)
+    for name in ("kb", "physical", "array", "host-model"):
         assert list(results[f"{name}_kinds"]) == [name] * 3
         # resident, forced streaming, streaming chosen from a tiny device memory limit
         assert list(results[f"{name}_host_resident"]) == [False, True, True]

@@ -166,19 +166,25 @@ def expand_on_device(states, manager, covariance=None, chunk_rows=EXPAND_CHUNK_R
     from .cuda_job_table import current_job_table
 
     store = current_job_table()
+    stream_rows = getattr(store, "stream_rows", None)
     with store.counting("expansion"):
         store.begin_call()
+        if stream_rows is not None:
+            # the job's layout is streamed from the host (larger than device memory): chunks
+            # of the streamed batch size, each chunk's inputs copied up and let go
+            return _expand(store, states, manager, covariance,
+                           max(1, min(int(chunk_rows), int(stream_rows))), resident=False)
         return _expand(store, states, manager, covariance, chunk_rows)
 
 
-def _expand(store, states, manager, covariance, chunk_rows):
+def _expand(store, states, manager, covariance, chunk_rows, resident=True):
     kind = device_model_kind(manager.models)
     sizes = [int(s.suitable_rows.size) for s in states]
     g_out = [np.empty(n) for n in sizes]
     var_out = [np.empty(n) for n in sizes] if covariance is not None else None
     cov = (store.put(np.ascontiguousarray(covariance, dtype=np.float64))
            if covariance is not None else None)
-    g_all = cuda.device_array(max(sum(sizes), 1))
+    g_all = cuda.device_array(max(sum(sizes), 1)) if resident else None
     at_all = 0
     try:
         for number, pieces in enumerate(_chunks(sizes, max(int(chunk_rows), 1))):
@@ -187,12 +193,14 @@ def _expand(store, states, manager, covariance, chunk_rows):
                                         for _, s, n in pieces])
 
             def put(name, array, number=number):
+                if not resident:
+                    return store.put(array, "observations", f"expansion:{name}")
                 return store.content(f"expansion {number}:{name}", array)
 
             chunk = _Chunk(kind, manager, dataset_id, loc_index, put, store.put)
             g, deriv = chunk.evaluate(covariance is not None)
-            # the chunks are consecutive job rows: g of all rows stays on the device
-            g_all[at_all:at_all + chunk.n].copy_to_device(g)
+            if resident:  # the chunks are consecutive job rows: g of all rows stays
+                g_all[at_all:at_all + chunk.n].copy_to_device(g)
             at_all += chunk.n
             g_host = g.copy_to_host()
             var_host = None
@@ -214,5 +222,6 @@ def _expand(store, states, manager, covariance, chunk_rows):
         state.g = g_out[d]
         if var_out is not None:
             state.var_g = var_out[d]
-    store.adopt("g", [state.g for state in states], g_all[:at_all])
+    if resident:
+        store.adopt("g", [state.g for state in states], g_all[:at_all])
     return True

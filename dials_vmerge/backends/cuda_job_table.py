@@ -59,6 +59,9 @@ class DeviceJobTable:
 
     def __init__(self):
         self._entries = {}
+        # rows per batch when the job's scaling layout is streamed from the host (set by
+        # backends.cuda_streamed_scaling); None: the job fits on the device
+        self.stream_rows = None
         self._uploads_made = 0
         self._pass = "other"
         # pass -> {"observations": bytes, "parameters": bytes, "uploads": [role, ...]}

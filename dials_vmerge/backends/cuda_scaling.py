@@ -101,9 +101,9 @@ class CudaScalingTarget(ScalingTarget):
         n = t.n_obs
         self._n = n
         self.host_resident = False
-        if host_resident is not False and n and (self.fused is not None
-                                                 or self.family is not None):
+        if host_resident is not False and n:
             # a layout larger than free device memory (or a forced one): streamed per batch
+            # (every model kind: KB, physical, array, host-evaluated)
             if streamed_target.stream_layout(self, host_resident, batch_size,
                                              device_memory_limit):
                 return
@@ -128,8 +128,10 @@ class CudaScalingTarget(ScalingTarget):
             self._inv_two_d_sq = self._upload(fam.inv_two_d_sq)
             self._fixed, self._has_fixed = self._placeholder(fam.fixed_factor)
         else:
-            layout = array_layout(manager.models, t.dataset_id, t.loc_index,
-                                  manager.column_of_parameter) if n else None
+            layout = getattr(self, "_array_layout", None)  # from stream_layout's check
+            if layout is None and n:
+                layout = array_layout(manager.models, t.dataset_id, t.loc_index,
+                                      manager.column_of_parameter)
             if layout is not None:
                 self._kind = "array"
                 cols = layout["free_col"]
@@ -197,7 +199,7 @@ class CudaScalingTarget(ScalingTarget):
 
     def value_and_gradient(self, x):
         t = self.table
-        if self._kind == "host-model":
+        if self._kind == "host-model" and not self.host_resident:
             g, values, cols = self._ell(x)
             if self._device_target is None or not np.array_equal(cols, self._cols):
                 self._cols = cols
@@ -252,7 +254,7 @@ class CudaScalingTarget(ScalingTarget):
 
     def normal_equations(self, x):
         """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr), on the device."""
-        if self._kind == "host-model" or self._n == 0:
+        if self._n == 0 or (self._kind == "host-model" and not self.host_resident):
             return super().normal_equations(x)
         if self.host_resident:
             # a layout larger than device memory: over the streamed batches

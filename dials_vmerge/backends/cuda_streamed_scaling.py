@@ -38,6 +38,8 @@ def _layout(target):
         if f.fixed_factor is not None:
             inputs["fixed"] = np.ascontiguousarray(f.fixed_factor, dtype=np.float64)
         return "physical", inputs, cols, f.n_full + 5
+    if target.family is None:
+        return _array_or_host_layout(target)
     fam = target.family
     cols = device_models.kb_family_columns(fam.row_dataset, fam.scale_col, fam.decay_col)
     inputs = {"row_dataset": np.ascontiguousarray(fam.row_dataset),
@@ -45,6 +47,27 @@ def _layout(target):
     if fam.fixed_factor is not None:
         inputs["fixed"] = np.ascontiguousarray(fam.fixed_factor, dtype=np.float64)
     return "kb", inputs, cols, target.n_par
+
+
+def _array_or_host_layout(target):
+    """The array model's smoothed grids (kernels.cuda.array: weights and parameter indices
+    per slot stream with the batch), or a host-evaluated model (mixed families: g and dg/dp
+    of each call stream up batch by batch; its ELL columns from the current parameters)."""
+    from .cuda_scaling import array_layout
+
+    t, manager = target.table, target.manager
+    layout = array_layout(manager.models, t.dataset_id, t.loc_index,
+                          manager.column_of_parameter)
+    target._array_layout = layout  # the device-resident set-up reuses it
+    if layout is not None:
+        inputs = {"weights": np.ascontiguousarray(layout["weights"]),
+                  "full_index": np.ascontiguousarray(layout["full_index"])}
+        if layout["fixed_factor"] is not None:
+            inputs["fixed"] = np.ascontiguousarray(layout["fixed_factor"], dtype=np.float64)
+        target._component_start_host = layout["component_start"]
+        return "array", inputs, layout["free_col"], target.n_par
+    _, _, cols = target._ell(manager.get_free())
+    return "host-model", {}, np.ascontiguousarray(cols), target.n_par
 
 
 def device_resident_bytes(n_obs, inputs, n_slots):
@@ -70,6 +93,11 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
     target._device_target = HostStreamedTarget(t.intensity, t.weight, t.group_start, cols,
                                                n_params, batch_size, inputs)
     target.host_resident = True
+    # the job's other passes learn that its layout does not fit: the expansion streams its
+    # chunks (batch-sized, nothing kept resident) instead of keeping its inputs on the device
+    from .cuda_job_table import current_job_table
+
+    current_job_table().stream_rows = int(batch_size)
     # one-element stand-ins for the optional inputs a batch does not have
     target._placeholder = cuda.to_device(np.zeros(1))
     target._placeholder_2d = cuda.to_device(np.zeros((1, 1)))
@@ -79,7 +107,24 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
 
 def evaluate(target, x):
     """(Phi, gradient over the ELL columns) of the host-resident layout at free vector x."""
-    return target._device_target.evaluate(model_launcher(target, x))
+    launch = model_launcher(target, x)  # first: a host model may rebuild the batches
+    _count_streamed_copies(target, with_gradient_entries=True)
+    return target._device_target.evaluate(launch)
+
+
+def _count_streamed_copies(target, with_gradient_entries):
+    """Every call copies the whole layout up again, batch by batch: counted in the job
+    table (pass "scaling target", role "streamed batches")."""
+    streamed = target._device_target
+    n_bytes = sum(int(a.nbytes) for a in streamed.host.values())
+    for batch in streamed.batches:
+        n_bytes += int(batch.host["group_start"].nbytes)
+        if with_gradient_entries:
+            n_bytes += int(batch.host["entry_flat"].nbytes + batch.host["entry_offset"].nbytes)
+    if not with_gradient_entries:  # the normal pass's free column of each slot instead
+        n_bytes += int(streamed.n_obs * streamed.n_slots * 8)
+    with target._store.counting("scaling target"):
+        target._store._count("observations", n_bytes, "streamed batches")
 
 
 def normal_equations(target, x):
@@ -87,16 +132,54 @@ def normal_equations(target, x):
     on the device over the streamed batches (kernels.cuda.streamed_normal)."""
     from dials_vmerge.kernels.cuda.streamed_normal import StreamedNormalEquations
 
+    launch = model_launcher(target, x)  # first: a host model may rebuild the batches
     if getattr(target, "_streamed_normal", None) is None:
         target._streamed_normal = StreamedNormalEquations(
             target._device_target, target.normal_free_columns(), target.n_par)
-    return target._streamed_normal.evaluate(model_launcher(target, x))
+    _count_streamed_copies(target, with_gradient_entries=False)
+    return target._streamed_normal.evaluate(launch)
 
 
 def model_launcher(target, x):
     """launch(stream, inputs, g, deriv): the model kernel of one streamed batch at x (the
-    parameters go up once, here)."""
+    parameters go up once, here); a host-evaluated model's g and dg/dp are evaluated here and
+    each batch's rows copied up on its stream."""
     tpb = device_models.THREADS_PER_BLOCK
+    if target._kind == "host-model":
+        g_host, values, cols = target._ell(x)
+        if not np.array_equal(cols, target._cols):  # other ELL columns: new batches
+            t = target.table
+            target._cols = np.ascontiguousarray(cols)
+            target._device_target = HostStreamedTarget(
+                t.intensity, t.weight, t.group_start, target._cols, target._n_params,
+                target._batch_size, {})
+            target._streamed_normal = None
+        g_host = np.ascontiguousarray(g_host, dtype=np.float64)
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        with target._store.counting("scaling target"):
+            target._store._count("observations", g_host.nbytes + values.nbytes,
+                                 "host-model g")
+
+        def launch(stream, v, g, deriv):
+            lo, hi = v["rows"]
+            g.copy_to_device(g_host[lo:hi], stream=stream)
+            deriv.copy_to_device(values[lo:hi], stream=stream)
+        return launch
+    if target._kind == "array":
+        from dials_vmerge.kernels.cuda import array as device_array_model
+
+        target.manager.set_free(x)
+        parameters = cuda.to_device(np.concatenate(
+            [np.asarray(m.parameter_vector(), dtype=np.float64)
+             for m in target.manager.models] + [np.ones(1)]))
+        component_start = cuda.to_device(target._component_start_host)
+
+        def launch(stream, v, g, deriv):
+            device_array_model.array_model_kernel[device_models.blocks(g.shape[0]), tpb,
+                                                  stream](
+                v["weights"], v["full_index"], component_start,
+                v.get("fixed", target._placeholder), "fixed" in v, parameters, g, deriv)
+        return launch
     if target._kind == "kb":
         scale, decay = target.family.parameters(x)
         scale, decay = cuda.to_device(scale), cuda.to_device(decay)

@@ -178,6 +178,7 @@ class HostStreamedTarget:
         views["factor"] = _view(buffers["factor"], (batch.n_obs,))
         views["deriv"] = _view(buffers["deriv"], (batch.n_obs, self.n_slots))
         views["ih"] = _view(buffers["ih"], (max(batch.n_groups, 1),))
+        views["rows"] = (batch.obs_lo, batch.obs_hi)  # for models evaluated on the host
         return views
 
     def evaluate(self, launch_model):

@@ -87,6 +87,7 @@ class StreamedNormalEquations:
         views["group_start"].copy_to_device(group_start, stream=stream)
         views["g"] = _view(buffers["g"], (batch.n_obs,))
         views["deriv"] = _view(buffers["deriv"], (batch.n_obs, self.streamed.n_slots))
+        views["rows"] = (batch.obs_lo, batch.obs_hi)  # for models evaluated on the host
         return views
 
     def evaluate(self, launch_model):
