@@ -87,9 +87,13 @@ def run(simulation, *args, capture=None):
     return np.asarray(scaled["inverse_scale_factor"]), np.asarray(scaled["intensity.scale.value"])
 
 
-def main(out_path):
+def main(out_path, cases=("kb", "physical", "job")):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = {}
+    if "array" in cases:
+        array_and_host_model(out)
+        np.savez(out_path, **out)
+        return
     kb = simulate_stills(n_stills=20, d_min=8.0, seed=5)
     physical = simulate_rotation(n_obs_target=300, n_sweeps=2, model="physical", seed=7)
     # target level, on the first minimisation table of a CPU job (cheap to build)
@@ -98,9 +102,19 @@ def main(out_path):
     run(physical, "model=physical", "compute.device=cpu",
         "scaling_refinery.full_matrix_max_iterations=2",
         capture={"done": False, "out": out, "name": "physical"})
+    # the whole KB job with a memory limit that forces streaming, and without
+    g_limit, i_limit = run(kb, "model=KB", "compute.device=cuda",
+                           "compute.gpu.device_memory_limit=20000")
+    g_dev, i_dev = run(kb, "model=KB", "compute.device=cuda")
+    out["job_g"] = np.stack([g_dev, g_limit])
+    out["job_i"] = np.stack([i_dev, i_limit])
+    np.savez(out_path, **out)
+
+
+def array_and_host_model(out):
     # the array model's grids, and the same layout as a host-evaluated model (the array
     # device layout refused: g and dg/dp from the host models, streamed batch by batch)
-    array = simulate_rotation(n_obs_target=300, n_sweeps=2, model="array", seed=7)
+    array = simulate_rotation(n_obs_target=200, n_sweeps=2, model="array", seed=7)
     array_args = ("model=array", "array.n_resolution_bins=3", "array.n_absorption_bins=1",
                   "array.decay_interval=60", "compute.device=cpu")
     run(array, *array_args, capture={"done": False, "out": out, "name": "array"})
@@ -112,14 +126,7 @@ def main(out_path):
         run(array, *array_args, capture={"done": False, "out": out, "name": "host-model"})
     finally:
         cuda_scaling.array_layout = layout
-    # the whole KB job with a memory limit that forces streaming, and without
-    g_limit, i_limit = run(kb, "model=KB", "compute.device=cuda",
-                           "compute.gpu.device_memory_limit=20000")
-    g_dev, i_dev = run(kb, "model=KB", "compute.device=cuda")
-    out["job_g"] = np.stack([g_dev, g_limit])
-    out["job_i"] = np.stack([i_dev, i_limit])
-    np.savez(out_path, **out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]) or ("kb", "physical", "job"))
