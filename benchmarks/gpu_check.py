@@ -56,6 +56,9 @@ from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations  # noqa: E402
 from dials_vmerge.kernels.cuda.target import DeviceTarget  # noqa: E402
 from dials_vmerge.kernels.cuda import variational as dv  # noqa: E402
 from dials_vmerge.kernels.cuda.error_model import DeviceErrorModelSums  # noqa: E402
+from dials_vmerge.kernels.cuda import gather as dg  # noqa: E402
+from dials_vmerge.kernels.cuda.streamed import HostStreamedTarget  # noqa: E402
+from dials_vmerge.kernels.cuda.streamed_normal import StreamedNormalEquations  # noqa: E402
 
 MEAN_MULTIPLICITY = 8
 OBS_PER_STILL = 250
@@ -481,6 +484,88 @@ class DeviceLayout:
         self.model()
         return self.streamed_target().evaluate(self.g, self.deriv)
 
+    # -- the job table's device-side passes (backends/cuda_job_table.py) ---------------
+    def job_table_inputs(self):
+        """A job-order permutation of the rows (the layout's order as a run's tables see
+        it), the per-row dataset and the error-model a, b per dataset."""
+        if getattr(self, "_job", None) is None:
+            rng = np.random.default_rng(8)
+            order = rng.permutation(self.n).astype(np.int64)
+            n_sets = N_SWEEPS
+            dataset = rng.integers(0, n_sets, self.n).astype(np.int32)
+            self._job = {"order": order, "dataset": dataset,
+                         "a": np.linspace(1.0, 1.3, n_sets), "b": np.linspace(0.0, 0.05, n_sets),
+                         "has": np.array([1, 1, 0, 1][:n_sets], np.int32),
+                         "order_d": cuda.to_device(order), "dataset_d": cuda.to_device(dataset),
+                         "variance_d": cuda.to_device(1.0 / self.lay["weight"]),
+                         "gathered": cuda.device_array(self.n),
+                         "weights": cuda.device_array(self.n)}
+            self._job.update({k + "_d": cuda.to_device(self._job[k]) for k in ("a", "b", "has")})
+        return self._job
+
+    def gather(self):
+        """One column of a pass's table gathered from the resident job-order column."""
+        j = self.job_table_inputs()
+        dg.gather_kernel[_blocks(self.n), THREADS_PER_BLOCK](self.target.intensity,
+                                                             j["order_d"], j["gathered"])
+
+    def error_model_weights(self):
+        j = self.job_table_inputs()
+        dg.error_model_weight_kernel[_blocks(self.n), THREADS_PER_BLOCK](
+            self.target.intensity, j["variance_d"], j["dataset_d"], j["a_d"], j["b_d"],
+            j["has_d"], j["weights"])
+
+    def host_streamed(self):
+        """The target and normal equations over the layout kept in page-locked host memory,
+        STREAMED_BATCHES batches of whole groups on two streams (KB and physical layouts)."""
+        if getattr(self, "_host_streamed", None) is None:
+            lay = self.lay
+            if lay["kind"] == "kb":
+                inputs = {"row_dataset": lay["row_dataset"],
+                          "inv_two_d_sq": lay["inv_two_d_sq"]}
+            elif lay["kind"] == "physical":
+                inputs = {"record": lay["record"], "first_param": lay["first_param"],
+                          "absorption": lay["absorption_coefficients"],
+                          "absorption_first": lay["absorption_first"]}
+            else:
+                inputs = {"weights": lay["weights"], "full_index": lay["full_index"]}
+            self._host_streamed = HostStreamedTarget(
+                lay["intensity"], lay["weight"], lay["group_start"], lay["cols"],
+                lay["n_params"], -(-self.n // STREAMED_BATCHES), inputs)
+        return self._host_streamed
+
+    def _launch_streamed_model(self, stream, v, g, deriv):
+        kind, blocks = self.lay["kind"], _blocks(g.shape[0])
+        if kind == "kb":
+            dm.kb_family_kernel[blocks, THREADS_PER_BLOCK, stream](
+                v["row_dataset"], v["inv_two_d_sq"], self.fixed, False, self.scale_value,
+                self.decay_value, g, deriv)
+        elif kind == "array":
+            da.array_model_kernel[blocks, THREADS_PER_BLOCK, stream](
+                v["weights"], v["full_index"], self.component_start, self.fixed, False,
+                self.parameters, g, deriv)
+        else:
+            dm.physical_model_kernel[blocks, THREADS_PER_BLOCK, stream](
+                v["record"], v["first_param"], v["absorption"], v["absorption_first"], True,
+                self.fixed, False, self.parameters, g, deriv)
+
+    def evaluation_host_streamed(self):
+        return self.host_streamed().evaluate(self._launch_streamed_model)
+
+    def normal_host_streamed(self):
+        if getattr(self, "_streamed_normal", None) is None:
+            self._streamed_normal = StreamedNormalEquations(
+                self.host_streamed(), self.lay["cols"], self.lay["n_params"])
+        return self._streamed_normal.evaluate(self._launch_streamed_model)
+
+    def host_streamed_bytes(self):
+        """Bytes copied host -> device by one streamed evaluation (the whole layout)."""
+        t = self.host_streamed()
+        total = sum(int(a.nbytes) for a in t.host.values())
+        for batch in t.batches:
+            total += sum(int(a.nbytes) for a in batch.host.values())
+        return total
+
     def bytes_per_pass(self):
         """(read + written) bytes of each pass, counting every array element once."""
         n, k = self.n, self.n_slots
@@ -518,6 +603,10 @@ class DeviceLayout:
         # each element counted once: the IRLS iterations re-read a group from cache
         out["merge_robust"] = n * 16 + groups + 17 * self.n_groups
         out["merge_variational"] = n * 16 + groups + 9 * self.n_groups + 32 * self.n_groups
+        # the job table: a gathered column (source, order read; column written) and the
+        # error-model weights (I, sigma^2, dataset read; w written)
+        out["gather"] = n * 24
+        out["em_weights"] = n * 28
         return out
 
 
@@ -736,6 +825,45 @@ def check_new_passes(dev):
     out["evaluation_streamed"] = max(relative(phi_s, phi_1),
                                      float(np.max(np.abs(grad_s - grad_1))
                                            / max(np.max(np.abs(grad_1)), 1e-300)))
+    out.update(check_job_table(dev))
+    # the layout kept in host memory: target (same batches as the device-resident
+    # DeviceTarget of evaluation_streamed: bit-identical) and normal equations
+    phi_h, grad_h = dev.evaluation_host_streamed()
+    out["evaluation_host_streamed"] = max(relative(phi_h, phi_s),
+                                          float(np.max(np.abs(grad_h - grad_s))
+                                                / max(np.max(np.abs(grad_s)), 1e-300)))
+    if lay["kind"] in NORMAL_LAYOUTS and dev.n <= NORMAL_CHECK_MAX[lay["kind"]]:
+        dev.model()
+        resident = dev.normal_equations()
+        streamed = dev.normal_host_streamed()
+        out["normal_host_streamed"] = max(relative(u, v) for u, v in zip(streamed, resident))
+    dev.__dict__.pop("_host_streamed", None)  # its page-locked copy of the layout
+    dev.__dict__.pop("_streamed_normal", None)
+    return out
+
+
+def check_job_table(dev):
+    """The job table's device passes: a gathered column equals numpy's fancy index, the
+    error-model weights numpy's formula, and the outlier mask of the gathered (resident)
+    table the mask of the table copied up from the host."""
+    out = {}
+    j = dev.job_table_inputs()
+    lay = dev.lay
+    dev.gather()
+    out["gather"] = float(np.count_nonzero(j["gathered"].copy_to_host()
+                                           != lay["intensity"][j["order"]]))
+    dev.error_model_weights()
+    intensity, variance = lay["intensity"], 1.0 / lay["weight"]
+    a, b, has = j["a"][j["dataset"]], j["b"][j["dataset"]], j["has"][j["dataset"]]
+    expected = np.where(has == 1, 1.0 / (a * a * (variance + (b * intensity) ** 2)),
+                        1.0 / variance)
+    out["em_weights"] = relative(j["weights"].copy_to_host(), expected)
+    dev.model_g()
+    g_host = dev.g.copy_to_host()
+    mask_host = do.outlier_mask(lay["intensity"], lay["weight"], g_host, lay["group_start"])
+    mask_resident = do.resident_outlier_mask(dev.target.intensity, dev.target.weight, dev.g,
+                                             dev.group_start)
+    out["outliers_resident"] = float(np.count_nonzero(mask_host != mask_resident))
     return out
 
 
@@ -753,6 +881,24 @@ def copy_rate():
         cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 2.0 * n * 8 / float(np.median(times))
+
+
+def host_to_device_rate():
+    """Bytes per second of a page-locked host -> device copy of 256 MiB (the streamed
+    target's link)."""
+    n = (1 << 28) // 8 if not _simulator() else 1 << 12
+    src = cuda.pinned_array(n)
+    src[:] = 1.0
+    dst = cuda.device_array(n)
+    dst.copy_to_device(src)
+    cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_to_device(src)
+        cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return n * 8 / float(np.median(times))
 
 
 def _simulator():
@@ -803,6 +949,9 @@ def main(argv=None):
     parser.add_argument("--extra-max", default="1e8",
                         help="largest layout whose error-model, expansion, robust, "
                              "variational and streamed passes are timed")
+    parser.add_argument("--streamed-max", default="1e7",
+                        help="largest layout whose host-streamed target (the whole layout "
+                             "over the host link per call) is timed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None,
                         help="JSON path (default $OUT/gpu_check.json when OUT is set)")
@@ -830,6 +979,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     rate = copy_rate()
     result["copy_rate_gb_s"] = rate / 1e9
+    h2d = host_to_device_rate()
+    result["host_to_device_rate_gb_s"] = h2d / 1e9
     print(f"device: {result['device']['name']}  numba {result['numba']}  "
           f"numba-cuda {result['numba_cuda']}")
     print(f"device-to-device copy rate: {rate / 1e9:.1f} GB/s (read + written)")
@@ -882,9 +1033,20 @@ def main(argv=None):
                     "merge_robust": dev.merge_robust,
                     "merge_variational": dev.merge_variational,
                     "evaluation_streamed": dev.evaluation_streamed})
+                passes.update({"gather": dev.gather, "em_weights": dev.error_model_weights})
+            if kind != "array" and size <= parse_size(args.streamed_max):
+                passes["evaluation_host_streamed"] = dev.evaluation_host_streamed
             if kind == "physical" and size <= parse_size(args.normal_max):
                 passes["normal"] = dev.normal_equations
+                passes["normal_host_streamed"] = dev.normal_host_streamed
             moved = dev.bytes_per_pass()
+            if "evaluation_host_streamed" in passes:
+                # bound: the whole layout over the host link at the measured pinned
+                # host-to-device rate, expressed in device-copy bytes for the ratio below
+                streamed_bytes = dev.host_streamed_bytes()
+                moved["evaluation_host_streamed"] = streamed_bytes * rate / h2d
+                moved["normal_host_streamed"] = (streamed_bytes + 8 * dev.n * dev.n_slots) \
+                    * rate / h2d
             dev.model()
             dev.residuals()
             for name, function in passes.items():
