@@ -6,7 +6,10 @@ rows of every dataset by the device model kernels of the scaling target
 array model's smoothed grids), and var(g) = d^T C d by kernels.cuda.models
 .variance_of_g_kernel over the same dg/dp. The rows go in chunks of whole datasets' rows
 (EXPAND_CHUNK_ROWS), so no (n, K) table of all reflections exists on the host or the device;
-per chunk only the model's per-row inputs go up and g (and var(g)) come back.
+per chunk the model's per-row inputs go up (once per job: they stay in the job table,
+backends.cuda_job_table, while half the device memory stays free) and g (and var(g)) come
+back; g of every row also stays on the device for the next outlier rejection. In a job whose
+scaling layout is streamed from the host, chunks of the streamed batch size, nothing kept.
 
 Any other model (mixed families, components without a device kernel) returns False and the
 caller expands on the CPU.
@@ -178,6 +181,7 @@ def expand_on_device(states, manager, covariance=None, chunk_rows=EXPAND_CHUNK_R
 
 
 def _expand(store, states, manager, covariance, chunk_rows, resident=True):
+    from .cuda_job_table import room_to_keep
     kind = device_model_kind(manager.models)
     sizes = [int(s.suitable_rows.size) for s in states]
     g_out = [np.empty(n) for n in sizes]
@@ -193,9 +197,12 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
                                         for _, s, n in pieces])
 
             def put(name, array, number=number):
-                if not resident:
+                role = f"expansion {number}:{name}"
+                if not resident or (role not in store._entries
+                                    and not room_to_keep(array.nbytes)):
+                    # streamed job, or no room to keep it: copied for this call only
                     return store.put(array, "observations", f"expansion:{name}")
-                return store.content(f"expansion {number}:{name}", array)
+                return store.content(role, array)
 
             chunk = _Chunk(kind, manager, dataset_id, loc_index, put, store.put)
             g, deriv = chunk.evaluate(covariance is not None)

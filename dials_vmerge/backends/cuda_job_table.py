@@ -221,6 +221,21 @@ class DeviceJobTable:
                 for name, calls in self.transfers.items()}
 
 
+# Inputs kept only for reuse (the expansion's per-row model inputs) stay resident only while
+# this share of the device memory is left free after them; otherwise they are copied per call
+KEEP_FREE_FRACTION = 0.5
+
+
+def room_to_keep(nbytes):
+    """Whether an array of nbytes may stay resident for reuse (unknown memory, e.g. the
+    simulator: yes)."""
+    try:
+        free, total = cuda.current_context().get_memory_info()
+        return float(free) - nbytes >= KEEP_FREE_FRACTION * float(total)
+    except Exception:
+        return True
+
+
 def transfer_lines(table):
     """Log lines: MB host->device per pass (observation arrays; parameters and other small
     per-call inputs), and the observation MB of each call."""
