@@ -94,7 +94,10 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
                 # the error-model sums, expansion, robust/variational merging, streamed batches
                 "error_model_ml", "error_model_slope", "error_model_binned", "expand_var_g",
                 "merge_robust", "merge_robust_fallback", "merge_variational",
-                "evaluation_streamed"}
+                "evaluation_streamed",
+                # the job table's gather, error-model weights and resident outlier mask, and
+                # the target over a layout kept in host memory (issue 12)
+                "gather", "em_weights", "outliers_resident", "evaluation_host_streamed"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
@@ -104,8 +107,16 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         assert all(checks[name] <= 1e-10 for name in names)
         assert checks["outliers"] == 0  # differing mask entries
         assert checks["merge_robust_fallback"] == 0  # differing fallback flags
+        # differing gathered values and mask entries; the host-streamed target has the
+        # resident batches' sums bit for bit
+        assert checks["gather"] == 0 and checks["outliers_resident"] == 0
+        assert checks["evaluation_host_streamed"] == 0
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
-    assert len(passes) == 3 * 17
+    # 17 passes per layout, the gather and error-model weights, and the host-streamed target
+    # on the KB and physical layouts
+    assert len(passes) == 3 * 19 + 2
+    assert {("kb", "evaluation_host_streamed"), ("physical", "evaluation_host_streamed")} <= \
+        passes
     assert {"expand", "error_model_ml", "error_model_slope", "error_model_binned",
             "merge_robust", "merge_variational", "evaluation_streamed"} <= {
         p for _, p in passes}
