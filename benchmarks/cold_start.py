@@ -10,6 +10,15 @@ time, with the load average; compile CPU time = cold CPU - warm CPU. Prints a ta
 writes JSON.
 
     python benchmarks/cold_start.py --out cold_start.json
+
+`--per-kernel` instead runs one cold process and lists the compile CPU time of every numba
+dispatcher it compiled (numba's compile events; exclusive = without the helpers and numpy
+overloads compiled inside it), largest first: where a cold start goes. `--inputs EXPT REFL`
+runs another job, e.g. a simulated sweep large enough (>= 50 000 rows) that the parallel
+builds of kernels/size_dispatch.py compile beside the serial ones, which shows what prange
+costs to compile per kernel.
+
+    python benchmarks/cold_start.py --per-kernel --out per_kernel.json
 """
 
 from __future__ import annotations
@@ -49,11 +58,85 @@ def timed_run(work: str, cache: str):
     return seconds, _children_cpu_s() - cpu_before
 
 
+# Runs in a fresh process with an empty cache: dials.vmerge in process, timing each compile.
+PER_KERNEL_PROBE = """
+import json, sys, time
+import dials_vmerge
+from numba.core import event
+
+open_compiles = []  # [dispatcher, CPU at start, CPU of nested compiles]
+records = []
+
+
+class CompileTimer(event.Listener):
+    def on_start(self, ev):
+        open_compiles.append([ev.data["dispatcher"], time.process_time(), 0.0])
+
+    def on_end(self, ev):
+        dispatcher, start, nested = open_compiles.pop()
+        seconds = time.process_time() - start
+        if open_compiles:
+            open_compiles[-1][2] += seconds
+        func = dispatcher.py_func
+        records.append((func.__module__ + "." + func.__qualname__, seconds, seconds - nested))
+
+
+event.register("numba:compile", CompileTimer())
+from dials_vmerge.command_line.vmerge import main
+start = time.process_time()
+code = main(sys.argv[1:])
+total = time.process_time() - start
+print(json.dumps({"code": code, "run_cpu_s": total, "compiles": records}))
+"""
+
+
+def per_kernel(inputs, out_path: str) -> None:
+    """One cold run: compile CPU seconds per dispatcher, largest exclusive time first."""
+    root = tempfile.mkdtemp(prefix="vmerge_cold_")
+    load_before = os.getloadavg()
+    try:
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(root, "numba_cache"))
+        result = subprocess.run([sys.executable, "-c", PER_KERNEL_PROBE, *inputs], cwd=root,
+                                env=env, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dials.vmerge failed:\n{result.stderr}")
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    kernels = {}
+    for name, inclusive, exclusive in probe["compiles"]:
+        entry = kernels.setdefault(name, {"kernel": name, "compiles": 0, "inclusive_cpu_s": 0.0,
+                                          "exclusive_cpu_s": 0.0})
+        entry["compiles"] += 1
+        entry["inclusive_cpu_s"] += inclusive
+        entry["exclusive_cpu_s"] += exclusive
+    rows = sorted(kernels.values(), key=lambda e: -e["exclusive_cpu_s"])
+    compile_cpu = sum(e["exclusive_cpu_s"] for e in rows)
+    print("| kernel | compiles | exclusive CPU (s) | with its helpers (s) |")
+    print("|---|---|---|---|")
+    for e in rows:
+        print(f"| {e['kernel']} | {e['compiles']} | {e['exclusive_cpu_s']:.2f} | "
+              f"{e['inclusive_cpu_s']:.2f} |")
+    print(f"\n{len(probe['compiles'])} compiles, {compile_cpu:.1f} s of compile CPU in a run of "
+          f"{probe['run_cpu_s']:.1f} s CPU; load average {load_before[0]:.1f} before")
+    with open(out_path, "w") as f:
+        json.dump({"benchmark": "cold_start_per_kernel", "inputs": list(inputs),
+                   "compile_cpu_s": compile_cpu, "run_cpu_s": probe["run_cpu_s"],
+                   "load_average_1min_before": load_before[0], "kernels": rows}, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--out", default="cold_start.json")
     parser.add_argument("--warm-runs", type=int, default=2)
+    parser.add_argument("--per-kernel", action="store_true",
+                        help="one cold run: compile CPU time per numba dispatcher")
+    parser.add_argument("--inputs", nargs=2, metavar=("EXPT", "REFL"), default=EXAMPLE,
+                        help="the job of --per-kernel (default: the quartz example)")
     args = parser.parse_args()
+    if args.per_kernel:
+        per_kernel([os.path.abspath(p) for p in args.inputs], args.out)
+        return
     root = tempfile.mkdtemp(prefix="vmerge_cold_")
     load_before = os.getloadavg()
     try:

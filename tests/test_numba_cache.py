@@ -65,3 +65,40 @@ def test_second_process_compiles_nothing(tmp_path):
     assert runs[0]["code"] == runs[1]["code"] == 0
     assert runs[0]["misses"] > 0  # a cold cache: the first process compiled
     assert runs[1]["misses"] == 0 and runs[1]["hits"] > 0
+
+
+# Calls the kernels whose helpers were once compiled twice per process: a helper called with a
+# variable that starts as the constant 0 (`u = 0`, later `u += 1`) is typed first with
+# Literal[int](0), then with int64, and numba compiles both (~0.15 s of each cold start).
+HELPER_SIGNATURES = """
+import json
+import numpy as np
+import dials_vmerge
+from dials_vmerge.merging.statistics import _draw_first_half, half_split_kernel
+from dials_vmerge.model.smoother import smoother_weights_1d
+from dials_vmerge.kernels.smoother_weights import normalise_row
+from dials_vmerge.scaling.outliers import _sift_down, capped_weights_kernel
+
+rng = np.random.default_rng(0)
+group_start = np.array([0, 40, 43, 90], np.int64)
+weights = rng.random(90)
+capped = np.empty(90)
+capped_weights_kernel(weights, group_start, np.array([0, 3], np.int64), capped)
+smoother_weights_1d(np.linspace(0.0, 9.0, 50), 6)
+order = np.arange(3, dtype=np.int64)
+half_split_kernel(rng.random(90), np.ones(90), np.arange(90, dtype=np.int64), group_start,
+                  order, rng.random(200), True)
+print(json.dumps({f.__name__: [str(s) for s in f.signatures]
+                  for f in (_sift_down, normalise_row, _draw_first_half)}))
+"""
+
+
+def test_helpers_compile_once(tmp_path):
+    """A cold process compiles each helper for one signature: no Literal[int](0) twin."""
+    result = subprocess.run([sys.executable, "-c", HELPER_SIGNATURES], capture_output=True,
+                            text=True, env=_environment(NUMBA_CACHE_DIR=str(tmp_path)),
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    signatures = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, compiled in signatures.items():
+        assert len(compiled) == 1 and "Literal" not in compiled[0], (name, compiled)

@@ -139,7 +139,7 @@ def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_orde
     half_1 = np.full(n_sel, np.nan)
     half_2 = np.full(n_sel, np.nan)
     rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
-    u = 0
+    u = np.int64(0)  # int64, not Literal[int](0): a literal argument compiles the helper twice
     for k in range(n_sel):
         g = groups_in_order[k]
         start = group_start[g]
@@ -175,7 +175,7 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
     method's merge of each half sees exactly the split the inverse-variance CC1/2 uses."""
     label = np.zeros(n_rows, np.int8)
     rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
-    u = 0
+    u = np.int64(0)  # int64, not Literal[int](0): a literal argument compiles the helper twice
     for k in range(groups_in_order.shape[0]):
         g = groups_in_order[k]
         start = group_start[g]

@@ -110,7 +110,7 @@ def smoother_weights_1d(z, n_values):
     for r in prange(n):
         i1, i2 = index_range(z[r], n_values, n_avg)
         total = 0.0
-        slot = 0
+        slot = np.int64(0)  # not Literal[int](0), which compiles normalise_row twice
         for i in range(i1, i2):
             ds = (z[r] - position(i, n_values)) / sigma
             w = math.exp(-ds * ds)
@@ -135,7 +135,7 @@ def smoother_weights_2d(z1, z2, n1, n2):
         i1, i2 = index_range(z1[r], n1, a1)
         j1, j2 = index_range(z2[r], n2, a2)
         total = 0.0
-        slot = 0
+        slot = np.int64(0)  # not Literal[int](0), which compiles normalise_row twice
         for i in range(i1, i2):
             d1 = z1[r] - position(i, n1)
             for j in range(j1, j2):
@@ -164,7 +164,7 @@ def smoother_weights_3d(z1, z2, z3, n1, n2, n3):
         j1, j2 = index_range(z2[r], n2, a2)
         k1, k2 = index_range(z3[r], n3, a3)
         total = 0.0
-        slot = 0
+        slot = np.int64(0)  # not Literal[int](0), which compiles normalise_row twice
         for i in range(i1, i2):
             d1 = z1[r] - position(i, n1)
             for j in range(j1, j2):

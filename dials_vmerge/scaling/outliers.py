@@ -37,9 +37,10 @@ def _heap_sort_prefix(values, n):
     and the sorted values, hence the median, are the same whichever sort produces them."""
     for start in range(n // 2 - 1, -1, -1):
         _sift_down(values, start, n)
+    top = np.int64(0)  # int64, not Literal[int](0): a literal argument compiles the helper twice
     for end in range(n - 1, 0, -1):
         values[0], values[end] = values[end], values[0]
-        _sift_down(values, 0, end)
+        _sift_down(values, top, end)
 
 
 @njit(cache=True)
