@@ -149,6 +149,11 @@ def combination_test_selection(table, g, suitable_and_not_outlier):
     return usable
 
 
+def _joined_popped(datasets, key):
+    parts = [d.pop(key) for d in datasets]
+    return parts.pop() if len(parts) == 1 else np.concatenate(parts)
+
+
 def choose_imid(datasets, imids=None, nproc=1, log=None):
     """The Imid with the lowest Rmeas over the pooled datasets.
 
@@ -156,8 +161,10 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     v_sum, partiality, correction, g (already restricted to the test selection); the dicts
     are emptied.
     """
-    # the datasets' arrays are released as they are joined (the caller is done with them)
-    cat = {k: np.concatenate([d.pop(k) for d in datasets]) for k in list(datasets[0])}
+    # the datasets' arrays are released as they are joined (the caller is done with them);
+    # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
+    # its original was this step's peak RSS (issue 10, memory)
+    cat = {k: _joined_popped(datasets, k) for k in list(datasets[0])}
     if cat["i_sum"].size == 0:
         return 0.0
     if not imids:
