@@ -83,17 +83,24 @@ def _run(params, inputs, log):
 
         device_transfers = device_transfer_report(log.info)  # compute.device=cuda (issue 12)
         with stage(log, "Writing merged files"):
+            # Between the output steps the heaps' free pages go back to the OS: merging,
+            # the model curves and the MTZ leave freed arrays in the heaps whose pages
+            # otherwise stay in RSS under the next step's (issue 10, memory: ~40 MB on a 1e6
+            # sweep, which put these steps at the run's peak).
+            release_free_memory(collect_cycles=False)
             report = json_ready({"scaling": summary, "merging": merged.as_json(),
                                  "scaling_models": model_curves(experiments,
                                                                 read_reflections(scaled_refl)),
                                  **device_transfers})
             json.dumps(report)  # fail before any file is written if the report cannot be saved
+            release_free_memory(collect_cycles=False)
             write_merge_outputs(merged, params, log)
             write_json(params.output.json or "dials.vmerge.json", report)
             if "filtering" in summary:
                 from dials_vmerge.scaling.filtering import write_filter_results
 
                 write_filter_results(params, summary)
+            release_free_memory(collect_cycles=False)
             stage_report(report, params, staged, "dials.vmerge", log)
 
 

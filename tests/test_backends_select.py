@@ -46,3 +46,29 @@ def test_real_numba_without_visible_devices():
     assert run.stdout.strip() == "cpu"
     assert run.returncode != 0
     assert "VmergeError: compute.device=cuda: no GPU visible to numba" in run.stderr
+
+
+def test_no_driver_means_no_numba_cuda_import():
+    # Without a loadable CUDA driver, auto decides cpu without importing numba.cuda (~6 MB
+    # resident for the rest of a run); the driver search is made to fail here on any machine.
+    code = ("import sys, ctypes\n"
+            "import dials_vmerge\n"
+            "from dials_vmerge.backends.select import choose_device\n"
+            "real = ctypes.CDLL\n"
+            "def no_cuda(name, *a, **k):\n"
+            "    if 'libcuda' in str(name):\n"
+            "        raise OSError(name)\n"
+            "    return real(name, *a, **k)\n"
+            "ctypes.CDLL = no_cuda\n"
+            "print(choose_device('auto'), 'numba.cuda' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_ENABLE_CUDASIM", "NUMBA_CUDA_DRIVER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "False"]
+
+
+def test_simulator_still_asks_numba(monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    assert select._cuda_driver_loadable()

@@ -28,3 +28,20 @@ def test_quartz_batches(quartz_dir):
     z = t["xyzobs.px.value"][:, 2]
     assert np.array_equal(b, np.floor(z).astype(int) + 1)
     assert "1-100" in format_batch_table(experiments)
+
+
+def test_batch_numbers_of_unassigned_ids(quartz_dir):
+    # rows whose id names no experiment get batch 0, the others floor(z) + 1 + offset; the
+    # ids are used as stored (int32), row by row here as the independent reference
+    experiments = read_experiments(os.path.join(quartz_dir, "scaled.expt"))
+    t = read_reflections(os.path.join(quartz_dir, "scaled.refl"))
+    ids = np.array(t["id"])
+    ids[::7] = -1
+    ids[3::11] = 999
+    t["id"] = ids
+    b = batch_numbers(t, experiments)
+    z = t["xyzobs.px.value"][:, 2]
+    expected = [0 if i < 0 or i >= 1 else int(np.floor(zi)) + 1 for i, zi in zip(ids, z)]
+    assert b.dtype == np.int64
+    assert b.tolist() == expected
+    assert (b == 0).sum() == np.count_nonzero((ids < 0) | (ids >= 1))

@@ -7,8 +7,34 @@ from dials_vmerge.errors import PhilError, VmergeError
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _cuda_driver_loadable() -> bool:
+    """False when numba's CUDA driver search would certainly fail: no simulator, no
+    NUMBA_CUDA_DRIVER, and none of the names and paths numba tries (numba/cuda/cudadrv/
+    driver.py, locate_driver_and_loader) opens. Importing numba.cuda to learn that costs
+    ~6 MB of resident memory for the rest of a CPU run (issue 10, memory)."""
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0" or os.environ.get("NUMBA_CUDA_DRIVER"):
+        return True  # numba decides
+    if sys.platform == "win32":
+        return True
+    names = ["libcuda.dylib"] if sys.platform == "darwin" else ["libcuda.so", "libcuda.so.1"]
+    folders = ["/usr/local/cuda/lib"] if sys.platform == "darwin" else ["/usr/lib", "/usr/lib64"]
+    for candidate in names + [os.path.join(f, n) for f in folders for n in names]:
+        try:
+            ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def cuda_available() -> bool:
     """True if numba sees a usable GPU (or the simulator, NUMBA_ENABLE_CUDASIM=1)."""
+    if not _cuda_driver_loadable():
+        return False
     try:
         from numba import cuda
 

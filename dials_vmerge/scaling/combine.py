@@ -10,12 +10,16 @@ internal-variance merging, non-anomalous groups) wins.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import prange
 
+from ..kernels.permute import permute_in_place
 from ..kernels.size_dispatch import parallel_when_large
 
 from .. import flags
+from ..memory import release_free_memory
 from .ih_table import chunk_bounds, group_sort
 
 
@@ -32,12 +36,13 @@ def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
     return w * i_prf + (1.0 - w) * sum_i, w * v_prf + (1.0 - w) * sum_v
 
 
-def profile_weight(i_sum, imid):
-    """w = 1 / (1 + (I_sum/Imid)^3), 1 where I_sum <= 0 (numpy's power, as combine_values)."""
+def profile_weight(i_sum, imid, out=None):
+    """w = 1 / (1 + (I_sum/Imid)^3), 1 where I_sum <= 0 (numpy's power, as combine_values);
+    written into `out` if given."""
     # the same ufuncs as np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (i_sum / imid) ** 3)), in
     # one array instead of five (1e6 sweep: 28 MB less at the scaling stage's peak RSS)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        w = np.divide(i_sum, imid)
+        w = np.divide(i_sum, imid, out=out)
         np.power(w, 3, out=w)
         np.add(1.0, w, out=w)
         np.divide(1.0, w, out=w)
@@ -149,6 +154,11 @@ def combination_test_selection(table, g, suitable_and_not_outlier):
     return usable
 
 
+def _joined_popped(datasets, key):
+    parts = [d.pop(key) for d in datasets]
+    return parts.pop() if len(parts) == 1 else np.concatenate(parts)
+
+
 def choose_imid(datasets, imids=None, nproc=1, log=None):
     """The Imid with the lowest Rmeas over the pooled datasets.
 
@@ -156,22 +166,38 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     v_sum, partiality, correction, g (already restricted to the test selection); the dicts
     are emptied.
     """
-    # the datasets' arrays are released as they are joined (the caller is done with them)
-    cat = {k: np.concatenate([d.pop(k) for d in datasets]) for k in list(datasets[0])}
+    # the datasets' arrays are released as they are joined (the caller is done with them);
+    # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
+    # its original was this step's peak RSS (issue 10, memory)
+    cat = {k: _joined_popped(datasets, k) for k in list(datasets[0])}
     if cat["i_sum"].size == 0:
         return 0.0
     if not imids:
         imids = candidate_imids(cat["i_sum"], cat["partiality"])
     best, best_score = 0.0, None
     # Sorted by group once, array by array: every candidate's Rmeas then reads them in place.
+    # Permuted in place where the arrays are ours alone (no sorted copy beside each: this
+    # step's peak RSS; issue 10, memory), the same values as cat[name][order].
     order, group_start = group_sort(cat.pop("asu_index"))
     for name in list(cat):
-        cat[name] = cat.pop(name)[order]
+        values = cat.pop(name)
+        if (values.ndim == 1 and values.flags.c_contiguous and values.flags.writeable
+                and values.flags.owndata and sys.getrefcount(values) <= 2):
+            cat[name] = permute_in_place(values, order)
+        else:
+            cat[name] = values[order]
+        del values
     del order
+    # the joined, mapped and sorted-away arrays of the set-up left holes in the heaps under
+    # the arrays the loop reads: their pages go back before the loop allocates (memory.py)
+    release_free_memory(collect_cycles=False)
     scaled_i = np.empty(cat["i_sum"].size)
     scaled_sigma = np.empty(cat["i_sum"].size)
     for imid in imids:
-        weight = profile_weight(cat["i_sum"], imid) if imid not in (0, 1) else scaled_i
+        # the weights go into scaled_i: the kernel reads weight[r] before it writes
+        # scaled_i[r] (one array of all test rows fewer at this step's peak; issue 10, memory)
+        weight = profile_weight(cat["i_sum"], imid, out=scaled_i) if imid not in (0, 1) \
+            else scaled_i
         scaled_combined_kernel(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
                                cat["partiality"], cat["correction"], cat["g"], float(imid),
                                weight, scaled_i, scaled_sigma)

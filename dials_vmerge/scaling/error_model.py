@@ -29,6 +29,7 @@ from scipy.special import ndtr, ndtri
 
 from ..kernels.error_model_ml import binned_deviation_sums as _binned_deviation_sums  # noqa: E501
 from .ih_table import build_ih_table
+from ..memory import release_free_memory
 
 DEFAULT_A = 1.0
 DEFAULT_B = 0.02
@@ -108,6 +109,9 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     else:
         table = unfiltered_table(asu_indices, intensities, variances, gs, partialities, layout)
     del ih_table, layout
+    # the layout's sort and gathers left holes in the heaps: their pages go back before the
+    # filters' selections allocate (memory.py; a few ms)
+    release_free_memory(collect_cycles=False)
     # Each filter below replaces the table by its selection, consuming the old one: the
     # chain then never holds two tables of all reflections at once.
     if min_partiality is not None and "partiality" in table.extra:
@@ -116,19 +120,36 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
             table = table.select(keep, consume=True)
     if stills is not None:
         return _filter_stills(table, stills, min_ih, model or BasicErrorModel(), deviation)
-    grp = table.group_of_observation()
+    # The first filter reads no weights: they (1 / variance, as unfiltered_table sets them)
+    # are formed for the rows it keeps, not selected from all rows (one array of all rows
+    # fewer at this step's peak; the same values).
+    table.weight = None
+    # Each table's group of every observation is formed once, as int32, and handed to its
+    # select (which would otherwise form its own int64 copy beside the caller's): at this
+    # step's peak, the first select of all reflections, 1.5 arrays of 8 B/row fewer (issue
+    # 10, memory). The same groups, so the same selections.
+    grp = _group_of_observation(table)
     n_h = table.multiplicity()
     i_over_var = np.bincount(grp, table.intensity / table.variance, minlength=table.n_groups)
     keep_group = i_over_var / np.maximum(n_h, 1) > 0.85
-    table = table.select(keep_group[grp], consume=True)
-    del grp, n_h, i_over_var, keep_group
+    del n_h, i_over_var
+    table = table.select(keep_group[grp], consume=True, group_of_obs=grp)
+    del grp, keep_group
+    table.weight = 1.0 / table.variance
     ih = table.merged_intensity()
-    table = table.select(ih[table.group_of_observation()] * table.g > min_ih, consume=True)
+    grp = _group_of_observation(table)
+    keep = ih[grp] * table.g > min_ih
+    del ih
+    table = table.select(keep, consume=True, group_of_obs=grp)
+    del grp, keep
     table = table.select(table.intensity > 0.001, consume=True)
     if table.n_obs < MIN_REFLECTIONS:
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
-    table = table.select((table.multiplicity() > 1)[table.group_of_observation()], consume=True)
+    grp = _group_of_observation(table)
+    keep = (table.multiplicity() > 1)[grp]
+    table = table.select(keep, consume=True, group_of_obs=grp)
+    del grp, keep
     # internal over external variance ratio per group
     grp = table.group_of_observation()
     n_h = table.multiplicity().astype(float)
@@ -144,6 +165,12 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         raise ErrorModelError(
             f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
     return table
+
+
+def _group_of_observation(table):
+    """table.group_of_observation() as int32 (half the memory; group counts of one table
+    are far below 2**31)."""
+    return np.repeat(np.arange(table.n_groups, dtype=np.int32), np.diff(table.group_start))
 
 
 def _filter_stills(table, stills, min_ih, model, deviation="unbiased"):

@@ -189,7 +189,8 @@ class IhTable:
         del group_of_obs
         columns = {}
         for name in ("intensity", "variance", "weight", "g", "dataset_id", "loc_index"):
-            columns[name] = getattr(self, name)[keep]
+            values = getattr(self, name)
+            columns[name] = None if values is None else values[keep]  # None: not yet formed
             if consume:
                 setattr(self, name, None)
         extra = {}
@@ -288,12 +289,17 @@ class GroupLayout:
         self.group_asu = asu[self.order[self.group_start[:-1]]]
         del asu
         self.dataset_id = np.repeat(np.arange(len(n_per), dtype=np.int32), n_per)[self.order]
-        if loc_indices is None:
+        if loc_indices is None and len(n_per) == 1:
+            # one dataset: each observation's row in it is its position, order itself (one
+            # array for both: the layout lives through the whole run; issue 10, memory)
+            local = self.order
+        elif loc_indices is None:
             local = self.order - self.offsets[self.dataset_id]
         else:
             local = _read_joined([np.asarray(a, dtype=np.int64) for a in loc_indices])[
                 self.order]
-        self.loc_index = np.ascontiguousarray(local, dtype=np.int64)
+        self.loc_index = local if local is self.order else np.ascontiguousarray(
+            local, dtype=np.int64)
         if full_sizes is not None:
             self.offsets = np.concatenate([[0], np.cumsum(full_sizes)]).astype(np.int64)
             self.order = self.offsets[self.dataset_id] + self.loc_index
@@ -330,7 +336,8 @@ class GroupLayout:
             out.group_start = np.zeros(1, np.int64)
             out.group_asu = np.zeros((0, 3), np.int32)
         out.dataset_id = self.dataset_id[keep_sorted]
-        out.loc_index = self.loc_index[keep_sorted]
+        out.loc_index = out.order if self.loc_index is self.order else \
+            self.loc_index[keep_sorted]
         return out
 
 

@@ -59,5 +59,10 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     means = [shell_sum[b] / shell_count[b] if shell_count[b] > 0 else 0.0 for b in used]
     per_group = binner.interpolate(flex.double(means), 1).as_numpy_array()
     normalisation = np.repeat(per_group, multiplicity)
+    # np.where(normalisation > 0, intensity / normalisation, 0) written into the repeated
+    # array: the same values without two more arrays of all observations (issue 10, memory)
+    positive = normalisation > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(normalisation > 0, intensity / normalisation, 0.0)
+        np.divide(intensity, normalisation, out=normalisation)
+    normalisation[~positive] = 0.0
+    return normalisation

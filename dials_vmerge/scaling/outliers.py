@@ -191,8 +191,10 @@ def e_squared(table, space_group, unit_cell):
 
     if table.n_obs <= MIN_REFLECTIONS_FOR_NORMALISATION:
         return None
+    # np.where(g != 0, I / g, 0) without the division's temporary beside its result
     with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = np.where(table.g != 0, table.intensity / table.g, 0.0)
+        scaled = table.intensity / table.g
+    scaled[table.g == 0] = 0.0
     return grouped_quasi_normalised_e_squared(table.asu_index, table.group_start, scaled,
                                               space_group, unit_cell)
 
