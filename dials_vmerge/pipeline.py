@@ -307,6 +307,29 @@ def write_scaled_files(params, experiments, table, log, staged=None) -> str:
     return refl_path
 
 
+def start_writing_scaled_files(params, experiments, table, staged):
+    """write_scaled_files with scaled.refl written by a background thread (issue 10: it
+    overlaps merging): scaled.expt is written now; the returned BackgroundTask's result() is
+    the path the reflections were written to (staged: see write_scaled_files), or raises the
+    writer's error. The table must not change until then (merging only reads it); the log
+    lines are the caller's (write_scaled_files's, in the same order)."""
+    from .background import BackgroundTask
+    from .io import write_experiments, write_reflections
+
+    if params.output.delete_integration_shoeboxes and "shoebox" in table:
+        table.del_column("shoebox")
+    expt_path, refl_path = params.output.experiments, params.output.reflections
+    if staged is not None:
+        expt_path, refl_path = staged.path_for(expt_path), staged.path_for(refl_path)
+    write_experiments(experiments, expt_path)
+
+    def write():
+        write_reflections(table, refl_path)
+        return refl_path
+
+    return BackgroundTask(write)
+
+
 def output_paths_collide_with_inputs(params, inputs) -> bool:
     outs = {os.path.abspath(p) for p in (params.output.experiments, params.output.reflections)}
     return any(os.path.abspath(p) in outs for p in inputs.paths)
