@@ -85,6 +85,9 @@ def _run(params, inputs, log):
             raise
         scaled_refl = writing.result()  # the writer's error, if any, is raised here
         del table
+        # merging's freed temporaries (and the writer's buffers) go back to the OS before
+        # the free flags' cctbx arrays are made: that transient was the peak RSS otherwise
+        release_free_memory(collect_cycles=False)
         with stage(log, "Writing merged files"):
             report = json_ready({"scaling": summary, "merging": merged.as_json(),
                                  "scaling_models": model_curves(experiments,

@@ -43,6 +43,12 @@ class BackgroundTask:
             self._value = function(*args, **kwargs)
         except BaseException as e:  # handed to the caller by result()
             self._error = e
+        finally:
+            # glibc gave this thread an arena of its own: its freed buffers would stay in
+            # the process's RSS to the end of the run (+25 MB on a 1e6 sweep) unless trimmed
+            from .memory import release_free_memory
+
+            release_free_memory(collect_cycles=False)
 
     def wait(self) -> None:
         """Join the thread (its error, if any, stays for result())."""
