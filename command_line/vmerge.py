@@ -7,7 +7,8 @@ from dials_vmerge.io import read_reflections
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
-from dials_vmerge.pipeline import json_ready, run_scaling_job, start_writing_scaled_files
+from dials_vmerge.pipeline import (json_ready, log_scaled_files_saved, run_scaling_job,
+                                   start_writing_scaled_files)
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.model.curves import model_curves
 from dials_vmerge.report import stage_report
@@ -72,8 +73,7 @@ def _run(params, inputs, log):
         # there while scaled.refl is written by a background thread (issue 10).
         with stage(log, "Writing scaled files"):
             writing = start_writing_scaled_files(params, experiments, table, staged)
-            log.info(f"Saved scaled experiments to {params.output.experiments}")
-            log.info(f"Saved scaled reflections to {params.output.reflections}")
+            log_scaled_files_saved(params, log)
         try:
             release_free_memory()
             with stage(log, "Merging"):
