@@ -7,7 +7,8 @@ from dials_vmerge.io import read_reflections
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
 from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
-from dials_vmerge.pipeline import json_ready, run_scaling_job, write_scaled_files
+from dials_vmerge.pipeline import (json_ready, log_scaled_files_saved, run_scaling_job,
+                                   start_writing_scaled_files)
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.model.curves import model_curves
 from dials_vmerge.report import stage_report
@@ -67,27 +68,33 @@ def _run(params, inputs, log):
         experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
     with StagedOutputs() as staged:
         # The scaled files are written first, under temporary names that become scaled.expt
-        # and scaled.refl only when everything below has succeeded. Merging then reads the
-        # few columns it needs back from the written file instead of keeping the whole scaled
-        # table in memory (the largest stage of a run otherwise).
+        # and scaled.refl only when everything below has succeeded. The table's columns are
+        # file-backed (scratch file, input file), so merging reads the few it needs from
+        # there while scaled.refl is written by a background thread (issue 10).
         with stage(log, "Writing scaled files"):
-            scaled_refl = write_scaled_files(params, experiments, table, log, staged)
+            writing = start_writing_scaled_files(params, experiments, table, staged)
+            log_scaled_files_saved(params, log)
+        try:
+            release_free_memory()
+            with stage(log, "Merging"):
+                merged = merge_scaled_table(table, experiments, params, log)
+            with stage(log, "Merging statistics"):
+                log_statistics(merged, log)
+        except BaseException:
+            writing.wait()  # the file is complete (or failed) before the staging removes it
+            raise
+        scaled_refl = writing.result()  # the writer's error, if any, is raised here
         del table
-        release_free_memory()
-        with stage(log, "Merging"):
-            merged = merge_scaled_table(read_reflections(scaled_refl), experiments, params,
-                                        log)
-        with stage(log, "Merging statistics"):
-            log_statistics(merged, log)
         from dials_vmerge.backends.run_device import device_transfer_report
 
         device_transfers = device_transfer_report(log.info)  # compute.device=cuda (issue 12)
+        # Between the output steps the heaps' free pages go back to the OS: merging (and the
+        # writer's buffers), the model curves and the MTZ leave freed arrays in the heaps
+        # whose pages otherwise stay in RSS under the next step's (issue 10, memory: ~40 MB on
+        # a 1e6 sweep, which put these steps, the free flags' cctbx arrays among them, at the
+        # run's peak).
+        release_free_memory(collect_cycles=False)
         with stage(log, "Writing merged files"):
-            # Between the output steps the heaps' free pages go back to the OS: merging,
-            # the model curves and the MTZ leave freed arrays in the heaps whose pages
-            # otherwise stay in RSS under the next step's (issue 10, memory: ~40 MB on a 1e6
-            # sweep, which put these steps at the run's peak).
-            release_free_memory(collect_cycles=False)
             report = json_ready({"scaling": summary, "merging": merged.as_json(),
                                  "scaling_models": model_curves(experiments,
                                                                 read_reflections(scaled_refl)),

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import PhilError, VmergeError
-from .memory import return_large_frees_to_os
+from .memory import freeze_import_time_objects, return_large_frees_to_os
 
 # DIALS-guide names and short forms that would otherwise be unknown or ambiguous. Each maps to
 # the full parameter paths it sets (only those present in the program's scope are used).
@@ -220,6 +220,7 @@ class Program:
     # -- running -------------------------------------------------------------------------
     def main(self, argv: Optional[Sequence[str]] = None) -> int:
         return_large_frees_to_os()
+        freeze_import_time_objects()
         _deliver_interrupts_from_callbacks()
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv

@@ -293,6 +293,18 @@ def write_scaled_files(params, experiments, table, log, staged=None) -> str:
 
     staged (io.atomic.StagedOutputs): write under temporary names that become the real ones
     when the staging block succeeds."""
+    refl_path = start_writing_scaled_files(params, experiments, table, staged).result()
+    log_scaled_files_saved(params, log)
+    return refl_path
+
+
+def start_writing_scaled_files(params, experiments, table, staged=None):
+    """write_scaled_files with scaled.refl written by a background thread (issue 10: it
+    overlaps merging): scaled.expt is written now; the returned BackgroundTask's result() is
+    the path the reflections were written to, or raises the writer's error. The table must
+    not change until then (merging only reads it). The thread logs nothing: the caller
+    logs (log_scaled_files_saved)."""
+    from .background import BackgroundTask
     from .io import write_experiments, write_reflections
 
     if params.output.delete_integration_shoeboxes and "shoebox" in table:
@@ -301,10 +313,17 @@ def write_scaled_files(params, experiments, table, log, staged=None) -> str:
     if staged is not None:
         expt_path, refl_path = staged.path_for(expt_path), staged.path_for(refl_path)
     write_experiments(experiments, expt_path)
-    write_reflections(table, refl_path)
+
+    def write():
+        write_reflections(table, refl_path)
+        return refl_path
+
+    return BackgroundTask(write)
+
+
+def log_scaled_files_saved(params, log) -> None:
     log.info(f"Saved scaled experiments to {params.output.experiments}")
     log.info(f"Saved scaled reflections to {params.output.reflections}")
-    return refl_path
 
 
 def output_paths_collide_with_inputs(params, inputs) -> bool:

@@ -53,7 +53,15 @@ def _row_factors(i, record, first_param, absorption_coefficients, absorption_fir
     return s, e, a, f
 
 
-@parallel_when_large
+# Rows per block of the derivative expansion (scaling/family.py evaluate_all_rows: var(g) of
+# every row in blocks, so that no (n, K) derivative table of all rows exists). The block's
+# kernels take their parallel build from this size on, below the default threshold: a 1e6
+# sweep's final expansion is ~60 such blocks, which ran on one thread (issue 10). Their rows
+# are independent, so both builds give the same bits.
+DERIVATIVE_BLOCK_ROWS = 16384
+
+
+@parallel_when_large(min_rows=DERIVATIVE_BLOCK_ROWS)
 def smooth_rotation_family_kernel(record, first_param, absorption_coefficients,
                                   absorption_first, fixed_factor, parameters,
                                   free_col_of_full, g, deriv_values, deriv_col):

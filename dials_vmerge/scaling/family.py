@@ -18,7 +18,7 @@ from ..kernels.flat import gather_by_dataset, split_positions
 from ..kernels.kb_family import evaluate_kb_family, evaluate_kb_family_g
 from ..kernels.array_family import (GRID_AXES, GRID_SLOTS, N_GRIDS, evaluate_array_family,
                                     evaluate_array_family_g)
-from ..kernels.physical_family import (DOSE_AND_B, NO_EXPONENT, SMOOTH_B,
+from ..kernels.physical_family import (DERIVATIVE_BLOCK_ROWS, DOSE_AND_B, NO_EXPONENT, SMOOTH_B,
                                        evaluate_smooth_rotation_family,
                                        evaluate_smooth_rotation_family_g,
                                        smooth_rotation_g_kernel)
@@ -433,8 +433,8 @@ class ModelFamilies:
 # needs ~70 B per row (~19 MB a block; fewer blocks, less per-block set-up), derivatives
 # with absorption ~600 B per row (a 64k-row derivative block with absorption was a 47 MB
 # transient and the peak of a 1e6 run).
+# (DERIVATIVE_BLOCK_ROWS, kernels/physical_family.py, is the derivative blocks' size.)
 G_BLOCK_ROWS = 262144
-DERIVATIVE_BLOCK_ROWS = 16384
 
 
 def evaluate_all_rows(manager, sizes, covariance=None, variance_of_g=None):

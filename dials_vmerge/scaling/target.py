@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from ..kernels.physical_family import DERIVATIVE_BLOCK_ROWS
 from ..kernels.size_dispatch import parallel_when_large
 
 from ..backends import mpi_world
@@ -139,7 +140,7 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
                 normal_partial[c, a, b] = normal[a, b]
 
 
-@parallel_when_large
+@parallel_when_large(min_rows=DERIVATIVE_BLOCK_ROWS)  # the expansion's blocks: threads
 def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
     """var(g_i) = sum_kk' dg_i/dp_k cov[k, k'] dg_i/dp_k' over the free parameters."""
     n = deriv_values.shape[0]
