@@ -186,3 +186,38 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
         shapes = [p.shape[1:] for p in evaluate(block_bounds[lo:lo + 1])]
     nodes = mpi_world.gather_tree_nodes(fold.nodes(), ranges, shapes, canonical_nodes)
     return tree_root(nodes, n_blocks)
+
+
+def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
+    """Totals of a per-block kernel when each rank holds only its own rows (issue 11's
+    per-rank layout, backends/rank_partition.py), identical on every rank and for any N.
+
+    group_keys: the packed non-anomalous key of each of this rank's groups, sorted (the
+    rank's layout: whatever rows the stage uses, grouped and sorted by key); evaluate(chunks)
+    as in blockwise_sum, with `chunks` offsets into this rank's groups. The blocks are the
+    partition's fixed key ranges, not a function of this layout's sizes: each is evaluated by
+    the rank that holds its keys, and a block with no group of the layout is an exact zero
+    partial. The partials are added as the same tree over the block index, so the bits
+    depend on the rows and the partition's blocks only."""
+    lo, hi = int(partition.rank_blocks[mpi_world.rank()]), int(partition.rank_blocks[mpi_world.rank() + 1])
+    if partition.n_ranks != mpi_world.n_ranks():
+        raise ValueError(f"partition for {partition.n_ranks} ranks used by {mpi_world.n_ranks()}")
+    local_bounds = partition.block_bounds_of_groups(group_keys)[lo:hi + 1]
+    n_groups = int(np.asarray(group_keys).size)
+    if local_bounds.size and (local_bounds[0] != 0 or local_bounds[-1] != n_groups):
+        raise ValueError("a group key lies outside this rank's blocks")
+    fold = _Fold()
+    batch_blocks = max(int(batch_blocks), 1)
+    shapes = None
+    for b0 in range(lo, hi, batch_blocks):
+        b1 = min(b0 + batch_blocks, hi)
+        partials = evaluate(local_bounds[b0 - lo:b1 - lo + 1])
+        shapes = [p.shape[1:] for p in partials]
+        for row in range(b1 - b0):
+            fold.push(b0 + row, [_row(p, row) for p in partials])
+    if shapes is None:  # this rank owns no block: learn the shapes from an empty call
+        shapes = [p.shape[1:] for p in evaluate(np.zeros(2, dtype=np.int64))]
+    if mpi_world.n_ranks() == 1:
+        return tree_root(fold.nodes(), partition.n_blocks)
+    nodes = mpi_world.gather_tree_nodes(fold.nodes(), partition.rank_blocks, shapes, canonical_nodes)
+    return tree_root(nodes, partition.n_blocks)

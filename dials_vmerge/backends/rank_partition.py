@@ -1,0 +1,181 @@
+"""Which input rows each MPI rank holds: whole unique reflections, decided once at read time.
+
+Issue 11 asks that each rank hold and process only the observations of its own unique
+reflections, so that per-rank memory is ~1/N. The partition is made here, from the
+`miller_index` column alone (one pass, in chunks, through the lazy reader), before any other
+column is read:
+
+- Key: every row's NON-anomalous ASU index (Friedel mates together), packed into one int64
+  whose order is the lexicographic (h, k, l) order of the scaling and merging groupings
+  (scaling/ih_table.py). The packing has a fixed origin (not the data's minimum), so a later
+  layout with fewer rows (suitable rows, rows after outliers) gives every group the same key.
+  Grouping by the non-anomalous index keeps both groupings a later stage may use (I(+) and
+  I(-) apart, or together) whole on one rank.
+- Blocks: the sorted distinct keys are cut into fixed blocks of about equal observation count
+  with the block sums' own rule (backends/block_sums.py fixed_block_bounds on the group
+  offsets: n_obs // 4096 blocks, at most 512). A block is a range of keys, so its bounds are a
+  function of the input rows only: the same for any number of ranks.
+- Ranks: rank r owns a contiguous range of whole blocks balanced by observation count
+  (block_sums.shard_bounds, within one block of n_obs / N), i.e. a half-open range of keys.
+  Because every rank boundary is a block boundary for any N, sums taken block by block and
+  added as the block sums' tree over the block index give the same bits for N = 1, 2, 3 ...
+
+Every rank computes the same partition from the same column (no communication): it reads
+`miller_index` once (24 B per row, freed at once; the keys are 8 B per row) and then selects
+its own rows from the table, which leaves the other columns in the file (LazyColumn row
+subsets) until a stage reads them: a rank then holds only its own rows of each column. (It
+still reads the file in windows of lazy_column.CHUNK_ROWS rows and picks its rows out: a
+rank's rows are spread over the whole file, since every image measures every resolution
+range, so the I/O is not 1/N, but the buffers are bounded.)
+
+`RowPartition.input_rows` keeps each held row's row number in the input table, so that the
+output stage can put scaled.refl's rows back in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import VmergeError
+from . import block_sums
+
+# Bits per Miller index component in a packed key (3 x 21 = 63 bits: the key stays positive).
+KEY_COMPONENT_BITS = 21
+KEY_COMPONENT_OFFSET = 1 << (KEY_COMPONENT_BITS - 1)
+# Rows of `miller_index` read and mapped per step (bounds the transient buffers).
+PARTITION_CHUNK_ROWS = 1 << 18
+
+
+def packed_keys(asu_index) -> np.ndarray:
+    """One int64 per (h, k, l), ordered as (h, k, l) lexicographically, with a fixed origin:
+    ((h + 2^20) << 42) | ((k + 2^20) << 21) | (l + 2^20)."""
+    hkl = np.asarray(asu_index, dtype=np.int64).reshape(-1, 3)
+    if hkl.size and (hkl.min() < -KEY_COMPONENT_OFFSET or hkl.max() >= KEY_COMPONENT_OFFSET):
+        raise VmergeError(
+            f"Miller index component outside +-{KEY_COMPONENT_OFFSET} (largest "
+            f"{int(np.abs(hkl).max())}): the reflection file holds no real Miller indices")
+    shifted = hkl + KEY_COMPONENT_OFFSET
+    return ((shifted[:, 0] << (2 * KEY_COMPONENT_BITS))
+            | (shifted[:, 1] << KEY_COMPONENT_BITS) | shifted[:, 2])
+
+
+def unpack_keys(keys) -> np.ndarray:
+    """The (n, 3) int64 indices of packed_keys."""
+    keys = np.asarray(keys, dtype=np.int64)
+    mask = (1 << KEY_COMPONENT_BITS) - 1
+    out = np.empty((keys.size, 3), dtype=np.int64)
+    out[:, 0] = (keys >> (2 * KEY_COMPONENT_BITS)) & mask
+    out[:, 1] = (keys >> KEY_COMPONENT_BITS) & mask
+    out[:, 2] = keys & mask
+    return out - KEY_COMPONENT_OFFSET
+
+
+def non_anomalous_keys(table, space_group, chunk_rows: int = PARTITION_CHUNK_ROWS) -> np.ndarray:
+    """The packed non-anomalous ASU key of every row of `table` (a ReflectionTable), read and
+    mapped in chunks so that neither the whole miller_index column nor a whole ASU copy is
+    kept."""
+    from ..merging.groups import asu_chunks
+
+    n = table.nrows
+    keys = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        hkl = np.asarray(table.peek("miller_index", np.arange(start, stop))).reshape(-1, 3)
+        for lo, hi, asu, _ in asu_chunks(hkl, space_group, anomalous=False):
+            keys[start + lo:start + hi] = packed_keys(asu)
+    return keys
+
+
+@dataclass(frozen=True)
+class RowPartition:
+    """Fixed key blocks and the ranks' ranges of them.
+
+    block_keys: n_blocks + 1 keys; block b holds the rows with keys in
+    [block_keys[b], block_keys[b + 1]) (the last bound is one past the largest key).
+    block_observations: rows per block. rank_blocks: n_ranks + 1 block offsets; rank r owns
+    blocks [rank_blocks[r], rank_blocks[r + 1])."""
+
+    block_keys: np.ndarray
+    block_observations: np.ndarray
+    rank_blocks: np.ndarray
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_observations.size)
+
+    @property
+    def n_ranks(self) -> int:
+        return int(self.rank_blocks.size - 1)
+
+    def rank_key_range(self, rank: int):
+        """[lo, hi) of the keys rank `rank` owns (lo == hi: it owns nothing)."""
+        return (int(self.block_keys[self.rank_blocks[rank]]),
+                int(self.block_keys[self.rank_blocks[rank + 1]]))
+
+    def rank_of_keys(self, keys) -> np.ndarray:
+        """The rank owning each key (keys outside every block: -1)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        block = np.searchsorted(self.block_keys, keys, side="right") - 1
+        inside = (block >= 0) & (block < self.n_blocks)
+        owner = np.searchsorted(self.rank_blocks, np.where(inside, block, 0), side="right") - 1
+        return np.where(inside, owner, -1).astype(np.int64)
+
+    def rows_of_rank(self, keys, rank: int) -> np.ndarray:
+        """Row numbers (input order) of the rows with keys in rank `rank`'s range."""
+        lo, hi = self.rank_key_range(rank)
+        keys = np.asarray(keys, dtype=np.int64)
+        return np.flatnonzero((keys >= lo) & (keys < hi))
+
+    def block_bounds_of_groups(self, group_keys) -> np.ndarray:
+        """Group offsets (n_blocks + 1) of the fixed blocks in a later layout whose groups are
+        sorted by key (group_keys: one packed non-anomalous key per group): the blocks of that
+        layout with the same key ranges, hence boundaries that never cross a rank boundary
+        (a block may hold no group of the layout)."""
+        return np.searchsorted(np.asarray(group_keys, dtype=np.int64), self.block_keys,
+                               side="left").astype(np.int64)
+
+
+def partition_keys(keys, n_ranks: int) -> RowPartition:
+    """The partition of rows with these keys over n_ranks ranks (blocks: data only)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.size == 0:
+        return RowPartition(np.zeros(2, np.int64), np.zeros(1, np.int64),
+                            np.zeros(n_ranks + 1, np.int64))
+    distinct, counts = np.unique(keys, return_counts=True)
+    group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    bounds = block_sums.fixed_block_bounds(group_start)
+    block_keys = np.append(distinct[bounds[:-1]], distinct[-1] + 1).astype(np.int64)
+    block_observations = np.diff(group_start[bounds]).astype(np.int64)
+    rank_blocks = block_sums.shard_bounds(group_start[bounds], n_ranks)
+    return RowPartition(block_keys, block_observations, rank_blocks)
+
+
+def partition_table(table, space_group, n_ranks: int):
+    """(partition, keys) of a read table: every row's non-anomalous key and the blocks and
+    rank ranges made from them."""
+    keys = non_anomalous_keys(table, space_group)
+    return partition_keys(keys, n_ranks), keys
+
+
+@dataclass
+class RankRows:
+    """The rows one rank holds: its table (other columns still lazy where the input was) and
+    each row's row number in the input table."""
+
+    table: object
+    input_rows: np.ndarray
+    partition: RowPartition
+    rank: int
+
+
+def rank_rows(table, space_group, n_ranks: int, rank: int) -> RankRows:
+    """Rank `rank`'s rows of `table` (whole non-anomalous ASU groups). The selection keeps
+    lazy columns lazy, so the rank later materialises only its own rows of each column."""
+    if not 0 <= rank < n_ranks:
+        raise ValueError(f"rank {rank} outside 0..{n_ranks - 1}")
+    partition, keys = partition_table(table, space_group, n_ranks)
+    rows = partition.rows_of_rank(keys, rank)
+    del keys
+    return RankRows(table.select(rows), rows, partition, rank)
