@@ -264,3 +264,23 @@ def test_rank_local_block_sum_real_ranks_same_bits_for_any_n(tmp_path):
     assert np.array_equal(results[1], results[2]) and np.array_equal(results[1], results[3])
     expected = numpy_group_sums(keys[kept], values[kept])
     assert np.allclose(results[1], expected, rtol=1e-13, atol=0)
+
+
+def test_chunked_partition_of_a_table_equals_the_partition_of_all_keys(simulated):
+    # partition_table counts slice by slice; the blocks must be those of all keys at once
+    from dials_vmerge.backends.rank_partition import partition_table
+    from dials_vmerge.io.refl import read_reflections
+
+    expt, refl = simulated
+    group = space_group_of(expt)
+    table = read_reflections(refl)
+    keys = non_anomalous_keys(table, group)
+    for chunk_rows in (3000, 1 << 18):
+        chunked = partition_table(table, group, 3, chunk_rows=chunk_rows)
+        whole = partition_keys(keys, 3)
+        assert np.array_equal(chunked.block_keys, whole.block_keys)
+        assert np.array_equal(chunked.block_observations, whole.block_observations)
+        assert np.array_equal(chunked.rank_blocks, whole.rank_blocks)
+        for rank in range(3):
+            rows = rank_rows(table, group, 3, rank, chunk_rows=chunk_rows).input_rows
+            assert np.array_equal(rows, whole.rows_of_rank(keys, rank))
