@@ -172,10 +172,13 @@ def partition_table(table, space_group, n_ranks: int,
     counts = np.zeros(0, np.int64)
     for _, keys in _key_chunks(table, space_group, chunk_rows):
         chunk_distinct, chunk_counts = np.unique(keys, return_counts=True)
-        merged, where = np.unique(np.concatenate([distinct, chunk_distinct]), return_inverse=True)
-        counts = np.bincount(where, np.concatenate([counts, chunk_counts]),
-                             minlength=merged.size).astype(np.int64)
-        distinct = merged
+        # merge two sorted key lists in O(n) (a sort of their union took ~7 s at 1e7 rows)
+        at = np.searchsorted(distinct, chunk_distinct)
+        known = at < distinct.size
+        known[known] = distinct[at[known]] == chunk_distinct[known]
+        counts[at[known]] += chunk_counts[known]
+        distinct = np.insert(distinct, at[~known], chunk_distinct[~known])
+        counts = np.insert(counts, at[~known], chunk_counts[~known])
     return partition_of_counts(distinct, counts, n_ranks)
 
 
