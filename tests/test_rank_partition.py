@@ -284,3 +284,35 @@ def test_chunked_partition_of_a_table_equals_the_partition_of_all_keys(simulated
         for rank in range(3):
             rows = rank_rows(table, group, 3, rank, chunk_rows=chunk_rows).input_rows
             assert np.array_equal(rows, whole.rows_of_rank(keys, rank))
+
+
+def test_positions_within_dataset_of_a_rank_equal_preparation_numbering():
+    # A rank's rows interleave with other ranks' rows and datasets interleave in input
+    # order: each held row's position among its dataset's input rows must be what
+    # preparation numbers (rank_within_dataset on the rows grouped by dataset).
+    from dials_vmerge.backends.rank_partition import positions_within_dataset
+    from dials_vmerge.scaling.prepare import rank_within_dataset
+    from dials_vmerge.table import ReflectionTable
+
+    rng = np.random.default_rng(8)
+    n = 20000
+    ids = rng.choice([0, 1, 2, 5], size=n, p=[0.5, 0.2, 0.2, 0.1]).astype(np.int32)
+    table = ReflectionTable(n)
+    table["id"] = ids
+    order = np.argsort(ids, kind="stable")  # group_rows_by_dataset: datasets, input order
+    dataset_index = np.unique(ids, return_inverse=True)[1][order]
+    expected = np.empty(n, np.int64)
+    expected[order] = rank_within_dataset(dataset_index, n).astype(np.int64)
+    # and by a plain loop
+    counter, looped = {}, np.empty(n, np.int64)
+    for i, d in enumerate(ids.tolist()):
+        looped[i] = counter.get(d, 0)
+        counter[d] = looped[i] + 1
+    assert np.array_equal(expected, looped)
+    held = np.sort(rng.choice(n, 7000, replace=False))
+    for chunk_rows in (1000, 4096, 1 << 18):
+        got = positions_within_dataset(table, held, chunk_rows=chunk_rows)
+        assert np.array_equal(got, expected[held])
+    assert positions_within_dataset(table, np.zeros(0, np.int64)).size == 0
+    with pytest.raises(ValueError, match="ascending"):
+        positions_within_dataset(table, held[::-1])
