@@ -80,13 +80,15 @@ def rank_block_ranges(block_bounds, group_start, n_ranks):
     return shard_bounds(block_obs_start, n_ranks)
 
 
-def rank_group_range(group_start, n_par=0, block_bounds=None):
+def rank_group_range(group_start, n_par=0, block_bounds=None, rank_blocks=None):
     """(first group, end group) of the blocks this rank evaluates in
     blockwise_sum(group_start, n_par=n_par) (all groups in one process): a rank needs the
-    per-observation inputs of these groups' observations only."""
+    per-observation inputs of these groups' observations only. rank_blocks: as in
+    blockwise_sum."""
     if block_bounds is None:
         block_bounds = fixed_block_bounds(group_start, n_par)
-    ranges = rank_block_ranges(block_bounds, group_start, mpi_world.n_ranks())
+    ranges = rank_blocks if rank_blocks is not None else rank_block_ranges(
+        block_bounds, group_start, mpi_world.n_ranks())
     rank = mpi_world.rank()
     return int(block_bounds[ranges[rank]]), int(block_bounds[ranges[rank + 1]])
 
@@ -156,19 +158,24 @@ def _row(partial, row):
     return view.copy() if view.nbytes > (1 << 20) else view
 
 
-def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0):
+def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0,
+                  rank_blocks=None):
     """Totals of a per-block kernel over all groups, identical on every rank and for any
     number of ranks or threads.
 
     evaluate(chunks) runs the kernel over the blocks whose group offsets are `chunks`
     (len(chunks) - 1 blocks) and returns a list of arrays, each with one leading row per
     block. Returns the list of totals (shapes without the leading row). The blocks are
-    fixed_block_bounds(group_start, n_par) unless given."""
+    fixed_block_bounds(group_start, n_par) unless given. rank_blocks: the block offsets
+    (n_ranks + 1) of the ranks' ranges when they are fixed elsewhere (the read-time key
+    blocks of backends/rank_partition.py); by default balanced by this layout's counts. A
+    block may be empty (equal offsets): its partial is an exact zero."""
     if block_bounds is None:
         block_bounds = fixed_block_bounds(group_start, n_par)
     n_blocks = block_bounds.size - 1
     n_ranks = mpi_world.n_ranks()
-    ranges = rank_block_ranges(block_bounds, group_start, n_ranks)
+    ranges = rank_blocks if rank_blocks is not None else rank_block_ranges(
+        block_bounds, group_start, n_ranks)
     rank = mpi_world.rank()
     lo, hi = int(ranges[rank]), int(ranges[rank + 1])
     fold = _Fold()

@@ -35,6 +35,7 @@ output stage can put scaled.refl's rows back in input order.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,3 +238,51 @@ def positions_within_dataset(table, input_rows, chunk_rows: int = PARTITION_CHUN
         for d, c in zip(distinct.tolist(), counts.tolist()):
             seen[d] = seen.get(d, 0) + c
     return out
+
+
+# -- the partition of the running job: the blocks of every block sum --------------------------
+# Issue 11: N = 1, 2, 3 ranks give the same bits only if every run, one process included,
+# sums over the same blocks. The programs cut the key blocks once from the input rows
+# (pipeline.run_scaling_job) and every block sum of that job then uses them, whatever
+# layout (suitable rows, after outliers) it sums over.
+_active = []
+
+
+@contextmanager
+def job_partition(partition: RowPartition):
+    """The partition whose key blocks the block sums of the enclosed job use."""
+    _active.append(partition)
+    try:
+        yield partition
+    finally:
+        _active.pop()
+
+
+def active_partition():
+    """The partition of the running job (None outside pipeline.run_scaling_job)."""
+    return _active[-1] if _active else None
+
+
+def key_blocks_of_groups(group_asu):
+    """(group offsets of the key blocks (n_blocks + 1), rank block offsets (n_ranks + 1)) of a
+    layout whose groups have the ASU indices `group_asu`, sorted in (h, k, l) order; None
+    when no job partition is active.
+
+    Groups keyed below the first block or above the last (a later layout may hold indices
+    the input rows did not: anomalous groups of Friedel mates) join the first or last block,
+    so every group is summed exactly once and the blocks still depend on the data only."""
+    partition = active_partition()
+    if partition is None:
+        return None
+    from . import mpi_world
+
+    if partition.n_ranks != mpi_world.n_ranks():
+        raise ValueError(f"partition for {partition.n_ranks} ranks used by "
+                         f"{mpi_world.n_ranks()}")
+    keys = packed_keys(group_asu)
+    if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
+        raise ValueError("the layout's groups are not sorted by ASU index")
+    bounds = partition.block_bounds_of_groups(keys)
+    bounds[0] = 0
+    bounds[-1] = keys.size
+    return np.maximum.accumulate(bounds), partition.rank_blocks
