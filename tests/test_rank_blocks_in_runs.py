@@ -157,3 +157,43 @@ def test_isa_limit_is_one_over_ab_and_inf_when_b_prints_as_zero():
     # b ~ 2e-8 and b = 0 (the same printed b, 0.00000) give the same line
     assert isa_limit_text(0.9, 2e-8) == isa_limit_text(0.9, 0.0) == "inf (b < 5e-06)"
     assert isa_limit_text(0.9, 6e-6) == f"{1.0 / (0.9 * 6e-6):.3f}"
+
+
+def rmeas_by_numpy(group, intensity, sigma):
+    """Rmeas over I/sigma > 1, sigma > 0 observations: sum over groups with n > 1 of
+    sqrt(n/(n-1)) sum |I - <I>_w| over the sum of I (dials-scaling.md 9)."""
+    keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
+    group, intensity, sigma = group[keep], intensity[keep], sigma[keep]
+    w = 1.0 / sigma ** 2
+    n = np.bincount(group)
+    mean = np.bincount(group, w * intensity) / np.where(n > 0, np.bincount(group, w), 1.0)
+    used = n[group] > 1
+    deviation = np.bincount(group[used], np.abs(intensity - mean[group])[used],
+                            minlength=n.size)
+    factor = np.sqrt(n / np.maximum(n - 1.0, 1.0))
+    return float(np.sum(factor * deviation)) / float(np.sum(intensity[used]))
+
+
+def test_imid_rmeas_over_key_blocks_equals_numpy_and_any_nproc():
+    from dials_vmerge.scaling.combine import rmeas_sorted
+
+    rng = np.random.default_rng(11)
+    hkl = np.unique(rng.integers(-25, 25, (6000, 3)), axis=0)
+    multiplicity = rng.integers(1, 9, len(hkl))
+    group_start = np.concatenate([[0], np.cumsum(multiplicity)]).astype(np.int64)
+    group = np.repeat(np.arange(len(hkl)), multiplicity)
+    truth = rng.gamma(1.5, 200.0, len(hkl))[group]
+    sigma = np.sqrt(truth + 25.0) * rng.uniform(0.8, 1.2, group.size)
+    intensity = truth + sigma * rng.normal(size=group.size)
+    sigma[::97] = 0.0  # excluded rows
+    partition = partition_keys(np.repeat(keys_by_numpy(hkl), multiplicity), 1)
+    assert partition.n_blocks >= 4
+    with job_partition(partition):
+        key_blocks = key_blocks_of_groups(hkl)
+    scores = [rmeas_sorted(intensity, sigma, group_start, nproc, key_blocks)
+              for nproc in (1, 2, 3)]
+    assert scores[0] == scores[1] == scores[2]  # the same bits for any nproc
+    assert scores[0] == pytest.approx(rmeas_by_numpy(group, intensity, sigma), rel=1e-12)
+    # the per-thread chunks (no job partition) give the same Rmeas up to rounding
+    assert rmeas_sorted(intensity, sigma, group_start, 2) == pytest.approx(scores[0],
+                                                                         rel=1e-13)
