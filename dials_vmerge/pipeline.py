@@ -165,6 +165,9 @@ def run_scaling_job(params, experiments, table, log):
         check_reference_path(params.scaling_options.reference)
     from .progress import stage
 
+    # issue 11: the read-time key blocks of every block sum of this job, cut from the input
+    # rows (the same for any number of MPI ranks, one process included)
+    partition = read_time_partition(experiments, table)
     with stage(log, "Selection"):
         experiments, table, _ = select(params, experiments, table, log)
     from .unit_cells import check_unit_cells_of_table
@@ -216,7 +219,9 @@ def run_scaling_job(params, experiments, table, log):
             restart_model(model, e)  # issue 15: a rerun replays the previous run
         models.append(model)
     choose_compute_device(params, log)
-    with stage(log, "Scaling"):
+    from .backends.rank_partition import job_partition
+
+    with stage(log, "Scaling"), job_partition(partition):
         scaled, models, summary = scale_table(experiments, table, dataset_rows, models,
                                               params, log.info)
     del table
@@ -246,6 +251,18 @@ def run_scaling_job(params, experiments, table, log):
     return experiments, scaled, summary
 
 
+def read_time_partition(experiments, table):
+    """The input rows' partition into fixed key blocks and the MPI ranks' ranges of them
+    (backends/rank_partition.py; one rank without a launcher)."""
+    from .backends import mpi_world
+    from .backends.rank_partition import partition_table
+    from .geometry import space_group
+
+    if not len(experiments):
+        return None
+    return partition_table(table, space_group(experiments[0]), mpi_world.n_ranks())
+
+
 def choose_compute_device(params, log) -> str:
     from .backends.select import choose_device
 
@@ -256,6 +273,19 @@ def choose_compute_device(params, log) -> str:
         log.info("compute.device: a GPU is visible; scaling target and gradient use it for large jobs "
                  "(cuda: always)")
     return device
+
+
+# Below this b the log prints b as 0.00000 and 1/(a b) is not a measured limit but the
+# rounding of a vanishing b (1e-8 or exactly 0 after a last-bit change in the sums): say so
+# instead of printing a number of 1e8 or more that changes with the last bits.
+ISA_B_FLOOR = 5e-6
+
+
+def isa_limit_text(a, b) -> str:
+    """The log's "estimated I/sigma asymptotic limit" (1/(a b), dials-scaling.md)."""
+    if abs(b) < ISA_B_FLOOR or a * b <= 0:
+        return f"inf (b < {ISA_B_FLOOR:g})" if abs(b) < ISA_B_FLOOR else "inf"
+    return f"{1.0 / (a * b):.3f}"
 
 
 def format_scaling_summary(experiments, models, summary) -> str:
@@ -272,12 +302,12 @@ def format_scaling_summary(experiments, models, summary) -> str:
         info = per_dataset[n] if n < len(per_dataset) else {}
         if info.get("error_model"):
             a, b = info["error_model"]
-            limit = 1.0 / (a * b) if a * b > 0 else float("inf")
+            limit = isa_limit_text(a, b)
             lines.append("Error model details:")
             lines.append("  Type: basic")
             lines.append(f"  Parameters: a = {a:.5f}, b = {b:.5f}")
             lines.append("  Error model formula: sigma'^2 = a^2 (sigma^2 + (b I)^2)")
-            lines.append(f"  estimated I/sigma asymptotic limit: {limit:.3f}")
+            lines.append(f"  estimated I/sigma asymptotic limit: {limit}")
         for key in ("n_suitable", "n_selected", "n_outliers"):
             if key in info:
                 lines.append(f"  {key.replace('n_', 'reflections ', 1).replace('_', ' ')}: {info[key]}")

@@ -80,13 +80,15 @@ def rank_block_ranges(block_bounds, group_start, n_ranks):
     return shard_bounds(block_obs_start, n_ranks)
 
 
-def rank_group_range(group_start, n_par=0, block_bounds=None):
+def rank_group_range(group_start, n_par=0, block_bounds=None, rank_blocks=None):
     """(first group, end group) of the blocks this rank evaluates in
     blockwise_sum(group_start, n_par=n_par) (all groups in one process): a rank needs the
-    per-observation inputs of these groups' observations only."""
+    per-observation inputs of these groups' observations only. rank_blocks: as in
+    blockwise_sum."""
     if block_bounds is None:
         block_bounds = fixed_block_bounds(group_start, n_par)
-    ranges = rank_block_ranges(block_bounds, group_start, mpi_world.n_ranks())
+    ranges = rank_blocks if rank_blocks is not None else rank_block_ranges(
+        block_bounds, group_start, mpi_world.n_ranks())
     rank = mpi_world.rank()
     return int(block_bounds[ranges[rank]]), int(block_bounds[ranges[rank + 1]])
 
@@ -156,19 +158,24 @@ def _row(partial, row):
     return view.copy() if view.nbytes > (1 << 20) else view
 
 
-def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0):
+def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0,
+                  rank_blocks=None):
     """Totals of a per-block kernel over all groups, identical on every rank and for any
     number of ranks or threads.
 
     evaluate(chunks) runs the kernel over the blocks whose group offsets are `chunks`
     (len(chunks) - 1 blocks) and returns a list of arrays, each with one leading row per
     block. Returns the list of totals (shapes without the leading row). The blocks are
-    fixed_block_bounds(group_start, n_par) unless given."""
+    fixed_block_bounds(group_start, n_par) unless given. rank_blocks: the block offsets
+    (n_ranks + 1) of the ranks' ranges when they are fixed elsewhere (the read-time key
+    blocks of backends/rank_partition.py); by default balanced by this layout's counts. A
+    block may be empty (equal offsets): its partial is an exact zero."""
     if block_bounds is None:
         block_bounds = fixed_block_bounds(group_start, n_par)
     n_blocks = block_bounds.size - 1
     n_ranks = mpi_world.n_ranks()
-    ranges = rank_block_ranges(block_bounds, group_start, n_ranks)
+    ranges = rank_blocks if rank_blocks is not None else rank_block_ranges(
+        block_bounds, group_start, n_ranks)
     rank = mpi_world.rank()
     lo, hi = int(ranges[rank]), int(ranges[rank + 1])
     fold = _Fold()
@@ -186,3 +193,38 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
         shapes = [p.shape[1:] for p in evaluate(block_bounds[lo:lo + 1])]
     nodes = mpi_world.gather_tree_nodes(fold.nodes(), ranges, shapes, canonical_nodes)
     return tree_root(nodes, n_blocks)
+
+
+def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
+    """Totals of a per-block kernel when each rank holds only its own rows (issue 11's
+    per-rank layout, backends/rank_partition.py), identical on every rank and for any N.
+
+    group_keys: the packed non-anomalous key of each of this rank's groups, sorted (the
+    rank's layout: whatever rows the stage uses, grouped and sorted by key); evaluate(chunks)
+    as in blockwise_sum, with `chunks` offsets into this rank's groups. The blocks are the
+    partition's fixed key ranges, not a function of this layout's sizes: each is evaluated by
+    the rank that holds its keys, and a block with no group of the layout is an exact zero
+    partial. The partials are added as the same tree over the block index, so the bits
+    depend on the rows and the partition's blocks only."""
+    lo, hi = int(partition.rank_blocks[mpi_world.rank()]), int(partition.rank_blocks[mpi_world.rank() + 1])
+    if partition.n_ranks != mpi_world.n_ranks():
+        raise ValueError(f"partition for {partition.n_ranks} ranks used by {mpi_world.n_ranks()}")
+    local_bounds = partition.block_bounds_of_groups(group_keys)[lo:hi + 1]
+    n_groups = int(np.asarray(group_keys).size)
+    if local_bounds.size and (local_bounds[0] != 0 or local_bounds[-1] != n_groups):
+        raise ValueError("a group key lies outside this rank's blocks")
+    fold = _Fold()
+    batch_blocks = max(int(batch_blocks), 1)
+    shapes = None
+    for b0 in range(lo, hi, batch_blocks):
+        b1 = min(b0 + batch_blocks, hi)
+        partials = evaluate(local_bounds[b0 - lo:b1 - lo + 1])
+        shapes = [p.shape[1:] for p in partials]
+        for row in range(b1 - b0):
+            fold.push(b0 + row, [_row(p, row) for p in partials])
+    if shapes is None:  # this rank owns no block: learn the shapes from an empty call
+        shapes = [p.shape[1:] for p in evaluate(np.zeros(2, dtype=np.int64))]
+    if mpi_world.n_ranks() == 1:
+        return tree_root(fold.nodes(), partition.n_blocks)
+    nodes = mpi_world.gather_tree_nodes(fold.nodes(), partition.rank_blocks, shapes, canonical_nodes)
+    return tree_root(nodes, partition.n_blocks)

@@ -546,7 +546,8 @@ class ScalingRun:
         del position, pooled
         user_list = list(user) if user else None
         if joint:
-            imid = comb.choose_imid(datasets, user_list, self.nproc, self.log)
+            imid = comb.choose_imid(datasets, user_list, self.nproc, self.log,
+                                    by_key_blocks=True)
             imids = [imid] * len(self.states)
         else:
             imids = [comb.choose_imid([d], user_list, self.nproc, self.log) for d in datasets]

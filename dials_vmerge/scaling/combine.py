@@ -122,8 +122,31 @@ def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_parti
         n_partial[c] = n_kept
 
 
-def rmeas_sorted(intensity, sigma, group_start, nproc=1):
-    """rmeas of observations already sorted by group (offsets group_start)."""
+def rmeas_sorted(intensity, sigma, group_start, nproc=1, key_blocks=None):
+    """rmeas of observations already sorted by group (offsets group_start).
+
+    key_blocks: (block bounds, rank block offsets) of the job's read-time key blocks
+    (backends/rank_partition.py key_blocks_of_groups): the sums are then taken block by
+    block and added as the block sums' tree, the same bits for any nproc and any number of
+    MPI ranks, each rank summing only its own blocks' rows (issue 11). Without them: chunks
+    of groups per thread, added in chunk order."""
+    if key_blocks is not None:
+        from ..backends.block_sums import blockwise_sum
+
+        block_bounds, rank_blocks = key_blocks
+
+        def evaluate(chunks):
+            n = chunks.size - 1
+            num, den, kept = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+            rmeas_of_sorted_kernel(intensity, sigma, group_start, chunks, num, den, kept)
+            # counts travel as float64 (exact below 2^53) with the other partials
+            return [num, den, kept.astype(np.float64)]
+
+        num, den, kept = blockwise_sum(group_start, evaluate, 4 * max(int(nproc), 1),
+                                       block_bounds, rank_blocks=rank_blocks)
+        if float(kept) < 2:
+            return -1.0
+        return float(num) / float(den) if float(den) > 0 else -1.0
     chunks = chunk_bounds(group_start, nproc)
     num = np.zeros(chunks.size - 1)
     den = np.zeros(chunks.size - 1)
@@ -159,12 +182,15 @@ def _joined_popped(datasets, key):
     return parts.pop() if len(parts) == 1 else np.concatenate(parts)
 
 
-def choose_imid(datasets, imids=None, nproc=1, log=None):
+def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
     """The Imid with the lowest Rmeas over the pooled datasets.
 
     datasets: list of dicts with arrays asu_index (non-anomalous), i_prf, v_prf, i_sum,
     v_sum, partiality, correction, g (already restricted to the test selection); the dicts
-    are emptied.
+    are emptied. by_key_blocks: Rmeas summed over the job's read-time key blocks when a job
+    partition is active (rmeas_sorted; issue 11): each MPI rank then combines and sums only
+    the rows of its own blocks. (Per-dataset searches keep the per-thread chunks: hundreds of
+    mostly empty blocks per dataset would cost more than the search.)
     """
     # the datasets' arrays are released as they are joined (the caller is done with them);
     # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
@@ -178,7 +204,15 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     # Sorted by group once, array by array: every candidate's Rmeas then reads them in place.
     # Permuted in place where the arrays are ours alone (no sorted copy beside each: this
     # step's peak RSS; issue 10, memory), the same values as cat[name][order].
-    order, group_start = group_sort(cat.pop("asu_index"))
+    asu = cat.pop("asu_index")
+    order, group_start = group_sort(asu)
+    key_blocks = None
+    if by_key_blocks:
+        from ..backends import mpi_world
+        from ..backends.rank_partition import key_blocks_of_groups
+
+        key_blocks = key_blocks_of_groups(asu[order[group_start[:-1]]])
+    del asu
     for name in list(cat):
         values = cat.pop(name)
         if (values.ndim == 1 and values.flags.c_contiguous and values.flags.writeable
@@ -193,16 +227,23 @@ def choose_imid(datasets, imids=None, nproc=1, log=None):
     release_free_memory(collect_cycles=False)
     scaled_i = np.empty(cat["i_sum"].size)
     scaled_sigma = np.empty(cat["i_sum"].size)
+    rows = slice(None)
+    if key_blocks is not None:  # only this rank's blocks are read by its Rmeas sums
+        bounds, rank_blocks = key_blocks
+        rank = mpi_world.rank()
+        rows = slice(int(group_start[bounds[rank_blocks[rank]]]),
+                     int(group_start[bounds[rank_blocks[rank + 1]]]))
+    own = {name: values[rows] for name, values in cat.items()}
     for imid in imids:
         # the weights go into scaled_i: the kernel reads weight[r] before it writes
         # scaled_i[r] (one array of all test rows fewer at this step's peak; issue 10, memory)
-        weight = profile_weight(cat["i_sum"], imid, out=scaled_i) if imid not in (0, 1) \
-            else scaled_i
-        scaled_combined_kernel(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
-                               cat["partiality"], cat["correction"], cat["g"], float(imid),
-                               weight, scaled_i, scaled_sigma)
+        weight = profile_weight(own["i_sum"], imid, out=scaled_i[rows]) \
+            if imid not in (0, 1) else scaled_i[rows]
+        scaled_combined_kernel(own["i_prf"], own["v_prf"], own["i_sum"], own["v_sum"],
+                               own["partiality"], own["correction"], own["g"], float(imid),
+                               weight, scaled_i[rows], scaled_sigma[rows])
         del weight
-        score = rmeas_sorted(scaled_i, scaled_sigma, group_start, nproc)
+        score = rmeas_sorted(scaled_i, scaled_sigma, group_start, nproc, key_blocks)
         if log is not None:
             log(f"  Imid {imid:.6g}: Rmeas {score:.5f}")
         if score < 0:

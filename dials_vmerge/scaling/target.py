@@ -27,6 +27,7 @@ from ..kernels.size_dispatch import parallel_when_large
 
 from ..backends import mpi_world
 from ..backends.block_sums import blockwise_sum, fixed_block_bounds, rank_group_range
+from ..backends.rank_partition import key_blocks_of_groups
 from .family import KBFamily, ModelFamilies
 from .ih_table import chunk_bounds, group_weighted_sums
 from .physical_pass import (PhysicalPassInputs, physical_target_gradient_partials,
@@ -170,8 +171,10 @@ class RankShare:
     of the derivative table (the ELL arrays), with the same bits: the kernels see the same
     values per block."""
 
-    def __init__(self, group_start, n_par):
-        self.group_lo, self.group_hi = rank_group_range(group_start, n_par)
+    def __init__(self, group_start, n_par, key_blocks=None):
+        block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
+        self.group_lo, self.group_hi = rank_group_range(group_start, n_par, block_bounds,
+                                                        rank_blocks)
         self.obs_lo = int(group_start[self.group_lo])
         self.obs_hi = int(group_start[self.group_hi])
         # the groups' offsets into the rank's own rows
@@ -190,13 +193,15 @@ def _kernel_groups(group_start, share):
 
 
 def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
-                        nproc=1, share=None):
+                        nproc=1, share=None, key_blocks=None):
     """(sum w r^2, gradient (n_par,)) of the data term; restraints are added by the caller.
 
     Summed per fixed block of groups and then as a tree over the blocks, over all MPI ranks
     (backends/block_sums.py): the bits do not depend on nproc or on the number of ranks.
     share (RankShare, MPI): the per-observation arrays hold this rank's rows only;
-    group_start is the whole table's."""
+    group_start is the whole table's. key_blocks: (block bounds, rank block offsets) of
+    the job's read-time key blocks (rank_partition.key_blocks_of_groups); default: blocks
+    cut from this table's group sizes."""
     local_start, group_lo = _kernel_groups(group_start, share)
 
     def evaluate(chunks):
@@ -207,14 +212,16 @@ def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_sta
                                grad_partial)
         return [phi_partial, grad_partial]
 
-    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), n_par=n_par)
+    block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
+    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), block_bounds,
+                              n_par, rank_blocks)
     return float(phi), grad
 
 
 def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start, n_par,
-                     nproc=1, share=None):
-    """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term (share: as
-    target_and_gradient)."""
+                     nproc=1, share=None, key_blocks=None):
+    """(sum w r^2, J^T W r (n_par,), J^T W J (n_par, n_par)) of the data term (share,
+    key_blocks: as target_and_gradient)."""
     local_start, group_lo = _kernel_groups(group_start, share)
 
     def evaluate(chunks):
@@ -228,7 +235,9 @@ def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start,
         return [phi_partial, rhs_partial, normal_partial]
 
     # one block per thread at a time: a block's partial normal matrix is n_par^2 doubles
-    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1), n_par=n_par)
+    block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
+    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1), block_bounds,
+                                     n_par, rank_blocks)
     return float(phi), rhs, normal
 
 
@@ -314,14 +323,18 @@ class ScalingTarget(ModelTerms):
     def __init__(self, manager, ih_table, nproc=1):
         super().__init__(manager, ih_table, nproc)
         self.last_phi = None
+        # issue 11: the job's read-time key blocks, the same for any number of ranks (None
+        # outside a program's scaling job: blocks cut from this table's group sizes)
+        self.key_blocks = key_blocks_of_groups(ih_table.asu_index)
         # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
         self.fused = None
         if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
             self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
                                             ih_table.loc_index, ih_table.intensity,
                                             ih_table.weight)
-            self.block_bounds = fixed_block_bounds(ih_table.group_start,
-                                                   self.fused.full_parameters().size)
+            self.block_bounds = (self.key_blocks[0] if self.key_blocks is not None else
+                                 fixed_block_bounds(ih_table.group_start,
+                                                    self.fused.full_parameters().size))
             self.max_group_size = int(np.diff(ih_table.group_start).max())
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
@@ -342,7 +355,7 @@ class ScalingTarget(ModelTerms):
 
             phi, grad_full = blockwise_sum(t.group_start, evaluate,
                                            _batch_blocks(self.nproc, parameters.size),
-                                           self.block_bounds)
+                                           self.block_bounds, rank_blocks=self._rank_blocks())
             phi, grad_full = float(phi), grad_full[:self.fused.n_full]
             grad = np.zeros(self.n_par)
             # fixed order of the full entries; shared components add up here
@@ -351,7 +364,8 @@ class ScalingTarget(ModelTerms):
             share = self._rank_share()
             g, values, cols = self._ell(x) if share is None else self._rank_ell(x, share)
             phi, grad = target_and_gradient(*self._rank_rows(share), g, values, cols,
-                                            t.group_start, self.n_par, self.nproc, share)
+                                            t.group_start, self.n_par, self.nproc, share,
+                                            self.key_blocks)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         grad = grad + 2.0 * wr * x
@@ -364,7 +378,8 @@ class ScalingTarget(ModelTerms):
         g, values, cols = self._ell(x) if share is None else self._rank_ell(x, share)
         t = self.table
         phi, rhs, normal = normal_equations(*self._rank_rows(share), g, values, cols,
-                                            t.group_start, self.n_par, self.nproc, share)
+                                            t.group_start, self.n_par, self.nproc, share,
+                                            self.key_blocks)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         rhs = rhs + wr * x
@@ -377,8 +392,11 @@ class ScalingTarget(ModelTerms):
         if mpi_world.n_ranks() == 1:
             return None
         if getattr(self, "_share", None) is None:
-            self._share = RankShare(self.table.group_start, self.n_par)
+            self._share = RankShare(self.table.group_start, self.n_par, self.key_blocks)
         return self._share
+
+    def _rank_blocks(self):
+        return self.key_blocks[1] if self.key_blocks is not None else None
 
     def _rank_rows(self, share):
         t = self.table
