@@ -78,6 +78,9 @@ def test_scaling_job_sums_over_the_read_time_key_blocks(monkeypatch):
         seen_sums.append((block_bounds, rank_blocks))
         return real_sum(group_start, evaluate, batch_blocks, block_bounds, n_par, rank_blocks)
 
+    import dials_vmerge.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "USE_READ_TIME_KEY_BLOCKS", True)
     monkeypatch.setattr(target_module.ScalingTarget, "__init__", spy_init)
     monkeypatch.setattr(target_module, "blockwise_sum", spy_sum)
     run_scaling_job(scaling_params(), experiments, table, LOG)
