@@ -360,3 +360,33 @@ def error_model_upload():
             return store.content(f"error model {name}", array)
 
     return upload
+
+
+def statistics_columns(groups, intensity, sigma, pass_name="merging statistics"):
+    """(I, sigma, permutation, group_start) of a grouping on the device, I and sigma in the
+    caller's row order (read through the permutation): the resident copies merging_columns
+    made (the same roles), uploaded only if absent."""
+    store = current_job_table()
+    tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
+    with store.counting(pass_name):
+        store.begin_call()
+        order = store.content(f"merging order ({tag})", groups.permutation, np.int64,
+                              slots=2)
+        group_start = store.content(f"merging group_start ({tag})", groups.group_start,
+                                    np.int64, slots=2)
+        i_rows = store.content("merging intensity", intensity, np.float64, slots=2)
+        s_rows = store.content("merging sigma", sigma, np.float64, slots=2)
+    return i_rows, s_rows, order, group_start
+
+
+def split_stream(n_draws, pass_name="merging statistics"):
+    """The first n_draws (at least) of cctbx's split stream on the device: one copy per job,
+    replaced only by a longer one (every statistics call takes a prefix of the same stream)."""
+    from ..merging.statistics import cctbx_uniform_stream
+
+    store = current_job_table()
+    length = max(int(n_draws), getattr(store, "split_stream_length", 0), 1)
+    store.split_stream_length = length
+    with store.counting(pass_name):
+        return store.keyed("cctbx split stream", length,
+                           lambda: cctbx_uniform_stream(length))
