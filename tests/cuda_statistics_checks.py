@@ -40,7 +40,32 @@ def main(out_path):
     out = {"n_obs": int(len(intensity))}
     cpu = statistics(sim, intensity, sigma, "cpu")
     cuda_job_table.new_job_table()
+    # count the device shell sums and whether they found the deviation sums resident
+    from dials_vmerge.backends import cuda_statistics
+
+    calls = {"rmerge": 0, "rmerge_resident": 0, "cc_half": 0, "cc_anom": 0}
+    originals = {name: getattr(cuda_statistics, name) for name in ("rmerge_sums", "cc_half",
+                                                                     "cc_anom")}
+
+    def rmerge_sums(prep, group_sel):
+        kept = getattr(cuda_job_table.current_job_table(), "deviation_sums", None)
+        calls["rmerge"] += 1
+        calls["rmerge_resident"] += int(kept is not None and kept[0] is prep.abs_dev)
+        return originals["rmerge_sums"](prep, group_sel)
+
+    def counted(name):
+        def call(*args):
+            calls[name] += 1
+            return originals[name](*args)
+        return call
+
+    cuda_statistics.rmerge_sums = rmerge_sums
+    cuda_statistics.cc_half = counted("cc_half")
+    cuda_statistics.cc_anom = counted("cc_anom")
     gpu = statistics(sim, intensity, sigma, "cuda")
+    for name, original in originals.items():
+        setattr(cuda_statistics, name, original)
+    out["device_calls"] = calls
     out["cpu"] = cpu.as_dict()
     out["gpu"] = gpu.as_dict()
     out["cpu_table"] = cpu.format_table() + cpu.format_summary()

@@ -3,7 +3,8 @@
 (tests/cuda_statistics_checks.py runs both in a subprocess; every assertion is here).
 A small anomalous simulation with a few sigma <= 0, the anomalous table and the suggested
 resolution cut: every statistic of every shell, overall and of both extra tables to 1e-10
-relative, the printed tables identical, the device half means equal to half_split_kernel's
+relative (the Rmerge/Rmeas/Rpim shell sums and CC sums computed on the device), the printed
+tables identical, the device half means equal to half_split_kernel's
 for every group, and the observations uploaded once per distinct subset."""
 
 import json
@@ -59,7 +60,14 @@ def test_device_statistics_equal_cpu(tmp_path):
     _compare(cpu, gpu, "statistics", seen)
     assert sum(p.endswith(".cc_half") for p in seen) >= 3 * 7
     assert sum(p.endswith(".cc_anom") for p in seen) >= 3 * 7
+    assert sum(p.endswith(".r_meas") for p in seen) >= 3 * 7
     assert d["gpu_table"] == d["cpu_table"]
+    # every shell's sums ran on the device (shells + overall, four tables: the main one,
+    # its anomalous table, the cut data's and its anomalous table), the Rmerge sums from
+    # the deviation sums the device had left there
+    calls = d["device_calls"]
+    assert calls["rmerge"] >= 4 * 7 and calls["rmerge_resident"] == calls["rmerge"]
+    assert calls["cc_half"] == calls["rmerge"] and calls["cc_anom"] == calls["rmerge"]
     # the device's half means are half_split_kernel's (the same draws and sums)
     assert d["n_split_groups_False"] > 500 and d["n_split_groups_True"] > 500
     assert d["half_means_max_rel"] <= RTOL

@@ -61,3 +61,32 @@ def cc_anom(prep, anom_order, plus, minus):
     d2 = pair_differences(h2, first, second, put)
     return pearson(d1, d2, put)
 
+
+
+def keep_deviation_sums(host_abs_dev, host_total, device_abs_dev, device_total):
+    """merging.classical.deviation_sums on the device: its per-group sums stay there for the
+    shell sums (rmerge_sums), known by their host copies."""
+    from .cuda_job_table import current_job_table
+
+    current_job_table().deviation_sums = (host_abs_dev, host_total, device_abs_dev,
+                                          device_total)
+
+
+def rmerge_sums(prep, group_sel):
+    """(sum |I - <I>|, sum sqrt(n/(n-1)) |I - <I>|, sum sqrt(1/(n-1)) |I - <I>|, sum I) over
+    the shell's groups with n > 1: merging.statistics._intensity_statistics's sums, from the
+    device copies of prep's per-group deviation sums (uploaded if these are not they)."""
+    from ..kernels.cuda.statistics import rmerge_sums as device_rmerge_sums
+    from .cuda_job_table import current_job_table, statistics_columns
+
+    store = current_job_table()
+    put = _counted_put()
+    kept = getattr(store, "deviation_sums", None)
+    if kept is not None and kept[0] is prep.abs_dev and kept[1] is prep.total:
+        abs_dev, total = kept[2], kept[3]
+    else:
+        abs_dev, total = put(prep.abs_dev), put(prep.total)
+    _, _, _, group_start = statistics_columns(prep.groups, prep.intensity, prep.sigma)
+    groups = (np.flatnonzero(group_sel) if group_sel.dtype == bool
+              else np.asarray(group_sel)).astype(np.int64)
+    return device_rmerge_sums(abs_dev, total, group_start, groups, put)

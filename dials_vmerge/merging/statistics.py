@@ -669,16 +669,24 @@ def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bo
     positive = msig > 0
     stats.i_over_sigma_mean = float((mean[positive] / msig[positive]).mean()) if positive.any() else 0.0
     del mean, msig, positive
-    multi = n > 1
-    denominator = float(prep.total[group_sel][multi].sum())
-    abs_dev = prep.abs_dev[group_sel][multi]
-    nm = n[multi].astype(np.float64)
+    if _device_sums(prep):  # compute.device=cuda: the shell's sums on the device
+        from ..backends.cuda_statistics import rmerge_sums
+
+        sum_merge, sum_meas, sum_pim, denominator = rmerge_sums(prep, group_sel)
+    else:
+        multi = n > 1
+        denominator = float(prep.total[group_sel][multi].sum())
+        abs_dev = prep.abs_dev[group_sel][multi]
+        nm = n[multi].astype(np.float64)
+        sum_merge = float(abs_dev.sum())
+        sum_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum())
+        sum_pim = float((np.sqrt(1.0 / (nm - 1)) * abs_dev).sum())
     if denominator == 0:
         stats.r_merge = stats.r_meas = stats.r_pim = 0.0
     else:
-        stats.r_merge = float(abs_dev.sum()) / denominator
-        stats.r_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum()) / denominator
-        stats.r_pim = float((np.sqrt(1.0 / (nm - 1)) * abs_dev).sum()) / denominator
+        stats.r_merge = sum_merge / denominator
+        stats.r_meas = sum_meas / denominator
+        stats.r_pim = sum_pim / denominator
     return True
 
 

@@ -191,3 +191,54 @@ def pearson(x, y, put=cuda.to_device):
     if denominator == 0:
         return 0.0, n
     return float(sxy) / denominator, n
+
+
+_R_SUMS = 4
+
+
+@cuda.jit
+def rmerge_sums_kernel(abs_dev, total, group_start, groups, out):
+    """One block: over the listed groups with n > 1, sum |I - <I>|, sum sqrt(n/(n-1)) |I -
+    <I>|, sum sqrt(1/(n-1)) |I - <I>| and sum I (Rmerge, Rmeas, Rpim and their
+    denominator), each thread a fixed stride, then a shared-memory tree."""
+    buf = cuda.shared.array((THREADS_PER_BLOCK, _R_SUMS), dtype=np.float64)
+    t = cuda.threadIdx.x
+    r_merge = 0.0
+    r_meas = 0.0
+    r_pim = 0.0
+    denominator = 0.0
+    for k in range(t, groups.shape[0], THREADS_PER_BLOCK):
+        g = groups[k]
+        n = float(group_start[g + 1] - group_start[g])
+        if n > 1.0:
+            r_merge += abs_dev[g]
+            r_meas += math.sqrt(n / (n - 1.0)) * abs_dev[g]
+            r_pim += math.sqrt(1.0 / (n - 1.0)) * abs_dev[g]
+            denominator += total[g]
+    buf[t, 0] = r_merge
+    buf[t, 1] = r_meas
+    buf[t, 2] = r_pim
+    buf[t, 3] = denominator
+    cuda.syncthreads()
+    half = THREADS_PER_BLOCK // 2
+    while half > 0:
+        if t < half:
+            for s in range(_R_SUMS):
+                buf[t, s] += buf[t + half, s]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        for s in range(_R_SUMS):
+            out[s] = buf[0, s]
+
+
+def rmerge_sums(abs_dev, total, group_start, groups, put=cuda.to_device):
+    """(sum |I - <I>|, Rmeas numerator, Rpim numerator, sum I) over the groups listed (device
+    per-group arrays; groups a host array of group numbers): four numbers come back."""
+    out = cuda.device_array(_R_SUMS)
+    if int(groups.shape[0]) == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    rmerge_sums_kernel[1, THREADS_PER_BLOCK](abs_dev, total, group_start,
+                                             put(np.ascontiguousarray(groups, np.int64)),
+                                             out)
+    return tuple(float(v) for v in out.copy_to_host())
