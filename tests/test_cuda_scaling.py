@@ -225,11 +225,24 @@ def check_device_transfers(report_path, uploads_path, log):
             else:
                 assert counted == recorded[name, k], (name, k, counted, recorded[name, k])
     outliers = transfers["outlier rejection"]["calls"]
-    # the first rejection copies I, sigma^2, the table's row order and group offsets (g was
-    # left on the device by the expansion before it) ...
-    assert {"intensity", "variance", "rows", "group_start"} <= set(outliers[0]["uploaded"])
+    target = transfers["scaling target"]["calls"]
+    # the first scaling round copies the job's I and sigma^2 (its table's I and weights are
+    # gathered from them on the device), the table's row order and the model's inputs ...
+    assert {"intensity", "variance", "minimisation rows"} <= set(target[0]["uploaded"])
+    # ... later rounds their own row order, index arrays and the model's per-row inputs,
+    # never I, sigma^2 or weights again (the Imid choice's new I and sigma^2 go up with
+    # the outlier rejection that follows it)
+    for call in target[1:]:
+        assert "minimisation rows" in call["uploaded"], call
+        assert set(call["uploaded"]) <= {"minimisation rows", "minimisation table (indices)",
+                                         "minimisation table (model values)"}, call
+    # the first rejection copies its table's row order and group offsets (I and sigma^2
+    # are the scaling target's, g was left on the device by the expansion before it) ...
+    assert {"rows", "group_start"} <= set(outliers[0]["uploaded"])
+    assert set(outliers[0]["uploaded"]) <= {"rows", "group_start"}
     assert "g" not in outliers[0]["uploaded"]
     assert outliers[0]["observation_bytes"] > 8 * 200
+    assert target[0]["observation_bytes"] > 2 * 8 * 200
     # ... the rejection after combine_intensities only the new I and sigma^2 (replaced by
     # the Imid choice), and every later one nothing: g comes from the expansion on the device
     assert set(outliers[1]["uploaded"]) <= {"intensity", "variance"}

@@ -310,6 +310,33 @@ def scaling_table_columns(run, table, states, use_error_model):
     return store.gather(intensity, order), weight, store.gather(g, order), group_start
 
 
+def minimisation_columns(run, table):
+    """(intensity, weight) of run.minimisation_table() on the device, gathered from the
+    job's resident I and sigma^2 (weights with each dataset's error model, as
+    state.weights()) through the table's row order (its own resident index): a round's
+    table costs the upload of its row order, not of its I and weights. None when the rows
+    cannot be mapped to job rows or an error model has no device formula (then uploaded)."""
+    store = current_job_table()
+    if getattr(table, "dataset_id", None) is None or getattr(table, "loc_index", None) is None:
+        return None
+    offsets = _row_offsets(run)
+    intensity = store.column("intensity", [s.intensity for s in run.states])
+    variance = store.column("variance", [s.variance for s in run.states])
+    row_dataset = store.keyed(
+        "row_dataset", offsets.tobytes(),
+        lambda: np.repeat(np.arange(len(run.states), dtype=np.int32), np.diff(offsets)))
+    order = store.keyed(
+        "minimisation rows", offsets.tobytes(),
+        lambda: (offsets[:-1][np.asarray(table.dataset_id)]
+                 + np.asarray(table.loc_index)).astype(np.int64),
+        hold=[table.dataset_id, table.loc_index])
+    weight_rows = store.error_model_weights(intensity, variance, row_dataset,
+                                            [s.error_model for s in run.states])
+    if weight_rows is None:
+        return None
+    return store.gather(intensity, order), store.gather(weight_rows, order)
+
+
 def outlier_columns(run, table, states, error_model_weights=None):
     """The device columns of an outlier-rejection table (ScalingRun._outliers_to_states),
     counted as the pass "outlier rejection"."""
