@@ -374,8 +374,8 @@ def first_target_of(params_args, experiments, table):
     captured = {}
     original = run_device.make_scaling_target
 
-    def hook(device, manager, ih_table, nproc=1, batch_size=None):
-        target = original(device, manager, ih_table, nproc, batch_size)
+    def hook(device, manager, ih_table, nproc=1, batch_size=None, **kwargs):
+        target = original(device, manager, ih_table, nproc, batch_size, **kwargs)
         if device == "cuda":
             captured["target"] = target
             raise FirstTarget

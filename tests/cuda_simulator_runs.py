@@ -53,8 +53,8 @@ class Shadow:
         self.kinds = set()
         self.batches = set()
 
-    def make(self, device, manager, ih_table, nproc=1, batch_size=None):
-        target = ORIGINAL(device, manager, ih_table, nproc, batch_size)
+    def make(self, device, manager, ih_table, nproc=1, batch_size=None, **kwargs):
+        target = ORIGINAL(device, manager, ih_table, nproc, batch_size, **kwargs)
         if device != "cuda":
             return target
         cpu = ScalingTarget(manager, ih_table, nproc)

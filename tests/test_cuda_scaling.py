@@ -155,6 +155,48 @@ def test_quartz_cuda_run_equals_cpu_run(tmp_path):
                                    err_msg=ca.label())
     check_device_transfers(tmp_path / "gpu" / "dials.vmerge.json", tmp_path / "uploads.json",
                            gpu.stdout)
+    check_statistics_equal(cpu.stdout, gpu.stdout, tmp_path / "cpu" / "dials.vmerge.json",
+                           tmp_path / "gpu" / "dials.vmerge.json")
+
+
+def statistics_block(log):
+    """The log's statistics table and summary (the CC1/2 fit's limit line included)."""
+    start = log.index("Merging statistics by resolution bin")
+    return log[start:log.index("Total unique", start)]
+
+
+def check_statistics_equal(cpu_log, gpu_log, cpu_json, gpu_json):
+    """Issue 12: the statistics (their CC1/2 and CCanom sums on the device, the merges and
+    Rmerge sums too) print the CPU run's table, and every number of the JSON's statistics
+    (shells, overall, anomalous and cut tables) agrees to RTOL."""
+    import json
+    import math
+
+    assert statistics_block(gpu_log) == statistics_block(cpu_log)
+    a = json.load(open(cpu_json))["merging"]["merging_statistics"]
+    b = json.load(open(gpu_json))["merging"]["merging_statistics"]
+    compared = []
+
+    def compare(x, y, path):
+        if isinstance(x, dict):
+            assert sorted(x) == sorted(y), path
+            for key in x:
+                compare(x[key], y[key], f"{path}.{key}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), path
+            for k, (u, v) in enumerate(zip(x, y)):
+                compare(u, v, f"{path}[{k}]")
+        elif isinstance(x, float) and isinstance(y, float) and not math.isnan(x):
+            # the CC1/2 fit's limit: a minimiser's result, held to its own precision
+            # (tests/test_cuda_statistics.py FIT_RTOL)
+            tolerance = 1e-6 if path.endswith("d_min_cc_half_fit") else RTOL
+            assert abs(y - x) <= tolerance * abs(x), (path, x, y)
+            compared.append(path)
+        else:
+            assert x == y or (x != x and y != y), (path, x, y)
+
+    compare(a, b, "merging_statistics")
+    assert sum(p.endswith(".cc_half") for p in compared) >= 20
 
 
 def check_device_transfers(report_path, uploads_path, log):
@@ -183,11 +225,24 @@ def check_device_transfers(report_path, uploads_path, log):
             else:
                 assert counted == recorded[name, k], (name, k, counted, recorded[name, k])
     outliers = transfers["outlier rejection"]["calls"]
-    # the first rejection copies I, sigma^2, the table's row order and group offsets (g was
-    # left on the device by the expansion before it) ...
-    assert {"intensity", "variance", "rows", "group_start"} <= set(outliers[0]["uploaded"])
+    target = transfers["scaling target"]["calls"]
+    # the first scaling round copies the job's I and sigma^2 (its table's I and weights are
+    # gathered from them on the device), the table's row order and the model's inputs ...
+    assert {"intensity", "variance", "minimisation rows"} <= set(target[0]["uploaded"])
+    # ... later rounds their own row order, index arrays and the model's per-row inputs,
+    # never I, sigma^2 or weights again (the Imid choice's new I and sigma^2 go up with
+    # the outlier rejection that follows it)
+    for call in target[1:]:
+        assert "minimisation rows" in call["uploaded"], call
+        assert set(call["uploaded"]) <= {"minimisation rows", "minimisation table (indices)",
+                                         "minimisation table (model values)"}, call
+    # the first rejection copies its table's row order and group offsets (I and sigma^2
+    # are the scaling target's, g was left on the device by the expansion before it) ...
+    assert {"rows", "group_start"} <= set(outliers[0]["uploaded"])
+    assert set(outliers[0]["uploaded"]) <= {"rows", "group_start"}
     assert "g" not in outliers[0]["uploaded"]
     assert outliers[0]["observation_bytes"] > 8 * 200
+    assert target[0]["observation_bytes"] > 2 * 8 * 200
     # ... the rejection after combine_intensities only the new I and sigma^2 (replaced by
     # the Imid choice), and every later one nothing: g comes from the expansion on the device
     assert set(outliers[1]["uploaded"]) <= {"intensity", "variance"}
@@ -205,4 +260,6 @@ def check_device_transfers(report_path, uploads_path, log):
     statistics = transfers["merging statistics"]["calls"]
     intensity_copies = sum(c["uploaded"].count("merging intensity") for c in statistics)
     assert 1 <= intensity_copies <= 2
+    # CC1/2 and CCanom ran on the device: their random stream went up, once
+    assert sum(c["uploaded"].count("cctbx split stream") for c in statistics) == 1
     assert transfers["scaling target"]["calls"][0]["observation_bytes"] > 0

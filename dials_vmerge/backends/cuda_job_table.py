@@ -310,6 +310,33 @@ def scaling_table_columns(run, table, states, use_error_model):
     return store.gather(intensity, order), weight, store.gather(g, order), group_start
 
 
+def minimisation_columns(run, table):
+    """(intensity, weight) of run.minimisation_table() on the device, gathered from the
+    job's resident I and sigma^2 (weights with each dataset's error model, as
+    state.weights()) through the table's row order (its own resident index): a round's
+    table costs the upload of its row order, not of its I and weights. None when the rows
+    cannot be mapped to job rows or an error model has no device formula (then uploaded)."""
+    store = current_job_table()
+    if getattr(table, "dataset_id", None) is None or getattr(table, "loc_index", None) is None:
+        return None
+    offsets = _row_offsets(run)
+    intensity = store.column("intensity", [s.intensity for s in run.states])
+    variance = store.column("variance", [s.variance for s in run.states])
+    row_dataset = store.keyed(
+        "row_dataset", offsets.tobytes(),
+        lambda: np.repeat(np.arange(len(run.states), dtype=np.int32), np.diff(offsets)))
+    order = store.keyed(
+        "minimisation rows", offsets.tobytes(),
+        lambda: (offsets[:-1][np.asarray(table.dataset_id)]
+                 + np.asarray(table.loc_index)).astype(np.int64),
+        hold=[table.dataset_id, table.loc_index])
+    weight_rows = store.error_model_weights(intensity, variance, row_dataset,
+                                            [s.error_model for s in run.states])
+    if weight_rows is None:
+        return None
+    return store.gather(intensity, order), store.gather(weight_rows, order)
+
+
 def outlier_columns(run, table, states, error_model_weights=None):
     """The device columns of an outlier-rejection table (ScalingRun._outliers_to_states),
     counted as the pass "outlier rejection"."""
@@ -360,3 +387,33 @@ def error_model_upload():
             return store.content(f"error model {name}", array)
 
     return upload
+
+
+def statistics_columns(groups, intensity, sigma, pass_name="merging statistics"):
+    """(I, sigma, permutation, group_start) of a grouping on the device, I and sigma in the
+    caller's row order (read through the permutation): the resident copies merging_columns
+    made (the same roles), uploaded only if absent."""
+    store = current_job_table()
+    tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
+    with store.counting(pass_name):
+        store.begin_call()
+        order = store.content(f"merging order ({tag})", groups.permutation, np.int64,
+                              slots=2)
+        group_start = store.content(f"merging group_start ({tag})", groups.group_start,
+                                    np.int64, slots=2)
+        i_rows = store.content("merging intensity", intensity, np.float64, slots=2)
+        s_rows = store.content("merging sigma", sigma, np.float64, slots=2)
+    return i_rows, s_rows, order, group_start
+
+
+def split_stream(n_draws, pass_name="merging statistics"):
+    """The first n_draws (at least) of cctbx's split stream on the device: one copy per job,
+    replaced only by a longer one (every statistics call takes a prefix of the same stream)."""
+    from ..merging.statistics import cctbx_uniform_stream
+
+    store = current_job_table()
+    length = max(int(n_draws), getattr(store, "split_stream_length", 0), 1)
+    store.split_stream_length = length
+    with store.counting(pass_name):
+        return store.keyed("cctbx split stream", length,
+                           lambda: cctbx_uniform_stream(length))

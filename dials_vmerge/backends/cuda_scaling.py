@@ -88,7 +88,10 @@ def array_layout(models, dataset_id, loc_index, column_of_parameter):
 
 class CudaScalingTarget(ScalingTarget):
     def __init__(self, manager, ih_table, nproc=1, batch_size=None, host_resident=None,
-                 device_memory_limit=None):
+                 device_memory_limit=None, device_columns=None):
+        """device_columns(): (intensity, weight) of ih_table gathered on the device from the
+        job's resident arrays (backends.cuda_job_table.minimisation_columns), or None: then
+        they are uploaded."""
         super().__init__(manager, ih_table, nproc)
         from .cuda_job_table import current_job_table
 
@@ -150,14 +153,24 @@ class CudaScalingTarget(ScalingTarget):
         self._device_target = None
         if cols is not None:
             self._deriv = cuda.device_array((max(n, 1), cols.shape[1]))
+            columns = None
+            if device_columns is not None:
+                with self._store.counting("scaling target"):
+                    columns = device_columns()
             self._device_target = DeviceTarget(t.intensity, t.weight, t.group_start, cols,
-                                               self._n_params, batch_size, self._upload)
+                                               self._n_params, batch_size, self._upload,
+                                               columns)
 
     def _upload(self, array, kind="observations"):
         """The device copy of array, counted in the job table's pass "scaling target"."""
+        # the table's index arrays (group offsets, ELL entries, parameter indices) apart
+        # from its values (the model's per-row inputs)
+        role = None
+        if kind == "observations":
+            role = ("minimisation table (indices)" if np.asarray(array).dtype.kind in "iub"
+                    else "minimisation table (model values)")
         with self._store.counting("scaling target"):
-            return self._store.put(array, kind, "minimisation table" if kind ==
-                                   "observations" else None)
+            return self._store.put(array, kind, role)
 
     def _placeholder(self, array, dtype=np.float64, ndim=1):
         """(device array, flag) as kernels.cuda.models.placeholder, counted."""

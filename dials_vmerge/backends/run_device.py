@@ -11,13 +11,15 @@ AUTO_MIN_OBSERVATIONS = 1_000_000
 
 
 def make_scaling_target(device, manager, ih_table, nproc=1, batch_size=None,
-                        device_memory_limit=None):
-    """The target of one minimisation for the chosen device ('cpu' or 'cuda')."""
+                        device_memory_limit=None, device_columns=None):
+    """The target of one minimisation for the chosen device ('cpu' or 'cuda');
+    device_columns: see CudaScalingTarget."""
     if device == "cuda":
         from .cuda_scaling import CudaScalingTarget
 
         return CudaScalingTarget(manager, ih_table, nproc, batch_size,
-                                 device_memory_limit=device_memory_limit)
+                                 device_memory_limit=device_memory_limit,
+                                 device_columns=device_columns)
     from ..scaling.target import ScalingTarget
 
     return ScalingTarget(manager, ih_table, nproc)
@@ -41,13 +43,22 @@ def target_for_run(run, manager, ih_table):
     copying that round's observation arrays to the device once."""
     device = device_for_run(run, ih_table.n_obs)
     limit = getattr(run, "_gpu_memory_limit", None)
+    columns = None
+    if device == "cuda":
+        # the table's I and weights gathered from the job's resident arrays (only its row
+        # order goes up), not copied every round
+        from .cuda_job_table import minimisation_columns
+
+        def columns():
+            return minimisation_columns(run, ih_table)
     if limit is None:
         target = make_scaling_target(device, manager, ih_table, run.nproc,
-                                     getattr(run, "_gpu_batch_size", None))
+                                     getattr(run, "_gpu_batch_size", None),
+                                     device_columns=columns)
     else:
         target = make_scaling_target(device, manager, ih_table, run.nproc,
                                      getattr(run, "_gpu_batch_size", None),
-                                     device_memory_limit=limit)
+                                     device_memory_limit=limit, device_columns=columns)
     if device == "cuda" and getattr(target, "host_resident", False):
         run.log(f"  the layout ({target.n_obs} observations) exceeds the device memory: "
                 f"streamed from the host in "

@@ -123,8 +123,9 @@ def deviation_sums(i_sorted, group_start, mean, sources=None, pass_name="merging
             from ..backends.cuda_job_table import merging_columns
 
             i_sorted, _, group_start = merging_columns(*sources, pass_name=pass_name)
+        from ..backends.cuda_statistics import keep_deviation_sums
 
-        return device_deviation_sums(i_sorted, group_start, mean)
+        return device_deviation_sums(i_sorted, group_start, mean, keep_deviation_sums)
     return deviation_sums_kernel(i_sorted, group_start, mean)
 
 

@@ -669,16 +669,24 @@ def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bo
     positive = msig > 0
     stats.i_over_sigma_mean = float((mean[positive] / msig[positive]).mean()) if positive.any() else 0.0
     del mean, msig, positive
-    multi = n > 1
-    denominator = float(prep.total[group_sel][multi].sum())
-    abs_dev = prep.abs_dev[group_sel][multi]
-    nm = n[multi].astype(np.float64)
+    if _device_sums(prep):  # compute.device=cuda: the shell's sums on the device
+        from ..backends.cuda_statistics import rmerge_sums
+
+        sum_merge, sum_meas, sum_pim, denominator = rmerge_sums(prep, group_sel)
+    else:
+        multi = n > 1
+        denominator = float(prep.total[group_sel][multi].sum())
+        abs_dev = prep.abs_dev[group_sel][multi]
+        nm = n[multi].astype(np.float64)
+        sum_merge = float(abs_dev.sum())
+        sum_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum())
+        sum_pim = float((np.sqrt(1.0 / (nm - 1)) * abs_dev).sum())
     if denominator == 0:
         stats.r_merge = stats.r_meas = stats.r_pim = 0.0
     else:
-        stats.r_merge = float(abs_dev.sum()) / denominator
-        stats.r_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum()) / denominator
-        stats.r_pim = float((np.sqrt(1.0 / (nm - 1)) * abs_dev).sum()) / denominator
+        stats.r_merge = sum_merge / denominator
+        stats.r_meas = sum_meas / denominator
+        stats.r_pim = sum_pim / denominator
     return True
 
 
@@ -686,11 +694,17 @@ def _cc_half(stats, prep, group_sel, level):
     """CC1/2 on this grouping, fresh random stream."""
     g = prep.groups
     order = np.flatnonzero(group_sel) if group_sel.dtype == bool else np.asarray(group_sel)
-    h1, h2 = _half_means(prep, g, order.astype(np.int64), True)
+    if _device_sums(prep):  # compute.device=cuda: the same halves and sums on the device
+        from ..backends.cuda_statistics import cc_half
+
+        stats.cc_half, stats.cc_half_n_refl = cc_half(prep, order)
+    else:
+        h1, h2 = _half_means(prep, g, order.astype(np.int64), True)
+        ok = ~np.isnan(h1)
+        stats.cc_half = pearson(h1[ok], h2[ok])
+        stats.cc_half_n_refl = int(ok.sum())
+        del h1, h2, ok
     del order
-    ok = ~np.isnan(h1)
-    stats.cc_half = pearson(h1[ok], h2[ok])
-    stats.cc_half_n_refl = int(ok.sum())
     if level is not None:
         stats.cc_half_significance, stats.cc_half_critical_value = cc_significance(
             stats.cc_half, stats.cc_half_n_refl, level)
@@ -700,6 +714,8 @@ def _anomalous_differences(stats, prep, anom_sel, level) -> int:
     """CCanom and Ranom on the anomalous grouping; returns the number of Bijvoet pairs."""
     a = prep.anom
     anom_order = np.flatnonzero(anom_sel).astype(np.int64)
+    if _device_sums(prep):  # compute.device=cuda: the same halves and sums on the device
+        return _device_anomalous_differences(stats, prep, anom_order, level)
     a1, a2 = _half_means(prep, a, anom_order, False)
     split_1 = np.full(a.n_groups, np.nan)
     split_2 = np.full(a.n_groups, np.nan)
@@ -725,6 +741,35 @@ def _anomalous_differences(stats, prep, anom_sel, level) -> int:
     if level is not None:
         stats.cc_anom_significance, stats.cc_anom_critical_value = cc_significance(
             stats.cc_anom, stats.cc_anom_n_pairs, level)
+    return _r_anom(stats, prep, plus, minus)
+
+
+def _device_sums(prep) -> bool:
+    from ..backends.run_device import pass_device
+
+    return pass_device() == "cuda" and prep.merger is None
+
+
+def _device_anomalous_differences(stats, prep, anom_order, level) -> int:
+    """_anomalous_differences with CCanom's halves and sums on the device
+    (backends.cuda_statistics)."""
+    from ..backends.cuda_statistics import cc_anom
+
+    plus = anom_order[prep.plus[anom_order]]
+    minus = prep.partner[plus]
+    in_shell = np.zeros(prep.anom.n_groups, bool)
+    in_shell[anom_order] = True
+    pair_ok = in_shell[minus] if len(minus) else np.zeros(0, bool)
+    plus, minus = plus[pair_ok], minus[pair_ok]
+    stats.cc_anom, stats.cc_anom_n_pairs = cc_anom(prep, anom_order, plus, minus)
+    if level is not None:
+        stats.cc_anom_significance, stats.cc_anom_critical_value = cc_significance(
+            stats.cc_anom, stats.cc_anom_n_pairs, level)
+    return _r_anom(stats, prep, plus, minus)
+
+
+def _r_anom(stats, prep, plus, minus) -> int:
+    """Ranom over the Bijvoet pairs (plus, minus); returns their number."""
     if len(plus):
         i_plus, i_minus = prep.anom_mean[plus], prep.anom_mean[minus]
         w_plus = 1.0 / prep.anom_sigma_internal[plus] ** 2

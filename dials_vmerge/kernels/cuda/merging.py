@@ -100,8 +100,10 @@ def inverse_variance_merge(intensity, sigma, group_start, sigma_dynamic_range,
     return mean.copy_to_host()[:n_groups], merged_sigma.copy_to_host()[:n_groups]
 
 
-def deviation_sums(intensity, group_start, mean):
-    """(sum |I - mean|, sum I) per group as numpy, on the device."""
+def deviation_sums(intensity, group_start, mean, keep=None):
+    """(sum |I - mean|, sum I) per group as numpy, on the device. keep(host abs_dev, host
+    total, device abs_dev, device total): told of the device copies (the statistics' shell
+    sums read them there)."""
     n_groups = len(group_start) - 1
     abs_dev = cuda.device_array(max(n_groups, 1))
     total = cuda.device_array(max(n_groups, 1))
@@ -110,7 +112,10 @@ def deviation_sums(intensity, group_start, mean):
             as_device(intensity, np.float64),
             as_device(group_start, np.int64),
             cuda.to_device(np.ascontiguousarray(mean, dtype=np.float64)), abs_dev, total)
-    return abs_dev.copy_to_host()[:n_groups], total.copy_to_host()[:n_groups]
+    host = abs_dev.copy_to_host()[:n_groups], total.copy_to_host()[:n_groups]
+    if keep is not None:
+        keep(*host, abs_dev[:n_groups], total[:n_groups])
+    return host
 
 
 @cuda.jit(device=True)

@@ -175,9 +175,10 @@ class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
     def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None,
-                 upload=None):
+                 upload=None, columns=None):
         """upload(host array): its device copy (default cuda.to_device; the run passes its
-        job table's counted upload)."""
+        job table's counted upload). columns: (intensity, weight) already on the device
+        (gathered there from the job's resident arrays), used instead of uploading them."""
         upload = upload or cuda.to_device
         intensity = np.ascontiguousarray(intensity, dtype=np.float64)
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
@@ -193,8 +194,11 @@ class DeviceTarget:
         if batch_size is None:
             batch_size = auto_batch_size(self.n_obs)
         self.batch_size = int(batch_size)
-        self.intensity = upload(intensity)
-        self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
+        if columns is not None:
+            self.intensity, self.weight = columns
+        else:
+            self.intensity = upload(intensity)
+            self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
         self.factor = cuda.device_array(max(self.n_obs, 1))
         self.batches = []
         bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
