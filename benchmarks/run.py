@@ -410,7 +410,8 @@ def memory_allows(n_obs: int, bytes_per_obs: int = 120) -> bool:
 
 def _fmt(value, spec):
     if value is None:
-        return "null".rjust(int(spec.split(".")[0]))
+        # the width is the spec's leading digits ("9.4f" and "9d" alike)
+        return "null".rjust(int("".join(ch for ch in spec.split(".")[0] if ch.isdigit())))
     return format(value, spec)
 
 
