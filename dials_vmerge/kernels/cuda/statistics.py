@@ -105,6 +105,23 @@ def pair_differences_kernel(values, first, second, out):
         out[j] = values[first[j]] - values[second[j]]
 
 
+@cuda.jit(device=True)
+def _block_tree_sum(buf, t, n_sums, out):
+    """out[:n_sums] = the sum over the block's threads of buf[thread, :n_sums], as a pairwise
+    tree in a fixed order (no atomics: the same bits on every launch)."""
+    cuda.syncthreads()
+    half = THREADS_PER_BLOCK // 2
+    while half > 0:
+        if t < half:
+            for s in range(n_sums):
+                buf[t, s] += buf[t + half, s]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        for s in range(n_sums):
+            out[s] = buf[0, s]
+
+
 @cuda.jit
 def pearson_sums_kernel(x, y, means, out):
     """One block: with means[2] == 0 the count and sums of x and y over the
@@ -133,17 +150,7 @@ def pearson_sums_kernel(x, y, means, out):
     buf[t, 0] = a
     buf[t, 1] = b
     buf[t, 2] = c
-    cuda.syncthreads()
-    half = THREADS_PER_BLOCK // 2
-    while half > 0:
-        if t < half:
-            for s in range(_SUMS):
-                buf[t, s] += buf[t + half, s]
-        cuda.syncthreads()
-        half //= 2
-    if t == 0:
-        for s in range(_SUMS):
-            out[s] = buf[0, s]
+    _block_tree_sum(buf, t, _SUMS, out)
 
 
 def half_split_means(intensity, sigma, permutation, group_start, groups_in_order, first_draw,
@@ -219,17 +226,7 @@ def rmerge_sums_kernel(abs_dev, total, group_start, groups, out):
     buf[t, 1] = r_meas
     buf[t, 2] = r_pim
     buf[t, 3] = denominator
-    cuda.syncthreads()
-    half = THREADS_PER_BLOCK // 2
-    while half > 0:
-        if t < half:
-            for s in range(_R_SUMS):
-                buf[t, s] += buf[t + half, s]
-        cuda.syncthreads()
-        half //= 2
-    if t == 0:
-        for s in range(_R_SUMS):
-            out[s] = buf[0, s]
+    _block_tree_sum(buf, t, _R_SUMS, out)
 
 
 def rmerge_sums(abs_dev, total, group_start, groups, put=cuda.to_device):
