@@ -349,27 +349,33 @@ def outlier_columns(run, table, states, error_model_weights=None):
 
 
 # -- merging and its statistics -----------------------------------------------------------
+def _grouping_on_device(store, groups, intensity, sigma):
+    """(permutation, group_start, I, sigma or None) of a grouping, resident under the roles
+    merging and the statistics share: compared by content (each statistics call rebuilds its
+    sigma > 0 subset arrays), two of each resident (the statistics' resolution-cut subset and
+    the full set); I and sigma in the caller's row order."""
+    tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
+    order = store.content(f"merging order ({tag})", groups.permutation, np.int64, slots=2)
+    group_start = store.content(f"merging group_start ({tag})", groups.group_start, np.int64,
+                                slots=2)
+    i_rows = store.content("merging intensity", intensity, np.float64, slots=2)
+    s_rows = None if sigma is None else store.content("merging sigma", sigma, np.float64,
+                                                      slots=2)
+    return order, group_start, i_rows, s_rows
+
+
 def merging_columns(groups, intensity, sigma=None, pass_name="merging"):
     """(I, sigma, group_start) of a grouping (merging.groups.GroupedObservations) in its
     sorted order, on the device: I and sigma (the caller's row order) go up once for all the
     merges and statistics of a job, each grouping's permutation once; sigma None: not
     wanted."""
     store = current_job_table()
-    tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
     with store.counting(pass_name):
         store.begin_call()
-        # compared by content (each statistics call rebuilds its sigma > 0 subset arrays);
-        # two of each stay resident: the statistics' resolution-cut subset and the full set
-        order = store.content(f"merging order ({tag})", groups.permutation, np.int64,
-                              slots=2)
-        group_start = store.content(f"merging group_start ({tag})", groups.group_start,
-                                    np.int64, slots=2)
-        i_sorted = store.gather(store.content("merging intensity", intensity, np.float64,
-                                              slots=2), order)
-        s_sorted = None
-        if sigma is not None:
-            s_sorted = store.gather(store.content("merging sigma", sigma, np.float64,
-                                                  slots=2), order)
+        order, group_start, i_rows, s_rows = _grouping_on_device(store, groups, intensity,
+                                                                 sigma)
+        i_sorted = store.gather(i_rows, order)
+        s_sorted = None if s_rows is None else store.gather(s_rows, order)
     return i_sorted, s_sorted, group_start
 
 
@@ -394,15 +400,10 @@ def statistics_columns(groups, intensity, sigma, pass_name="merging statistics")
     caller's row order (read through the permutation): the resident copies merging_columns
     made (the same roles), uploaded only if absent."""
     store = current_job_table()
-    tag = "anomalous" if getattr(groups, "anomalous", False) else "non-anomalous"
     with store.counting(pass_name):
         store.begin_call()
-        order = store.content(f"merging order ({tag})", groups.permutation, np.int64,
-                              slots=2)
-        group_start = store.content(f"merging group_start ({tag})", groups.group_start,
-                                    np.int64, slots=2)
-        i_rows = store.content("merging intensity", intensity, np.float64, slots=2)
-        s_rows = store.content("merging sigma", sigma, np.float64, slots=2)
+        order, group_start, i_rows, s_rows = _grouping_on_device(store, groups, intensity,
+                                                                 sigma)
     return i_rows, s_rows, order, group_start
 
 
