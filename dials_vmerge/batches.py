@@ -109,22 +109,32 @@ def format_batch_table(experiments, offsets=None) -> str:
     return "\n".join(lines)
 
 
+def _runs_of_single_entries(is_single):
+    """(start, stop, is_run) spans over a sequence: a run of at least two consecutive entries
+    for which is_single is true is one span (is_run True); every other entry is its own."""
+    i = 0
+    while i < len(is_single):
+        j = i
+        while j < len(is_single) and is_single[j]:
+            j += 1
+        if j - i >= 2:
+            yield i, j, True
+            i = j
+        else:
+            yield i, i + 1, False
+            i += 1
+
+
 def describe_batch_ranges(ranges) -> str:
     """"lo-hi, ..." of the datasets' batch ranges; a run of consecutive single-batch datasets
     (stills) is one entry, "first-last (n single-image datasets)", so that a message about
     10^4 stills stays one line."""
     parts = []
-    i = 0
-    while i < len(ranges):
-        j = i
-        while j < len(ranges) and ranges[j][0] == ranges[j][1]:
-            j += 1
-        if j - i >= 2:
+    for i, j, is_run in _runs_of_single_entries([lo == hi for lo, hi in ranges]):
+        if is_run:
             parts.append(f"{ranges[i][0]}-{ranges[j - 1][1]} ({j - i} single-image datasets)")
-            i = j
-            continue
-        parts.append(f"{ranges[i][0]}-{ranges[i][1]}")
-        i += 1
+        else:
+            parts.append(f"{ranges[i][0]}-{ranges[i][1]}")
     return ", ".join(parts)
 
 
@@ -133,20 +143,15 @@ def _collapse_single_image_runs(entries):
     of consecutive single-image datasets (stills, one-image sweeps) becomes one row, so
     that 10^4 stills do not print 10^4 lines."""
     rows = []
-    i = 0
-    while i < len(entries):
-        j = i
-        while j < len(entries) and entries[j][1] == entries[j][2]:
-            j += 1
-        if j - i >= 2:
+    single_image = [lo == hi for _, lo, hi, _, _ in entries]
+    for i, j, is_run in _runs_of_single_entries(single_image):
+        if is_run:
             run = entries[i:j]
             images = {(lo, hi) for _, lo, hi, _, _ in run}
             image_text = (f"{run[0][1]}-{run[0][2]}" if len(images) == 1 else "1 image each")
             rows.append((f"{j - i} single-image datasets: {run[0][0]} ... {run[-1][0]}",
                          image_text, f"{run[0][3]}-{run[-1][4]}"))
-            i = j
-            continue
-        identifier, lo, hi, blo, bhi = entries[i]
-        rows.append((identifier, f"{lo}-{hi}", f"{blo}-{bhi}"))
-        i += 1
+        else:
+            identifier, lo, hi, blo, bhi = entries[i]
+            rows.append((identifier, f"{lo}-{hi}", f"{blo}-{bhi}"))
     return rows
