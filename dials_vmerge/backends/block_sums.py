@@ -19,7 +19,11 @@ grouping is fixed here once, from the data:
 
 Threads: a kernel is called on a batch of consecutive blocks of a rank (one block per
 prange iteration), so nproc threads share a batch; the batch size changes nothing in the
-result.
+result. `batch_blocks_for` makes a batch as large as BATCH_PARTIAL_BYTES of partials allow
+(usually all of a rank's blocks in one call: each call costs a thread launch and a dispatch,
+which dominated when the minimisation subset, ~5% of the rows, was summed over the input's
+key blocks of ~200 rows each); after each batch the fold copies out the few tree nodes
+still viewing the batch's buffers, so at most one batch and ~log2(n_blocks) nodes are held.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ from . import mpi_world
 MIN_BLOCK_OBSERVATIONS = 4096
 OBSERVATIONS_PER_PARAMETER = 2
 MAX_BLOCKS = 512
+# The partials of one kernel call (a batch of blocks) stay within this many bytes: a normal
+# matrix partial is n_par^2 doubles per block (512 blocks x 300^2 x 8 B would be 368 MB).
+BATCH_PARTIAL_BYTES = 16 << 20
+
+
+def batch_blocks_for(partial_doubles, nproc=1):
+    """Blocks per kernel call when each block's partials are `partial_doubles` float64:
+    as many as fit in BATCH_PARTIAL_BYTES, and at least one per thread."""
+    by_memory = BATCH_PARTIAL_BYTES // (8 * max(int(partial_doubles), 1))
+    return int(max(by_memory, int(nproc), 1))
 
 
 def fixed_block_bounds(group_start, n_par=0):
@@ -125,6 +139,13 @@ class _Fold:
             node = [level + 1, index // 2, left]
         self.stack.append(node)
 
+    def detach(self, buffers):
+        """Copy the stacked nodes that still view `buffers` (a batch's partials), so that
+        the batch can be freed: the stack holds at most ~log2(n_blocks) nodes."""
+        for node in self.stack:
+            node[2] = [v.copy() if any(np.may_share_memory(v, b) for b in buffers) else v
+                       for v in node[2]]
+
     def nodes(self):
         return {(level, index): values for level, index, values in self.stack}
 
@@ -152,10 +173,9 @@ def tree_root(nodes, n_blocks):
 
 
 def _row(partial, row):
-    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); a
-    large row is copied so that the fold does not keep whole batches alive."""
-    view = partial[row:row + 1].reshape(partial.shape[1:])
-    return view.copy() if view.nbytes > (1 << 20) else view
+    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); the
+    fold adds into it in place, and detaches it from the batch if it outlives the batch."""
+    return partial[row:row + 1].reshape(partial.shape[1:])
 
 
 def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0,
@@ -187,6 +207,7 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
         shapes = [p.shape[1:] for p in partials]
         for row in range(b1 - b0):
             fold.push(b0 + row, [_row(p, row) for p in partials])
+        fold.detach(partials)
     if n_ranks == 1:
         return tree_root(fold.nodes(), n_blocks)
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
@@ -222,6 +243,7 @@ def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
         shapes = [p.shape[1:] for p in partials]
         for row in range(b1 - b0):
             fold.push(b0 + row, [_row(p, row) for p in partials])
+        fold.detach(partials)
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
         shapes = [p.shape[1:] for p in evaluate(np.zeros(2, dtype=np.int64))]
     if mpi_world.n_ranks() == 1:
