@@ -167,7 +167,8 @@ def run_scaling_job(params, experiments, table, log):
 
     # issue 11: the read-time key blocks of every block sum of this job, cut from the input
     # rows (the same for any number of MPI ranks, one process included), once switched on
-    partition = read_time_partition(experiments, table) if USE_READ_TIME_KEY_BLOCKS else None
+    partition, row_keys = (read_time_keyed_partition(experiments, table)
+                           if USE_READ_TIME_KEY_BLOCKS else (None, None))
     with stage(log, "Selection"):
         experiments, table, _ = select(params, experiments, table, log)
     from .unit_cells import check_unit_cells_of_table
@@ -221,7 +222,7 @@ def run_scaling_job(params, experiments, table, log):
     choose_compute_device(params, log)
     from .backends.rank_partition import job_partition
 
-    with stage(log, "Scaling"), job_partition(partition):
+    with stage(log, "Scaling"), job_partition(partition, row_keys):
         scaled, models, summary = scale_table(experiments, table, dataset_rows, models,
                                               params, log.info)
     del table
@@ -270,6 +271,19 @@ def read_time_partition(experiments, table):
     if not len(experiments):
         return None
     return partition_table(table, space_group(experiments[0]), mpi_world.n_ranks())
+
+
+def read_time_keyed_partition(experiments, table):
+    """(read_time_partition's partition, the rows' keys for preparation to reuse: its
+    non-anomalous ASU mapping then costs nothing more; backends/rank_partition.py
+    keyed_partition), or (None, None) without experiments."""
+    from .backends import mpi_world
+    from .backends.rank_partition import keyed_partition
+    from .geometry import space_group
+
+    if not len(experiments):
+        return None, None
+    return keyed_partition(table, space_group(experiments[0]), mpi_world.n_ranks())
 
 
 def choose_compute_device(params, log) -> str:

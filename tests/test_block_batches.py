@@ -203,3 +203,35 @@ def test_fused_physical_pass_over_key_blocks_equals_per_block_calls(quartz_table
     wr = target.restraint_weights
     assert phi == float(expected_phi) + float(np.sum(wr * x * x))
     assert np.array_equal(grad, expected_grad + 2.0 * wr * x)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_push_batch_gives_the_nodes_of_block_by_block_pushes(seed):
+    # any range of a rank, cut into batches of any sizes: the same nodes, bit for bit, as
+    # pushing the blocks one at a time (and the same tree root as the independent sum)
+    rng = np.random.default_rng(seed)
+    n_blocks = int(rng.integers(1, 80))
+    rows = rng.normal(size=(n_blocks, 3, 2)) * 10.0 ** rng.integers(-8, 8, (n_blocks, 3, 2))
+    scalars = rng.normal(size=n_blocks) * 10.0 ** rng.integers(-8, 8, n_blocks)
+    for _ in range(10):
+        lo = int(rng.integers(0, n_blocks))
+        hi = int(rng.integers(lo + 1, n_blocks + 1))
+        one_by_one, batched = _Fold(), _Fold()
+        for b in range(lo, hi):
+            one_by_one.push(b, [scalars[b:b + 1].reshape(()).copy(), rows[b].copy()])
+        b0 = lo
+        while b0 < hi:
+            b1 = min(hi, b0 + int(rng.integers(1, 20)))
+            batched.push_batch(b0, [scalars[b0:b1].copy(), rows[b0:b1].copy()])
+            batched.detach()
+            b0 = b1
+        expected, got = one_by_one.nodes(), batched.nodes()
+        assert list(got) == list(expected)
+        for key in expected:
+            for a, b in zip(expected[key], got[key]):
+                assert a.shape == b.shape and np.array_equal(a, b) and b.flags.owndata
+    fold = _Fold()
+    fold.push_batch(0, [scalars.copy(), rows.copy()])
+    root = tree_root(fold.nodes(), n_blocks)
+    assert root[0] == independent_pairwise(list(scalars))
+    assert np.array_equal(root[1], independent_pairwise(list(rows)))

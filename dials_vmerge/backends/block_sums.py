@@ -128,7 +128,36 @@ class _Fold:
 
     def push(self, block, values):
         """values: arrays this fold may overwrite (a left node is summed in place)."""
-        node = [0, block, values]
+        self._push_node(0, block, values)
+
+    def push_batch(self, first_block, partials):
+        """Push blocks first_block, first_block + 1, ... (one leading row of each partial per
+        block). The aligned sibling pairs inside the batch are added level by level with
+        vectorised element-wise additions (the same additions, hence the same bits, as
+        pushing the blocks one by one; no Python work per block); the nodes at the batch's
+        edges are pushed in block order."""
+        left_edge, right_edge = [], []
+        level, start, values = 0, int(first_block), list(partials)
+        count = int(values[0].shape[0]) if values else 0
+        while count:
+            if start % 2:  # its left sibling is outside the batch
+                left_edge.append((level, start, [_row(v, 0) for v in values]))
+                values = [v[1:] for v in values]
+                start += 1
+                count -= 1
+            if count % 2:  # its right sibling is outside the batch
+                right_edge.append((level, start + count - 1, [_row(v, count - 1) for v in values]))
+                values = [v[:count - 1] for v in values]
+                count -= 1
+            if count == 0:
+                break
+            values = [v[0::2] + v[1::2] for v in values]
+            level, start, count = level + 1, start // 2, count // 2
+        for node in left_edge + right_edge[::-1]:
+            self._push_node(*node)
+
+    def _push_node(self, level, index, values):
+        node = [level, index, values]
         while self.stack:
             level, index, left = self.stack[-1]
             if level != node[0] or index % 2 or index + 1 != node[1]:
@@ -139,12 +168,12 @@ class _Fold:
             node = [level + 1, index // 2, left]
         self.stack.append(node)
 
-    def detach(self, buffers):
-        """Copy the stacked nodes that still view `buffers` (a batch's partials), so that
-        the batch can be freed: the stack holds at most ~log2(n_blocks) nodes."""
+    def detach(self):
+        """Copy the stacked nodes that are views (rows of a batch's partials or of its
+        pairwise levels), so that the batch can be freed or its buffer reused: the stack
+        then holds at most ~2 log2(n_blocks) nodes of its own."""
         for node in self.stack:
-            node[2] = [v.copy() if any(np.may_share_memory(v, b) for b in buffers) else v
-                       for v in node[2]]
+            node[2] = [v if v.flags.owndata else v.copy() for v in node[2]]
 
     def nodes(self):
         return {(level, index): values for level, index, values in self.stack}
@@ -205,9 +234,8 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
         b1 = min(b0 + batch_blocks, hi)
         partials = evaluate(block_bounds[b0:b1 + 1])
         shapes = [p.shape[1:] for p in partials]
-        for row in range(b1 - b0):
-            fold.push(b0 + row, [_row(p, row) for p in partials])
-        fold.detach(partials)
+        fold.push_batch(b0, partials)
+        fold.detach()
     if n_ranks == 1:
         return tree_root(fold.nodes(), n_blocks)
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
@@ -241,9 +269,8 @@ def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
         b1 = min(b0 + batch_blocks, hi)
         partials = evaluate(local_bounds[b0 - lo:b1 - lo + 1])
         shapes = [p.shape[1:] for p in partials]
-        for row in range(b1 - b0):
-            fold.push(b0 + row, [_row(p, row) for p in partials])
-        fold.detach(partials)
+        fold.push_batch(b0, partials)
+        fold.detach()
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
         shapes = [p.shape[1:] for p in evaluate(np.zeros(2, dtype=np.int64))]
     if mpi_world.n_ranks() == 1:
