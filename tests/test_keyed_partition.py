@@ -81,17 +81,29 @@ def test_asu_of_later_rows_equals_cctbx_mapping(simulated_files):
     rows = np.sort(rng.choice(later.nrows, later.nrows // 3, replace=False))
     expected = map_indices_to_asu(later.peek("miller_index", rows), sg, False)
     with job_partition(partition, row_keys):
-        got = partition_asu_of_rows(later, rows)
+        got = partition_asu_of_rows(later, rows, release=False)
     assert got.dtype == np.int32 and np.array_equal(got, expected)
     # outside a job, or a miller_index held in memory (no file rows): the caller maps
     assert partition_asu_of_rows(later, rows) is None
     later["miller_index"] = later["miller_index"]  # materialised: now in memory
     with job_partition(partition, row_keys):
-        assert partition_asu_of_rows(later, rows) is None
+        assert partition_asu_of_rows(later, rows, release=False) is None
     # a table of rows the partition never saw (another file's blob): no keys
     _, other, _ = read(simulated_files)
     with job_partition(partition, row_keys):
-        assert partition_asu_of_rows(other, rows) is None
+        assert partition_asu_of_rows(other, rows, release=False) is None
+    # the one look-up of a job gives the keys back: a second one maps
+    again = table.select(np.arange(table.nrows))
+    with job_partition(partition, row_keys):
+        assert np.array_equal(partition_asu_of_rows(again, rows), expected_rows(again, rows, sg))
+        assert row_keys.keys_by_file_row is None
+        assert partition_asu_of_rows(again, rows) is None
+
+
+def expected_rows(table, rows, sg):
+    from dials_vmerge.scaling.ih_table import map_indices_to_asu
+
+    return map_indices_to_asu(table.peek("miller_index", rows), sg, False)
 
 
 def test_scaling_job_reusing_the_partition_keys_gives_the_same_bits(simulated_files,

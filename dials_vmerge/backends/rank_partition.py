@@ -208,7 +208,7 @@ def _distinct_key_counts(keys):
     return distinct.astype(np.int64), counts[present].astype(np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass
 class InputRowKeys:
     """The packed non-anomalous key of every row of an input's `miller_index` blob, by file
     row (-1: a file row the partitioned table did not hold). Preparation's grouping of the
@@ -216,11 +216,18 @@ class InputRowKeys:
     mapping every row again (issue 11: the read-time partition then costs no extra mapping)."""
 
     column: object  # the LazyColumn the keys were read from (its blob identifies the file)
-    keys_by_file_row: np.ndarray
+    keys_by_file_row: "np.ndarray | None"  # None once released
+
+    def release(self):
+        """Give the 8 B per row back (the grouping has taken what it needs)."""
+        self.keys_by_file_row = None
 
     def asu_of(self, table, rows):
         """The non-anomalous ASU indices (int32 (n, 3), as ih_table.map_indices_to_asu) of
-        rows `rows` of `table`, or None if its miller_index is not this blob's rows."""
+        rows `rows` of `table`, or None if its miller_index is not this blob's rows (or the
+        keys were released)."""
+        if self.keys_by_file_row is None:
+            return None
         located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
             else None
         if located is None or not located[0]._same_blob(self.column):
@@ -334,12 +341,19 @@ def active_partition():
     return _active[-1] if _active else None
 
 
-def partition_asu_of_rows(table, rows):
+def partition_asu_of_rows(table, rows, release=True):
     """The non-anomalous ASU indices of rows `rows` of `table` from the running job's
     partition pass (int32 (n, 3)), or None (no job keys, or rows not from the keyed file):
-    the caller then maps them itself."""
+    the caller then maps them itself. release: the job's keys are given back after this
+    look-up (its one user, scaling's grouping, asks once per job), so they do not add
+    8 B per input row to the job's peak."""
     row_keys = _active_keys[-1] if _active_keys else None
-    return None if row_keys is None else row_keys.asu_of(table, rows)
+    if row_keys is None:
+        return None
+    asu = row_keys.asu_of(table, rows)
+    if release:
+        row_keys.release()
+    return asu
 
 
 def key_blocks_of_groups(group_asu):
