@@ -167,7 +167,8 @@ def run_scaling_job(params, experiments, table, log):
 
     # issue 11: the read-time key blocks of every block sum of this job, cut from the input
     # rows (the same for any number of MPI ranks, one process included), once switched on
-    partition = read_time_partition(experiments, table) if USE_READ_TIME_KEY_BLOCKS else None
+    partition, row_keys = (read_time_keyed_partition(experiments, table)
+                           if USE_READ_TIME_KEY_BLOCKS else (None, None))
     with stage(log, "Selection"):
         experiments, table, _ = select(params, experiments, table, log)
     from .unit_cells import check_unit_cells_of_table
@@ -221,7 +222,7 @@ def run_scaling_job(params, experiments, table, log):
     choose_compute_device(params, log)
     from .backends.rank_partition import job_partition
 
-    with stage(log, "Scaling"), job_partition(partition):
+    with stage(log, "Scaling"), job_partition(partition, row_keys):
         scaled, models, summary = scale_table(experiments, table, dataset_rows, models,
                                               params, log.info)
     del table
@@ -251,13 +252,13 @@ def run_scaling_job(params, experiments, table, log):
     return experiments, scaled, summary
 
 
-# Off until each MPI rank holds only its own rows (issue 11, step 2): until then the block
-# sums cut their blocks from each layout (bit-identical for any number of ranks, as before).
-# Switched on, the minimisation subset (~5% of the rows) was summed over the input's
-# n_obs/4096 key blocks, blocks of ~200 rows: on a 1e6 sweep the normal-matrix kernel ran in
-# 1210 calls instead of 60 and the block sums cost 0.57 s more per run (cProfile, load ~2);
-# their per-block overhead has to go (all blocks of a batch in one kernel call) first.
-USE_READ_TIME_KEY_BLOCKS = False
+# On (session 7): every block sum of a scaling job, one process included, uses the input
+# rows' key blocks, so N = 1, 2, 3 ranks use the same blocks. It became cheap enough once the
+# block sums evaluate a batch of blocks (all of them, for a physical sweep) in one kernel call
+# and scaling's grouping reuses the partition pass's ASU mapping: on the 1e6 sweep the block
+# sums cost the same CPU on and off, the partition pass ~0.2 s and the grouping ~0.1 s less
+# (README, "Running under MPI"). Off: blocks cut from each layout, as before session 7.
+USE_READ_TIME_KEY_BLOCKS = True
 
 
 def read_time_partition(experiments, table):
@@ -270,6 +271,19 @@ def read_time_partition(experiments, table):
     if not len(experiments):
         return None
     return partition_table(table, space_group(experiments[0]), mpi_world.n_ranks())
+
+
+def read_time_keyed_partition(experiments, table):
+    """(read_time_partition's partition, the rows' keys for preparation to reuse: its
+    non-anomalous ASU mapping then costs nothing more; backends/rank_partition.py
+    keyed_partition), or (None, None) without experiments."""
+    from .backends import mpi_world
+    from .backends.rank_partition import keyed_partition
+    from .geometry import space_group
+
+    if not len(experiments):
+        return None, None
+    return keyed_partition(table, space_group(experiments[0]), mpi_world.n_ranks())
 
 
 def choose_compute_device(params, log) -> str:

@@ -97,6 +97,14 @@ class ReflectionTable:
         except KeyError:
             raise KeyError(f"reflection table has no column '{name}'") from None
 
+    def file_rows_of(self, name: str, rows: np.ndarray):
+        """(the column's LazyColumn, the file rows behind table rows `rows`) while column
+        `name` is still in its file; None while it is held in memory."""
+        values = self._stored(name)
+        if not isinstance(values, LazyColumn):
+            return None
+        return values, values.file_rows_of(rows)
+
     def __getitem__(self, name: str):
         values = self._stored(name)
         if isinstance(values, LazyColumn):

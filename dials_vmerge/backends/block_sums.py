@@ -19,7 +19,11 @@ grouping is fixed here once, from the data:
 
 Threads: a kernel is called on a batch of consecutive blocks of a rank (one block per
 prange iteration), so nproc threads share a batch; the batch size changes nothing in the
-result.
+result. `batch_blocks_for` makes a batch as large as BATCH_PARTIAL_BYTES of partials allow
+(usually all of a rank's blocks in one call: each call costs a thread launch and a dispatch,
+which dominated when the minimisation subset, ~5% of the rows, was summed over the input's
+key blocks of ~200 rows each); after each batch the fold copies out the few tree nodes
+still viewing the batch's buffers, so at most one batch and ~log2(n_blocks) nodes are held.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ from . import mpi_world
 MIN_BLOCK_OBSERVATIONS = 4096
 OBSERVATIONS_PER_PARAMETER = 2
 MAX_BLOCKS = 512
+# The partials of one kernel call (a batch of blocks) stay within this many bytes: a normal
+# matrix partial is n_par^2 doubles per block (512 blocks x 300^2 x 8 B would be 368 MB).
+BATCH_PARTIAL_BYTES = 16 << 20
+
+
+def batch_blocks_for(partial_doubles, nproc=1):
+    """Blocks per kernel call when each block's partials are `partial_doubles` float64:
+    as many as fit in BATCH_PARTIAL_BYTES, and at least one per thread."""
+    by_memory = BATCH_PARTIAL_BYTES // (8 * max(int(partial_doubles), 1))
+    return int(max(by_memory, int(nproc), 1))
 
 
 def fixed_block_bounds(group_start, n_par=0):
@@ -114,7 +128,36 @@ class _Fold:
 
     def push(self, block, values):
         """values: arrays this fold may overwrite (a left node is summed in place)."""
-        node = [0, block, values]
+        self._push_node(0, block, values)
+
+    def push_batch(self, first_block, partials):
+        """Push blocks first_block, first_block + 1, ... (one leading row of each partial per
+        block). The aligned sibling pairs inside the batch are added level by level with
+        vectorised element-wise additions (the same additions, hence the same bits, as
+        pushing the blocks one by one; no Python work per block); the nodes at the batch's
+        edges are pushed in block order."""
+        left_edge, right_edge = [], []
+        level, start, values = 0, int(first_block), list(partials)
+        count = int(values[0].shape[0]) if values else 0
+        while count:
+            if start % 2:  # its left sibling is outside the batch
+                left_edge.append((level, start, [_row(v, 0) for v in values]))
+                values = [v[1:] for v in values]
+                start += 1
+                count -= 1
+            if count % 2:  # its right sibling is outside the batch
+                right_edge.append((level, start + count - 1, [_row(v, count - 1) for v in values]))
+                values = [v[:count - 1] for v in values]
+                count -= 1
+            if count == 0:
+                break
+            values = [v[0::2] + v[1::2] for v in values]
+            level, start, count = level + 1, start // 2, count // 2
+        for node in left_edge + right_edge[::-1]:
+            self._push_node(*node)
+
+    def _push_node(self, level, index, values):
+        node = [level, index, values]
         while self.stack:
             level, index, left = self.stack[-1]
             if level != node[0] or index % 2 or index + 1 != node[1]:
@@ -124,6 +167,13 @@ class _Fold:
                 a += b
             node = [level + 1, index // 2, left]
         self.stack.append(node)
+
+    def detach(self):
+        """Copy the stacked nodes that are views (rows of a batch's partials or of its
+        pairwise levels), so that the batch can be freed or its buffer reused: the stack
+        then holds at most ~2 log2(n_blocks) nodes of its own."""
+        for node in self.stack:
+            node[2] = [v if v.flags.owndata else v.copy() for v in node[2]]
 
     def nodes(self):
         return {(level, index): values for level, index, values in self.stack}
@@ -152,10 +202,9 @@ def tree_root(nodes, n_blocks):
 
 
 def _row(partial, row):
-    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); a
-    large row is copied so that the fold does not keep whole batches alive."""
-    view = partial[row:row + 1].reshape(partial.shape[1:])
-    return view.copy() if view.nbytes > (1 << 20) else view
+    """Row `row` of a batch's partial as a writable view (0-d for a per-block scalar); the
+    fold adds into it in place, and detaches it from the batch if it outlives the batch."""
+    return partial[row:row + 1].reshape(partial.shape[1:])
 
 
 def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_par=0,
@@ -185,8 +234,8 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
         b1 = min(b0 + batch_blocks, hi)
         partials = evaluate(block_bounds[b0:b1 + 1])
         shapes = [p.shape[1:] for p in partials]
-        for row in range(b1 - b0):
-            fold.push(b0 + row, [_row(p, row) for p in partials])
+        fold.push_batch(b0, partials)
+        fold.detach()
     if n_ranks == 1:
         return tree_root(fold.nodes(), n_blocks)
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
@@ -220,8 +269,8 @@ def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
         b1 = min(b0 + batch_blocks, hi)
         partials = evaluate(local_bounds[b0 - lo:b1 - lo + 1])
         shapes = [p.shape[1:] for p in partials]
-        for row in range(b1 - b0):
-            fold.push(b0 + row, [_row(p, row) for p in partials])
+        fold.push_batch(b0, partials)
+        fold.detach()
     if shapes is None:  # this rank owns no block: learn the shapes from an empty call
         shapes = [p.shape[1:] for p in evaluate(np.zeros(2, dtype=np.int64))]
     if mpi_world.n_ranks() == 1:

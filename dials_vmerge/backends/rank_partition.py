@@ -184,6 +184,80 @@ def partition_table(table, space_group, n_ranks: int,
     return partition_of_counts(distinct, counts, n_ranks)
 
 
+def _distinct_key_counts(keys):
+    """(sorted distinct keys, rows per key), as np.unique(keys, return_counts=True): by a
+    count over the keys' dense (h, k, l) box when it is small beside the rows (always for
+    diffraction data: ~3x faster than the sort), else by np.unique."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    mask = (1 << KEY_COMPONENT_BITS) - 1
+    h, k, l = keys >> (2 * KEY_COMPONENT_BITS), (keys >> KEY_COMPONENT_BITS) & mask, keys & mask
+    lo = [int(c.min()) for c in (h, k, l)]
+    span = [int(c.max()) - m + 1 for c, m in zip((h, k, l), lo)]
+    if span[0] * span[1] * span[2] > 4 * keys.size + (1 << 20):
+        return np.unique(keys, return_counts=True)
+    dense = ((h - lo[0]) * span[1] + (k - lo[1])) * span[2] + (l - lo[2])
+    del h, k, l
+    counts = np.bincount(dense, minlength=span[0] * span[1] * span[2])
+    present = np.flatnonzero(counts)
+    dh, rest = np.divmod(present, span[1] * span[2])
+    dk, dl = np.divmod(rest, span[2])
+    distinct = (((dh + lo[0]) << (2 * KEY_COMPONENT_BITS)) | ((dk + lo[1]) << KEY_COMPONENT_BITS)
+                | (dl + lo[2]))
+    return distinct.astype(np.int64), counts[present].astype(np.int64)
+
+
+@dataclass
+class InputRowKeys:
+    """The packed non-anomalous key of every row of an input's `miller_index` blob, by file
+    row (-1: a file row the partitioned table did not hold). Preparation's grouping of the
+    same rows (scaling/algorithm.py) takes its non-anomalous ASU index from these instead of
+    mapping every row again (issue 11: the read-time partition then costs no extra mapping)."""
+
+    column: object  # the LazyColumn the keys were read from (its blob identifies the file)
+    keys_by_file_row: "np.ndarray | None"  # None once released
+
+    def release(self):
+        """Give the 8 B per row back (the grouping has taken what it needs)."""
+        self.keys_by_file_row = None
+
+    def asu_of(self, table, rows):
+        """The non-anomalous ASU indices (int32 (n, 3), as ih_table.map_indices_to_asu) of
+        rows `rows` of `table`, or None if its miller_index is not this blob's rows (or the
+        keys were released)."""
+        if self.keys_by_file_row is None:
+            return None
+        located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
+            else None
+        if located is None or not located[0]._same_blob(self.column):
+            return None
+        keys = self.keys_by_file_row[located[1]]
+        if keys.size and keys.min() < 0:
+            return None
+        return unpack_keys(keys).astype(np.int32)
+
+
+def keyed_partition(table, space_group, n_ranks: int, chunk_rows: int = PARTITION_CHUNK_ROWS):
+    """(partition_table's partition, InputRowKeys or None) of a table whose rows every rank
+    holds (today's programs): one pass maps every row, holding 8 B of key per row, so that
+    preparation can reuse the mapping. None: miller_index is not in a file (no row
+    provenance to look the keys up by)."""
+    keys = non_anomalous_keys(table, space_group, chunk_rows)
+    partition = partition_of_counts(*_distinct_key_counts(keys), n_ranks)
+    located = table.file_rows_of("miller_index", np.arange(table.nrows)) \
+        if hasattr(table, "file_rows_of") else None
+    if located is None:
+        return partition, None
+    column, file_rows = located
+    if column.rows is None:
+        by_file_row = keys
+    else:
+        by_file_row = np.full(column.file_rows, -1, dtype=np.int64)
+        by_file_row[file_rows] = keys
+    return partition, InputRowKeys(column, by_file_row)
+
+
 @dataclass
 class RankRows:
     """The rows one rank holds: its table (other columns still lazy where the input was) and
@@ -246,21 +320,40 @@ def positions_within_dataset(table, input_rows, chunk_rows: int = PARTITION_CHUN
 # (pipeline.run_scaling_job) and every block sum of that job then uses them, whatever
 # layout (suitable rows, after outliers) it sums over.
 _active = []
+_active_keys = []
 
 
 @contextmanager
-def job_partition(partition: RowPartition):
-    """The partition whose key blocks the block sums of the enclosed job use."""
+def job_partition(partition: RowPartition, row_keys: "InputRowKeys | None" = None):
+    """The partition whose key blocks the block sums of the enclosed job use; row_keys: the
+    input rows' keys it was cut from (keyed_partition), for preparation to reuse."""
     _active.append(partition)
+    _active_keys.append(row_keys)
     try:
         yield partition
     finally:
         _active.pop()
+        _active_keys.pop()
 
 
 def active_partition():
     """The partition of the running job (None outside pipeline.run_scaling_job)."""
     return _active[-1] if _active else None
+
+
+def partition_asu_of_rows(table, rows, release=True):
+    """The non-anomalous ASU indices of rows `rows` of `table` from the running job's
+    partition pass (int32 (n, 3)), or None (no job keys, or rows not from the keyed file):
+    the caller then maps them itself. release: the job's keys are given back after this
+    look-up (its one user, scaling's grouping, asks once per job), so they do not add
+    8 B per input row to the job's peak."""
+    row_keys = _active_keys[-1] if _active_keys else None
+    if row_keys is None:
+        return None
+    asu = row_keys.asu_of(table, rows)
+    if release:
+        row_keys.release()
+    return asu
 
 
 def key_blocks_of_groups(group_asu):

@@ -151,8 +151,13 @@ class ScalingRun:
             return []
         all_rows = np.concatenate([k[2] for k in kept])
         bounds = np.concatenate([[0], np.cumsum([k[2].size for k in kept])]).astype(np.int64)
-        asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
-                                 self.anomalous)
+        # issue 11: the read-time partition already mapped these rows (non-anomalous)
+        from ..backends.rank_partition import partition_asu_of_rows
+
+        asu = None if self.anomalous else partition_asu_of_rows(table, all_rows)
+        if asu is None:
+            asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
+                                     self.anomalous)
         intensity = table.peek("intensity", all_rows)
         variance = table.peek("variance", all_rows)
         g = np.array(table.peek("inverse_scale_factor", all_rows), dtype=np.float64)

@@ -128,7 +128,7 @@ def rmeas_sorted(intensity, sigma, group_start, nproc=1, key_blocks=None):
     MPI ranks, each rank summing only its own blocks' rows (issue 11). Without them: chunks
     of groups per thread, added in chunk order."""
     if key_blocks is not None:
-        from ..backends.block_sums import blockwise_sum
+        from ..backends.block_sums import batch_blocks_for, blockwise_sum
 
         block_bounds, rank_blocks = key_blocks
 
@@ -139,7 +139,7 @@ def rmeas_sorted(intensity, sigma, group_start, nproc=1, key_blocks=None):
             # counts travel as float64 (exact below 2^53) with the other partials
             return [num, den, kept.astype(np.float64)]
 
-        num, den, kept = blockwise_sum(group_start, evaluate, 4 * max(int(nproc), 1),
+        num, den, kept = blockwise_sum(group_start, evaluate, batch_blocks_for(3, nproc),
                                        block_bounds, rank_blocks=rank_blocks)
         if float(kept) < 2:
             return -1.0

@@ -26,7 +26,8 @@ from ..kernels.physical_family import DERIVATIVE_BLOCK_ROWS
 from ..kernels.size_dispatch import parallel_when_large
 
 from ..backends import mpi_world
-from ..backends.block_sums import blockwise_sum, fixed_block_bounds, rank_group_range
+from ..backends.block_sums import (batch_blocks_for, blockwise_sum, fixed_block_bounds,
+                                   rank_group_range)
 from ..backends.rank_partition import key_blocks_of_groups
 from .family import KBFamily, ModelFamilies
 from .ih_table import chunk_bounds, group_weighted_sums
@@ -234,17 +235,18 @@ def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start,
                              rhs_partial, normal_partial)
         return [phi_partial, rhs_partial, normal_partial]
 
-    # one block per thread at a time: a block's partial normal matrix is n_par^2 doubles
+    # as many blocks per call as keep the batch's n_par^2 partials within the block sums'
+    # buffer limit (all blocks for a physical sweep's ~50 parameters)
     block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
-    phi, rhs, normal = blockwise_sum(group_start, evaluate, max(int(nproc), 1), block_bounds,
-                                     n_par, rank_blocks)
+    phi, rhs, normal = blockwise_sum(group_start, evaluate,
+                                     batch_blocks_for(1 + n_par + n_par * n_par, nproc),
+                                     block_bounds, n_par, rank_blocks)
     return float(phi), rhs, normal
 
 
 def _batch_blocks(nproc, partial_size):
-    """Blocks per kernel call: a few per thread, the batch's partials within ~64 MB."""
-    by_memory = max(1, (64 << 20) // (8 * max(int(partial_size), 1)))
-    return int(max(1, min(4 * max(int(nproc), 1), by_memory)))
+    """Blocks per kernel call for partials of a phi and a partial_size gradient."""
+    return batch_blocks_for(1 + int(partial_size), nproc)
 
 
 def variance_of_g(deriv_values, deriv_col, covariance):
