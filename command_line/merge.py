@@ -48,7 +48,7 @@ def run(params, inputs, log):
     with run_progress(log, 3):
         if table is not None:
             with stage(log, "Merging"):
-                result = merge_scaled_table(table, experiments, params, log)
+                result = _merge_table(table, experiments, params, log)
         log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
                  "unique reflections")
         with stage(log, "Merging statistics"):
@@ -61,6 +61,17 @@ def run(params, inputs, log):
             with StagedOutputs() as staged:
                 write_json(params.output.json or "dials.vmerge.merge.json", report)
                 stage_report(report, params, staged, "dials.vmerge.merge", log)
+
+
+def _merge_table(table, experiments, params, log):
+    """Under MPI (classical): each rank merges the rows of its own unique reflections
+    (merging/rank_merge.py); otherwise every row here."""
+    from dials_vmerge.backends import mpi_world
+    from dials_vmerge.merging import rank_merge
+
+    if rank_merge.applies(params, mpi_world.n_ranks()):
+        return rank_merge.merge_rank_rows(table, experiments, params, log)
+    return merge_scaled_table(table, experiments, params, log)
 
 
 def _merge_mtz(params, paths, method, log):
