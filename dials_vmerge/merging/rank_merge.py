@@ -413,6 +413,9 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     unit_cell = geometry.median_unit_cell(experiments)
     wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
     own = rank_rows(table, space_group, mpi_world.n_ranks(), mpi_world.rank())
+    rows_per_rank = mpi_world.allgather_rows(np.array([own.table.nrows], dtype=np.int64))
+    log.info(f"MPI: merging each rank's own unique reflections (rows per rank "
+             f"{' / '.join(str(int(n)) for n in rows_per_rank)} of {table.nrows})")
     error, obs = None, None
     try:
         obs = _local_observations(own.table, experiments, params, unit_cell)

@@ -1,0 +1,199 @@
+"""`mpiexec -n 2|3 dials.vmerge.merge scaled.expt scaled.refl` merges each rank's own rows and
+gives the one-process outputs (issue 11; merging/rank_merge.py).
+
+Real launcher runs (the `mpi` extra's mpich) on dials.scale's quartz output (1620 rows: one key
+block, so the second and third ranks hold no row) and on a small 3-sweep simulation scaled by
+dials.vmerge (~20 000 rows, 4 key blocks: every rank holds rows). merged.mtz is read with gemmi
+(not our reader): the same unique reflections and every column to 1e-10 relative; the JSON's
+merging statistics to 1e-10; the log (statistics table, summary, calibration, batch table)
+equal apart from timings and the MPI lines. Bad input under MPI: one line, exit 1, no outputs,
+also when only one rank's rows hold the bad value.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dials_vmerge  # noqa: F401  (before numba/scipy.special)
+from dials_vmerge import geometry
+from dials_vmerge.backends import rank_partition
+from dials_vmerge.io import read_experiments, read_reflections, write_reflections
+
+pytest.importorskip("mpi4py")
+gemmi = pytest.importorskip("gemmi")
+
+QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
+BIN = os.path.dirname(sys.executable)
+TIMEOUT_S = 180
+STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
+RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
+                       r"([\d / ]+) of (\d+)\)")
+OUTPUTS = ["dials.vmerge.merge.html", "dials.vmerge.merge.json", "dials.vmerge.merge.log",
+           "merged.mtz"]
+
+
+def launcher():
+    for name in ("mpiexec", "mpirun"):
+        path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+        if path:
+            return path
+    pytest.skip("no mpiexec on PATH (install the `mpi` extra)")
+
+
+def run(args, cwd, n_ranks=None):
+    command = [os.path.join(BIN, args[0])] + list(args[1:])
+    if n_ranks is not None:
+        command = [launcher(), "-n", str(n_ranks)] + command
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """{name: (scaled.expt, scaled.refl)}."""
+    out = {"quartz": (os.path.join(QUARTZ, "scaled.expt"), os.path.join(QUARTZ, "scaled.refl"))}
+    d = tmp_path_factory.mktemp("sweeps3")
+    done = run(["dials.vmerge.simulate", "rotation.n_sweeps=3", "n_obs_target=20000", "seed=5"],
+               cwd=d)
+    assert done.returncode == 0, done.stderr
+    done = run(["dials.vmerge", "simulated.expt", "simulated.refl", "nproc=1"], cwd=d)
+    assert done.returncode == 0, done.stderr
+    out["sweeps3"] = (str(d / "scaled.expt"), str(d / "scaled.refl"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(scaled, tmp_path_factory):
+    out = {}
+    for name, (expt, refl) in scaled.items():
+        d = tmp_path_factory.mktemp(f"single_{name}")
+        done = run(["dials.vmerge.merge", expt, refl], cwd=d)
+        assert done.returncode == 0, done.stderr
+        out[name] = d
+    return out
+
+
+def comparable_log(path):
+    keep = []
+    for line in open(path).read().splitlines():
+        if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
+            continue
+        if STAGE_TIME.fullmatch(line):
+            continue
+        keep.append(line)
+    return keep
+
+
+def mtz_columns(path):
+    mtz = gemmi.read_mtz_file(str(path))
+    hkl = np.array(mtz.make_miller_array(), dtype=np.int64)
+    columns = {c.label: np.array(c, dtype=np.float64) for c in mtz.columns
+               if c.label not in ("H", "K", "L")}
+    return hkl, columns
+
+
+def assert_close(ours, theirs, path="", rtol=1e-10):
+    """Nested JSON values equal, numbers to rtol relative (None/NaN alike)."""
+    if isinstance(theirs, dict):
+        assert sorted(ours) == sorted(theirs), path
+        for key in theirs:
+            assert_close(ours[key], theirs[key], f"{path}/{key}", rtol)
+    elif isinstance(theirs, list):
+        assert len(ours) == len(theirs), path
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_close(a, b, f"{path}/{i}", rtol)
+    elif isinstance(theirs, float) and not isinstance(ours, bool):
+        assert isinstance(ours, (int, float)), path
+        assert math.isclose(ours, theirs, rel_tol=rtol, abs_tol=1e-300), (path, ours, theirs)
+    else:
+        assert ours == theirs, (path, ours, theirs)
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+@pytest.mark.parametrize("name", ["quartz", "sweeps3"])
+def test_merge_on_rank_rows_equals_single_process(scaled, single_process, tmp_path, name,
+                                                  n_ranks):
+    expt, refl = scaled[name]
+    done = run(["dials.vmerge.merge", expt, refl], cwd=tmp_path, n_ranks=n_ranks)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    reference = single_process[name]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(reference)) == OUTPUTS
+
+    log = open(tmp_path / "dials.vmerge.merge.log").read()
+    match = RANK_ROWS.search(log)
+    assert match, "the merge did not run on the ranks' own rows"
+    rows = [int(n) for n in match.group(1).split(" / ")]
+    total = len(read_reflections(refl))
+    assert len(rows) == n_ranks and sum(rows) == int(match.group(2)) == total
+    if name == "sweeps3":  # every rank holds whole groups, none holds everything
+        assert all(0 < n < total for n in rows)
+    assert f"MPI: {n_ranks} ranks; " in log
+
+    hkl, columns = mtz_columns(tmp_path / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(reference / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)  # the same unique reflections, in the same order
+    assert sorted(columns) == sorted(columns_ref)
+    assert {"IMEAN", "SIGIMEAN", "I(+)", "I(-)", "F", "DANO", "FreeR_flag"} <= set(columns)
+    for label, values in columns_ref.items():
+        ours = columns[label]
+        assert np.array_equal(np.isnan(ours), np.isnan(values)), label
+        ok = ~np.isnan(values)
+        assert np.all(np.abs(ours[ok] - values[ok]) <= 1e-10 * np.abs(values[ok])), label
+
+    ours = json.load(open(tmp_path / "dials.vmerge.merge.json"))
+    theirs = json.load(open(reference / "dials.vmerge.merge.json"))
+    assert ours["n_observations"] == theirs["n_observations"]
+    assert ours["n_unique"] == theirs["n_unique"] == len(hkl)
+    for key in ("merging_statistics", "summary_table", "sigma_calibration", "per_batch"):
+        assert_close(ours[key], theirs[key], key)
+    assert theirs["merging_statistics"]["anomalous_statistics"]["overall"]["cc_anom_n_pairs"] > 0
+    assert comparable_log(tmp_path / "dials.vmerge.merge.log") == comparable_log(
+        reference / "dials.vmerge.merge.log")
+    assert done.stdout.count("Total observations") == 1  # rank 0 alone prints
+
+
+def test_bad_input_under_mpi_is_one_line(tmp_path):
+    """Unscaled input (no inverse_scale_factor): every rank fails alike."""
+    done = run(["dials.vmerge.merge", os.path.join(QUARTZ, "integrated.expt"),
+                os.path.join(QUARTZ, "integrated.refl")], cwd=tmp_path, n_ranks=2)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not scaled" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_value_in_one_ranks_rows_is_one_line(scaled, tmp_path):
+    """A NaN intensity in rows that only rank 1 reads: rank 0's rows are fine, yet both
+    stop with the one line (exit 1, no outputs, the input untouched)."""
+    expt, refl = scaled["sweeps3"]
+    table = read_reflections(refl)
+    experiments = read_experiments(expt)
+    space_group = geometry.space_group(experiments[0])
+    keys = rank_partition.non_anomalous_keys(table, space_group)
+    partition = rank_partition.partition_keys(keys, 2)
+    row = int(partition.rows_of_rank(keys, 1)[0])
+    values = np.array(table["intensity.scale.value"], dtype=np.float64)
+    values[row] = np.nan
+    table["intensity.scale.value"] = values
+    bad = tmp_path / "input"
+    bad.mkdir()
+    write_reflections(table, str(bad / "scaled.refl"))
+    shutil.copy(expt, bad / "scaled.expt")
+    before = open(bad / "scaled.refl", "rb").read()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run(["dials.vmerge.merge", str(bad / "scaled.expt"), str(bad / "scaled.refl")],
+               cwd=work, n_ranks=2)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NaN" in lines[0], done.stderr
+    assert os.listdir(work) == []
+    assert open(bad / "scaled.refl", "rb").read() == before
