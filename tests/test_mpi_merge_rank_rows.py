@@ -197,3 +197,33 @@ def test_bad_value_in_one_ranks_rows_is_one_line(scaled, tmp_path):
     assert len(lines) == 1 and "NaN" in lines[0], done.stderr
     assert os.listdir(work) == []
     assert open(bad / "scaled.refl", "rb").read() == before
+
+
+def test_selections_and_unmerged_mtz_on_rank_rows(scaled, tmp_path):
+    """Image exclusion and a resolution cut applied before the partition, and the unmerged
+    MTZ (gathered observations, their batch, scale and dials.export columns) at N = 2 equal
+    the one-process files (gemmi) and log."""
+    expt, refl = scaled["sweeps3"]
+    args = ["dials.vmerge.merge", expt, refl, "exclude_images=0:1:20", "merging.d_min=2.0",
+            "unmerged_mtz=unmerged.mtz"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    assert RANK_ROWS.search(open(two / "dials.vmerge.merge.log").read())
+    for name in ("merged.mtz", "unmerged.mtz"):
+        hkl, columns = mtz_columns(two / name)
+        hkl_ref, columns_ref = mtz_columns(one / name)
+        assert np.array_equal(hkl, hkl_ref), name
+        assert sorted(columns) == sorted(columns_ref), name
+        for label, values in columns_ref.items():
+            assert np.array_equal(np.isnan(columns[label]), np.isnan(values)), (name, label)
+            ok = ~np.isnan(values)
+            assert np.all(np.abs(columns[label][ok] - values[ok])
+                          <= 1e-10 * np.abs(values[ok])), (name, label)
+    _, unmerged = mtz_columns(two / "unmerged.mtz")
+    assert {"BATCH", "SCALEUSED", "XDET", "FRACTIONCALC"} <= set(unmerged)
+    assert comparable_log(two / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
