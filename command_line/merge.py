@@ -7,10 +7,11 @@ from dials_vmerge.report import stage_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.unit_cells import check_unit_cells_of_table
+# under MPI: each rank merges the rows of its own unique reflections (issue 11)
+from dials_vmerge.merging.rank_merge import merge_scaled_table
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
-    merge_scaled_table,
     single_method,
     write_merge_outputs,
 )
@@ -48,7 +49,7 @@ def run(params, inputs, log):
     with run_progress(log, 3):
         if table is not None:
             with stage(log, "Merging"):
-                result = _merge_table(table, experiments, params, log)
+                result = merge_scaled_table(table, experiments, params, log)
         log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
                  "unique reflections")
         with stage(log, "Merging statistics"):
@@ -61,17 +62,6 @@ def run(params, inputs, log):
             with StagedOutputs() as staged:
                 write_json(params.output.json or "dials.vmerge.merge.json", report)
                 stage_report(report, params, staged, "dials.vmerge.merge", log)
-
-
-def _merge_table(table, experiments, params, log):
-    """Under MPI (classical): each rank merges the rows of its own unique reflections
-    (merging/rank_merge.py); otherwise every row here."""
-    from dials_vmerge.backends import mpi_world
-    from dials_vmerge.merging import rank_merge
-
-    if rank_merge.applies(params, mpi_world.n_ranks()):
-        return rank_merge.merge_rank_rows(table, experiments, params, log)
-    return merge_scaled_table(table, experiments, params, log)
 
 
 def _merge_mtz(params, paths, method, log):

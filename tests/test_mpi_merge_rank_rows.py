@@ -227,3 +227,29 @@ def test_selections_and_unmerged_mtz_on_rank_rows(scaled, tmp_path):
     assert {"BATCH", "SCALEUSED", "XDET", "FRACTIONCALC"} <= set(unmerged)
     assert comparable_log(two / "dials.vmerge.merge.log") == comparable_log(
         one / "dials.vmerge.merge.log")
+
+
+def test_vmerge_merging_stage_on_rank_rows(scaled, tmp_path):
+    """dials.vmerge's merging stage goes the same way: at N = 2 its merge runs on each
+    rank's own rows of the scaled table and merged.mtz and the log equal one process."""
+    expt, _ = scaled["sweeps3"]
+    directory = os.path.dirname(expt)
+    args = ["dials.vmerge", os.path.join(directory, "simulated.expt"),
+            os.path.join(directory, "simulated.refl"), "nproc=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    match = RANK_ROWS.search(open(two / "dials.vmerge.log").read())
+    assert match and all(int(n) > 0 for n in match.group(1).split(" / "))
+    hkl, columns = mtz_columns(two / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)
+    for label in ("IMEAN", "SIGIMEAN", "I(+)", "SIGI(-)", "F", "DANO"):
+        ok = ~np.isnan(columns_ref[label])
+        assert np.array_equal(np.isnan(columns[label]), ~ok), label
+        assert np.all(np.abs(columns[label][ok] - columns_ref[label][ok])
+                      <= 1e-10 * np.abs(columns_ref[label][ok])), label
+    assert comparable_log(two / "dials.vmerge.log") == comparable_log(one / "dials.vmerge.log")

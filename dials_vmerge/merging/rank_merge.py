@@ -56,6 +56,16 @@ def applies(params, n_ranks: int) -> bool:
     return n_ranks > 1 and method == ["classical"] and pass_device() != "cuda"
 
 
+def merge_scaled_table(table, experiments, params, log=None) -> MergeResult:
+    """merging.api.merge_scaled_table; under MPI, when `applies`, on each rank's own rows
+    (the merge program and dials.vmerge's merging stage both come here)."""
+    if applies(params, mpi_world.n_ranks()):
+        return merge_rank_rows(table, experiments, params, log)
+    from .api import merge_scaled_table as merge_every_row
+
+    return merge_every_row(table, experiments, params, log)
+
+
 # -- collective error handling ----------------------------------------------------------------
 def _raise_together(error):
     """Every rank calls this with the VmergeError it met (or None); if any rank met one, all
