@@ -170,6 +170,17 @@ def test_bad_input_under_mpi_is_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_nothing_in_resolution_range_under_mpi_is_one_line(scaled, tmp_path):
+    """No observation between d_max and d_min on any rank: the one-process line, once."""
+    expt, refl = scaled["sweeps3"]
+    done = run(["dials.vmerge.merge", expt, refl, "merging.d_min=0.1", "merging.d_max=0.2"],
+               cwd=tmp_path, n_ranks=2)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no reflections between" in lines[0], done.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_value_in_one_ranks_rows_is_one_line(scaled, tmp_path):
     """A NaN intensity in rows that only rank 1 reads: rank 0's rows are fine, yet both
     stop with the one line (exit 1, no outputs, the input untouched)."""

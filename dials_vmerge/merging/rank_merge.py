@@ -426,16 +426,21 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     rows_per_rank = mpi_world.allgather_rows(np.array([own.table.nrows], dtype=np.int64))
     log.info(f"MPI: merging each rank's own unique reflections (rows per rank "
              f"{' / '.join(str(int(n)) for n in rows_per_rank)} of {table.nrows})")
-    error, obs = None, None
+    error, obs, none_left = None, None, None
     try:
         obs = _local_observations(own.table, experiments, params, unit_cell)
     except VmergeError as e:
-        error = e
+        # "no reflections ..." (scaled_observations: every row flagged, below the
+        # partiality cut or outside d_min/d_max) is an error of the whole data only, not of
+        # one rank's share of it
+        if str(e).startswith("no reflections"):
+            obs, none_left = _empty_observations(), e
+        else:
+            error = e
     _raise_together(error)
     n_total = int(round(mpi_world.sum_over_ranks(float(len(obs)))))
     if n_total == 0:
-        raise VmergeError("no reflections left to merge (all bad_for_scaling, g <= 0 or "
-                          "variance <= 0)")
+        _raise_together(none_left or VmergeError("no reflections left to merge"))
     fw = bool(_param(params, "merging.french_wilson", True))
     n_bins = int(_param(params, "merging.nbins", 20))
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
@@ -454,6 +459,7 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     del groupings
     unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
     gathered = _observations_on_output_rank(obs, unmerged)
+    del obs, own  # rank 0: its rows are in `gathered` too
     result = MergeResult("classical", space_group, unit_cell, wavelength, gathered, merged,
                          merged_anom, statistics, experiments=experiments)
     if not mpi_world.is_output_rank():
