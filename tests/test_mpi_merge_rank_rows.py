@@ -181,6 +181,44 @@ def test_nothing_in_resolution_range_under_mpi_is_one_line(scaled, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_rank_with_no_row_in_resolution_range(scaled, tmp_path):
+    """A d range that holds rows of rank 0 only: rank 1's empty share is no error, and the
+    merge equals one process."""
+    from dials_vmerge.merging.groups import per_index_chunks
+
+    expt, refl = scaled["sweeps3"]
+    table = read_reflections(refl)
+    experiments = read_experiments(expt)
+    keys = rank_partition.non_anomalous_keys(table, geometry.space_group(experiments[0]))
+    owner = rank_partition.partition_keys(keys, 2).rank_of_keys(keys)
+    d = per_index_chunks(np.asarray(table["miller_index"]),
+                         geometry.median_unit_cell(experiments).d)
+    order = np.argsort(d)
+    d_sorted, owner_sorted = d[order], owner[order]
+    # the longest run of rank-0 rows in d order, well inside the data's range
+    runs = np.flatnonzero(np.diff(np.r_[-1, owner_sorted, -1] == 0))  # run bounds, paired
+    starts, ends = runs[0::2], runs[1::2]
+    inner = (starts > 0) & (ends < d.size)
+    best = np.argmax(np.where(inner, ends - starts, -1))
+    lo, hi = d_sorted[starts[best]], d_sorted[ends[best] - 1]
+    assert ends[best] - starts[best] >= 2 and d_sorted[starts[best] - 1] < lo \
+        and d_sorted[ends[best]] > hi
+    args = ["dials.vmerge.merge", expt, refl, f"merging.d_min={lo - 1e-9:.12f}",
+            f"merging.d_max={hi + 1e-9:.12f}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    hkl, columns = mtz_columns(two / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref) and len(hkl) > 0
+    assert np.array_equal(columns["IMEAN"], columns_ref["IMEAN"])
+    assert comparable_log(two / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
+
+
 def test_bad_value_in_one_ranks_rows_is_one_line(scaled, tmp_path):
     """A NaN intensity in rows that only rank 1 reads: rank 0's rows are fine, yet both
     stop with the one line (exit 1, no outputs, the input untouched)."""
