@@ -224,7 +224,6 @@ class RankPrepared:
         s_sorted = local.gather(self.sigma)
         mean, merged_sigma = merge_sums(i_sorted, s_sorted, local.group_start,
                                         SIGMA_DYNAMIC_RANGE, use_internal_variance)
-        abs_dev = total = None
         if deviations:
             abs_dev, total = deviation_sums(i_sorted, local.group_start, mean)
         else:
