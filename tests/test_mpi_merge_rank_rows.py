@@ -1,5 +1,5 @@
 """`mpiexec -n 2|3 dials.vmerge.merge scaled.expt scaled.refl` merges each rank's own rows and
-gives the one-process outputs (issue 11; merging/rank_merge.py).
+gives the one-process outputs (issue 11; merging/rank_merge.py), classical and robust.
 
 Real launcher runs (the `mpi` extra's mpich) on dials.scale's quartz output (1620 rows: one key
 block, so the second and third ranks hold no row) and on a small 3-sweep simulation scaled by
@@ -157,6 +157,35 @@ def test_merge_on_rank_rows_equals_single_process(scaled, single_process, tmp_pa
     assert comparable_log(tmp_path / "dials.vmerge.merge.log") == comparable_log(
         reference / "dials.vmerge.merge.log")
     assert done.stdout.count("Total observations") == 1  # rank 0 alone prints
+
+
+@pytest.mark.parametrize("name,n_ranks", [("quartz", 3), ("sweeps3", 2)])
+def test_robust_merge_on_rank_rows_equals_single_process(scaled, tmp_path, name, n_ranks):
+    """merging.method=robust (a Student-t merge per group) on the ranks' rows: merged.mtz,
+    the statistics of its merged intensities (CC1/2 of the robust merges of the same random
+    halves) and the log equal one process."""
+    expt, refl = scaled[name]
+    args = ["dials.vmerge.merge", expt, refl, "merging.method=robust"]
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=many, n_ranks=n_ranks)
+    assert done.returncode == 0, done.stderr
+    assert RANK_ROWS.search(open(many / "dials.vmerge.merge.log").read())
+    hkl, columns = mtz_columns(many / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)
+    for label, values in columns_ref.items():
+        ok = ~np.isnan(values)
+        assert np.array_equal(np.isnan(columns[label]), ~ok), label
+        assert np.all(np.abs(columns[label][ok] - values[ok]) <= 1e-10 * np.abs(values[ok]))
+    ours = json.load(open(many / "dials.vmerge.merge.json"))
+    theirs = json.load(open(one / "dials.vmerge.merge.json"))
+    assert theirs["merging_statistics"]["method"] == "robust"
+    assert_close(ours["merging_statistics"], theirs["merging_statistics"], "statistics")
+    assert comparable_log(many / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
 
 
 def test_bad_input_under_mpi_is_one_line(tmp_path):

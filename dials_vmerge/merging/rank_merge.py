@@ -1,13 +1,14 @@
 """Merging and merging statistics on each MPI rank's own rows (issue 11).
 
-Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical, host passes) every
-rank reads only the rows of its own unique reflections (backends/rank_partition.py: whole
-non-anomalous ASU groups, so I(+), I(-) and the Friedel-merged group of a reflection are all
-on one rank) and computes per-group values of its own groups only. What crosses ranks is one
+Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical or robust, host
+passes; dials.vmerge's merging stage too) every rank reads only the rows of its own unique
+reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+), I(-) and
+the Friedel-merged group of a reflection are all on one rank) and computes per-group values
+of its own groups only. What crosses ranks is one
 row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
 of the merge or the statistics:
 
-- merged.mtz: each rank's classical merges (Friedel mates together and apart) gathered in the
+- merged.mtz: each rank's merges (Friedel mates together and apart) gathered in the
   one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered values
   (its prior is by resolution shell, a global quantity).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
@@ -38,22 +39,28 @@ from numba import njit
 from ..backends import mpi_world
 from ..errors import VmergeError
 from . import statistics as st
-from .api import MergeResult, ScaledObservations, _param, scaled_observations
-from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_classical, merge_sums
+from .api import (MergeResult, ScaledObservations, _param, merge_groups, scaled_observations,
+                  single_method)
+from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_sums
 from .groups import Groupings, per_index_chunks
 from .merged import MergedIntensities
 from .statistics import _draw_first_half, _largest_group
 
 
+# Methods whose merge is a function of each group's observations alone (variational's Wilson
+# prior is fitted over all groups: it is still merged from every row on every rank).
+RANK_METHODS = ("classical", "robust")
+
+
 def applies(params, n_ranks: int) -> bool:
-    """True when dials.vmerge.merge merges on each rank's own rows: more than one rank,
-    merging.method=classical (robust and variational are still merged from every row on
-    every rank) and the passes on the host."""
+    """True when the merge runs on each rank's own rows: more than one rank, a merging.method
+    of RANK_METHODS and the passes on the host."""
     from ..backends.run_device import pass_device
 
     method = _param(params, "merging.method", ["classical"])
     method = [method] if isinstance(method, str) else list(method)
-    return n_ranks > 1 and method == ["classical"] and pass_device() != "cuda"
+    return (n_ranks > 1 and len(method) == 1 and method[0] in RANK_METHODS
+            and pass_device() != "cuda")
 
 
 def merge_scaled_table(table, experiments, params, log=None) -> MergeResult:
@@ -187,6 +194,26 @@ def _half_means_at(intensity, sigma, permutation, group_start, groups, starts, u
     return half_1, half_2
 
 
+@njit(cache=True)
+def _half_labels_at(permutation, group_start, groups, starts, uniforms, n_rows):
+    """statistics.half_split_assignment_kernel for the local groups `groups`, group k's
+    draws starting at stream position starts[k]: 1 or 2 per observation row, 0 elsewhere."""
+    label = np.zeros(n_rows, np.int8)
+    rows = np.empty(_largest_group(group_start, groups), np.int64)
+    for k in range(groups.shape[0]):
+        g = groups[k]
+        start = group_start[g]
+        n = group_start[g + 1] - start
+        if n < 2:
+            continue
+        for i in range(n):
+            rows[i] = permutation[start + i]
+        n_first, _ = _draw_first_half(rows, n, uniforms, starts[k])
+        for i in range(n):
+            label[rows[i]] = 1 if i < n_first else 2
+    return label
+
+
 class RankPrepared:
     """statistics._Prepared over all ranks: the same per-group arrays, each rank computing
     its own groups' values, gathered in global group order. `half_means` replaces the
@@ -195,8 +222,11 @@ class RankPrepared:
     complete_set_dstar_sq = st._Prepared.complete_set_dstar_sq
     distributed = True
 
-    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings):
-        self.merger = None
+    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings,
+                 method="classical", params=None):
+        self.merger = None  # the statistics' one-process merger hooks stay unused
+        self.method = method
+        self.params = params
         self.space_group = space_group
         self.unit_cell = unit_cell
         self.anomalous = anomalous
@@ -222,8 +252,13 @@ class RankPrepared:
     def _local_sums(self, local, use_internal_variance, deviations):
         i_sorted = local.gather(self.intensity)
         s_sorted = local.gather(self.sigma)
-        mean, merged_sigma = merge_sums(i_sorted, s_sorted, local.group_start,
-                                        SIGMA_DYNAMIC_RANGE, use_internal_variance)
+        if self.method == "classical":
+            mean, merged_sigma = merge_sums(i_sorted, s_sorted, local.group_start,
+                                            SIGMA_DYNAMIC_RANGE, use_internal_variance)
+        else:  # statistics of the method's merged intensities (api.MethodMerger)
+            merged = merge_groups(self.method, local, self.intensity, self.sigma, self.params,
+                                  french_wilson_amplitudes=False)
+            mean, merged_sigma = merged.intensity, merged.sigma
         if deviations:
             abs_dev, total = deviation_sums(i_sorted, local.group_start, mean)
         else:
@@ -239,9 +274,13 @@ class RankPrepared:
         owner = groups.owner[order]
         mine = np.flatnonzero(owner == mpi_world.rank())
         local = groups.local
-        h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
-                                local.group_start, groups.local_of_global[order[mine]],
-                                starts[mine], self.uniforms, weighted)
+        local_order = groups.local_of_global[order[mine]]
+        if self.method == "classical":
+            h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
+                                    local.group_start, local_order, starts[mine],
+                                    self.uniforms, weighted)
+        else:
+            h1, h2 = self._method_half_means(local, local_order, starts[mine])
         gathered = mpi_world.allgather_rows(np.column_stack([h1, h2]))
         # the ranks' rows arrive in rank order, each rank's in `order`'s order
         position = np.argsort(owner, kind="stable")
@@ -250,6 +289,28 @@ class RankPrepared:
         half_1[position] = gathered[:, 0]
         half_2[position] = gathered[:, 1]
         return half_1, half_2
+
+
+    def _method_half_means(self, local, local_order, starts):
+        """statistics._half_means with a method merger, on this rank's groups: the method's
+        merge of each of the same random halves."""
+        from .lookup import find_indices
+
+        label = _half_labels_at(local.permutation, local.group_start, local_order, starts,
+                                self.uniforms, len(self.intensity))
+        halves = []
+        for half in (1, 2):
+            keep = label == half
+            part = local.subset(keep)
+            means = merge_groups(self.method, part, self.intensity[keep], self.sigma[keep],
+                                 self.params, french_wilson_amplitudes=False).intensity
+            out = np.full(local_order.size, np.nan)
+            where = find_indices(local.asu_index[local_order], part.asu_index)
+            found = where >= 0
+            out[found] = means[where[found]]
+            out[local.multiplicity[local_order] < 2] = np.nan
+            halves.append(out)
+        return halves[0], halves[1]
 
 
 def _global_extreme_indices(miller_index, unit_cell):
@@ -271,9 +332,12 @@ def _global_extreme_indices(miller_index, unit_cell):
 
 def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_cell,
                             n_bins=20, anomalous=False, significance_level=0.01,
-                            with_anomalous_table=False, suggest_cut=True, groupings=None):
-    """statistics.merging_statistics (classical) of all ranks' observations, each rank
-    giving its own rows (whole groups); every rank returns the same MergingStatistics."""
+                            with_anomalous_table=False, suggest_cut=True, groupings=None,
+                            method="classical", params=None):
+    """statistics.merging_statistics of all ranks' observations, each rank giving its own
+    rows (whole groups); every rank returns the same MergingStatistics. method: whose merged
+    intensities the statistics describe (classical: cctbx's inverse-variance means; robust:
+    as api.MethodMerger)."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -287,7 +351,8 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
     else:
         used = groupings.subset(positive)
         used_intensity, used_sigma = intensity[positive], sigma[positive]
-    prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used)
+    prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
+                        method, params)
     limits, d_ranges = st.equal_volume_limits(unit_cell, extremes, n_bins)
     g, a = prep.groups, prep.anom
     if g.n_groups == 0:
@@ -315,30 +380,34 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
     cc_half_overall = float((weights * values).sum() / weights.sum()) if weights.sum() else 0.0
     result = st.MergingStatistics(overall=overall, shells=shells, anomalous=anomalous,
                                   n_bins=n_bins, cc_half_overall=cc_half_overall)
-    result.method = "classical"
+    result.method = method
     result.d_min_cc_half_fit = st.cc_half_resolution_estimate(result)
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = rank_merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
-            significance_level, False, suggest_cut=False, groupings=groupings)
+            significance_level, False, suggest_cut=False, groupings=groupings, method=method,
+            params=params)
     d_fit = result.d_min_cc_half_fit
     if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > st.CUT_TOLERANCE_A:
         keep = np.sqrt(per_index_chunks(miller_index, unit_cell.d_star_sq)) <= 1.0 / d_fit
         result.cut_statistics = rank_merging_statistics(
             miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
             anomalous, significance_level, with_anomalous_table, suggest_cut=False,
-            groupings=groupings.subset(keep))
+            groupings=groupings.subset(keep), method=method, params=params)
     return result
 
 
 # -- merged intensities -------------------------------------------------------------------------
-def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes):
-    """The classical merge of all ranks' groups (merging.api.merge_groups for 'classical'),
-    in the one-process group order."""
+def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, method,
+                    params):
+    """merging.api.merge_groups of all ranks' groups, in the one-process group order."""
     from .french_wilson import french_wilson
 
-    merged = merge_classical(local_groups, intensity, sigma)
-    rows = np.empty((len(merged), 9), dtype=np.float64)
+    merged = merge_groups(method, local_groups, intensity, sigma, params,
+                          french_wilson_amplitudes=False)
+    extra = sorted(k for k, v in merged.extra.items()
+                   if isinstance(v, np.ndarray) and v.shape == (len(merged),))
+    rows = np.empty((len(merged), 9 + len(extra)), dtype=np.float64)
     rows[:, :3] = merged.asu_index
     rows[:, 3] = merged.intensity
     rows[:, 4] = merged.sigma
@@ -346,6 +415,8 @@ def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes):
     rows[:, 6] = merged.centric
     rows[:, 7] = merged.epsilon
     rows[:, 8] = merged.dstar_sq
+    for j, name in enumerate(extra):
+        rows[:, 9 + j] = merged.extra[name]
     rows = mpi_world.allgather_rows(rows)
     asu = rows[:, :3].astype(np.int32)
     rows = rows[np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))]
@@ -354,7 +425,9 @@ def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes):
         intensity=np.ascontiguousarray(rows[:, 3]), sigma=np.ascontiguousarray(rows[:, 4]),
         n_obs=rows[:, 5].astype(np.int64), centric=rows[:, 6] != 0,
         epsilon=np.ascontiguousarray(rows[:, 7]), dstar_sq=np.ascontiguousarray(rows[:, 8]),
-        anomalous=local_groups.anomalous, method="classical")
+        anomalous=local_groups.anomalous, method=method,
+        extra={name: rows[:, 9 + j].astype(merged.extra[name].dtype)
+               for j, name in enumerate(extra)})
     if french_wilson_amplitudes and len(out):
         _, _, F, sigma_F = french_wilson(out.intensity, out.sigma, out.centric, out.dstar_sq)
         out.amplitude, out.amplitude_sigma = F, sigma_F
@@ -406,7 +479,7 @@ def _observations_on_output_rank(obs, with_unmerged_columns):
 
 # -- the merge ---------------------------------------------------------------------------------
 def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
-    """merging.api.merge_scaled_table (classical) with each rank holding its own rows of
+    """merging.api.merge_scaled_table (RANK_METHODS) with each rank holding its own rows of
     `table` (the whole input, columns still in the file): the same MergeResult on rank 0
     (merged intensities and statistics on every rank; the report-only summaries on rank 0)."""
     from .. import geometry
@@ -440,18 +513,22 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     n_total = int(round(mpi_world.sum_over_ranks(float(len(obs)))))
     if n_total == 0:
         _raise_together(none_left or VmergeError("no reflections left to merge"))
+    method = single_method(params)
     fw = bool(_param(params, "merging.french_wilson", True))
     n_bins = int(_param(params, "merging.nbins", 20))
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
     try:
         statistics = rank_merging_statistics(
             obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
-            with_anomalous_table=not space_group.is_centric(), groupings=groupings)
+            with_anomalous_table=not space_group.is_centric(), groupings=groupings,
+            method=method, params=params)
     except Exception as e:  # every rank meets the same (gathered) values: all fail alike
         log.warning(f"Merging statistics could not be computed: {e}")
         statistics = None
-    merged = _gathered_merge(groupings.get(False), obs.intensity, obs.sigma, fw)
-    merged_anom = _gathered_merge(groupings.get(True), obs.intensity, obs.sigma, fw)
+    merged = _gathered_merge(groupings.get(False), obs.intensity, obs.sigma, fw, method,
+                             params)
+    merged_anom = _gathered_merge(groupings.get(True), obs.intensity, obs.sigma, fw, method,
+                                  params)
     if fw and len(merged):
         merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
                                                                               merged_anom)
@@ -459,7 +536,7 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
     gathered = _observations_on_output_rank(obs, unmerged)
     del obs, own  # rank 0: its rows are in `gathered` too
-    result = MergeResult("classical", space_group, unit_cell, wavelength, gathered, merged,
+    result = MergeResult(method, space_group, unit_cell, wavelength, gathered, merged,
                          merged_anom, statistics, experiments=experiments)
     if not mpi_world.is_output_rank():
         return result
