@@ -7,10 +7,11 @@ from dials_vmerge.report import stage_report
 from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.progress import run_progress, stage
 from dials_vmerge.unit_cells import check_unit_cells_of_table
+# under MPI: each rank merges the rows of its own unique reflections (issue 11)
+from dials_vmerge.merging.rank_merge import merge_scaled_table
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
-    merge_scaled_table,
     single_method,
     write_merge_outputs,
 )

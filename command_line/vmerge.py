@@ -6,7 +6,9 @@ from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io import read_reflections
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.memory import release_free_memory
-from dials_vmerge.merging.api import log_statistics, merge_scaled_table, write_merge_outputs
+from dials_vmerge.merging.api import log_statistics, write_merge_outputs
+# under MPI: each rank merges the rows of its own unique reflections (issue 11)
+from dials_vmerge.merging.rank_merge import merge_scaled_table
 from dials_vmerge.pipeline import (json_ready, log_scaled_files_saved, run_scaling_job,
                                    start_writing_scaled_files)
 from dials_vmerge.progress import run_progress, stage

@@ -263,3 +263,61 @@ def report() -> dict:
     hosts = [host] if comm is None else comm.allgather(host)
     out["mpi_hosts"] = sorted(set(hosts))
     return out
+
+
+# -- row exchanges for programs whose ranks hold their own rows (merging/rank_merge.py) -------
+def _byte_counts(values, comm):
+    """(values as a contiguous C array, its bytes, every rank's bytes) for a v-collective of
+    whole rows: rows of equal shape and dtype on every rank (the caller guarantees it)."""
+    values = np.ascontiguousarray(values)
+    counts = np.array(comm.allgather(int(values.nbytes)), dtype=np.int64)
+    return values, counts
+
+
+def allgather_rows(values):
+    """Every rank's rows of `values` (same trailing shape and dtype on all ranks),
+    concatenated in rank order, on every rank: one buffer Allgatherv of the raw bytes. In
+    one process: `values` itself."""
+    comm = world()
+    if comm is None:
+        return np.asarray(values)
+    from mpi4py import MPI
+
+    start = time.perf_counter()
+    values, counts = _byte_counts(values, comm)
+    displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    gathered = np.empty(int(counts.sum()), dtype=np.uint8)
+    _wait(comm.Iallgatherv(values.view(np.uint8).ravel(),
+                           [gathered, (counts, displacements), MPI.BYTE]))
+    row_shape = values.shape[1:]
+    out = gathered.view(values.dtype).reshape((-1,) + row_shape)
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 1
+    _state["reduced_bytes"] += values.nbytes
+    return out
+
+
+def gather_rows_to_output_rank(values):
+    """Every rank's rows of `values` concatenated in rank order on rank 0 (one buffer
+    Gatherv of the raw bytes); the other ranks get their own rows back. In one process:
+    `values` itself."""
+    comm = world()
+    if comm is None:
+        return np.asarray(values)
+    from mpi4py import MPI
+
+    start = time.perf_counter()
+    values, counts = _byte_counts(values, comm)
+    send = values.view(np.uint8).ravel()
+    if is_output_rank():
+        displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        gathered = np.empty(int(counts.sum()), dtype=np.uint8)
+        _wait(comm.Igatherv(send, [gathered, (counts, displacements), MPI.BYTE], root=0))
+        out = gathered.view(values.dtype).reshape((-1,) + values.shape[1:])
+    else:
+        _wait(comm.Igatherv(send, None, root=0))
+        out = values
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 1
+    _state["reduced_bytes"] += values.nbytes
+    return out

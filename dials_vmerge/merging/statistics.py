@@ -193,6 +193,8 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
 def _half_means(prep, groups, order, weighted):
     """Means of the two random halves of each group in `order` (NaN for n < 2): weighted or
     plain means (cctbx), or, with a method merger, that method's merge of each half."""
+    if getattr(prep, "distributed", False):  # MPI ranks' own rows (merging/rank_merge.py)
+        return prep.half_means(groups, order, weighted)
     if prep.merger is None:
         return half_split_kernel(prep.intensity, prep.sigma, groups.permutation,
                                  groups.group_start, order, prep.uniforms, weighted)
@@ -747,7 +749,8 @@ def _anomalous_differences(stats, prep, anom_sel, level) -> int:
 def _device_sums(prep) -> bool:
     from ..backends.run_device import pass_device
 
-    return pass_device() == "cuda" and prep.merger is None
+    return (pass_device() == "cuda" and prep.merger is None
+            and not getattr(prep, "distributed", False))
 
 
 def _device_anomalous_differences(stats, prep, anom_order, level) -> int:

@@ -1,0 +1,555 @@
+"""Merging and merging statistics on each MPI rank's own rows (issue 11).
+
+Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical or robust, host
+passes; dials.vmerge's merging stage too) every rank reads only the rows of its own unique
+reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+), I(-) and
+the Friedel-merged group of a reflection are all on one rank) and computes per-group values
+of its own groups only. What crosses ranks is one
+row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
+of the merge or the statistics:
+
+- merged.mtz: each rank's merges (Friedel mates together and apart) gathered in the
+  one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered values
+  (its prior is by resolution shell, a global quantity).
+- statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
+  per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
+  anomalous merge) are computed by each rank for its groups and gathered; every shell sum,
+  completeness count, CC and fit is then taken from the same gathered arrays on every rank.
+- CC1/2 and CCanom: cctbx's random half-split is one stream over the groups of a shell in
+  group order. How many draws a group takes depends only on its multiplicity and, for odd
+  multiplicity, on the stream value at its first draw, so every rank scans the gathered
+  multiplicities (_draw_offsets) to find where in the stream each group starts, draws the
+  halves of its own groups from there with the one-process code (statistics._draw_first_half)
+  and the half means are gathered. The halves are thus the one-process halves.
+
+Within a group the observations are in the one-process order (a rank's rows keep input
+order), so each group's values, and hence merged.mtz and the statistics, are bit-identical
+for any N. Still gathered to rank 0 per observation (not memory-saving yet): the report-only
+summaries (sigma calibration, statistics against batch, merge diagnostics) and the unmerged
+MTZ, which need sorted or per-batch values over all observations.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numba import njit
+
+from ..backends import mpi_world
+from ..errors import VmergeError
+from . import statistics as st
+from .api import (MergeResult, ScaledObservations, _param, merge_groups, scaled_observations,
+                  single_method)
+from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_sums
+from .groups import Groupings, per_index_chunks
+from .merged import MergedIntensities
+from .statistics import _draw_first_half, _largest_group
+
+
+# Methods whose merge is a function of each group's observations alone (variational's Wilson
+# prior is fitted over all groups: it is still merged from every row on every rank).
+RANK_METHODS = ("classical", "robust")
+
+
+def applies(params, n_ranks: int) -> bool:
+    """True when the merge runs on each rank's own rows: more than one rank, a merging.method
+    of RANK_METHODS and the passes on the host."""
+    from ..backends.run_device import pass_device
+
+    method = _param(params, "merging.method", ["classical"])
+    method = [method] if isinstance(method, str) else list(method)
+    return (n_ranks > 1 and len(method) == 1 and method[0] in RANK_METHODS
+            and pass_device() != "cuda")
+
+
+def merge_scaled_table(table, experiments, params, log=None) -> MergeResult:
+    """merging.api.merge_scaled_table; under MPI, when `applies`, on each rank's own rows
+    (the merge program and dials.vmerge's merging stage both come here)."""
+    if applies(params, mpi_world.n_ranks()):
+        return merge_rank_rows(table, experiments, params, log)
+    from .api import merge_scaled_table as merge_every_row
+
+    return merge_every_row(table, experiments, params, log)
+
+
+# -- collective error handling ----------------------------------------------------------------
+def _raise_together(error):
+    """Every rank calls this with the VmergeError it met (or None); if any rank met one, all
+    raise the lowest such rank's message, so that ranks whose rows hold the bad values and
+    ranks whose rows do not stop alike (one line, exit 1, as in one process)."""
+    comm = mpi_world.world()
+    if comm is None:
+        if error is not None:
+            raise error
+        return
+    messages = comm.allgather(None if error is None else str(error))
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise VmergeError(first)
+
+
+# -- gathered groupings ------------------------------------------------------------------------
+class RankGrouping:
+    """A grouping's per-group values over all ranks, in the one-process group order, with the
+    local grouping of this rank's observations (`local`) and where each group lives.
+
+    Has what the statistics' shell code reads from a GroupedObservations: asu_index, centric,
+    epsilon, dstar_sq, multiplicity, n_groups, anomalous, derived."""
+
+    def __init__(self, local):
+        self.local = local
+        self.anomalous = local.anomalous
+        self.derived = {}
+        rows = np.empty((local.n_groups, 7), dtype=np.float64)
+        rows[:, :3] = local.asu_index
+        rows[:, 3] = local.centric
+        rows[:, 4] = local.epsilon
+        rows[:, 5] = local.dstar_sq
+        rows[:, 6] = local.multiplicity
+        counts = mpi_world.allgather_rows(np.array([local.n_groups], dtype=np.int64))
+        rows = mpi_world.allgather_rows(rows)
+        asu = rows[:, :3].astype(np.int32)
+        # the one-process grouping's order: ASU indices in (h, k, l) order (unique)
+        self.order = np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))
+        self.asu_index = np.ascontiguousarray(asu[self.order])
+        self.centric = rows[self.order, 3] != 0
+        self.epsilon = np.ascontiguousarray(rows[self.order, 4])
+        self.dstar_sq = np.ascontiguousarray(rows[self.order, 5])
+        self.multiplicity = rows[self.order, 6].astype(np.int64)
+        owner = np.repeat(np.arange(counts.size, dtype=np.int64), counts)[self.order]
+        me = mpi_world.rank()
+        first = int(counts[:me].sum())
+        self.owner = owner
+        self.local_of_global = np.where(owner == me, self.order - first, -1).astype(np.int64)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.asu_index.shape[0])
+
+    def to_global(self, *local_values):
+        """Per-group float64 arrays of this rank's groups -> the arrays over all groups in
+        global order (one Allgatherv of all of them)."""
+        packed = np.empty((self.local.n_groups, len(local_values)), dtype=np.float64)
+        for j, values in enumerate(local_values):
+            packed[:, j] = values
+        gathered = mpi_world.allgather_rows(packed)[self.order]
+        return [np.ascontiguousarray(gathered[:, j]) for j in range(len(local_values))]
+
+
+@njit(cache=True)
+def _draw_offsets(multiplicity, uniforms):
+    """Where in cctbx's split stream each group's draws start when the groups are split in
+    the given order (statistics._draw_first_half's consumption: none for n < 2; for odd n
+    one draw for the extra member's half, then one per member of the first half)."""
+    out = np.zeros(multiplicity.shape[0], np.int64)
+    u = np.int64(0)
+    for k in range(multiplicity.shape[0]):
+        out[k] = u
+        n = multiplicity[k]
+        if n < 2:
+            continue
+        n_first = n // 2
+        if 2 * n_first != n:
+            if uniforms[u] < 0.5:
+                n_first += 1
+            u += 1
+        u += n_first
+    return out
+
+
+@njit(cache=True)
+def _half_means_at(intensity, sigma, permutation, group_start, groups, starts, uniforms,
+                   weighted):
+    """statistics.half_split_kernel for the local groups `groups`, group k's draws starting
+    at stream position starts[k]."""
+    n_sel = groups.shape[0]
+    half_1 = np.full(n_sel, np.nan)
+    half_2 = np.full(n_sel, np.nan)
+    rows = np.empty(_largest_group(group_start, groups), np.int64)
+    for k in range(n_sel):
+        g = groups[k]
+        start = group_start[g]
+        n = group_start[g + 1] - start
+        if n < 2:
+            continue
+        for i in range(n):
+            rows[i] = permutation[start + i]
+        n_first, _ = _draw_first_half(rows, n, uniforms, starts[k])
+        sum_1 = 0.0
+        weight_1 = 0.0
+        sum_2 = 0.0
+        weight_2 = 0.0
+        for i in range(n):
+            row = rows[i]
+            w = 1.0 / (sigma[row] * sigma[row]) if weighted else 1.0
+            if i < n_first:
+                sum_1 += intensity[row] * w
+                weight_1 += w
+            else:
+                sum_2 += intensity[row] * w
+                weight_2 += w
+        half_1[k] = sum_1 / weight_1
+        half_2[k] = sum_2 / weight_2
+    return half_1, half_2
+
+
+@njit(cache=True)
+def _half_labels_at(permutation, group_start, groups, starts, uniforms, n_rows):
+    """statistics.half_split_assignment_kernel for the local groups `groups`, group k's
+    draws starting at stream position starts[k]: 1 or 2 per observation row, 0 elsewhere."""
+    label = np.zeros(n_rows, np.int8)
+    rows = np.empty(_largest_group(group_start, groups), np.int64)
+    for k in range(groups.shape[0]):
+        g = groups[k]
+        start = group_start[g]
+        n = group_start[g + 1] - start
+        if n < 2:
+            continue
+        for i in range(n):
+            rows[i] = permutation[start + i]
+        n_first, _ = _draw_first_half(rows, n, uniforms, starts[k])
+        for i in range(n):
+            label[rows[i]] = 1 if i < n_first else 2
+    return label
+
+
+class RankPrepared:
+    """statistics._Prepared over all ranks: the same per-group arrays, each rank computing
+    its own groups' values, gathered in global group order. `half_means` replaces the
+    one-process half split (statistics._half_means asks for it)."""
+
+    complete_set_dstar_sq = st._Prepared.complete_set_dstar_sq
+    distributed = True
+
+    def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings,
+                 method="classical", params=None):
+        self.merger = None  # the statistics' one-process merger hooks stay unused
+        self.method = method
+        self.params = params
+        self.space_group = space_group
+        self.unit_cell = unit_cell
+        self.anomalous = anomalous
+        self.intensity = intensity
+        self.sigma = sigma
+        a_local = groupings.get(True, unit_cell)
+        g_local = groupings.get(anomalous, unit_cell)
+        self.anom = RankGrouping(a_local)
+        self.groups = self.anom if g_local is a_local else RankGrouping(g_local)
+        mean, merged_sigma, abs_dev, total = self._local_sums(g_local, False, True)
+        self.mean, self.merged_sigma, self.abs_dev, self.total = self.groups.to_global(
+            mean, merged_sigma, abs_dev, total)
+        anom_mean, anom_sigma, _, _ = self._local_sums(a_local, True, False)
+        self.anom_mean, self.anom_sigma_internal = self.anom.to_global(anom_mean, anom_sigma)
+        self.n = self.groups.multiplicity
+        self.group_d = st._cctbx_d(unit_cell, self.groups.asu_index)
+        self.partner = st.bijvoet_partner_of(self.anom)
+        self.plus = st.plus_hemisphere_of(self.anom, space_group) & (self.partner >= 0)
+        self.uniforms = st.cctbx_uniform_stream(max(st.cctbx_draws_needed(self.groups),
+                                                    st.cctbx_draws_needed(self.anom)))
+        self._complete = None
+
+    def _local_sums(self, local, use_internal_variance, deviations):
+        i_sorted = local.gather(self.intensity)
+        s_sorted = local.gather(self.sigma)
+        if self.method == "classical":
+            mean, merged_sigma = merge_sums(i_sorted, s_sorted, local.group_start,
+                                            SIGMA_DYNAMIC_RANGE, use_internal_variance)
+        else:  # statistics of the method's merged intensities (api.MethodMerger)
+            merged = merge_groups(self.method, local, self.intensity, self.sigma, self.params,
+                                  french_wilson_amplitudes=False)
+            mean, merged_sigma = merged.intensity, merged.sigma
+        if deviations:
+            abs_dev, total = deviation_sums(i_sorted, local.group_start, mean)
+        else:
+            abs_dev = total = np.zeros(local.n_groups)
+        return mean, merged_sigma, abs_dev, total
+
+    def half_means(self, groups, order, weighted):
+        """Means of cctbx's random halves of the groups `order` (global indices, in the
+        order split), NaN for n < 2: each rank draws its own groups' halves from their
+        places in the one stream, then every rank gets all of them."""
+        order = np.asarray(order, dtype=np.int64)
+        starts = _draw_offsets(groups.multiplicity[order], self.uniforms)
+        owner = groups.owner[order]
+        mine = np.flatnonzero(owner == mpi_world.rank())
+        local = groups.local
+        local_order = groups.local_of_global[order[mine]]
+        if self.method == "classical":
+            h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
+                                    local.group_start, local_order, starts[mine],
+                                    self.uniforms, weighted)
+        else:
+            h1, h2 = self._method_half_means(local, local_order, starts[mine])
+        gathered = mpi_world.allgather_rows(np.column_stack([h1, h2]))
+        # the ranks' rows arrive in rank order, each rank's in `order`'s order
+        position = np.argsort(owner, kind="stable")
+        half_1 = np.empty(order.size)
+        half_2 = np.empty(order.size)
+        half_1[position] = gathered[:, 0]
+        half_2[position] = gathered[:, 1]
+        return half_1, half_2
+
+
+    def _method_half_means(self, local, local_order, starts):
+        """statistics._half_means with a method merger, on this rank's groups: the method's
+        merge of each of the same random halves."""
+        from .lookup import find_indices
+
+        label = _half_labels_at(local.permutation, local.group_start, local_order, starts,
+                                self.uniforms, len(self.intensity))
+        halves = []
+        for half in (1, 2):
+            keep = label == half
+            part = local.subset(keep)
+            means = merge_groups(self.method, part, self.intensity[keep], self.sigma[keep],
+                                 self.params, french_wilson_amplitudes=False).intensity
+            out = np.full(local_order.size, np.nan)
+            where = find_indices(local.asu_index[local_order], part.asu_index)
+            found = where >= 0
+            out[found] = means[where[found]]
+            out[local.multiplicity[local_order] < 2] = np.nan
+            halves.append(out)
+        return halves[0], halves[1]
+
+
+def _global_extreme_indices(miller_index, unit_cell):
+    """The indices of the smallest and largest d*^2 over all ranks' observations (what
+    statistics.equal_volume_limits reads of them)."""
+    row = np.zeros((1, 9), dtype=np.float64)
+    if len(miller_index):
+        d_star_sq = per_index_chunks(miller_index, unit_cell.d_star_sq)
+        lo, hi = int(np.argmin(d_star_sq)), int(np.argmax(d_star_sq))
+        row[0] = [1, d_star_sq[lo], *miller_index[lo], d_star_sq[hi], *miller_index[hi]]
+    rows = mpi_world.allgather_rows(row)
+    rows = rows[rows[:, 0] > 0]
+    if rows.size == 0:
+        return np.zeros((0, 3), dtype=np.int32)
+    lo = rows[int(np.argmin(rows[:, 1])), 2:5]
+    hi = rows[int(np.argmax(rows[:, 5])), 6:9]
+    return np.array([lo, hi], dtype=np.int32)
+
+
+def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_cell,
+                            n_bins=20, anomalous=False, significance_level=0.01,
+                            with_anomalous_table=False, suggest_cut=True, groupings=None,
+                            method="classical", params=None):
+    """statistics.merging_statistics of all ranks' observations, each rank giving its own
+    rows (whole groups); every rank returns the same MergingStatistics. method: whose merged
+    intensities the statistics describe (classical: cctbx's inverse-variance means; robust:
+    as api.MethodMerger)."""
+    miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
+    intensity = np.asarray(intensity, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    unit_cell = st.symmetry_compatible_cell(unit_cell, space_group)
+    extremes = _global_extreme_indices(miller_index, unit_cell)
+    if groupings is None:
+        groupings = Groupings(miller_index, space_group, unit_cell)
+    positive = sigma > 0
+    if positive.all():
+        used, used_intensity, used_sigma = groupings, intensity, sigma
+    else:
+        used = groupings.subset(positive)
+        used_intensity, used_sigma = intensity[positive], sigma[positive]
+    prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
+                        method, params)
+    limits, d_ranges = st.equal_volume_limits(unit_cell, extremes, n_bins)
+    g, a = prep.groups, prep.anom
+    if g.n_groups == 0:
+        raise ValueError("no reflections with sigma > 0")
+    complete_dss = prep.complete_set_dstar_sq(float(prep.group_d.min()))
+    anom_complete_dss = st._acentric_complete(prep, float(prep.group_d.min())) if anomalous \
+        else None
+    overall = st._shell_statistics(prep, np.ones(g.n_groups, bool), np.ones(a.n_groups, bool),
+                                   None, significance_level, complete_dss, anom_complete_dss,
+                                   probability_plot=True)
+    group_shell = st.shell_of(g.dstar_sq, limits)
+    anom_shell = st.shell_of(a.dstar_sq, limits)
+    shells = []
+    for b in range(n_bins):
+        sel = group_shell == b
+        if not sel.any():
+            shells.append(st.ShellStatistics(d_max=d_ranges[b][0], d_min=d_ranges[b][1]))
+            continue
+        shells.append(st._shell_statistics(prep, sel, anom_shell == b, d_ranges[b],
+                                           significance_level, complete_dss,
+                                           anom_complete_dss))
+    del prep, g, a, used
+    weights = np.array([s.cc_half_n_refl for s in shells], dtype=np.float64)
+    values = np.array([s.cc_half for s in shells])
+    cc_half_overall = float((weights * values).sum() / weights.sum()) if weights.sum() else 0.0
+    result = st.MergingStatistics(overall=overall, shells=shells, anomalous=anomalous,
+                                  n_bins=n_bins, cc_half_overall=cc_half_overall)
+    result.method = method
+    result.d_min_cc_half_fit = st.cc_half_resolution_estimate(result)
+    if with_anomalous_table and not anomalous:
+        result.anomalous_statistics = rank_merging_statistics(
+            miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
+            significance_level, False, suggest_cut=False, groupings=groupings, method=method,
+            params=params)
+    d_fit = result.d_min_cc_half_fit
+    if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > st.CUT_TOLERANCE_A:
+        keep = np.sqrt(per_index_chunks(miller_index, unit_cell.d_star_sq)) <= 1.0 / d_fit
+        result.cut_statistics = rank_merging_statistics(
+            miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
+            anomalous, significance_level, with_anomalous_table, suggest_cut=False,
+            groupings=groupings.subset(keep), method=method, params=params)
+    return result
+
+
+# -- merged intensities -------------------------------------------------------------------------
+def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, method,
+                    params):
+    """merging.api.merge_groups of all ranks' groups, in the one-process group order."""
+    from .french_wilson import french_wilson
+
+    merged = merge_groups(method, local_groups, intensity, sigma, params,
+                          french_wilson_amplitudes=False)
+    extra = sorted(k for k, v in merged.extra.items()
+                   if isinstance(v, np.ndarray) and v.shape == (len(merged),))
+    rows = np.empty((len(merged), 9 + len(extra)), dtype=np.float64)
+    rows[:, :3] = merged.asu_index
+    rows[:, 3] = merged.intensity
+    rows[:, 4] = merged.sigma
+    rows[:, 5] = merged.n_obs
+    rows[:, 6] = merged.centric
+    rows[:, 7] = merged.epsilon
+    rows[:, 8] = merged.dstar_sq
+    for j, name in enumerate(extra):
+        rows[:, 9 + j] = merged.extra[name]
+    rows = mpi_world.allgather_rows(rows)
+    asu = rows[:, :3].astype(np.int32)
+    rows = rows[np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))]
+    out = MergedIntensities(
+        asu_index=np.ascontiguousarray(rows[:, :3].astype(np.int32)),
+        intensity=np.ascontiguousarray(rows[:, 3]), sigma=np.ascontiguousarray(rows[:, 4]),
+        n_obs=rows[:, 5].astype(np.int64), centric=rows[:, 6] != 0,
+        epsilon=np.ascontiguousarray(rows[:, 7]), dstar_sq=np.ascontiguousarray(rows[:, 8]),
+        anomalous=local_groups.anomalous, method=method,
+        extra={name: rows[:, 9 + j].astype(merged.extra[name].dtype)
+               for j, name in enumerate(extra)})
+    if french_wilson_amplitudes and len(out):
+        _, _, F, sigma_F = french_wilson(out.intensity, out.sigma, out.centric, out.dstar_sq)
+        out.amplitude, out.amplitude_sigma = F, sigma_F
+    return out
+
+
+# -- observations for the report-only summaries -------------------------------------------------
+def _empty_observations():
+    return ScaledObservations(np.zeros((0, 3), np.int32), np.zeros(0), np.zeros(0),
+                              batch=np.zeros(0, np.int64), scale=np.zeros(0),
+                              scale_sigma=np.zeros(0), extra={})
+
+
+def _local_observations(table, experiments, params, unit_cell):
+    if table.nrows == 0:
+        return _empty_observations()
+    return scaled_observations(table, experiments, _param(params, "merging.d_min", None),
+                               _param(params, "merging.d_max", None), unit_cell)
+
+
+def _observations_on_output_rank(obs, with_unmerged_columns):
+    """The observations of all ranks, in rank order, on rank 0 (ScaledObservations with the
+    columns the report and the unmerged MTZ read); the other ranks keep their own."""
+    comm = mpi_world.world()
+    gather = mpi_world.gather_rows_to_output_rank
+    columns = {
+        "miller_index": np.asarray(obs.miller_index, dtype=np.int32).reshape(-1, 3),
+        "intensity": obs.intensity, "sigma": obs.sigma,
+        "batch": np.asarray(obs.batch, dtype=np.int64),
+        "scale": np.asarray(obs.scale, dtype=np.float64),
+    }
+    extra = {}
+    if with_unmerged_columns:
+        columns["scale_sigma"] = np.asarray(obs.scale_sigma, dtype=np.float64)
+        local_extra = obs.extra if len(obs) else {}
+        names = sorted(local_extra) if comm is None else sorted(
+            set().union(*comm.allgather(sorted(local_extra))))
+        for name in names:
+            values = local_extra.get(name)
+            extra[name] = gather(np.zeros(0) if values is None
+                                 else np.asarray(values, dtype=np.float64))
+    out = {name: gather(values) for name, values in columns.items()}
+    if not mpi_world.is_output_rank():
+        return obs
+    return ScaledObservations(out["miller_index"], out["intensity"], out["sigma"],
+                              batch=out["batch"], scale=out["scale"],
+                              scale_sigma=out.get("scale_sigma"), extra=extra)
+
+
+# -- the merge ---------------------------------------------------------------------------------
+def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
+    """merging.api.merge_scaled_table (RANK_METHODS) with each rank holding its own rows of
+    `table` (the whole input, columns still in the file): the same MergeResult on rank 0
+    (merged intensities and statistics on every rank; the report-only summaries on rank 0)."""
+    from .. import geometry
+    from ..backends.rank_partition import rank_rows
+    from .api import mean_of_friedel_amplitudes, per_batch_for
+    from .calibration import sigma_calibration
+    from .diagnostics import merge_diagnostics
+
+    log = log or logging.getLogger(__name__)
+    if not len(experiments):
+        raise VmergeError("no experiments to merge")
+    space_group = geometry.space_group(experiments[0])
+    unit_cell = geometry.median_unit_cell(experiments)
+    wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
+    own = rank_rows(table, space_group, mpi_world.n_ranks(), mpi_world.rank())
+    rows_per_rank = mpi_world.allgather_rows(np.array([own.table.nrows], dtype=np.int64))
+    log.info(f"MPI: merging each rank's own unique reflections (rows per rank "
+             f"{' / '.join(str(int(n)) for n in rows_per_rank)} of {table.nrows})")
+    error, obs, none_left = None, None, None
+    try:
+        obs = _local_observations(own.table, experiments, params, unit_cell)
+    except VmergeError as e:
+        # "no reflections ..." (scaled_observations: every row flagged, below the
+        # partiality cut or outside d_min/d_max) is an error of the whole data only, not of
+        # one rank's share of it
+        if str(e).startswith("no reflections"):
+            obs, none_left = _empty_observations(), e
+        else:
+            error = e
+    _raise_together(error)
+    n_total = int(round(mpi_world.sum_over_ranks(float(len(obs)))))
+    if n_total == 0:
+        _raise_together(none_left or VmergeError("no reflections left to merge"))
+    method = single_method(params)
+    fw = bool(_param(params, "merging.french_wilson", True))
+    n_bins = int(_param(params, "merging.nbins", 20))
+    groupings = Groupings(obs.miller_index, space_group, unit_cell)
+    try:
+        statistics = rank_merging_statistics(
+            obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
+            with_anomalous_table=not space_group.is_centric(), groupings=groupings,
+            method=method, params=params)
+    except Exception as e:  # every rank meets the same (gathered) values: all fail alike
+        log.warning(f"Merging statistics could not be computed: {e}")
+        statistics = None
+    merged = _gathered_merge(groupings.get(False), obs.intensity, obs.sigma, fw, method,
+                             params)
+    merged_anom = _gathered_merge(groupings.get(True), obs.intensity, obs.sigma, fw, method,
+                                  params)
+    if fw and len(merged):
+        merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
+                                                                              merged_anom)
+    del groupings
+    unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
+    gathered = _observations_on_output_rank(obs, unmerged)
+    del obs, own  # rank 0: its rows are in `gathered` too
+    result = MergeResult(method, space_group, unit_cell, wavelength, gathered, merged,
+                         merged_anom, statistics, experiments=experiments)
+    if not mpi_world.is_output_rank():
+        return result
+    # report-only summaries from the gathered observations (merging.api.merge_observations)
+    report_groupings = Groupings(gathered.miller_index, space_group, unit_cell)
+    result.calibration = sigma_calibration(gathered.intensity, gathered.sigma,
+                                           report_groupings.get(True))
+    try:
+        result.per_batch = per_batch_for(result, report_groupings, experiments, params)
+    except Exception as e:
+        log.warning(f"Statistics against batch could not be computed: {e}")
+    try:
+        result.diagnostics = merge_diagnostics(result, report_groupings, table, experiments)
+    except Exception as e:
+        log.warning(f"Merge diagnostics for the report could not be computed: {e}")
+    return result

@@ -1,0 +1,333 @@
+"""`mpiexec -n 2|3 dials.vmerge.merge scaled.expt scaled.refl` merges each rank's own rows and
+gives the one-process outputs (issue 11; merging/rank_merge.py), classical and robust.
+
+Real launcher runs (the `mpi` extra's mpich) on dials.scale's quartz output (1620 rows: one key
+block, so the second and third ranks hold no row) and on a small 3-sweep simulation scaled by
+dials.vmerge (~20 000 rows, 4 key blocks: every rank holds rows). merged.mtz is read with gemmi
+(not our reader): the same unique reflections and every column to 1e-10 relative; the JSON's
+merging statistics to 1e-10; the log (statistics table, summary, calibration, batch table)
+equal apart from timings and the MPI lines. Bad input under MPI: one line, exit 1, no outputs,
+also when only one rank's rows hold the bad value.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dials_vmerge  # noqa: F401  (before numba/scipy.special)
+from dials_vmerge import geometry
+from dials_vmerge.backends import rank_partition
+from dials_vmerge.io import read_experiments, read_reflections, write_reflections
+
+pytest.importorskip("mpi4py")
+gemmi = pytest.importorskip("gemmi")
+
+QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
+BIN = os.path.dirname(sys.executable)
+TIMEOUT_S = 180
+STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
+RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
+                       r"([\d / ]+) of (\d+)\)")
+OUTPUTS = ["dials.vmerge.merge.html", "dials.vmerge.merge.json", "dials.vmerge.merge.log",
+           "merged.mtz"]
+
+
+def launcher():
+    for name in ("mpiexec", "mpirun"):
+        path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+        if path:
+            return path
+    pytest.skip("no mpiexec on PATH (install the `mpi` extra)")
+
+
+def run(args, cwd, n_ranks=None):
+    command = [os.path.join(BIN, args[0])] + list(args[1:])
+    if n_ranks is not None:
+        command = [launcher(), "-n", str(n_ranks)] + command
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """{name: (scaled.expt, scaled.refl)}."""
+    out = {"quartz": (os.path.join(QUARTZ, "scaled.expt"), os.path.join(QUARTZ, "scaled.refl"))}
+    d = tmp_path_factory.mktemp("sweeps3")
+    done = run(["dials.vmerge.simulate", "rotation.n_sweeps=3", "n_obs_target=20000", "seed=5"],
+               cwd=d)
+    assert done.returncode == 0, done.stderr
+    done = run(["dials.vmerge", "simulated.expt", "simulated.refl", "nproc=1"], cwd=d)
+    assert done.returncode == 0, done.stderr
+    out["sweeps3"] = (str(d / "scaled.expt"), str(d / "scaled.refl"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(scaled, tmp_path_factory):
+    out = {}
+    for name, (expt, refl) in scaled.items():
+        d = tmp_path_factory.mktemp(f"single_{name}")
+        done = run(["dials.vmerge.merge", expt, refl], cwd=d)
+        assert done.returncode == 0, done.stderr
+        out[name] = d
+    return out
+
+
+def comparable_log(path):
+    keep = []
+    for line in open(path).read().splitlines():
+        if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
+            continue
+        if STAGE_TIME.fullmatch(line):
+            continue
+        keep.append(line)
+    return keep
+
+
+def mtz_columns(path):
+    mtz = gemmi.read_mtz_file(str(path))
+    hkl = np.array(mtz.make_miller_array(), dtype=np.int64)
+    columns = {c.label: np.array(c, dtype=np.float64) for c in mtz.columns
+               if c.label not in ("H", "K", "L")}
+    return hkl, columns
+
+
+def assert_close(ours, theirs, path="", rtol=1e-10):
+    """Nested JSON values equal, numbers to rtol relative (None/NaN alike)."""
+    if isinstance(theirs, dict):
+        assert sorted(ours) == sorted(theirs), path
+        for key in theirs:
+            assert_close(ours[key], theirs[key], f"{path}/{key}", rtol)
+    elif isinstance(theirs, list):
+        assert len(ours) == len(theirs), path
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_close(a, b, f"{path}/{i}", rtol)
+    elif isinstance(theirs, float) and not isinstance(ours, bool):
+        assert isinstance(ours, (int, float)), path
+        assert math.isclose(ours, theirs, rel_tol=rtol, abs_tol=1e-300), (path, ours, theirs)
+    else:
+        assert ours == theirs, (path, ours, theirs)
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+@pytest.mark.parametrize("name", ["quartz", "sweeps3"])
+def test_merge_on_rank_rows_equals_single_process(scaled, single_process, tmp_path, name,
+                                                  n_ranks):
+    expt, refl = scaled[name]
+    done = run(["dials.vmerge.merge", expt, refl], cwd=tmp_path, n_ranks=n_ranks)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    reference = single_process[name]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(reference)) == OUTPUTS
+
+    log = open(tmp_path / "dials.vmerge.merge.log").read()
+    match = RANK_ROWS.search(log)
+    assert match, "the merge did not run on the ranks' own rows"
+    rows = [int(n) for n in match.group(1).split(" / ")]
+    total = len(read_reflections(refl))
+    assert len(rows) == n_ranks and sum(rows) == int(match.group(2)) == total
+    if name == "sweeps3":  # every rank holds whole groups, none holds everything
+        assert all(0 < n < total for n in rows)
+    assert f"MPI: {n_ranks} ranks; " in log
+
+    hkl, columns = mtz_columns(tmp_path / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(reference / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)  # the same unique reflections, in the same order
+    assert sorted(columns) == sorted(columns_ref)
+    assert {"IMEAN", "SIGIMEAN", "I(+)", "I(-)", "F", "DANO", "FreeR_flag"} <= set(columns)
+    for label, values in columns_ref.items():
+        ours = columns[label]
+        assert np.array_equal(np.isnan(ours), np.isnan(values)), label
+        ok = ~np.isnan(values)
+        assert np.all(np.abs(ours[ok] - values[ok]) <= 1e-10 * np.abs(values[ok])), label
+
+    ours = json.load(open(tmp_path / "dials.vmerge.merge.json"))
+    theirs = json.load(open(reference / "dials.vmerge.merge.json"))
+    assert ours["n_observations"] == theirs["n_observations"]
+    assert ours["n_unique"] == theirs["n_unique"] == len(hkl)
+    for key in ("merging_statistics", "summary_table", "sigma_calibration", "per_batch"):
+        assert_close(ours[key], theirs[key], key)
+    assert theirs["merging_statistics"]["anomalous_statistics"]["overall"]["cc_anom_n_pairs"] > 0
+    assert comparable_log(tmp_path / "dials.vmerge.merge.log") == comparable_log(
+        reference / "dials.vmerge.merge.log")
+    assert done.stdout.count("Total observations") == 1  # rank 0 alone prints
+
+
+@pytest.mark.parametrize("name,n_ranks", [("quartz", 3), ("sweeps3", 2)])
+def test_robust_merge_on_rank_rows_equals_single_process(scaled, tmp_path, name, n_ranks):
+    """merging.method=robust (a Student-t merge per group) on the ranks' rows: merged.mtz,
+    the statistics of its merged intensities (CC1/2 of the robust merges of the same random
+    halves) and the log equal one process."""
+    expt, refl = scaled[name]
+    args = ["dials.vmerge.merge", expt, refl, "merging.method=robust"]
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=many, n_ranks=n_ranks)
+    assert done.returncode == 0, done.stderr
+    assert RANK_ROWS.search(open(many / "dials.vmerge.merge.log").read())
+    hkl, columns = mtz_columns(many / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)
+    for label, values in columns_ref.items():
+        ok = ~np.isnan(values)
+        assert np.array_equal(np.isnan(columns[label]), ~ok), label
+        assert np.all(np.abs(columns[label][ok] - values[ok]) <= 1e-10 * np.abs(values[ok]))
+    ours = json.load(open(many / "dials.vmerge.merge.json"))
+    theirs = json.load(open(one / "dials.vmerge.merge.json"))
+    assert theirs["merging_statistics"]["method"] == "robust"
+    assert_close(ours["merging_statistics"], theirs["merging_statistics"], "statistics")
+    assert comparable_log(many / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
+
+
+def test_bad_input_under_mpi_is_one_line(tmp_path):
+    """Unscaled input (no inverse_scale_factor): every rank fails alike."""
+    done = run(["dials.vmerge.merge", os.path.join(QUARTZ, "integrated.expt"),
+                os.path.join(QUARTZ, "integrated.refl")], cwd=tmp_path, n_ranks=2)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not scaled" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_nothing_in_resolution_range_under_mpi_is_one_line(scaled, tmp_path):
+    """No observation between d_max and d_min on any rank: the one-process line, once."""
+    expt, refl = scaled["sweeps3"]
+    done = run(["dials.vmerge.merge", expt, refl, "merging.d_min=0.1", "merging.d_max=0.2"],
+               cwd=tmp_path, n_ranks=2)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no reflections between" in lines[0], done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_rank_with_no_row_in_resolution_range(scaled, tmp_path):
+    """A d range that holds rows of rank 0 only: rank 1's empty share is no error, and the
+    merge equals one process."""
+    from dials_vmerge.merging.groups import per_index_chunks
+
+    expt, refl = scaled["sweeps3"]
+    table = read_reflections(refl)
+    experiments = read_experiments(expt)
+    keys = rank_partition.non_anomalous_keys(table, geometry.space_group(experiments[0]))
+    owner = rank_partition.partition_keys(keys, 2).rank_of_keys(keys)
+    d = per_index_chunks(np.asarray(table["miller_index"]),
+                         geometry.median_unit_cell(experiments).d)
+    order = np.argsort(d)
+    d_sorted, owner_sorted = d[order], owner[order]
+    # the longest run of rank-0 rows in d order, well inside the data's range
+    runs = np.flatnonzero(np.diff(np.r_[-1, owner_sorted, -1] == 0))  # run bounds, paired
+    starts, ends = runs[0::2], runs[1::2]
+    inner = (starts > 0) & (ends < d.size)
+    best = np.argmax(np.where(inner, ends - starts, -1))
+    lo, hi = d_sorted[starts[best]], d_sorted[ends[best] - 1]
+    assert ends[best] - starts[best] >= 2 and d_sorted[starts[best] - 1] < lo \
+        and d_sorted[ends[best]] > hi
+    args = ["dials.vmerge.merge", expt, refl, f"merging.d_min={lo - 1e-9:.12f}",
+            f"merging.d_max={hi + 1e-9:.12f}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    hkl, columns = mtz_columns(two / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref) and len(hkl) > 0
+    assert np.array_equal(columns["IMEAN"], columns_ref["IMEAN"])
+    assert comparable_log(two / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
+
+
+def test_bad_value_in_one_ranks_rows_is_one_line(scaled, tmp_path):
+    """A NaN intensity in rows that only rank 1 reads: rank 0's rows are fine, yet both
+    stop with the one line (exit 1, no outputs, the input untouched)."""
+    expt, refl = scaled["sweeps3"]
+    table = read_reflections(refl)
+    experiments = read_experiments(expt)
+    space_group = geometry.space_group(experiments[0])
+    keys = rank_partition.non_anomalous_keys(table, space_group)
+    partition = rank_partition.partition_keys(keys, 2)
+    row = int(partition.rows_of_rank(keys, 1)[0])
+    values = np.array(table["intensity.scale.value"], dtype=np.float64)
+    values[row] = np.nan
+    table["intensity.scale.value"] = values
+    bad = tmp_path / "input"
+    bad.mkdir()
+    write_reflections(table, str(bad / "scaled.refl"))
+    shutil.copy(expt, bad / "scaled.expt")
+    before = open(bad / "scaled.refl", "rb").read()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run(["dials.vmerge.merge", str(bad / "scaled.expt"), str(bad / "scaled.refl")],
+               cwd=work, n_ranks=2)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NaN" in lines[0], done.stderr
+    assert os.listdir(work) == []
+    assert open(bad / "scaled.refl", "rb").read() == before
+
+
+def test_selections_and_unmerged_mtz_on_rank_rows(scaled, tmp_path):
+    """Image exclusion and a resolution cut applied before the partition, and the unmerged
+    MTZ (gathered observations, their batch, scale and dials.export columns) at N = 2 equal
+    the one-process files (gemmi) and log."""
+    expt, refl = scaled["sweeps3"]
+    args = ["dials.vmerge.merge", expt, refl, "exclude_images=0:1:20", "merging.d_min=2.0",
+            "unmerged_mtz=unmerged.mtz"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    assert RANK_ROWS.search(open(two / "dials.vmerge.merge.log").read())
+    for name in ("merged.mtz", "unmerged.mtz"):
+        hkl, columns = mtz_columns(two / name)
+        hkl_ref, columns_ref = mtz_columns(one / name)
+        assert np.array_equal(hkl, hkl_ref), name
+        assert sorted(columns) == sorted(columns_ref), name
+        for label, values in columns_ref.items():
+            assert np.array_equal(np.isnan(columns[label]), np.isnan(values)), (name, label)
+            ok = ~np.isnan(values)
+            assert np.all(np.abs(columns[label][ok] - values[ok])
+                          <= 1e-10 * np.abs(values[ok])), (name, label)
+    _, unmerged = mtz_columns(two / "unmerged.mtz")
+    assert {"BATCH", "SCALEUSED", "XDET", "FRACTIONCALC"} <= set(unmerged)
+    assert comparable_log(two / "dials.vmerge.merge.log") == comparable_log(
+        one / "dials.vmerge.merge.log")
+
+
+def test_vmerge_merging_stage_on_rank_rows(scaled, tmp_path):
+    """dials.vmerge's merging stage goes the same way: at N = 2 its merge runs on each
+    rank's own rows of the scaled table and merged.mtz and the log equal one process."""
+    expt, _ = scaled["sweeps3"]
+    directory = os.path.dirname(expt)
+    args = ["dials.vmerge", os.path.join(directory, "simulated.expt"),
+            os.path.join(directory, "simulated.refl"), "nproc=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    match = RANK_ROWS.search(open(two / "dials.vmerge.log").read())
+    assert match and all(int(n) > 0 for n in match.group(1).split(" / "))
+    hkl, columns = mtz_columns(two / "merged.mtz")
+    hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
+    assert np.array_equal(hkl, hkl_ref)
+    for label in ("IMEAN", "SIGIMEAN", "I(+)", "SIGI(-)", "F", "DANO"):
+        ok = ~np.isnan(columns_ref[label])
+        assert np.array_equal(np.isnan(columns[label]), ~ok), label
+        assert np.all(np.abs(columns[label][ok] - columns_ref[label][ok])
+                      <= 1e-10 * np.abs(columns_ref[label][ok])), label
+    assert comparable_log(two / "dials.vmerge.log") == comparable_log(one / "dials.vmerge.log")
