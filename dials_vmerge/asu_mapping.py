@@ -41,7 +41,7 @@ def asu_indices_by_orbit(miller_index, space_group, anomalous: bool, min_rows: i
     """ASU indices (n, 3) int32 of the observations' Miller indices, equal to cctbx's
     map_to_asu of each row; None where the orbit table would be too large (or the rows too
     few): then map the rows themselves."""
-    from .kernels.asu_orbits import canonical_members, distinct_rows, gather_rows
+    from .kernels.asu_orbits import canonical_members, distinct_rows
     from .merging.groups import asu_chunks
 
     hkl = np.ascontiguousarray(np.asarray(miller_index).reshape(-1, 3))
@@ -70,5 +70,7 @@ def asu_indices_by_orbit(miller_index, space_group, anomalous: bool, min_rows: i
     for start, stop, chunk, _ in asu_chunks(members, space_group, anomalous):
         orbit_asu[start:stop] = chunk
     del members
-    gather_rows(orbit_asu, orbit, out)
+    # orbit numbers are < len(orbit_asu) by construction: 'clip' never clips ('raise'
+    # would buffer)
+    np.take(orbit_asu, orbit, axis=0, out=out, mode="clip")
     return out

@@ -79,12 +79,3 @@ def distinct_rows(members, low, span, slot):
         orbit[i] = o
     return orbit, first[:n_orbits].copy()
 
-
-@njit(cache=True)
-def gather_rows(values, index, out):
-    """out[i] = values[index[i]] for (m, 3) int32 values."""
-    for i in range(index.size):
-        j = index[i]
-        out[i, 0] = values[j, 0]
-        out[i, 1] = values[j, 1]
-        out[i, 2] = values[j, 2]
