@@ -157,7 +157,9 @@ def _is_unique_under_symmetry(unique) -> bool:
 
     mapped = unique.indices().deep_copy()
     miller.map_to_asu(unique.space_group_info().type(), False, mapped)
-    return len(np.unique(_packed_keys(_numpy_indices(mapped)))) == mapped.size()
+    keys = _packed_keys(_numpy_indices(mapped))
+    keys.sort()  # (np.unique's hash table took 0.2 s for 1.6e5 keys)
+    return not np.any(keys[1:] == keys[:-1])
 
 
 # cctbx's generate_r_free_flags(use_lattice_symmetry=True) default
