@@ -74,3 +74,18 @@ def asu_indices_by_orbit(miller_index, space_group, anomalous: bool, min_rows: i
     # would buffer)
     np.take(orbit_asu, orbit, axis=0, out=out, mode="clip")
     return out
+
+
+def asu_indices(miller_index, space_group, anomalous: bool) -> np.ndarray:
+    """ASU indices (n, 3) int32 of the rows' Miller indices as cctbx maps them: by orbit
+    where the rows allow, else row by row in slices (merging.groups.asu_chunks)."""
+    from .merging.groups import asu_chunks
+
+    hkl = np.asarray(miller_index).reshape(-1, 3)
+    asu = asu_indices_by_orbit(hkl, space_group, anomalous)
+    if asu is not None:
+        return asu
+    asu = np.empty((len(hkl), 3), dtype=np.int32)
+    for start, stop, chunk, _ in asu_chunks(hkl, space_group, anomalous):
+        asu[start:stop] = chunk
+    return asu

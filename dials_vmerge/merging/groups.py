@@ -290,7 +290,9 @@ def non_anomalous_from_anomalous(anomalous: GroupedObservations, space_group,
     n = anomalous.n_obs
     if n == 0 or anomalous.n_groups == 0:
         return replace(anomalous, anomalous=False)
-    group_asu, _ = map_indices_to_asu(anomalous.asu_index, space_group, False)
+    from ..asu_mapping import asu_indices
+
+    group_asu = asu_indices(anomalous.asu_index, space_group, False)  # by orbit (issue 10)
     lo = group_asu.min(axis=0).astype(np.int64)
     span = group_asu.max(axis=0).astype(np.int64) - lo + 1
     shifted = group_asu.astype(np.int64) - lo

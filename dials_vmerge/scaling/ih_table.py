@@ -19,18 +19,10 @@ from ..kernels.size_dispatch import parallel_when_large
 
 def map_indices_to_asu(miller_index, space_group, anomalous):
     """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous.
-    (The merging grouping's mapping, which works in slices: no full-size cctbx copies.)"""
-    from ..asu_mapping import asu_indices_by_orbit
-    from ..merging.groups import asu_chunks
+    (One cctbx mapping per distinct reflection where the rows allow: asu_mapping.py.)"""
+    from ..asu_mapping import asu_indices
 
-    hkl = np.asarray(miller_index).reshape(-1, 3)
-    asu = asu_indices_by_orbit(hkl, space_group, anomalous)  # one cctbx call per reflection
-    if asu is not None:
-        return asu
-    asu = np.empty((len(hkl), 3), dtype=np.int32)
-    for start, stop, chunk, _ in asu_chunks(hkl, space_group, anomalous):
-        asu[start:stop] = chunk
-    return asu
+    return asu_indices(miller_index, space_group, anomalous)
 
 
 @njit(cache=True)
