@@ -23,14 +23,15 @@ MAX_BOUND = 2 ** 30
 MIN_ROWS = 1 << 14
 
 
-def point_group_rotations(space_group, friedel_merged: bool) -> np.ndarray:
+def point_group_rotations(space_group, friedel_merged: bool):
     """The distinct rotation parts of the group's operators (m, 3, 3) int64, with their
-    negatives when Friedel mates are merged (non-anomalous)."""
+    negatives when Friedel mates are merged (non-anomalous); None if one is not an integer
+    matrix."""
     rotations = set()
     for op in space_group.all_ops():
         r = op.r()
         if r.den() != 1:
-            raise ValueError("rotation part with a denominator")
+            return None
         rotations.add(tuple(int(v) for v in r.num()))
         if friedel_merged:
             rotations.add(tuple(-int(v) for v in r.num()))
@@ -51,6 +52,8 @@ def asu_indices_by_orbit(miller_index, space_group, anomalous: bool, min_rows: i
     if hkl.dtype not in (np.int32, np.int64):
         hkl = hkl.astype(np.int64)
     rotations = point_group_rotations(space_group, not anomalous)
+    if rotations is None:
+        return None
     # every component of h R within max|h| * (largest column sum of |R|): int32 holds it
     bound = max(abs(int(hkl.min())), abs(int(hkl.max()))) * max(
         1, int(np.abs(rotations).sum(axis=1).max()))
