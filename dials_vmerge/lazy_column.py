@@ -185,11 +185,14 @@ class LazyColumn:
             window_start = int(ordered[begin])
             end = int(np.searchsorted(ordered, window_start + CHUNK_ROWS, side="left"))
             window = self._read_rows(window_start, int(ordered[end - 1]) + 1)
-            picked = window[ordered[begin:end] - window_start]
             if order is None:
-                out[begin:end] = picked
+                # straight into the output (the rows were range-checked above, so 'clip'
+                # never clips; 'raise' would buffer): ~4x quicker than a fancy index and a
+                # copy, on the ~50 column reads of a 1e6 sweep's run (issue 10)
+                np.take(window, ordered[begin:end] - window_start, axis=0, out=out[begin:end],
+                        mode="clip")
             else:
-                out[order[begin:end]] = picked
+                out[order[begin:end]] = window[ordered[begin:end] - window_start]
             begin = end
 
     def materialise(self) -> np.ndarray:

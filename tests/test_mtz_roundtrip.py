@@ -119,3 +119,46 @@ def test_python_randint_draws_equal_pythons_randint(seed, upper):
     state = generator.getstate()
     expected = [generator.randint(0, upper) for _ in range(3000)]
     np.testing.assert_array_equal(python_randint_draws(state, 3000, upper), expected)
+
+
+@pytest.mark.parametrize("cell, symbol", [
+    ((61.5, 61.5, 82.25, 90, 90, 90), "P 41 21 2"),
+    ((50, 60, 70, 90, 100, 90), "C 1 2 1"),
+    ((40, 40, 40, 90, 90, 90), "I 2 3"),  # Niggli cell rhombohedral: its last bits matter
+    ((80, 80, 120, 90, 90, 120), "P 61 2 2"),  # many 1/d^2 ties between orbits
+    ((90, 90, 60, 90, 90, 120), "R 3 :H"),
+    ((50, 50, 50, 80, 80, 80), "R 3 :R"),
+    ((40, 50, 60, 90, 90.2, 90), "P 1 21 1"),  # lattice symmetry above the space group's
+    ((50, 50.5, 70, 90, 90, 90), "P 2 2 2"),  # pseudo-tetragonal: averaged cell
+    ((40, 50, 60, 70, 80, 100), "P 1"),
+    ((60, 60, 60, 90, 90, 90), "P 1"),  # cubic lattice symmetry of a P1 crystal
+])
+def test_free_r_flags_on_lattice_orbits_equal_cctbx_generator(cell, symbol):
+    """The numpy shortcut of the free flags (issue 10: one lattice-group mapping instead of
+    cctbx's P1 expansion and two merges) against cctbx's generator itself, on the same
+    miller set and seed, in groups whose lattice symmetry is higher than the space group's,
+    with resolution ties, centred and rhombohedral lattices; any order of the indices."""
+    import random
+
+    from cctbx import crystal, miller
+
+    from dials_vmerge.merging.groups import flex_indices
+    from dials_vmerge.mtz import _lattice_orbit_free_flags, free_r_flags
+
+    given = crystal.symmetry(unit_cell=cell, space_group_symbol=symbol)
+    hkl = np.array(miller.build_set(given, anomalous_flag=False, d_min=3.0).indices(),
+                   dtype=np.int32)
+    hkl = hkl[np.random.default_rng(1).permutation(len(hkl))]
+    sg, uc = given.space_group(), given.unit_cell()
+    # free_r_flags's own set (its crystal.symmetry may change the cell's last bits, and with
+    # them the order of equal resolutions)
+    unique = miller.set(crystal.symmetry(unit_cell=uc, space_group=sg,
+                                         assert_is_compatible_unit_cell=False),
+                        flex_indices(hkl), anomalous_flag=False)
+    for seed in (0, 7):
+        random.seed(seed)
+        assert _lattice_orbit_free_flags(unique, 0.05) is not None  # the shortcut applies
+        random.seed(seed)
+        reference = unique.generate_r_free_flags(fraction=0.05, max_free=None, format="ccp4")
+        np.testing.assert_array_equal(free_r_flags(hkl, sg, uc, seed=seed),
+                                      reference.data().as_numpy_array())

@@ -226,6 +226,20 @@ def _groups_of_sorted_keys(ordered, lo, span):
     return group_start, unique
 
 
+def _asu_slices(hkl, space_group, anomalous):
+    """asu_chunks's slices, from one cctbx mapping per reflection when the rows allow
+    (asu_mapping.py, issue 10), else from cctbx's mapping of every row."""
+    from ..asu_mapping import asu_indices_by_orbit
+
+    asu = asu_indices_by_orbit(hkl, space_group, anomalous)
+    if asu is None:
+        yield from asu_chunks(hkl, space_group, anomalous)
+        return
+    for start in range(0, len(hkl), ASU_CHUNK):
+        stop = min(start + ASU_CHUNK, len(hkl))
+        yield start, stop, asu[start:stop], None
+
+
 def group_observations(miller_index, space_group, anomalous: bool, unit_cell=None):
     """Group observations by unique reflection (Friedel mates apart if `anomalous`)."""
     hkl = np.asarray(miller_index).reshape(-1, 3)
@@ -238,7 +252,7 @@ def group_observations(miller_index, space_group, anomalous: bool, unit_cell=Non
         # Keys ((h + c) s + k + c) s + l + c, s = 2c + 1, sort like (h, k, l) lexicographically.
         size = 2 * bound + 1
         keys = np.empty(n, dtype=np.int64)
-        for start, stop, asu, _ in asu_chunks(hkl, space_group, anomalous):
+        for start, stop, asu, _ in _asu_slices(hkl, space_group, anomalous):
             if asu.size and (int(asu.min()) < -bound or int(asu.max()) > bound):
                 raise AssertionError("ASU index outside the bound of its operators")
             shifted = asu.astype(np.int64) + bound
@@ -276,7 +290,9 @@ def non_anomalous_from_anomalous(anomalous: GroupedObservations, space_group,
     n = anomalous.n_obs
     if n == 0 or anomalous.n_groups == 0:
         return replace(anomalous, anomalous=False)
-    group_asu, _ = map_indices_to_asu(anomalous.asu_index, space_group, False)
+    from ..asu_mapping import asu_indices
+
+    group_asu = asu_indices(anomalous.asu_index, space_group, False)  # by orbit (issue 10)
     lo = group_asu.min(axis=0).astype(np.int64)
     span = group_asu.max(axis=0).astype(np.int64) - lo + 1
     shifted = group_asu.astype(np.int64) - lo

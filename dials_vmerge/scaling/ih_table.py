@@ -19,14 +19,10 @@ from ..kernels.size_dispatch import parallel_when_large
 
 def map_indices_to_asu(miller_index, space_group, anomalous):
     """ASU indices (N,3 int32) in a cctbx space group; Friedel mates merge unless anomalous.
-    (The merging grouping's mapping, which works in slices: no full-size cctbx copies.)"""
-    from ..merging.groups import asu_chunks
+    (One cctbx mapping per distinct reflection where the rows allow: asu_mapping.py.)"""
+    from ..asu_mapping import asu_indices
 
-    hkl = np.asarray(miller_index).reshape(-1, 3)
-    asu = np.empty((len(hkl), 3), dtype=np.int32)
-    for start, stop, chunk, _ in asu_chunks(hkl, space_group, anomalous):
-        asu[start:stop] = chunk
-    return asu
+    return asu_indices(miller_index, space_group, anomalous)
 
 
 @njit(cache=True)
@@ -310,7 +306,16 @@ class GroupLayout:
 
     def gather(self, arrays, dtype=np.float64):
         """Per-dataset arrays -> one array in sorted observation order."""
-        return np.ascontiguousarray(joined(arrays, dtype)[self.order])
+        source = joined(arrays, dtype)
+        if source.shape[0] < self.offsets[-1]:
+            raise IndexError(f"gather: {source.shape[0]} values for a layout over "
+                             f"{self.offsets[-1]} rows")
+        # np.take into a new array: the same values as source[order], ~40% quicker than
+        # the fancy index (~50 gathers of 1e6 values in a sweep's run; issue 10). The order
+        # lies below offsets[-1] by construction, so 'clip' never clips ('raise' buffers).
+        out = np.empty((self.order.size,) + source.shape[1:], dtype=source.dtype)
+        np.take(source, self.order, axis=0, out=out, mode="clip")
+        return out
 
     def table(self, intensities, variances, weights, gs, extra=None):
         return IhTable(self.gather(intensities), self.gather(variances), self.gather(weights),
