@@ -48,9 +48,13 @@ def target_for_run(run, manager, ih_table):
         # the table's I and weights gathered from the job's resident arrays (only its row
         # order goes up), not copied every round
         from .cuda_job_table import minimisation_columns
+        from .cuda_resident_inputs import resident_minimisation
 
         def columns():
-            return minimisation_columns(run, ih_table)
+            # the whole table made on the device from the job's resident columns (only a
+            # keep flag per job row goes up, when the subset changed); else I and w gathered
+            return (resident_minimisation(run, ih_table)
+                    or minimisation_columns(run, ih_table))
     if limit is None:
         target = make_scaling_target(device, manager, ih_table, run.nproc,
                                      getattr(run, "_gpu_batch_size", None),
