@@ -41,9 +41,17 @@ def _run(simulation, options, rounds=None):
     def hook(device, manager, ih_table, *args, **kwargs):
         target = ORIGINAL(device, manager, ih_table, *args, **kwargs)
         if rounds is not None:
-            rounds.append({"table_rows": int(ih_table.n_obs), "kind": target.kind,
-                           "resident": getattr(target, "_device_cols", None) is not None,
-                           "n_par": int(target.n_par)})
+            entry = {"table_rows": int(ih_table.n_obs), "kind": target.kind,
+                     "resident": getattr(target, "_device_cols", None) is not None,
+                     "n_par": int(target.n_par), "normal_calls": 0}
+            rounds.append(entry)
+            normal_equations = target.normal_equations
+
+            def counted(x):  # a full-matrix round
+                entry["normal_calls"] += 1
+                return normal_equations(x)
+
+            target.normal_equations = counted
         return target
 
     run_device.make_scaling_target = hook

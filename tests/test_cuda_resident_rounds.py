@@ -45,6 +45,8 @@ def test_later_rounds_copy_no_observation_array(runs, name):
     kind = {"kb": "kb", "physical": "physical", "array": "array"}[name]
     assert len(rounds) >= 3
     assert all(r["kind"] == kind and r["resident"] for r in rounds), rounds
+    if name != "kb":  # a full-matrix round: its normal equations on the resident table too
+        assert any(r["normal_calls"] for r in rounds)
     smallest_table = min(r["table_rows"] for r in rounds)
     # a per-observation array: as many rows as the smallest table, far above the
     # parameter-sized copies (n_par + guard, 64 check samples come back, never go up)
