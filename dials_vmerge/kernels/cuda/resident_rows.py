@@ -256,7 +256,8 @@ def column_entries_on_device(cols, n_params, n_segments):
     exclusive_scan_kernel[1, 1](counts.reshape(n_params * (n_segments + 1)), flat_offsets)
     entry_offset = flat_offsets[:n_params * (n_segments + 1)].reshape(
         (n_params, n_segments + 1))
-    n_entries = int(cols.shape[0]) * int(cols.shape[1])  # at most: every slot used
+    # the number of used slots (the scan's total) is the one value that comes back
+    n_entries = int(flat_offsets[flat_offsets.shape[0] - 1:].copy_to_host()[0])
     entry_flat = cuda.device_array(max(n_entries, 1), np.int64)
     cursor = cuda.device_array((n_params, n_segments), np.int64)
     segment_column_fill_kernel[blocks(n_segments), THREADS_PER_BLOCK](
