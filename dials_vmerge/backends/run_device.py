@@ -110,7 +110,11 @@ def device_for_run(run, n_obs):
             run.log("  also on the device: model evaluation (KB, physical, array), the normal "
                     "equations of full-matrix rounds, g and var(g) of every reflection, "
                     "outlier rejection, the error-model sums, merging (classical, robust, "
-                    "variational) and the merging-statistics sums")
+                    "variational) and the merging-statistics sums; each scaling round's "
+                    "minimisation table is made there from the job's resident columns")
+            run.log("  on the host: the E^2 outlier test after the device's z-tests, the "
+                    "error model's regression fit (minimisation=regression), the likelihood "
+                    "target, and g and dg/dp of models without a device kernel")
     return device
 
 
