@@ -150,11 +150,17 @@ def _build_job_inputs(kind, models, column_of_parameter, offsets):
 
 
 def _job_inputs(run, store, kind, manager):
+    return job_inputs(store, kind, manager, _row_offsets(run))
+
+
+def job_inputs(store, kind, manager, offsets):
     """The job-order inputs on the device (dict of device arrays, "component_start" on the
     host), uploaded once per job and parameter layout: the same models (kept referenced so
-    their ids are not reused) with the same parameter counts over the same job rows."""
+    their ids are not reused) with the same parameter counts over the same job rows
+    (offsets: each dataset's first job row, then the number of rows). None when they cannot
+    stay resident. Shared by the scaling rounds and the expansion (backends.cuda_expand)."""
     models = list(manager.models)
-    offsets = _row_offsets(run)
+    offsets = np.asarray(offsets, dtype=np.int64)
     key = (kind, tuple(id(m) for m in models), tuple(int(m.n_parameters) for m in models),
            offsets.tobytes())
     held = getattr(store, "job_inputs", None)
