@@ -249,6 +249,11 @@ def replicate(base, copies):
     return lay
 
 
+class HostColumnEntries(Exception):
+    """column_entries_on_device declines this layout's shape (the run derives its entries
+    on the host and uploads them)."""
+
+
 class DeviceLayout:
     """A layout's arrays on the device, its DeviceTarget and output buffers."""
 
@@ -538,6 +543,8 @@ class DeviceLayout:
         r = self.resident_round_inputs()
         self._entries = drr.column_entries_on_device(self.cols, self.lay["n_params"],
                                                      r["n_segments"])
+        if self._entries is None:  # a run takes the host's entries for such a layout
+            raise HostColumnEntries("too few segments for the columns: host entries")
 
     def error_model_weights(self):
         j = self.job_table_inputs()
@@ -919,7 +926,11 @@ def check_job_table(dev):
     # the gradient's column entries against the host's counting sort
     from dials_vmerge.kernels.cuda.target import column_entries
 
-    dev.column_entries_device()
+    try:
+        dev.column_entries_device()
+    except HostColumnEntries:  # the check sizes must be derivable on the device: a failure
+        out["column_entries_device"] = math.inf
+        return out
     flat_d, offset_d = dev._entries
     bounds = segment_bounds(dev.n, lay["n_params"])
     flat, offset = column_entries(lay["cols"], lay["n_params"], bounds)

@@ -46,16 +46,25 @@ for name, sizes, share in (("three", [300, 0, 250], 0.6), ("one", [900], 0.9),
 cols = rng.integers(-1, 9, size=(700, 3)).astype(np.int32)
 cols[cols == 4] = -1
 entries = []
-for n_params in (9, 12):
-    for n_segments in (1, 2, 5, 64):
-        bounds = np.arange(n_segments + 1, dtype=np.int64) * cols.shape[0] // n_segments
-        flat, offset = column_entries(cols, n_params, bounds)
-        flat_d, offset_d = rr.column_entries_on_device(cuda.to_device(cols), n_params,
-                                                       n_segments)
-        entries.append([bool(np.array_equal(offset_d.copy_to_host(), offset)),
-                        bool(np.array_equal(flat_d.copy_to_host()[:flat.size], flat)),
-                        int(flat.size)])
+for chunk_rows in (256, 16):  # one fine chunk per segment, and many (uneven ones)
+    rr.ENTRY_CHUNK_ROWS = chunk_rows
+    for n_params in (9, 12):
+        for n_segments in (1, 2, 5, 64):
+            bounds = np.arange(n_segments + 1, dtype=np.int64) * cols.shape[0] // n_segments
+            flat, offset = column_entries(cols, n_params, bounds)
+            flat_d, offset_d = rr.column_entries_on_device(cuda.to_device(cols), n_params,
+                                                           n_segments)
+            entries.append([bool(np.array_equal(offset_d.copy_to_host(), offset)),
+                            bool(np.array_equal(flat_d.copy_to_host(), flat)),
+                            int(flat.size),
+                            rr.entry_chunking(cols.shape[0], 3, n_params, n_segments)])
 out["entries"] = entries
+# a shape too serial for the device (one segment, a count table over budget): declined
+rr.ENTRY_CHUNK_ROWS = 256
+out["declined"] = [rr.entry_chunking(10_000_000, 2, 80_000, 1),
+                   rr.entry_chunking(700, 3, 1 << 24, 1),
+                   rr.column_entries_on_device(cuda.to_device(cols), 40_000, 1)]
+
 # the segments the target uses (segment_bounds) are the kernel's s n / S
 out["bounds"] = bool(all(np.array_equal(segment_bounds(n, p), np.arange(
     segment_bounds(n, p).size) * n // (segment_bounds(n, p).size - 1))
@@ -107,8 +116,11 @@ def test_device_derivations_equal_host(tmp_path):
         assert case["rows"][0] == case["rows"][1] and case["groups"][0] == case["groups"][1]
         assert case["order"] and case["group_start"], name
     assert out["three"]["dropped_groups"] > 0 and out["none"]["rows"][0] == 0
-    for offsets_equal, flat_equal, n_entries in out["entries"]:
+    for offsets_equal, flat_equal, n_entries, per_segment in out["entries"]:
         assert offsets_equal and flat_equal and n_entries > 1000
+    # several fine chunks per segment were exercised (up to 44 on one segment of 700 rows)
+    assert max(e[3] for e in out["entries"]) >= 40
+    assert out["declined"] == [None, None, None]
     assert out["bounds"]
     for key in ("kb_cols", "physical_cols", "map_cols", "gather_rows", "sample"):
         assert out[key], key

@@ -208,58 +208,139 @@ def subset_table(keep, layout_order, layout_group_start):
 
 
 # -- the gradient's column entries -------------------------------------------------------
+# Rows per fine chunk aimed at (a thread's serial work: its rows' slots), the entries of the
+# (column, fine chunk) count table allowed (8 B each; it becomes the fill's cursors), and
+# the most slots (plus columns zeroed) one thread may visit: a layout needing more (few
+# segments and many columns, e.g. 1e7 observations of 4e4 KB stills in one batch) gets its
+# column entries from the host (column_entries_on_device: None), as without a resident
+# table.
+ENTRY_CHUNK_ROWS = 256
+ENTRY_COUNT_BUDGET = 1 << 23
+MAX_SERIAL_SLOTS = 1 << 15
+
+
+@cuda.jit(device=True)
+def _fine_chunk_rows(f, n_obs, n_segments, per_segment):
+    s = f // per_segment
+    j = f - s * per_segment
+    seg_lo = (s * n_obs) // n_segments
+    seg_len = ((s + 1) * n_obs) // n_segments - seg_lo
+    return (seg_lo + (j * seg_len) // per_segment,
+            seg_lo + ((j + 1) * seg_len) // per_segment)
+
+
 @cuda.jit
-def segment_column_count_kernel(cols, n_segments, counts):
-    """Thread per observation segment s (segment_bounds: s n / S): counts[c, s] = the used
-    ELL slots of column c in the segment; counts[c, S] = 0 (the scan's column ends)."""
+def chunk_column_count_kernel(cols, n_segments, per_segment, counts):
+    """Thread per fine chunk f (segment f // per_segment, split in per_segment equal parts):
+    counts[c, f] = the used ELL slots of column c in its rows."""
     n_obs = cols.shape[0]
     n_params = counts.shape[0]
-    for s in range(cuda.grid(1), n_segments, cuda.gridsize(1)):
+    for f in range(cuda.grid(1), counts.shape[1], cuda.gridsize(1)):
         for c in range(n_params):
-            counts[c, s] = 0
-            if s == 0:
-                counts[c, n_segments] = 0
-        for obs in range((s * n_obs) // n_segments, ((s + 1) * n_obs) // n_segments):
+            counts[c, f] = 0
+        lo, hi = _fine_chunk_rows(f, n_obs, n_segments, per_segment)
+        for obs in range(lo, hi):
             for k in range(cols.shape[1]):
                 c = cols[obs, k]
                 if c >= 0:
-                    counts[c, s] += 1
+                    counts[c, f] += 1
 
 
 @cuda.jit
-def segment_column_fill_kernel(cols, n_segments, entry_offset, cursor, entry_flat):
-    """Thread per segment: each used slot's flat position obs * K + slot at its column's
-    next entry of the segment (positions ascending within a column and segment)."""
+def column_scan_kernel(counts, totals):
+    """Thread per column: counts[c, :] -> its exclusive prefix sums in place; totals[c] =
+    the column's entries."""
+    for c in range(cuda.grid(1), counts.shape[0], cuda.gridsize(1)):
+        total = 0
+        for f in range(counts.shape[1]):
+            value = counts[c, f]
+            counts[c, f] = total
+            total += value
+        totals[c] = total
+
+
+@cuda.jit
+def entry_offset_kernel(counts, column_start, per_segment, entry_offset):
+    """Thread per (column, segment bound): entry_offset[c, s] = the column's first entry
+    in segment s (s = S: its end), counts holding the columns' exclusive prefix sums."""
+    n_params = entry_offset.shape[0]
+    n_bounds = entry_offset.shape[1]
+    for idx in range(cuda.grid(1), n_params * n_bounds, cuda.gridsize(1)):
+        c = idx // n_bounds
+        s = idx - c * n_bounds
+        if s < n_bounds - 1:
+            entry_offset[c, s] = column_start[c] + counts[c, s * per_segment]
+        else:
+            entry_offset[c, s] = column_start[c + 1]
+
+
+@cuda.jit
+def add_column_start_kernel(counts, column_start):
+    """counts[c, f] += column_start[c]: each fine chunk's first entry of each column (the
+    fill's cursors)."""
+    n_params, n_chunks = counts.shape[0], counts.shape[1]
+    for idx in range(cuda.grid(1), n_params * n_chunks, cuda.gridsize(1)):
+        c = idx // n_chunks
+        counts[c, idx - c * n_chunks] += column_start[c]
+
+
+@cuda.jit
+def chunk_column_fill_kernel(cols, n_segments, per_segment, cursor, entry_flat):
+    """Thread per fine chunk: each used slot's flat position obs * K + slot at its column's
+    next entry (cursor: the chunk's first entry per column; positions ascending)."""
     n_obs = cols.shape[0]
     n_slots = cols.shape[1]
-    n_params = entry_offset.shape[0]
-    for s in range(cuda.grid(1), n_segments, cuda.gridsize(1)):
-        for c in range(n_params):
-            cursor[c, s] = entry_offset[c, s]
-        for obs in range((s * n_obs) // n_segments, ((s + 1) * n_obs) // n_segments):
+    for f in range(cuda.grid(1), cursor.shape[1], cuda.gridsize(1)):
+        lo, hi = _fine_chunk_rows(f, n_obs, n_segments, per_segment)
+        for obs in range(lo, hi):
             for k in range(n_slots):
                 c = cols[obs, k]
                 if c >= 0:
-                    entry_flat[cursor[c, s]] = obs * n_slots + k
-                    cursor[c, s] += 1
+                    entry_flat[cursor[c, f]] = obs * n_slots + k
+                    cursor[c, f] += 1
+
+
+def entry_chunking(n_obs, n_slots, n_params, n_segments):
+    """Fine chunks per gradient segment, or None when a thread would visit more than
+    MAX_SERIAL_SLOTS slots within the count budget (then the host derives the entries)."""
+    n_obs, n_params, n_segments = int(n_obs), max(int(n_params), 1), int(n_segments)
+    if n_params * n_segments > ENTRY_COUNT_BUDGET:
+        return None
+    rows = -(-n_obs // n_segments)
+    wanted = max(1, -(-rows // ENTRY_CHUNK_ROWS))
+    allowed = max(1, ENTRY_COUNT_BUDGET // (n_params * n_segments))
+    per_segment = min(wanted, allowed)
+    # a chunk's thread zeroes its count of every column, then visits its rows' slots
+    if -(-rows // per_segment) * int(n_slots) + n_params > MAX_SERIAL_SLOTS:
+        return None
+    return per_segment
 
 
 def column_entries_on_device(cols, n_params, n_segments):
-    """(entry_flat, entry_offset (n_params, n_segments + 1)) of kernels.cuda.target's
-    gradient pass from device ELL columns cols (n, K), segments of equal length
-    (backends.cuda_target.segment_bounds): the host's column_entries, made on the device."""
+    """(entry_flat, entry_offset (n_params, n_segments + 1)) of the gradient pass from
+    device ELL columns cols (n, K), segments of equal length (segment_bounds): the host's
+    column_entries exactly, made on the device; None when the layout's shape would make a
+    thread's serial share too long (entry_chunking)."""
     n_params, n_segments = int(n_params), int(n_segments)
-    counts = cuda.device_array((n_params, n_segments + 1), np.int64)
-    segment_column_count_kernel[blocks(n_segments), THREADS_PER_BLOCK](cols, n_segments,
-                                                                         counts)
-    flat_offsets = cuda.device_array(n_params * (n_segments + 1) + 1, np.int64)
-    exclusive_scan_kernel[1, 1](counts.reshape(n_params * (n_segments + 1)), flat_offsets)
-    entry_offset = flat_offsets[:n_params * (n_segments + 1)].reshape(
-        (n_params, n_segments + 1))
+    per_segment = entry_chunking(cols.shape[0], cols.shape[1], n_params, n_segments)
+    if per_segment is None:
+        return None
+    n_chunks = n_segments * per_segment
+    counts = cuda.device_array((n_params, n_chunks), np.int64)
+    chunk_column_count_kernel[blocks(n_chunks), THREADS_PER_BLOCK](cols, n_segments,
+                                                                    per_segment, counts)
+    totals = cuda.device_array(n_params, np.int64)
+    column_scan_kernel[blocks(n_params), THREADS_PER_BLOCK](counts, totals)
+    column_start = cuda.device_array(n_params + 1, np.int64)
+    exclusive_scan_kernel[1, 1](totals, column_start)
+    entry_offset = cuda.device_array((n_params, n_segments + 1), np.int64)
+    entry_offset_kernel[blocks(n_params * (n_segments + 1)), THREADS_PER_BLOCK](
+        counts, column_start, per_segment, entry_offset)
+    add_column_start_kernel[blocks(n_params * n_chunks), THREADS_PER_BLOCK](counts,
+                                                                           column_start)
     # the number of used slots (the scan's total) is the one value that comes back
-    n_entries = int(flat_offsets[flat_offsets.shape[0] - 1:].copy_to_host()[0])
+    n_entries = int(column_start[n_params:].copy_to_host()[0])
     entry_flat = cuda.device_array(max(n_entries, 1), np.int64)
-    cursor = cuda.device_array((n_params, n_segments), np.int64)
-    segment_column_fill_kernel[blocks(n_segments), THREADS_PER_BLOCK](
-        cols, n_segments, entry_offset, cursor, entry_flat)
+    chunk_column_fill_kernel[blocks(n_chunks), THREADS_PER_BLOCK](
+        cols, n_segments, per_segment, counts, entry_flat)
     return entry_flat, entry_offset

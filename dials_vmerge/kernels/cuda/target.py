@@ -128,9 +128,13 @@ class _Batch:
                     device_group_start, self.obs_lo, self.group_start)
         else:
             self.group_start = upload(np.ascontiguousarray(group_start_local))
+        entries = None
         if device_cols is not None and self.n_obs and n_params:
-            self.entry_flat, self.entry_offset = column_entries_on_device(
-                device_cols, n_params, self.n_segments)
+            # None: a shape whose derivation would be too serial (few segments, many
+            # columns): then the host's entries go up, as without a resident table
+            entries = column_entries_on_device(device_cols, n_params, self.n_segments)
+        if entries is not None:
+            self.entry_flat, self.entry_offset = entries
         else:
             flat, offset = column_entries(deriv_col_local, n_params, self.seg_bounds)
             self.entry_flat = upload(flat if flat.size else np.zeros(1, np.int64))
