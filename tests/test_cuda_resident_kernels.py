@@ -63,7 +63,7 @@ out["entries"] = entries
 rr.ENTRY_CHUNK_ROWS = 256
 out["declined"] = [rr.entry_chunking(10_000_000, 2, 80_000, 1),
                    rr.entry_chunking(700, 3, 1 << 24, 1),
-                   rr.column_entries_on_device(cuda.to_device(cols), 40_000, 1)]
+                   rr.column_entries_on_device(cuda.to_device(cols), 70_000, 1)]
 
 # the segments the target uses (segment_bounds) are the kernel's s n / S
 out["bounds"] = bool(all(np.array_equal(segment_bounds(n, p), np.arange(

@@ -215,8 +215,8 @@ def subset_table(keep, layout_order, layout_group_start):
 # column entries from the host (column_entries_on_device: None), as without a resident
 # table.
 ENTRY_CHUNK_ROWS = 256
-ENTRY_COUNT_BUDGET = 1 << 23
-MAX_SERIAL_SLOTS = 1 << 15
+ENTRY_COUNT_BUDGET = 1 << 24
+MAX_SERIAL_SLOTS = 1 << 16
 
 
 @cuda.jit(device=True)
