@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK,  # noqa: E402
-                                               merged_means_kernel)
+                                               merged_means_kernel, segment_bounds)
 from dials_vmerge.kernels.cuda import array as da  # noqa: E402
 from dials_vmerge.kernels.cuda import merging as dmg  # noqa: E402
 from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks  # noqa: E402
@@ -57,6 +57,7 @@ from dials_vmerge.kernels.cuda.target import DeviceTarget  # noqa: E402
 from dials_vmerge.kernels.cuda import variational as dv  # noqa: E402
 from dials_vmerge.kernels.cuda.error_model import DeviceErrorModelSums  # noqa: E402
 from dials_vmerge.kernels.cuda import gather as dg  # noqa: E402
+from dials_vmerge.kernels.cuda import resident_rows as drr  # noqa: E402
 from dials_vmerge.kernels.cuda.streamed import HostStreamedTarget  # noqa: E402
 from dials_vmerge.kernels.cuda.streamed_normal import StreamedNormalEquations  # noqa: E402
 
@@ -75,6 +76,8 @@ NORMAL_LAYOUTS = ["physical", "array"]
 # batches (tiny compared with the layout: the overlap of copies and kernels on two streams)
 EM_A, EM_B = 1.1, 0.03
 STREAMED_BATCHES = 8
+# share of the job rows a round's minimisation table keeps (subset_table's timing)
+RESIDENT_KEEP = 0.3
 # robust merging at the run's defaults nu = 4, c = 1.5: (nu + 1) A / B and A / B^2 of
 # merging/robust.py's gaussian_calibration (scipy quadrature; its values, to 5 digits)
 ROBUST_INFO_TO_VARIANCE, ROBUST_GAUSSIAN_FACTOR = 0.44361, 1.02892
@@ -244,6 +247,11 @@ def replicate(base, copies):
         lay["cols"] = dm.kb_family_columns(lay["row_dataset"], lay["scale_col"],
                                            lay["decay_col"])
     return lay
+
+
+class HostColumnEntries(Exception):
+    """column_entries_on_device declines this layout's shape (the run derives its entries
+    on the host and uploads them)."""
 
 
 class DeviceLayout:
@@ -509,6 +517,35 @@ class DeviceLayout:
         dg.gather_kernel[_blocks(self.n), THREADS_PER_BLOCK](self.target.intensity,
                                                              j["order_d"], j["gathered"])
 
+    # -- a round's table made on the device (backends/cuda_resident_inputs.py) -----------
+    def resident_round_inputs(self):
+        """A round's subset of the job rows: keep flags (uint8 per job row, RESIDENT_KEEP of
+        them set), the job's group sort as the layout's (the job-order permutation, the
+        layout's group offsets) and the ELL columns as resident int64."""
+        if getattr(self, "_round", None) is None:
+            j = self.job_table_inputs()
+            rng = np.random.default_rng(9)
+            keep = (rng.random(self.n) < RESIDENT_KEEP).astype(np.uint8)
+            self._round = {"keep": keep, "keep_d": cuda.to_device(keep),
+                           "group_start_d": cuda.to_device(self.lay["group_start"]),
+                           "n_segments": int(segment_bounds(self.n,
+                                                            self.lay["n_params"]).size - 1)}
+            self._round["order_d"] = j["order_d"]
+        return self._round
+
+    def subset_table(self):
+        """The round's rows in group order and its group offsets from the keep flags."""
+        r = self.resident_round_inputs()
+        self._subset = drr.subset_table(r["keep_d"], r["order_d"], r["group_start_d"])
+
+    def column_entries_device(self):
+        """The gradient's column entries from the resident ELL columns."""
+        r = self.resident_round_inputs()
+        self._entries = drr.column_entries_on_device(self.cols, self.lay["n_params"],
+                                                     r["n_segments"])
+        if self._entries is None:  # a run takes the host's entries for such a layout
+            raise HostColumnEntries("too few segments for the columns: host entries")
+
     def error_model_weights(self):
         j = self.job_table_inputs()
         dg.error_model_weight_kernel[_blocks(self.n), THREADS_PER_BLOCK](
@@ -607,6 +644,13 @@ class DeviceLayout:
         # error-model weights (I, sigma^2, dataset read; w written)
         out["gather"] = n * 24
         out["em_weights"] = n * 28
+        # a round's table: the keep flags read through the group sort (twice: count, then
+        # write), each row's position written, the kept rows' job rows written, and per
+        # group its two offsets and the two positions they point at (twice)
+        kept = int(RESIDENT_KEEP * n)
+        out["subset_table"] = 2 * n * 9 + n * 8 + kept * 8 + 2 * (2 * groups + 16 * self.n_groups)
+        # the columns read twice (count, then fill), every used slot's entry written
+        out["column_entries_device"] = 2 * n * k * 8 + used * 8
         return out
 
 
@@ -864,6 +908,35 @@ def check_job_table(dev):
     mask_resident = do.resident_outlier_mask(dev.target.intensity, dev.target.weight, dev.g,
                                              dev.group_start)
     out["outliers_resident"] = float(np.count_nonzero(mask_host != mask_resident))
+    # a round's table on the device against numpy (GroupLayout.subset's arithmetic, written
+    # out here): the kept rows in group order, the offsets of the groups that keep one
+    r = dev.resident_round_inputs()
+    dev.subset_table()
+    order_d, group_start_d, n_rows, n_groups = dev._subset
+    kept = r["keep"][j["order"]] == 1
+    per_group = np.add.reduceat(kept.astype(np.int64), lay["group_start"][:-1]) \
+        if dev.n_groups else np.zeros(0, np.int64)
+    per_group[np.diff(lay["group_start"]) == 0] = 0
+    counts = per_group[per_group > 0]
+    expected_start = np.concatenate([[0], np.cumsum(counts)])
+    out["subset_table"] = float(
+        (n_rows != int(kept.sum())) + (n_groups != counts.size)
+        + np.count_nonzero(order_d.copy_to_host()[:n_rows] != j["order"][kept])
+        + np.count_nonzero(group_start_d.copy_to_host() != expected_start))
+    # the gradient's column entries against the host's counting sort
+    from dials_vmerge.kernels.cuda.target import column_entries
+
+    try:
+        dev.column_entries_device()
+    except HostColumnEntries:  # the check sizes must be derivable on the device: a failure
+        out["column_entries_device"] = math.inf
+        return out
+    flat_d, offset_d = dev._entries
+    bounds = segment_bounds(dev.n, lay["n_params"])
+    flat, offset = column_entries(lay["cols"], lay["n_params"], bounds)
+    out["column_entries_device"] = float(
+        np.count_nonzero(offset_d.copy_to_host() != offset)
+        + np.count_nonzero(flat_d.copy_to_host()[:flat.size] != flat))
     return out
 
 
@@ -1033,7 +1106,9 @@ def main(argv=None):
                     "merge_robust": dev.merge_robust,
                     "merge_variational": dev.merge_variational,
                     "evaluation_streamed": dev.evaluation_streamed})
-                passes.update({"gather": dev.gather, "em_weights": dev.error_model_weights})
+                passes.update({"gather": dev.gather, "em_weights": dev.error_model_weights,
+                               "subset_table": dev.subset_table,
+                               "column_entries_device": dev.column_entries_device})
             if kind != "array" and size <= parse_size(args.streamed_max):
                 passes["evaluation_host_streamed"] = dev.evaluation_host_streamed
             if kind == "physical" and size <= parse_size(args.normal_max):

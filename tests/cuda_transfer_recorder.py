@@ -10,6 +10,8 @@ import numpy as np
 from numba import cuda
 
 RECORDS = []
+# (pass, call, nbytes, dtype kind, shape) of every copy, for tests that look at what crossed
+DETAILS = []
 
 
 def _where():
@@ -26,13 +28,18 @@ def install():
     device_type = type(cuda.device_array(1))
     copy_to_device = device_type.copy_to_device
 
+    def record(obj):
+        array = np.asarray(obj)
+        RECORDS.append((*_where(), int(array.nbytes)))
+        DETAILS.append((*_where(), int(array.nbytes), array.dtype.kind, list(array.shape)))
+
     def recorded_to_device(obj, *args, **kwargs):
-        RECORDS.append((*_where(), int(np.asarray(obj).nbytes)))
+        record(obj)
         return to_device(obj, *args, **kwargs)
 
     def recorded_copy_to_device(self, ary, *args, **kwargs):
         if not hasattr(ary, "copy_to_host"):  # device to device copies do not cross the bus
-            RECORDS.append((*_where(), int(np.asarray(ary).nbytes)))
+            record(ary)
         return copy_to_device(self, ary, *args, **kwargs)
 
     cuda.to_device = recorded_to_device

@@ -97,7 +97,9 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
                 "evaluation_streamed",
                 # the job table's gather, error-model weights and resident outlier mask, and
                 # the target over a layout kept in host memory (issue 12)
-                "gather", "em_weights", "outliers_resident", "evaluation_host_streamed"}
+                "gather", "em_weights", "outliers_resident", "evaluation_host_streamed",
+                # a round's table and column entries derived on the device (issue 12)
+                "subset_table", "column_entries_device"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
@@ -111,10 +113,13 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         # resident batches' sums bit for bit
         assert checks["gather"] == 0 and checks["outliers_resident"] == 0
         assert checks["evaluation_host_streamed"] == 0
+        # differing rows, offsets and entries: the device's integer derivations are exact
+        assert checks["subset_table"] == 0 and checks["column_entries_device"] == 0
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
-    # 17 passes per layout, the gather and error-model weights, and the host-streamed target
-    # on the KB and physical layouts
-    assert len(passes) == 3 * 19 + 2
+    # 17 passes per layout, the gather and error-model weights, the round's table and
+    # column entries, and the host-streamed target on the KB and physical layouts
+    assert len(passes) == 3 * 21 + 2
+    assert {("kb", "subset_table"), ("array", "column_entries_device")} <= passes
     assert {("kb", "evaluation_host_streamed"), ("physical", "evaluation_host_streamed")} <= \
         passes
     assert {"expand", "error_model_ml", "error_model_slope", "error_model_binned",

@@ -136,6 +136,75 @@ class _Chunk:
         return g, deriv
 
 
+class _ResidentChunk(_Chunk):
+    """A chunk of consecutive job rows [lo, hi) read from the job's resident per-row inputs
+    (backends.cuda_resident_inputs.job_inputs, the scaling rounds' own copy): nothing with
+    a row per observation goes up, and the ELL columns (var(g)'s) are made on the device
+    from the inputs and a parameter-sized free-column map."""
+
+    def __init__(self, kind, manager, job, lo, hi, put_parameters):
+        from ..kernels.cuda import resident_rows as rr
+
+        self.kind, self.put_parameters = kind, put_parameters
+        self.n = n = hi - lo
+        models = manager.models
+        tpb = device_models.THREADS_PER_BLOCK
+
+        def optional(name, dtype=np.float64, ndim=1):
+            if job.get(name) is None:
+                return put_parameters(np.zeros((1,) * ndim, dtype=dtype)), False
+            return job[name][lo:hi], True
+
+        self.fixed, self.has_fixed = optional("fixed")
+        if kind == "kb":
+            from ..scaling.family import KBFamily
+
+            empty = np.zeros(0, np.int64)  # the per-dataset K, B and columns only
+            fam = KBFamily(models, manager.column_of_parameter, empty, empty)
+            self.scale, self.decay = fam.parameters(manager.get_free())
+            self.row_dataset = job["row_dataset"][lo:hi]
+            self.inv_two_d_sq = job["inv_two_d_sq"][lo:hi]
+            self.cols = cuda.device_array((max(n, 1), 2), np.int32)[:n]
+            if n:
+                rr.kb_columns_kernel[device_models.blocks(n), tpb](
+                    self.row_dataset, put_parameters(fam.scale_col),
+                    put_parameters(fam.decay_col), self.cols)
+        elif kind == "physical":
+            from ..scaling.physical_pass import GUARD
+
+            self.parameters = np.concatenate(
+                [np.asarray(m.parameter_vector(), dtype=np.float64) for m in models] + [GUARD])
+            self.record = job["record"][lo:hi]
+            self.first_param = job["first_param"][lo:hi]
+            self.abs, self.has_abs = optional("absorption", ndim=2)
+            self.abs_first, _ = optional("absorption_first", np.int32)
+            n_abs = 0 if job.get("absorption") is None else int(job["absorption"].shape[1])
+            full_cols = cuda.device_array((max(n, 1), 6 + n_abs), np.int64)[:n]
+            self.cols = cuda.device_array((max(n, 1), 6 + n_abs), np.int64)[:n]
+            if n:
+                rr.physical_columns_kernel[device_models.blocks(n), tpb](
+                    self.first_param, self.abs_first, self.has_abs, full_cols)
+                free_of_full = np.concatenate([manager.full_to_free(),
+                                               np.full(GUARD.size, -1, np.int64)])
+                rr.map_columns_kernel[device_models.blocks(n), tpb](
+                    full_cols, put_parameters(np.ascontiguousarray(free_of_full, np.int64)),
+                    self.cols)
+        else:
+            self.parameters = np.concatenate(
+                [np.asarray(m.parameter_vector(), dtype=np.float64) for m in models]
+                + [np.ones(1)])
+            self.weights = job["weights"][lo:hi]
+            self.full_index = job["full_index"][lo:hi]
+            self.component_start = put_parameters(job["component_start"])
+            column_map = np.concatenate([np.asarray(c, dtype=np.int32)
+                                         for c in manager.column_of_parameter]
+                                        + [np.full(1, -1, np.int32)])
+            self.cols = cuda.device_array((max(n, 1), self.weights.shape[1]), np.int32)[:n]
+            if n:
+                rr.map_columns_kernel[device_models.blocks(n), tpb](
+                    self.full_index, put_parameters(column_map), self.cols)
+
+
 class _NoDeviceModel(Exception):
     pass
 
@@ -190,6 +259,13 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
            if covariance is not None else None)
     g_all = cuda.device_array(max(sum(sizes), 1)) if resident else None
     at_all = 0
+    job = None
+    if resident:
+        # the scaling rounds' job-order per-row inputs (uploaded once per job), when they
+        # are or can be resident: chunks are slices of them
+        from .cuda_resident_inputs import job_inputs
+
+        job = job_inputs(store, kind, manager, np.concatenate([[0], np.cumsum(sizes)]))
     try:
         for number, pieces in enumerate(_chunks(sizes, max(int(chunk_rows), 1))):
             dataset_id = np.concatenate([np.full(n, d, np.int64) for d, _, n in pieces])
@@ -204,7 +280,11 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
                     return store.put(array, "observations", f"expansion:{name}")
                 return store.content(role, array)
 
-            chunk = _Chunk(kind, manager, dataset_id, loc_index, put, store.put)
+            if job is not None:
+                chunk = _ResidentChunk(kind, manager, job, at_all, at_all + dataset_id.size,
+                                       store.put)
+            else:
+                chunk = _Chunk(kind, manager, dataset_id, loc_index, put, store.put)
             g, deriv = chunk.evaluate(covariance is not None)
             if resident:  # the chunks are consecutive job rows: g of all rows stays
                 g_all[at_all:at_all + chunk.n].copy_to_device(g)
@@ -213,9 +293,11 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
             var_host = None
             if covariance is not None:
                 var = cuda.device_array(chunk.n)
+                cols = (chunk.cols if job is not None else
+                        put("cols", np.ascontiguousarray(chunk.cols, np.int64)))
                 device_models.variance_of_g_kernel[device_models.blocks(chunk.n),
                                                    device_models.THREADS_PER_BLOCK](
-                    deriv, put("cols", np.ascontiguousarray(chunk.cols, np.int64)), cov, var)
+                    deriv, cols, cov, var)
                 var_host = var.copy_to_host()
             at = 0
             for d, s, n in pieces:

@@ -110,26 +110,45 @@ class CudaScalingTarget(ScalingTarget):
             if streamed_target.stream_layout(self, host_resident, batch_size,
                                              device_memory_limit):
                 return
+        # the round's table on the device from the job's resident columns
+        # (backends.cuda_resident_inputs), or its I and weights alone, or None (uploaded):
+        # asked for once, by the first device model that wants it
+        self._device_columns, self._columns_asked = device_columns, False
+        self._columns = None
+        inputs = None
         if self.fused is not None:
             f = self.fused
             self._kind = "physical"
             n_abs = 0 if f.absorption_coefficients is None else f.absorption_coefficients.shape[1]
             cols = device_models.physical_columns(f.first_param, f.absorption_first, n_abs)
             self._n_params = f.n_full + 5  # the guard's columns are computed and dropped
-            self._record = self._upload(f.record)
-            self._first_param = self._upload(f.first_param)
-            self._abs, self._has_abs = self._placeholder(f.absorption_coefficients, ndim=2)
-            self._abs_first, _ = self._placeholder(f.absorption_first, np.int32)
-            self._fixed, self._has_fixed = self._placeholder(f.fixed_factor)
+            inputs = self._resident_inputs("physical")
+            if inputs is not None:
+                self._record, self._first_param = inputs["record"], inputs["first_param"]
+                self._abs, self._has_abs = inputs["abs"], inputs["has_abs"]
+                self._abs_first = inputs["abs_first"]
+                self._fixed, self._has_fixed = inputs["fixed"], inputs["has_fixed"]
+            else:
+                self._record = self._upload(f.record)
+                self._first_param = self._upload(f.first_param)
+                self._abs, self._has_abs = self._placeholder(f.absorption_coefficients, ndim=2)
+                self._abs_first, _ = self._placeholder(f.absorption_first, np.int32)
+                self._fixed, self._has_fixed = self._placeholder(f.fixed_factor)
         elif self.family is not None:
             fam = self.family
             self._kind = "kb"
             cols = device_models.kb_family_columns(fam.row_dataset, fam.scale_col,
                                                    fam.decay_col)
             self._n_params = self.n_par
-            self._row_dataset = self._upload(fam.row_dataset)
-            self._inv_two_d_sq = self._upload(fam.inv_two_d_sq)
-            self._fixed, self._has_fixed = self._placeholder(fam.fixed_factor)
+            inputs = self._resident_inputs("kb", fam)
+            if inputs is not None:
+                self._row_dataset = inputs["row_dataset"]
+                self._inv_two_d_sq = inputs["inv_two_d_sq"]
+                self._fixed, self._has_fixed = inputs["fixed"], inputs["has_fixed"]
+            else:
+                self._row_dataset = self._upload(fam.row_dataset)
+                self._inv_two_d_sq = self._upload(fam.inv_two_d_sq)
+                self._fixed, self._has_fixed = self._placeholder(fam.fixed_factor)
         else:
             layout = getattr(self, "_array_layout", None)  # from stream_layout's check
             if layout is None and n:
@@ -139,27 +158,57 @@ class CudaScalingTarget(ScalingTarget):
                 self._kind = "array"
                 cols = layout["free_col"]
                 self._n_params = self.n_par
-                self._weights = self._upload(layout["weights"])
-                self._full_index = self._upload(layout["full_index"])
-                self._component_start = self._upload(layout["component_start"], "parameters")
-                self._fixed, self._has_fixed = self._placeholder(layout["fixed_factor"])
+                inputs = self._resident_inputs("array")
+                if inputs is not None:
+                    self._weights, self._full_index = inputs["weights"], inputs["full_index"]
+                    self._component_start = inputs["component_start"]
+                    self._fixed, self._has_fixed = inputs["fixed"], inputs["has_fixed"]
+                else:
+                    self._weights = self._upload(layout["weights"])
+                    self._full_index = self._upload(layout["full_index"])
+                    self._component_start = self._upload(layout["component_start"],
+                                                         "parameters")
+                    self._fixed, self._has_fixed = self._placeholder(layout["fixed_factor"])
             else:
                 self._kind = "host-model"
                 self._n_params = self.n_par
                 cols = None
         self._g = cuda.device_array(max(n, 1))
+        # host ELL columns (the shadow checks and var(g) read them); the device's own copy
+        # (device_cols) is made on the device when the table is resident
         self._cols = cols
+        self._device_cols = None if inputs is None else inputs["cols"]
         self._batch_size = batch_size
         self._device_target = None
         if cols is not None:
             self._deriv = cuda.device_array((max(n, 1), cols.shape[1]))
-            columns = None
-            if device_columns is not None:
-                with self._store.counting("scaling target"):
-                    columns = device_columns()
-            self._device_target = DeviceTarget(t.intensity, t.weight, t.group_start, cols,
-                                               self._n_params, batch_size, self._upload,
-                                               columns)
+            columns = self._table_columns()
+            resident = columns if hasattr(columns, "model_inputs") else None
+            if resident is not None:
+                columns = (resident.intensity, resident.weight)
+            with self._store.counting("scaling target"):
+                self._device_target = DeviceTarget(
+                    t.intensity, t.weight, t.group_start, cols, self._n_params, batch_size,
+                    self._upload, columns,
+                    device_group_start=None if inputs is None else resident.group_start,
+                    device_cols=self._device_cols)
+
+    def _table_columns(self):
+        """device_columns() of the constructor, called once (counted in this round)."""
+        if not self._columns_asked and self._device_columns is not None:
+            self._columns_asked = True
+            with self._store.counting("scaling target"):
+                self._columns = self._device_columns()
+        return self._columns
+
+    def _resident_inputs(self, kind, family=None):
+        """The model's device inputs gathered from the job's resident columns (None: the
+        table's are uploaded)."""
+        resident = self._table_columns() if self._n else None
+        if not hasattr(resident, "model_inputs"):
+            return None
+        with self._store.counting("scaling target"):
+            return resident.model_inputs(kind, self.manager, family)
 
     def _upload(self, array, kind="observations"):
         """The device copy of array, counted in the job table's pass "scaling target"."""
@@ -284,9 +333,20 @@ class CudaScalingTarget(ScalingTarget):
         if getattr(self, "_normal", None) is None:
             gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)
             dt = self._device_target
-            self._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs,
-                                                 self._upload(gs),
-                                                 self.normal_free_columns(), self.n_par,
+            if self._device_cols is not None:
+                # group offsets and free columns already on the device (resident table)
+                resident = self._columns
+                device_gs = resident.group_start
+                if self._kind == "physical":
+                    with self._store.counting("scaling target"):
+                        free_cols = resident.map_columns(self._device_cols, np.concatenate(
+                            [self.full_to_free, np.full(5, -1, np.int64)]))
+                else:
+                    free_cols = self._device_cols
+            else:
+                device_gs, free_cols = self._upload(gs), self.normal_free_columns()
+            self._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs, device_gs,
+                                                 free_cols, self.n_par,
                                                  upload=self._upload)
         self._device_model(x)
         return self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])

@@ -48,9 +48,13 @@ def target_for_run(run, manager, ih_table):
         # the table's I and weights gathered from the job's resident arrays (only its row
         # order goes up), not copied every round
         from .cuda_job_table import minimisation_columns
+        from .cuda_resident_inputs import resident_minimisation
 
         def columns():
-            return minimisation_columns(run, ih_table)
+            # the whole table made on the device from the job's resident columns (only a
+            # keep flag per job row goes up, when the subset changed); else I and w gathered
+            return (resident_minimisation(run, ih_table)
+                    or minimisation_columns(run, ih_table))
     if limit is None:
         target = make_scaling_target(device, manager, ih_table, run.nproc,
                                      getattr(run, "_gpu_batch_size", None),
@@ -106,7 +110,11 @@ def device_for_run(run, n_obs):
             run.log("  also on the device: model evaluation (KB, physical, array), the normal "
                     "equations of full-matrix rounds, g and var(g) of every reflection, "
                     "outlier rejection, the error-model sums, merging (classical, robust, "
-                    "variational) and the merging-statistics sums")
+                    "variational) and the merging-statistics sums; each scaling round's "
+                    "minimisation table is made there from the job's resident columns")
+            run.log("  on the host: the E^2 outlier test after the device's z-tests, the "
+                    "error model's regression fit (minimisation=regression), the likelihood "
+                    "target, and g and dg/dp of models without a device kernel")
     return device
 
 

@@ -137,8 +137,11 @@ class DeviceNormalEquations:
         bounds = chunk_bounds(np.asarray(group_start_host, np.int64), n_segments)
         self.n_segments = bounds.size - 1
         self.segment_groups = cuda.to_device(bounds)
-        self.deriv_col = (upload or cuda.to_device)(np.ascontiguousarray(deriv_col,
-                                                                          dtype=np.int64))
+        if hasattr(deriv_col, "copy_to_host"):  # already on the device (a resident table)
+            self.deriv_col = deriv_col
+        else:
+            self.deriv_col = (upload or cuda.to_device)(np.ascontiguousarray(deriv_col,
+                                                                              dtype=np.int64))
         s, p = self.n_segments, max(self.n_par, 1)
         self.local_of_col = cuda.device_array((s, p), np.int64)
         self.cols = cuda.device_array((s, p), np.int64)

@@ -22,6 +22,7 @@ from numba import cuda
 from numba import njit
 
 from dials_vmerge.kernels.cuda.launch import blocks as launch_blocks
+from dials_vmerge.kernels.cuda.resident_rows import column_entries_on_device, shift_kernel
 
 from dials_vmerge.backends.cuda_target import (THREADS_PER_BLOCK, gradient_segment_kernel,
                                                group_residual_kernel, ordered_rows_sum,
@@ -108,16 +109,36 @@ def column_entries(deriv_col, n_params, seg_bounds):
 
 class _Batch:
     def __init__(self, obs_lo, obs_hi, group_start_local, deriv_col_local, n_params,
-                 upload=cuda.to_device):
+                 upload=cuda.to_device, device_group_start=None, device_cols=None):
+        """device_group_start (the batch's groups' offsets in the whole table, not yet
+        made batch-local) and device_cols (the batch's ELL columns): already on the device
+        (a table derived there, kernels.cuda.resident_rows); the batch's offsets and
+        column entries are then made on the device too."""
         self.obs_lo, self.obs_hi = int(obs_lo), int(obs_hi)
         self.n_obs = self.obs_hi - self.obs_lo
         self.n_groups = group_start_local.size - 1
-        self.group_start = upload(np.ascontiguousarray(group_start_local))
         self.seg_bounds = segment_bounds(self.n_obs, n_params)
         self.n_segments = self.seg_bounds.size - 1
-        flat, offset = column_entries(deriv_col_local, n_params, self.seg_bounds)
-        self.entry_flat = upload(flat if flat.size else np.zeros(1, np.int64))
-        self.entry_offset = upload(offset if offset.size else np.zeros((1, 1), np.int64))
+        if device_group_start is not None:
+            if self.obs_lo == 0:
+                self.group_start = device_group_start
+            else:
+                self.group_start = cuda.device_array(self.n_groups + 1, np.int64)
+                shift_kernel[_blocks(self.n_groups + 1), THREADS_PER_BLOCK](
+                    device_group_start, self.obs_lo, self.group_start)
+        else:
+            self.group_start = upload(np.ascontiguousarray(group_start_local))
+        entries = None
+        if device_cols is not None and self.n_obs and n_params:
+            # None: a shape whose derivation would be too serial (few segments, many
+            # columns): then the host's entries go up, as without a resident table
+            entries = column_entries_on_device(device_cols, n_params, self.n_segments)
+        if entries is not None:
+            self.entry_flat, self.entry_offset = entries
+        else:
+            flat, offset = column_entries(deriv_col_local, n_params, self.seg_bounds)
+            self.entry_flat = upload(flat if flat.size else np.zeros(1, np.int64))
+            self.entry_offset = upload(offset if offset.size else np.zeros((1, 1), np.int64))
         self.group_blocks = _blocks(self.n_groups)
         self.phi_block = cuda.device_array(self.group_blocks)
         self.grad_partial = cuda.device_array((self.n_segments, max(n_params, 1)))
@@ -175,10 +196,13 @@ class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
     def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None,
-                 upload=None, columns=None):
+                 upload=None, columns=None, device_group_start=None, device_cols=None):
         """upload(host array): its device copy (default cuda.to_device; the run passes its
         job table's counted upload). columns: (intensity, weight) already on the device
-        (gathered there from the job's resident arrays), used instead of uploading them."""
+        (gathered there from the job's resident arrays), used instead of uploading them.
+        device_group_start, device_cols: the table's group offsets and ELL columns already
+        on the device (equal to group_start and deriv_col): each batch's offsets and column
+        entries are then derived there, nothing with a row per observation goes up."""
         upload = upload or cuda.to_device
         intensity = np.ascontiguousarray(intensity, dtype=np.float64)
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
@@ -205,8 +229,11 @@ class DeviceTarget:
         for b in range(len(bounds) - 1):
             g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
             lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
-            self.batches.append(_Batch(lo, hi, group_start[g_lo:g_hi + 1] - lo,
-                                       deriv_col[lo:hi], self.n_params, upload))
+            self.batches.append(_Batch(
+                lo, hi, group_start[g_lo:g_hi + 1] - lo, deriv_col[lo:hi], self.n_params,
+                upload,
+                None if device_group_start is None else device_group_start[g_lo:g_hi + 1],
+                None if device_cols is None else device_cols[lo:hi]))
 
     def _residuals(self, g, batch, stream=0):
         sl = slice(batch.obs_lo, max(batch.obs_hi, batch.obs_lo + 1))
