@@ -58,3 +58,32 @@ def test_reused_anomalous_differences_equal_a_separate_anomalous_table(monkeypat
     # each table pair computes its anomalous differences once per shell (+ overall):
     # the full data and the cut data, against twice that without the reuse
     assert n_with_reuse == 2 * n_alone
+
+
+def test_anomalous_summary_with_the_groupings_partners_equals_a_fresh_computation(monkeypatch):
+    """merge_diagnostics' normal probability plot of the merged I+ - I-: with the anomalous
+    grouping's cached Bijvoet partners and hemisphere (the merged reflections are its groups)
+    equal to partners and hemisphere computed afresh from the merged indices."""
+    import os
+
+    from quartz_helpers import QUARTZ
+
+    from dials_vmerge.io import read_experiments, read_reflections
+    from dials_vmerge.merging import diagnostics
+    from dials_vmerge.merging.api import merge_scaled_table
+    from dials_vmerge.merging.groups import Groupings
+
+    experiments = read_experiments(os.path.join(QUARTZ, "scaled.expt"))
+    table = read_reflections(os.path.join(QUARTZ, "scaled.refl"))
+    result = merge_scaled_table(table, experiments, None)
+    obs = result.observations
+    groupings = Groupings(obs.miller_index, result.space_group, result.unit_cell)
+    groups = groupings.get(True)
+    np.testing.assert_array_equal(result.merged_anomalous.asu_index, groups.asu_index)
+    cached = diagnostics.anomalous_summary(result, groupings)
+    assert cached["normal_plot"]["n"] > 100
+    # the fresh path: partners and hemisphere from the merged indices themselves
+    fresh_groupings = Groupings(obs.miller_index, result.space_group, result.unit_cell)
+    monkeypatch.setattr(diagnostics.np, "array_equal", lambda a, b: False)
+    fresh = diagnostics.anomalous_summary(result, fresh_groupings)
+    assert cached == fresh
