@@ -70,7 +70,12 @@ def normalised_deviations_kernel(permutation, group_start, intensity, sigma):
 
 def _histogram(values, lo, hi, n_bins):
     edges = np.linspace(lo, hi, n_bins + 1)
-    counts, _ = np.histogram(values, bins=edges)
+    # a bin count and range, not the edges: numpy then bins by arithmetic, corrected
+    # against these same edges (the same counts), instead of sorting the values in blocks
+    if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+        counts, _ = np.histogram(values, bins=n_bins, range=(lo, hi))
+    else:  # numpy widens an empty range and refuses an infinite one: the edges as given
+        counts, _ = np.histogram(values, bins=edges)
     return {"edges": edges.tolist(), "counts": counts.astype(np.int64).tolist(),
             "below": int((values < lo).sum()), "above": int((values > hi).sum())}
 
