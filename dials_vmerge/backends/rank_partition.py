@@ -77,15 +77,14 @@ def unpack_keys(keys) -> np.ndarray:
 def _key_chunks(table, space_group, chunk_rows: int = PARTITION_CHUNK_ROWS):
     """(start, packed non-anomalous keys of rows start..) for consecutive slices of the
     table: neither the whole miller_index column nor a whole ASU copy is ever held."""
-    from ..merging.groups import asu_chunks
+    from ..asu_mapping import asu_indices
 
     for start in range(0, table.nrows, chunk_rows):
         stop = min(start + chunk_rows, table.nrows)
         hkl = np.asarray(table.peek("miller_index", np.arange(start, stop))).reshape(-1, 3)
-        keys = np.empty(stop - start, dtype=np.int64)
-        for lo, hi, asu, _ in asu_chunks(hkl, space_group, anomalous=False):
-            keys[lo:hi] = packed_keys(asu)
-        yield start, keys
+        # one cctbx mapping per distinct reflection of the slice (asu_mapping: the same
+        # indices as cctbx's per-row mapping)
+        yield start, packed_keys(asu_indices(hkl, space_group, anomalous=False))
 
 
 def non_anomalous_keys(table, space_group, chunk_rows: int = PARTITION_CHUNK_ROWS) -> np.ndarray:

@@ -21,6 +21,8 @@ import numpy as np
 from numba import njit
 from scipy.special import ndtri
 
+from ..kernels.stable_argsort import stable_argsort
+
 N_BINS = 10
 N_PLOT_POINTS = 51
 MAD_TO_SD = 1.482602218505602  # 1 / ndtri(0.75)
@@ -88,7 +90,7 @@ def _sd_summary(delta):
 def _equal_count_bins(values, delta, n_bins, name, order=None):
     """order: np.argsort(values, kind="stable") when the caller has it."""
     if order is None:
-        order = np.argsort(values, kind="stable")
+        order = stable_argsort(values)
     out = []
     for chunk in np.array_split(order, n_bins):
         if chunk.size == 0:
@@ -109,7 +111,7 @@ def stable_order_of_group_values(group_values, group):
     counts = np.bincount(group, minlength=n_groups)
     first = np.zeros(n_groups, dtype=np.int64)
     np.cumsum(counts[:-1], out=first[1:])
-    group_order = np.argsort(group_values, kind="stable")
+    group_order = stable_argsort(group_values)
     group_order = group_order[counts[group_order] > 0]
     lengths = counts[group_order]
     # position k of the output: observation first[g] + (k - start of g's run in the output)
@@ -124,9 +126,10 @@ def probability_plot_points(delta, n_points=N_PLOT_POINTS):
     """(expected normal quantile, observed delta) at n_points evenly spaced ranks."""
     if delta.size == 0:
         return []
-    ordered = np.sort(delta)
-    n = ordered.size
+    n = delta.size
     ranks = np.unique(np.linspace(0, n - 1, n_points).round().astype(np.int64))
+    # the values at these ranks of the sorted deltas: a partition places exactly them
+    ordered = np.partition(delta, ranks)
     expected = ndtri((ranks + 0.5) / n)
     return [[float(e), float(o)] for e, o in zip(expected, ordered[ranks])]
 

@@ -70,7 +70,12 @@ def normalised_deviations_kernel(permutation, group_start, intensity, sigma):
 
 def _histogram(values, lo, hi, n_bins):
     edges = np.linspace(lo, hi, n_bins + 1)
-    counts, _ = np.histogram(values, bins=edges)
+    # a bin count and range, not the edges: numpy then bins by arithmetic, corrected
+    # against these same edges (the same counts), instead of sorting the values in blocks
+    if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+        counts, _ = np.histogram(values, bins=n_bins, range=(lo, hi))
+    else:  # numpy widens an empty range and refuses an infinite one: the edges as given
+        counts, _ = np.histogram(values, bins=edges)
     return {"edges": edges.tolist(), "counts": counts.astype(np.int64).tolist(),
             "below": int((values < lo).sum()), "above": int((values > hi).sum())}
 
@@ -274,9 +279,15 @@ def anomalous_summary(result, groupings) -> dict:
                        "delta_i_2": rounded(d2[::step])}}
     merged = result.merged_anomalous
     if merged is not None and len(merged):
-        partner = bijvoet_partner(merged.asu_index)
-        plus = np.flatnonzero(is_plus_hemisphere(merged.asu_index, result.space_group)
-                              & (partner >= 0))
+        if np.array_equal(merged.asu_index, groups.asu_index):
+            # the merged reflections are the anomalous grouping's groups in its order: its
+            # partners and hemisphere, computed once for the statistics, are theirs
+            partner = bijvoet_partner_of(groups)
+            plus_hemisphere = plus_hemisphere_of(groups, result.space_group)
+        else:
+            partner = bijvoet_partner(merged.asu_index)
+            plus_hemisphere = is_plus_hemisphere(merged.asu_index, result.space_group)
+        plus = np.flatnonzero(plus_hemisphere & (partner >= 0))
         minus = partner[plus]
         sigma = np.sqrt(merged.sigma[plus] ** 2 + merged.sigma[minus] ** 2)
         use = sigma > 0

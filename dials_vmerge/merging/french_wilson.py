@@ -47,6 +47,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels.size_dispatch import parallel_when_large
+from ..kernels.stable_argsort import stable_argsort
 
 MIN_H = -4.0
 MIN_I_OVER_SIGMA = MIN_H + 0.3
@@ -91,7 +92,7 @@ def merge_equal_resolutions(dstar_cubed: np.ndarray,
     """d*^3 with values that agree to `relative_tolerance` (each to the previous one in
     sorted order) replaced by the smallest value of their run: reflections of one resolution
     then tie exactly, whatever the rounding of their d*."""
-    order = np.argsort(dstar_cubed, kind="stable")
+    order = stable_argsort(dstar_cubed)
     ordered = dstar_cubed[order]
     starts_run = np.ones(len(ordered), dtype=bool)
     starts_run[1:] = np.diff(ordered) > relative_tolerance * np.abs(ordered[1:])
@@ -109,7 +110,7 @@ def mean_intensity_by_resolution(intensity, dstar_sq) -> np.ndarray:
         return np.zeros(0)
     dstar_cubed = merge_equal_resolutions(np.asarray(dstar_sq, dtype=np.float64) ** 1.5)
     edges = expected_intensity_bins(dstar_cubed)
-    order = np.argsort(dstar_cubed, kind="stable")
+    order = stable_argsort(dstar_cubed)
     sorted_x = dstar_cubed[order]
     # members of bin b: edges[b] <= x < edges[b+1]; the last bin also holds x == edges[-1]
     bounds = np.searchsorted(sorted_x, edges, side="left")

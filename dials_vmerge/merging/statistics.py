@@ -625,14 +625,16 @@ def _least_squares_line(x, y):
 
 
 def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, complete_dss,
-                      anom_complete_dss, probability_plot=False):
+                      anom_complete_dss, probability_plot=False, anomalous_memo=None):
+    """anomalous_memo: (dict, key) to reuse this shell's CCanom and Ranom from the other
+    table of the same observations (see _ANOMALOUS_DIFFERENCE_FIELDS), or None."""
     # One function per group of statistics, so each one's per-group temporaries are gone
     # before the next one's are made.
     stats = ShellStatistics(d_max=0.0, d_min=0.0)
     if not _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss):
         return stats
     _cc_half(stats, prep, group_sel, level)
-    n_pairs = _anomalous_differences(stats, prep, anom_sel, level)
+    n_pairs = _memoised_anomalous_differences(stats, prep, anom_sel, level, anomalous_memo)
     if prep.anomalous and anom_complete_dss is not None:
         _anomalous_completeness(stats, prep, group_sel, n_pairs, anom_complete_dss)
     if prep.anomalous:
@@ -710,6 +712,30 @@ def _cc_half(stats, prep, group_sel, level):
     if level is not None:
         stats.cc_half_significance, stats.cc_half_critical_value = cc_significance(
             stats.cc_half, stats.cc_half_n_refl, level)
+
+
+# CCanom and Ranom are computed on the anomalous grouping whatever the table's anomalous flag,
+# from the same shell limits and the same restarted random stream: the table with I+ and I-
+# together and the one with them apart (with_anomalous_table) have the same values per shell.
+_ANOMALOUS_DIFFERENCE_FIELDS = ("cc_anom", "cc_anom_n_pairs", "cc_anom_significance",
+                                "cc_anom_critical_value", "r_anom")
+
+
+def _memoised_anomalous_differences(stats, prep, anom_sel, level, memo) -> int:
+    """_anomalous_differences, or its fields and pair count from `memo` = (dict, key) when
+    the other table of the same observations has computed this shell already."""
+    if memo is None:
+        return _anomalous_differences(stats, prep, anom_sel, level)
+    store, key = memo
+    if key not in store:
+        n_pairs = _anomalous_differences(stats, prep, anom_sel, level)
+        store[key] = ({name: getattr(stats, name) for name in _ANOMALOUS_DIFFERENCE_FIELDS},
+                      n_pairs)
+        return n_pairs
+    fields, n_pairs = store[key]
+    for name, value in fields.items():
+        setattr(stats, name, value)
+    return n_pairs
 
 
 def _anomalous_differences(stats, prep, anom_sel, level) -> int:
@@ -828,6 +854,7 @@ def merging_statistics(
     suggest_cut: bool = True,
     groupings: Optional[Groupings] = None,
     merger=None,
+    _anomalous_memo: Optional[dict] = None,
 ) -> MergingStatistics:
     """Statistics of unmerged scaled intensities (I/g, sigma/g), overall and by shell.
 
@@ -840,7 +867,11 @@ def merging_statistics(
     MethodMerger): merger.merge(groups, I, sigma) gives the merged I and sigma per group for
     <I>, <I/sigma>, Rmerge/Rmeas/Rpim, Ranom and the anomalous signal, and
     merger.half_means(groups, I, sigma) the method's merge of each CC1/2 and CCanom half
-    (the same random halves). None: inverse-variance means, as iotbx (cctbx's values)."""
+    (the same random halves). None: inverse-variance means, as iotbx (cctbx's values).
+    _anomalous_memo: the per-shell CCanom and Ranom of the table with I+ and I- together,
+    handed to its anomalous table (same observations, groupings, shells and stream)."""
+    if _anomalous_memo is None:
+        _anomalous_memo = {}
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -868,7 +899,8 @@ def merging_statistics(
     all_groups = np.ones(g.n_groups, bool)
     all_anom = np.ones(a.n_groups, bool)
     overall = _shell_statistics(prep, all_groups, all_anom, None, significance_level,
-                                complete_dss, anom_complete_dss, probability_plot=True)
+                                complete_dss, anom_complete_dss, probability_plot=True,
+                                anomalous_memo=(_anomalous_memo, "overall"))
     group_shell = shell_of(g.dstar_sq, limits)
     anom_shell = shell_of(a.dstar_sq, limits)
     shells = []
@@ -879,7 +911,8 @@ def merging_statistics(
             shells.append(ShellStatistics(d_max=d_range[0], d_min=d_range[1]))
             continue
         shells.append(_shell_statistics(prep, sel, anom_shell == b, d_range, significance_level,
-                                        complete_dss, anom_complete_dss))
+                                        complete_dss, anom_complete_dss,
+                                        anomalous_memo=(_anomalous_memo, b)))
     del prep, g, a, used
     weights = np.array([s.cc_half_n_refl for s in shells], dtype=np.float64)
     values = np.array([s.cc_half for s in shells])
@@ -893,7 +926,8 @@ def merging_statistics(
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
-            significance_level, False, suggest_cut=False, groupings=groupings, merger=merger)
+            significance_level, False, suggest_cut=False, groupings=groupings, merger=merger,
+            _anomalous_memo=_anomalous_memo)
     d_fit = result.d_min_cc_half_fit
     if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > CUT_TOLERANCE_A:
         # cctbx resolution_filter(d_min): keep 1/d <= 1/d_min
