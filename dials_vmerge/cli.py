@@ -219,6 +219,7 @@ class Program:
 
     # -- running -------------------------------------------------------------------------
     def main(self, argv: Optional[Sequence[str]] = None) -> int:
+        restore_interrupt_handler()
         return_large_frees_to_os()
         freeze_import_time_objects()
         _deliver_interrupts_from_callbacks()
@@ -398,6 +399,21 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
         pass
+
+
+def restore_interrupt_handler() -> None:
+    """Put back the SIGINT handler that the programs' package replaced while their modules
+    loaded (command_line/__init__.py), so that a Ctrl-C from here on is a KeyboardInterrupt
+    that Program.main reports."""
+    import signal
+    import threading
+
+    programs = sys.modules.get("dials_vmerge.command_line")
+    before = getattr(programs, "handler_before_startup", None)
+    if before is None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is programs._interrupted_while_starting:
+        signal.signal(signal.SIGINT, before)
 
 
 def _deliver_interrupts_from_callbacks() -> None:

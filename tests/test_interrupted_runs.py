@@ -90,3 +90,27 @@ def test_rerun_on_own_output_is_repeatable_and_deterministic(full_run_seconds, t
     # The same options on the same input give the same numbers.
     np.testing.assert_allclose(results[0]["inverse_scale_factor"], results[1]["inverse_scale_factor"], rtol=1e-10)
     np.testing.assert_array_equal(results[0]["flags"], results[1]["flags"])
+
+
+def test_interrupt_while_modules_load_is_one_line(tmp_path):
+    # Ctrl-C between the programs' package and the program's own imports (where a loaded
+    # machine spends seconds): one line, exit 130, no traceback, nothing written
+    code = ("import os, signal, dials_vmerge.command_line; os.kill(os.getpid(), signal.SIGINT); "
+            "import dials_vmerge.command_line.vmerge; print('not interrupted')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=300)
+    assert run.returncode == 130
+    assert run.stdout == b""
+    assert run.stderr == b"dials.vmerge: interrupted while starting; no output files were changed\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_program_puts_the_interrupt_handler_back(tmp_path):
+    # once main runs, a Ctrl-C is a KeyboardInterrupt again (reported by Program.main)
+    code = ("import signal, sys, dials_vmerge.command_line as programs; "
+            "from dials_vmerge.command_line.vmerge import main; "
+            "assert signal.getsignal(signal.SIGINT) is programs._interrupted_while_starting; "
+            "main(['--help']); "
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert run.stdout.decode().endswith("ok\n")
