@@ -97,38 +97,41 @@ class RankGrouping:
     """A grouping's per-group values over all ranks, in the one-process group order, with the
     local grouping of this rank's observations (`local`) and where each group lives.
 
-    Has what the statistics' shell code reads from a GroupedObservations: asu_index, centric,
-    epsilon, dstar_sq, multiplicity, n_groups, anomalous, derived."""
+    Has what the statistics' shell code reads of a GroupedObservations: centric, dstar_sq,
+    multiplicity, n_groups, anomalous, derived (not the ASU indices: what the statistics
+    derive from them, d and the Bijvoet partners, each rank derives for its own groups and
+    they are gathered as values)."""
 
     def __init__(self, local):
+        from ..backends.rank_partition import packed_keys
+
         self.local = local
         self.anomalous = local.anomalous
         self.derived = {}
-        rows = np.empty((local.n_groups, 7), dtype=np.float64)
-        rows[:, :3] = local.asu_index
-        rows[:, 3] = local.centric
-        rows[:, 4] = local.epsilon
-        rows[:, 5] = local.dstar_sq
-        rows[:, 6] = local.multiplicity
         counts = mpi_world.allgather_rows(np.array([local.n_groups], dtype=np.int64))
-        rows = mpi_world.allgather_rows(rows)
-        asu = rows[:, :3].astype(np.int32)
-        # the one-process grouping's order: ASU indices in (h, k, l) order (unique)
-        self.order = np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))
-        self.asu_index = np.ascontiguousarray(asu[self.order])
-        self.centric = rows[self.order, 3] != 0
-        self.epsilon = np.ascontiguousarray(rows[self.order, 4])
-        self.dstar_sq = np.ascontiguousarray(rows[self.order, 5])
-        self.multiplicity = rows[self.order, 6].astype(np.int64)
-        owner = np.repeat(np.arange(counts.size, dtype=np.int64), counts)[self.order]
+        # the one-process grouping's order: ASU indices in (h, k, l) order, i.e. the order
+        # of their packed keys (unique)
+        self.order = np.argsort(mpi_world.allgather_rows(packed_keys(local.asu_index)),
+                                kind="stable")
+        # compact: these stay for the whole statistics on every rank
+        owner = np.repeat(np.arange(counts.size, dtype=np.int32), counts)[self.order]
         me = mpi_world.rank()
         first = int(counts[:me].sum())
         self.owner = owner
-        self.local_of_global = np.where(owner == me, self.order - first, -1).astype(np.int64)
+        mine = np.flatnonzero(owner == me)
+        self.local_of_global = np.full(self.order.size, -1, dtype=np.int32)
+        self.local_of_global[mine] = self.order[mine] - first
+        # this rank's group k is global group global_of_local[k]
+        self.global_of_local = np.empty(local.n_groups, dtype=np.int64)
+        self.global_of_local[self.local_of_global[mine]] = mine
+        centric, self.dstar_sq, multiplicity = self.to_global(
+            local.centric, local.dstar_sq, local.multiplicity)
+        self.centric = centric != 0
+        self.multiplicity = multiplicity.astype(np.int64)
 
     @property
     def n_groups(self) -> int:
-        return int(self.asu_index.shape[0])
+        return int(self.order.shape[0])
 
     def to_global(self, *local_values):
         """Per-group float64 arrays of this rank's groups -> the arrays over all groups in
@@ -136,8 +139,19 @@ class RankGrouping:
         packed = np.empty((self.local.n_groups, len(local_values)), dtype=np.float64)
         for j, values in enumerate(local_values):
             packed[:, j] = values
-        gathered = mpi_world.allgather_rows(packed)[self.order]
-        return [np.ascontiguousarray(gathered[:, j]) for j in range(len(local_values))]
+        gathered = mpi_world.allgather_rows(packed)
+        del packed
+        return [np.ascontiguousarray(gathered[self.order, j]) for j in range(len(local_values))]
+
+    def bijvoet_pairs(self, space_group):
+        """(statistics.bijvoet_partner, its plus hemisphere with a partner) of all groups in
+        global order: a group's partner is on its rank (Friedel mates share the
+        non-anomalous key), so each rank finds its own groups' partners."""
+        partner = st.bijvoet_partner(self.local.asu_index)
+        plus = st.is_plus_hemisphere(self.local.asu_index, space_group) & (partner >= 0)
+        partner = np.where(partner >= 0, self.global_of_local[np.maximum(partner, 0)], -1)
+        partner, plus = self.to_global(partner, plus)
+        return partner.astype(np.int64), plus != 0
 
 
 @njit(cache=True)
@@ -245,9 +259,8 @@ class RankPrepared:
         anom_mean, anom_sigma, _, _ = self._local_sums(a_local, True, False)
         self.anom_mean, self.anom_sigma_internal = self.anom.to_global(anom_mean, anom_sigma)
         self.n = self.groups.multiplicity
-        self.group_d = st._cctbx_d(unit_cell, self.groups.asu_index)
-        self.partner = st.bijvoet_partner_of(self.anom)
-        self.plus = st.plus_hemisphere_of(self.anom, space_group) & (self.partner >= 0)
+        (self.group_d,) = self.groups.to_global(st._cctbx_d(unit_cell, g_local.asu_index))
+        self.partner, self.plus = self.anom.bijvoet_pairs(space_group)
         self.uniforms = st.cctbx_uniform_stream(max(st.cctbx_draws_needed(self.groups),
                                                     st.cctbx_draws_needed(self.anom)))
         self._complete = None
@@ -277,7 +290,7 @@ class RankPrepared:
         owner = groups.owner[order]
         mine = np.flatnonzero(owner == mpi_world.rank())
         local = groups.local
-        local_order = groups.local_of_global[order[mine]]
+        local_order = groups.local_of_global[order[mine]].astype(np.int64)
         if self.method == "classical":
             h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
                                     local.group_start, local_order, starts[mine],
