@@ -8,9 +8,9 @@ of its own groups only. What crosses ranks is one
 row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
 of the merge or the statistics:
 
-- merged.mtz: each rank's merges (Friedel mates together and apart) gathered in the
-  one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered values
-  (its prior is by resolution shell, a global quantity).
+- merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
+  the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
+  values (its prior is by resolution shell, a global quantity).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
   per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
   anomalous merge) are computed by each rank for its groups and gathered; every shell sum,
