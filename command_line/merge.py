@@ -1,5 +1,6 @@
 """dials.vmerge.merge: merge scaled data (ours or dials.scale's) into merged.mtz."""
 
+from dials_vmerge.backends.mpi_world import is_output_rank
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.model.curves import model_curves
@@ -50,14 +51,16 @@ def run(params, inputs, log):
         if table is not None:
             with stage(log, "Merging"):
                 result = merge_scaled_table(table, experiments, params, log)
-        log.info(f"{len(result.observations)} observations merged into {len(result.merged)} "
+        log.info(f"{result.n_observations()} observations merged into {len(result.merged)} "
                  "unique reflections")
         with stage(log, "Merging statistics"):
             log_statistics(result, log)
         with stage(log, "Writing merged files"):
             write_merge_outputs(result, params, log, program="dials.vmerge.merge")
             report = result.as_dict()
-            if table is not None:
+            # under MPI the other ranks' reports are never published: only rank 0 reads
+            # the table's columns for the model curves
+            if table is not None and is_output_rank():
                 report["scaling_models"] = model_curves(experiments, table)
             with StagedOutputs() as staged:
                 write_json(params.output.json or "dials.vmerge.merge.json", report)

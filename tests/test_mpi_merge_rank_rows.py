@@ -10,6 +10,7 @@ equal apart from timings and the MPI lines. Bad input under MPI: one line, exit 
 also when only one rank's rows hold the bad value.
 """
 
+import filecmp
 import json
 import math
 import os
@@ -154,6 +155,12 @@ def test_merge_on_rank_rows_equals_single_process(scaled, single_process, tmp_pa
     for key in ("merging_statistics", "summary_table", "sigma_calibration", "per_batch"):
         assert_close(ours[key], theirs[key], key)
     assert theirs["merging_statistics"]["anomalous_statistics"]["overall"]["cc_anom_n_pairs"] > 0
+    # the same bits: merged.mtz byte for byte, and the whole JSON (statistics, sigma
+    # calibration, statistics against batch, merge diagnostics, model curves) as written
+    assert filecmp.cmp(tmp_path / "merged.mtz", reference / "merged.mtz", shallow=False)
+    assert {"sigma_calibration", "per_batch", "diagnostics", "scaling_models"} <= set(theirs)
+    assert open(tmp_path / "dials.vmerge.merge.json").read() == open(
+        reference / "dials.vmerge.merge.json").read()
     assert comparable_log(tmp_path / "dials.vmerge.merge.log") == comparable_log(
         reference / "dials.vmerge.merge.log")
     assert done.stdout.count("Total observations") == 1  # rank 0 alone prints
@@ -184,6 +191,9 @@ def test_robust_merge_on_rank_rows_equals_single_process(scaled, tmp_path, name,
     theirs = json.load(open(one / "dials.vmerge.merge.json"))
     assert theirs["merging_statistics"]["method"] == "robust"
     assert_close(ours["merging_statistics"], theirs["merging_statistics"], "statistics")
+    assert filecmp.cmp(many / "merged.mtz", one / "merged.mtz", shallow=False)
+    assert open(many / "dials.vmerge.merge.json").read() == open(
+        one / "dials.vmerge.merge.json").read()
     assert comparable_log(many / "dials.vmerge.merge.log") == comparable_log(
         one / "dials.vmerge.merge.log")
 

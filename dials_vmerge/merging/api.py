@@ -76,13 +76,20 @@ class MergeResult:
     per_batch: Optional[dict] = None  # batch_statistics.batch_statistics tables
     diagnostics: Optional[dict] = None  # diagnostics.merge_diagnostics summaries
     experiments: object = None  # for the unmerged MTZ's batch headers
+    # the number merged when `observations` does not hold them all (MPI ranks' own rows,
+    # merging/rank_merge.py)
+    observation_count: Optional[int] = None
+
+    def n_observations(self) -> int:
+        return len(self.observations) if self.observation_count is None \
+            else self.observation_count
 
     def as_json(self) -> dict:
         """JSON-able summary (merging statistics, half-dataset CV if computed)."""
         return self.as_dict()
 
     def as_dict(self) -> dict:
-        out = {"method": self.method, "n_observations": len(self.observations),
+        out = {"method": self.method, "n_observations": self.n_observations(),
                "n_unique": len(self.merged)}
         if self.statistics is not None:
             out["merging_statistics"] = self.statistics.as_dict()
@@ -650,6 +657,11 @@ def per_batch_for(result: MergeResult, groupings, experiments, params=None) -> d
     table = batch_statistics(groups, obs.intensity, obs.sigma, obs.scale, obs.batch,
                              merged_intensity, experiments, result.space_group,
                              result.unit_cell, result.method)
+    return with_excluded_batches(table, params)
+
+
+def with_excluded_batches(table: dict, params) -> dict:
+    """The statistics-against-batch table with the user's exclude_batches ranges."""
     table["excluded_batch_ranges"] = [[int(a), int(b)] for a, b in
                                       (_param(params, "exclude_batches", None) or [])]
     return table

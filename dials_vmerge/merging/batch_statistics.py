@@ -41,6 +41,18 @@ def batch_sums_kernel(permutation, group_start, intensity, sigma, scale, batch_i
     Returns float64 (n_batches, N_SUMS); N_NEW counts the unique reflections whose earliest
     observation (lowest batch index) lies in the batch, for groups in_complete_set."""
     sums = np.zeros((n_batches, 12))
+    add_batch_sums_kernel(sums, permutation, group_start, intensity, sigma, scale,
+                          batch_index, merged_intensity, in_complete_set)
+    return sums
+
+
+@njit(cache=True)
+def add_batch_sums_kernel(sums, permutation, group_start, intensity, sigma, scale,
+                          batch_index, merged_intensity, in_complete_set):
+    """batch_sums_kernel's sums of these groups added to `sums` in place, group by group:
+    groups split into consecutive runs (MPI ranks' groups, merging/rank_merge.py) and
+    added run after run give the bits of one pass over all of them."""
+    n_batches = sums.shape[0]
     n_groups = group_start.shape[0] - 1
     for g in range(n_groups):
         start = group_start[g]
@@ -77,7 +89,6 @@ def batch_sums_kernel(permutation, group_start, intensity, sigma, scale, batch_i
                 sums[b, 8] += i * i
                 sums[b, 9] += rest * rest
                 sums[b, 10] += i * rest
-    return sums
 
 
 def _values(sums: np.ndarray, new_cumulative: np.ndarray, n_complete: int) -> dict:
@@ -149,8 +160,6 @@ def batch_statistics(groups, intensity, sigma, scale, batch, merged_intensity, e
 
     groups: the non-anomalous GroupedObservations of the observations; merged_intensity:
     the method's merged I per group (same order)."""
-    from ..batches import batch_offsets, batch_ranges
-
     batch = np.asarray(batch, dtype=np.int64)
     batches, batch_index = np.unique(batch, return_inverse=True)
     batch_index = batch_index.astype(np.int64).reshape(-1)
@@ -159,7 +168,17 @@ def batch_statistics(groups, intensity, sigma, scale, batch, merged_intensity, e
                              np.asarray(merged_intensity, dtype=np.float64),
                              ~systematically_absent(groups.asu_index, space_group), len(batches))
     d_min = float(1.0 / math.sqrt(groups.dstar_sq.max())) if groups.n_groups else 0.0
-    n_complete = complete_set_size(space_group, unit_cell, d_min) if groups.n_groups else 0
+    return batch_tables(sums, batches, d_min, experiments, space_group, unit_cell, method,
+                        max_rows)
+
+
+def batch_tables(sums, batches, d_min, experiments, space_group, unit_cell, method: str,
+                 max_rows: int = DEFAULT_MAX_ROWS) -> dict:
+    """batch_statistics's tables from the per-batch sums (batch_sums_kernel) of the batches
+    `batches` (sorted) and the data's d_min (0 when there is no group)."""
+    from ..batches import batch_offsets, batch_ranges
+
+    n_complete = complete_set_size(space_group, unit_cell, d_min) if d_min > 0 else 0
     seen = np.cumsum(sums[:, N_NEW])
 
     ranges = batch_ranges(experiments, batch_offsets(experiments))

@@ -107,11 +107,18 @@ def stable_order_of_group_values(group_values, group):
     sorting the groups by (value, group) and listing each group's observations in turn, as
     a group's observations are contiguous and follow those of every lower group."""
     group = np.asarray(group, dtype=np.int64)
-    n_groups = len(group_values)
-    counts = np.bincount(group, minlength=n_groups)
-    first = np.zeros(n_groups, dtype=np.int64)
+    counts = np.bincount(group, minlength=len(group_values))
+    return order_of_group_runs(stable_argsort(group_values), counts)
+
+
+def order_of_group_runs(group_order, counts):
+    """The observations of the groups `group_order`, in that order, as positions into
+    observations stored group after group (group g's `counts[g]` observations contiguous,
+    groups ascending); groups without observations are skipped."""
+    counts = np.asarray(counts, dtype=np.int64)
+    first = np.zeros(len(counts), dtype=np.int64)
     np.cumsum(counts[:-1], out=first[1:])
-    group_order = stable_argsort(group_values)
+    group_order = np.asarray(group_order, dtype=np.int64)
     group_order = group_order[counts[group_order] > 0]
     lengths = counts[group_order]
     # position k of the output: observation first[g] + (k - start of g's run in the output)
@@ -137,24 +144,34 @@ def probability_plot_points(delta, n_points=N_PLOT_POINTS):
 def sigma_calibration(intensity, sigma, grouped, n_bins=N_BINS):
     """The calibration dict of observations (I/g, sigma/g, original order) grouped by
     `grouped` (a merging.groups.GroupedObservations, usually Friedel mates apart)."""
+    delta, others_mean, group = grouped_deviations(intensity, sigma, grouped)
+    return calibration_summary(delta, others_mean, group, grouped.dstar_sq, n_bins)
+
+
+def grouped_deviations(intensity, sigma, grouped):
+    """leave_one_out_deviations of the observations with sigma > 0 of `grouped`'s groups."""
     perm = grouped.permutation
     ok = sigma[perm] > 0
     perm = perm[ok]
     group_start = np.concatenate([[0], np.cumsum(np.bincount(
         np.repeat(np.arange(grouped.n_groups), np.diff(grouped.group_start))[ok],
         minlength=grouped.n_groups))]).astype(np.int64)
-    delta, others_mean, group = leave_one_out_deviations(intensity, sigma, group_start,
-                                                         order=perm)
+    return leave_one_out_deviations(intensity, sigma, group_start, order=perm)
+
+
+def calibration_summary(delta, others_mean, group, group_dstar_sq, n_bins=N_BINS):
+    """The calibration dict from the deviations (leave_one_out_deviations: group order, the
+    group of each) and the groups' d*^2."""
     out = {"definition": "delta = (I/g - mean of the other observations) / sqrt(sigma^2 + "
                          "sigma(mean of the others)^2); SD 1 when sigmas are right"}
     out.update(_sd_summary(delta))
     if delta.size >= n_bins:
         out["by_intensity"] = _equal_count_bins(others_mean, delta, n_bins, "intensity")
-        dstar_sq = grouped.dstar_sq[group]
+        dstar_sq = group_dstar_sq[group]
         if np.all(np.isfinite(dstar_sq)):
             out["by_resolution"] = _equal_count_bins(
                 dstar_sq, delta, n_bins, "dstar_sq",
-                order=stable_order_of_group_values(grouped.dstar_sq, group))
+                order=stable_order_of_group_values(group_dstar_sq, group))
     out["normal_probability_plot"] = probability_plot_points(delta)
     return out
 

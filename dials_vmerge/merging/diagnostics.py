@@ -87,10 +87,18 @@ def normal_quantiles(n: int, k: np.ndarray) -> np.ndarray:
     return ndtri((np.asarray(k, dtype=np.float64) + 0.5) / n)
 
 
+def normalised_deviations(groups, intensity, sigma) -> np.ndarray:
+    return normalised_deviations_kernel(groups.permutation, groups.group_start,
+                                        np.asarray(intensity, np.float64),
+                                        np.asarray(sigma, np.float64))
+
+
 def normalised_deviation_summary(groups, intensity, sigma) -> dict:
-    delta = normalised_deviations_kernel(groups.permutation, groups.group_start,
-                                         np.asarray(intensity, np.float64),
-                                         np.asarray(sigma, np.float64))
+    return deviation_summary(normalised_deviations(groups, intensity, sigma))
+
+
+def deviation_summary(delta) -> dict:
+    """The summary of normalised deviations in group order (sorted here, in place)."""
     if len(delta) == 0:
         return {"n": 0}
     delta.sort()
@@ -159,12 +167,31 @@ def outlier_summary(table, experiments) -> dict:
 
 def merge_diagnostics(result, groupings, table, experiments) -> dict:
     obs = result.observations
+    halves = None
+    if not result.space_group.is_centric():
+        groups = groupings.get(True)
+        halves = alternate_half_means_kernel(groups.permutation, groups.group_start,
+                                             obs.intensity, obs.sigma)
+    return diagnostics_of(
+        result, normalised_deviation_summary(groupings.get(False), obs.intensity, obs.sigma),
+        scale_histogram(obs.scale), groupings.get(True), halves, table, experiments)
+
+
+def scale_histogram(scale, value_range=None) -> dict:
+    """The histogram of the inverse scale factors over value_range (default: theirs)."""
+    scale = np.asarray(scale)
+    return _histogram(scale, *(value_range or _scale_range(scale)), SCALE_BINS)
+
+
+def diagnostics_of(result, deviations, scales, anomalous_groups, halves, table,
+                   experiments) -> dict:
+    """merge_diagnostics's dict from its per-observation parts: the normalised deviations'
+    summary, the scale histogram and the alternate half means (h1, h2) of the anomalous
+    groups (`anomalous_groups`: asu_index, centric, dstar_sq, derived; None when centric)."""
     out = {
-        "normalised_deviations": normalised_deviation_summary(groupings.get(False),
-                                                              obs.intensity, obs.sigma),
+        "normalised_deviations": deviations,
         "i_over_sigma_vs_log_i": i_over_sigma_vs_log_i(result.merged),
-        "scale_histogram": _histogram(np.asarray(obs.scale), *_scale_range(obs.scale),
-                                      SCALE_BINS),
+        "scale_histogram": scales,
     }
     if table is not None:  # an unmerged MTZ carries no scaling flags
         out["outliers"] = outlier_summary(table, experiments)
@@ -172,7 +199,7 @@ def merge_diagnostics(result, groupings, table, experiments) -> dict:
         out["second_moments"] = second_moments(result.merged,
                                                result.statistics.as_dict()["shells"])
     if not result.space_group.is_centric():
-        out["anomalous"] = anomalous_summary(result, groupings)
+        out["anomalous"] = anomalous_summary_of_halves(result, anomalous_groups, *halves)
     return out
 
 
@@ -249,13 +276,18 @@ def anomalous_summary(result, groupings) -> dict:
       every k-th pair (at most MAX_SCATTER_POINTS) for the scatter plot;
     - the normal probability plot of dI / sigma(dI) of the merged I+ and I- (the merging
       method's), sigma(dI) = sqrt(sigma+^2 + sigma-^2)."""
-    from .statistics import (bijvoet_partner, bijvoet_partner_of, is_plus_hemisphere,
-                             plus_hemisphere_of)
-
     groups = groupings.get(True)
     obs = result.observations
     h1, h2 = alternate_half_means_kernel(groups.permutation, groups.group_start,
                                          obs.intensity, obs.sigma)
+    return anomalous_summary_of_halves(result, groups, h1, h2)
+
+
+def anomalous_summary_of_halves(result, groups, h1, h2) -> dict:
+    """anomalous_summary from the alternate half means of the anomalous groups `groups`."""
+    from .statistics import (bijvoet_partner, bijvoet_partner_of, is_plus_hemisphere,
+                             plus_hemisphere_of)
+
     partner = bijvoet_partner_of(groups)
     plus = np.flatnonzero(plus_hemisphere_of(groups, result.space_group)
                           & (partner >= 0) & ~groups.centric)

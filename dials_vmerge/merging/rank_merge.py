@@ -8,9 +8,9 @@ of its own groups only. What crosses ranks is one
 row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
 of the merge or the statistics:
 
-- merged.mtz: each rank's merges (Friedel mates together and apart) gathered in the
-  one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered values
-  (its prior is by resolution shell, a global quantity).
+- merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
+  the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
+  values (its prior is by resolution shell, a global quantity).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
   per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
   anomalous merge) are computed by each rank for its groups and gathered; every shell sum,
@@ -24,9 +24,12 @@ of the merge or the statistics:
 
 Within a group the observations are in the one-process order (a rank's rows keep input
 order), so each group's values, and hence merged.mtz and the statistics, are bit-identical
-for any N. Still gathered to rank 0 per observation (not memory-saving yet): the report-only
-summaries (sigma calibration, statistics against batch, merge diagnostics) and the unmerged
-MTZ, which need sorted or per-batch values over all observations.
+for any N. The merged reflections go to rank 0 alone (it writes merged.mtz; the other
+ranks' results hold none). The report-only summaries (sigma calibration, statistics against
+batch, merge diagnostics) are made on rank 0 from parts each rank computes for its own
+groups (_LocalReportParts: per-batch sums continued rank after rank, histogram counts added,
+the deviations the summaries sort, per-group values), not from the observations. Still
+gathered to rank 0 per observation: the unmerged MTZ's columns, when it is asked for.
 """
 
 from __future__ import annotations
@@ -94,38 +97,41 @@ class RankGrouping:
     """A grouping's per-group values over all ranks, in the one-process group order, with the
     local grouping of this rank's observations (`local`) and where each group lives.
 
-    Has what the statistics' shell code reads from a GroupedObservations: asu_index, centric,
-    epsilon, dstar_sq, multiplicity, n_groups, anomalous, derived."""
+    Has what the statistics' shell code reads of a GroupedObservations: centric, dstar_sq,
+    multiplicity, n_groups, anomalous, derived (not the ASU indices: what the statistics
+    derive from them, d and the Bijvoet partners, each rank derives for its own groups and
+    they are gathered as values)."""
 
     def __init__(self, local):
+        from ..backends.rank_partition import packed_keys
+
         self.local = local
         self.anomalous = local.anomalous
         self.derived = {}
-        rows = np.empty((local.n_groups, 7), dtype=np.float64)
-        rows[:, :3] = local.asu_index
-        rows[:, 3] = local.centric
-        rows[:, 4] = local.epsilon
-        rows[:, 5] = local.dstar_sq
-        rows[:, 6] = local.multiplicity
         counts = mpi_world.allgather_rows(np.array([local.n_groups], dtype=np.int64))
-        rows = mpi_world.allgather_rows(rows)
-        asu = rows[:, :3].astype(np.int32)
-        # the one-process grouping's order: ASU indices in (h, k, l) order (unique)
-        self.order = np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))
-        self.asu_index = np.ascontiguousarray(asu[self.order])
-        self.centric = rows[self.order, 3] != 0
-        self.epsilon = np.ascontiguousarray(rows[self.order, 4])
-        self.dstar_sq = np.ascontiguousarray(rows[self.order, 5])
-        self.multiplicity = rows[self.order, 6].astype(np.int64)
-        owner = np.repeat(np.arange(counts.size, dtype=np.int64), counts)[self.order]
+        # the one-process grouping's order: ASU indices in (h, k, l) order, i.e. the order
+        # of their packed keys (unique)
+        self.order = np.argsort(mpi_world.allgather_rows(packed_keys(local.asu_index)),
+                                kind="stable")
+        # compact: these stay for the whole statistics on every rank
+        owner = np.repeat(np.arange(counts.size, dtype=np.int32), counts)[self.order]
         me = mpi_world.rank()
         first = int(counts[:me].sum())
         self.owner = owner
-        self.local_of_global = np.where(owner == me, self.order - first, -1).astype(np.int64)
+        mine = np.flatnonzero(owner == me)
+        self.local_of_global = np.full(self.order.size, -1, dtype=np.int32)
+        self.local_of_global[mine] = self.order[mine] - first
+        # this rank's group k is global group global_of_local[k]
+        self.global_of_local = np.empty(local.n_groups, dtype=np.int64)
+        self.global_of_local[self.local_of_global[mine]] = mine
+        centric, self.dstar_sq, multiplicity = self.to_global(
+            local.centric, local.dstar_sq, local.multiplicity)
+        self.centric = centric != 0
+        self.multiplicity = multiplicity.astype(np.int64)
 
     @property
     def n_groups(self) -> int:
-        return int(self.asu_index.shape[0])
+        return int(self.order.shape[0])
 
     def to_global(self, *local_values):
         """Per-group float64 arrays of this rank's groups -> the arrays over all groups in
@@ -133,8 +139,19 @@ class RankGrouping:
         packed = np.empty((self.local.n_groups, len(local_values)), dtype=np.float64)
         for j, values in enumerate(local_values):
             packed[:, j] = values
-        gathered = mpi_world.allgather_rows(packed)[self.order]
-        return [np.ascontiguousarray(gathered[:, j]) for j in range(len(local_values))]
+        gathered = mpi_world.allgather_rows(packed)
+        del packed
+        return [np.ascontiguousarray(gathered[self.order, j]) for j in range(len(local_values))]
+
+    def bijvoet_pairs(self, space_group):
+        """(statistics.bijvoet_partner, its plus hemisphere with a partner) of all groups in
+        global order: a group's partner is on its rank (Friedel mates share the
+        non-anomalous key), so each rank finds its own groups' partners."""
+        partner = st.bijvoet_partner(self.local.asu_index)
+        plus = st.is_plus_hemisphere(self.local.asu_index, space_group) & (partner >= 0)
+        partner = np.where(partner >= 0, self.global_of_local[np.maximum(partner, 0)], -1)
+        partner, plus = self.to_global(partner, plus)
+        return partner.astype(np.int64), plus != 0
 
 
 @njit(cache=True)
@@ -242,9 +259,8 @@ class RankPrepared:
         anom_mean, anom_sigma, _, _ = self._local_sums(a_local, True, False)
         self.anom_mean, self.anom_sigma_internal = self.anom.to_global(anom_mean, anom_sigma)
         self.n = self.groups.multiplicity
-        self.group_d = st._cctbx_d(unit_cell, self.groups.asu_index)
-        self.partner = st.bijvoet_partner_of(self.anom)
-        self.plus = st.plus_hemisphere_of(self.anom, space_group) & (self.partner >= 0)
+        (self.group_d,) = self.groups.to_global(st._cctbx_d(unit_cell, g_local.asu_index))
+        self.partner, self.plus = self.anom.bijvoet_pairs(space_group)
         self.uniforms = st.cctbx_uniform_stream(max(st.cctbx_draws_needed(self.groups),
                                                     st.cctbx_draws_needed(self.anom)))
         self._complete = None
@@ -274,7 +290,7 @@ class RankPrepared:
         owner = groups.owner[order]
         mine = np.flatnonzero(owner == mpi_world.rank())
         local = groups.local
-        local_order = groups.local_of_global[order[mine]]
+        local_order = groups.local_of_global[order[mine]].astype(np.int64)
         if self.method == "classical":
             h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
                                     local.group_start, local_order, starts[mine],
@@ -398,13 +414,14 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
 
 
 # -- merged intensities -------------------------------------------------------------------------
-def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, method,
-                    params):
-    """merging.api.merge_groups of all ranks' groups, in the one-process group order."""
+def _merged_on_output_rank(local_merged, french_wilson_amplitudes):
+    """All ranks' merges (each rank's merging.api.merge_groups of its own groups, without
+    amplitudes) in the one-process group order on rank 0, with French-Wilson amplitudes
+    (its prior is by resolution shell: global); an empty MergedIntensities on the other
+    ranks, which write no merged file."""
     from .french_wilson import french_wilson
 
-    merged = merge_groups(method, local_groups, intensity, sigma, params,
-                          french_wilson_amplitudes=False)
+    merged = local_merged
     extra = sorted(k for k, v in merged.extra.items()
                    if isinstance(v, np.ndarray) and v.shape == (len(merged),))
     rows = np.empty((len(merged), 9 + len(extra)), dtype=np.float64)
@@ -417,7 +434,9 @@ def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, me
     rows[:, 8] = merged.dstar_sq
     for j, name in enumerate(extra):
         rows[:, 9 + j] = merged.extra[name]
-    rows = mpi_world.allgather_rows(rows)
+    rows = mpi_world.gather_rows_to_output_rank(rows)
+    if not mpi_world.is_output_rank():
+        rows = rows[:0]
     asu = rows[:, :3].astype(np.int32)
     rows = rows[np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))]
     out = MergedIntensities(
@@ -425,7 +444,7 @@ def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, me
         intensity=np.ascontiguousarray(rows[:, 3]), sigma=np.ascontiguousarray(rows[:, 4]),
         n_obs=rows[:, 5].astype(np.int64), centric=rows[:, 6] != 0,
         epsilon=np.ascontiguousarray(rows[:, 7]), dstar_sq=np.ascontiguousarray(rows[:, 8]),
-        anomalous=local_groups.anomalous, method=method,
+        anomalous=merged.anomalous, method=merged.method,
         extra={name: rows[:, 9 + j].astype(merged.extra[name].dtype)
                for j, name in enumerate(extra)})
     if french_wilson_amplitudes and len(out):
@@ -434,7 +453,7 @@ def _gathered_merge(local_groups, intensity, sigma, french_wilson_amplitudes, me
     return out
 
 
-# -- observations for the report-only summaries -------------------------------------------------
+# -- observations for the unmerged MTZ ---------------------------------------------------------
 def _empty_observations():
     return ScaledObservations(np.zeros((0, 3), np.int32), np.zeros(0), np.zeros(0),
                               batch=np.zeros(0, np.int64), scale=np.zeros(0),
@@ -448,9 +467,9 @@ def _local_observations(table, experiments, params, unit_cell):
                                _param(params, "merging.d_max", None), unit_cell)
 
 
-def _observations_on_output_rank(obs, with_unmerged_columns):
+def _observations_on_output_rank(obs):
     """The observations of all ranks, in rank order, on rank 0 (ScaledObservations with the
-    columns the report and the unmerged MTZ read); the other ranks keep their own."""
+    columns the unmerged MTZ reads); the other ranks get no observation."""
     comm = mpi_world.world()
     gather = mpi_world.gather_rows_to_output_rank
     columns = {
@@ -458,35 +477,210 @@ def _observations_on_output_rank(obs, with_unmerged_columns):
         "intensity": obs.intensity, "sigma": obs.sigma,
         "batch": np.asarray(obs.batch, dtype=np.int64),
         "scale": np.asarray(obs.scale, dtype=np.float64),
+        "scale_sigma": np.asarray(obs.scale_sigma, dtype=np.float64),
     }
+    local_extra = obs.extra if len(obs) else {}
+    names = sorted(local_extra) if comm is None else sorted(
+        set().union(*comm.allgather(sorted(local_extra))))
     extra = {}
-    if with_unmerged_columns:
-        columns["scale_sigma"] = np.asarray(obs.scale_sigma, dtype=np.float64)
-        local_extra = obs.extra if len(obs) else {}
-        names = sorted(local_extra) if comm is None else sorted(
-            set().union(*comm.allgather(sorted(local_extra))))
-        for name in names:
-            values = local_extra.get(name)
-            extra[name] = gather(np.zeros(0) if values is None
-                                 else np.asarray(values, dtype=np.float64))
+    for name in names:
+        values = local_extra.get(name)
+        extra[name] = gather(np.zeros(0) if values is None
+                             else np.asarray(values, dtype=np.float64))
     out = {name: gather(values) for name, values in columns.items()}
     if not mpi_world.is_output_rank():
-        return obs
+        return _empty_observations()
     return ScaledObservations(out["miller_index"], out["intensity"], out["sigma"],
                               batch=out["batch"], scale=out["scale"],
-                              scale_sigma=out.get("scale_sigma"), extra=extra)
+                              scale_sigma=out["scale_sigma"], extra=extra)
+
+
+# -- report-only summaries from each rank's own observations ------------------------------------
+class _GatheredGroups:
+    """A grouping's per-group values gathered to rank 0 in the one-process group order (what
+    diagnostics.anomalous_summary_of_halves reads: asu_index, centric, dstar_sq, derived),
+    with `values`, per-group float64 columns gathered alongside, and `order`, the global
+    position -> the rank-order position of the gathered groups."""
+
+    def __init__(self, local, *columns):
+        from ..backends.rank_partition import packed_keys
+
+        rows = np.empty((local.n_groups, 2 + len(columns)), dtype=np.float64)
+        rows[:, 0] = local.centric
+        rows[:, 1] = local.dstar_sq
+        for j, values in enumerate(columns):
+            rows[:, 2 + j] = values
+        gather = mpi_world.gather_rows_to_output_rank
+        asu = gather(np.ascontiguousarray(local.asu_index, dtype=np.int32))
+        rows = gather(rows)
+        # the one-process order: ASU indices in (h, k, l) order, i.e. of their packed keys
+        self.order = np.argsort(packed_keys(asu), kind="stable")
+        self.asu_index = np.ascontiguousarray(asu[self.order])
+        self.centric = rows[self.order, 0] != 0
+        self.dstar_sq = np.ascontiguousarray(rows[self.order, 1])
+        self.values = [np.ascontiguousarray(rows[self.order, 2 + j])
+                       for j in range(len(columns))]
+        self.derived = {}
+
+
+def _check_rank_order(local_groups):
+    """The non-anomalous groups of rank r all precede those of rank r + 1 in the
+    one-process order (rank_partition: each rank owns a range of non-anomalous ASU keys),
+    so values taken group by group and concatenated (or continued) in rank order are in
+    that order. Raises if the partition broke it."""
+    from ..backends.rank_partition import packed_keys
+
+    keys = packed_keys(local_groups.asu_index)
+    ends = np.array([[keys.size, keys.min() if keys.size else 0,
+                      keys.max() if keys.size else 0]], dtype=np.int64)
+    ends = mpi_world.allgather_rows(ends)
+    ends = ends[ends[:, 0] > 0]
+    if np.any(ends[1:, 1] <= ends[:-1, 2]):
+        raise VmergeError("internal error: the ranks' unique reflections are not in "
+                          "consecutive ranges of the non-anomalous ASU order")
+
+
+def _batch_sums(obs, groups, local_merged, space_group):
+    """batch_statistics's per-batch sums over all ranks' observations (on rank 0), the
+    batch numbers (sorted) and the data's d_min: each rank adds its groups' terms to the sums
+    the ranks before it left (the non-anomalous groups are in rank order), so the sums have
+    the one-process bits."""
+    from .batch_statistics import N_SUMS, add_batch_sums_kernel, systematically_absent
+    from .lookup import find_indices
+
+    batch = np.asarray(obs.batch, dtype=np.int64)
+    batches = np.unique(mpi_world.allgather_rows(np.unique(batch)))
+    merged_intensity = local_merged.intensity
+    if not np.array_equal(local_merged.asu_index, groups.asu_index):
+        merged_intensity = merged_intensity[find_indices(groups.asu_index,
+                                                         local_merged.asu_index)]
+    in_complete_set = ~systematically_absent(groups.asu_index, space_group)
+    batch_index = np.searchsorted(batches, batch).astype(np.int64)
+    scale = np.asarray(obs.scale, dtype=np.float64)
+
+    def add(sums):
+        add_batch_sums_kernel(sums, groups.permutation, groups.group_start, obs.intensity,
+                              obs.sigma, scale, batch_index,
+                              np.asarray(merged_intensity, dtype=np.float64), in_complete_set)
+
+    sums = mpi_world.pass_along_ranks(np.zeros((len(batches), N_SUMS)), add)
+    largest = groups.dstar_sq.max() if groups.n_groups else 0.0
+    largest = float(mpi_world.allgather_rows(np.array([largest])).max())
+    d_min = 1.0 / np.sqrt(largest) if largest > 0 else 0.0
+    return sums, batches, d_min
+
+
+def _scale_histogram(scale):
+    """diagnostics.scale_histogram of all ranks' scales: each rank bins its own over the
+    range of all of them and the counts (integers) are added."""
+    from .diagnostics import _scale_range, scale_histogram
+
+    scale = np.asarray(scale, dtype=np.float64)
+    ends = np.array([[scale.min(), scale.max()] if scale.size else [np.inf, -np.inf]])
+    ends = mpi_world.allgather_rows(ends)
+    value_range = _scale_range(np.array([ends[:, 0].min(), ends[:, 1].max()]))
+    histogram = scale_histogram(scale, value_range)
+    counts = np.array(histogram["counts"] + [histogram["below"], histogram["above"]],
+                      dtype=np.float64)
+    counts = np.asarray(mpi_world.sum_over_ranks(counts)).astype(np.int64)
+    histogram["counts"] = counts[:-2].tolist()
+    histogram["below"], histogram["above"] = int(counts[-2]), int(counts[-1])
+    return histogram
+
+
+class _LocalReportParts:
+    """What each rank computes from its own observations for the report-only summaries of
+    merging.api.merge_observations (sigma calibration, statistics against batch, merge
+    diagnostics): the per-batch sums continued rank after rank (on rank 0), histogram counts
+    added, and per observation only the deviations that the summaries sort or average
+    (8-24 B) and per group a few values, gathered to rank 0 by `summarise`: never the
+    observations. Every rank builds it (collectives); the observations and their groupings
+    can go once it is built."""
+
+    def __init__(self, obs, groupings, local_merged, space_group):
+        from .calibration import grouped_deviations
+        from .diagnostics import alternate_half_means_kernel, normalised_deviations
+
+        groups = groupings.get(False)
+        anom = groupings.get(True)
+        _check_rank_order(groups)
+        self.sums, self.batches, self.d_min = _batch_sums(obs, groups, local_merged,
+                                                          space_group)
+        self.scales = _scale_histogram(obs.scale)
+        self.deviations = normalised_deviations(groups, obs.intensity, obs.sigma)
+        # calibration: deviations of the anomalous groups, whose one-process order
+        # interleaves the ranks' groups (an I(-) key lies outside its rank's key range)
+        delta, others_mean, group = grouped_deviations(obs.intensity, obs.sigma, anom)
+        self.calibration = np.column_stack([delta, others_mean])
+        kept = np.bincount(group, minlength=anom.n_groups).astype(np.float64)
+        halves = () if space_group.is_centric() else alternate_half_means_kernel(
+            anom.permutation, anom.group_start, obs.intensity, obs.sigma)
+        self.anomalous_groups = anom
+        self.group_columns = (kept, *halves)
+
+    def summarise(self, result, params, log):
+        """Gather the calibration's parts to rank 0 and set result.calibration and
+        .per_batch there, as merging.api.merge_observations (a failure of the statistics
+        against batch is reported and leaves them out). Every rank calls it, before the
+        merged reflections are gathered (so that rank 0 holds the deviations and the merged
+        reflections one after the other)."""
+        from .api import with_excluded_batches
+        from .batch_statistics import batch_tables
+        from .calibration import calibration_summary, order_of_group_runs
+
+        self.groups = _GatheredGroups(self.anomalous_groups, *self.group_columns)
+        calibration = mpi_world.gather_rows_to_output_rank(self.calibration)
+        self.calibration = self.anomalous_groups = self.group_columns = None
+        if not mpi_world.is_output_rank():
+            return
+        groups = self.groups
+        kept = groups.values[0].astype(np.int64)
+        # the gathered deviations lie group after group in rank order: taken in the
+        # groups' one-process order they are the one-process array
+        kept_in_rank_order = np.empty_like(kept)
+        kept_in_rank_order[groups.order] = kept
+        calibration = calibration[order_of_group_runs(groups.order, kept_in_rank_order)]
+        group = np.repeat(np.arange(len(kept), dtype=np.int64), kept)
+        result.calibration = calibration_summary(
+            np.ascontiguousarray(calibration[:, 0]), np.ascontiguousarray(calibration[:, 1]),
+            group, groups.dstar_sq)
+        del calibration, group
+        try:
+            result.per_batch = with_excluded_batches(
+                batch_tables(self.sums, self.batches, self.d_min, result.experiments,
+                             result.space_group, result.unit_cell, result.method), params)
+        except Exception as e:
+            log.warning(f"Statistics against batch could not be computed: {e}")
+
+    def diagnose(self, result, table, log):
+        """Set result.diagnostics on rank 0 (merging.api.merge_observations's merge
+        diagnostics; reads result.merged). Every rank calls it, after `summarise`."""
+        from .diagnostics import deviation_summary, diagnostics_of
+
+        deviations = mpi_world.gather_rows_to_output_rank(self.deviations)
+        self.deviations = None
+        if not mpi_world.is_output_rank():
+            return
+        groups = self.groups
+        try:
+            halves = groups.values[1:] if len(groups.values) > 1 else None
+            result.diagnostics = diagnostics_of(result, deviation_summary(deviations),
+                                                self.scales, groups, halves, table,
+                                                result.experiments)
+        except Exception as e:
+            log.warning(f"Merge diagnostics for the report could not be computed: {e}")
 
 
 # -- the merge ---------------------------------------------------------------------------------
 def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     """merging.api.merge_scaled_table (RANK_METHODS) with each rank holding its own rows of
     `table` (the whole input, columns still in the file): the same MergeResult on rank 0
-    (merged intensities and statistics on every rank; the report-only summaries on rank 0)."""
+    (the statistics on every rank; the merged intensities and the report-only summaries on
+    rank 0 alone: the other ranks' results hold no merged reflection and write nothing that
+    is published)."""
     from .. import geometry
     from ..backends.rank_partition import rank_rows
-    from .api import mean_of_friedel_amplitudes, per_batch_for
-    from .calibration import sigma_calibration
-    from .diagnostics import merge_diagnostics
+    from .api import mean_of_friedel_amplitudes
 
     log = log or logging.getLogger(__name__)
     if not len(experiments):
@@ -525,31 +719,27 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     except Exception as e:  # every rank meets the same (gathered) values: all fail alike
         log.warning(f"Merging statistics could not be computed: {e}")
         statistics = None
-    merged = _gathered_merge(groupings.get(False), obs.intensity, obs.sigma, fw, method,
-                             params)
-    merged_anom = _gathered_merge(groupings.get(True), obs.intensity, obs.sigma, fw, method,
-                                  params)
+    local_merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma,
+                                params, french_wilson_amplitudes=False)
+    local_merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma,
+                                     params, french_wilson_amplitudes=False)
+    unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
+    # the observations of all ranks on rank 0 only for the unmerged MTZ, which lists them
+    gathered = _observations_on_output_rank(obs) if unmerged else _empty_observations()
+    result = MergeResult(method, space_group, unit_cell, wavelength, gathered, None, None,
+                         statistics, experiments=experiments, observation_count=n_total)
+    parts = _LocalReportParts(obs, groupings, local_merged, space_group)
+    # rank 0 then holds, one after the other, the calibration's deviations and the merged
+    # reflections; no rank keeps its observations
+    del own, obs, groupings
+    parts.summarise(result, params, log)
+    merged = _merged_on_output_rank(local_merged, fw)
+    del local_merged
+    merged_anom = _merged_on_output_rank(local_merged_anom, fw)
+    del local_merged_anom
     if fw and len(merged):
         merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
                                                                               merged_anom)
-    del groupings
-    unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
-    gathered = _observations_on_output_rank(obs, unmerged)
-    del obs, own  # rank 0: its rows are in `gathered` too
-    result = MergeResult(method, space_group, unit_cell, wavelength, gathered, merged,
-                         merged_anom, statistics, experiments=experiments)
-    if not mpi_world.is_output_rank():
-        return result
-    # report-only summaries from the gathered observations (merging.api.merge_observations)
-    report_groupings = Groupings(gathered.miller_index, space_group, unit_cell)
-    result.calibration = sigma_calibration(gathered.intensity, gathered.sigma,
-                                           report_groupings.get(True))
-    try:
-        result.per_batch = per_batch_for(result, report_groupings, experiments, params)
-    except Exception as e:
-        log.warning(f"Statistics against batch could not be computed: {e}")
-    try:
-        result.diagnostics = merge_diagnostics(result, report_groupings, table, experiments)
-    except Exception as e:
-        log.warning(f"Merge diagnostics for the report could not be computed: {e}")
+    result.merged, result.merged_anomalous = merged, merged_anom
+    parts.diagnose(result, table, log)
     return result
