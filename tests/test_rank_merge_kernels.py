@@ -6,7 +6,7 @@ import numpy as np
 
 import dials_vmerge  # noqa: F401  (before numba/scipy.special)
 from dials_vmerge.merging import statistics as st
-from dials_vmerge.merging.rank_merge import _draw_offsets, _half_labels_at, _half_means_at
+from dials_vmerge.merging.rank_merge import _draw_offsets
 
 
 def _groups(seed, n_groups=400):
@@ -32,8 +32,9 @@ def test_offsets_reproduce_the_one_stream_split():
                                           uniforms, weighted)
             # every "rank" its own slice of the order, drawing from its groups' offsets
             for lo, hi in ((0, 97), (97, 98), (98, 300)):
-                r1, r2 = _half_means_at(intensity, sigma, permutation, group_start,
-                                        order[lo:hi], starts[lo:hi], uniforms, weighted)
+                r1, r2 = st.half_means_from_draw_starts(intensity, sigma, permutation,
+                                                        group_start, order[lo:hi], uniforms,
+                                                        weighted, starts[lo:hi])
                 assert np.array_equal(np.isnan(r1), np.isnan(h1[lo:hi]))
                 ok = ~np.isnan(r1)
                 assert np.array_equal(r1[ok], h1[lo:hi][ok])  # the same bits
@@ -42,8 +43,8 @@ def test_offsets_reproduce_the_one_stream_split():
                                                  intensity.size)
         pieces = np.zeros(intensity.size, np.int8)
         for lo, hi in ((0, 150), (150, 300)):
-            pieces += _half_labels_at(permutation, group_start, order[lo:hi], starts[lo:hi],
-                                      uniforms, intensity.size)
+            pieces += st.half_labels_from_draw_starts(permutation, group_start, order[lo:hi],
+                                                      uniforms, intensity.size, starts[lo:hi])
         assert np.array_equal(pieces, labels)
 
 

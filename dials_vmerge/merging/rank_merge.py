@@ -47,7 +47,7 @@ from .api import (MergeResult, ScaledObservations, _param, merge_groups, scaled_
 from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_sums
 from .groups import Groupings, per_index_chunks
 from .merged import MergedIntensities
-from .statistics import _draw_first_half, _largest_group
+from .statistics import half_labels_from_draw_starts, half_means_from_draw_starts
 
 
 # Methods whose merge is a function of each group's observations alone (variational's Wilson
@@ -175,62 +175,6 @@ def _draw_offsets(multiplicity, uniforms):
     return out
 
 
-@njit(cache=True)
-def _half_means_at(intensity, sigma, permutation, group_start, groups, starts, uniforms,
-                   weighted):
-    """statistics.half_split_kernel for the local groups `groups`, group k's draws starting
-    at stream position starts[k]."""
-    n_sel = groups.shape[0]
-    half_1 = np.full(n_sel, np.nan)
-    half_2 = np.full(n_sel, np.nan)
-    rows = np.empty(_largest_group(group_start, groups), np.int64)
-    for k in range(n_sel):
-        g = groups[k]
-        start = group_start[g]
-        n = group_start[g + 1] - start
-        if n < 2:
-            continue
-        for i in range(n):
-            rows[i] = permutation[start + i]
-        n_first, _ = _draw_first_half(rows, n, uniforms, starts[k])
-        sum_1 = 0.0
-        weight_1 = 0.0
-        sum_2 = 0.0
-        weight_2 = 0.0
-        for i in range(n):
-            row = rows[i]
-            w = 1.0 / (sigma[row] * sigma[row]) if weighted else 1.0
-            if i < n_first:
-                sum_1 += intensity[row] * w
-                weight_1 += w
-            else:
-                sum_2 += intensity[row] * w
-                weight_2 += w
-        half_1[k] = sum_1 / weight_1
-        half_2[k] = sum_2 / weight_2
-    return half_1, half_2
-
-
-@njit(cache=True)
-def _half_labels_at(permutation, group_start, groups, starts, uniforms, n_rows):
-    """statistics.half_split_assignment_kernel for the local groups `groups`, group k's
-    draws starting at stream position starts[k]: 1 or 2 per observation row, 0 elsewhere."""
-    label = np.zeros(n_rows, np.int8)
-    rows = np.empty(_largest_group(group_start, groups), np.int64)
-    for k in range(groups.shape[0]):
-        g = groups[k]
-        start = group_start[g]
-        n = group_start[g + 1] - start
-        if n < 2:
-            continue
-        for i in range(n):
-            rows[i] = permutation[start + i]
-        n_first, _ = _draw_first_half(rows, n, uniforms, starts[k])
-        for i in range(n):
-            label[rows[i]] = 1 if i < n_first else 2
-    return label
-
-
 class RankPrepared:
     """statistics._Prepared over all ranks: the same per-group arrays, each rank computing
     its own groups' values, gathered in global group order. `half_means` replaces the
@@ -292,9 +236,9 @@ class RankPrepared:
         local = groups.local
         local_order = groups.local_of_global[order[mine]].astype(np.int64)
         if self.method == "classical":
-            h1, h2 = _half_means_at(self.intensity, self.sigma, local.permutation,
-                                    local.group_start, local_order, starts[mine],
-                                    self.uniforms, weighted)
+            h1, h2 = half_means_from_draw_starts(self.intensity, self.sigma, local.permutation,
+                                                 local.group_start, local_order, self.uniforms,
+                                                 weighted, starts[mine])
         else:
             h1, h2 = self._method_half_means(local, local_order, starts[mine])
         gathered = mpi_world.allgather_rows(np.column_stack([h1, h2]))
@@ -312,8 +256,8 @@ class RankPrepared:
         merge of each of the same random halves."""
         from .lookup import find_indices
 
-        label = _half_labels_at(local.permutation, local.group_start, local_order, starts,
-                                self.uniforms, len(self.intensity))
+        label = half_labels_from_draw_starts(local.permutation, local.group_start, local_order,
+                                             self.uniforms, len(self.intensity), starts)
         halves = []
         for half in (1, 2):
             keep = label == half

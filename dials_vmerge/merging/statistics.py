@@ -134,8 +134,22 @@ def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_orde
                       weighted):
     """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
     Observations are read in the caller's row order through `permutation` (no sorted copy);
-    the halves are those of _draw_first_half."""
+    the halves are those of _draw_first_half, each group's draws where the previous group's
+    ended."""
+    return half_means_from_draw_starts(intensity, sigma, permutation, group_start,
+                                       groups_in_order, uniforms, weighted,
+                                       np.empty(0, np.int64))
+
+
+@njit(cache=True)
+def half_means_from_draw_starts(intensity, sigma, permutation, group_start, groups_in_order,
+                                uniforms, weighted, draw_starts):
+    """half_split_kernel with group k's draws starting at stream position draw_starts[k]
+    when draw_starts has an entry per group (an MPI rank's own groups, whose offsets into
+    the one stream come from the multiplicities of all groups: merging/rank_merge.py); with
+    draw_starts empty, where the previous group's draws ended."""
     n_sel = groups_in_order.shape[0]
+    given_starts = draw_starts.shape[0] > 0
     half_1 = np.full(n_sel, np.nan)
     half_2 = np.full(n_sel, np.nan)
     rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
@@ -148,6 +162,8 @@ def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_orde
             continue
         for i in range(n):
             rows[i] = permutation[start + i]
+        if given_starts:
+            u = draw_starts[k]
         n_first, u = _draw_first_half(rows, n, uniforms, u)
         sum_1 = 0.0
         weight_1 = 0.0
@@ -173,9 +189,18 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
     """The halves half_split_kernel draws, as a label per observation row (1 or 2; 0 for rows
     of groups not in the order or with n < 2): the same draws from the same stream, so a
     method's merge of each half sees exactly the split the inverse-variance CC1/2 uses."""
+    return half_labels_from_draw_starts(permutation, group_start, groups_in_order, uniforms,
+                                        n_rows, np.empty(0, np.int64))
+
+
+@njit(cache=True)
+def half_labels_from_draw_starts(permutation, group_start, groups_in_order, uniforms, n_rows,
+                                 draw_starts):
+    """half_split_assignment_kernel with the draw starts of half_means_from_draw_starts."""
+    given_starts = draw_starts.shape[0] > 0
     label = np.zeros(n_rows, np.int8)
     rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
-    u = np.int64(0)  # int64, not Literal[int](0): a literal argument compiles the helper twice
+    u = np.int64(0)
     for k in range(groups_in_order.shape[0]):
         g = groups_in_order[k]
         start = group_start[g]
@@ -184,6 +209,8 @@ def half_split_assignment_kernel(permutation, group_start, groups_in_order, unif
             continue
         for i in range(n):
             rows[i] = permutation[start + i]
+        if given_starts:
+            u = draw_starts[k]
         n_first, u = _draw_first_half(rows, n, uniforms, u)
         for i in range(n):
             label[rows[i]] = 1 if i < n_first else 2
