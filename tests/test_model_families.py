@@ -265,3 +265,24 @@ def test_g_alone_at_other_absorption_parameters_is_refused(sweeps):
     moved[manager.column_of_parameter[0][absorption.start]] += 0.01
     with pytest.raises(ValueError, match="absorption values"):
         families.evaluate_g(moved)
+
+
+def test_fused_variance_of_one_smooth_rotation_family_equals_the_derivative_table(sweeps):
+    """expand's var(g) of a job whose datasets are all physical: the family's fused kernel
+    (no derivative table) gives the bits of its ELL table followed by variance_of_g."""
+    from dials_vmerge.scaling.target import variance_of_g
+
+    models = _models(sweeps, [ABSORPTION, {}, ABSORPTION, ABSORPTION])
+    models = [models[0], models[2], models[3]]  # one absorption width: one family
+    manager = ParameterManager(models, 0)
+    row_dataset, local_row = _rows(models)
+    families = ModelFamilies(manager, row_dataset, local_row)
+    assert len(families.families) == 1
+    root = RNG.normal(size=(manager.n_free, manager.n_free)) * 1e-3
+    covariance = root @ root.T
+    x = manager.get_free()
+    g, var_g = families.evaluate_variance(x, covariance, variance_of_g)
+    g_table, values, cols = families.evaluate(x)
+    np.testing.assert_array_equal(g, g_table)
+    np.testing.assert_array_equal(var_g, variance_of_g(values, cols, covariance))
+    assert np.all(var_g > 0)

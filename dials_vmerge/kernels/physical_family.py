@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from .size_dispatch import parallel_when_large
 from .smoother_weights import MAX_AVERAGE, index_range, position, sigma_of
+from .variance_of_g import variance_of_g_row
 
 SCALE_WEIGHT_COLUMN = 2  # record columns of the fused pass (scaling/physical_pass.py)
 EXPONENT_WEIGHT_COLUMN = 5
@@ -61,30 +62,67 @@ def _row_factors(i, record, first_param, absorption_coefficients, absorption_fir
 DERIVATIVE_BLOCK_ROWS = 16384
 
 
+@njit(cache=True)
+def _row_g_and_derivatives(i, record, first_param, absorption_coefficients,
+                           absorption_first, fixed_factor, parameters, free_col_of_full,
+                           deriv_values, deriv_col, out_row):
+    """g of row i, its ELL derivatives written into row out_row of deriv_values/deriv_col."""
+    s, e, a, f = _row_factors(i, record, first_param, absorption_coefficients,
+                              absorption_first, fixed_factor, parameters)
+    value = s * e * a * f
+    p0 = first_param[i, 0]
+    q0 = first_param[i, 1]
+    not_scale = e * a * f
+    for j in range(3):
+        deriv_values[out_row, j] = record[i, 2 + j] * not_scale
+        deriv_col[out_row, j] = free_col_of_full[p0 + j]
+        deriv_values[out_row, 3 + j] = record[i, 5 + j] * value
+        deriv_col[out_row, 3 + j] = free_col_of_full[q0 + j]
+    if absorption_coefficients is not None:
+        a0 = absorption_first[i]
+        not_absorption = s * e * f
+        for k in range(absorption_coefficients.shape[1]):
+            deriv_values[out_row, 6 + k] = absorption_coefficients[i, k] * not_absorption
+            deriv_col[out_row, 6 + k] = free_col_of_full[a0 + k]
+    return value
+
+
 @parallel_when_large(min_rows=DERIVATIVE_BLOCK_ROWS)
 def smooth_rotation_family_kernel(record, first_param, absorption_coefficients,
                                   absorption_first, fixed_factor, parameters,
                                   free_col_of_full, g, deriv_values, deriv_col):
     n = record.shape[0]
     for i in prange(n):
-        s, e, a, f = _row_factors(i, record, first_param, absorption_coefficients,
-                                  absorption_first, fixed_factor, parameters)
-        value = s * e * a * f
-        g[i] = value
-        p0 = first_param[i, 0]
-        q0 = first_param[i, 1]
-        not_scale = e * a * f
-        for j in range(3):
-            deriv_values[i, j] = record[i, 2 + j] * not_scale
-            deriv_col[i, j] = free_col_of_full[p0 + j]
-            deriv_values[i, 3 + j] = record[i, 5 + j] * value
-            deriv_col[i, 3 + j] = free_col_of_full[q0 + j]
-        if absorption_coefficients is not None:
-            a0 = absorption_first[i]
-            not_absorption = s * e * f
-            for k in range(absorption_coefficients.shape[1]):
-                deriv_values[i, 6 + k] = absorption_coefficients[i, k] * not_absorption
-                deriv_col[i, 6 + k] = free_col_of_full[a0 + k]
+        g[i] = _row_g_and_derivatives(i, record, first_param, absorption_coefficients,
+                                      absorption_first, fixed_factor, parameters,
+                                      free_col_of_full, deriv_values, deriv_col, i)
+
+
+# Rows per thread's turn in the fused variance kernel (its scratch row is reused across them).
+VARIANCE_CHUNK_ROWS = 1024
+
+
+@parallel_when_large(min_rows=DERIVATIVE_BLOCK_ROWS)
+def smooth_rotation_family_variance_kernel(record, first_param, absorption_coefficients,
+                                           absorption_first, fixed_factor, parameters,
+                                           free_col_of_full, covariance, g, var_g):
+    """g and var(g) of every row: smooth_rotation_family_kernel's derivatives of each row,
+    written into a scratch row rather than a table of all rows, then variance_of_g_row of
+    them (the same values as the two kernels in turn; issue 10: the final expansion wrote
+    and read back ~360 B of derivative table per row)."""
+    n = record.shape[0]
+    n_slots = SMOOTH_SLOTS
+    if absorption_coefficients is not None:
+        n_slots += absorption_coefficients.shape[1]
+    n_chunks = (n + VARIANCE_CHUNK_ROWS - 1) // VARIANCE_CHUNK_ROWS
+    for c in prange(n_chunks):
+        values = np.empty((1, n_slots))
+        cols = np.empty((1, n_slots), dtype=np.int32)
+        for i in range(c * VARIANCE_CHUNK_ROWS, min(n, (c + 1) * VARIANCE_CHUNK_ROWS)):
+            g[i] = _row_g_and_derivatives(i, record, first_param, absorption_coefficients,
+                                          absorption_first, fixed_factor, parameters,
+                                          free_col_of_full, values, cols, 0)
+            var_g[i] = variance_of_g_row(values, cols, 0, covariance)
 
 
 @parallel_when_large
@@ -115,6 +153,22 @@ def evaluate_smooth_rotation_family(record, first_param, absorption_coefficients
                                   absorption_first, fixed_factor, parameters,
                                   free_col_of_full, g, values, cols)
     return g, values, cols
+
+
+def evaluate_smooth_rotation_family_variance(record, first_param, absorption_coefficients,
+                                             absorption_first, fixed_factor, parameters,
+                                             free_col_of_full, covariance):
+    """(g (n,), var(g) (n,)) of every row at once, no derivative table (covariance over
+    the free columns)."""
+    n = record.shape[0]
+    g = np.empty(n)
+    var_g = np.empty(n)
+    smooth_rotation_family_variance_kernel(record, first_param, absorption_coefficients,
+                                           absorption_first, fixed_factor, parameters,
+                                           free_col_of_full,
+                                           np.ascontiguousarray(covariance, dtype=np.float64),
+                                           g, var_g)
+    return g, var_g
 
 
 def evaluate_smooth_rotation_family_g(record, first_param, absorption_coefficients,

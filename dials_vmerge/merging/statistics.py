@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
+from ..kernels.size_dispatch import parallel_when_large
 from .classical import SIGMA_DYNAMIC_RANGE, deviation_sums, merge_sums
 from .groups import Groupings, per_index_chunks
 
@@ -130,32 +131,17 @@ def _largest_group(group_start, groups_in_order):
 
 
 @njit(cache=True)
-def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_order, uniforms,
-                      weighted):
-    """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
-    Observations are read in the caller's row order through `permutation` (no sorted copy);
-    the halves are those of _draw_first_half, each group's draws where the previous group's
-    ended."""
-    return half_means_from_draw_starts(intensity, sigma, permutation, group_start,
-                                       groups_in_order, uniforms, weighted,
-                                       np.empty(0, np.int64))
-
-
-@njit(cache=True)
-def half_means_from_draw_starts(intensity, sigma, permutation, group_start, groups_in_order,
-                                uniforms, weighted, draw_starts):
-    """half_split_kernel with group k's draws starting at stream position draw_starts[k]
-    when draw_starts has an entry per group (an MPI rank's own groups, whose offsets into
-    the one stream come from the multiplicities of all groups: merging/rank_merge.py); with
-    draw_starts empty, where the previous group's draws ended."""
-    n_sel = groups_in_order.shape[0]
+def _split_means_of_order(intensity, sigma, permutation, group_start, order, lo, hi,
+                          uniforms, weighted, rows, half_1, half_2, draw_starts):
+    """half_split_kernel's means of the groups order[lo:hi] into half_1/half_2[lo:hi]. Group
+    k's draws start at stream position draw_starts[k] when draw_starts has an entry per
+    group of the order (an MPI rank's own groups, whose offsets into the one stream come
+    from the multiplicities of all groups: merging/rank_merge.py); with draw_starts empty,
+    the stream restarts (u = 0) for order[lo:hi]. rows: scratch of the largest group."""
     given_starts = draw_starts.shape[0] > 0
-    half_1 = np.full(n_sel, np.nan)
-    half_2 = np.full(n_sel, np.nan)
-    rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
     u = np.int64(0)  # int64, not Literal[int](0): a literal argument compiles the helper twice
-    for k in range(n_sel):
-        g = groups_in_order[k]
+    for k in range(lo, hi):
+        g = order[k]
         start = group_start[g]
         n = group_start[g + 1] - start
         if n < 2:
@@ -180,6 +166,55 @@ def half_means_from_draw_starts(intensity, sigma, permutation, group_start, grou
                 weight_2 += w
         half_1[k] = sum_1 / weight_1
         half_2[k] = sum_2 / weight_2
+
+
+@njit(cache=True)
+def half_split_kernel(intensity, sigma, permutation, group_start, groups_in_order, uniforms,
+                      weighted):
+    """Mean of a random half of each group (n > 1), in the order given; NaN for n < 2.
+    Observations are read in the caller's row order through `permutation` (no sorted copy);
+    the halves are those of _draw_first_half."""
+    n_sel = groups_in_order.shape[0]
+    half_1 = np.full(n_sel, np.nan)
+    half_2 = np.full(n_sel, np.nan)
+    rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
+    _split_means_of_order(intensity, sigma, permutation, group_start, groups_in_order, 0,
+                          n_sel, uniforms, weighted, rows, half_1, half_2,
+                          np.empty(0, np.int64))
+    return half_1, half_2
+
+
+@njit(cache=True)
+def half_means_from_draw_starts(intensity, sigma, permutation, group_start, groups_in_order,
+                                uniforms, weighted, draw_starts):
+    """half_split_kernel with group k's draws starting at stream position draw_starts[k]
+    (see _split_means_of_order)."""
+    n_sel = groups_in_order.shape[0]
+    half_1 = np.full(n_sel, np.nan)
+    half_2 = np.full(n_sel, np.nan)
+    rows = np.empty(_largest_group(group_start, groups_in_order), np.int64)
+    _split_means_of_order(intensity, sigma, permutation, group_start, groups_in_order, 0,
+                          n_sel, uniforms, weighted, rows, half_1, half_2, draw_starts)
+    return half_1, half_2
+
+
+@parallel_when_large
+def half_split_orders_kernel(intensity, sigma, permutation, group_start, orders, order_start,
+                             worker_orders, worker_start, uniforms, weighted):
+    """half_split_kernel of several group orders at once (order j: orders[order_start[j]:
+    order_start[j + 1]], its stream restarted), concatenated as `orders`. Worker w takes the
+    orders worker_orders[worker_start[w]:worker_start[w + 1]]; each order's means are those
+    of its own half_split_kernel call whichever worker takes it."""
+    half_1 = np.full(orders.shape[0], np.nan)
+    half_2 = np.full(orders.shape[0], np.nan)
+    largest = _largest_group(group_start, orders)
+    for w in prange(worker_start.shape[0] - 1):
+        rows = np.empty(largest, np.int64)
+        for t in range(worker_start[w], worker_start[w + 1]):
+            j = worker_orders[t]
+            _split_means_of_order(intensity, sigma, permutation, group_start, orders,
+                                  order_start[j], order_start[j + 1], uniforms, weighted,
+                                  rows, half_1, half_2, np.empty(0, np.int64))
     return half_1, half_2
 
 
@@ -223,6 +258,9 @@ def _half_means(prep, groups, order, weighted):
     if getattr(prep, "distributed", False):  # MPI ranks' own rows (merging/rank_merge.py)
         return prep.half_means(groups, order, weighted)
     if prep.merger is None:
+        halves = prep.shell_halves(groups, order, weighted)
+        if halves is not None:
+            return halves
         return half_split_kernel(prep.intensity, prep.sigma, groups.permutation,
                                  groups.group_start, order, prep.uniforms, weighted)
     from .lookup import find_indices
@@ -243,6 +281,30 @@ def _half_means(prep, groups, order, weighted):
     for out in halves:
         out[multiplicity < 2] = np.nan
     return halves[0], halves[1]
+
+
+def _half_means_of_orders(prep, groups, orders, weighted):
+    """{j: (half_1, half_2) of orders[j]} from one half_split_orders_kernel call; the
+    orders go to the threads largest first, each to the least loaded (by groups)."""
+    import numba
+
+    sizes = np.array([o.size for o in orders], dtype=np.int64)
+    order_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n_workers = max(1, min(numba.get_num_threads(), len(orders)))
+    load = np.zeros(n_workers, dtype=np.int64)
+    assigned = [[] for _ in range(n_workers)]
+    for j in np.argsort(-sizes, kind="stable"):
+        w = int(np.argmin(load))
+        assigned[w].append(int(j))
+        load[w] += sizes[j]
+    worker_orders = np.array([j for a in assigned for j in a], dtype=np.int64)
+    worker_start = np.concatenate([[0], np.cumsum([len(a) for a in assigned])]).astype(np.int64)
+    half_1, half_2 = half_split_orders_kernel(
+        prep.intensity, prep.sigma, groups.permutation, groups.group_start,
+        np.concatenate(orders) if orders else np.zeros(0, np.int64), order_start,
+        worker_orders, worker_start, prep.uniforms, weighted)
+    return {j: (half_1[order_start[j]:order_start[j + 1]],
+                half_2[order_start[j]:order_start[j + 1]]) for j in range(len(orders))}
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -591,6 +653,30 @@ class _Prepared:
         self.uniforms = cctbx_uniform_stream(max(cctbx_draws_needed(g),
                                                  cctbx_draws_needed(a)))
         self._complete = None
+        self._shell_orders = {}  # id(grouping) -> the group order of every shell
+        self._shell_halves = {}  # (id(grouping), weighted) -> {shell's position: halves}
+
+    def set_shell_orders(self, groups, orders):
+        """The group orders (overall, then each shell) whose half means _half_means will ask
+        for: the first request of a grouping and weighting computes all of them in one
+        kernel call, the orders spread over the threads (each order's halves restart the
+        stream, so they are independent: the same values as one call per order)."""
+        self._shell_orders[id(groups)] = [np.asarray(o, dtype=np.int64) for o in orders]
+
+    def shell_halves(self, groups, order, weighted):
+        """The half means of `order` if it is one of set_shell_orders's (each order's are
+        handed out once, then dropped), else None."""
+        orders = self._shell_orders.get(id(groups))
+        if orders is None:
+            return None
+        key = (id(groups), bool(weighted))
+        if key not in self._shell_halves:
+            self._shell_halves[key] = _half_means_of_orders(self, groups, orders, weighted)
+        pending = self._shell_halves[key]
+        for j in list(pending):
+            if np.array_equal(orders[j], order):
+                return pending.pop(j)
+        return None
 
     def complete_set_dstar_sq(self, d_min):
         """d*^2 of the complete set (this grouping's anomalous flag) down to d_min."""
@@ -923,13 +1009,18 @@ def merging_statistics(
     if anomalous:
         complete_acentric = _acentric_complete(prep, float(prep.group_d.min()))
         anom_complete_dss = complete_acentric
+    group_shell = shell_of(g.dstar_sq, limits)
+    anom_shell = shell_of(a.dstar_sq, limits)
+    # the CC1/2 and CCanom half-splits of the overall table and every shell in one call
+    # per grouping, on all threads (each restarts the stream: independent)
+    for grouping, shell in ((g, group_shell), (a, anom_shell)):
+        prep.set_shell_orders(grouping, [np.arange(grouping.n_groups, dtype=np.int64)] + [
+            np.flatnonzero(shell == b) for b in range(n_bins)])
     all_groups = np.ones(g.n_groups, bool)
     all_anom = np.ones(a.n_groups, bool)
     overall = _shell_statistics(prep, all_groups, all_anom, None, significance_level,
                                 complete_dss, anom_complete_dss, probability_plot=True,
                                 anomalous_memo=(_anomalous_memo, "overall"))
-    group_shell = shell_of(g.dstar_sq, limits)
-    anom_shell = shell_of(a.dstar_sq, limits)
     shells = []
     for b in range(n_bins):
         d_range = d_ranges[b]

@@ -21,6 +21,7 @@ from ..kernels.array_family import (GRID_AXES, GRID_SLOTS, N_GRIDS, evaluate_arr
 from ..kernels.physical_family import (DERIVATIVE_BLOCK_ROWS, DOSE_AND_B, NO_EXPONENT, SMOOTH_B,
                                        evaluate_smooth_rotation_family,
                                        evaluate_smooth_rotation_family_g,
+                                       evaluate_smooth_rotation_family_variance,
                                        smooth_rotation_g_kernel)
 from .physical_pass import GUARD, PhysicalPassInputs
 
@@ -125,6 +126,11 @@ class SmoothRotationFamily:
 
     def evaluate_g(self, x):
         return evaluate_smooth_rotation_family_g(*self._arrays(), self.parameters(x))
+
+    def evaluate_variance(self, x, covariance):
+        """(g, var(g)) without the derivative table (one fused kernel)."""
+        return evaluate_smooth_rotation_family_variance(*self._arrays(), self.parameters(x),
+                                                        self.free_col_of_full, covariance)
 
 
 EXPONENT_KINDS = {"smooth B": SMOOTH_B, "dose and B": DOSE_AND_B}
@@ -418,6 +424,15 @@ class ModelFamilies:
             cols[rows, :cols_f.shape[1]] = cols_f
         return g, values, cols
 
+    def evaluate_variance(self, x, covariance, variance_of_g):
+        """(g (n,), var(g) (n,)) at x: variance_of_g(values, cols, covariance) of the ELL
+        derivatives, or the family's fused kernel where it has one (the same values)."""
+        x = np.asarray(x, dtype=np.float64)
+        if len(self.families) == 1 and hasattr(self.families[0][0], "evaluate_variance"):
+            return self.families[0][0].evaluate_variance(x, covariance)
+        g, values, cols = self.evaluate(x)
+        return g, variance_of_g(values, cols, covariance)
+
     def evaluate_g(self, x):
         x = np.asarray(x, dtype=np.float64)
         if len(self.families) == 1:
@@ -459,7 +474,6 @@ def evaluate_all_rows(manager, sizes, covariance=None, variance_of_g=None):
         if covariance is None:
             g[start:stop] = families.evaluate_g(x)
         else:
-            g_block, values, cols = families.evaluate(x)
-            g[start:stop] = g_block
-            var_g[start:stop] = variance_of_g(values, cols, covariance)
+            g[start:stop], var_g[start:stop] = families.evaluate_variance(x, covariance,
+                                                                          variance_of_g)
     return g, var_g

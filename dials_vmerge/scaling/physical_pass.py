@@ -168,7 +168,10 @@ class PhysicalPassInputs:
         in_order = bool(np.array_equal(order, np.arange(n)))
 
         def place(target, pieces):
-            stacked = np.concatenate(pieces) if pieces else np.zeros(0)
+            # one dataset (a sweep): its piece is placed as it is, not first copied by
+            # concatenate (~60 blocks of the final expansion place 6 inputs each)
+            stacked = pieces[0] if len(pieces) == 1 else (
+                np.concatenate(pieces) if pieces else np.zeros(0))
             if in_order:
                 target[...] = stacked
             else:

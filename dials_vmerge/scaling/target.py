@@ -24,6 +24,7 @@ from numba import prange
 
 from ..kernels.physical_family import DERIVATIVE_BLOCK_ROWS
 from ..kernels.size_dispatch import parallel_when_large
+from ..kernels.variance_of_g import variance_of_g_row
 
 from ..backends import mpi_world
 from ..backends.block_sums import (batch_blocks_for, blockwise_sum, fixed_block_bounds,
@@ -145,23 +146,8 @@ def normal_matrix_kernel(intensity, weight, g, deriv_values, deriv_col, group_st
 @parallel_when_large(min_rows=DERIVATIVE_BLOCK_ROWS)  # the expansion's blocks: threads
 def variance_of_g_kernel(deriv_values, deriv_col, covariance, out):
     """var(g_i) = sum_kk' dg_i/dp_k cov[k, k'] dg_i/dp_k' over the free parameters."""
-    n = deriv_values.shape[0]
-    n_slots = deriv_values.shape[1]
-    for i in prange(n):
-        # the covariance is symmetric: diagonal terms once, each off-diagonal pair twice
-        diagonal = 0.0
-        off_diagonal = 0.0
-        for k in range(n_slots):
-            ck = deriv_col[i, k]
-            if ck < 0:
-                continue
-            dk = deriv_values[i, k]
-            diagonal += dk * covariance[ck, ck] * dk
-            for kk in range(k + 1, n_slots):
-                ckk = deriv_col[i, kk]
-                if ckk >= 0:
-                    off_diagonal += dk * covariance[ck, ckk] * deriv_values[i, kk]
-        out[i] = diagonal + 2.0 * off_diagonal
+    for i in prange(deriv_values.shape[0]):
+        out[i] = variance_of_g_row(deriv_values, deriv_col, i, covariance)
 
 
 class RankShare:
