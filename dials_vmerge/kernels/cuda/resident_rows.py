@@ -361,20 +361,25 @@ def _chunks(rows, n_slots, n_counts, allowed):
     return n_chunks if -(-rows // n_chunks) <= room else None
 
 
-def entry_plan(n_obs, n_slots, n_params, n_segments):
-    """How column_entries_on_device sorts a layout's used slots: ("segments", per_segment)
-    (one pass, fine chunks per gradient segment) when the (column x chunk) table fits the
-    count budget with a thread's share within MAX_SERIAL_SLOTS; else ("radix", bits, passes,
-    n_chunks): the fewest passes whose (digit x chunk) table fits and whose threads' shares
-    do (later passes' chunks hold at most as many entries as the first's rows hold slots).
-    None only past ~2^38 slots (no device holds such a layout)."""
+def segments_plan(n_obs, n_slots, n_params, n_segments):
+    """("segments", per_segment): one pass, per_segment fine chunks per gradient segment,
+    when the (column x chunk) table fits the count budget with a thread's share within
+    MAX_SERIAL_SLOTS; else None."""
     n_obs, n_slots = int(n_obs), int(n_slots)
     n_params, n_segments = max(int(n_params), 1), max(int(n_segments), 1)
-    if n_params * n_segments <= ENTRY_COUNT_BUDGET:
-        per_segment = _chunks(-(-n_obs // n_segments), n_slots, n_params,
-                              ENTRY_COUNT_BUDGET // (n_params * n_segments))
-        if per_segment is not None:
-            return ("segments", per_segment)
+    if n_params * n_segments > ENTRY_COUNT_BUDGET:
+        return None
+    per_segment = _chunks(-(-n_obs // n_segments), n_slots, n_params,
+                          ENTRY_COUNT_BUDGET // (n_params * n_segments))
+    return None if per_segment is None else ("segments", per_segment)
+
+
+def radix_plan(n_obs, n_slots, n_params):
+    """("radix", bits, passes, n_chunks): the fewest passes whose (digit x chunk) table fits
+    the count budget and whose threads' shares fit MAX_SERIAL_SLOTS (later passes' chunks
+    hold at most as many entries as the first's rows hold slots); None only past ~2^38
+    slots (no device holds such a layout)."""
+    n_obs, n_slots, n_params = int(n_obs), int(n_slots), max(int(n_params), 1)
     total_bits = max(1, (n_params - 1).bit_length())
     for passes in range(1, total_bits + 1):
         bits = -(-total_bits // passes)
@@ -384,6 +389,13 @@ def entry_plan(n_obs, n_slots, n_params, n_segments):
         if n_chunks is not None:
             return ("radix", bits, -(-total_bits // bits), n_chunks)
     return None
+
+
+def entry_plan(n_obs, n_slots, n_params, n_segments):
+    """How column_entries_on_device sorts a layout's used slots: the one-pass segments_plan
+    where it fits, else radix_plan (few segments and many columns)."""
+    return (segments_plan(n_obs, n_slots, n_params, n_segments)
+            or radix_plan(n_obs, n_slots, n_params))
 
 
 def _count_digits(keys, n_segments, per_segment, shift, mask, counts):
@@ -420,14 +432,19 @@ def _last(device_vector):
     return int(device_vector[device_vector.shape[0] - 1:].copy_to_host()[0])
 
 
-def column_entries_on_device(cols, n_params, n_segments):
+def column_entries_on_device(cols, n_params, n_segments, plan=None):
     """(entry_flat, entry_offset (n_params, n_segments + 1)) of the gradient pass from
     device ELL columns cols (n, K), segments of equal length (segment_bounds): the host's
-    column_entries exactly, made on the device by entry_plan's plan; None only for a layout
-    past entry_plan's reach."""
+    column_entries exactly, made on the device by entry_plan's plan (or the plan given:
+    benchmarks/gpu_check.py checks the radix plan on layouts that would not take it); None
+    only for a layout past the plans' reach. Device memory besides the entries (8 B per
+    used slot): the count table (at most ENTRY_COUNT_BUDGET x 8 B) and, for the radix plan,
+    two (column int32, position int64) buffers of the used slots while it runs (one for a
+    one-pass sort)."""
     n_params, n_segments = int(n_params), int(n_segments)
     n_obs, n_slots = int(cols.shape[0]), int(cols.shape[1])
-    plan = entry_plan(n_obs, n_slots, n_params, n_segments)
+    if plan is None:
+        plan = entry_plan(n_obs, n_slots, n_params, n_segments)
     if plan is None:
         return None
     entry_offset = cuda.device_array((n_params, n_segments + 1), np.int64)
