@@ -67,7 +67,10 @@ def test_device_statistics_equal_cpu(tmp_path):
     # the deviation sums the device had left there
     calls = d["device_calls"]
     assert calls["rmerge"] >= 4 * 7 and calls["rmerge_resident"] == calls["rmerge"]
-    assert calls["cc_half"] == calls["rmerge"] and calls["cc_anom"] == calls["rmerge"]
+    assert calls["cc_half"] == calls["rmerge"]
+    # CCanom once per shell for a table and its anomalous table (the same observations,
+    # groupings and draws: merging.statistics memoises it since issue 10)
+    assert 2 * calls["cc_anom"] == calls["rmerge"]
     # the device's half means are half_split_kernel's (the same draws and sums)
     assert d["n_split_groups_False"] > 500 and d["n_split_groups_True"] > 500
     assert d["half_means_max_rel"] <= RTOL

@@ -98,8 +98,9 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
                 # the job table's gather, error-model weights and resident outlier mask, and
                 # the target over a layout kept in host memory (issue 12)
                 "gather", "em_weights", "outliers_resident", "evaluation_host_streamed",
-                # a round's table and column entries derived on the device (issue 12)
-                "subset_table", "column_entries_device"}
+                # a round's table and column entries derived on the device (issue 12): the
+                # run's plan and the radix plan (few segments, many columns) forced
+                "subset_table", "column_entries_device", "column_entries_radix"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
