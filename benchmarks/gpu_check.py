@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -247,11 +246,6 @@ def replicate(base, copies):
         lay["cols"] = dm.kb_family_columns(lay["row_dataset"], lay["scale_col"],
                                            lay["decay_col"])
     return lay
-
-
-class HostColumnEntries(Exception):
-    """column_entries_on_device declines this layout's shape (the run derives its entries
-    on the host and uploads them)."""
 
 
 class DeviceLayout:
@@ -538,13 +532,30 @@ class DeviceLayout:
         r = self.resident_round_inputs()
         self._subset = drr.subset_table(r["keep_d"], r["order_d"], r["group_start_d"])
 
+    def entry_plans(self):
+        """The column entries' plan a run takes for this layout (entry_plan: the one-pass
+        plan per segment, or the radix sort of few segments and many columns, e.g. the KB
+        stills from 1e7 observations) and the radix plan forced on it."""
+        n_segments = self.resident_round_inputs()["n_segments"]
+        return {"column_entries_device": drr.entry_plan(self.n, self.n_slots,
+                                                        self.lay["n_params"], n_segments),
+                "column_entries_radix": drr.radix_plan(self.n, self.n_slots,
+                                                       self.lay["n_params"])}
+
+    def _column_entries(self, name):
+        self._entries = drr.column_entries_on_device(
+            self.cols, self.lay["n_params"], self.resident_round_inputs()["n_segments"],
+            self.entry_plans()[name])
+        if self._entries is None:  # past the plans' reach (~2^38 slots): not here
+            raise RuntimeError("no device plan for the column entries")
+
     def column_entries_device(self):
-        """The gradient's column entries from the resident ELL columns."""
-        r = self.resident_round_inputs()
-        self._entries = drr.column_entries_on_device(self.cols, self.lay["n_params"],
-                                                     r["n_segments"])
-        if self._entries is None:  # a run takes the host's entries for such a layout
-            raise HostColumnEntries("too few segments for the columns: host entries")
+        """The gradient's column entries from the resident ELL columns, the run's plan."""
+        self._column_entries("column_entries_device")
+
+    def column_entries_radix(self):
+        """The same entries by the radix plan, whatever the run would take."""
+        self._column_entries("column_entries_radix")
 
     def error_model_weights(self):
         j = self.job_table_inputs()
@@ -649,9 +660,23 @@ class DeviceLayout:
         # group its two offsets and the two positions they point at (twice)
         kept = int(RESIDENT_KEEP * n)
         out["subset_table"] = 2 * n * 9 + n * 8 + kept * 8 + 2 * (2 * groups + 16 * self.n_groups)
-        # the columns read twice (count, then fill), every used slot's entry written
-        out["column_entries_device"] = 2 * n * k * 8 + used * 8
+        for name, plan in self.entry_plans().items():
+            out[name] = self.entry_bytes(plan, used)
         return out
+
+    def entry_bytes(self, plan, used):
+        """Bytes a column-entry plan reads and writes: the int64 ELL columns read twice
+        (count, then fill) and every used slot's entry written (the one-pass plan: the
+        entries themselves; the radix plan's passes: (int32 column, int64 position) pairs,
+        each later pass reading them twice and writing them), and the radix plan's binary
+        searches (~log2(used) pairs per column and segment bound, and the offsets)."""
+        n, k = self.n, self.n_slots
+        if plan[0] == "segments":
+            return 2 * n * k * 8 + used * 8
+        passes = plan[2]
+        n_offsets = self.lay["n_params"] * (self.resident_round_inputs()["n_segments"] + 1)
+        return (2 * n * k * 8 + used * 12 + (passes - 1) * used * (4 + 12 + 12)
+                + n_offsets * (12 * max(1, used).bit_length() + 8))
 
 
 def relative(a, b):
@@ -923,20 +948,17 @@ def check_job_table(dev):
         (n_rows != int(kept.sum())) + (n_groups != counts.size)
         + np.count_nonzero(order_d.copy_to_host()[:n_rows] != j["order"][kept])
         + np.count_nonzero(group_start_d.copy_to_host() != expected_start))
-    # the gradient's column entries against the host's counting sort
+    # the gradient's column entries against the host's counting sort: the run's plan and
+    # the radix plan (few segments and many columns) forced on the same layout
     from dials_vmerge.kernels.cuda.target import column_entries
 
-    try:
-        dev.column_entries_device()
-    except HostColumnEntries:  # the check sizes must be derivable on the device: a failure
-        out["column_entries_device"] = math.inf
-        return out
-    flat_d, offset_d = dev._entries
     bounds = segment_bounds(dev.n, lay["n_params"])
     flat, offset = column_entries(lay["cols"], lay["n_params"], bounds)
-    out["column_entries_device"] = float(
-        np.count_nonzero(offset_d.copy_to_host() != offset)
-        + np.count_nonzero(flat_d.copy_to_host()[:flat.size] != flat))
+    for name in ("column_entries_device", "column_entries_radix"):
+        getattr(dev, name)()
+        flat_d, offset_d = dev._entries
+        out[name] = float(np.count_nonzero(offset_d.copy_to_host() != offset)
+                          + np.count_nonzero(flat_d.copy_to_host()[:flat.size] != flat))
     return out
 
 
@@ -1109,6 +1131,10 @@ def main(argv=None):
                 passes.update({"gather": dev.gather, "em_weights": dev.error_model_weights,
                                "subset_table": dev.subset_table,
                                "column_entries_device": dev.column_entries_device})
+                # the radix plan timed on the KB layouts where a run takes the one-pass
+                # plan (from 1e7 the run's own plan is the radix one)
+                if kind == "kb" and dev.entry_plans()["column_entries_device"][0] != "radix":
+                    passes["column_entries_radix"] = dev.column_entries_radix
             if kind != "array" and size <= parse_size(args.streamed_max):
                 passes["evaluation_host_streamed"] = dev.evaluation_host_streamed
             if kind == "physical" and size <= parse_size(args.normal_max):
@@ -1140,6 +1166,8 @@ def main(argv=None):
                        "bound_seconds": bound, "ratio_to_bound": seconds / bound,
                        "bytes": moved[name], "batches": len(dev.target.batches),
                        "host_generation_seconds": t_host, "upload_seconds": t_upload}
+                if name.startswith("column_entries"):  # which plan made them
+                    row["plan"] = list(dev.entry_plans()[name])
                 result["timings"].append(row)
                 print(f"{kind:9s} {size:10d} {name:12s} {seconds * 1e3:10.3f} "
                       f"{bound * 1e3:10.3f} {seconds / bound:7.2f}")

@@ -21,6 +21,7 @@ recorder.install()
 from cuda_simulator_runs import scaling_params  # noqa: E402
 from dials_vmerge.backends import cuda_job_table, cuda_resident_inputs, run_device  # noqa: E402
 from dials_vmerge.io.expt import ExperimentList  # noqa: E402
+from dials_vmerge.kernels.cuda import resident_rows as rr  # noqa: E402
 from dials_vmerge.pipeline import run_scaling_job  # noqa: E402
 from dials_vmerge.simulate import simulate_rotation, simulate_stills  # noqa: E402
 
@@ -81,6 +82,33 @@ CASES = {
 }
 
 
+# "kb_radix": the KB job with the column entries' count budget lowered below its columns,
+# so each round's entries take the radix plan of kernels/cuda/resident_rows.py (the plan of
+# few segments and many columns: ~1e7 observations of 4e4 stills in one batch), which
+# before issue 12's last part went up from the host every round. Its CPU run and the run
+# uploading each round's table are the "kb" case's (run first in the same process).
+CASES["kb_radix"] = CASES["kb"]
+RADIX_COUNT_BUDGET = 32
+
+
+def gpu_run(name, simulation, options, rounds):
+    """The compute.device=cuda run; kb_radix with the lowered budget, recording the plan
+    of every column-entry derivation."""
+    if name != "kb_radix":
+        return run(simulation, (*options, "compute.device=cuda"), rounds), []
+    plans, plan, budget = [], rr.entry_plan, rr.ENTRY_COUNT_BUDGET
+
+    def recorded(*args):
+        plans.append(plan(*args))
+        return plans[-1]
+
+    rr.entry_plan, rr.ENTRY_COUNT_BUDGET = recorded, RADIX_COUNT_BUDGET
+    try:
+        return run(simulation, (*options, "compute.device=cuda"), rounds), plans
+    finally:
+        rr.entry_plan, rr.ENTRY_COUNT_BUDGET = plan, budget
+
+
 def main(out_path, names):
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     out = {}
@@ -89,11 +117,19 @@ def main(out_path, names):
         simulation = make()
         rounds = []
         recorder.DETAILS.clear()
-        g_gpu, i_gpu = run(simulation, (*options, "compute.device=cuda"), rounds)
+        (g_gpu, i_gpu), plans = gpu_run(name, simulation, options, rounds)
         store = cuda_job_table.current_job_table()
         # the job's rows: its resident I (all suitable rows of every dataset)
         job_rows = int(store._entries["intensity"].device.shape[0])
         details = list(recorder.DETAILS)
+        if name == "kb_radix":
+            kb = out["kb"]
+            out[name] = {"g": [kb["g"][0], g_gpu.tolist(), kb["g"][2], kb["g"][1]],
+                         "i": [kb["i"][0], i_gpu.tolist(), kb["i"][2], kb["i"][1]],
+                         "upload_rounds": kb["upload_rounds"], "plans": plans,
+                         "rounds": rounds, "job_rows": job_rows,
+                         "transfers": store.summary(), "copies": details}
+            continue
         g_cpu, i_cpu = run(simulation, (*options, "compute.device=cpu"))
         if name == "physical":  # the slowest under the simulator: no third run
             out[name] = {"g": [g_cpu.tolist(), g_gpu.tolist()],

@@ -4,13 +4,15 @@ kernels/cuda/resident_rows.py): no array with a row per observation crosses the 
 a one-byte keep flag per job row, and only in a round whose subset changed.
 
 Small simulator jobs (tests/cuda_resident_runs.py, NUMBA_ENABLE_CUDASIM=1): 20 KB stills
-with outliers rejected between rounds, and two physical and two array-model sweeps whose
-table is a subset (an Isigma cut, outliers). Checked here, from an independent record of
+with outliers rejected between rounds (also with the column entries' count budget lowered so
+that every round's gradient column entries take the radix plan of few segments and many
+columns, which until then went up from the host every round), and two physical and two
+array-model sweeps whose table is a subset (an Isigma cut, outliers). Checked here, from an independent record of
 every host->device copy at the numba.cuda API (dtype and shape; tests/
 cuda_transfer_recorder.py): the rounds after the first copy no float array with a row per
 observation and no integer one but the keep flags; the job table's counter agrees with the
 record; g and the scaled intensities equal the CPU run to 1e-10 relative, and (KB, array)
-the run that uploads each round's table bitwise.
+the run that uploads each round's table bitwise (kb_radix: and the one-pass plan's run).
 The kernels' derivations themselves (subset rows, group offsets, column entries) are checked
 against the host's in tests/test_cuda_resident_kernels.py."""
 
@@ -32,20 +34,23 @@ RTOL = 1e-10  # the issue's bar (device and CPU sums add in different orders)
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("resident") / "runs.json"
     run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_resident_runs.py"),
-                          str(out), "kb", "physical", "array"], env=SIM,
+                          str(out), "kb", "kb_radix", "physical", "array"], env=SIM,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.load(open(out))
 
 
-@pytest.mark.parametrize("name", ["kb", "physical", "array"])
+@pytest.mark.parametrize("name", ["kb", "kb_radix", "physical", "array"])
 def test_later_rounds_copy_no_observation_array(runs, name):
     result = runs[name]
     rounds, job_rows = result["rounds"], result["job_rows"]
-    kind = {"kb": "kb", "physical": "physical", "array": "array"}[name]
+    kind = {"kb": "kb", "kb_radix": "kb", "physical": "physical", "array": "array"}[name]
+    if name == "kb_radix":  # every round's entries made by the radix plan, several passes
+        assert len(result["plans"]) >= len(rounds)
+        assert all(p[0] == "radix" and p[2] >= 2 for p in result["plans"]), result["plans"]
     assert len(rounds) >= 3
     assert all(r["kind"] == kind and r["resident"] for r in rounds), rounds
-    if name != "kb":  # a full-matrix round: its normal equations on the resident table too
+    if kind != "kb":  # a full-matrix round: its normal equations on the resident table too
         assert any(r["normal_calls"] for r in rounds)
     smallest_table = min(r["table_rows"] for r in rounds)
     # a per-observation array: as many rows as the smallest table, far above the
@@ -86,7 +91,7 @@ def test_later_rounds_copy_no_observation_array(runs, name):
         assert call["observation_bytes"] in (0, job_rows)
 
 
-@pytest.mark.parametrize("name", ["kb", "physical", "array"])
+@pytest.mark.parametrize("name", ["kb", "kb_radix", "physical", "array"])
 def test_resident_rounds_equal_cpu_run(runs, name):
     g, i = (np.asarray(runs[name][k]) for k in ("g", "i"))
     np.testing.assert_allclose(g[1], g[0], rtol=RTOL, atol=0)
@@ -95,3 +100,5 @@ def test_resident_rounds_equal_cpu_run(runs, name):
     if name != "physical":  # the run that uploads each round's table: the same arrays
         assert not any(r["resident"] for r in runs[name]["upload_rounds"])
         assert np.array_equal(g[2], g[1]) and np.array_equal(i[2], i[1])
+    if name == "kb_radix":  # the same entries as the one-pass plan: the same arithmetic
+        assert np.array_equal(g[3], g[1]) and np.array_equal(i[3], i[1])

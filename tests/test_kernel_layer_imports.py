@@ -98,8 +98,9 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
                 # the job table's gather, error-model weights and resident outlier mask, and
                 # the target over a layout kept in host memory (issue 12)
                 "gather", "em_weights", "outliers_resident", "evaluation_host_streamed",
-                # a round's table and column entries derived on the device (issue 12)
-                "subset_table", "column_entries_device"}
+                # a round's table and column entries derived on the device (issue 12): the
+                # run's plan and the radix plan (few segments, many columns) forced
+                "subset_table", "column_entries_device", "column_entries_radix"}
     for kind in ("kb", "physical", "array"):
         checks = result["checks"][kind]
         # the normal equations are checked on the physical layout only here (the array
@@ -115,11 +116,18 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         assert checks["evaluation_host_streamed"] == 0
         # differing rows, offsets and entries: the device's integer derivations are exact
         assert checks["subset_table"] == 0 and checks["column_entries_device"] == 0
+        assert checks["column_entries_radix"] == 0
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
     # 17 passes per layout, the gather and error-model weights, the round's table and
-    # column entries, and the host-streamed target on the KB and physical layouts
-    assert len(passes) == 3 * 21 + 2
-    assert {("kb", "subset_table"), ("array", "column_entries_device")} <= passes
+    # column entries, the host-streamed target on the KB and physical layouts, and the
+    # radix plan's column entries on the KB layout (its run's plan at 300 is one pass)
+    assert len(passes) == 3 * 21 + 2 + 1
+    assert {("kb", "subset_table"), ("array", "column_entries_device"),
+            ("kb", "column_entries_radix")} <= passes
+    plans = {(row["layout"], row["pass"]): row["plan"][0] for row in result["timings"]
+             if "plan" in row}
+    assert plans[("kb", "column_entries_radix")] == "radix"
+    assert plans[("kb", "column_entries_device")] == "segments"
     assert {("kb", "evaluation_host_streamed"), ("physical", "evaluation_host_streamed")} <= \
         passes
     assert {"expand", "error_model_ml", "error_model_slope", "error_model_binned",

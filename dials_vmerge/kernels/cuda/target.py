@@ -130,8 +130,8 @@ class _Batch:
             self.group_start = upload(np.ascontiguousarray(group_start_local))
         entries = None
         if device_cols is not None and self.n_obs and n_params:
-            # None: a shape whose derivation would be too serial (few segments, many
-            # columns): then the host's entries go up, as without a resident table
+            # None only past entry_plan's reach (~2^38 slots): then the host's entries go
+            # up, as without a resident table
             entries = column_entries_on_device(device_cols, n_params, self.n_segments)
         if entries is not None:
             self.entry_flat, self.entry_offset = entries
