@@ -533,7 +533,8 @@ class _GatheredGroups:
     """A grouping's per-group values gathered to rank 0 in the one-process group order (what
     diagnostics.anomalous_summary_of_halves reads: asu_index, centric, dstar_sq, derived),
     with `values`, per-group float64 columns gathered alongside, and `order`, the global
-    position -> the rank-order position of the gathered groups."""
+    position -> the rank-order position of the gathered groups. No group on the other ranks
+    (they discard it)."""
 
     def __init__(self, local, *columns):
         from ..backends.rank_partition import packed_keys
@@ -546,6 +547,8 @@ class _GatheredGroups:
         gather = mpi_world.gather_rows_to_output_rank
         asu = gather(np.ascontiguousarray(local.asu_index, dtype=np.int32))
         rows = gather(rows)
+        if not mpi_world.is_output_rank():  # the others get their own rows back: not used
+            asu, rows = asu[:0], rows[:0]
         # the one-process order: ASU indices in (h, k, l) order, i.e. of their packed keys
         self.order = np.argsort(packed_keys(asu), kind="stable")
         self.asu_index = np.ascontiguousarray(asu[self.order])
