@@ -5,22 +5,25 @@ passes; dials.vmerge's merging stage too) every rank reads only the rows of its 
 reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+), I(-) and
 the Friedel-merged group of a reflection are all on one rank) and computes per-group values
 of its own groups only. What crosses ranks is one
-row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
-of the merge or the statistics:
+row of values per unique reflection (buffer Gatherv of float64 rows to rank 0), never an
+observation of the merge or the statistics:
 
 - merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
   the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
   values (its prior is by resolution shell, a global quantity).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
   per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
-  anomalous merge) are computed by each rank for its groups and gathered; every shell sum,
-  completeness count, CC and fit is then taken from the same gathered arrays on every rank.
+  anomalous merge) are computed by each rank for its groups and gathered to rank 0 alone,
+  which takes every shell sum, completeness count, CC and fit from them and broadcasts the
+  resulting MergingStatistics; the other ranks hold no array over all groups.
 - CC1/2 and CCanom: cctbx's random half-split is one stream over the groups of a shell in
   group order. How many draws a group takes depends only on its multiplicity and, for odd
-  multiplicity, on the stream value at its first draw, so every rank scans the gathered
-  multiplicities (_draw_offsets) to find where in the stream each group starts, draws the
-  halves of its own groups from there with the one-process code (statistics._draw_first_half)
-  and the half means are gathered. The halves are thus the one-process halves.
+  multiplicity, on the stream value at its first draw, so rank 0 scans the gathered
+  multiplicities (_draw_offsets) to find where in the stream each group starts and sends
+  each rank its groups' places (RankPrepared.half_means; the other ranks wait in
+  RankPrepared.serve); each rank draws the halves of its own groups from there with the
+  one-process code (statistics.half_means_from_draw_starts) and the half means go back to
+  rank 0. The halves are thus the one-process halves.
 
 Within a group the observations are in the one-process order (a rank's rows keep input
 order), so each group's values, and hence merged.mtz and the statistics, are bit-identical
