@@ -650,8 +650,15 @@ class _LocalReportParts:
         # calibration: deviations of the anomalous groups, whose one-process order
         # interleaves the ranks' groups (an I(-) key lies outside its rank's key range)
         delta, others_mean, group = grouped_deviations(obs.intensity, obs.sigma, anom)
-        self.calibration = np.column_stack([delta, others_mean])
         kept = np.bincount(group, minlength=anom.n_groups).astype(np.float64)
+        del group
+        # filled column by column, each input dropped once copied (the peak of ranks
+        # other than 0 is here: column_stack held both inputs, `group` and the result)
+        self.calibration = np.empty((delta.size, 2))
+        self.calibration[:, 0] = delta
+        del delta
+        self.calibration[:, 1] = others_mean
+        del others_mean
         halves = () if space_group.is_centric() else alternate_half_means_kernel(
             anom.permutation, anom.group_start, obs.intensity, obs.sigma)
         self.anomalous_groups = anom
