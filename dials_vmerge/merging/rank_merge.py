@@ -685,12 +685,16 @@ class _LocalReportParts:
         # groups' one-process order they are the one-process array
         kept_in_rank_order = np.empty_like(kept)
         kept_in_rank_order[groups.order] = kept
-        calibration = calibration[order_of_group_runs(groups.order, kept_in_rank_order)]
+        one_process_order = order_of_group_runs(groups.order, kept_in_rank_order)
+        del kept_in_rank_order
+        # the two columns taken straight into the one-process order and the gathered rows
+        # dropped before the summary (it sorts, so it is rank 0's peak after the statistics)
+        delta = calibration[one_process_order, 0]
+        others_mean = calibration[one_process_order, 1]
+        del calibration, one_process_order
         group = np.repeat(np.arange(len(kept), dtype=np.int64), kept)
-        result.calibration = calibration_summary(
-            np.ascontiguousarray(calibration[:, 0]), np.ascontiguousarray(calibration[:, 1]),
-            group, groups.dstar_sq)
-        del calibration, group
+        result.calibration = calibration_summary(delta, others_mean, group, groups.dstar_sq)
+        del delta, others_mean, group
         try:
             result.per_batch = with_excluded_batches(
                 batch_tables(self.sums, self.batches, self.d_min, result.experiments,
