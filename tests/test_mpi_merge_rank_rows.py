@@ -386,7 +386,9 @@ ours = rank_merge.rank_merging_statistics(hkl, intensity, sigma, space_group, un
                                           n_bins=10, with_anomalous_table=True,
                                           groupings=groupings)
 same = json.dumps(ours.as_dict()) == json.dumps(one_process.as_dict())
-print("rank", mpi_world.rank(), "rows", len(hkl), "same", same)
+# one file per rank: the ranks' printed lines may interleave
+with open(f"rank{mpi_world.rank()}.txt", "w") as out:
+    out.write(f"rows {len(hkl)} same {same}")
 sys.exit(0 if same else 1)
 '''
 
@@ -402,4 +404,56 @@ def test_rank_statistics_held_on_rank_0_equal_one_process(tmp_path, n_ranks):
     result = subprocess.run([launcher(), "-n", str(n_ranks), sys.executable, str(script)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("same True") == n_ranks, result.stdout
+    for rank in range(n_ranks):
+        assert "same True" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+# the data and rank rows of RANK_STATISTICS_SCRIPT, then one failure injected (argv[1]):
+# rank 0's shell code, or rank 1's answer to a half-split request
+RANK_STATISTICS_FAILURE_SCRIPT = RANK_STATISTICS_SCRIPT.split("prep = rank_merge")[0] + r'''
+where = sys.argv[1]
+if where == "shell_code":
+    shell_statistics = st._shell_statistics
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if mpi_world.rank() == 0 and calls[0] == 3:
+            raise RuntimeError("injected failure in a shell")
+        return shell_statistics(*args, **kwargs)
+
+    st._shell_statistics = failing
+else:
+    half_means = rank_merge.half_means_from_draw_starts
+
+    def failing(*args, **kwargs):
+        if mpi_world.rank() == 1:
+            raise RuntimeError("injected failure on rank 1")
+        return half_means(*args, **kwargs)
+
+    rank_merge.half_means_from_draw_starts = failing
+try:
+    rank_merge.rank_merging_statistics(hkl, intensity, sigma, space_group, unit_cell,
+                                       n_bins=10, with_anomalous_table=True,
+                                       groupings=groupings)
+    outcome = "no error"
+except Exception as e:
+    outcome = f"error: {e}"
+with open(f"rank{mpi_world.rank()}.txt", "w") as out:  # printed lines may interleave
+    out.write(outcome)
+'''
+
+
+@pytest.mark.parametrize("where,message", [("shell_code", "injected failure in a shell"),
+                                           ("answer", "injected failure on rank 1")])
+def test_rank_statistics_failure_reaches_every_rank(tmp_path, where, message):
+    """A failure in rank 0's shell code or in another rank's answer to a half-split request
+    raises the same error on every rank (which the merge logs as "Merging statistics could
+    not be computed"), none left waiting for a request."""
+    script = tmp_path / "rank_statistics_failure.py"
+    script.write_text(RANK_STATISTICS_FAILURE_SCRIPT)
+    result = subprocess.run([launcher(), "-n", "3", sys.executable, str(script), where],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(3):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"error: {message}"
