@@ -341,3 +341,119 @@ def test_vmerge_merging_stage_on_rank_rows(scaled, tmp_path):
         assert np.all(np.abs(columns[label][ok] - columns_ref[label][ok])
                       <= 1e-10 * np.abs(columns_ref[label][ok])), label
     assert comparable_log(two / "dials.vmerge.log") == comparable_log(one / "dials.vmerge.log")
+
+
+RANK_STATISTICS_SCRIPT = r'''
+import json, sys
+import numpy as np
+import dials_vmerge  # noqa: F401  (before numba/scipy.special)
+from cctbx import sgtbx, uctbx
+from dials_vmerge.backends import mpi_world
+from dials_vmerge.backends.rank_partition import packed_keys
+from dials_vmerge.merging import rank_merge, statistics as st
+from dials_vmerge.merging.groups import Groupings, map_indices_to_asu
+
+space_group = sgtbx.space_group_info("P 1 2 1").group()
+unit_cell = uctbx.unit_cell((31.0, 42.0, 53.0, 90.0, 101.0, 90.0))
+rng = np.random.default_rng(7)
+hkl = rng.integers(-9, 10, size=(40000, 3)).astype(np.int32)
+hkl = hkl[np.any(hkl != 0, axis=1)]
+intensity = rng.gamma(1.5, 100.0, len(hkl)) + rng.normal(0, 20, len(hkl))
+sigma = rng.uniform(5.0, 30.0, len(hkl))
+sigma[::997] = 0.0  # dropped by the statistics (sigma <= 0)
+one_process = st.merging_statistics(hkl, intensity, sigma, space_group, unit_cell, n_bins=10,
+                                    with_anomalous_table=True)
+# this rank's rows: a range of non-anomalous ASU keys (whole groups, input order kept)
+keys = packed_keys(map_indices_to_asu(hkl, space_group, anomalous=False)[0])
+bounds = np.quantile(np.unique(keys), np.linspace(0, 1, mpi_world.n_ranks() + 1)[1:-1])
+mine = np.searchsorted(bounds, keys, side="right") == mpi_world.rank()
+hkl, intensity, sigma = hkl[mine], intensity[mine], sigma[mine]
+groupings = Groupings(hkl, space_group, unit_cell)
+prep = rank_merge.RankPrepared(intensity, sigma, space_group,
+                               st.symmetry_compatible_cell(unit_cell, space_group), False,
+                               groupings)
+held = [prep.mean, prep.merged_sigma, prep.anom_mean, prep.partner, prep.plus, prep.group_d,
+        prep.groups.multiplicity, prep.groups.order, prep.anom.dstar_sq]
+if mpi_world.is_output_rank():
+    prep.stop_serving()
+    assert all(len(x) in (prep.groups.n_groups, prep.anom.n_groups) for x in held)
+else:
+    prep.serve()
+    # the per-group arrays over all groups are on rank 0 alone
+    assert all(x is None for x in held), [type(x) for x in held]
+del prep
+ours = rank_merge.rank_merging_statistics(hkl, intensity, sigma, space_group, unit_cell,
+                                          n_bins=10, with_anomalous_table=True,
+                                          groupings=groupings)
+same = json.dumps(ours.as_dict()) == json.dumps(one_process.as_dict())
+# one file per rank: the ranks' printed lines may interleave
+with open(f"rank{mpi_world.rank()}.txt", "w") as out:
+    out.write(f"rows {len(hkl)} same {same}")
+sys.exit(0 if same else 1)
+'''
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_rank_statistics_held_on_rank_0_equal_one_process(tmp_path, n_ranks):
+    """rank_merge.rank_merging_statistics on each rank's own rows (synthetic, P2, some
+    sigma <= 0) gives one process's statistics exactly (as_dict, every table) on every rank,
+    while the arrays over all groups lie on rank 0 alone (the other ranks answer its
+    half-split requests)."""
+    script = tmp_path / "rank_statistics.py"
+    script.write_text(RANK_STATISTICS_SCRIPT)
+    result = subprocess.run([launcher(), "-n", str(n_ranks), sys.executable, str(script)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(n_ranks):
+        assert "same True" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+# the data and rank rows of RANK_STATISTICS_SCRIPT, then one failure injected (argv[1]):
+# rank 0's shell code, or rank 1's answer to a half-split request
+RANK_STATISTICS_FAILURE_SCRIPT = RANK_STATISTICS_SCRIPT.split("prep = rank_merge")[0] + r'''
+where = sys.argv[1]
+if where == "shell_code":
+    shell_statistics = st._shell_statistics
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if mpi_world.rank() == 0 and calls[0] == 3:
+            raise RuntimeError("injected failure in a shell")
+        return shell_statistics(*args, **kwargs)
+
+    st._shell_statistics = failing
+else:
+    half_means = rank_merge.half_means_from_draw_starts
+
+    def failing(*args, **kwargs):
+        if mpi_world.rank() == 1:
+            raise RuntimeError("injected failure on rank 1")
+        return half_means(*args, **kwargs)
+
+    rank_merge.half_means_from_draw_starts = failing
+try:
+    rank_merge.rank_merging_statistics(hkl, intensity, sigma, space_group, unit_cell,
+                                       n_bins=10, with_anomalous_table=True,
+                                       groupings=groupings)
+    outcome = "no error"
+except Exception as e:
+    outcome = f"error: {e}"
+with open(f"rank{mpi_world.rank()}.txt", "w") as out:  # printed lines may interleave
+    out.write(outcome)
+'''
+
+
+@pytest.mark.parametrize("where,message", [("shell_code", "injected failure in a shell"),
+                                           ("answer", "injected failure on rank 1")])
+def test_rank_statistics_failure_reaches_every_rank(tmp_path, where, message):
+    """A failure in rank 0's shell code or in another rank's answer to a half-split request
+    raises the same error on every rank (which the merge logs as "Merging statistics could
+    not be computed"), none left waiting for a request."""
+    script = tmp_path / "rank_statistics_failure.py"
+    script.write_text(RANK_STATISTICS_FAILURE_SCRIPT)
+    result = subprocess.run([launcher(), "-n", "3", sys.executable, str(script), where],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(3):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"error: {message}"

@@ -323,6 +323,56 @@ def gather_rows_to_output_rank(values):
     return out
 
 
+def broadcast_from_output_rank(values, dtype):
+    """Rank 0's 1-d array `values` (of `dtype`; ignored on the other ranks) on every rank:
+    a buffer Bcast of its length, then of its bytes. In one process: `values` itself."""
+    comm = world()
+    if comm is None:
+        return np.asarray(values, dtype=dtype)
+    start = time.perf_counter()
+    length = np.zeros(1, dtype=np.int64)
+    if is_output_rank():
+        values = np.ascontiguousarray(values, dtype=dtype).ravel()
+        length[0] = values.size
+    _wait(comm.Ibcast(length, root=0))
+    if not is_output_rank():
+        values = np.empty(int(length[0]), dtype=dtype)
+    _wait(comm.Ibcast(values.view(np.uint8), root=0))
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 2
+    _state["reduced_bytes"] += values.nbytes
+    return values
+
+
+def scatter_rows_from_output_rank(values, rows_per_rank, dtype, row_shape=()):
+    """Rank r's share of rank 0's rows: rows_per_rank[r] consecutive rows of `values` (rank
+    0's argument, rows of `row_shape` and `dtype`, the ranks' shares in rank order; both
+    ignored on the other ranks), by a buffer Scatter of the counts and a Scatterv of the raw
+    bytes. In one process: `values` itself."""
+    comm = world()
+    if comm is None:
+        return np.asarray(values, dtype=dtype)
+    from mpi4py import MPI
+
+    start = time.perf_counter()
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64))
+    count = np.zeros(1, dtype=np.int64)
+    send_counts = send = None
+    if is_output_rank():
+        send_counts = np.ascontiguousarray(rows_per_rank, dtype=np.int64)
+        byte_counts = send_counts * row_bytes
+        displacements = np.concatenate([[0], np.cumsum(byte_counts)[:-1]]).astype(np.int64)
+        values = np.ascontiguousarray(values, dtype=dtype)
+        send = [values.view(np.uint8).ravel(), (byte_counts, displacements), MPI.BYTE]
+    _wait(comm.Iscatter(send_counts, count, root=0))
+    out = np.empty((int(count[0]),) + tuple(row_shape), dtype=dtype)
+    _wait(comm.Iscatterv(send, out.view(np.uint8).ravel(), root=0))
+    _state["comm_seconds"] += time.perf_counter() - start
+    _state["reductions"] += 2
+    _state["reduced_bytes"] += out.nbytes
+    return out
+
+
 def pass_along_ranks(values, add):
     """`add(values)` (in place on a float64 array) on each rank in turn, rank 0 first, each
     rank continuing from the values the rank before it left (buffer Recv from rank r - 1,

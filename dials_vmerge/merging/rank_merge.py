@@ -5,22 +5,25 @@ passes; dials.vmerge's merging stage too) every rank reads only the rows of its 
 reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+), I(-) and
 the Friedel-merged group of a reflection are all on one rank) and computes per-group values
 of its own groups only. What crosses ranks is one
-row of values per unique reflection (buffer Allgatherv of float64 rows), never an observation
-of the merge or the statistics:
+row of values per unique reflection (buffer Gatherv of float64 rows to rank 0), never an
+observation of the merge or the statistics:
 
 - merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
   the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
   values (its prior is by resolution shell, a global quantity).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
   per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
-  anomalous merge) are computed by each rank for its groups and gathered; every shell sum,
-  completeness count, CC and fit is then taken from the same gathered arrays on every rank.
+  anomalous merge) are computed by each rank for its groups and gathered to rank 0 alone,
+  which takes every shell sum, completeness count, CC and fit from them and broadcasts the
+  resulting MergingStatistics; the other ranks hold no array over all groups.
 - CC1/2 and CCanom: cctbx's random half-split is one stream over the groups of a shell in
   group order. How many draws a group takes depends only on its multiplicity and, for odd
-  multiplicity, on the stream value at its first draw, so every rank scans the gathered
-  multiplicities (_draw_offsets) to find where in the stream each group starts, draws the
-  halves of its own groups from there with the one-process code (statistics._draw_first_half)
-  and the half means are gathered. The halves are thus the one-process halves.
+  multiplicity, on the stream value at its first draw, so rank 0 scans the gathered
+  multiplicities (_draw_offsets) to find where in the stream each group starts and sends
+  each rank its groups' places (RankPrepared.half_means; the other ranks wait in
+  RankPrepared.serve); each rank draws the halves of its own groups from there with the
+  one-process code (statistics.half_means_from_draw_starts) and the half means go back to
+  rank 0. The halves are thus the one-process halves.
 
 Within a group the observations are in the one-process order (a rank's rows keep input
 order), so each group's values, and hence merged.mtz and the statistics, are bit-identical
@@ -92,15 +95,16 @@ def _raise_together(error):
         raise VmergeError(first)
 
 
-# -- gathered groupings ------------------------------------------------------------------------
+# -- groupings gathered to rank 0 -------------------------------------------------------------
 class RankGrouping:
-    """A grouping's per-group values over all ranks, in the one-process group order, with the
-    local grouping of this rank's observations (`local`) and where each group lives.
+    """A grouping's per-group values over all ranks, in the one-process group order, on rank 0
+    alone (the other ranks hold only their own groups: `local`), with where each group lives.
 
-    Has what the statistics' shell code reads of a GroupedObservations: centric, dstar_sq,
-    multiplicity, n_groups, anomalous, derived (not the ASU indices: what the statistics
-    derive from them, d and the Bijvoet partners, each rank derives for its own groups and
-    they are gathered as values)."""
+    On rank 0 it has what the statistics' shell code reads of a GroupedObservations:
+    centric, dstar_sq, multiplicity, n_groups, anomalous, derived (not the ASU indices: what
+    the statistics derive from them, d and the Bijvoet partners, each rank derives for its
+    own groups and they are gathered as values). On the other ranks those are None, apart
+    from n_groups, anomalous and local."""
 
     def __init__(self, local):
         from ..backends.rank_partition import packed_keys
@@ -109,49 +113,59 @@ class RankGrouping:
         self.anomalous = local.anomalous
         self.derived = {}
         counts = mpi_world.allgather_rows(np.array([local.n_groups], dtype=np.int64))
-        # the one-process grouping's order: ASU indices in (h, k, l) order, i.e. the order
-        # of their packed keys (unique)
-        self.order = np.argsort(mpi_world.allgather_rows(packed_keys(local.asu_index)),
-                                kind="stable")
-        # compact: these stay for the whole statistics on every rank
-        owner = np.repeat(np.arange(counts.size, dtype=np.int32), counts)[self.order]
-        me = mpi_world.rank()
-        first = int(counts[:me].sum())
-        self.owner = owner
-        mine = np.flatnonzero(owner == me)
-        self.local_of_global = np.full(self.order.size, -1, dtype=np.int32)
-        self.local_of_global[mine] = self.order[mine] - first
-        # this rank's group k is global group global_of_local[k]
-        self.global_of_local = np.empty(local.n_groups, dtype=np.int64)
-        self.global_of_local[self.local_of_global[mine]] = mine
+        self._n_groups = int(counts.sum())
+        # group k of rank r is at position rank_first[r] + k of the rows gathered in rank order
+        self.rank_first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        keys = mpi_world.gather_rows_to_output_rank(packed_keys(local.asu_index))
+        self.order = self.owner = None
+        if mpi_world.is_output_rank():
+            # the one-process grouping's order: ASU indices in (h, k, l) order, i.e. the
+            # order of their packed keys (unique)
+            self.order = np.argsort(keys, kind="stable")
+            self.owner = np.repeat(np.arange(counts.size, dtype=np.int32), counts)[self.order]
+        del keys
         centric, self.dstar_sq, multiplicity = self.to_global(
             local.centric, local.dstar_sq, local.multiplicity)
-        self.centric = centric != 0
-        self.multiplicity = multiplicity.astype(np.int64)
+        self.centric = None if centric is None else centric != 0
+        self.multiplicity = None if multiplicity is None else multiplicity.astype(np.int64)
 
     @property
     def n_groups(self) -> int:
-        return int(self.order.shape[0])
+        return self._n_groups
+
+    def local_index(self, global_groups):
+        """Rank 0: each of the global groups' index among its owner's own groups."""
+        return self.order[global_groups] - self.rank_first[self.owner[global_groups]]
 
     def to_global(self, *local_values):
-        """Per-group float64 arrays of this rank's groups -> the arrays over all groups in
-        global order (one Allgatherv of all of them)."""
+        """Per-group float64 arrays of this rank's groups -> on rank 0, the arrays over all
+        groups in global order (one Gatherv of all of them); None on the other ranks."""
         packed = np.empty((self.local.n_groups, len(local_values)), dtype=np.float64)
         for j, values in enumerate(local_values):
             packed[:, j] = values
-        gathered = mpi_world.allgather_rows(packed)
+        gathered = mpi_world.gather_rows_to_output_rank(packed)
         del packed
+        if not mpi_world.is_output_rank():
+            return [None] * len(local_values)
         return [np.ascontiguousarray(gathered[self.order, j]) for j in range(len(local_values))]
 
     def bijvoet_pairs(self, space_group):
         """(statistics.bijvoet_partner, its plus hemisphere with a partner) of all groups in
-        global order: a group's partner is on its rank (Friedel mates share the
-        non-anomalous key), so each rank finds its own groups' partners."""
+        global order on rank 0 (None, None on the others): a group's partner is on its rank
+        (Friedel mates share the non-anomalous key), so each rank finds its own groups'
+        partners and sends their positions in the rank-ordered rows."""
         partner = st.bijvoet_partner(self.local.asu_index)
         plus = st.is_plus_hemisphere(self.local.asu_index, space_group) & (partner >= 0)
-        partner = np.where(partner >= 0, self.global_of_local[np.maximum(partner, 0)], -1)
+        partner = np.where(partner >= 0, partner + self.rank_first[mpi_world.rank()], -1)
         partner, plus = self.to_global(partner, plus)
-        return partner.astype(np.int64), plus != 0
+        if partner is None:
+            return None, None
+        partner = partner.astype(np.int64)
+        global_of_gathered = np.empty(self.order.size, dtype=np.int64)
+        global_of_gathered[self.order] = np.arange(self.order.size, dtype=np.int64)
+        found = partner >= 0
+        partner[found] = global_of_gathered[partner[found]]
+        return partner, plus != 0
 
 
 @njit(cache=True)
@@ -175,10 +189,17 @@ def _draw_offsets(multiplicity, uniforms):
     return out
 
 
+# what rank 0 asks of the other ranks while it runs the shell code (RankPrepared.serve)
+_REQUEST_DONE, _REQUEST_HALF_MEANS = 0, 1
+
+
 class RankPrepared:
     """statistics._Prepared over all ranks: the same per-group arrays, each rank computing
-    its own groups' values, gathered in global group order. `half_means` replaces the
-    one-process half split (statistics._half_means asks for it)."""
+    its own groups' values, gathered in global group order to rank 0, which alone runs the
+    shell code (the other ranks hold no array over all groups). `half_means` replaces the
+    one-process half split (statistics._half_means asks for it): rank 0 sends each rank its
+    groups' places in the random stream, the ranks draw their own groups' halves and send
+    back the means; the other ranks wait for such requests in `serve`."""
 
     complete_set_dstar_sq = st._Prepared.complete_set_dstar_sq
     distributed = True
@@ -193,6 +214,7 @@ class RankPrepared:
         self.anomalous = anomalous
         self.intensity = intensity
         self.sigma = sigma
+        self.error = None  # the first exception met while answering rank 0's requests
         a_local = groupings.get(True, unit_cell)
         g_local = groupings.get(anomalous, unit_cell)
         self.anom = RankGrouping(a_local)
@@ -202,11 +224,14 @@ class RankPrepared:
             mean, merged_sigma, abs_dev, total)
         anom_mean, anom_sigma, _, _ = self._local_sums(a_local, True, False)
         self.anom_mean, self.anom_sigma_internal = self.anom.to_global(anom_mean, anom_sigma)
+        del mean, merged_sigma, abs_dev, total, anom_mean, anom_sigma
         self.n = self.groups.multiplicity
         (self.group_d,) = self.groups.to_global(st._cctbx_d(unit_cell, g_local.asu_index))
         self.partner, self.plus = self.anom.bijvoet_pairs(space_group)
-        self.uniforms = st.cctbx_uniform_stream(max(st.cctbx_draws_needed(self.groups),
-                                                    st.cctbx_draws_needed(self.anom)))
+        # statistics._Prepared's stream length (a sum of integers: exact in float64)
+        needed = [mpi_world.sum_over_ranks(float(st.cctbx_draws_needed(local)))
+                  for local in (g_local, a_local)]
+        self.uniforms = st.cctbx_uniform_stream(int(max(needed)))
         self._complete = None
 
     def _local_sums(self, local, use_internal_variance, deviations):
@@ -226,30 +251,63 @@ class RankPrepared:
         return mean, merged_sigma, abs_dev, total
 
     def half_means(self, groups, order, weighted):
-        """Means of cctbx's random halves of the groups `order` (global indices, in the
-        order split), NaN for n < 2: each rank draws its own groups' halves from their
-        places in the one stream, then every rank gets all of them."""
+        """Rank 0: means of cctbx's random halves of the groups `order` (global indices, in
+        the order split), NaN for n < 2. Each group's place in the one stream comes from
+        the multiplicities of the groups before it; the requests go to the ranks grouped by
+        rank, each rank's in `order`'s order, and the means come back the same way."""
         order = np.asarray(order, dtype=np.int64)
-        starts = _draw_offsets(groups.multiplicity[order], self.uniforms)
         owner = groups.owner[order]
-        mine = np.flatnonzero(owner == mpi_world.rank())
-        local = groups.local
-        local_order = groups.local_of_global[order[mine]].astype(np.int64)
-        if self.method == "classical":
-            h1, h2 = half_means_from_draw_starts(self.intensity, self.sigma, local.permutation,
-                                                 local.group_start, local_order, self.uniforms,
-                                                 weighted, starts[mine])
-        else:
-            h1, h2 = self._method_half_means(local, local_order, starts[mine])
-        gathered = mpi_world.allgather_rows(np.column_stack([h1, h2]))
-        # the ranks' rows arrive in rank order, each rank's in `order`'s order
-        position = np.argsort(owner, kind="stable")
+        by_rank = np.argsort(owner, kind="stable")
+        rows_per_rank = np.bincount(owner, minlength=mpi_world.n_ranks())
+        del owner
+        requests = np.empty((order.size, 2), dtype=np.int64)
+        requests[:, 0] = groups.local_index(order[by_rank])
+        requests[:, 1] = _draw_offsets(groups.multiplicity[order], self.uniforms)[by_rank]
+        mpi_world.broadcast_from_output_rank(
+            np.array([_REQUEST_HALF_MEANS, groups is self.anom, weighted]), np.int64)
+        halves = self._answer_half_means(groups, requests, rows_per_rank, weighted)
+        del requests
         half_1 = np.empty(order.size)
         half_2 = np.empty(order.size)
-        half_1[position] = gathered[:, 0]
-        half_2[position] = gathered[:, 1]
+        half_1[by_rank] = halves[:, 0]
+        half_2[by_rank] = halves[:, 1]
         return half_1, half_2
 
+    def serve(self):
+        """Ranks other than 0: answer rank 0's requests until it is done."""
+        while True:
+            request = mpi_world.broadcast_from_output_rank(None, np.int64)
+            if request[0] == _REQUEST_DONE:
+                return
+            groups = self.anom if request[1] else self.groups
+            self._answer_half_means(groups, None, None, bool(request[2]))
+
+    def stop_serving(self):
+        """Rank 0: the other ranks leave `serve`."""
+        mpi_world.broadcast_from_output_rank(np.array([_REQUEST_DONE, 0, 0]), np.int64)
+
+    def _answer_half_means(self, groups, requests, rows_per_rank, weighted):
+        """Every rank: its share of rank 0's requests (local group, stream position) ->
+        the half means of those of its own groups, gathered to rank 0 in rank order. A
+        failure gives NaN rows and is kept in self.error (every rank reports it after the
+        shell code, so no rank is left waiting)."""
+        mine = mpi_world.scatter_rows_from_output_rank(requests, rows_per_rank, np.int64, (2,))
+        local = groups.local
+        local_order = np.ascontiguousarray(mine[:, 0])
+        starts = np.ascontiguousarray(mine[:, 1])
+        del mine
+        try:
+            if self.method == "classical":
+                h1, h2 = half_means_from_draw_starts(self.intensity, self.sigma,
+                                                     local.permutation, local.group_start,
+                                                     local_order, self.uniforms, weighted,
+                                                     starts)
+            else:
+                h1, h2 = self._method_half_means(local, local_order, starts)
+        except Exception as e:
+            self.error = self.error or e
+            h1 = h2 = np.full(local_order.size, np.nan)
+        return mpi_world.gather_rows_to_output_rank(np.column_stack([h1, h2]))
 
     def _method_half_means(self, local, local_order, starts):
         """statistics._half_means with a method merger, on this rank's groups: the method's
@@ -290,33 +348,10 @@ def _global_extreme_indices(miller_index, unit_cell):
     return np.array([lo, hi], dtype=np.int32)
 
 
-def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_cell,
-                            n_bins=20, anomalous=False, significance_level=0.01,
-                            with_anomalous_table=False, suggest_cut=True, groupings=None,
-                            method="classical", params=None):
-    """statistics.merging_statistics of all ranks' observations, each rank giving its own
-    rows (whole groups); every rank returns the same MergingStatistics. method: whose merged
-    intensities the statistics describe (classical: cctbx's inverse-variance means; robust:
-    as api.MethodMerger)."""
-    miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
-    intensity = np.asarray(intensity, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    unit_cell = st.symmetry_compatible_cell(unit_cell, space_group)
-    extremes = _global_extreme_indices(miller_index, unit_cell)
-    if groupings is None:
-        groupings = Groupings(miller_index, space_group, unit_cell)
-    positive = sigma > 0
-    if positive.all():
-        used, used_intensity, used_sigma = groupings, intensity, sigma
-    else:
-        used = groupings.subset(positive)
-        used_intensity, used_sigma = intensity[positive], sigma[positive]
-    prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
-                        method, params)
-    limits, d_ranges = st.equal_volume_limits(unit_cell, extremes, n_bins)
+def _shell_tables(prep, limits, d_ranges, n_bins, anomalous, significance_level, method):
+    """Rank 0: statistics.merging_statistics's shell code on the gathered arrays (overall,
+    shells, the CC1/2 fit), without the anomalous and cut tables."""
     g, a = prep.groups, prep.anom
-    if g.n_groups == 0:
-        raise ValueError("no reflections with sigma > 0")
     complete_dss = prep.complete_set_dstar_sq(float(prep.group_d.min()))
     anom_complete_dss = st._acentric_complete(prep, float(prep.group_d.min())) if anomalous \
         else None
@@ -334,7 +369,6 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
         shells.append(st._shell_statistics(prep, sel, anom_shell == b, d_ranges[b],
                                            significance_level, complete_dss,
                                            anom_complete_dss))
-    del prep, g, a, used
     weights = np.array([s.cc_half_n_refl for s in shells], dtype=np.float64)
     values = np.array([s.cc_half for s in shells])
     cc_half_overall = float((weights * values).sum() / weights.sum()) if weights.sum() else 0.0
@@ -342,13 +376,71 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
                                   n_bins=n_bins, cc_half_overall=cc_half_overall)
     result.method = method
     result.d_min_cc_half_fit = st.cc_half_resolution_estimate(result)
+    return result
+
+
+def _on_every_rank(statistics):
+    """Rank 0's MergingStatistics (a few dozen shells) on every rank: pickled, one buffer
+    broadcast of the bytes."""
+    import pickle
+
+    payload = None
+    if mpi_world.is_output_rank():
+        payload = np.frombuffer(pickle.dumps(statistics), dtype=np.uint8)
+    payload = mpi_world.broadcast_from_output_rank(payload, np.uint8)
+    return pickle.loads(payload.tobytes())
+
+
+def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_cell,
+                            n_bins=20, anomalous=False, significance_level=0.01,
+                            with_anomalous_table=False, suggest_cut=True, groupings=None,
+                            method="classical", params=None):
+    """statistics.merging_statistics of all ranks' observations, each rank giving its own
+    rows (whole groups); every rank returns the same MergingStatistics (made on rank 0 while
+    the other ranks answer its half-split requests). method: whose merged intensities the
+    statistics describe (classical: cctbx's inverse-variance means; robust: as
+    api.MethodMerger)."""
+    miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
+    intensity = np.asarray(intensity, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    unit_cell = st.symmetry_compatible_cell(unit_cell, space_group)
+    extremes = _global_extreme_indices(miller_index, unit_cell)
+    if groupings is None:
+        groupings = Groupings(miller_index, space_group, unit_cell)
+    positive = sigma > 0
+    if positive.all():
+        used, used_intensity, used_sigma = groupings, intensity, sigma
+    else:
+        used = groupings.subset(positive)
+        used_intensity, used_sigma = intensity[positive], sigma[positive]
+    prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
+                        method, params)
+    if prep.groups.n_groups == 0:  # known to every rank
+        raise ValueError("no reflections with sigma > 0")
+    result = None
+    if mpi_world.is_output_rank():
+        try:
+            limits, d_ranges = st.equal_volume_limits(unit_cell, extremes, n_bins)
+            result = _shell_tables(prep, limits, d_ranges, n_bins, anomalous,
+                                   significance_level, method)
+        except Exception as e:
+            prep.error = prep.error or e
+        prep.stop_serving()
+    else:
+        prep.serve()
+    error = prep.error
+    del prep, used, used_intensity, used_sigma
+    # every rank fails alike (the lowest failed rank's message), none is left waiting
+    _raise_together(None if error is None else VmergeError(str(error)))
+    result = _on_every_rank(result)
     if with_anomalous_table and not anomalous:
         result.anomalous_statistics = rank_merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
             significance_level, False, suggest_cut=False, groupings=groupings, method=method,
             params=params)
     d_fit = result.d_min_cc_half_fit
-    if suggest_cut and d_fit is not None and d_fit - shells[-1].d_min > st.CUT_TOLERANCE_A:
+    if (suggest_cut and d_fit is not None
+            and d_fit - result.shells[-1].d_min > st.CUT_TOLERANCE_A):
         keep = np.sqrt(per_index_chunks(miller_index, unit_cell.d_star_sq)) <= 1.0 / d_fit
         result.cut_statistics = rank_merging_statistics(
             miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
@@ -444,7 +536,8 @@ class _GatheredGroups:
     """A grouping's per-group values gathered to rank 0 in the one-process group order (what
     diagnostics.anomalous_summary_of_halves reads: asu_index, centric, dstar_sq, derived),
     with `values`, per-group float64 columns gathered alongside, and `order`, the global
-    position -> the rank-order position of the gathered groups."""
+    position -> the rank-order position of the gathered groups. No group on the other ranks
+    (they discard it)."""
 
     def __init__(self, local, *columns):
         from ..backends.rank_partition import packed_keys
@@ -457,6 +550,8 @@ class _GatheredGroups:
         gather = mpi_world.gather_rows_to_output_rank
         asu = gather(np.ascontiguousarray(local.asu_index, dtype=np.int32))
         rows = gather(rows)
+        if not mpi_world.is_output_rank():  # the others get their own rows back: not used
+            asu, rows = asu[:0], rows[:0]
         # the one-process order: ASU indices in (h, k, l) order, i.e. of their packed keys
         self.order = np.argsort(packed_keys(asu), kind="stable")
         self.asu_index = np.ascontiguousarray(asu[self.order])
@@ -555,8 +650,15 @@ class _LocalReportParts:
         # calibration: deviations of the anomalous groups, whose one-process order
         # interleaves the ranks' groups (an I(-) key lies outside its rank's key range)
         delta, others_mean, group = grouped_deviations(obs.intensity, obs.sigma, anom)
-        self.calibration = np.column_stack([delta, others_mean])
         kept = np.bincount(group, minlength=anom.n_groups).astype(np.float64)
+        del group
+        # filled column by column, each input dropped once copied (the peak of ranks
+        # other than 0 is here: column_stack held both inputs, `group` and the result)
+        self.calibration = np.empty((delta.size, 2))
+        self.calibration[:, 0] = delta
+        del delta
+        self.calibration[:, 1] = others_mean
+        del others_mean
         halves = () if space_group.is_centric() else alternate_half_means_kernel(
             anom.permutation, anom.group_start, obs.intensity, obs.sigma)
         self.anomalous_groups = anom
@@ -583,12 +685,16 @@ class _LocalReportParts:
         # groups' one-process order they are the one-process array
         kept_in_rank_order = np.empty_like(kept)
         kept_in_rank_order[groups.order] = kept
-        calibration = calibration[order_of_group_runs(groups.order, kept_in_rank_order)]
+        one_process_order = order_of_group_runs(groups.order, kept_in_rank_order)
+        del kept_in_rank_order
+        # the two columns taken straight into the one-process order and the gathered rows
+        # dropped before the summary (it sorts, so it is rank 0's peak after the statistics)
+        delta = calibration[one_process_order, 0]
+        others_mean = calibration[one_process_order, 1]
+        del calibration, one_process_order
         group = np.repeat(np.arange(len(kept), dtype=np.int64), kept)
-        result.calibration = calibration_summary(
-            np.ascontiguousarray(calibration[:, 0]), np.ascontiguousarray(calibration[:, 1]),
-            group, groups.dstar_sq)
-        del calibration, group
+        result.calibration = calibration_summary(delta, others_mean, group, groups.dstar_sq)
+        del delta, others_mean, group
         try:
             result.per_batch = with_excluded_batches(
                 batch_tables(self.sums, self.batches, self.d_min, result.experiments,
