@@ -1,6 +1,9 @@
 """The error model's per-observation sums: the profile likelihood of b (scaling/error_model.py,
 refine_maximum_likelihood) in one kernel: a few passes over the observations with no
 per-observation temporaries but one, instead of a dozen numpy arrays per evaluation of b.
+The first pass leaves q (and q') in the scratch that the second overwrites with the unit:
+the second reads 8 B per row instead of recomputing q from I, sigma^2 and g (24 B; the
+passes are memory-bound, ~4 ms per evaluation at 4e5 rows, ~25 evaluations per refinement).
 
 Per observation q = (sigma^2 + b^2 I^2) / g^2, per group spread = sum p^2 q, unit =
 max(q (1 - 2p) + spread, 1e-300), ratio = r^2 / unit; a^2 = mean(ratio) (or fixed) and
@@ -25,12 +28,11 @@ def a_sq_and_cost_kernel(intensity, variance, g, share, group, residual_sq, n_gr
     for i in range(n):  # in row order, as np.bincount sums
         bi = b * intensity[i]
         q = (variance[i] + bi * bi) / (g[i] * g[i])
+        unit[i] = q  # read back below instead of I, sigma^2, g (the same bits, less memory)
         spread[group[i]] += share[i] * share[i] * q
     sum_ratio = 0.0
     for i in range(n):
-        bi = b * intensity[i]
-        q = (variance[i] + bi * bi) / (g[i] * g[i])
-        u = q * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        u = unit[i] * (1.0 - 2.0 * share[i]) + spread[group[i]]
         if not u >= 1e-300:  # np.maximum: NaN stays NaN
             u = 1e-300 if u == u else u
         unit[i] = u
@@ -59,17 +61,15 @@ def cost_slope_kernel(intensity, variance, g, share, group, residual_sq, n_group
         g_sq = g[i] * g[i]
         q = (variance[i] + bi * bi) / g_sq
         dq = 2.0 * b * intensity[i] * intensity[i] / g_sq
+        unit[i] = q  # read back below (as in a_sq_and_cost_kernel)
+        unit_slope[i] = dq
         p_sq = share[i] * share[i]
         spread[group[i]] += p_sq * q
         spread_slope[group[i]] += p_sq * dq
     sum_ratio = 0.0
     for i in range(n):
-        bi = b * intensity[i]
-        g_sq = g[i] * g[i]
-        q = (variance[i] + bi * bi) / g_sq
-        dq = 2.0 * b * intensity[i] * intensity[i] / g_sq
-        u = q * (1.0 - 2.0 * share[i]) + spread[group[i]]
-        du = dq * (1.0 - 2.0 * share[i]) + spread_slope[group[i]]
+        u = unit[i] * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        du = unit_slope[i] * (1.0 - 2.0 * share[i]) + spread_slope[group[i]]
         if not u >= 1e-300:
             u = 1e-300 if u == u else u
             du = 0.0
