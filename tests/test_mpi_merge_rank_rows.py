@@ -27,32 +27,22 @@ from dials_vmerge import geometry
 from dials_vmerge.backends import rank_partition
 from dials_vmerge.io import read_experiments, read_reflections, write_reflections
 
+import mpi_helpers
+from mpi_helpers import comparable_log, launcher
+
 pytest.importorskip("mpi4py")
 gemmi = pytest.importorskip("gemmi")
 
 QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
-BIN = os.path.dirname(sys.executable)
 TIMEOUT_S = 180
-STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
 RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
                        r"([\d / ]+) of (\d+)\)")
 OUTPUTS = ["dials.vmerge.merge.html", "dials.vmerge.merge.json", "dials.vmerge.merge.log",
            "merged.mtz"]
 
 
-def launcher():
-    for name in ("mpiexec", "mpirun"):
-        path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
-        if path:
-            return path
-    pytest.skip("no mpiexec on PATH (install the `mpi` extra)")
-
-
 def run(args, cwd, n_ranks=None):
-    command = [os.path.join(BIN, args[0])] + list(args[1:])
-    if n_ranks is not None:
-        command = [launcher(), "-n", str(n_ranks)] + command
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return mpi_helpers.run(args, cwd, n_ranks, timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +70,16 @@ def single_process(scaled, tmp_path_factory):
     return out
 
 
-def comparable_log(path):
-    keep = []
-    for line in open(path).read().splitlines():
-        if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
-            continue
-        if STAGE_TIME.fullmatch(line):
-            continue
-        keep.append(line)
-    return keep
+def one_process_and_two_ranks(args, tmp_path):
+    """Output directories of `args` run as one process and under two ranks (both must
+    succeed)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=two, n_ranks=2)
+    assert done.returncode == 0, done.stderr
+    return one, two
 
 
 def mtz_columns(path):
@@ -244,12 +235,7 @@ def test_rank_with_no_row_in_resolution_range(scaled, tmp_path):
         and d_sorted[ends[best]] > hi
     args = ["dials.vmerge.merge", expt, refl, f"merging.d_min={lo - 1e-9:.12f}",
             f"merging.d_max={hi + 1e-9:.12f}"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=two, n_ranks=2)
-    assert done.returncode == 0, done.stderr
+    one, two = one_process_and_two_ranks(args, tmp_path)
     hkl, columns = mtz_columns(two / "merged.mtz")
     hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
     assert np.array_equal(hkl, hkl_ref) and len(hkl) > 0
@@ -294,12 +280,7 @@ def test_selections_and_unmerged_mtz_on_rank_rows(scaled, tmp_path):
     expt, refl = scaled["sweeps3"]
     args = ["dials.vmerge.merge", expt, refl, "exclude_images=0:1:20", "merging.d_min=2.0",
             "unmerged_mtz=unmerged.mtz"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=two, n_ranks=2)
-    assert done.returncode == 0, done.stderr
+    one, two = one_process_and_two_ranks(args, tmp_path)
     assert RANK_ROWS.search(open(two / "dials.vmerge.merge.log").read())
     for name in ("merged.mtz", "unmerged.mtz"):
         hkl, columns = mtz_columns(two / name)
@@ -324,12 +305,7 @@ def test_vmerge_merging_stage_on_rank_rows(scaled, tmp_path):
     directory = os.path.dirname(expt)
     args = ["dials.vmerge", os.path.join(directory, "simulated.expt"),
             os.path.join(directory, "simulated.refl"), "nproc=1"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=two, n_ranks=2)
-    assert done.returncode == 0, done.stderr
+    one, two = one_process_and_two_ranks(args, tmp_path)
     match = RANK_ROWS.search(open(two / "dials.vmerge.log").read())
     assert match and all(int(n) > 0 for n in match.group(1).split(" / "))
     hkl, columns = mtz_columns(two / "merged.mtz")

@@ -9,8 +9,6 @@ output and the job ends.
 """
 
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,33 +21,18 @@ import pytest
 import dials_vmerge  # noqa: F401  (before numba/scipy.special)
 from dials_vmerge.io import read_reflections
 
+import mpi_helpers
+from mpi_helpers import comparable_log, launcher, program
+
 QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
-BIN = os.path.dirname(sys.executable)
 TIMEOUT_S = 240
-STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
 
 pytest.importorskip("mpi4py")
 gemmi = pytest.importorskip("gemmi")
 
 
-def launcher():
-    for name in ("mpiexec", "mpirun"):
-        path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
-        if path:
-            return path
-    pytest.skip("no mpiexec on PATH (install the `mpi` extra)")
-
-
-def program(name):
-    return os.path.join(BIN, name)
-
-
 def run(args, cwd, n_ranks=None, env=None):
-    command = [program(args[0])] + list(args[1:])
-    if n_ranks is not None:
-        command = [launcher(), "-n", str(n_ranks)] + command
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env=env)
+    return mpi_helpers.run(args, cwd, n_ranks, env, timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +64,6 @@ def single_process(datasets, tmp_path_factory):
         assert done.returncode == 0, done.stderr
         out[name] = d
     return out
-
-
-def comparable_log(path):
-    """The log without the lines that legitimately differ: timings, the command, MPI's."""
-    keep = []
-    for line in open(path).read().splitlines():
-        if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
-            continue
-        if STAGE_TIME.fullmatch(line):  # progress.stage: logged only when a stage was slow
-            continue
-        keep.append(line)
-    return keep
 
 
 def imean(path):

@@ -1,0 +1,47 @@
+"""Running the installed programs under the `mpi` extra's launcher, and comparing their logs
+with a one-process run's (tests/test_mpi_runs.py, tests/test_mpi_merge_rank_rows.py)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+# progress.stage's line, logged only when a stage was slow: absent or present run by run
+STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
+
+
+def launcher():
+    for name in ("mpiexec", "mpirun"):
+        path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+        if path:
+            return path
+    pytest.skip("no mpiexec on PATH (install the `mpi` extra)")
+
+
+def program(name):
+    return os.path.join(BIN, name)
+
+
+def run(args, cwd, n_ranks=None, env=None, timeout_s=240):
+    """args[0] is the program's name; n_ranks None: one process without a launcher."""
+    command = [program(args[0])] + list(args[1:])
+    if n_ranks is not None:
+        command = [launcher(), "-n", str(n_ranks)] + command
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+                          env=env)
+
+
+def comparable_log(path):
+    """The log without the lines that legitimately differ: timings, the command, MPI's."""
+    keep = []
+    for line in open(path).read().splitlines():
+        if "time" in line.lower() or line.startswith(("Command line", "MPI:")):
+            continue
+        if STAGE_TIME.fullmatch(line):
+            continue
+        keep.append(line)
+    return keep
