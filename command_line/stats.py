@@ -1,5 +1,6 @@
 """dials.vmerge.stats: merging statistics and half-dataset cross-validation, per method."""
 
+from dials_vmerge.backends import mpi_world
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.report import stage_report
@@ -11,6 +12,7 @@ from dials_vmerge.merging.api import (
     selected_methods,
     summary_table,
 )
+from dials_vmerge.merging import rank_merge
 from dials_vmerge.merging.diagnostics import method_differences
 from dials_vmerge.merging.halfdataset import format_half_dataset_table
 
@@ -33,15 +35,20 @@ def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     methods = selected_methods(params)
+    # under MPI with one method of rank_merge.RANK_METHODS: merge, statistics and half-dataset
+    # cross-validation on each rank's own rows (issue 11); several methods (method_differences
+    # compares their merges) are repeated on every rank
+    merge = rank_merge.merge_scaled_table if len(methods) == 1 and rank_merge.applies(
+        params, mpi_world.n_ranks()) else merge_scaled_table
     report = {"methods": methods, "half_dataset": {}}
     first = None
     for method in methods:
         params.merging.method = [method]
         repeats = params.merging.half_dataset_repeats
-        result = merge_scaled_table(table, experiments, params, log, half_dataset=repeats > 0)
+        result = merge(table, experiments, params, log, half_dataset=repeats > 0)
         if first is None:
             first = result
-            log.info(f"{len(result.observations)} observations, {len(result.merged)} unique "
+            log.info(f"{result.n_observations()} observations, {len(result.merged)} unique "
                      "reflections")
             log_statistics(result, log)
             if result.statistics is not None:

@@ -115,6 +115,14 @@ def half_dataset_statistics(
         shell = shell_of(s1[ok], limits)
         values, n_anom = _correlations(d1[ok], d2[match[ok]], shell, n_bins)
         cc_anom.append(values)
+    return half_dataset_summary(cc_half, n_half, cc_anom, n_anom, d_ranges, repeats, seed,
+                                n_bins)
+
+
+def half_dataset_summary(cc_half, n_half, cc_anom, n_anom, d_ranges, repeats, seed, n_bins):
+    """The JSON-able result from each repeat's (2, n_bins + 1) correlations (Pearson,
+    Spearman by shell, then overall) and the last repeat's counts (the MPI ranks' version,
+    rank_halfdataset.py, ends here too)."""
     cc_half = np.array(cc_half)
     cc_anom = np.array(cc_anom)
 

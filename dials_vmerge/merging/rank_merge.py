@@ -69,14 +69,14 @@ def applies(params, n_ranks: int) -> bool:
             and pass_device() != "cuda")
 
 
-def merge_scaled_table(table, experiments, params, log=None) -> MergeResult:
+def merge_scaled_table(table, experiments, params, log=None, half_dataset=False) -> MergeResult:
     """merging.api.merge_scaled_table; under MPI, when `applies`, on each rank's own rows
-    (the merge program and dials.vmerge's merging stage both come here)."""
+    (the merge and stats programs and dials.vmerge's merging stage all come here)."""
     if applies(params, mpi_world.n_ranks()):
-        return merge_rank_rows(table, experiments, params, log)
+        return merge_rank_rows(table, experiments, params, log, half_dataset=half_dataset)
     from .api import merge_scaled_table as merge_every_row
 
-    return merge_every_row(table, experiments, params, log)
+    return merge_every_row(table, experiments, params, log, half_dataset=half_dataset)
 
 
 # -- collective error handling ----------------------------------------------------------------
@@ -722,12 +722,12 @@ class _LocalReportParts:
 
 
 # -- the merge ---------------------------------------------------------------------------------
-def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
+def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) -> MergeResult:
     """merging.api.merge_scaled_table (RANK_METHODS) with each rank holding its own rows of
     `table` (the whole input, columns still in the file): the same MergeResult on rank 0
-    (the statistics on every rank; the merged intensities and the report-only summaries on
-    rank 0 alone: the other ranks' results hold no merged reflection and write nothing that
-    is published)."""
+    (the statistics and the half-dataset cross-validation on every rank; the merged
+    intensities and the report-only summaries on rank 0 alone: the other ranks' results hold
+    no merged reflection and write nothing that is published)."""
     from .. import geometry
     from ..backends.rank_partition import rank_rows
     from .api import mean_of_friedel_amplitudes
@@ -769,6 +769,8 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     except Exception as e:  # every rank meets the same (gathered) values: all fail alike
         log.warning(f"Merging statistics could not be computed: {e}")
         statistics = None
+    half = _rank_half_dataset(obs, groupings, space_group, unit_cell, method, params) \
+        if half_dataset else None
     local_merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma,
                                 params, french_wilson_amplitudes=False)
     local_merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma,
@@ -777,7 +779,8 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     # the observations of all ranks on rank 0 only for the unmerged MTZ, which lists them
     gathered = _observations_on_output_rank(obs) if unmerged else _empty_observations()
     result = MergeResult(method, space_group, unit_cell, wavelength, gathered, None, None,
-                         statistics, experiments=experiments, observation_count=n_total)
+                         statistics, half_dataset=half, experiments=experiments,
+                         observation_count=n_total)
     parts = _LocalReportParts(obs, groupings, local_merged, space_group)
     # rank 0 then holds, one after the other, the calibration's deviations and the merged
     # reflections; no rank keeps its observations
@@ -793,3 +796,18 @@ def merge_rank_rows(table, experiments, params, log=None) -> MergeResult:
     result.merged, result.merged_anomalous = merged, merged_anom
     parts.diagnose(result, table, log)
     return result
+
+
+def _rank_half_dataset(obs, groupings, space_group, unit_cell, method, params) -> dict:
+    """merging.api.half_dataset_for on the ranks' own observations (every rank gets it)."""
+    from .api import HalfDatasetMerger
+    from .rank_halfdataset import rank_half_dataset_statistics
+
+    return rank_half_dataset_statistics(
+        obs.miller_index, obs.intensity, obs.sigma, obs.batch, space_group, unit_cell,
+        HalfDatasetMerger(method, params),
+        repeats=int(_param(params, "merging.half_dataset_repeats", 10)),
+        seed=int(_param(params, "merging.seed", 0)),
+        n_bins=int(_param(params, "merging.nbins", 20)),
+        groupings=groupings,
+    )
