@@ -85,6 +85,12 @@ class _LocalHalves:
         return half_columns, anom_columns
 
 
+def _all_batches(batch):
+    """The one-process np.unique(batch): the sorted distinct batches of all ranks (a rank's
+    groups need not hold every batch), so the seeded permutation is the one-process one."""
+    return np.unique(mpi_world.allgather_rows(np.unique(batch)))
+
+
 def _both_halves(grouping, columns):
     """Rank 0: of the gathered (in 1, value 1, in 2, value 2) in global order, the groups in
     both halves: (value 1, value 2, d*^2)."""
@@ -108,8 +114,7 @@ def rank_half_dataset_statistics(
     batch = np.asarray(batch, dtype=np.int64)
     unit_cell = symmetry_compatible_cell(unit_cell, space_group)
     extremes = _global_extreme_indices(miller_index, unit_cell)
-    # the one-process np.unique(batch): sorted distinct batches of all ranks
-    batches = np.unique(mpi_world.allgather_rows(np.unique(batch)))
+    batches = _all_batches(batch)
     if groupings is None:
         groupings = Groupings(miller_index, space_group, unit_cell)
     full = groupings.get(False, unit_cell)
