@@ -52,36 +52,43 @@ class _LocalHalves:
         self.full, self.full_anom = full, full_anom
         self.intensity, self.sigma, self.batch = intensity, sigma, batch
         self.merge = merge
-        self.space_group = space_group
+        # Bijvoet partner and hemisphere depend on the ASU index alone: found once among
+        # the full groups rather than in each half (a half's partner is the full grouping's
+        # partner when that is in the half)
+        self.partner = find_indices(-full_anom.asu_index, full_anom.asu_index)
+        self.plus = np.flatnonzero(_plus(full_anom.asu_index, space_group)
+                                   & (self.partner >= 0) & ~full_anom.centric)
 
     def _half(self, grouping, mask, anomalous):
-        """(the half's grouping, its merged intensities, their positions in `grouping`)."""
+        """(whether each group of `grouping` is in the half, its merge there (0 if not))."""
+        present = np.zeros(grouping.n_groups)
+        merged = np.zeros(grouping.n_groups)
         part = grouping.subset(mask)
-        if part.n_groups == 0:
-            return part, np.zeros(0), np.zeros(0, dtype=np.int64)
-        values = self.merge(part, self.intensity[mask], self.sigma[mask], None, anomalous)
-        return part, np.asarray(values, dtype=np.float64), _present_groups(grouping, mask)
+        if part.n_groups:
+            where = _present_groups(grouping, mask)
+            present[where] = 1.0
+            merged[where] = self.merge(part, self.intensity[mask], self.sigma[mask], None,
+                                       anomalous)
+        return present, merged
 
     def columns(self, first_batches):
         """Per group of the full non-anomalous grouping: (in half 1, merge of half 1, in
         half 2, merge of half 2); per group of the full anomalous grouping: (has an
         anomalous difference in half 1, that difference, the same for half 2). As the
-        one-process code: a difference for acentric plus-hemisphere groups whose Bijvoet
-        partner is in the same half."""
+        one-process code: a difference I(+) - I(-) for acentric plus-hemisphere groups
+        whose Bijvoet partner is in the same half."""
         first = np.isin(self.batch, first_batches)
-        half_columns = [np.zeros(self.full.n_groups) for _ in range(4)]
-        anom_columns = [np.zeros(self.full_anom.n_groups) for _ in range(4)]
-        for h, mask in enumerate((first, ~first)):
-            _, values, where = self._half(self.full, mask, False)
-            half_columns[2 * h][where] = 1.0
-            half_columns[2 * h + 1][where] = values
-            part, values, where = self._half(self.full_anom, mask, True)
-            if part.n_groups == 0:
-                continue
-            partner = find_indices(-part.asu_index, part.asu_index)
-            plus = _plus(part.asu_index, self.space_group) & (partner >= 0) & ~part.centric
-            anom_columns[2 * h][where[plus]] = 1.0
-            anom_columns[2 * h + 1][where[plus]] = values[plus] - values[partner[plus]]
+        half_columns, anom_columns = [], []
+        plus, partner = self.plus, self.partner[self.plus]
+        for mask in (first, ~first):
+            half_columns.extend(self._half(self.full, mask, False))
+            present, merged = self._half(self.full_anom, mask, True)
+            has = np.zeros(self.full_anom.n_groups)
+            delta = np.zeros(self.full_anom.n_groups)
+            both = (present[plus] != 0) & (present[partner] != 0)
+            has[plus[both]] = 1.0
+            delta[plus[both]] = merged[plus[both]] - merged[partner[both]]
+            anom_columns.extend((has, delta))
         return half_columns, anom_columns
 
 
