@@ -156,12 +156,35 @@ one_process = half_dataset_statistics(hkl, intensity, sigma, batch, space_group,
 mine = owner == mpi_world.rank()
 if variant == "own_batches":  # each rank splits its own distinct batches: must differ
     rank_halfdataset._all_batches = np.unique
-ours = rank_halfdataset.rank_half_dataset_statistics(
-    hkl[mine], intensity[mine], sigma[mine], batch[mine], space_group, unit_cell, merge,
-    repeats=3, seed=4, n_bins=6)
-same = json.dumps(ours) == json.dumps(one_process)
+elif variant == "fail_half_merge":  # rank 1's merge of a half fails in the second repeat
+    calls = [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if mpi_world.rank() == 1 and calls[0] == 5:
+            raise RuntimeError("injected failure in a half merge")
+        return HalfDatasetMerger(method)(*args)
+
+    merge = failing
+elif variant == "fail_correlations":  # rank 0's correlations fail in the last repeat
+    correlations, calls = rank_halfdataset._correlations, [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("injected failure in the correlations")
+        return correlations(*args)
+
+    rank_halfdataset._correlations = failing
+try:
+    ours = rank_halfdataset.rank_half_dataset_statistics(
+        hkl[mine], intensity[mine], sigma[mine], batch[mine], space_group, unit_cell, merge,
+        repeats=3, seed=4, n_bins=6)
+    same, error = json.dumps(ours) == json.dumps(one_process), None
+except Exception as e:
+    same, error = None, str(e)
 with open(f"rank{mpi_world.rank()}.txt", "w") as out:  # printed lines may interleave
-    out.write(json.dumps({"rows": int(mine.sum()), "same": same,
+    out.write(json.dumps({"rows": int(mine.sum()), "same": same, "error": error,
                           "n_half": one_process["cc_half"]["overall"]["n"],
                           "n_anom": one_process["cc_anom"]["overall"]["n"]}))
 '''
@@ -184,6 +207,46 @@ def test_rank_half_dataset_equals_one_process(tmp_path, method, n_ranks):
         assert all(r["rows"] > 1000 for r in reports)
         assert reports[0]["n_half"] > 500 and reports[0]["n_anom"] > 100
         assert [r["same"] for r in reports] == [expected] * n_ranks, variant
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("fail_half_merge", "injected failure in a half merge"),
+    ("fail_correlations", "injected failure in the correlations")])
+def test_rank_half_dataset_failure_reaches_every_rank(tmp_path, variant, message):
+    """A failure in rank 1's merge of a half, or in rank 0's correlations, raises the same
+    error on every rank of 3, none left waiting in a gather."""
+    script = tmp_path / "rank_half_dataset.py"
+    script.write_text(RANK_HALF_DATASET_SCRIPT)
+    result = subprocess.run([launcher(), "-n", "3", sys.executable, str(script), "classical",
+                             variant], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for r in range(3):
+        report = json.loads((tmp_path / f"rank{r}.txt").read_text())
+        assert report["error"] == message and report["same"] is None, (r, report)
+
+
+def test_stats_with_ranks_holding_no_rows(tmp_path):
+    """dials.scale's quartz output (1620 rows, one key block) at N = 3: ranks 0 and 2 hold
+    no row; the JSON is the one-process JSON (robust, 3 repeats)."""
+    quartz = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
+    args = ["dials.vmerge.stats", os.path.join(quartz, "scaled.expt"),
+            os.path.join(quartz, "scaled.refl"), "merging.method=robust",
+            "half_dataset_repeats=3"]
+    one, three = tmp_path / "one", tmp_path / "three"
+    one.mkdir()
+    three.mkdir()
+    assert run(args, cwd=one).returncode == 0
+    done = run(args, cwd=three, n_ranks=3)
+    assert done.returncode == 0, done.stderr
+    match = RANK_ROWS.search(open(three / "dials.vmerge.stats.log").read())
+    assert match and sorted(int(n) for n in match.group(1).split(" / ")) == [0, 0, 1620]
+    report = json.load(open(one / "dials.vmerge.stats.json"))
+    assert report["half_dataset"]["robust"]["cc_half"]["overall"]["n"] > 50
+    assert open(three / "dials.vmerge.stats.json").read() == open(
+        one / "dials.vmerge.stats.json").read()
+    assert comparable_log(three / "dials.vmerge.stats.log") == comparable_log(
+        one / "dials.vmerge.stats.log")
 
 
 def test_rank_half_dataset_in_one_process():
