@@ -1,12 +1,13 @@
 """Merging and merging statistics on each MPI rank's own rows (issue 11).
 
 Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical or robust, host
-passes; dials.vmerge's merging stage too) every rank reads only the rows of its own unique
-reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+), I(-) and
-the Friedel-merged group of a reflection are all on one rank) and computes per-group values
-of its own groups only. What crosses ranks is one
-row of values per unique reflection (buffer Gatherv of float64 rows to rank 0), never an
-observation of the merge or the statistics:
+passes; dials.vmerge's merging stage and dials.vmerge.stats too, the latter with the
+half-dataset cross-validation of rank_halfdataset.py) every rank reads only the rows of its
+own unique reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+),
+I(-) and the Friedel-merged group of a reflection are all on one rank) and computes per-group
+values of its own groups only. What crosses ranks is one row of values per unique reflection
+(buffer Gatherv of float64 rows to rank 0), never an observation of the merge or the
+statistics:
 
 - merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
   the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
