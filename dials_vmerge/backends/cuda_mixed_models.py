@@ -58,13 +58,15 @@ def family_plan(models):
 
 def applies(models):
     """True when the mixed evaluation is what a device target needs: not one KB family,
-    not one fused physical layout, not one array layout, and every family has a kernel."""
+    not one fused physical layout, not only array models (cuda_scaling.array_layout takes
+    them as one layout), and every family has a kernel."""
     from ..scaling.family import KBFamily
     from ..scaling.physical_pass import uses_fused_physical_pass
 
     if not models or KBFamily.applies(models) or uses_fused_physical_pass(models):
         return False
-    return family_plan(models) is not None
+    plan = family_plan(models)
+    return plan is not None and [kind for kind, _ in plan] != ["array"]
 
 
 def members_of(manager, datasets):
