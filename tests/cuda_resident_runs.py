@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 recorder.install()
 
-from cuda_simulator_runs import scaling_params  # noqa: E402
+from cuda_simulator_runs import mixed_simulation, scaling_params  # noqa: E402
 from dials_vmerge.backends import cuda_job_table, cuda_resident_inputs, run_device  # noqa: E402
 from dials_vmerge.io.expt import ExperimentList  # noqa: E402
 from dials_vmerge.kernels.cuda import resident_rows as rr  # noqa: E402
@@ -87,19 +87,6 @@ CASES = {
                *SUBSET)),
 }
 
-
-
-def mixed_simulation():
-    """Three sweeps whose automatic models form three families (DIALS's choice per
-    experiment): a 69-degree sweep (physical with absorption), a 34.5-degree one (physical
-    without: under 60 degrees) and a 0.7-degree one (KB: under 1 degree of rotation). Only
-    the scans' oscillation widths are changed: the reflections are those simulated."""
-    experiments, table, truth = simulate_rotation(n_obs_target=450, n_sweeps=3,
-                                                  model="physical", seed=7)
-    experiments = copy.deepcopy(experiments)
-    experiments["scan"][0]["oscillation"] = [0.0, 1.0]
-    experiments["scan"][2]["oscillation"] = [0.0, 0.01]
-    return experiments, table, truth
 
 
 # model=auto: physical with absorption, physical without, KB (a job of three families)

@@ -45,6 +45,19 @@ def physical_g_numpy(fused, parameters):
     return s * e * a * f
 
 
+def mixed_simulation():
+    """Three sweeps whose automatic models form three families (DIALS's choice per
+    experiment): a 69-degree sweep (physical with absorption), a 34.5-degree one (physical
+    without: under 60 degrees) and a 0.7-degree one (KB: under 1 degree of rotation). Only
+    the scans' oscillation widths are changed: the reflections are those simulated."""
+    experiments, table, truth = simulate_rotation(n_obs_target=450, n_sweeps=3,
+                                                  model="physical", seed=7)
+    experiments = copy.deepcopy(experiments)
+    experiments["scan"][0]["oscillation"] = [0.0, 1.0]
+    experiments["scan"][2]["oscillation"] = [0.0, 0.01]
+    return experiments, table, truth
+
+
 class Shadow:
     """Per device evaluation: relative differences of Phi, gradient and g to the CPU."""
 

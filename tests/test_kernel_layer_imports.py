@@ -39,7 +39,7 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
         from dials_vmerge.kernels import (array_family, flat, kb_family, physical_family,
                                           smoother_weights)
         from dials_vmerge.kernels.cuda import array, merging, models, normal, outliers, target
-        from dials_vmerge.kernels.cuda import error_model, variational
+        from dials_vmerge.kernels.cuda import error_model, families, variational
         from dials_vmerge.kernels import error_model_ml
         from dials_vmerge.kernels import merging as cpu_merging
         from dials_vmerge.backends import cuda_target, select

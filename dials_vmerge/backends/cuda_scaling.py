@@ -8,9 +8,12 @@ full physical vector) and brings back Phi and the gradient. The minimiser stays 
 
 Model families on the device: the KB family (kernels.cuda.models.kb_family_kernel), the
 fused physical layout (physical_model_kernel) and the array model's smoothed grids
-(kernels.cuda.array.array_model_kernel, layout from array_layout below). Any other model
-(mixed families) evaluates its ELL Jacobian on the host and uploads g and dg/dp per call; the
-target sums still run on the device. The normal equations of the full-matrix round run on the
+(kernels.cuda.array.array_model_kernel, layout from array_layout below). A job of several
+model families (KB stills with physical sweeps, physical models with different absorption
+terms, array models among others) runs each family's kernel on its rows and scatters g and
+dg/dp into one table (backends.cuda_mixed_models, kind "mixed"). Only a model without a
+device kernel (or a streamed mixed layout) evaluates its ELL Jacobian on the host and uploads
+g and dg/dp per call; the target sums still run on the device. The normal equations of the full-matrix round run on the
 device too (kernels.cuda.normal), over the free columns of the same g and dg/dp.
 """
 
@@ -283,7 +286,8 @@ class CudaScalingTarget(ScalingTarget):
                 self._g[:n], self._deriv[:n])
         elif self._kind == "mixed":
             self.manager.set_free(x)
-            self._mixed.evaluate(x, self._g[:n], self._deriv[:n])
+            with self._store.counting("scaling target"):  # each family's parameters go up
+                self._mixed.evaluate(x, self._g[:n], self._deriv[:n])
         elif self._kind == "array":
             self.manager.set_free(x)
             parameters = np.concatenate(
