@@ -143,6 +143,45 @@ def _normal(result, manager, mixed, g, deriv, target, g_cpu, values_cpu, cols_cp
     result["normal_rel"] = rel(normal_dev, normal_cpu)
 
 
+def expansion_checks(manager):
+    """g and var(g) of every configured row (backends/cuda_expand.py) against the CPU's
+    evaluate_all_rows: with the families' job-order inputs resident (chunks of 300 rows,
+    crossing datasets and families), and as in a streamed job (each chunk's per-family
+    inputs built on the host and copied, nothing kept)."""
+    from types import SimpleNamespace
+
+    from dials_vmerge.backends import cuda_job_table
+    from dials_vmerge.backends.cuda_expand import expand_on_device
+    from dials_vmerge.scaling.family import evaluate_all_rows
+
+    sizes = [m.n_configured for m in manager.models]
+    n_par = manager.n_free
+    m = RNG.normal(size=(n_par, n_par))
+    covariance = m @ m.T / n_par
+    g_cpu, var_cpu = evaluate_all_rows(manager, sizes, covariance, variance_of_g)
+    g_only, _ = evaluate_all_rows(manager, sizes)
+    out = {}
+    for name, stream_rows in (("resident", None), ("streamed", 250)):
+        store = cuda_job_table.new_job_table()
+        store.stream_rows = stream_rows
+        states = [SimpleNamespace(suitable_rows=np.arange(n)) for n in sizes]
+        done = expand_on_device(states, manager, covariance, chunk_rows=300)
+        g = np.concatenate([s.g for s in states])
+        var = np.concatenate([s.var_g for s in states])
+        states = [SimpleNamespace(suitable_rows=np.arange(n)) for n in sizes]
+        expand_on_device(states, manager, None, chunk_rows=300)
+        g_alone = np.concatenate([s.g for s in states])
+        calls = store.summary()["expansion"]["calls"]
+        out[name] = {"done": bool(done), "rows": int(g.size),
+                     "g_rel": float(np.max(np.abs(g - g_cpu) / np.abs(g_cpu))),
+                     "var_rel": float(np.max(np.abs(var - var_cpu) / np.abs(var_cpu))),
+                     "g_alone_rel": float(np.max(np.abs(g_alone - g_only) / np.abs(g_only))),
+                     "observation_bytes": [int(c["observation_bytes"]) for c in calls],
+                     "uploaded": sorted({r for c in calls for r in c["uploaded"]})}
+    cuda_job_table.release_job_table()
+    return out
+
+
 def main(out_path):
     manager = models_and_manager()
     out = {"plan": [[kind, d.tolist()] for kind, d in mm.family_plan(manager.models)],
@@ -173,6 +212,7 @@ def main(out_path):
                                loc_index[1:])
     out["resident_refuses_other_counts"] = mm.resident_families(
         store, manager, job, offsets, order, other) is None
+    out["expansion"] = expansion_checks(manager)
     with open(out_path, "w") as f:
         json.dump(out, f)
 

@@ -8,7 +8,8 @@ Kernel level (tests/cuda_mixed_checks.py under the CUDA simulator): a five-datas
 random subset of rows in random order and random groups: device g, the dense Jacobian, Phi
 and gradient, the normal equations and var(g) against the CPU's ModelFamilies and CPU
 kernels; both with the table's inputs uploaded from the host and gathered on the device
-from each family's resident job-order inputs."""
+from each family's resident job-order inputs. Also the expansion of g and var(g) of every
+row (backends/cuda_expand.py) against the CPU's evaluate_all_rows, resident and streamed."""
 
 import json
 import os
@@ -58,3 +59,21 @@ def test_device_families_equal_cpu_model_families(checks, how):
 
 def test_resident_split_refuses_a_table_the_host_counts_otherwise(checks):
     assert checks["resident_refuses_other_counts"]
+
+
+@pytest.mark.parametrize("how", ["resident", "streamed"])
+def test_expansion_of_a_mixed_job_on_the_device(checks, how):
+    """g and var(g) of every configured row of the five datasets (chunks of 300 rows that
+    cross datasets and families) equal the CPU's evaluate_all_rows; resident: the families'
+    job-order inputs go up once (the g-only call copies nothing with a row per
+    observation); streamed: each chunk's per-family inputs are copied per call."""
+    r = checks["expansion"][how]
+    assert r["done"] and r["rows"] > 600
+    for key in ("g_rel", "var_rel", "g_alone_rel"):
+        assert r[key] <= RTOL, (key, r[key])
+    if how == "resident":
+        assert r["observation_bytes"][0] > 0 and r["observation_bytes"][1:] == [0]
+        assert all(u.startswith("job model inputs (mixed) ") for u in r["uploaded"])
+    else:
+        assert all(b > 0 for b in r["observation_bytes"])
+        assert "expansion:1 physical absorption" in r["uploaded"]
