@@ -1,6 +1,6 @@
 """Run under NUMBA_ENABLE_CUDASIM=1 by test_cuda_mixed_models.py: a job whose datasets form
-several model families (KB, physical with absorption on two non-adjacent datasets, physical
-without absorption, array) evaluated by the device families of backends/cuda_mixed_models.py
+several model families (KB, physical with absorption on two non-adjacent datasets, one of
+them without a decay term, physical without absorption, array) evaluated by the device families of backends/cuda_mixed_models.py
 against the CPU's scaling.family.ModelFamilies and the CPU target / normal equations on the
 same rows. Both ways the device builds its inputs: uploaded from the host's per-family
 layout of a table, and gathered on the device from each family's resident job-order inputs
@@ -32,8 +32,10 @@ from dials_vmerge.simulate import simulate_rotation
 assert cuda.is_available(), "run with NUMBA_ENABLE_CUDASIM=1"
 RNG = np.random.default_rng(3)
 ABSORPTION = {"physical__absorption_correction": True}
+# dataset 4: the family of dataset 1 (the same absorption terms) without a decay term, so
+# the family's models differ in their components (the guard's entries stand in for decay)
 SETTINGS = [{"model": "KB"}, ABSORPTION, {"physical__absorption_correction": False},
-            {"model": "array"}, ABSORPTION]
+            {"model": "array"}, {**ABSORPTION, "physical__decay_correction": False}]
 
 
 def models_and_manager():

@@ -4,7 +4,8 @@ device, one family kernel per family scattered into the job's combined table
 (backends/cuda_mixed_models.py, kernels/cuda/families.py), instead of on the host.
 
 Kernel level (tests/cuda_mixed_checks.py under the CUDA simulator): a five-dataset layout
-(KB; physical with absorption on datasets 1 and 4; physical without absorption; array), a
+(KB; physical with absorption on datasets 1 and 4, 4 without decay; physical without
+absorption; array), a
 random subset of rows in random order and random groups: device g, the dense Jacobian, Phi
 and gradient, the normal equations and var(g) against the CPU's ModelFamilies and CPU
 kernels; both with the table's inputs uploaded from the host and gathered on the device
