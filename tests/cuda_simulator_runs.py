@@ -87,6 +87,8 @@ class Shadow:
                 deriv = target._deriv.copy_to_host()[:target.n_obs]
             if target.kind == "host-model":
                 pass
+            elif target.kind == "mixed":  # several families: the CPU's ModelFamilies
+                g_c, deriv_c, cols = cpu._ell(x)
             elif cpu.family is not None:
                 g_c, deriv_c, cols_c = cpu.family.evaluate(x)
                 cols = cols_c
@@ -150,6 +152,10 @@ def main(out_path, size, names=()):
                                        seed=7),
                      ("model=physical", "scaling_refinery.full_matrix_max_iterations=2")),
     }
+    # three model families (auto: physical with absorption, physical without, KB), a
+    # full-matrix round included (run only when asked for: ~1 min under the simulator)
+    if "mixed" in names:
+        cases["mixed"] = (mixed_simulation(), ("scaling_refinery.full_matrix_max_iterations=1",))
     # The array model's device kernels are compared pass by pass in test_cuda_passes.py.
     if names:
         cases = {name: cases[name] for name in names}
