@@ -74,7 +74,11 @@ def _array_or_host_layout(target):
         inputs = {f"{f} {name}": np.asarray(v) for f, (*_, family_inputs, _) in
                   enumerate(mixed.families) for name, v in family_inputs.items()
                   if v is not None and name != "component_start"}
-        inputs["positions"] = np.zeros(mixed.n, np.int64)  # each family's table rows
+        # each family's table rows, and its own g and dg/dp (the scatter's source)
+        from types import SimpleNamespace
+
+        inputs["positions and family buffers"] = SimpleNamespace(
+            nbytes=mixed.n * 8 * (2 + mixed.width))
         return "mixed", inputs, mixed.cols, target.n_par
     return _host_model_layout(target)
 
