@@ -14,9 +14,10 @@ model, a 3x3 neighbourhood of a 2D decay grid and a 3x3x3 one of a 3D absorption
 observation; "mixed" - half KB stills and half physical sweeps with absorption, rows
 interleaved (a job of two model families: each family's kernel on its rows, scattered into
 one table; the rows split by family on the device). Observations are sorted by group (mean
-multiplicity 8), as in the scaling engine. The array layout (36 ELL slots, ~1 kB per observation on the device) is timed up to
---array-max observations; the normal equations of the full-matrix round (dense n_par^2
-partials per segment) on the physical and array layouts up to --normal-max.
+multiplicity 8), as in the scaling engine. The array layout (36 ELL slots, ~1 kB per
+observation on the device) is timed up to --array-max observations; the normal equations of
+the full-matrix round (dense n_par^2 partials per segment) on the physical and array
+layouts up to --normal-max.
 
 Agreement (check size, default 1e6): each device kernel against its CPU twin, max relative
 difference (gradients relative to the largest gradient component); must be <= 1e-10.

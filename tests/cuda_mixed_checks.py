@@ -1,11 +1,11 @@
 """Run under NUMBA_ENABLE_CUDASIM=1 by test_cuda_mixed_models.py: a job whose datasets form
 several model families (KB, physical with absorption on two non-adjacent datasets, one of
-them without a decay term, physical without absorption, array) evaluated by the device families of backends/cuda_mixed_models.py
-against the CPU's scaling.family.ModelFamilies and the CPU target / normal equations on the
-same rows. Both ways the device builds its inputs: uploaded from the host's per-family
-layout of a table, and gathered on the device from each family's resident job-order inputs
-(the table's rows split by family on the device). Writes JSON (argv[1]); the test makes
-every assertion."""
+them without a decay term, physical without absorption, array) evaluated by the device
+families of backends/cuda_mixed_models.py against the CPU's scaling.family.ModelFamilies and
+the CPU target / normal equations on the same rows. Both ways the device builds its inputs:
+uploaded from the host's per-family layout of a table, and gathered on the device from each
+family's resident job-order inputs (the table's rows split by family on the device). Writes
+JSON (argv[1]); the test makes every assertion."""
 
 import copy
 import json

@@ -1,8 +1,9 @@
 """Run under NUMBA_ENABLE_CUDASIM=1 by test_cuda_resident_rounds.py: small scaling jobs (KB
-stills, physical and array rotation sweeps, a job of three model families) with compute.device=cuda and on the CPU. Every
-host->device copy is recorded at the numba.cuda API with its dtype and shape
-(cuda_transfer_recorder.py), each scaling round's table size and whether the device built it
-from the job's resident columns. Writes JSON (argv[1]); the test makes every assertion."""
+stills, physical and array rotation sweeps, a job of three model families) with
+compute.device=cuda and on the CPU. Every host->device copy is recorded at the numba.cuda
+API with its dtype and shape (cuda_transfer_recorder.py), each scaling round's table size
+and whether the device built it from the job's resident columns. Writes JSON (argv[1]); the
+test makes every assertion."""
 
 import copy
 import json

@@ -1,21 +1,22 @@
 """Issue 12: after a scaling job's first round, a round's minimisation table is made on the
 device from the job's resident columns (backends/cuda_resident_inputs.py,
-kernels/cuda/resident_rows.py): no array with a row per observation crosses the bus except
-a one-byte keep flag per job row, and only in a round whose subset changed.
+kernels/cuda/resident_rows.py): no array with a row per observation crosses the bus except a
+one-byte keep flag per job row, and only in a round whose subset changed.
 
 Small simulator jobs (tests/cuda_resident_runs.py, NUMBA_ENABLE_CUDASIM=1): 20 KB stills
 with outliers rejected between rounds (also with the column entries' count budget lowered so
 that every round's gradient column entries take the radix plan of few segments and many
 columns, which until then went up from the host every round), and two physical and two
 array-model sweeps whose table is a subset (an Isigma cut, outliers), and a job of three
-model families (physical with and without absorption, KB: backends/cuda_mixed_models.py). Checked here, from an independent record of
-every host->device copy at the numba.cuda API (dtype and shape; tests/
-cuda_transfer_recorder.py): the rounds after the first copy no float array with a row per
-observation and no integer one but the keep flags; the job table's counter agrees with the
-record; g and the scaled intensities equal the CPU run to 1e-10 relative, and (KB, array)
-the run that uploads each round's table bitwise (kb_radix: and the one-pass plan's run).
-The kernels' derivations themselves (subset rows, group offsets, column entries) are checked
-against the host's in tests/test_cuda_resident_kernels.py."""
+model families (physical with and without absorption, KB: backends/cuda_mixed_models.py).
+Checked here, from an independent record of every host->device copy at the numba.cuda API
+(dtype and shape; tests/cuda_transfer_recorder.py): the rounds after the first copy no
+float array with a row per observation and no integer one but the keep flags; the job
+table's counter agrees with the record; g and the scaled intensities equal the CPU run to
+1e-10 relative, and (KB, array) the run that uploads each round's table bitwise (kb_radix:
+and the one-pass plan's run). The kernels' derivations themselves (subset rows, group
+offsets, column entries) are checked against the host's in
+tests/test_cuda_resident_kernels.py."""
 
 import json
 import os
