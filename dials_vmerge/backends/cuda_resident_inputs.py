@@ -8,7 +8,9 @@ Resident for the whole job (backends.cuda_job_table roles; uploaded once):
 - the model's per-row inputs of every job row, in job row order, per parameter layout (the
   models and their parameter counts): KB's dataset and 1/2d^2, the physical record (smoother
   weights), first parameters and absorption coefficients, the array model's grid weights and
-  parameter indices, the fixed factor.
+  parameter indices, the fixed factor; a job of several model families keeps each family's
+  inputs in the family's own job order (backends.cuda_mixed_models: the round's rows are
+  split by family on the device).
 Per round (ScalingRun.minimisation_table: the rows selected and not outliers): the keep flags
 (uint8 per job row) go up when they differ from the last round's; the table's rows, group
 offsets (kernels.cuda.resident_rows.subset_table), I and weights (weights from I, sigma^2
