@@ -11,10 +11,13 @@ Layouts (numpy, fixed seed): "kb" - KB stills, ~250 observations per still, one 
 B per still; "physical" - 4 sweeps with 3-parameter smoother runs for scale and decay and 8
 spherical-harmonic absorption coefficients per observation; "array" - 4 sweeps of the array
 model, a 3x3 neighbourhood of a 2D decay grid and a 3x3x3 one of a 3D absorption grid per
-observation. Observations are sorted by group (mean multiplicity 8), as in the scaling
-engine. The array layout (36 ELL slots, ~1 kB per observation on the device) is timed up to
---array-max observations; the normal equations of the full-matrix round (dense n_par^2
-partials per segment) on the physical and array layouts up to --normal-max.
+observation; "mixed" - half KB stills and half physical sweeps with absorption, rows
+interleaved (a job of two model families: each family's kernel on its rows, scattered into
+one table; the rows split by family on the device). Observations are sorted by group (mean
+multiplicity 8), as in the scaling engine. The array layout (36 ELL slots, ~1 kB per
+observation on the device) is timed up to --array-max observations; the normal equations of
+the full-matrix round (dense n_par^2 partials per segment) on the physical and array
+layouts up to --normal-max.
 
 Agreement (check size, default 1e6): each device kernel against its CPU twin, max relative
 difference (gradients relative to the largest gradient component); must be <= 1e-10.
@@ -679,6 +682,162 @@ class DeviceLayout:
                 + n_offsets * (12 * max(1, used).bit_length() + 8))
 
 
+# -- a job of two model families (KB stills and physical sweeps with absorption): each family's
+# kernel on its rows, scattered into the combined table (backends/cuda_mixed_models.py)
+class MixedLayout:
+    """Half the rows KB stills, half physical sweeps, interleaved at random (a table in group
+    order mixes the families); the families' inputs in their own row order, their table
+    positions, the combined free ELL columns (KB's K, B first, then the physical full
+    vector's entries; the guard's -1), the device buffers and a DeviceTarget."""
+
+    def __init__(self, n, seed=6):
+        from dials_vmerge.kernels.cuda import families as dfam
+
+        self.dfam = dfam
+        rng = np.random.default_rng(seed)
+        n_kb = n // 2
+        self.kb, self.ph = kb_layout(n_kb, seed=1), physical_layout(n - n_kb, seed=2)
+        self.n = n
+        family = np.zeros(n, np.int32)
+        family[rng.permutation(n)[:n - n_kb]] = 1
+        self.family_host = family
+        self.positions_host = [np.flatnonzero(family == f).astype(np.int64) for f in (0, 1)]
+        kb_par = self.kb["n_params"]
+        self.free_of_full = np.concatenate([kb_par + np.arange(self.ph["n_full"]),
+                                            np.full(5, -1)]).astype(np.int64)
+        self.n_params = kb_par + self.ph["n_full"]
+        self.width = self.ph["cols"].shape[1]
+        cols = np.full((n, self.width), -1, np.int64)
+        cols[self.positions_host[0], :2] = self.kb["cols"]
+        cols[self.positions_host[1]] = self.free_of_full[self.ph["cols"]]
+        self.cols_host = cols
+        self.intensity = rng.exponential(500.0, n)
+        self.weight = rng.uniform(0.001, 0.01, n)
+        self.group_start = group_offsets(rng, n)
+        put = cuda.to_device
+        kb, ph = self.kb, self.ph
+        self.kb_in = [put(kb["row_dataset"]), put(kb["inv_two_d_sq"]), put(np.ones(1)), False,
+                      put(kb["scale_value"]), put(kb["decay_value"])]
+        self.ph_in = [put(ph["record"]), put(ph["first_param"]),
+                      put(ph["absorption_coefficients"]), put(ph["absorption_first"]), True,
+                      put(np.ones(1)), False, put(ph["parameters"])]
+        self.positions = [put(p) for p in self.positions_host]
+        self.family_g = [cuda.device_array(p.size) for p in self.positions_host]
+        self.family_deriv = [cuda.device_array((self.positions_host[0].size, 2)),
+                             cuda.device_array((self.positions_host[1].size, self.width))]
+        self.g = cuda.device_array(n)
+        self.deriv = cuda.device_array((n, self.width))
+        dfam.fill_rows_kernel[_blocks(n), THREADS_PER_BLOCK](self.deriv, 0.0)
+        self.cols = put(cols)
+        self.target = DeviceTarget(self.intensity, self.weight, self.group_start, cols,
+                                   self.n_params)
+        # the round's split, as backends.cuda_mixed_models.resident_families makes it: the
+        # job's rows are the KB dataset's, then the physical one's; the table's row i is
+        # job row order[i]; its family and its row in the family's inputs are found on the
+        # device (a binary search of the datasets' offsets), then each family's positions
+        order = np.empty(n, np.int64)
+        order[self.positions_host[0]] = np.arange(n_kb)
+        order[self.positions_host[1]] = n_kb + np.arange(n - n_kb)
+        self.order = put(order)
+        self.job_offsets = put(np.array([0, n_kb, n], np.int64))
+        self.dataset_family = put(np.array([0, 1], np.int32))
+        self.dataset_local = put(np.zeros(2, np.int64))
+        self.row_family = cuda.device_array(n, np.int32)
+        self.local_row = cuda.device_array(n, np.int64)
+
+    def model(self):
+        """Both families' kernels into their buffers, scattered into the combined table."""
+        f = self.dfam
+        pk, pp = self.positions
+        dm.kb_family_kernel[_blocks(pk.size), THREADS_PER_BLOCK](
+            *self.kb_in, self.family_g[0], self.family_deriv[0])
+        dm.physical_model_kernel[_blocks(pp.size), THREADS_PER_BLOCK](
+            *self.ph_in, self.family_g[1], self.family_deriv[1])
+        for k, pos in enumerate(self.positions):
+            f.scatter_kernel[_blocks(pos.size), THREADS_PER_BLOCK](self.family_g[k], pos,
+                                                                    self.g)
+            f.scatter_rows_kernel[_blocks(pos.size), THREADS_PER_BLOCK](
+                self.family_deriv[k], pos, self.deriv)
+
+    def split(self):
+        """Each family's table positions from the per-row family (count, scan, fill)."""
+        self.dfam.row_family_kernel[_blocks(self.n), THREADS_PER_BLOCK](
+            self.order, self.job_offsets, self.dataset_family, self.dataset_local,
+            self.row_family, self.local_row)
+        out = []
+        for k in (0, 1):
+            chunk, offsets = drr._exclusive_chunk_offsets(
+                self.dfam.family_count_kernel, (self.row_family, np.int32(k)), self.n)
+            m = int(offsets[offsets.shape[0] - 1:].copy_to_host()[0])
+            positions = cuda.device_array(max(m, 1), np.int64)
+            source = cuda.device_array(max(m, 1), np.int64)
+            self.dfam.family_fill_kernel[_blocks(offsets.shape[0] - 1), THREADS_PER_BLOCK](
+                self.row_family, self.local_row, np.int32(k), chunk, offsets, positions,
+                source)
+            out.append((positions[:m], source[:m]))
+        return out
+
+    def evaluation(self):
+        self.model()
+        return self.target.evaluate(self.g, self.deriv)
+
+    def bytes_per_pass(self):
+        nk, npp = (p.size for p in self.positions_host)
+        kb_model = nk * 16 + nk * 8 * 3
+        ph_model = npp * (64 + 8 + 8 * N_ABSORPTION + 4) + npp * 8 * (1 + self.width)
+        scatter = (nk * (8 + 16 + 8) + npp * (8 + 8 * self.width + 8)) * 2
+        used = int(np.count_nonzero(self.cols_host >= 0))
+        model = kb_model + ph_model + scatter
+        return {"mixed_model": model,
+                # order in, family and local row out; per family a count pass and a
+                # fill pass (family read, local read, positions and source written)
+                "mixed_split": self.n * (8 + 4 + 8) + 2 * self.n * 4 + self.n * (4 + 8)
+                + self.n * 16,
+                "mixed_evaluation": model + self.n * 8 * 4 + used * 24}
+
+
+def check_mixed(n):
+    """The mixed layout's device g, dg/dp and target/gradient against the CPU family
+    kernels (kernels.kb_family, kernels.physical_family) combined as ModelFamilies does;
+    the device's split of the rows by family against numpy's."""
+    from dials_vmerge.kernels.kb_family import evaluate_kb_family
+    from dials_vmerge.kernels.physical_family import evaluate_smooth_rotation_family
+    from dials_vmerge.scaling.target import target_and_gradient
+
+    mix = MixedLayout(n)
+    kb, ph = mix.kb, mix.ph
+    g_k, v_k, c_k = evaluate_kb_family(kb["row_dataset"], kb["inv_two_d_sq"], None,
+                                       kb["scale_value"], kb["decay_value"], kb["scale_col"],
+                                       kb["decay_col"])
+    g_p, v_p, c_p = evaluate_smooth_rotation_family(
+        ph["record"], ph["first_param"], ph["absorption_coefficients"],
+        ph["absorption_first"], None, ph["parameters"], mix.free_of_full.astype(np.int32))
+    g_cpu = np.empty(n)
+    values = np.zeros((n, mix.width))
+    cols = np.full((n, mix.width), -1, np.int64)
+    for (g_f, v_f, c_f), pos in zip(((g_k, v_k, c_k), (g_p, v_p, c_p)), mix.positions_host):
+        g_cpu[pos] = g_f
+        values[pos, :v_f.shape[1]] = v_f
+        cols[pos, :c_f.shape[1]] = c_f
+    mix.model()
+    out = {"mixed_columns": float(np.count_nonzero(cols != mix.cols_host)),
+           "mixed_model": max(relative(mix.g.copy_to_host(), g_cpu),
+                              relative(mix.deriv.copy_to_host(), values))}
+    phi_cpu, grad_cpu = target_and_gradient(mix.intensity, mix.weight, g_cpu, values, cols,
+                                            mix.group_start, mix.n_params, 4)
+    phi_dev, grad_dev = mix.target.evaluate(mix.g, mix.deriv)
+    out["mixed_target_phi"] = relative(phi_dev, phi_cpu)
+    out["mixed_target_gradient"] = float(np.max(np.abs(grad_dev - grad_cpu))
+                                         / np.max(np.abs(grad_cpu)))
+    split = mix.split()
+    # each family's table positions and its rows of the family's inputs (all, in order)
+    out["mixed_split"] = float(sum(
+        (not np.array_equal(p.copy_to_host(), q))
+        + (not np.array_equal(src.copy_to_host(), np.arange(q.size)))
+        for (p, src), q in zip(split, mix.positions_host)))
+    return out
+
+
 def relative(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.size == 0:
@@ -1047,6 +1206,9 @@ def main(argv=None):
     parser.add_argument("--streamed-max", default="1e7",
                         help="largest layout whose host-streamed target (the whole layout "
                              "over the host link per call) is timed")
+    parser.add_argument("--mixed-max", default="1e7",
+                        help="largest layout of two model families (KB and physical rows "
+                             "interleaved) checked and timed; 0: none")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None,
                         help="JSON path (default $OUT/gpu_check.json when OUT is set)")
@@ -1092,6 +1254,15 @@ def main(argv=None):
             print(f"check {kind:9s} {name:17s} max rel diff {value:.2e} "
                   f"{'ok' if passed else 'FAIL'}")
         del dev
+    mixed_max = parse_size(args.mixed_max)
+    if mixed_max > 0:
+        checks = check_mixed(min(check_size, mixed_max))
+        result["checks"]["mixed"] = {"size": min(check_size, mixed_max), **checks}
+        for name, value in checks.items():
+            passed = value <= TOLERANCE
+            ok &= passed
+            print(f"check {'mixed':9s} {name:17s} max rel diff {value:.2e} "
+                  f"{'ok' if passed else 'FAIL'}")
     header = (f"{'layout':9s} {'n_obs':>10s} {'pass':12s} {'time ms':>10s} {'bound ms':>10s} "
               f"{'ratio':>7s}")
     print(header)
@@ -1172,6 +1343,29 @@ def main(argv=None):
                 print(f"{kind:9s} {size:10d} {name:12s} {seconds * 1e3:10.3f} "
                       f"{bound * 1e3:10.3f} {seconds / bound:7.2f}")
             del dev, lay
+    for size_text in args.sizes.split(","):
+        size = parse_size(size_text)
+        if size > mixed_max:
+            continue
+        try:
+            mix = MixedLayout(size)
+        except Exception as e:  # e.g. out of device memory
+            print(f"{'mixed':9s} {size:10d} skipped: {type(e).__name__}: {e}")
+            result["timings"].append({"layout": "mixed", "n_obs": size,
+                                      "skipped": f"{type(e).__name__}: {e}"})
+            continue
+        moved = mix.bytes_per_pass()
+        for name, function in (("mixed_model", mix.model), ("mixed_split", mix.split),
+                               ("mixed_evaluation", mix.evaluation)):
+            seconds = timed(function, args.repeats)
+            bound = moved[name] / rate
+            result["timings"].append({"layout": "mixed", "n_obs": size, "pass": name,
+                                      "seconds": seconds, "bound_seconds": bound,
+                                      "ratio_to_bound": seconds / bound,
+                                      "bytes": moved[name]})
+            print(f"{'mixed':9s} {size:10d} {name:12s} {seconds * 1e3:10.3f} "
+                  f"{bound * 1e3:10.3f} {seconds / bound:7.2f}")
+        del mix
     result["all_checks_pass"] = bool(ok)
     result["total_seconds"] = time.perf_counter() - t_start
     print(f"all checks pass: {ok}; total {result['total_seconds']:.1f} s")

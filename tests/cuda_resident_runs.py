@@ -1,8 +1,9 @@
 """Run under NUMBA_ENABLE_CUDASIM=1 by test_cuda_resident_rounds.py: small scaling jobs (KB
-stills, physical and array rotation sweeps) with compute.device=cuda and on the CPU. Every
-host->device copy is recorded at the numba.cuda API with its dtype and shape
-(cuda_transfer_recorder.py), each scaling round's table size and whether the device built it
-from the job's resident columns. Writes JSON (argv[1]); the test makes every assertion."""
+stills, physical and array rotation sweeps, a job of three model families) with
+compute.device=cuda and on the CPU. Every host->device copy is recorded at the numba.cuda
+API with its dtype and shape (cuda_transfer_recorder.py), each scaling round's table size
+and whether the device built it from the job's resident columns. Writes JSON (argv[1]); the
+test makes every assertion."""
 
 import copy
 import json
@@ -18,7 +19,7 @@ import numpy as np  # noqa: E402
 
 recorder.install()
 
-from cuda_simulator_runs import scaling_params  # noqa: E402
+from cuda_simulator_runs import mixed_simulation, scaling_params  # noqa: E402
 from dials_vmerge.backends import cuda_job_table, cuda_resident_inputs, run_device  # noqa: E402
 from dials_vmerge.io.expt import ExperimentList  # noqa: E402
 from dials_vmerge.kernels.cuda import resident_rows as rr  # noqa: E402
@@ -44,7 +45,13 @@ def _run(simulation, options, rounds=None):
         if rounds is not None:
             entry = {"table_rows": int(ih_table.n_obs), "kind": target.kind,
                      "resident": getattr(target, "_device_cols", None) is not None,
-                     "n_par": int(target.n_par), "normal_calls": 0}
+                     "n_par": int(target.n_par), "normal_calls": 0,
+                     # a job of several model families: each family's device kernel
+                     "families": sorted(f.kind for f in target._mixed.families)
+                     if getattr(target, "_mixed", None) is not None else [],
+                     "family_rows": sorted(f.n for f in target._mixed.families)
+                     if getattr(target, "_mixed", None) is not None else [],
+                     "n_full": int(sum(m.n_parameters for m in manager.models))}
             rounds.append(entry)
             normal_equations = target.normal_equations
 
@@ -82,6 +89,13 @@ CASES = {
 }
 
 
+
+# model=auto: physical with absorption, physical without, KB (a job of three families)
+# (no full-matrix round: its normal equations over the mixed table, ~20 s under the
+# simulator, are compared with the CPU's in tests/test_cuda_mixed_models.py)
+CASES["mixed"] = (mixed_simulation, ("scaling_options.full_matrix=False", *SUBSET))
+
+
 # "kb_radix": the KB job with the column entries' count budget lowered below its columns,
 # so each round's entries take the radix plan of kernels/cuda/resident_rows.py (the plan of
 # few segments and many columns: ~1e7 observations of 4e4 stills in one batch), which
@@ -109,6 +123,17 @@ def gpu_run(name, simulation, options, rounds):
         rr.entry_plan, rr.ENTRY_COUNT_BUDGET = plan, budget
 
 
+class LogLines(logging.Handler):
+    """The run's log messages (the device passes it names)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def main(out_path, names):
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     out = {}
@@ -117,7 +142,16 @@ def main(out_path, names):
         simulation = make()
         rounds = []
         recorder.DETAILS.clear()
-        (g_gpu, i_gpu), plans = gpu_run(name, simulation, options, rounds)
+        log = LogLines()
+        LOG.addHandler(log)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
+        try:
+            (g_gpu, i_gpu), plans = gpu_run(name, simulation, options, rounds)
+        finally:
+            LOG.removeHandler(log)
+            LOG.setLevel(logging.NOTSET)
+            LOG.propagate = True
         store = cuda_job_table.current_job_table()
         # the job's rows: its resident I (all suitable rows of every dataset)
         job_rows = int(store._entries["intensity"].device.shape[0])
@@ -131,11 +165,14 @@ def main(out_path, names):
                          "transfers": store.summary(), "copies": details}
             continue
         g_cpu, i_cpu = run(simulation, (*options, "compute.device=cpu"))
-        if name == "physical":  # the slowest under the simulator: no third run
+        if name in ("physical", "mixed"):  # the slowest under the simulator: no third run
+            # (mixed: the uploaded and the resident inputs give the same device arrays,
+            # tests/test_cuda_mixed_models.py)
             out[name] = {"g": [g_cpu.tolist(), g_gpu.tolist()],
                          "i": [i_cpu.tolist(), i_gpu.tolist()], "upload_rounds": [],
                          "rounds": rounds, "job_rows": job_rows,
-                         "transfers": store.summary(), "copies": details}
+                         "transfers": store.summary(), "copies": details,
+                         "log": [line for line in log.lines if "device" in line]}
             continue
         # the same job with each round's table uploaded (the path before resident tables)
         resident = cuda_resident_inputs.resident_minimisation

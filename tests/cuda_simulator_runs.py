@@ -45,6 +45,19 @@ def physical_g_numpy(fused, parameters):
     return s * e * a * f
 
 
+def mixed_simulation():
+    """Three sweeps whose automatic models form three families (DIALS's choice per
+    experiment): a 69-degree sweep (physical with absorption), a 34.5-degree one (physical
+    without: under 60 degrees) and a 0.7-degree one (KB: under 1 degree of rotation). Only
+    the scans' oscillation widths are changed: the reflections are those simulated."""
+    experiments, table, truth = simulate_rotation(n_obs_target=450, n_sweeps=3,
+                                                  model="physical", seed=7)
+    experiments = copy.deepcopy(experiments)
+    experiments["scan"][0]["oscillation"] = [0.0, 1.0]
+    experiments["scan"][2]["oscillation"] = [0.0, 0.01]
+    return experiments, table, truth
+
+
 class Shadow:
     """Per device evaluation: relative differences of Phi, gradient and g to the CPU."""
 
@@ -74,6 +87,8 @@ class Shadow:
                 deriv = target._deriv.copy_to_host()[:target.n_obs]
             if target.kind == "host-model":
                 pass
+            elif target.kind == "mixed":  # several families: the CPU's ModelFamilies
+                g_c, deriv_c, cols = cpu._ell(x)
             elif cpu.family is not None:
                 g_c, deriv_c, cols_c = cpu.family.evaluate(x)
                 cols = cols_c
@@ -137,6 +152,10 @@ def main(out_path, size, names=()):
                                        seed=7),
                      ("model=physical", "scaling_refinery.full_matrix_max_iterations=2")),
     }
+    # three model families (auto: physical with absorption, physical without, KB), a
+    # full-matrix round included (run only when asked for: ~1 min under the simulator)
+    if "mixed" in names:
+        cases["mixed"] = (mixed_simulation(), ("scaling_refinery.full_matrix_max_iterations=1",))
     # The array model's device kernels are compared pass by pass in test_cuda_passes.py.
     if names:
         cases = {name: cases[name] for name in names}

@@ -19,7 +19,7 @@ from dials_vmerge.pipeline import run_scaling_job
 from dials_vmerge.scaling.target import ScalingTarget
 from dials_vmerge.simulate import simulate_rotation, simulate_stills
 
-from cuda_simulator_runs import scaling_params
+from cuda_simulator_runs import mixed_simulation, scaling_params
 
 LOG = logging.getLogger("cuda_streamed_runs")
 assert cuda.is_available(), "run with NUMBA_ENABLE_CUDASIM=1"
@@ -27,7 +27,7 @@ ORIGINAL = run_device.make_scaling_target
 TINY_BATCH = 40  # observations: many batches of whole groups on the two streams
 
 
-def compare_targets(manager, table, out, name):
+def compare_targets(manager, table, out, name, normal=True):
     """Phi and gradient at the start and at a moved point: device-resident, host-streamed
     (same batch size; then an automatic one from a tiny memory limit) and the CPU target."""
     x0 = manager.get_free()
@@ -45,7 +45,7 @@ def compare_targets(manager, table, out, name):
     # the normal equations of a full-matrix round (phi, J^T W r, J^T W J): the streamed
     # batches on the device against the resident pass and the CPU kernel
     worst = {"streamed_cpu": 0.0, "limited_cpu": 0.0, "streamed_resident": 0.0}
-    for x in points:
+    for x in (points if normal else []):
         ne = {key: t.normal_equations(x) for key, t in (("resident", resident),
                                                          ("streamed", streamed),
                                                          ("limited", limited), ("cpu", cpu))}
@@ -77,7 +77,8 @@ def run(simulation, *args, capture=None):
         def make(device, manager, ih_table, nproc=1, batch_size=None, **kwargs):
             if not capture["done"]:
                 capture["done"] = True
-                compare_targets(manager, ih_table, capture["out"], capture["name"])
+                compare_targets(manager, ih_table, capture["out"], capture["name"],
+                                capture.get("normal", True))
             return ORIGINAL(device, manager, ih_table, nproc, batch_size, **kwargs)
         run_device.make_scaling_target = make
     try:
@@ -92,6 +93,15 @@ def main(out_path, cases=("kb", "physical", "job")):
     out = {}
     if "array" in cases:
         array_and_host_model(out)
+        np.savez(out_path, **out)
+        return
+    if "mixed" in cases:
+        # three model families: on the device per family when resident, streamed as a
+        # host-evaluated model (backends/cuda_streamed_scaling.py); no normal equations
+        # (~45 s of the simulator at 59 parameters; the mixed table's are compared with
+        # the CPU's in test_cuda_mixed_models.py, the streamed host model's in "array")
+        run(mixed_simulation(), "compute.device=cpu", "scaling_options.full_matrix=False",
+            capture={"done": False, "out": out, "name": "mixed", "normal": False})
         np.savez(out_path, **out)
         return
     kb = simulate_stills(n_stills=20, d_min=8.0, seed=5)

@@ -74,6 +74,20 @@ def test_small_physical_job_matches_cpu(tmp_path):
     check_runs(results, log, ("physical",))
 
 
+# A job of three model families (the automatic models of a 69-degree, a 34.5-degree and a
+# 0.7-degree sweep: physical with absorption, physical without, KB) with a full-matrix
+# round: every device evaluation (each family's kernel scattered into one table) shadowed by
+# the CPU's ModelFamilies and target; ~1 min under the simulator (the LevMar round's
+# normal equations). CI covers the mixed job's rounds in test_cuda_resident_rounds.py and
+# its kernels, normal equations included, in test_cuda_mixed_models.py.
+@pytest.mark.slow
+def test_mixed_family_job_matches_cpu(tmp_path):
+    results, log = simulator_runs(tmp_path, "small", "mixed")
+    check_runs(results, log, ("mixed",))
+    assert "device target: mixed model" in log and "host-model" not in log
+    assert "LevMar" in log  # the full-matrix round's normal equations on the mixed table
+
+
 def run_vmerge(directory, *args, env=None, record=None):
     """dials.vmerge on the quartz example; record: a path where every host->device copy of
     the run is written (tests/cuda_transfer_recorder.py, simulator runs only)."""

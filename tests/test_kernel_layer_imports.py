@@ -39,7 +39,7 @@ def test_kernel_layer_imports_and_runs_without_cctbx():
         from dials_vmerge.kernels import (array_family, flat, kb_family, physical_family,
                                           smoother_weights)
         from dials_vmerge.kernels.cuda import array, merging, models, normal, outliers, target
-        from dials_vmerge.kernels.cuda import error_model, variational
+        from dials_vmerge.kernels.cuda import error_model, families, variational
         from dials_vmerge.kernels import error_model_ml
         from dials_vmerge.kernels import merging as cpu_merging
         from dials_vmerge.backends import cuda_target, select
@@ -117,11 +117,22 @@ def test_gpu_check_runs_without_cctbx_under_the_simulator(tmp_path):
         # differing rows, offsets and entries: the device's integer derivations are exact
         assert checks["subset_table"] == 0 and checks["column_entries_device"] == 0
         assert checks["column_entries_radix"] == 0
+    # the layout of two model families (KB and physical rows interleaved): the families'
+    # kernels scattered into one table, its target, and the device's split by family
+    mixed = result["checks"]["mixed"]
+    assert set(mixed) - {"size"} == {"mixed_columns", "mixed_model", "mixed_target_phi",
+                                     "mixed_target_gradient", "mixed_split"}
+    assert mixed["mixed_columns"] == 0 and mixed["mixed_split"] == 0  # differing entries
+    assert all(mixed[name] <= 1e-10 for name in ("mixed_model", "mixed_target_phi",
+                                                 "mixed_target_gradient"))
     passes = {(row["layout"], row["pass"]) for row in result["timings"]}
     # 17 passes per layout, the gather and error-model weights, the round's table and
-    # column entries, the host-streamed target on the KB and physical layouts, and the
-    # radix plan's column entries on the KB layout (its run's plan at 300 is one pass)
-    assert len(passes) == 3 * 21 + 2 + 1
+    # column entries, the host-streamed target on the KB and physical layouts, the
+    # radix plan's column entries on the KB layout (its run's plan at 300 is one pass) and
+    # the mixed layout's model, split and evaluation
+    assert len(passes) == 3 * 21 + 2 + 1 + 3
+    assert {("mixed", "mixed_model"), ("mixed", "mixed_split"),
+            ("mixed", "mixed_evaluation")} <= passes
     assert {("kb", "subset_table"), ("array", "column_entries_device"),
             ("kb", "column_entries_radix")} <= passes
     plans = {(row["layout"], row["pass"]): row["plan"][0] for row in result["timings"]

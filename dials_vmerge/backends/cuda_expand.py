@@ -11,8 +11,10 @@ backends.cuda_job_table, while half the device memory stays free) and g (and var
 back; g of every row also stays on the device for the next outlier rejection. In a job whose
 scaling layout is streamed from the host, chunks of the streamed batch size, nothing kept.
 
-Any other model (mixed families, components without a device kernel) returns False and the
-caller expands on the CPU.
+Jobs of several model families (backends.cuda_mixed_models): each family's kernel on its
+rows of the chunk, scattered into the chunk's g and dg/dp; resident, the chunk's rows split
+by family on the device and gathered from each family's resident job-order inputs. A model
+without a device kernel returns False and the caller expands on the CPU.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ def device_model_kind(models):
     from ..scaling.family import KBFamily
     from ..scaling.physical_pass import uses_fused_physical_pass
 
+    from .cuda_mixed_models import applies as mixed_applies
+
     if KBFamily.applies(models):
         return "kb"
     if uses_fused_physical_pass(models):
         return "physical"
+    if mixed_applies(models):
+        return "mixed"  # several families (backends.cuda_mixed_models)
     return "array"  # if array_layout accepts them (checked per chunk)
 
 
@@ -205,6 +211,45 @@ class _ResidentChunk(_Chunk):
                     self.full_index, put_parameters(column_map), self.cols)
 
 
+class _MixedChunk:
+    """A chunk of a job of several model families (backends.cuda_mixed_models): each
+    family's kernel on its rows of the chunk, scattered into the chunk's g and dg/dp.
+    Resident: the chunk's consecutive job rows split by family on the device and each
+    family's inputs gathered from its resident job-order inputs (nothing with a row per
+    observation goes up); else the chunk's per-family inputs built on the host and put."""
+
+    def __init__(self, manager, put_parameters, n, job=None, offsets=None, lo=0,
+                 dataset_id=None, loc_index=None, put=None, store=None):
+        from . import cuda_mixed_models as mm
+        from ..kernels.cuda import families as kf
+
+        self.n, self.manager = int(n), manager
+        if job is not None:
+            order = cuda.device_array(max(self.n, 1), np.int64)[:self.n]
+            if self.n:
+                kf.arange_kernel[device_models.blocks(self.n),
+                                 device_models.THREADS_PER_BLOCK](lo, order)
+            self.mixed = mm.resident_families(store, manager, job, offsets, order)
+            self.cols = self.mixed.cols  # on the device
+        else:
+            layout = mm.HostMixedLayout(manager, mm.family_plan(manager.models), dataset_id,
+                                        loc_index)
+            if not layout.ok:
+                raise _NoDeviceModel
+            self.mixed = mm.device_from_host(layout, manager, put, put_parameters)
+            self.cols = layout.cols  # on the host (put by the caller for var(g))
+
+    def evaluate(self, with_derivatives):
+        n = self.n
+        g = cuda.device_array(max(n, 1))[:n]
+        deriv = None
+        if with_derivatives:
+            deriv = cuda.device_array((max(n, 1), self.mixed.width))[:n]
+            self.mixed.prepare(deriv)
+        self.mixed.evaluate(self.manager.get_free(), g, deriv)
+        return g, deriv
+
+
 class _NoDeviceModel(Exception):
     pass
 
@@ -266,6 +311,7 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
         from .cuda_resident_inputs import job_inputs
 
         job = job_inputs(store, kind, manager, np.concatenate([[0], np.cumsum(sizes)]))
+    job_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     try:
         for number, pieces in enumerate(_chunks(sizes, max(int(chunk_rows), 1))):
             dataset_id = np.concatenate([np.full(n, d, np.int64) for d, _, n in pieces])
@@ -280,7 +326,11 @@ def _expand(store, states, manager, covariance, chunk_rows, resident=True):
                     return store.put(array, "observations", f"expansion:{name}")
                 return store.content(role, array)
 
-            if job is not None:
+            if kind == "mixed":
+                chunk = _MixedChunk(manager, store.put, dataset_id.size, job=job,
+                                    offsets=job_offsets, lo=at_all, dataset_id=dataset_id,
+                                    loc_index=loc_index, put=put, store=store)
+            elif job is not None:
                 chunk = _ResidentChunk(kind, manager, job, at_all, at_all + dataset_id.size,
                                        store.put)
             else:

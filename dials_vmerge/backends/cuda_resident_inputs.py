@@ -8,7 +8,9 @@ Resident for the whole job (backends.cuda_job_table roles; uploaded once):
 - the model's per-row inputs of every job row, in job row order, per parameter layout (the
   models and their parameter counts): KB's dataset and 1/2d^2, the physical record (smoother
   weights), first parameters and absorption coefficients, the array model's grid weights and
-  parameter indices, the fixed factor.
+  parameter indices, the fixed factor; a job of several model families keeps each family's
+  inputs in the family's own job order (backends.cuda_mixed_models: the round's rows are
+  split by family on the device).
 Per round (ScalingRun.minimisation_table: the rows selected and not outliers): the keep flags
 (uint8 per job row) go up when they differ from the last round's; the table's rows, group
 offsets (kernels.cuda.resident_rows.subset_table), I and weights (weights from I, sigma^2
@@ -63,11 +65,19 @@ class ResidentMinimisation:
         """The device inputs of the round's model kernel ("kb", "physical" or "array") in the
         table's order, with "cols" (the ELL columns the target's gradient uses: free columns,
         physical: the full vector's): None when the job-order inputs cannot stay resident
-        (no room, or a model the job-order builder does not take)."""
+        (no room, or a model the job-order builder does not take). "mixed" (several model
+        families, backends.cuda_mixed_models): {"mixed": its MixedModel, "cols": free
+        columns}, each family's rows found and its inputs gathered on the device."""
         job = _job_inputs(self.run, self.store, kind, manager)
         if job is None:
             return None
         n, out = self.n, {}
+        if kind == "mixed":  # family: the round's HostMixedLayout (its row counts checked)
+            from .cuda_mixed_models import resident_families
+
+            mixed = resident_families(self.store, manager, job, _row_offsets(self.run),
+                                      self.order, family)
+            return None if mixed is None else {"mixed": mixed, "cols": mixed.cols}
         if kind == "kb":
             out["row_dataset"] = self.gather(job["row_dataset"])
             out["inv_two_d_sq"] = self.gather(job["inv_two_d_sq"])
@@ -124,6 +134,10 @@ def _job_rows(offsets):
 def _build_job_inputs(kind, models, column_of_parameter, offsets):
     """The model's per-row inputs of every job row (host, numpy), by name; None when the
     models have no such layout."""
+    if kind == "mixed":  # several model families: each family's inputs, "f kind name"
+        from .cuda_mixed_models import build_job_inputs
+
+        return build_job_inputs(models, column_of_parameter, offsets)
     dataset_id, loc_index = _job_rows(offsets)
     if kind == "kb":
         from ..scaling.family import KBFamily
@@ -173,12 +187,12 @@ def job_inputs(store, kind, manager, offsets):
     if host is None:
         return None
     nbytes = sum(v.nbytes for k, v in host.items()
-                 if v is not None and k != "component_start")
+                 if v is not None and not k.endswith("component_start"))
     if not room_to_keep(nbytes):
         return None
     device = {}
     for name, value in host.items():
-        if value is None or name == "component_start":
+        if value is None or name.endswith("component_start"):
             device[name] = value
         else:
             device[name] = store.keyed(f"job model inputs ({kind}) {name}", key,

@@ -8,10 +8,14 @@ full physical vector) and brings back Phi and the gradient. The minimiser stays 
 
 Model families on the device: the KB family (kernels.cuda.models.kb_family_kernel), the
 fused physical layout (physical_model_kernel) and the array model's smoothed grids
-(kernels.cuda.array.array_model_kernel, layout from array_layout below). Any other model
-(mixed families) evaluates its ELL Jacobian on the host and uploads g and dg/dp per call; the
-target sums still run on the device. The normal equations of the full-matrix round run on the
-device too (kernels.cuda.normal), over the free columns of the same g and dg/dp.
+(kernels.cuda.array.array_model_kernel, layout from array_layout below). A job of several
+model families (KB stills with physical sweeps, physical models with different absorption
+terms, array models among others) runs each family's kernel on its rows and scatters g and
+dg/dp into one table (backends.cuda_mixed_models, kind "mixed"). Only a model without a
+device kernel (or a streamed mixed layout) evaluates its ELL Jacobian on the host and uploads
+g and dg/dp per call; the target sums still run on the device. The normal equations of the
+full-matrix round run on the device too (kernels.cuda.normal), over the free columns of the
+same g and dg/dp.
 """
 
 from __future__ import annotations
@@ -170,9 +174,30 @@ class CudaScalingTarget(ScalingTarget):
                                                          "parameters")
                     self._fixed, self._has_fixed = self._placeholder(layout["fixed_factor"])
             else:
-                self._kind = "host-model"
-                self._n_params = self.n_par
-                cols = None
+                self._mixed = None
+                mixed_host = self._mixed_layout() if n else None
+                if mixed_host is not None:
+                    # several model families: each family's device kernel on its rows
+                    # (backends.cuda_mixed_models), free ELL columns
+                    from . import cuda_mixed_models as mixed_models
+
+                    self._kind = "mixed"
+                    cols = mixed_host.cols
+                    self._n_params = self.n_par
+                    inputs = self._resident_inputs("mixed", mixed_host)
+                    if inputs is not None:
+                        self._mixed = inputs["mixed"]
+                    else:
+                        def put(name, array):
+                            return self._upload(array)
+
+                        self._mixed = mixed_models.device_from_host(
+                            mixed_host, manager, put,
+                            lambda a: self._upload(a, "parameters"))
+                else:
+                    self._kind = "host-model"
+                    self._n_params = self.n_par
+                    cols = None
         self._g = cuda.device_array(max(n, 1))
         # host ELL columns (the shadow checks and var(g) read them); the device's own copy
         # (device_cols) is made on the device when the table is resident
@@ -182,6 +207,8 @@ class CudaScalingTarget(ScalingTarget):
         self._device_target = None
         if cols is not None:
             self._deriv = cuda.device_array((max(n, 1), cols.shape[1]))
+            if self._kind == "mixed":
+                self._mixed.prepare(self._deriv[:n])
             columns = self._table_columns()
             resident = columns if hasattr(columns, "model_inputs") else None
             if resident is not None:
@@ -192,6 +219,22 @@ class CudaScalingTarget(ScalingTarget):
                     self._upload, columns,
                     device_group_start=None if inputs is None else resident.group_start,
                     device_cols=self._device_cols)
+
+    def _mixed_layout(self):
+        """The host's per-family inputs of the table (backends.cuda_mixed_models), or None
+        when the models are not several device families (or one family's layout fails)."""
+        from . import cuda_mixed_models as mixed_models
+
+        layout = getattr(self, "_mixed_host", None)  # from stream_layout's check
+        if layout is not None:
+            return layout
+        models = self.manager.models
+        if not mixed_models.applies(models):
+            return None
+        t = self.table
+        layout = mixed_models.HostMixedLayout(self.manager, mixed_models.family_plan(models),
+                                              t.dataset_id, t.loc_index)
+        return layout if layout.ok else None
 
     def _table_columns(self):
         """device_columns() of the constructor, called once (counted in this round)."""
@@ -242,6 +285,10 @@ class CudaScalingTarget(ScalingTarget):
                 self._row_dataset, self._inv_two_d_sq, self._fixed, self._has_fixed,
                 self._upload(scale, "parameters"), self._upload(decay, "parameters"),
                 self._g[:n], self._deriv[:n])
+        elif self._kind == "mixed":
+            self.manager.set_free(x)
+            with self._store.counting("scaling target"):  # each family's parameters go up
+                self._mixed.evaluate(x, self._g[:n], self._deriv[:n])
         elif self._kind == "array":
             self.manager.set_free(x)
             parameters = np.concatenate(

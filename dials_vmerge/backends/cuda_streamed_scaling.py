@@ -66,7 +66,25 @@ def _array_or_host_layout(target):
             inputs["fixed"] = np.ascontiguousarray(layout["fixed_factor"], dtype=np.float64)
         target._component_start_host = layout["component_start"]
         return "array", inputs, layout["free_col"], target.n_par
-    _, _, cols = target._ell(manager.get_free())
+    mixed = target._mixed_layout()
+    if mixed is not None:
+        # several device model families: sized here; on the device when the layout fits
+        # (CudaScalingTarget reuses this host layout), else streamed as a host model
+        target._mixed_host = mixed
+        inputs = {f"{f} {name}": np.asarray(v) for f, (*_, family_inputs, _) in
+                  enumerate(mixed.families) for name, v in family_inputs.items()
+                  if v is not None and name != "component_start"}
+        # each family's table rows, and its own g and dg/dp (the scatter's source)
+        from types import SimpleNamespace
+
+        inputs["positions and family buffers"] = SimpleNamespace(
+            nbytes=mixed.n * 8 * (2 + mixed.width))
+        return "mixed", inputs, mixed.cols, target.n_par
+    return _host_model_layout(target)
+
+
+def _host_model_layout(target):
+    _, _, cols = target._ell(target.manager.get_free())
     return "host-model", {}, np.ascontiguousarray(cols), target.n_par
 
 
@@ -84,6 +102,11 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
     total = device_resident_bytes(n, inputs, n_slots)
     if host_resident is None and layout_fits(total, device_memory_limit):
         return False
+    if kind == "mixed":
+        # streamed mixed jobs keep the host evaluation of g and dg/dp (per call, each
+        # batch's rows copied up): the per-family device evaluation is for resident layouts
+        kind, inputs, cols, n_params = _host_model_layout(target)
+        total = device_resident_bytes(n, inputs, cols.shape[1])
     if batch_size is None:
         batch_size = streamed_batch_size(n, total / max(n, 1), device_memory_limit)
     target._kind = kind

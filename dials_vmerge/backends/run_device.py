@@ -107,14 +107,16 @@ def device_for_run(run, n_obs):
             new_job_table()
             run.log(f"compute.device: scaling target and gradient kernels run on the CUDA "
                     f"device ({device_name()})")
-            run.log("  also on the device: model evaluation (KB, physical, array), the normal "
+            run.log("  also on the device: model evaluation (KB, physical, array, and jobs "
+                    "mixing them: a kernel per family), the normal "
                     "equations of full-matrix rounds, g and var(g) of every reflection, "
                     "outlier rejection, the error-model sums, merging (classical, robust, "
                     "variational) and the merging-statistics sums; each scaling round's "
                     "minimisation table is made there from the job's resident columns")
             run.log("  on the host: the E^2 outlier test after the device's z-tests, the "
                     "error model's regression fit (minimisation=regression), the likelihood "
-                    "target, and g and dg/dp of models without a device kernel")
+                    "target, g and dg/dp of models without a device kernel, and those of a "
+                    "job of several model families whose layout is streamed from the host")
     return device
 
 
