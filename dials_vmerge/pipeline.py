@@ -7,6 +7,7 @@ only wires them together and reports.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -386,6 +387,13 @@ def output_paths_collide_with_inputs(params, inputs) -> bool:
 
 def json_ready(obj):
     """Plain JSON types: numpy scalars/arrays to numbers/lists, experiments to identifiers."""
+    # Plain numbers and strings first, by exact type (np.float64 is a float subclass and
+    # keeps its path below): most of a report's ~1.6e4 values are list elements (issue 10).
+    kind = type(obj)
+    if kind is float:
+        return obj if math.isfinite(obj) else None
+    if kind is int or kind is str or kind is bool or obj is None:
+        return obj
     from .io.expt import Experiment
 
     if isinstance(obj, dict):

@@ -1,0 +1,106 @@
+"""Quicker forms of three small steps of a 1e6 sweep's run (issue 10, session 9), each
+checked against the numpy (or Python) computation it replaced."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dials_vmerge.kernels.scattering_angle import max_scattering_angle_kernel
+from dials_vmerge.merging.batch_statistics import unique_batches
+from dials_vmerge.pipeline import json_ready
+
+
+@pytest.mark.parametrize("batch", [
+    np.random.default_rng(0).integers(1, 144, 200_000),   # one sweep's images
+    np.random.default_rng(1).integers(-5, 3, 1000),       # negative batch numbers
+    np.array([7]),
+    np.array([3, 3, 3]),
+    np.array([], dtype=np.int64),
+    np.random.default_rng(2).integers(0, 2 ** 40, 1000),  # too wide a range: numpy's path
+    np.array([10 ** 6, 1, 10 ** 6, 5]),                   # gaps wider than the rows
+])
+def test_unique_batches_equals_numpy_unique(batch):
+    batch = np.asarray(batch, dtype=np.int64)
+    values, index = unique_batches(batch)
+    expected_values, expected_index = np.unique(batch, return_inverse=True)
+    assert values.dtype == expected_values.dtype and np.array_equal(values, expected_values)
+    assert index.dtype == np.int64 and np.array_equal(index, expected_index.reshape(-1))
+
+
+def _numpy_max_angle(s1, beam):
+    """The previous numpy form of model.physical.max_scattering_angle_rad."""
+    lengths = np.linalg.norm(s1, axis=1)
+    good = lengths > 0
+    if not good.any():
+        return math.inf
+    cosines = (s1[good] @ beam) / (lengths[good] * np.linalg.norm(beam))
+    return float(np.max(np.arccos(np.clip(cosines, -1.0, 1.0))))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_max_scattering_angle_kernel_equals_numpy(seed):
+    rng = np.random.default_rng(seed)
+    s1 = rng.normal(size=(20_000, 3)) * (1e-3 if seed % 2 else 1.0)
+    s1[::7] = 0.0  # rows without s1 are left out
+    beam = np.array([0.0, 0.0, -1.0 / 0.9795]) if seed < 3 else rng.normal(size=3)
+    angle, n_good = max_scattering_angle_kernel(s1, beam, float(np.linalg.norm(beam)))
+    assert n_good == np.count_nonzero(np.linalg.norm(s1, axis=1) > 0)
+    # the dot product's order may differ from BLAS's: equal to the last bits
+    assert angle == pytest.approx(_numpy_max_angle(s1, beam), rel=4e-16, abs=0)
+
+
+def test_max_scattering_angle_of_a_beam_like_cone():
+    # rows at known angles to the beam: the largest is found exactly enough
+    angles = np.array([0.0, 0.01, 0.04, 0.02])
+    s1 = np.stack([np.sin(angles), np.zeros(4), np.cos(angles)], axis=1) * 2.0
+    angle, n_good = max_scattering_angle_kernel(s1, np.array([0.0, 0.0, 1.0]), 1.0)
+    assert n_good == 4 and angle == pytest.approx(0.04, rel=1e-12)
+
+
+def test_max_scattering_angle_kernel_no_rows_and_nan():
+    beam = np.array([0.0, 0.0, 1.0])
+    assert max_scattering_angle_kernel(np.zeros((3, 3)), beam, 1.0)[1] == 0
+    s1 = np.array([[0.0, 0.1, 1.0], [np.nan, 0.0, 1.0]])
+    assert max_scattering_angle_kernel(s1, beam, 1.0)[1] == 1  # NaN length: not > 0
+    angle, _ = max_scattering_angle_kernel(s1, beam * 0.0, 0.0)  # 0/0 cosine: NaN, as numpy
+    assert math.isnan(angle) and math.isnan(_numpy_max_angle(s1, beam * 0.0))
+
+
+def _json_ready_reference(obj):
+    """json_ready before its fast path for plain values (isinstance chain only)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready_reference(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready_reference(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_ready_reference(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def test_json_ready_equals_reference():
+    class Named:
+        def __str__(self):
+            return "named"
+
+    report = {
+        1: [1.5, math.nan, math.inf, -math.inf, 0.0, -0.0, 3, True, None, "s"],
+        "numpy": {"f": np.float64(2.5), "nan": np.float64("nan"), "i": np.int32(4),
+                  "b": np.bool_(True), "a": np.array([[1.0, np.nan], [np.inf, 2.0]]),
+                  "ai": np.arange(3), "ab": np.array([True, False])},
+        "tuple": (1, (2.0, float("nan"))),
+        "other": Named(),
+        "big": list(np.linspace(0, 1, 100)) + [float(x) for x in range(100)],
+    }
+    got, expected = json_ready(report), _json_ready_reference(report)
+    assert json.dumps(got) == json.dumps(expected)
+    # same Python types all the way down (np.float64 NaN stays NaN, a float NaN is None)
+    assert got["numpy"]["nan"] != got["numpy"]["nan"] and got["1"][1] is None
+    assert [type(v) for v in got["1"]] == [type(v) for v in expected["1"]]
