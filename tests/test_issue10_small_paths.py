@@ -104,3 +104,63 @@ def test_json_ready_equals_reference():
     # same Python types all the way down (np.float64 NaN stays NaN, a float NaN is None)
     assert got["numpy"]["nan"] != got["numpy"]["nan"] and got["1"][1] is None
     assert [type(v) for v in got["1"]] == [type(v) for v in expected["1"]]
+
+
+def _find_indices_reference(needles, haystack):
+    """Dictionary look-up of each needle row."""
+    where = {tuple(row): i for i, row in enumerate(np.asarray(haystack).tolist())}
+    return np.array([where.get(tuple(row), -1) for row in np.asarray(needles).tolist()],
+                    dtype=np.int64)
+
+
+def test_find_indices_of_sets_equals_one_lookup_per_set():
+    from dials_vmerge.merging.lookup import find_indices, find_indices_of_sets
+
+    rng = np.random.default_rng(3)
+    haystack = np.unique(rng.integers(-12, 13, size=(3000, 3)), axis=0)
+    rng.shuffle(haystack)
+    needles = rng.integers(-15, 16, size=(2000, 3))
+    sets = [needles, -needles, needles[:0], haystack[::-3]]
+    found = find_indices_of_sets(sets, haystack)
+    for got, n in zip(found, sets):
+        expected = _find_indices_reference(n, haystack)
+        assert got.dtype == np.int64 and np.array_equal(got, expected)
+        assert np.array_equal(find_indices(n, haystack), expected)
+    assert [len(x) for x in find_indices_of_sets([needles], haystack[:0])] == [2000]
+
+
+def test_friedel_positions_memo_returns_copies_and_follows_the_arrays():
+    import dials_vmerge.merging.lookup as lookup
+    from dials_vmerge.merging.api import friedel_positions
+    from dials_vmerge.merging.merged import MergedIntensities
+
+    rng = np.random.default_rng(4)
+    index = np.unique(rng.integers(-6, 7, size=(400, 3)), axis=0).astype(np.int32)
+    anom_index = np.unique(np.concatenate([index[::2], -index[1::3]]), axis=0).astype(np.int32)
+    rng.shuffle(anom_index)  # rows unique, as an anomalous merge's
+
+    def merged_of(asu, anomalous):
+        n = len(asu)
+        return MergedIntensities(asu, np.ones(n), np.ones(n), np.ones(n, np.int64),
+                                 rng.random(n) < 0.2, np.ones(n), np.ones(n), anomalous,
+                                 "classical")
+
+    merged, anom = merged_of(index, False), merged_of(anom_index, True)
+    plus_ref = _find_indices_reference(index, anom_index)
+    minus_ref = _find_indices_reference(-index, anom_index)
+    minus_ref[merged.centric] = -1
+    calls = []
+    real = lookup.find_indices_of_sets
+    lookup.find_indices_of_sets = lambda *a: calls.append(1) or real(*a)
+    try:
+        for _ in range(2):
+            plus, minus = friedel_positions(merged, anom)
+            assert np.array_equal(plus, plus_ref) and np.array_equal(minus, minus_ref)
+            plus[:] = -7  # a caller's change does not reach the memo
+        assert len(calls) == 1
+        other = merged_of(anom_index[::-1].copy(), True)  # another anomalous merge
+        plus, _ = friedel_positions(merged, other)
+        assert len(calls) == 2
+        assert np.array_equal(plus, _find_indices_reference(index, other.asu_index))
+    finally:
+        lookup.find_indices_of_sets = real

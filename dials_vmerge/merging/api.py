@@ -456,12 +456,22 @@ def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, par
 
 def friedel_positions(merged: MergedIntensities, merged_anom: MergedIntensities):
     """Rows of I(+) and I(-) in the anomalous merge for each non-anomalous reflection
-    (-1 where absent; centric reflections have I(+) only)."""
+    (-1 where absent; centric reflections have I(+) only).
+
+    Kept on `merged` for the same anomalous merge and index arrays: the Friedel-mean
+    amplitudes and the MTZ columns ask for the same positions (issue 10). Callers get
+    copies."""
+    from .lookup import find_indices_of_sets
+
     index = merged.asu_index
-    plus = find_indices(index, merged_anom.asu_index)
-    minus = find_indices(-index, merged_anom.asu_index)
-    minus[merged.centric] = -1
-    return plus, minus
+    key = (merged_anom, index, merged_anom.asu_index, merged.centric)
+    memo = merged.__dict__.get("_friedel_positions")
+    if memo is None or any(a is not b for a, b in zip(memo[0], key)):
+        plus, minus = find_indices_of_sets([index, -index], merged_anom.asu_index)
+        minus[merged.centric] = -1
+        memo = (key, plus, minus)
+        merged.__dict__["_friedel_positions"] = memo
+    return memo[1].copy(), memo[2].copy()
 
 
 def mean_of_friedel_amplitudes(merged: MergedIntensities, merged_anom: MergedIntensities):
