@@ -164,3 +164,41 @@ def test_friedel_positions_memo_returns_copies_and_follows_the_arrays():
         assert np.array_equal(plus, _find_indices_reference(index, other.asu_index))
     finally:
         lookup.find_indices_of_sets = real
+
+
+def test_column_bounds_equal_numpy_axis_reductions():
+    from dials_vmerge.merging.lookup import column_bounds
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.int32, np.int64):
+        rows = rng.integers(-300, 200, size=(5000, 3)).astype(dtype)
+        low, high = column_bounds(rows)
+        assert low.dtype == high.dtype == np.int64
+        assert np.array_equal(low, rows.min(axis=0)) and np.array_equal(high, rows.max(axis=0))
+    with pytest.raises(TypeError):
+        column_bounds(np.zeros((3, 3)))
+
+
+def test_statistics_packed_keys_equal_the_concatenated_box():
+    from dials_vmerge.merging.statistics import _packed
+
+    rng = np.random.default_rng(6)
+    hkl = rng.integers(-20, 31, size=(3000, 3)).astype(np.int32)
+    for reference in (None, hkl[::5] * 2):
+        source = np.concatenate([hkl, -hkl] if reference is None else [reference, -reference])
+        lo = source.min(axis=0).astype(np.int64)
+        size = source.max(axis=0).astype(np.int64) - lo + 1
+        h = (hkl if reference is None else hkl).astype(np.int64) - lo
+        expected = (h[:, 0] * size[1] + h[:, 1]) * size[2] + h[:, 2]
+        assert np.array_equal(_packed(hkl, reference), expected)
+
+
+@pytest.mark.parametrize("span_factor", [0.5, 1.0, 3.0])
+def test_stable_key_order_equals_numpy_stable_argsort(span_factor):
+    from dials_vmerge.merging.groups import _stable_key_order
+
+    rng = np.random.default_rng(7)
+    n = 20_000
+    span = int(n * span_factor)
+    keys = rng.integers(0, span, n).astype(np.int64)  # many ties: stability matters
+    assert np.array_equal(_stable_key_order(keys, span), np.argsort(keys, kind="stable"))

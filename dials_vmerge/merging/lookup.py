@@ -3,6 +3,18 @@
 import numpy as np
 
 
+def column_bounds(rows: np.ndarray):
+    """(per-column min, per-column max) of an integer (n, k) array, int64: numpy's
+    min(axis=0) of an (n, 3) array runs ~50x slower than one strided 1-D reduction per
+    column (16 ms against 0.3 ms for 2.6e5 rows; issue 10). Integers: the same values."""
+    rows = np.asarray(rows)
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise TypeError("column_bounds: integer rows only (float minima depend on order at -0.0)")
+    k = rows.shape[1]
+    return (np.array([rows[:, j].min() for j in range(k)], dtype=np.int64),
+            np.array([rows[:, j].max() for j in range(k)], dtype=np.int64))
+
+
 def _pack(hkl: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
     h = hkl.astype(np.int64) - lo
     return (h[:, 0] * size[1] + h[:, 1]) * size[2] + h[:, 2]
@@ -22,10 +34,9 @@ def find_indices_of_sets(needle_sets, haystack: np.ndarray) -> list:
     searched = [n for n in needle_sets if len(n)]
     if not searched or len(haystack) == 0:
         return [np.full(len(n), -1, dtype=np.int64) for n in needle_sets]
-    both = np.concatenate(searched + [haystack])
-    lo = both.min(axis=0)
-    size = both.max(axis=0) - lo + 1
-    del both
+    bounds = [column_bounds(rows) for rows in searched + [haystack]]
+    lo = np.min([b[0] for b in bounds], axis=0)
+    size = np.max([b[1] for b in bounds], axis=0) - lo + 1
     keys = _pack(haystack, lo, size)
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]

@@ -369,11 +369,13 @@ def plus_hemisphere_of(groups, space_group) -> np.ndarray:
 
 
 def _packed(hkl, reference=None):
-    span_source = np.concatenate([hkl, -hkl]) if reference is None else np.concatenate(
-        [reference, -reference]
-    )
-    lo = span_source.min(axis=0).astype(np.int64)
-    size = span_source.max(axis=0).astype(np.int64) - lo + 1
+    from .lookup import column_bounds
+
+    # the box of the rows and their negatives (of `reference` if given): the column bounds
+    # of [r, -r] without forming it
+    low, high = column_bounds(hkl if reference is None else reference)
+    lo = np.minimum(low, -high)
+    size = np.maximum(high, -low) - lo + 1
     h = hkl.astype(np.int64) - lo
     return (h[:, 0] * size[1] + h[:, 1]) * size[2] + h[:, 2]
 
