@@ -34,8 +34,9 @@ _M_MMAP_THRESHOLD = -3
 # threshold (128 KiB by default): an array freed at the top and allocated again by the next
 # temporary of a step is faulted in afresh, page by page. In the stages well below the run's
 # peak RSS (reading and preparation, merging before its report diagnostics) up to
-# HEAP_TOP_RETAINED_BYTES stay mapped instead (heap_top_retained), and release_free_memory's
-# malloc_trim still returns everything between stages. Measured on
+# HEAP_TOP_RETAINED_BYTES (merging: 16 MiB, merging/api.py) stay mapped instead
+# (heap_top_retained), and release_free_memory's malloc_trim still returns everything between
+# stages. Measured on
 # a 1e6-observation sweep (issue 10, session 9): see README.
 HEAP_TOP_RETAINED_BYTES = 32 * 1024 * 1024
 GLIBC_TRIM_THRESHOLD_BYTES = 128 * 1024
