@@ -202,3 +202,34 @@ def test_stable_key_order_equals_numpy_stable_argsort(span_factor):
     span = int(n * span_factor)
     keys = rng.integers(0, span, n).astype(np.int64)  # many ties: stability matters
     assert np.array_equal(_stable_key_order(keys, span), np.argsort(keys, kind="stable"))
+
+
+def test_intensity_statistics_of_a_shell_mask_equals_its_positions_and_numpy():
+    from types import SimpleNamespace
+
+    from dials_vmerge.merging.statistics import ShellStatistics, _intensity_statistics
+
+    rng = np.random.default_rng(8)
+    n_groups = 5000
+    prep = SimpleNamespace(
+        n=rng.integers(1, 6, n_groups), group_d=rng.uniform(1.5, 20.0, n_groups),
+        mean=rng.normal(100.0, 30.0, n_groups), merged_sigma=rng.uniform(-1.0, 10.0, n_groups),
+        total=rng.uniform(50.0, 500.0, n_groups), abs_dev=rng.uniform(0.0, 40.0, n_groups),
+        merger=None)
+    complete = (np.linspace(1.4, 25.0, 9000), 1.0 / np.linspace(1.4, 25.0, 9000))
+    mask = (prep.group_d > 3.0) & (prep.group_d < 4.0)
+    by_mask, by_rows = ShellStatistics(d_max=0.0, d_min=0.0), ShellStatistics(d_max=0.0, d_min=0.0)
+    assert _intensity_statistics(by_mask, prep, mask, None, complete)
+    assert _intensity_statistics(by_rows, prep, np.flatnonzero(mask), None, complete)
+    assert by_mask == by_rows
+    # the masked numpy forms it replaced
+    n, multi = prep.n[mask], prep.n[mask] > 1
+    assert by_mask.n_obs == n.sum() and by_mask.n_uniq == mask.sum()
+    assert by_mask.i_mean == float(prep.mean[mask].mean())
+    assert by_mask.r_merge == float(prep.abs_dev[mask][multi].sum()) / float(
+        prep.total[mask][multi].sum())
+    positive = prep.merged_sigma[mask] > 0
+    assert by_mask.i_over_sigma_mean == float(
+        (prep.mean[mask][positive] / prep.merged_sigma[mask][positive]).mean())
+    assert not _intensity_statistics(ShellStatistics(d_max=0.0, d_min=0.0), prep,
+                                     np.zeros(n_groups, bool), None, complete)
