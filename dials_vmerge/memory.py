@@ -15,6 +15,7 @@ Two glibc behaviours keep freed numpy arrays in RSS:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -28,6 +29,18 @@ import os
 # values stay mmapped and go back to the OS when freed, as before.
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 _M_MMAP_THRESHOLD = -3
+
+# glibc returns the free top of a heap to the OS at every free() once it exceeds its trim
+# threshold (128 KiB by default): an array freed at the top and allocated again by the next
+# temporary of a step is faulted in afresh, page by page. In the stages well below the run's
+# peak RSS (reading and preparation, merging before its report diagnostics) up to
+# HEAP_TOP_RETAINED_BYTES (merging: 16 MiB, merging/api.py) stay mapped instead
+# (heap_top_retained), and release_free_memory's malloc_trim still returns everything between
+# stages. Measured on
+# a 1e6-observation sweep (issue 10, session 9): see README.
+HEAP_TOP_RETAINED_BYTES = 32 * 1024 * 1024
+GLIBC_TRIM_THRESHOLD_BYTES = 128 * 1024
+_M_TRIM_THRESHOLD = -1
 
 
 def _libc():
@@ -71,3 +84,19 @@ def release_free_memory(collect_cycles: bool = True) -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def heap_top_retained(nbytes: int = HEAP_TOP_RETAINED_BYTES):
+    """Within the block glibc keeps up to `nbytes` free at the top of each heap (fewer page
+    faults when a step frees and allocates arrays of the same size in turn); glibc's default
+    trimming again after it. A MALLOC_TRIM_THRESHOLD_ in the environment wins."""
+    libc = None if "MALLOC_TRIM_THRESHOLD_" in os.environ else _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_TRIM_THRESHOLD, int(nbytes))
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD_BYTES)

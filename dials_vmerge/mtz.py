@@ -143,9 +143,12 @@ def _vectorised_ccp4_draws():
 
 def _packed_keys(indices: np.ndarray) -> np.ndarray:
     """One int64 per (h, k, l) row, ordered as the rows are lexicographically."""
+    from .merging.lookup import column_bounds
+
     indices = indices.astype(np.int64)
-    shifted = indices - indices.min(axis=0)
-    span = shifted.max(axis=0) + 1
+    low, high = column_bounds(indices)
+    shifted = indices - low
+    span = high - low + 1
     return (shifted[:, 0] * span[1] + shifted[:, 1]) * span[2] + shifted[:, 2]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import flags
 from ..errors import VmergeError
+from ..memory import heap_top_retained, release_free_memory
 from .classical import merge_classical
 from .french_wilson import french_wilson
 from .groups import GroupedObservations, Groupings, mtz_isym, per_index_chunks
@@ -456,12 +457,22 @@ def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, par
 
 def friedel_positions(merged: MergedIntensities, merged_anom: MergedIntensities):
     """Rows of I(+) and I(-) in the anomalous merge for each non-anomalous reflection
-    (-1 where absent; centric reflections have I(+) only)."""
+    (-1 where absent; centric reflections have I(+) only).
+
+    Kept on `merged` for the same anomalous merge and index arrays: the Friedel-mean
+    amplitudes and the MTZ columns ask for the same positions (issue 10). Callers get
+    copies."""
+    from .lookup import find_indices_of_sets
+
     index = merged.asu_index
-    plus = find_indices(index, merged_anom.asu_index)
-    minus = find_indices(-index, merged_anom.asu_index)
-    minus[merged.centric] = -1
-    return plus, minus
+    key = (merged_anom, index, merged_anom.asu_index, merged.centric)
+    memo = merged.__dict__.get("_friedel_positions")
+    if memo is None or any(a is not b for a, b in zip(memo[0], key)):
+        plus, minus = find_indices_of_sets([index, -index], merged_anom.asu_index)
+        minus[merged.centric] = -1
+        memo = (key, plus, minus)
+        merged.__dict__["_friedel_positions"] = memo
+    return memo[1].copy(), memo[2].copy()
 
 
 def mean_of_friedel_amplitudes(merged: MergedIntensities, merged_anom: MergedIntensities):
@@ -587,6 +598,11 @@ def merge_unmerged_mtz(unmerged, params, log=None, half_dataset=False) -> MergeR
                               unmerged.wavelength, params, log, half_dataset=half_dataset)
 
 
+# The merging stage's free heap top kept mapped (memory.heap_top_retained): half the
+# scaling stages' 32 MiB, as merging's RSS comes within ~20 MiB of the run's peak (1e6 sweep).
+MERGING_HEAP_TOP_RETAINED_BYTES = 16 * 1024 * 1024
+
+
 def merge_observations(obs, space_group, unit_cell, wavelength, params, log=None,
                        half_dataset=False, experiments=None, table=None) -> MergeResult:
     """Merge scaled observations (ScaledObservations) with params.merging.method;
@@ -595,40 +611,46 @@ def merge_observations(obs, space_group, unit_cell, wavelength, params, log=None
     log = log or logging.getLogger(__name__)
     method = single_method(params)
     fw = bool(_param(params, "merging.french_wilson", True))
-    # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
-    groupings = Groupings(obs.miller_index, space_group, unit_cell)
-    n_bins = int(_param(params, "merging.nbins", 20))
+    # The merges and statistics free and allocate arrays of the same sizes in turn: the
+    # heaps' free top stays mapped (fewer page faults); the report diagnostics below,
+    # the merging stage's RSS peak, run with glibc's default trimming after a trim
+    # (memory.heap_top_retained; issue 10).
+    with heap_top_retained(MERGING_HEAP_TOP_RETAINED_BYTES):
+        # Mapped and sorted once, shared by the statistics, both merges and the half-datasets.
+        groupings = Groupings(obs.miller_index, space_group, unit_cell)
+        n_bins = int(_param(params, "merging.nbins", 20))
 
-    def statistics_of(merger=None):
-        try:
-            return merging_statistics(
-                obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell,
-                n_bins=n_bins, with_anomalous_table=not space_group.is_centric(),
-                groupings=groupings, merger=merger)
-        except Exception as e:  # too few reflections for shells: report, still write the MTZ
-            log.warning(f"Merging statistics could not be computed: {e}")
-            return None
+        def statistics_of(merger=None):
+            try:
+                return merging_statistics(
+                    obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell,
+                    n_bins=n_bins, with_anomalous_table=not space_group.is_centric(),
+                    groupings=groupings, merger=merger)
+            except Exception as e:  # too few reflections for shells: report, still write the MTZ
+                log.warning(f"Merging statistics could not be computed: {e}")
+                return None
 
-    # classical: the statistics first, their temporaries gone before the merged arrays exist
-    statistics = statistics_of() if method == "classical" else None
-    merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma, params, fw)
-    merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma, params,
-                               fw)
-    if method != "classical":
-        # the statistics of this method's merged intensities (those written to merged.mtz)
-        statistics = statistics_of(MethodMerger(method, params, [merged, merged_anom]))
-    if fw and method != "variational" and len(merged):
-        # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
-        # inverse-variance mean of F(+) and F(-)
-        merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
-                                                                              merged_anom)
-    result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
-                         statistics, experiments=experiments)
-    from .calibration import sigma_calibration
+        # classical: the statistics first, their temporaries gone before the merged arrays exist
+        statistics = statistics_of() if method == "classical" else None
+        merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma, params, fw)
+        merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma, params,
+                                   fw)
+        if method != "classical":
+            # the statistics of this method's merged intensities (those written to merged.mtz)
+            statistics = statistics_of(MethodMerger(method, params, [merged, merged_anom]))
+        if fw and method != "variational" and len(merged):
+            # dials.merge (anomalous=True): French-Wilson on I(+) and I(-) apart, F and SIGF the
+            # inverse-variance mean of F(+) and F(-)
+            merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
+                                                                                  merged_anom)
+        result = MergeResult(method, space_group, unit_cell, wavelength, obs, merged, merged_anom,
+                             statistics, experiments=experiments)
+        from .calibration import sigma_calibration
 
-    result.calibration = sigma_calibration(obs.intensity, obs.sigma, groupings.get(True))
-    if half_dataset:
-        result.half_dataset = half_dataset_for(result, params, method, groupings)
+        result.calibration = sigma_calibration(obs.intensity, obs.sigma, groupings.get(True))
+        if half_dataset:
+            result.half_dataset = half_dataset_for(result, params, method, groupings)
+    release_free_memory(collect_cycles=False)
     from .diagnostics import merge_diagnostics
 
     # Report-only summaries: a failure here is reported and leaves them out, it does not

@@ -153,6 +153,26 @@ def batch_bins(batches: np.ndarray, dataset_of_batch: np.ndarray, single_image: 
     return bins
 
 
+def unique_batches(batch):
+    """np.unique(batch, return_inverse=True) of int64 batch numbers: (the sorted distinct
+    batches, each row's index among them, int64). Batch numbers span few values (one per
+    image), so a presence table over their range replaces numpy's sort of every row (~50 ms
+    for a 1e6 sweep; issue 10). Same arrays; numpy's unique where the range is wide."""
+    batch = np.asarray(batch, dtype=np.int64).reshape(-1)
+    if batch.size:
+        low = int(batch.min())
+        span = int(batch.max()) - low + 1
+        if span <= max(batch.size, 1 << 16):
+            offset = batch - low
+            present = np.zeros(span, dtype=bool)
+            present[offset] = True
+            rank = np.cumsum(present, dtype=np.int64)
+            rank -= 1
+            return np.flatnonzero(present) + low, rank[offset]
+    batches, batch_index = np.unique(batch, return_inverse=True)
+    return batches, batch_index.astype(np.int64).reshape(-1)
+
+
 def batch_statistics(groups, intensity, sigma, scale, batch, merged_intensity, experiments,
                      space_group, unit_cell, method: str, max_rows: int = DEFAULT_MAX_ROWS
                      ) -> dict:
@@ -161,8 +181,7 @@ def batch_statistics(groups, intensity, sigma, scale, batch, merged_intensity, e
     groups: the non-anomalous GroupedObservations of the observations; merged_intensity:
     the method's merged I per group (same order)."""
     batch = np.asarray(batch, dtype=np.int64)
-    batches, batch_index = np.unique(batch, return_inverse=True)
-    batch_index = batch_index.astype(np.int64).reshape(-1)
+    batches, batch_index = unique_batches(batch)
     sums = batch_sums_kernel(groups.permutation, groups.group_start, intensity, sigma,
                              np.asarray(scale, dtype=np.float64), batch_index,
                              np.asarray(merged_intensity, dtype=np.float64),

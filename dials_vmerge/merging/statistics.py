@@ -369,11 +369,13 @@ def plus_hemisphere_of(groups, space_group) -> np.ndarray:
 
 
 def _packed(hkl, reference=None):
-    span_source = np.concatenate([hkl, -hkl]) if reference is None else np.concatenate(
-        [reference, -reference]
-    )
-    lo = span_source.min(axis=0).astype(np.int64)
-    size = span_source.max(axis=0).astype(np.int64) - lo + 1
+    from .lookup import column_bounds
+
+    # the box of the rows and their negatives (of `reference` if given): the column bounds
+    # of [r, -r] without forming it
+    low, high = column_bounds(hkl if reference is None else reference)
+    lo = np.minimum(low, -high)
+    size = np.maximum(high, -low) - lo + 1
     h = hkl.astype(np.int64) - lo
     return (h[:, 0] * size[1] + h[:, 1]) * size[2] + h[:, 2]
 
@@ -757,10 +759,14 @@ def _shell_statistics(prep: _Prepared, group_sel, anom_sel, d_max_min, level, co
 
 def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bool:
     """Counts, completeness, <I>, <I/sigma>, Rmerge/Rmeas/Rpim; False if no group."""
-    n = prep.n[group_sel]
+    # The shell's groups as positions, found once: six boolean-mask selections over every
+    # group of the table cost ~5x one flatnonzero and six takes (the same values in the
+    # same order; ~1.5 ms a shell of a 1e6 sweep, 42 shells; issue 10).
+    rows = np.flatnonzero(group_sel) if group_sel.dtype == bool else group_sel
+    n = prep.n[rows]
     if len(n) == 0:
         return False
-    data_d = prep.group_d[group_sel]
+    data_d = prep.group_d[rows]
     data_d_max, data_d_min = float(data_d.max()), float(data_d.min())
     del data_d
     if d_max_min is None:
@@ -779,8 +785,8 @@ def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bo
     del keep
     stats.completeness = min(stats.n_uniq / n_expected, 1.0) if n_expected else 0.0
     stats.multiplicity = float(n.mean())
-    mean = prep.mean[group_sel]
-    msig = prep.merged_sigma[group_sel]
+    mean = prep.mean[rows]
+    msig = prep.merged_sigma[rows]
     stats.i_mean = float(mean.mean())
     stats.sigi_mean = float(msig.mean())
     positive = msig > 0
@@ -792,8 +798,8 @@ def _intensity_statistics(stats, prep, group_sel, d_max_min, complete_dss) -> bo
         sum_merge, sum_meas, sum_pim, denominator = rmerge_sums(prep, group_sel)
     else:
         multi = n > 1
-        denominator = float(prep.total[group_sel][multi].sum())
-        abs_dev = prep.abs_dev[group_sel][multi]
+        denominator = float(prep.total[rows][multi].sum())
+        abs_dev = prep.abs_dev[rows][multi]
         nm = n[multi].astype(np.float64)
         sum_merge = float(abs_dev.sum())
         sum_meas = float((np.sqrt(nm / (nm - 1)) * abs_dev).sum())

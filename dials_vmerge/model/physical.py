@@ -51,14 +51,12 @@ def max_scattering_angle_rad(experiment, s1) -> float:
     """Largest angle between s1 and the incident beam over rows with a non-zero s1."""
     from .. import geometry
 
-    s1 = np.asarray(s1, dtype=np.float64)
-    lengths = np.linalg.norm(s1, axis=1)
-    good = lengths > 0
-    if not good.any():
-        return math.inf
-    beam = np.asarray(geometry.s0(experiment), dtype=np.float64)
-    cosines = (s1[good] @ beam) / (lengths[good] * np.linalg.norm(beam))
-    return float(np.max(np.arccos(np.clip(cosines, -1.0, 1.0))))
+    from ..kernels.scattering_angle import max_scattering_angle_kernel
+
+    s1 = np.ascontiguousarray(s1, dtype=np.float64).reshape(-1, 3)
+    beam = np.ascontiguousarray(geometry.s0(experiment), dtype=np.float64)
+    angle, n_good = max_scattering_angle_kernel(s1, beam, float(np.linalg.norm(beam)))
+    return math.inf if n_good == 0 else float(angle)
 
 
 def absorption_settings(physical_params):
