@@ -185,6 +185,7 @@ class HostStreamedTarget:
         """(Phi, gradient (n_params,)); launch_model fills g and dg/dp of each batch."""
         def launch(batch, stream_index, stream):
             v = self._upload(batch, self._buffers[stream_index], stream)
+            v["buffer_set"] = stream_index  # a model's own per-stream buffers
             launch_model(stream, v, v["g"], v["deriv"])
             group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK, stream](
                 v["intensity"], v["weight"], v["g"], v["group_start"], v["ih"], v["factor"],
