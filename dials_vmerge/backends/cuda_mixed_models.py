@@ -19,7 +19,10 @@ Where the per-row inputs come from:
   per round by device_from_host;
 - resident_families: gathered on the device from the job's resident job-order inputs of
   each family (backends.cuda_resident_inputs.job_inputs, kind "mixed"), the table's rows
-  split by family on the device: nothing with a row per observation goes up.
+  split by family on the device: nothing with a row per observation goes up;
+- StreamedMixedModel: a table streamed from the host (larger than device memory): each
+  family's HostMixedLayout inputs page-locked once, each batch's rows of a family copied on
+  the batch's stream into per-stream family buffers.
 A family of no device kernel (scaling.family.DatasetByDataset) makes the whole job
 host-evaluated, as before (family_plan returns None).
 """

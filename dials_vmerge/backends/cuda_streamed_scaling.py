@@ -1,5 +1,6 @@
-"""compute.device=cuda when a scaling job's layout exceeds free device memory: the KB family
-and physical model targets streamed from the host (kernels.cuda.streamed).
+"""compute.device=cuda when a scaling job's layout exceeds free device memory: the KB family,
+physical, array, mixed-family (backends.cuda_mixed_models.StreamedMixedModel) and
+host-evaluated model targets streamed from the host (kernels.cuda.streamed).
 
 stream_layout decides, before anything goes to the device, whether CudaScalingTarget keeps its
 observations on the host: forced by host_resident=True, or when the device-resident layout
@@ -68,8 +69,9 @@ def _array_or_host_layout(target):
         return "array", inputs, layout["free_col"], target.n_par
     mixed = target._mixed_layout()
     if mixed is not None:
-        # several device model families: sized here; on the device when the layout fits
-        # (CudaScalingTarget reuses this host layout), else streamed as a host model
+        # several device model families: sized here; on the device, resident when the
+        # layout fits (CudaScalingTarget reuses this host layout), else per streamed batch
+        # (cuda_mixed_models.StreamedMixedModel)
         target._mixed_host = mixed
         inputs = {f"{f} {name}": np.asarray(v) for f, (*_, family_inputs, _) in
                   enumerate(mixed.families) for name, v in family_inputs.items()
@@ -192,8 +194,9 @@ def normal_equations(target, x):
 
 def model_launcher(target, x):
     """launch(stream, inputs, g, deriv): the model kernel of one streamed batch at x (the
-    parameters go up once, here); a host-evaluated model's g and dg/dp are evaluated here and
-    each batch's rows copied up on its stream."""
+    parameters go up once, here; a mixed job's families' kernels and scatter, their rows of
+    the batch copied on its stream); a host-evaluated model's g and dg/dp are evaluated here
+    and each batch's rows copied up on its stream."""
     tpb = device_models.THREADS_PER_BLOCK
     if target._kind == "host-model":
         g_host, values, cols = target._ell(x)
