@@ -178,6 +178,10 @@ def main(out_path, cases=("kb", "physical", "job")):
         array_and_host_model(out)
         np.savez(out_path, **out)
         return
+    if "mixed-job" in cases:
+        mixed_job(out)
+        np.savez(out_path, **out)
+        return
     if "mixed" in cases:
         # three model families: on the device per family, resident or streamed batch by
         # batch (backends/cuda_streamed_scaling.py); the job ends after the comparison
@@ -204,6 +208,34 @@ def main(out_path, cases=("kb", "physical", "job")):
     out["job_g"] = np.stack([g_dev, g_limit])
     out["job_i"] = np.stack([i_dev, i_limit])
     np.savez(out_path, **out)
+
+
+def mixed_job(out):
+    """The three-family job through compute.device=cuda with a memory limit that streams
+    every round's table, against the CPU run: each round's target kind and whether it
+    streamed, the uploads the job table counted, g and the scaled intensities."""
+    targets = []
+
+    def make(device, manager, ih_table, nproc=1, batch_size=None, **kwargs):
+        target = ORIGINAL(device, manager, ih_table, nproc, batch_size, **kwargs)
+        targets.append(target)
+        return target
+
+    run_device.make_scaling_target = make
+    try:
+        g_limit, i_limit = run(mixed_simulation(), "compute.device=cuda",
+                               f"compute.gpu.device_memory_limit={MIXED_LIMIT}")
+    finally:
+        run_device.make_scaling_target = ORIGINAL
+    g_cpu, i_cpu = run(mixed_simulation(), "compute.device=cpu")
+    out["kinds"] = np.array([t.kind for t in targets])
+    out["host_resident"] = np.array([t.host_resident for t in targets])
+    out["n_batches"] = np.array([len(t._device_target.batches) for t in targets])
+    roles = {role for t in targets for call in t._store.transfers.get("scaling target", [])
+             for role in call["uploads"]}
+    out["host_model_uploads"] = np.array("host-model g" in roles)
+    out["g"] = np.stack([g_cpu, g_limit])
+    out["i"] = np.stack([i_cpu, i_limit])
 
 
 def array_and_host_model(out):

@@ -89,6 +89,30 @@ def test_mixed_family_job_streams_with_device_families(tmp_path):
     assert copied - 16 * n >= 8 * n * (1 + width)
 
 
+# ~2 min under the simulator on 2 busy cores (every round's table in 6-7 batches): slow. The
+# test above covers the streamed mixed target at the target level.
+@pytest.mark.slow
+def test_mixed_family_job_streamed_equals_cpu_run(tmp_path):
+    """The three-family job through compute.device=cuda with a 300 kB memory limit: every
+    scaling round's target streams its table from the host with the families evaluated on
+    the device (no host-evaluated g uploaded); g and the scaled intensities equal the CPU
+    run's (1e-10)."""
+    out = tmp_path / "streamed.npz"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
+                          str(out), "mixed-job"], env=SIM, capture_output=True, text=True,
+                         timeout=900, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-4000:]
+    r = dict(np.load(out))
+    assert len(r["kinds"]) >= 2 and set(r["kinds"]) == {"mixed"}, r["kinds"]
+    assert all(r["host_resident"]) and min(r["n_batches"]) > 1, r["n_batches"]
+    assert not bool(r["host_model_uploads"])
+    g_cpu, g_streamed = r["g"]
+    np.testing.assert_allclose(g_streamed, g_cpu, rtol=RTOL_JOB, atol=0)
+    i_cpu, i_streamed = r["i"]
+    np.testing.assert_allclose(i_streamed, i_cpu, rtol=RTOL_JOB, atol=1e-12)
+    assert np.std(g_cpu) > 0.01 * np.mean(g_cpu)  # the scales really moved
+
+
 def check_kinds(results, names,
                 normal_pairs=("streamed_cpu", "limited_cpu", "streamed_resident")):
     for name in names:
