@@ -19,7 +19,10 @@ Where the per-row inputs come from:
   per round by device_from_host;
 - resident_families: gathered on the device from the job's resident job-order inputs of
   each family (backends.cuda_resident_inputs.job_inputs, kind "mixed"), the table's rows
-  split by family on the device: nothing with a row per observation goes up.
+  split by family on the device: nothing with a row per observation goes up;
+- StreamedMixedModel: a table streamed from the host (larger than device memory): each
+  family's HostMixedLayout inputs page-locked once, each batch's rows of a family copied on
+  the batch's stream into per-stream family buffers.
 A family of no device kernel (scaling.family.DatasetByDataset) makes the whole job
 host-evaluated, as before (family_plan returns None).
 """
@@ -415,3 +418,130 @@ def _family_columns(store, kind, inputs, members, columns, n):
     rr.map_columns_kernel[b, tpb](inputs["full_index"], store.put(array_free_map(columns)),
                                   cols)
     return cols
+
+
+# -- a table streamed from the host (backends.cuda_streamed_scaling) ------------------------
+class StreamedMixedModel:
+    """The families of a HostMixedLayout whose table stays on the host
+    (kernels.cuda.streamed.HostStreamedTarget): per batch of whole groups, each family's
+    rows of the batch (a contiguous run of the family's rows, as both are in table order)
+    have their inputs and batch-local positions copied on the batch's stream into that
+    stream's reusable family buffers, the family kernels run there and the scatter fills the
+    batch's combined g and derivative table. The host inputs are page-locked once, here.
+
+    batch_bounds: (lo, hi) table rows of each non-empty batch, in batch order; n_sets: the
+    buffer sets (streams) of the streamed target; put_parameters: upload of each call's
+    family parameters (counted by the caller)."""
+
+    def __init__(self, layout, manager, batch_bounds, n_sets, put_parameters):
+        from ..kernels.cuda.streamed import _pinned_copy
+
+        self.width = int(layout.width)
+        self.put_parameters = put_parameters
+        lows = np.asarray([lo for lo, _ in batch_bounds] or [0], dtype=np.int64)
+        self.families = []
+        for kind, datasets, rows, inputs, cols in layout.families:
+            if not rows.size:
+                continue
+            members, columns = members_of(manager, datasets)
+            batch_of_row = np.searchsorted(lows, rows, side="right") - 1
+            host = {name: _pinned_copy(value) for name, value in inputs.items()
+                    if value is not None and name != "component_start"}
+            host["positions"] = _pinned_copy((rows - lows[batch_of_row]).astype(np.int64))
+            ranges = {(lo, hi): (int(np.searchsorted(rows, lo)), int(np.searchsorted(rows, hi)))
+                      for lo, hi in batch_bounds}
+            n_max = max([b - a for a, b in ranges.values()] + [1])
+            family = {"kind": kind, "members": members, "columns": columns, "host": host,
+                      "ranges": ranges, "width": int(cols.shape[1]),
+                      "component_start": inputs.get("component_start")}
+            if kind == "kb":
+                from ..scaling.family import KBFamily
+
+                empty = np.zeros(0, np.int64)  # the per-dataset K, B and their columns only
+                family["kb"] = KBFamily(members, columns, empty, empty)
+            family["buffers"] = [self._buffers(host, n_max, family["width"])
+                                 for _ in range(n_sets)]
+            self.families.append(family)
+        # one-element stand-ins for the optional inputs a family does not have
+        self._zero = cuda.to_device(np.zeros(1))
+        self._zero_2d = cuda.to_device(np.zeros((1, 1)))
+        self._zero_int = cuda.to_device(np.zeros(1, np.int32))
+
+    @staticmethod
+    def _buffers(host, n_max, width):
+        out = {name: cuda.device_array(n_max * max(int(np.prod(a.shape[1:])), 1), a.dtype)
+               for name, a in host.items()}
+        out["g"] = cuda.device_array(n_max)
+        out["deriv"] = cuda.device_array(n_max * max(width, 1))
+        return out
+
+    def host_bytes(self):
+        """Bytes each call copies up (every family's inputs and positions, all batches)."""
+        return sum(int(a.nbytes) for f in self.families for a in f["host"].values())
+
+    def device_bytes(self):
+        return sum(int(a.nbytes) for f in self.families for buffers in f["buffers"]
+                   for a in buffers.values())
+
+    def _parameters(self, family, x):
+        """The family's parameters at x on the device, once per call (the caller set x)."""
+        from ..scaling.physical_pass import GUARD
+
+        if family["kind"] == "kb":
+            scale, decay = family["kb"].parameters(x)
+            return self.put_parameters(scale), self.put_parameters(decay)
+        vectors = [np.asarray(m.parameter_vector(), dtype=np.float64)
+                   for m in family["members"]]
+        tail = GUARD if family["kind"] == "physical" else np.ones(1)
+        parameters = (self.put_parameters(np.concatenate(vectors + [tail])),)
+        if family["kind"] == "array":
+            parameters += (self.put_parameters(family["component_start"]),)
+        return parameters
+
+    def launcher(self, x):
+        """launch(stream, views, g, deriv) of one streamed batch at free vector x (the
+        models' parameters must already be x's); views["rows"]: the batch's table rows,
+        views["buffer_set"]: the stream's buffer set."""
+        from ..kernels.cuda.streamed import _view
+
+        x = np.asarray(x, dtype=np.float64)
+        parameters = [self._parameters(f, x) for f in self.families]
+        narrower = any(f["width"] < self.width for f in self.families)
+        tpb = THREADS_PER_BLOCK
+
+        def launch(stream, views, g, deriv):
+            rows, k = views["rows"], views["buffer_set"]
+            if narrower:  # a narrower family's extra slots: zero in the reused buffer
+                kf.fill_rows_kernel[blocks(deriv.shape[0]), tpb, stream](deriv, 0.0)
+            for family, params in zip(self.families, parameters):
+                a, b = family["ranges"][rows]
+                m = b - a
+                if not m:
+                    continue
+                buffers = family["buffers"][k]
+                v = {}
+                for name, array in family["host"].items():
+                    part = array[a:b]
+                    v[name] = _view(buffers[name], part.shape)
+                    v[name].copy_to_device(part, stream=stream)
+                fg = _view(buffers["g"], (m,))
+                fd = _view(buffers["deriv"], (m, family["width"]))
+                fixed, has_fixed = v.get("fixed", self._zero), "fixed" in v
+                grid = blocks(m), tpb, stream
+                if family["kind"] == "kb":
+                    device_models.kb_family_kernel[grid](
+                        v["row_dataset"], v["inv_two_d_sq"], fixed, has_fixed, *params, fg,
+                        fd)
+                elif family["kind"] == "physical":
+                    has_abs = "absorption" in v
+                    device_models.physical_model_kernel[grid](
+                        v["record"], v["first_param"], v.get("absorption", self._zero_2d),
+                        v.get("absorption_first", self._zero_int), has_abs, fixed,
+                        has_fixed, params[0], fg, fd)
+                else:
+                    device_array_model.array_model_kernel[grid](
+                        v["weights"], v["full_index"], params[1], fixed, has_fixed,
+                        params[0], fg, fd)
+                kf.scatter_kernel[grid](fg, v["positions"], g)
+                kf.scatter_rows_kernel[grid](fd, v["positions"], deriv)
+        return launch

@@ -12,7 +12,7 @@ fused physical layout (physical_model_kernel) and the array model's smoothed gri
 model families (KB stills with physical sweeps, physical models with different absorption
 terms, array models among others) runs each family's kernel on its rows and scatters g and
 dg/dp into one table (backends.cuda_mixed_models, kind "mixed"). Only a model without a
-device kernel (or a streamed mixed layout) evaluates its ELL Jacobian on the host and uploads
+device kernel evaluates its ELL Jacobian on the host and uploads
 g and dg/dp per call; the target sums still run on the device. The normal equations of the
 full-matrix round run on the device too (kernels.cuda.normal), over the free columns of the
 same g and dg/dp.

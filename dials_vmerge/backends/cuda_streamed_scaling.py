@@ -1,5 +1,6 @@
-"""compute.device=cuda when a scaling job's layout exceeds free device memory: the KB family
-and physical model targets streamed from the host (kernels.cuda.streamed).
+"""compute.device=cuda when a scaling job's layout exceeds free device memory: the KB family,
+physical, array, mixed-family (backends.cuda_mixed_models.StreamedMixedModel) and
+host-evaluated model targets streamed from the host (kernels.cuda.streamed).
 
 stream_layout decides, before anything goes to the device, whether CudaScalingTarget keeps its
 observations on the host: forced by host_resident=True, or when the device-resident layout
@@ -68,8 +69,9 @@ def _array_or_host_layout(target):
         return "array", inputs, layout["free_col"], target.n_par
     mixed = target._mixed_layout()
     if mixed is not None:
-        # several device model families: sized here; on the device when the layout fits
-        # (CudaScalingTarget reuses this host layout), else streamed as a host model
+        # several device model families: sized here; on the device, resident when the
+        # layout fits (CudaScalingTarget reuses this host layout), else per streamed batch
+        # (cuda_mixed_models.StreamedMixedModel)
         target._mixed_host = mixed
         inputs = {f"{f} {name}": np.asarray(v) for f, (*_, family_inputs, _) in
                   enumerate(mixed.families) for name, v in family_inputs.items()
@@ -94,6 +96,22 @@ def device_resident_bytes(n_obs, inputs, n_slots):
     return (4 * 8 + 2 * 8 * n_slots) * n_obs + sum(int(a.nbytes) for a in inputs.values())
 
 
+def mixed_streamed_bytes_per_observation(layout):
+    """Device bytes per observation of one streamed buffer set of a mixed job: I, w, g, the
+    residual factor, dg/dp and its column entries of the combined table, and, for every
+    family, its inputs, position, g and dg/dp per row. Each family's buffers are sized to its
+    largest share of a batch, at most the whole batch: counted as if every batch row were
+    every family's (an upper bound: the batch size it gives always fits)."""
+    per_row = 4 * 8 + 2 * 8 * layout.width
+    for _, _, rows, inputs, cols in layout.families:
+        if not rows.size:
+            continue
+        per_row += 8 + 8 + 8 * cols.shape[1]  # position, g, dg/dp
+        per_row += sum(int(v.nbytes) // rows.size for k, v in inputs.items()
+                       if v is not None and k != "component_start")
+    return per_row
+
+
 def stream_layout(target, host_resident, batch_size, device_memory_limit):
     """Set target up for host streaming and return True, or return False (device-resident)."""
     t = target.table
@@ -102,13 +120,14 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
     total = device_resident_bytes(n, inputs, n_slots)
     if host_resident is None and layout_fits(total, device_memory_limit):
         return False
+    per_observation = total / max(n, 1)
     if kind == "mixed":
-        # streamed mixed jobs keep the host evaluation of g and dg/dp (per call, each
-        # batch's rows copied up): the per-family device evaluation is for resident layouts
-        kind, inputs, cols, n_params = _host_model_layout(target)
-        total = device_resident_bytes(n, inputs, cols.shape[1])
+        # each family's inputs stream through its own per-stream buffers, not the target's
+        # (backends.cuda_mixed_models.StreamedMixedModel)
+        inputs = {}
+        per_observation = mixed_streamed_bytes_per_observation(target._mixed_host)
     if batch_size is None:
-        batch_size = streamed_batch_size(n, total / max(n, 1), device_memory_limit)
+        batch_size = streamed_batch_size(n, per_observation, device_memory_limit)
     target._kind = kind
     target._n_params = n_params
     target._cols = cols
@@ -116,6 +135,14 @@ def stream_layout(target, host_resident, batch_size, device_memory_limit):
     target._device_target = HostStreamedTarget(t.intensity, t.weight, t.group_start, cols,
                                                n_params, batch_size, inputs)
     target.host_resident = True
+    if kind == "mixed":
+        from .cuda_mixed_models import StreamedMixedModel
+
+        streamed = target._device_target
+        target._streamed_mixed = StreamedMixedModel(
+            target._mixed_host, target.manager,
+            [(b.obs_lo, b.obs_hi) for b in streamed.batches if b.n_obs],
+            len(streamed._streams), lambda a: target._upload(a, "parameters"))
     # the job's other passes learn that its layout does not fit: the expansion streams its
     # chunks (batch-sized, nothing kept resident) instead of keeping its inputs on the device
     from .cuda_job_table import current_job_table
@@ -140,6 +167,8 @@ def _count_streamed_copies(target, with_gradient_entries):
     table (pass "scaling target", role "streamed batches")."""
     streamed = target._device_target
     n_bytes = sum(int(a.nbytes) for a in streamed.host.values())
+    if target._kind == "mixed":  # every family's inputs and batch positions
+        n_bytes += target._streamed_mixed.host_bytes()
     for batch in streamed.batches:
         n_bytes += int(batch.host["group_start"].nbytes)
         if with_gradient_entries:
@@ -165,8 +194,9 @@ def normal_equations(target, x):
 
 def model_launcher(target, x):
     """launch(stream, inputs, g, deriv): the model kernel of one streamed batch at x (the
-    parameters go up once, here); a host-evaluated model's g and dg/dp are evaluated here and
-    each batch's rows copied up on its stream."""
+    parameters go up once, here; a mixed job's families' kernels and scatter, their rows of
+    the batch copied on its stream); a host-evaluated model's g and dg/dp are evaluated here
+    and each batch's rows copied up on its stream."""
     tpb = device_models.THREADS_PER_BLOCK
     if target._kind == "host-model":
         g_host, values, cols = target._ell(x)
@@ -188,6 +218,11 @@ def model_launcher(target, x):
             g.copy_to_device(g_host[lo:hi], stream=stream)
             deriv.copy_to_device(values[lo:hi], stream=stream)
         return launch
+    if target._kind == "mixed":
+        # each family's parameters go up once per call, its batch rows per batch
+        target.manager.set_free(x)
+        with target._store.counting("scaling target"):
+            return target._streamed_mixed.launcher(x)
     if target._kind == "array":
         from dials_vmerge.kernels.cuda import array as device_array_model
 

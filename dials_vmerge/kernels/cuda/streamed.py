@@ -106,7 +106,9 @@ class HostStreamedTarget:
 
     model_inputs: name -> per-observation host array (first axis n_obs) that the model kernel
     reads; evaluate(launch_model) calls launch_model(stream, inputs, g, deriv) per batch with
-    the batch's device views (inputs by name, g (m,), deriv (m, K)) to fill g and deriv.
+    the batch's device views (inputs by name, g (m,), deriv (m, K)) to fill g and deriv;
+    inputs["rows"]: the batch's table rows (lo, hi), inputs["buffer_set"]: its stream's
+    index (a model with buffers of its own per stream, e.g. per-family inputs).
     """
 
     host_resident = True
@@ -178,13 +180,14 @@ class HostStreamedTarget:
         views["factor"] = _view(buffers["factor"], (batch.n_obs,))
         views["deriv"] = _view(buffers["deriv"], (batch.n_obs, self.n_slots))
         views["ih"] = _view(buffers["ih"], (max(batch.n_groups, 1),))
-        views["rows"] = (batch.obs_lo, batch.obs_hi)  # for models evaluated on the host
+        views["rows"] = (batch.obs_lo, batch.obs_hi)  # host-evaluated or per-family models
         return views
 
     def evaluate(self, launch_model):
         """(Phi, gradient (n_params,)); launch_model fills g and dg/dp of each batch."""
         def launch(batch, stream_index, stream):
             v = self._upload(batch, self._buffers[stream_index], stream)
+            v["buffer_set"] = stream_index  # a model's own per-stream buffers
             launch_model(stream, v, v["g"], v["deriv"])
             group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK, stream](
                 v["intensity"], v["weight"], v["g"], v["group_start"], v["ih"], v["factor"],

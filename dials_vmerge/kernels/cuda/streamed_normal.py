@@ -116,6 +116,7 @@ class StreamedNormalEquations:
             collect(k)
             stream, scratch = self._streams[k], self._scratch[k]
             v = self._upload(batch, self.streamed._buffers[k], stream)
+            v["buffer_set"] = k  # a model's own per-stream buffers (the target's streams)
             launch_model(stream, v, v["g"], v["deriv"])
             free_col = _view(scratch["free_col"], (batch.n_obs, self.streamed.n_slots))
             free_col.copy_to_device(self.free_col[batch.obs_lo:batch.obs_hi], stream=stream)
