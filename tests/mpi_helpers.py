@@ -1,5 +1,6 @@
 """Running the installed programs under the `mpi` extra's launcher, and comparing their logs
-with a one-process run's (tests/test_mpi_runs.py, tests/test_mpi_merge_rank_rows.py)."""
+with a one-process run's (tests/test_mpi_runs.py, tests/test_mpi_merge_rank_rows.py,
+tests/test_mpi_stats_rank_rows.py)."""
 
 import os
 import re
@@ -12,6 +13,18 @@ import pytest
 BIN = os.path.dirname(sys.executable)
 # progress.stage's line, logged only when a stage was slow: absent or present run by run
 STAGE_TIME = re.compile(r"[A-Za-z][\w ()/,.-]*: (\d+ in )?\d+\.\d s")
+# merging/rank_merge.py's line when a merge ran on each rank's own rows
+RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
+                       r"([\d / ]+) of (\d+)\)")
+
+
+def rows_per_rank(log_path):
+    """(rows held by each rank, rows in all) from a log's rank-rows line, or None when the
+    merge did not run on the ranks' own rows."""
+    match = RANK_ROWS.search(open(log_path).read())
+    if match is None:
+        return None
+    return [int(n) for n in match.group(1).split(" / ")], int(match.group(2))
 
 
 def launcher():

@@ -14,7 +14,6 @@ import filecmp
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,15 +27,13 @@ from dials_vmerge.backends import rank_partition
 from dials_vmerge.io import read_experiments, read_reflections, write_reflections
 
 import mpi_helpers
-from mpi_helpers import comparable_log, launcher
+from mpi_helpers import comparable_log, launcher, rows_per_rank
 
 pytest.importorskip("mpi4py")
 gemmi = pytest.importorskip("gemmi")
 
 QUARTZ = os.path.join(os.path.dirname(__file__), "data", "dials", "quartz_processed")
 TIMEOUT_S = 180
-RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
-                       r"([\d / ]+) of (\d+)\)")
 OUTPUTS = ["dials.vmerge.merge.html", "dials.vmerge.merge.json", "dials.vmerge.merge.log",
            "merged.mtz"]
 
@@ -119,11 +116,11 @@ def test_merge_on_rank_rows_equals_single_process(scaled, single_process, tmp_pa
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(reference)) == OUTPUTS
 
     log = open(tmp_path / "dials.vmerge.merge.log").read()
-    match = RANK_ROWS.search(log)
-    assert match, "the merge did not run on the ranks' own rows"
-    rows = [int(n) for n in match.group(1).split(" / ")]
+    held = rows_per_rank(tmp_path / "dials.vmerge.merge.log")
+    assert held, "the merge did not run on the ranks' own rows"
+    rows, in_all = held
     total = len(read_reflections(refl))
-    assert len(rows) == n_ranks and sum(rows) == int(match.group(2)) == total
+    assert len(rows) == n_ranks and sum(rows) == in_all == total
     if name == "sweeps3":  # every rank holds whole groups, none holds everything
         assert all(0 < n < total for n in rows)
     assert f"MPI: {n_ranks} ranks; " in log
@@ -170,7 +167,7 @@ def test_robust_merge_on_rank_rows_equals_single_process(scaled, tmp_path, name,
     assert run(args, cwd=one).returncode == 0
     done = run(args, cwd=many, n_ranks=n_ranks)
     assert done.returncode == 0, done.stderr
-    assert RANK_ROWS.search(open(many / "dials.vmerge.merge.log").read())
+    assert rows_per_rank(many / "dials.vmerge.merge.log")
     hkl, columns = mtz_columns(many / "merged.mtz")
     hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
     assert np.array_equal(hkl, hkl_ref)
@@ -281,7 +278,7 @@ def test_selections_and_unmerged_mtz_on_rank_rows(scaled, tmp_path):
     args = ["dials.vmerge.merge", expt, refl, "exclude_images=0:1:20", "merging.d_min=2.0",
             "unmerged_mtz=unmerged.mtz"]
     one, two = one_process_and_two_ranks(args, tmp_path)
-    assert RANK_ROWS.search(open(two / "dials.vmerge.merge.log").read())
+    assert rows_per_rank(two / "dials.vmerge.merge.log")
     for name in ("merged.mtz", "unmerged.mtz"):
         hkl, columns = mtz_columns(two / name)
         hkl_ref, columns_ref = mtz_columns(one / name)
@@ -306,8 +303,8 @@ def test_vmerge_merging_stage_on_rank_rows(scaled, tmp_path):
     args = ["dials.vmerge", os.path.join(directory, "simulated.expt"),
             os.path.join(directory, "simulated.refl"), "nproc=1"]
     one, two = one_process_and_two_ranks(args, tmp_path)
-    match = RANK_ROWS.search(open(two / "dials.vmerge.log").read())
-    assert match and all(int(n) > 0 for n in match.group(1).split(" / "))
+    held = rows_per_rank(two / "dials.vmerge.log")
+    assert held and all(n > 0 for n in held[0])
     hkl, columns = mtz_columns(two / "merged.mtz")
     hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")
     assert np.array_equal(hkl, hkl_ref)

@@ -10,7 +10,6 @@ non-anomalous ASU keys with the one-process halfdataset.half_dataset_statistics.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -21,13 +20,11 @@ import dials_vmerge  # noqa: F401  (before numba/scipy.special)
 from dials_vmerge.io import read_reflections
 
 import mpi_helpers
-from mpi_helpers import comparable_log, launcher
+from mpi_helpers import comparable_log, launcher, rows_per_rank
 
 pytest.importorskip("mpi4py")
 
 TIMEOUT_S = 180
-RANK_ROWS = re.compile(r"MPI: merging each rank's own unique reflections \(rows per rank "
-                       r"([\d / ]+) of (\d+)\)")
 OUTPUTS = ["dials.vmerge.stats.html", "dials.vmerge.stats.json", "dials.vmerge.stats.log"]
 
 
@@ -74,11 +71,11 @@ def test_stats_on_rank_rows_equals_one_process(sweeps, one_process, tmp_path, me
     log = open(tmp_path / "dials.vmerge.stats.log").read()
     # the rank path was taken: each rank held only its own rows (whole groups), every rank
     # some and none all of them
-    match = RANK_ROWS.search(log)
-    assert match, "stats did not run on the ranks' own rows"
-    rows = [int(n) for n in match.group(1).split(" / ")]
+    held = rows_per_rank(tmp_path / "dials.vmerge.stats.log")
+    assert held, "stats did not run on the ranks' own rows"
+    rows, in_all = held
     total = len(read_reflections(refl))
-    assert len(rows) == n_ranks and sum(rows) == int(match.group(2)) == total
+    assert len(rows) == n_ranks and sum(rows) == in_all == total
     assert all(0 < n < total for n in rows)
 
     ours = json.load(open(tmp_path / "dials.vmerge.stats.json"))
@@ -112,7 +109,7 @@ def test_stats_with_two_methods_repeats_on_every_rank(sweeps, tmp_path):
     assert run(args, cwd=one).returncode == 0
     done = run(args, cwd=two, n_ranks=2)
     assert done.returncode == 0, done.stderr
-    assert not RANK_ROWS.search(open(two / "dials.vmerge.stats.log").read())
+    assert rows_per_rank(two / "dials.vmerge.stats.log") is None
     report = json.load(open(two / "dials.vmerge.stats.json"))
     assert sorted(report["half_dataset"]) == ["classical", "robust"]
     assert "robust" in report["method_differences"]
@@ -239,8 +236,8 @@ def test_stats_with_ranks_holding_no_rows(tmp_path):
     assert run(args, cwd=one).returncode == 0
     done = run(args, cwd=three, n_ranks=3)
     assert done.returncode == 0, done.stderr
-    match = RANK_ROWS.search(open(three / "dials.vmerge.stats.log").read())
-    assert match and sorted(int(n) for n in match.group(1).split(" / ")) == [0, 0, 1620]
+    held = rows_per_rank(three / "dials.vmerge.stats.log")
+    assert held and sorted(held[0]) == [0, 0, 1620]
     report = json.load(open(one / "dials.vmerge.stats.json"))
     assert report["half_dataset"]["robust"]["cc_half"]["overall"]["n"] > 50
     assert open(three / "dials.vmerge.stats.json").read() == open(
