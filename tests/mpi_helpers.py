@@ -48,6 +48,18 @@ def run(args, cwd, n_ranks=None, env=None, timeout_s=240):
                           env=env)
 
 
+def one_process_and_ranks(args, tmp_path, n_ranks=2, timeout_s=240):
+    """Output directories of `args` run as one process and under n_ranks ranks (both must
+    succeed)."""
+    one, many = tmp_path / "one", tmp_path / f"ranks{n_ranks}"
+    one.mkdir()
+    many.mkdir()
+    assert run(args, cwd=one, timeout_s=timeout_s).returncode == 0
+    done = run(args, cwd=many, n_ranks=n_ranks, timeout_s=timeout_s)
+    assert done.returncode == 0, done.stderr
+    return one, many
+
+
 def comparable_log(path):
     """The log without the lines that legitimately differ: timings, the command, MPI's."""
     keep = []

@@ -18,21 +18,29 @@ RTOL_CPU = 1e-12
 # The whole job, streamed (5 batches) vs device-resident (1 batch): the same LBFGS path up to
 # rounding of the sums (2.8e-16 seen); 1e-10 is the issue's device-vs-CPU bar.
 RTOL_JOB = 1e-10
+# Scaled intensities pass through zero (weak and negative observations), where a relative
+# bar means nothing: an absolute floor of 1e-12, far below any intensity's rounding here.
+ATOL_INTENSITY = 1e-12
+
+
+def streamed_runs(tmp_path, *mode):
+    """tests/cuda_streamed_runs.py in a simulator subprocess: (its results, its stderr)."""
+    out = tmp_path / "streamed.npz"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
+                          str(out), *mode], env=SIM, capture_output=True, text=True,
+                         timeout=900, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return dict(np.load(out)), run.stderr
 
 
 def test_host_streamed_target_and_job_match_device_resident_and_cpu(tmp_path):
-    out = tmp_path / "streamed.npz"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
-                          str(out)], env=SIM, capture_output=True, text=True, timeout=900,
-                         cwd=HERE)
-    assert run.returncode == 0, run.stderr[-4000:]
-    results = dict(np.load(out))
+    results, stderr = streamed_runs(tmp_path)
     check_kinds(results, ("kb", "physical"))
-    assert "streamed from the host in 5 batch(es)" in run.stderr
+    assert "streamed from the host in 5 batch(es)" in stderr
     g_resident, g_streamed = results["job_g"]
     np.testing.assert_allclose(g_streamed, g_resident, rtol=RTOL_JOB, atol=0)
     i_resident, i_streamed = results["job_i"]
-    np.testing.assert_allclose(i_streamed, i_resident, rtol=RTOL_JOB, atol=1e-12)
+    np.testing.assert_allclose(i_streamed, i_resident, rtol=RTOL_JOB, atol=ATOL_INTENSITY)
     assert np.std(g_resident) > 0.01 * np.mean(g_resident)  # the scales really moved
 
 
@@ -40,12 +48,7 @@ def test_array_and_host_evaluated_models_stream(tmp_path):
     """Issue 12: the array model's grids and host-evaluated models (here the array layout
     refused, so g and dg/dp come from the host models batch by batch) stream too, target
     and normal equations."""
-    out = tmp_path / "streamed.npz"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
-                          str(out), "array"], env=SIM, capture_output=True, text=True,
-                         timeout=900, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-4000:]
-    check_kinds(dict(np.load(out)), ("array", "host-model"))
+    check_kinds(streamed_runs(tmp_path, "array")[0], ("array", "host-model"))
 
 
 def test_mixed_family_job_streams_with_device_families(tmp_path):
@@ -57,12 +60,7 @@ def test_mixed_family_job_streams_with_device_families(tmp_path):
     the resident pass and the CPU's. The copies recorded at the numba.cuda API carry I, w
     and the families' inputs, never g or dg/dp from the host (which the forced host
     evaluation of the same table does copy)."""
-    out = tmp_path / "streamed.npz"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
-                          str(out), "mixed"], env=SIM, capture_output=True, text=True,
-                         timeout=900, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-4000:]
-    r = dict(np.load(out))
+    r, _ = streamed_runs(tmp_path, "mixed")
     # normal equations: the forced tiny batches against the resident pass and the CPU
     check_kinds(r, ("mixed",), normal_pairs=("streamed_cpu", "streamed_resident"))
     n, width = int(r["mixed_n_obs"]), int(r["mixed_width"])
@@ -97,19 +95,14 @@ def test_mixed_family_job_streamed_equals_cpu_run(tmp_path):
     scaling round's target streams its table from the host with the families evaluated on
     the device (no host-evaluated g uploaded); g and the scaled intensities equal the CPU
     run's (1e-10)."""
-    out = tmp_path / "streamed.npz"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_streamed_runs.py"),
-                          str(out), "mixed-job"], env=SIM, capture_output=True, text=True,
-                         timeout=900, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-4000:]
-    r = dict(np.load(out))
+    r, _ = streamed_runs(tmp_path, "mixed-job")
     assert len(r["kinds"]) >= 2 and set(r["kinds"]) == {"mixed"}, r["kinds"]
     assert all(r["host_resident"]) and min(r["n_batches"]) > 1, r["n_batches"]
     assert not bool(r["host_model_uploads"])
     g_cpu, g_streamed = r["g"]
     np.testing.assert_allclose(g_streamed, g_cpu, rtol=RTOL_JOB, atol=0)
     i_cpu, i_streamed = r["i"]
-    np.testing.assert_allclose(i_streamed, i_cpu, rtol=RTOL_JOB, atol=1e-12)
+    np.testing.assert_allclose(i_streamed, i_cpu, rtol=RTOL_JOB, atol=ATOL_INTENSITY)
     assert np.std(g_cpu) > 0.01 * np.mean(g_cpu)  # the scales really moved
 
 

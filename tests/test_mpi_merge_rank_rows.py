@@ -68,15 +68,7 @@ def single_process(scaled, tmp_path_factory):
 
 
 def one_process_and_two_ranks(args, tmp_path):
-    """Output directories of `args` run as one process and under two ranks (both must
-    succeed)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=two, n_ranks=2)
-    assert done.returncode == 0, done.stderr
-    return one, two
+    return mpi_helpers.one_process_and_ranks(args, tmp_path, 2, TIMEOUT_S)
 
 
 def mtz_columns(path):
@@ -161,12 +153,7 @@ def test_robust_merge_on_rank_rows_equals_single_process(scaled, tmp_path, name,
     halves) and the log equal one process."""
     expt, refl = scaled[name]
     args = ["dials.vmerge.merge", expt, refl, "merging.method=robust"]
-    one, many = tmp_path / "one", tmp_path / "many"
-    one.mkdir()
-    many.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=many, n_ranks=n_ranks)
-    assert done.returncode == 0, done.stderr
+    one, many = mpi_helpers.one_process_and_ranks(args, tmp_path, n_ranks, TIMEOUT_S)
     assert rows_per_rank(many / "dials.vmerge.merge.log")
     hkl, columns = mtz_columns(many / "merged.mtz")
     hkl_ref, columns_ref = mtz_columns(one / "merged.mtz")

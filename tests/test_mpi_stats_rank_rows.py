@@ -103,12 +103,7 @@ def test_stats_with_two_methods_repeats_on_every_rank(sweeps, tmp_path):
     expt, refl = sweeps
     args = ["dials.vmerge.stats", expt, refl, "merging.method=classical+robust",
             "half_dataset_repeats=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=two, n_ranks=2)
-    assert done.returncode == 0, done.stderr
+    one, two = mpi_helpers.one_process_and_ranks(args, tmp_path, 2, TIMEOUT_S)
     assert rows_per_rank(two / "dials.vmerge.stats.log") is None
     report = json.load(open(two / "dials.vmerge.stats.json"))
     assert sorted(report["half_dataset"]) == ["classical", "robust"]
@@ -230,12 +225,7 @@ def test_stats_with_ranks_holding_no_rows(tmp_path):
     args = ["dials.vmerge.stats", os.path.join(quartz, "scaled.expt"),
             os.path.join(quartz, "scaled.refl"), "merging.method=robust",
             "half_dataset_repeats=3"]
-    one, three = tmp_path / "one", tmp_path / "three"
-    one.mkdir()
-    three.mkdir()
-    assert run(args, cwd=one).returncode == 0
-    done = run(args, cwd=three, n_ranks=3)
-    assert done.returncode == 0, done.stderr
+    one, three = mpi_helpers.one_process_and_ranks(args, tmp_path, 3, TIMEOUT_S)
     held = rows_per_rank(three / "dials.vmerge.stats.log")
     assert held and sorted(held[0]) == [0, 0, 1620]
     report = json.load(open(one / "dials.vmerge.stats.json"))
