@@ -1,0 +1,125 @@
+"""Issue 11: a scaling job whose MPI ranks hold only their own rows.
+
+In a rank-local job each rank holds the input rows of its own unique reflections: a
+contiguous range of the read-time key blocks (backends/rank_partition.py), so its groups are
+a contiguous run of the one-process group order, and the ranks' runs in rank order are that
+order. Every stage then gets the one-process result, bit for bit, from its own rows with the
+primitives below:
+
+- counts, any, min and max over ranks (exact in any order);
+- per-group values gathered in rank order: the one-process group order, so group-level
+  logic (random draws over groups, order statistics) runs unchanged on the gathered arrays
+  and each rank takes its own part back (`own_part`);
+- sums over observations: the key-block tree of backends/block_sums.py, or a sequential
+  pass continued from rank to rank (`sequential_over_ranks`), which has the bits of one pass
+  over all terms in group order.
+
+Outside a rank-local job (one process, or programs that repeat a stage on every rank) every
+primitive is the identity, so stage code calls them unconditionally and N = 1 runs the same
+arithmetic as N > 1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import mpi_world
+
+_active = [False]
+
+
+@contextmanager
+def rank_local_job(enabled: bool = True):
+    """The enclosed job's ranks hold only their own rows (when enabled and N > 1)."""
+    _active.append(bool(enabled) and mpi_world.n_ranks() > 1)
+    try:
+        yield _active[-1]
+    finally:
+        _active.pop()
+
+
+def active() -> bool:
+    """True inside a rank-local job with more than one rank."""
+    return _active[-1]
+
+
+def total(count) -> int:
+    """An integer count summed over ranks (exact)."""
+    if not active():
+        return int(count)
+    return int(mpi_world.allgather_rows(np.array([int(count)], dtype=np.int64)).sum())
+
+
+def totals(counts) -> np.ndarray:
+    """Integer counts (a 1-d array of the same length on every rank) summed over ranks."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not active():
+        return counts
+    return mpi_world.allgather_rows(counts[None, :]).sum(axis=0)
+
+
+def any_rank(flag) -> bool:
+    return total(1 if flag else 0) > 0
+
+
+def all_ranks(flag) -> bool:
+    if not active():
+        return bool(flag)
+    return total(1 if flag else 0) == mpi_world.n_ranks()
+
+
+def maximum(values, empty=-np.inf):
+    """Elementwise maximum over ranks of a float (or 1-d float array); a rank without values
+    passes `empty`."""
+    return _extreme(values, np.max, empty)
+
+
+def minimum(values, empty=np.inf):
+    return _extreme(values, np.min, empty)
+
+
+def _extreme(values, reduce, empty):
+    scalar = np.ndim(values) == 0
+    local = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if not active():
+        return float(local[0]) if scalar else local
+    gathered = mpi_world.allgather_rows(local[None, :])
+    out = reduce(gathered, axis=0)
+    return float(out[0]) if scalar else out
+
+
+def gather_in_rank_order(values) -> np.ndarray:
+    """Every rank's rows of `values` concatenated in rank order, on every rank (for per-group
+    values: the one-process group order)."""
+    if not active():
+        return np.asarray(values)
+    return mpi_world.allgather_rows(values)
+
+
+def offset(n_local: int) -> int:
+    """The number of rows (groups) the ranks before this one hold."""
+    if not active():
+        return 0
+    counts = mpi_world.allgather_rows(np.array([int(n_local)], dtype=np.int64))
+    return int(counts[:mpi_world.rank()].sum())
+
+
+def own_part(global_values, n_local: int):
+    """This rank's part of an array gathered in rank order."""
+    start = offset(n_local)
+    return global_values[start:start + n_local]
+
+
+def sequential_over_ranks(values, add):
+    """`add(values)` in place on a float64 array, each rank continuing from the values the
+    rank before it left: the bits of one sequential pass over all ranks' terms in rank
+    order; the result on every rank."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    if not active():
+        add(values)
+        return values
+    result = mpi_world.pass_along_ranks(values, add)
+    return mpi_world.broadcast_from_output_rank(result.ravel(), np.float64).reshape(
+        values.shape)
