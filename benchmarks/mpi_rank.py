@@ -94,6 +94,10 @@ def main() -> int:
 
     record = {"rank": mpi_world.rank(), "ranks": mpi_world.n_ranks(), "exit_code": code,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    # CPU seconds of this rank (user + system, all threads): on a shared machine the wall time
+    # of N ranks also measures the other jobs; the strong-scaling model is fitted to CPU time
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record["cpu_s"] = usage.ru_utime + usage.ru_stime
     stats = mpi_world.communication_stats()
     record.update({f"comm_{k}": v for k, v in stats.items()})
     record["sharded_compute_s"] = max(0.0, SHARDED["seconds"] - stats["seconds"])

@@ -88,6 +88,7 @@ def run_ranks(data_dir, n_ranks, extra):
         "minimiser_iterations": n_iter,
         "sharded_compute_s_per_rank": [r["sharded_compute_s"] for r in ranks],
         "sharded_calls": root["sharded_calls"],
+        "cpu_s_per_rank": [r.get("cpu_s") for r in ranks],
         "comm_s_per_iteration": root["comm_seconds"] / n_iter if n_iter else None,
         # other jobs on a shared machine slow the ranks: the 1-minute load around the run
         "load_average_before_after": [load_before, load_after],
@@ -99,22 +100,27 @@ def run_ranks(data_dir, n_ranks, extra):
 
 
 def model_times(one, two, ranks=(1, 2, 4, 8, 16, 32, 64)):
-    """T(N) = T_rest + T_target / N + R (L ceil(log2 N) + B N / bandwidth).
+    """T(N) = T_serial + T_parallel / N + R (L ceil(log2 N) + B N / bandwidth).
 
-    T_target is the sharded per-observation work measured in the one-rank run (timers around
-    the target, normal-matrix and fused-pass evaluations, benchmarks/mpi_rank.py);
-    T_rest = T1 - T_target is everything every rank repeats (start-up, reading, preparation,
-    outliers, error model, merging, writing). R reductions of B bytes each (measured at N = 2)
-    are an Allgather whose cost grows with N (every rank receives N partial vectors)."""
-    t_target = min(one["sharded_compute_s_per_rank"][0], one["wall_s"])
-    t_rest = one["wall_s"] - t_target
+    Fitted to CPU time, not wall time (this machine's two cores are shared with other jobs):
+    with C1 the one-rank CPU seconds and C2 the largest per-rank CPU seconds at N = 2,
+    C1 = T_serial + T_parallel and C2 = T_serial + T_parallel / 2, so T_parallel =
+    2 (C1 - C2) and T_serial = 2 C2 - C1 (the work every rank repeats or that one rank does
+    alone: start-up, the partition pass over all rows, group-level decisions, writing on
+    rank 0, plus waiting, which a busy machine adds to C2). R reductions of B bytes each
+    (measured at N = 2) are modelled as an Allgather whose cost grows with N."""
+    c1 = one["cpu_s_per_rank"][0]
+    c2 = max(two["cpu_s_per_rank"])
+    t_parallel = max(0.0, 2.0 * (c1 - c2))
+    t_serial = max(0.0, c1 - t_parallel)
     reductions, size = two["reductions"], two["bytes_per_reduction"]
     out = {}
     for n in ranks:
         comm = 0.0 if n == 1 else reductions * (LATENCY_S * math.ceil(math.log2(n))
                                                 + size * n / BANDWIDTH_BYTES_S)
-        out[n] = {"modelled_wall_s": t_rest + t_target / n + comm, "modelled_comm_s": comm}
-    return {"t_target_s": t_target, "t_rest_s": t_rest, "by_ranks": out}
+        out[n] = {"modelled_wall_s": t_serial + t_parallel / n + comm, "modelled_comm_s": comm}
+    return {"t_parallel_s": t_parallel, "t_serial_s": t_serial, "cpu_s_one_rank": c1,
+            "cpu_s_two_ranks_max": c2, "by_ranks": out}
 
 
 def run_mpi_benchmark(rank_counts, rotation_obs, stills_images, workdir, out_path, seed=1):
@@ -146,18 +152,19 @@ def run_mpi_benchmark(rank_counts, rotation_obs, stills_images, workdir, out_pat
 def format_table(entry):
     unit = "observations" if entry["kind"] == "rotation" else "stills"
     lines = [f"{entry['kind']} ({entry['size']} {unit})",
-             "ranks  wall_s  peak_RSS_MiB/rank  sharded_s/rank  reductions  comm_s  KB/reduction  comm_ms/iter"]
+             "ranks  wall_s  CPU_s/rank  peak_RSS_MiB/rank  sharded_s/rank  reductions  comm_s  KB/reduction  comm_ms/iter"]
     for r in entry["runs"]:
         per_iter = r["comm_s_per_iteration"]
         lines.append(
             f"{r['ranks']:5d}  {r['wall_s']:6.1f}  "
+            f"{'/'.join(f'{c:.0f}' for c in r['cpu_s_per_rank']):>10}  "
             f"{'/'.join(f'{m:.0f}' for m in r['peak_rss_mib_per_rank']):>17}  "
             f"{'/'.join(f'{t:.2f}' for t in r['sharded_compute_s_per_rank']):>14}  "
             f"{r['reductions']:10d}  {r['comm_s']:6.2f}  {r['bytes_per_reduction'] / 1e3:12.1f}  "
             f"{(per_iter or 0) * 1e3:12.2f}")
     if "model" in entry:
         m = entry["model"]
-        lines.append(f"model: T_target {m['t_target_s']:.1f} s, T_rest {m['t_rest_s']:.1f} s; "
+        lines.append(f"model: T_serial {m['t_serial_s']:.1f} s, T_parallel {m['t_parallel_s']:.1f} s; "
                      + ", ".join(f"N={n}: {v['modelled_wall_s']:.1f} s"
                                  for n, v in m["by_ranks"].items()))
         lines.append(f"peak RSS ratio N=2 / N=1: {entry['peak_rss_ratio_2_over_1']:.2f}")
