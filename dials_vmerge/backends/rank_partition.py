@@ -2,8 +2,9 @@
 
 Issue 11 asks that each rank hold and process only the observations of its own unique
 reflections, so that per-rank memory is ~1/N. The partition is made here, from the
-`miller_index` column alone (one pass, in chunks, through the lazy reader), before any other
-column is read:
+`miller_index` column (one pass, in chunks, through the lazy reader; the counts also read
+`id`, `partiality` and, of the rows partial summation may merge, `partial_id` and the
+intensity variances), before any other column is read:
 
 - Key: every row's NON-anomalous ASU index (Friedel mates together), packed into one int64
   whose order is the lexicographic (h, k, l) order of the scaling and merging groupings
@@ -24,10 +25,10 @@ column is read:
   Because every rank boundary is a block boundary for any N, sums taken block by block and
   added as the block sums' tree over the block index give the same bits for N = 1, 2, 3 ...
 
-Every rank computes the same partition from the same column (no communication): it reads
+Every rank computes the same partition from the same columns (no communication): it reads
 `miller_index` twice in slices of PARTITION_CHUNK_ROWS (counting rows per key, then picking
-its rows; no per-row array of the whole input is held, only its own row numbers and one
-count per unique reflection) and then selects its own rows from the table, which leaves the other columns in the file (LazyColumn row
+its rows; no per-row array of the whole input is held, only its own row numbers, one
+count per unique reflection and 32 B per row partial summation may merge) and then selects its own rows from the table, which leaves the other columns in the file (LazyColumn row
 subsets) until a stage reads them: a rank then holds only its own rows of each column. (It
 still reads the file in windows of lazy_column.CHUNK_ROWS rows and picks its rows out: a
 rank's rows are spread over the whole file, since every image measures every resolution
