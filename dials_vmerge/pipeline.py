@@ -135,7 +135,8 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
     d_values = None
     if cut.d_min is not None or cut.d_max is not None:
         d_values = d_from_unit_cell(table.peek("miller_index"), median_unit_cell(experiments))
-    suitable_before = rerun.previously_suitable(table) if rerun.is_rescale(table) else None
+    suitable_before = (rerun.previously_suitable(table, dataset_index)
+                       if rerun.is_rescale(table) else None)
     prepared = prepare_dataset(
         table,
         intensity_choice=params.reflection_selection.intensity_choice,

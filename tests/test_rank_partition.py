@@ -268,16 +268,23 @@ def test_rank_local_block_sum_real_ranks_same_bits_for_any_n(tmp_path):
 
 def test_chunked_partition_of_a_table_equals_the_partition_of_all_keys(simulated):
     # partition_table counts slice by slice; the blocks must be those of all keys at once
-    from dials_vmerge.backends.rank_partition import partition_table
+    from dials_vmerge.backends.rank_partition import (_rows_preparation_drops,
+                                                      partition_of_counts, partition_table,
+                                                      prepared_key_counts)
     from dials_vmerge.io.refl import read_reflections
 
     expt, refl = simulated
     group = space_group_of(expt)
     table = read_reflections(refl)
     keys = non_anomalous_keys(table, group)
+    # the rows preparation keeps, judged on all rows at once (issue 15: the blocks are cut
+    # from those counts; tests/test_rerun_multi_file.py checks them against preparation)
+    whole_counts = prepared_key_counts(*np.unique(keys, return_counts=True),
+                                       [_rows_preparation_drops(table, 0, keys)])
+    assert whole_counts[1].sum() < table.nrows  # the simulation has split partials
     for chunk_rows in (3000, 1 << 18):
         chunked = partition_table(table, group, 3, chunk_rows=chunk_rows)
-        whole = partition_keys(keys, 3)
+        whole = partition_of_counts(*whole_counts, 3)
         assert np.array_equal(chunked.block_keys, whole.block_keys)
         assert np.array_equal(chunked.block_observations, whole.block_observations)
         assert np.array_equal(chunked.rank_blocks, whole.rank_blocks)

@@ -2,8 +2,9 @@
 
 Issue 11 asks that each rank hold and process only the observations of its own unique
 reflections, so that per-rank memory is ~1/N. The partition is made here, from the
-`miller_index` column alone (one pass, in chunks, through the lazy reader), before any other
-column is read:
+`miller_index` column (one pass, in chunks, through the lazy reader; the counts also read
+`id`, `partiality` and, of the rows partial summation may merge, `partial_id` and the
+intensity variances), before any other column is read:
 
 - Key: every row's NON-anomalous ASU index (Friedel mates together), packed into one int64
   whose order is the lexicographic (h, k, l) order of the scaling and merging groupings
@@ -14,16 +15,20 @@ column is read:
 - Blocks: the sorted distinct keys are cut into fixed blocks of about equal observation count
   with the block sums' own rule (backends/block_sums.py fixed_block_bounds on the group
   offsets: n_obs // 4096 blocks, at most 512). A block is a range of keys, so its bounds are a
-  function of the input rows only: the same for any number of ranks.
+  function of the input rows only: the same for any number of ranks. The observations
+  counted are the rows preparation keeps (prepared_key_counts): not rows of no dataset
+  (id < 0) nor the later pieces of split partials it sums into their first piece. So a
+  rerun on scaled.refl, whose rows are those prepared rows, cuts the same blocks as the run
+  that wrote it and reproduces its bits (issue 15).
 - Ranks: rank r owns a contiguous range of whole blocks balanced by observation count
   (block_sums.shard_bounds, within one block of n_obs / N), i.e. a half-open range of keys.
   Because every rank boundary is a block boundary for any N, sums taken block by block and
   added as the block sums' tree over the block index give the same bits for N = 1, 2, 3 ...
 
-Every rank computes the same partition from the same column (no communication): it reads
+Every rank computes the same partition from the same columns (no communication): it reads
 `miller_index` twice in slices of PARTITION_CHUNK_ROWS (counting rows per key, then picking
-its rows; no per-row array of the whole input is held, only its own row numbers and one
-count per unique reflection) and then selects its own rows from the table, which leaves the other columns in the file (LazyColumn row
+its rows; no per-row array of the whole input is held, only its own row numbers, one
+count per unique reflection and 32 B per row partial summation may merge) and then selects its own rows from the table, which leaves the other columns in the file (LazyColumn row
 subsets) until a stage reads them: a rank then holds only its own rows of each column. (It
 still reads the file in windows of lazy_column.CHUNK_ROWS rows and picks its rows out: a
 rank's rows are spread over the whole file, since every image measures every resolution
@@ -164,13 +169,64 @@ def partition_of_counts(distinct, counts, n_ranks: int) -> RowPartition:
     return RowPartition(block_keys, block_observations, rank_blocks)
 
 
+def _rows_preparation_drops(table, start, keys):
+    """Of rows start.. of `table` (keys: their packed keys), what preparation will not keep
+    as rows of their own: (keys of rows of no dataset (id < 0), (id, partial_id, row, key) of
+    the rows partial summation may merge). The candidates are those of
+    scaling/prepare.py sum_partial_reflections: partiality < FULL_PARTIALITY and a positive
+    variance of every intensity present (sum, prf, scale); only their few columns' values
+    are read, slice by slice."""
+    from ..scaling.prepare import FULL_PARTIALITY
+
+    rows = np.arange(start, start + keys.size, dtype=np.int64)
+    ids = (np.asarray(table.peek("id", rows), dtype=np.int64) if "id" in table
+           else np.zeros(rows.size, np.int64))
+    dropped = keys[ids < 0]
+    if not ("partiality" in table and "partial_id" in table):
+        return dropped, None
+    candidate = (ids >= 0) & (np.asarray(table.peek("partiality", rows)) < FULL_PARTIALITY)
+    for kind in ("sum", "prf", "scale"):
+        if f"intensity.{kind}.value" in table:
+            at = np.flatnonzero(candidate)
+            candidate[at] = np.asarray(table.peek(f"intensity.{kind}.variance", rows[at])) > 0
+    at = np.flatnonzero(candidate)
+    partial_id = np.asarray(table.peek("partial_id", rows[at]), dtype=np.int64)
+    return dropped, (ids[at], partial_id, rows[at], keys[at])
+
+
+def prepared_key_counts(distinct, counts, unkept):
+    """(sorted distinct keys, rows per key) of the rows preparation keeps, from those of all
+    rows (distinct, counts) and the slices' _rows_preparation_drops: rows of no dataset are
+    taken off, and of the candidates sharing (id, partial_id) (one split partial; summed per
+    dataset, files number partial_id from 0 each) all but the first in row order, which
+    summation keeps, each at its own key."""
+    distinct = np.asarray(distinct, dtype=np.int64)
+    counts = np.array(counts, dtype=np.int64)
+    dropped = [d for d, _ in unkept]
+    pieces = [c for _, c in unkept if c is not None and c[0].size]
+    if pieces:
+        ids, partial_id, rows, keys = (np.concatenate([p[i] for p in pieces]) for i in range(4))
+        order = np.lexsort((rows, partial_id, ids))
+        ids, partial_id, keys = ids[order], partial_id[order], keys[order]
+        later = np.r_[False, (ids[1:] == ids[:-1]) & (partial_id[1:] == partial_id[:-1])]
+        dropped.append(keys[later])
+    dropped = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
+    if dropped.size == 0:
+        return distinct, counts
+    gone, n_gone = np.unique(dropped, return_counts=True)
+    counts[np.searchsorted(distinct, gone)] -= n_gone
+    kept = counts > 0
+    return distinct[kept], counts[kept]
+
+
 def partition_table(table, space_group, n_ranks: int,
                     chunk_rows: int = PARTITION_CHUNK_ROWS) -> RowPartition:
     """The partition of a read table. The rows' keys are counted slice by slice (the running
     counts are per unique reflection), so no per-row array of the whole table is held."""
     distinct = np.zeros(0, np.int64)
     counts = np.zeros(0, np.int64)
-    for _, keys in _key_chunks(table, space_group, chunk_rows):
+    unkept = []
+    for start, keys in _key_chunks(table, space_group, chunk_rows):
         chunk_distinct, chunk_counts = np.unique(keys, return_counts=True)
         # merge two sorted key lists without sorting their union again (that took ~7 s at
         # 1e7 rows; this ~1 s)
@@ -180,7 +236,8 @@ def partition_table(table, space_group, n_ranks: int,
         counts[at[known]] += chunk_counts[known]
         distinct = np.insert(distinct, at[~known], chunk_distinct[~known])
         counts = np.insert(counts, at[~known], chunk_counts[~known])
-    return partition_of_counts(distinct, counts, n_ranks)
+        unkept.append(_rows_preparation_drops(table, start, keys))
+    return partition_of_counts(*prepared_key_counts(distinct, counts, unkept), n_ranks)
 
 
 def _distinct_key_counts(keys):
@@ -243,7 +300,10 @@ def keyed_partition(table, space_group, n_ranks: int, chunk_rows: int = PARTITIO
     preparation can reuse the mapping. None: miller_index is not in a file (no row
     provenance to look the keys up by)."""
     keys = non_anomalous_keys(table, space_group, chunk_rows)
-    partition = partition_of_counts(*_distinct_key_counts(keys), n_ranks)
+    unkept = [_rows_preparation_drops(table, start, keys[start:start + chunk_rows])
+              for start in range(0, table.nrows, chunk_rows)]
+    partition = partition_of_counts(
+        *prepared_key_counts(*_distinct_key_counts(keys), unkept), n_ranks)
     located = table.file_rows_of("miller_index", np.arange(table.nrows)) \
         if hasattr(table, "file_rows_of") else None
     if located is None:

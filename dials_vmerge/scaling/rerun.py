@@ -41,12 +41,51 @@ def clear_flags_for_rerun(table) -> None:
                       flags.outlier_in_scaling | flags.scaled)
 
 
-def previously_suitable(table) -> np.ndarray:
-    """Rows neither user-excluded nor excluded_for_scaling (before this run's preparation)."""
-    return ~table.get_flags(PREPARATION_FLAGS, all=False)
+class SuitableBefore:
+    """Which rows the previous run's preparation kept, looked up as preparation's
+    `original_index` numbers them: by (dataset, position among that dataset's rows)
+    (prepare.rank_within_dataset). A table joining several datasets numbers each dataset
+    from 0, so a row's original_index is not its row number in the table (issue 15: indexed
+    as one, a multi-dataset rerun took other datasets' rows for its own and lost the
+    previous run's exclusions)."""
+
+    def __init__(self, suitable: np.ndarray, dataset_index=None, ids=None):
+        suitable = np.asarray(suitable, dtype=bool)
+        if dataset_index is None:
+            self.by_rank = suitable
+            self.offsets = np.zeros(1, dtype=np.int64)
+            self.dataset_of_id = None
+            return
+        from ..kernels.flat import rows_by_dataset
+
+        dataset_index = np.asarray(dataset_index, dtype=np.int64)
+        n_datasets = int(dataset_index.max()) + 1 if dataset_index.size else 0
+        order, offsets = rows_by_dataset(dataset_index, n_datasets)
+        self.by_rank = suitable[order]  # dataset-major, each dataset's rows in row order
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        self.dataset_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
+        self.dataset_of_id[ids] = dataset_index  # one dataset per id
+
+    def of_rows(self, original_index, ids=None) -> np.ndarray:
+        """Previous suitability of prepared rows, given their original_index and id."""
+        rank = np.asarray(original_index, dtype=np.int64)
+        if self.dataset_of_id is None:
+            return self.by_rank[rank]
+        dataset = self.dataset_of_id[np.asarray(ids, dtype=np.int64)]
+        return self.by_rank[self.offsets[dataset] + rank]
 
 
-def restart_prepared_table(table, suitable_before: np.ndarray) -> None:
+def previously_suitable(table, dataset_index=None) -> SuitableBefore:
+    """Rows neither user-excluded nor excluded_for_scaling (before this run's preparation);
+    dataset_index: each row's dataset, as given to preparation."""
+    suitable = ~table.get_flags(PREPARATION_FLAGS, all=False)
+    if dataset_index is None:
+        return SuitableBefore(suitable)
+    return SuitableBefore(suitable, dataset_index, table["id"])
+
+
+def restart_prepared_table(table, suitable_before: SuitableBefore) -> None:
     """g = 1 on every row; undo `excluded_for_scaling` that this run's initial filter set on rows the previous
     preparation kept: the previous run judged them as partial pieces, this one would judge
     the summed rows (I/sigma of a sum of pieces, each above min_isigi, can be below it).
@@ -54,7 +93,8 @@ def restart_prepared_table(table, suitable_before: np.ndarray) -> None:
     table["inverse_scale_factor"] = np.ones(table.nrows)
     if "original_index" not in table:
         return
-    kept_before = suitable_before[np.asarray(table["original_index"], dtype=np.int64)]
+    kept_before = suitable_before.of_rows(
+        table["original_index"], table["id"] if suitable_before.dataset_of_id is not None else None)
     refilter = kept_before & table.get_flags(flags.excluded_for_scaling)
     if "variance" in table:
         refilter &= np.asarray(table["variance"]) > 0
