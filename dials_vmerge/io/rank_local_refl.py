@@ -1,0 +1,193 @@
+"""scaled.refl of a rank-local job (issue 11): every rank holds only its own rows of the
+scaled table, rank 0 writes the one file, byte for byte the file one process writes.
+
+No rank ever holds all rows of all columns. The ranks' rows interleave in the file (the
+file is in input order, the ranks own ranges of unique reflections), so:
+
+1. every rank sends its rows' `output_order_key` (ascending on each rank) to rank 0, which
+   merges them into `owner`, the rank each file row comes from (1 B per row for up to 255
+   ranks), and cuts the file rows into windows of WINDOW_ROWS; for each window it keeps
+   where the window's rows of the ranks, concatenated in rank order, go (4 B per row) and
+   tells every rank how many of its rows each window holds (a small broadcast);
+2. column by column (DIALS order: names sorted by their bytes) and window by window, each
+   rank sends its next rows of the column (they are consecutive on the rank: both orders
+   are ascending), rank 0 places them and streams the window into the file.
+
+Rank 0's memory while writing is therefore ~5 B per row of the whole table plus two windows
+of one column (<= 2 x 24 MB), against the table's ~100-400 B per row; the other ranks read
+one window of one column at a time from their (file-backed) columns.
+
+The file is written through io.atomic like every output: every rank opens the atomic file
+(the commit is a collective: io.atomic._replace asks every rank), only rank 0's bytes are
+published. A rank that fails while writing leaves the others in a gather until the job is
+stopped (mpi_world's error handling), and no file is published.
+
+Headers (column names and types, identifiers, total rows) are checked equal on every rank
+first, so all ranks enter the same collectives in the same order or all raise the same error.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+from ..backends import mpi_world
+from ..errors import VmergeError
+from ..table import COLUMN_TYPES
+from .atomic import atomic_write
+from .refl import MAGIC, WRITE_VERSION, _bin_header
+
+# file rows per window: the unit of one gather and one write (a 1e6-row window of a vec3
+# double column is 24 MB on rank 0, twice: received and placed)
+WINDOW_ROWS = 1 << 20
+
+
+def _description(table):
+    """What every rank must agree on before the collectives: (names in DIALS order, their
+    types, identifiers), this rank's rows and whether its keys are usable."""
+    names = sorted(table.keys(), key=lambda s: s.encode())
+    keys = getattr(table, "output_order_key", None)
+    problem = None
+    if keys is None:
+        problem = "has no output_order_key"
+    else:
+        keys = np.asarray(keys)
+        if keys.shape != (table.nrows,):
+            problem = f"has {keys.shape} output_order_keys for {table.nrows} rows"
+        elif keys.size > 1 and not np.all(np.diff(keys.astype(np.int64)) > 0):
+            problem = "has output_order_keys that are not strictly ascending"
+    unsupported = [n for n in names if table.column_type(n) in ("Shoebox<>", "std::string")]
+    if unsupported and problem is None:
+        problem = (f"holds a {table.column_type(unsupported[0])} column '{unsupported[0]}', "
+                   "which a rank-local run cannot write (output.delete_integration_shoeboxes"
+                   "=True drops shoeboxes)")
+    header = ([(n, table.column_type(n)) for n in names],
+              sorted((int(k), str(v)) for k, v in table.identifiers.items()))
+    return header, int(table.nrows), problem
+
+
+def _agree(table):
+    """(header, rows of every rank): identical on every rank, or every rank raises."""
+    comm = mpi_world.world()
+    described = comm.allgather(_description(table))
+    for rank, (_, _, problem) in enumerate(described):
+        if problem is not None:
+            raise VmergeError(f"internal error: rank {rank}'s scaled table {problem}")
+    header = described[0][0]
+    for rank, (other, _, _) in enumerate(described):
+        if other != header:
+            raise VmergeError(f"internal error: rank {rank}'s scaled table has other columns "
+                              "or identifiers than rank 0's")
+    return header, np.array([d[1] for d in described], dtype=np.int64)
+
+
+def _owner_windows(keys, rows_per_rank, window_rows):
+    """Rank 0: (each window's placement: position in the window of each of its rows taken in
+    rank order, int32), the window counts [window, rank] and an error message or None.
+    Other ranks: (None, None, None)."""
+    gathered = mpi_world.gather_rows_to_output_rank(np.ascontiguousarray(keys, np.int64))
+    if not mpi_world.is_output_rank():
+        return None, None, None
+    n_ranks = rows_per_rank.size
+    # each rank's run is ascending: the stable sort merges the runs
+    order = np.argsort(gathered, kind="stable")
+    merged = gathered[order]
+    if merged.size > 1 and np.any(merged[1:] == merged[:-1]):
+        return None, None, "two ranks hold rows with the same output_order_key"
+    del merged, gathered
+    small = np.uint8 if n_ranks < 256 else np.int32
+    owner = np.repeat(np.arange(n_ranks, dtype=small), rows_per_rank)[order]
+    del order
+    total = int(rows_per_rank.sum())
+    n_windows = (total + window_rows - 1) // window_rows
+    counts = np.zeros((n_windows, n_ranks), dtype=np.int64)
+    placements = []
+    for w in range(n_windows):
+        part = owner[w * window_rows:(w + 1) * window_rows]
+        counts[w] = np.bincount(part, minlength=n_ranks)
+        # the rows of rank 0, then rank 1, ... (each in file order) -> their window positions
+        placements.append(np.argsort(part, kind="stable").astype(np.int32))
+    return placements, counts, None
+
+
+def _window_counts(counts, error, n_ranks):
+    """Rank 0's window counts (and error) on every rank: one broadcast of int64s
+    [status, n_windows, counts...]."""
+    if mpi_world.is_output_rank():
+        if error is not None:
+            packed = np.array([1, 0], dtype=np.int64)
+        else:
+            packed = np.concatenate([[0, counts.shape[0]], counts.ravel()]).astype(np.int64)
+    else:
+        packed = None
+    packed = mpi_world.broadcast_from_output_rank(packed, np.int64)
+    if packed[0] != 0:
+        raise VmergeError("internal error: two ranks hold rows with the same "
+                          "output_order_key")
+    return packed[2:].reshape(int(packed[1]), n_ranks)
+
+
+def _local_rows(table, name, start, stop, dtype, is_bool):
+    """Rows start:stop of this rank's column, contiguous in the file's element type."""
+    if stop <= start:
+        shape = COLUMN_TYPES[table.column_type(name)][1]
+        return np.zeros((0,) + shape, dtype=np.uint8 if is_bool else dtype)
+    values = table.peek(name, np.arange(start, stop, dtype=np.int64))
+    if is_bool:
+        return np.ascontiguousarray(values, dtype=np.uint8)
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def write_rank_local_reflections(table, path: str, window_rows: int | None = None) -> None:
+    """Collective: write the rows every rank holds of a rank-local scaled table as one
+    `.refl` at `path` on rank 0 (module docstring). Every rank calls it, each with its own
+    path (its staged path: only rank 0's is published). window_rows: default WINDOW_ROWS."""
+    window_rows = int(window_rows or WINDOW_ROWS)
+    header, rows_per_rank = _agree(table)
+    columns, identifiers = header
+    n_ranks, me = rows_per_rank.size, mpi_world.rank()
+    total = int(rows_per_rank.sum())
+    placements, counts, error = _owner_windows(table.output_order_key, rows_per_rank,
+                                               window_rows)
+    counts = _window_counts(counts, error, n_ranks)
+    output = mpi_world.is_output_rank()
+    with atomic_write(path, "wb") as f:
+        write = f.write if output else (lambda data: None)
+        packer = msgpack.Packer(use_bin_type=True)
+        # the header exactly as io.refl._stream_reflections writes it
+        write(packer.pack_array_header(3))
+        write(packer.pack(MAGIC))
+        write(packer.pack(WRITE_VERSION))
+        write(packer.pack_map_header(3))
+        write(packer.pack("identifiers"))
+        write(packer.pack({k: v for k, v in identifiers}))
+        write(packer.pack("nrows"))
+        write(packer.pack(total))
+        write(packer.pack("data"))
+        write(packer.pack_map_header(len(columns)))
+        for name, type_name in columns:
+            dtype, shape = COLUMN_TYPES[type_name]
+            is_bool = type_name == "bool"
+            element_bytes = dtype.itemsize * int(np.prod(shape))
+            write(packer.pack(name))
+            write(packer.pack_array_header(2))
+            write(packer.pack(type_name))
+            write(packer.pack_array_header(2))
+            write(packer.pack(total))
+            write(_bin_header(element_bytes * total))
+            start = 0
+            for w in range(counts.shape[0]):
+                stop = start + int(counts[w, me])
+                piece = _local_rows(table, name, start, stop, dtype, is_bool)
+                start = stop
+                gathered = mpi_world.gather_rows_to_output_rank(piece)
+                del piece
+                if not output:
+                    continue
+                window = np.empty_like(gathered)
+                window[placements[w]] = gathered
+                del gathered
+                write(window.data.cast("B"))
+                del window
+            if start != table.nrows:  # a bug: the counts did not cover this rank's rows
+                raise RuntimeError(f"column '{name}': sent {start} of {table.nrows} rows")
