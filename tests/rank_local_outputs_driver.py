@@ -12,7 +12,8 @@ scaled.refl, merging, statistics, the report, merged.mtz) is the real program.
 
 Environment: RANK_LOCAL_WINDOW_ROWS (io/rank_local_refl.WINDOW_ROWS, to cut small files into
 several windows), RANK_LOCAL_FAIL_RANK (that rank raises while writing scaled.refl),
-RANK_LOCAL_ALL_ON_RANK (that rank holds every row, the others none).
+RANK_LOCAL_ALL_ON_RANK (that rank holds every row, the others none), RANK_LOCAL_EVEN_KEYS
+(the rows cut by equal numbers of distinct keys instead of the key blocks).
 """
 
 import json
@@ -39,6 +40,17 @@ def rank_local_job(params, experiments, table, log):
     holder = os.environ.get("RANK_LOCAL_ALL_ON_RANK")
     if holder is not None:
         rows = np.arange(scaled.nrows if me == int(holder) else 0, dtype=np.int64)
+        own = scaled.select(rows)
+    elif os.environ.get("RANK_LOCAL_EVEN_KEYS"):
+        # finer than the read-time key blocks (a small file is one block, all on one rank):
+        # the distinct non-anomalous keys cut into N ranges of equal numbers of keys
+        space_group = geometry.space_group(experiments[0])
+        keys = np.concatenate([k for _, k in rank_partition._key_chunks(
+            scaled, space_group, rank_partition.PARTITION_CHUNK_ROWS)])
+        distinct = np.unique(keys)
+        cuts = [distinct[distinct.size * r // n] if distinct.size * r // n < distinct.size
+                else np.iinfo(np.int64).max for r in range(n)] + [np.iinfo(np.int64).max]
+        rows = np.flatnonzero((keys >= cuts[me]) & (keys < cuts[me + 1])).astype(np.int64)
         own = scaled.select(rows)
     else:
         part = rank_partition.rank_rows(scaled, geometry.space_group(experiments[0]), n, me)

@@ -19,8 +19,10 @@ one window of one column at a time from their (file-backed) columns.
 
 The file is written through io.atomic like every output: every rank opens the atomic file
 (the commit is a collective: io.atomic._replace asks every rank), only rank 0's bytes are
-published. A rank that fails while writing leaves the others in a gather until the job is
-stopped (mpi_world's error handling), and no file is published.
+published. Errors while writing (a rank's column read, rank 0's write) are exchanged before
+every window's gather, so all ranks raise the same error together and unwind normally: no
+file, no temporary file is left (a rank that fails alone would make mpi_world abort the
+job, which kills rank 0 before it removes its temporary files).
 
 Headers (column names and types, identifiers, total rows) are checked equal on every rank
 first, so all ranks enter the same collectives in the same order or all raise the same error.
@@ -127,6 +129,24 @@ def _window_counts(counts, error, n_ranks):
     return packed[2:].reshape(int(packed[1]), n_ranks)
 
 
+def _raise_together(error):
+    """Every rank calls this with the error it met while writing (or None); if any rank met
+    one, every rank raises the lowest such rank's message: the ranks leave the writer
+    together, through their normal unwinding (the staged files are removed), instead of the
+    healthy ranks waiting in the next gather until the failed one aborts the job (an abort
+    kills rank 0 before it removes its temporary files in the output directory)."""
+    comm = mpi_world.world()
+    message = None
+    if error is not None:
+        message = (str(error) if isinstance(error, VmergeError) else
+                   f"internal error while writing the reflections on MPI rank "
+                   f"{mpi_world.rank()}: {type(error).__name__}: {error}")
+    messages = comm.allgather(message)
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise VmergeError(first)
+
+
 def _local_rows(table, name, start, stop, dtype, is_bool):
     """Rows start:stop of this rank's column, contiguous in the file's element type."""
     if stop <= start:
@@ -151,6 +171,7 @@ def write_rank_local_reflections(table, path: str, window_rows: int | None = Non
                                                window_rows)
     counts = _window_counts(counts, error, n_ranks)
     output = mpi_world.is_output_rank()
+    failed = None  # this rank's error, raised by every rank at the next _raise_together
     with atomic_write(path, "wb") as f:
         write = f.write if output else (lambda data: None)
         packer = msgpack.Packer(use_bin_type=True)
@@ -178,16 +199,24 @@ def write_rank_local_reflections(table, path: str, window_rows: int | None = Non
             start = 0
             for w in range(counts.shape[0]):
                 stop = start + int(counts[w, me])
-                piece = _local_rows(table, name, start, stop, dtype, is_bool)
+                try:
+                    piece = _local_rows(table, name, start, stop, dtype, is_bool)
+                except Exception as e:  # noqa: BLE001 (raised by every rank just below)
+                    failed, piece = e, None
                 start = stop
+                _raise_together(failed)
                 gathered = mpi_world.gather_rows_to_output_rank(piece)
                 del piece
                 if not output:
                     continue
-                window = np.empty_like(gathered)
-                window[placements[w]] = gathered
-                del gathered
-                write(window.data.cast("B"))
-                del window
-            if start != table.nrows:  # a bug: the counts did not cover this rank's rows
-                raise RuntimeError(f"column '{name}': sent {start} of {table.nrows} rows")
+                try:
+                    window = np.empty_like(gathered)
+                    window[placements[w]] = gathered
+                    del gathered
+                    write(window.data.cast("B"))
+                    del window
+                except Exception as e:  # noqa: BLE001 (raised by every rank at the next check)
+                    failed = e
+            if start != table.nrows and failed is None:  # a bug: counts missed rows
+                failed = RuntimeError(f"column '{name}': sent {start} of {table.nrows} rows")
+        _raise_together(failed)
