@@ -39,9 +39,11 @@ from ..table import COLUMN_TYPES
 from .atomic import atomic_write
 from .refl import MAGIC, WRITE_VERSION, _bin_header
 
-# file rows per window: the unit of one gather and one write (a 1e6-row window of a vec3
-# double column is 24 MB on rank 0, twice: received and placed)
-WINDOW_ROWS = 1 << 20
+# file rows per window: the unit of one gather and one write (a window of a vec3 double
+# column is 6 MB on rank 0, twice: received and placed). On a 1e6-row file at N = 2, rank
+# 0's write peaked 76 MB above its RSS with 2^20 rows, 27 MB with 2^18 and 2^16 (the key
+# merge's sort then set the floor); ~3 collectives per window and column.
+WINDOW_ROWS = 1 << 18
 
 
 def _description(table):
@@ -91,15 +93,27 @@ def _owner_windows(keys, rows_per_rank, window_rows):
     if not mpi_world.is_output_rank():
         return None, None, None
     n_ranks = rows_per_rank.size
-    # each rank's run is ascending: the stable sort merges the runs
-    order = np.argsort(gathered, kind="stable")
-    merged = gathered[order]
-    if merged.size > 1 and np.any(merged[1:] == merged[:-1]):
-        return None, None, "two ranks hold rows with the same output_order_key"
-    del merged, gathered
+    starts = np.concatenate([[0], np.cumsum(rows_per_rank)]).astype(np.int64)
+    runs = [gathered[starts[r]:starts[r + 1]] for r in range(n_ranks)]
     small = np.uint8 if n_ranks < 256 else np.int32
-    owner = np.repeat(np.arange(n_ranks, dtype=small), rows_per_rank)[order]
-    del order
+    owner = np.empty(int(starts[-1]), dtype=small)
+    # each rank's run is ascending: a row's file position is its place in its run plus the
+    # rows of the other runs with smaller keys (one rank's positions held at a time, not a
+    # sort of all keys: ~9 B per row at the peak instead of ~24)
+    for r in range(n_ranks):
+        position = np.arange(runs[r].size, dtype=np.int64)
+        for other in range(n_ranks):
+            if other == r or runs[other].size == 0:
+                continue
+            before = np.searchsorted(runs[other], runs[r], side="left")
+            inside = before < runs[other].size
+            if np.any(runs[other][before[inside]] == runs[r][inside]):
+                return None, None, "two ranks hold rows with the same output_order_key"
+            position += before
+            del before, inside
+        owner[position] = r
+        del position
+    del runs, gathered
     total = int(rows_per_rank.sum())
     n_windows = (total + window_rows - 1) // window_rows
     counts = np.zeros((n_windows, n_ranks), dtype=np.int64)
