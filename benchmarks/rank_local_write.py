@@ -3,10 +3,11 @@
     python benchmarks/rank_local_write.py SCALED.EXPT SCALED.REFL OUT_DIR        # one process
     mpiexec -n 2 python benchmarks/rank_local_write.py SCALED.EXPT SCALED.REFL OUT_DIR
 
-One process: the table read from SCALED.REFL (columns lazy, as the spilled scaled table of a
-run is) written with io.refl.write_reflections. N ranks: each rank takes its rows
-(rank_partition.rank_rows, lazy columns; output_order_key = their row numbers) and all write
-with io.rank_local_refl.write_rank_local_reflections. Each rank resets its peak RSS (VmHWM,
+One process: the table read from SCALED.REFL, N ranks: each rank's rows of it
+(rank_partition.rank_rows; output_order_key = their row numbers); every column is then moved
+to a scratch file column by column (table.spill), as run_scaling_job leaves the scaled table,
+and written with io.refl.write_reflections (one process) or
+io.rank_local_refl.write_rank_local_reflections (N ranks). Each rank resets its peak RSS (VmHWM,
 /proc/self/clear_refs) just before the write and reads it after: the figure is the write's
 own peak, against the RSS it started from. Writes OUT_DIR/rank{r}.json; OUT_DIR/scaled.refl
 is the written file (compare it with SCALED.REFL: cmp). RANK_LOCAL_WINDOW_ROWS: the window
@@ -48,6 +49,11 @@ def main():
         table = part.table
         table.output_order_key = np.asarray(part.input_rows, dtype=np.int64)
         del part
+    # as run_scaling_job leaves it: every column in a scratch file of this process's rows
+    # (not rows selected from the shared input file, which each rank would read in full)
+    for name in table.keys():
+        table[name] = table.peek(name)
+        table.spill([name])
     release_free_memory()
     before = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
