@@ -258,7 +258,7 @@ def write_rank_local_reflections(table, path: str, window_rows: int | None = Non
                     # a take into the window (quicker than a scatter by fancy index)
                     np.take(gathered, sources[w], axis=0, out=window, mode="clip")
                     del gathered
-                    write(window.data.cast("B"))
+                    write(window.reshape(-1).data.cast("B"))
                     del window
                 except Exception as e:  # noqa: BLE001 (raised by every rank at the next check)
                     failed = e
