@@ -13,7 +13,9 @@ scaled.refl, merging, statistics, the report, merged.mtz) is the real program.
 Environment: RANK_LOCAL_WINDOW_ROWS (io/rank_local_refl.WINDOW_ROWS, to cut small files into
 several windows), RANK_LOCAL_FAIL_RANK (that rank raises while writing scaled.refl),
 RANK_LOCAL_ALL_ON_RANK (that rank holds every row, the others none), RANK_LOCAL_EVEN_KEYS
-(the rows cut by equal numbers of distinct keys instead of the key blocks).
+(the rows cut by equal numbers of distinct keys instead of the key blocks),
+RANK_LOCAL_PEAK_DIR (each rank writes its peak RSS there at exit: benchmarks; with
+RANK_LOCAL_PEAK_STACK=1 also where its sampled RSS peaked).
 """
 
 import json
@@ -61,8 +63,36 @@ def rank_local_job(params, experiments, table, log):
     return experiments, own, summary
 
 
+def record_peak(directory):
+    """At exit: this rank's peak RSS (VmHWM, kB) into directory/peak_rank<r>_of<N>.txt."""
+    import atexit
+
+    sampler = None
+    if os.environ.get("RANK_LOCAL_PEAK_STACK"):
+        # benchmarks/mpi_rank.py's sampler: where this rank's RSS peaked
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+        from mpi_rank import PeakSampler
+
+        sampler = PeakSampler()
+
+    def write():
+        with open("/proc/self/status") as f:
+            peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+        name = f"peak_rank{mpi_world.rank()}_of{mpi_world.n_ranks()}.txt"
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(peak + "\n")
+            if sampler is not None:
+                record = sampler.record()
+                f.write(f"sampled {record['sampled_peak_mib']:.1f} MiB at\n")
+                f.write("\n".join(record["stack_at_peak"]) + "\n")
+
+    atexit.register(write)
+
+
 def main():
     vmerge.run_scaling_job = rank_local_job
+    if os.environ.get("RANK_LOCAL_PEAK_DIR"):
+        record_peak(os.environ["RANK_LOCAL_PEAK_DIR"])
     if os.environ.get("RANK_LOCAL_WINDOW_ROWS"):
         rank_local_refl.WINDOW_ROWS = int(os.environ["RANK_LOCAL_WINDOW_ROWS"])
     fail = os.environ.get("RANK_LOCAL_FAIL_RANK")
