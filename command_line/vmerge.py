@@ -12,7 +12,8 @@ from dials_vmerge.merging.rank_merge import merge_scaled_table
 from dials_vmerge.pipeline import (json_ready, log_scaled_files_saved, run_scaling_job,
                                    start_writing_scaled_files)
 from dials_vmerge.progress import run_progress, stage
-from dials_vmerge.model.curves import model_curves
+from dials_vmerge.backends.rank_local import holds_own_rows
+from dials_vmerge.model.curves import model_curves, scaled_z_extremes_over_ranks
 from dials_vmerge.report import stage_report
 
 HELP = """\
@@ -68,11 +69,16 @@ def _run(params, inputs, log):
                                                        scale=run_scaling_job)
     else:
         experiments, table, summary = run_scaling_job(params, inputs.experiments, table, log)
+    # issue 11: a rank-local job returned this rank's rows only (backends/rank_local.py);
+    # writing, merging and the report then gather from every rank (collectives, entered by
+    # every rank in the same order)
+    rank_local = holds_own_rows(table)
     with StagedOutputs() as staged:
         # The scaled files are written first, under temporary names that become scaled.expt
         # and scaled.refl only when everything below has succeeded. The table's columns are
         # file-backed (scratch file, input file), so merging reads the few it needs from
-        # there while scaled.refl is written by a background thread (issue 10).
+        # there while scaled.refl is written by a background thread (issue 10); in a
+        # rank-local job it is written first, in line (its gathers are collectives).
         with stage(log, "Writing scaled files"):
             writing = start_writing_scaled_files(params, experiments, table, staged)
             log_scaled_files_saved(params, log)
@@ -86,6 +92,10 @@ def _run(params, inputs, log):
             writing.wait()  # the file is complete (or failed) before the staging removes it
             raise
         scaled_refl = writing.result()  # the writer's error, if any, is raised here
+        z_extremes = None
+        if rank_local:
+            # no rank holds the file's rows: the report's z ranges from every rank's own
+            z_extremes = scaled_z_extremes_over_ranks(table, experiments)
         del table
         from dials_vmerge.backends.run_device import device_transfer_report
 
@@ -97,10 +107,10 @@ def _run(params, inputs, log):
         # run's peak).
         release_free_memory(collect_cycles=False)
         with stage(log, "Writing merged files"):
+            curves = (model_curves(experiments, extremes=z_extremes) if rank_local
+                      else model_curves(experiments, read_reflections(scaled_refl)))
             report = json_ready({"scaling": summary, "merging": merged.as_json(),
-                                 "scaling_models": model_curves(experiments,
-                                                                read_reflections(scaled_refl)),
-                                 **device_transfers})
+                                 "scaling_models": curves, **device_transfers})
             json.dumps(report)  # fail before any file is written if the report cannot be saved
             release_free_memory(collect_cycles=False)
             write_merge_outputs(merged, params, log)

@@ -372,12 +372,37 @@ def start_writing_scaled_files(params, experiments, table, staged=None):
     if staged is not None:
         expt_path, refl_path = staged.path_for(expt_path), staged.path_for(refl_path)
     write_experiments(experiments, expt_path)
+    from .backends.rank_local import holds_own_rows
+
+    if holds_own_rows(table):
+        # issue 11, a rank-local job: each rank holds its own rows and rank 0 writes the file
+        # from gathered windows (io/rank_local_refl.py), now, in this thread: the gathers are
+        # collectives on COMM_WORLD, which merging's collectives must not overlap (MPI calls
+        # from two threads would need MPI_THREAD_MULTIPLE, and their order would differ
+        # between ranks)
+        from .io.rank_local_refl import write_rank_local_reflections
+
+        write_rank_local_reflections(table, refl_path)
+        return FinishedTask(refl_path)
 
     def write():
         write_reflections(table, refl_path)
         return refl_path
 
     return BackgroundTask(write)
+
+
+class FinishedTask:
+    """A BackgroundTask's interface for work already done in line."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def wait(self) -> None:
+        pass
+
+    def result(self):
+        return self._value
 
 
 def log_scaled_files_saved(params, log) -> None:

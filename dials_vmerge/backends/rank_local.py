@@ -123,3 +123,14 @@ def sequential_over_ranks(values, add):
     result = mpi_world.pass_along_ranks(values, add)
     return mpi_world.broadcast_from_output_rank(result.ravel(), np.float64).reshape(
         values.shape)
+
+
+def holds_own_rows(table) -> bool:
+    """True when `table` (the scaled table run_scaling_job returned) holds only this rank's
+    rows of a rank-local job: it carries `output_order_key` (h11in's contract: int64,
+    ascending on each rank; the ranks' keys merged in ascending order are the one-process
+    scaled.refl row order) and the run has more than one rank. The stages after scaling
+    (writing scaled.refl, merging, the report) then work on the rank's rows with collectives
+    instead of on the whole table. Unlike `active()`, this is asked after the job has
+    returned (the rank-local context is closed by then)."""
+    return getattr(table, "output_order_key", None) is not None and mpi_world.n_ranks() > 1

@@ -333,10 +333,11 @@ def _column_blobs(table: ReflectionTable):
         if type_name == "Shoebox<>":
             blob = values.to_bytes()
         elif type_name == "bool":
-            blob = np.ascontiguousarray(values, dtype=np.uint8).data.cast("B")
+            blob = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1).data.cast("B")
         else:
             dtype, _ = COLUMN_TYPES[type_name]
-            blob = np.ascontiguousarray(values, dtype=dtype).data.cast("B")
+            # flat first: memoryview cannot cast an empty (0, 3) array's view
+            blob = np.ascontiguousarray(values, dtype=dtype).reshape(-1).data.cast("B")
         yield name, type_name, len(blob), (blob,)
 
 

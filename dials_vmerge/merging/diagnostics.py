@@ -184,16 +184,20 @@ def scale_histogram(scale, value_range=None) -> dict:
 
 
 def diagnostics_of(result, deviations, scales, anomalous_groups, halves, table,
-                   experiments) -> dict:
+                   experiments, outliers=None) -> dict:
     """merge_diagnostics's dict from its per-observation parts: the normalised deviations'
     summary, the scale histogram and the alternate half means (h1, h2) of the anomalous
-    groups (`anomalous_groups`: asu_index, centric, dstar_sq, derived; None when centric)."""
+    groups (`anomalous_groups`: asu_index, centric, dstar_sq, derived; None when centric).
+    outliers: outlier_summary's dict made elsewhere (a rank-local MPI job's table holds
+    only one rank's rows: merging/rank_merge.py makes it from every rank's outliers)."""
     out = {
         "normalised_deviations": deviations,
         "i_over_sigma_vs_log_i": i_over_sigma_vs_log_i(result.merged),
         "scale_histogram": scales,
     }
-    if table is not None:  # an unmerged MTZ carries no scaling flags
+    if outliers is not None:
+        out["outliers"] = outliers
+    elif table is not None:  # an unmerged MTZ carries no scaling flags
         out["outliers"] = outlier_summary(table, experiments)
     if result.statistics is not None:
         out["second_moments"] = second_moments(result.merged,

@@ -39,6 +39,7 @@ gathered to rank 0 per observation: the unmerged MTZ's columns, when it is asked
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from numba import njit
@@ -73,8 +74,16 @@ def applies(params, n_ranks: int) -> bool:
 def merge_scaled_table(table, experiments, params, log=None, half_dataset=False) -> MergeResult:
     """merging.api.merge_scaled_table; under MPI, when `applies`, on each rank's own rows
     (the merge and stats programs and dials.vmerge's merging stage all come here)."""
+    from ..backends.rank_local import holds_own_rows
+
     if applies(params, mpi_world.n_ranks()):
         return merge_rank_rows(table, experiments, params, log, half_dataset=half_dataset)
+    if holds_own_rows(table):
+        # a rank-local scaling job must only be switched on where its merge is too
+        # (pipeline's predicate includes `applies`): no rank holds the other ranks' rows
+        raise VmergeError("internal error: a rank-local scaled table cannot be merged with "
+                          "these merging parameters (merging.method classical or robust on "
+                          "the host only)")
     from .api import merge_scaled_table as merge_every_row
 
     return merge_every_row(table, experiments, params, log, half_dataset=half_dataset)
@@ -703,11 +712,16 @@ class _LocalReportParts:
         except Exception as e:
             log.warning(f"Statistics against batch could not be computed: {e}")
 
-    def diagnose(self, result, table, log):
+    def diagnose(self, result, table, log, rank_local=False):
         """Set result.diagnostics on rank 0 (merging.api.merge_observations's merge
-        diagnostics; reads result.merged). Every rank calls it, after `summarise`."""
+        diagnostics; reads result.merged). Every rank calls it, after `summarise`.
+        rank_local: `table` holds only this rank's rows (a rank-local job), so the outlier
+        summary is made from every rank's outliers (_outlier_summary_over_ranks)."""
         from .diagnostics import deviation_summary, diagnostics_of
 
+        outliers = None
+        if rank_local:
+            outliers = _outlier_summary_over_ranks(table, result.experiments)
         deviations = mpi_world.gather_rows_to_output_rank(self.deviations)
         self.deviations = None
         if not mpi_world.is_output_rank():
@@ -717,9 +731,45 @@ class _LocalReportParts:
             halves = groups.values[1:] if len(groups.values) > 1 else None
             result.diagnostics = diagnostics_of(result, deviation_summary(deviations),
                                                 self.scales, groups, halves, table,
-                                                result.experiments)
+                                                result.experiments, outliers=outliers)
         except Exception as e:
             log.warning(f"Merge diagnostics for the report could not be computed: {e}")
+
+
+def _outlier_summary_over_ranks(table, experiments):
+    """diagnostics.outlier_summary of the whole scaled table (all ranks' rows in file order)
+    on rank 0, from each rank's own outlier rows of a rank-local table: their output order
+    keys, batches and detector x, y gathered (outliers only: ~1% of the rows); None on the
+    other ranks. Every rank calls it (collectives)."""
+    from .. import flags
+    from .api import _batches
+    from .diagnostics import MAX_OUTLIER_POINTS
+
+    if "flags" not in table or "xyzobs.px.value" not in table:  # same columns on every rank
+        return {"n": 0}
+    rows = np.flatnonzero((table.peek("flags") & np.uint64(flags.outlier_in_scaling)) != 0)
+    keys = np.asarray(table.output_order_key, dtype=np.int64)[rows]
+    xyz = table.peek("xyzobs.px.value", rows) if rows.size else np.zeros((0, 3))
+    batch = (np.asarray(_batches(table, rows, experiments), dtype=np.int64) if rows.size
+             else np.zeros(0, np.int64))
+    gather = mpi_world.gather_rows_to_output_rank
+    ints = gather(np.ascontiguousarray(np.column_stack([keys, batch]), dtype=np.int64))
+    xy = gather(np.ascontiguousarray(xyz[:, :2], dtype=np.float64))
+    if not mpi_world.is_output_rank():
+        return None
+    order = np.argsort(ints[:, 0], kind="stable")  # file order, as the one-process rows
+    out = {"n": int(order.size)}
+    if order.size == 0:
+        return out
+    step = max(1, math.ceil(order.size / MAX_OUTLIER_POINTS))
+    shown = order[::step]
+    out["every"] = step
+    out["x_px"] = np.round(xy[shown, 0], 1).tolist()
+    out["y_px"] = np.round(xy[shown, 1], 1).tolist()
+    batches, counts = np.unique(ints[:, 1], return_counts=True)
+    out["batch"] = batches.astype(np.int64).tolist()
+    out["count"] = counts.astype(np.int64).tolist()
+    return out
 
 
 # -- the merge ---------------------------------------------------------------------------------
@@ -730,6 +780,7 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
     intensities and the report-only summaries on rank 0 alone: the other ranks' results hold
     no merged reflection and write nothing that is published)."""
     from .. import geometry
+    from ..backends.rank_local import holds_own_rows
     from ..backends.rank_partition import rank_rows
     from .api import mean_of_friedel_amplitudes
 
@@ -739,13 +790,18 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
     space_group = geometry.space_group(experiments[0])
     unit_cell = geometry.median_unit_cell(experiments)
     wavelength = geometry.wavelength(experiments[0]) if experiments[0].beam else 1.0
-    own = rank_rows(table, space_group, mpi_world.n_ranks(), mpi_world.rank())
-    rows_per_rank = mpi_world.allgather_rows(np.array([own.table.nrows], dtype=np.int64))
+    rank_local = holds_own_rows(table)
+    # a rank-local job's scaled table already is this rank's rows (whole non-anomalous ASU
+    # groups of a key range, in the one-process order): taken as they are
+    own_table = table if rank_local else rank_rows(table, space_group, mpi_world.n_ranks(),
+                                                   mpi_world.rank()).table
+    rows_per_rank = mpi_world.allgather_rows(np.array([own_table.nrows], dtype=np.int64))
     log.info(f"MPI: merging each rank's own unique reflections (rows per rank "
-             f"{' / '.join(str(int(n)) for n in rows_per_rank)} of {table.nrows})")
+             f"{' / '.join(str(int(n)) for n in rows_per_rank)} of "
+             f"{int(rows_per_rank.sum()) if rank_local else table.nrows})")
     error, obs, none_left = None, None, None
     try:
-        obs = _local_observations(own.table, experiments, params, unit_cell)
+        obs = _local_observations(own_table, experiments, params, unit_cell)
     except VmergeError as e:
         # "no reflections ..." (scaled_observations: every row flagged, below the
         # partiality cut or outside d_min/d_max) is an error of the whole data only, not of
@@ -785,7 +841,7 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
     parts = _LocalReportParts(obs, groupings, local_merged, space_group)
     # rank 0 then holds, one after the other, the calibration's deviations and the merged
     # reflections; no rank keeps its observations
-    del own, obs, groupings
+    del own_table, obs, groupings
     parts.summarise(result, params, log)
     merged = _merged_on_output_rank(local_merged, fw)
     del local_merged
@@ -795,7 +851,7 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
         merged.amplitude, merged.amplitude_sigma = mean_of_friedel_amplitudes(merged,
                                                                               merged_anom)
     result.merged, result.merged_anomalous = merged, merged_anom
-    parts.diagnose(result, table, log)
+    parts.diagnose(result, table, log, rank_local=rank_local)
     return result
 
 

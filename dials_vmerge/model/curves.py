@@ -112,13 +112,37 @@ def array_maps(model_dict) -> dict:
     return out
 
 
-def model_curves(experiments, table=None) -> dict:
+def drawn_physical_curves(experiments) -> list:
+    """The experiments whose physical curves are drawn (only they need the z range)."""
+    return [e for e in experiments if (e.scaling_model or {}).get("__id__") == "physical"
+            and not e.is_still][:MAX_CURVE_DATASETS]
+
+
+def scaled_z_extremes_over_ranks(table, experiments) -> dict:
+    """scaled_z_extremes of all MPI ranks' rows (issue 11: a rank-local job's scaled table
+    holds one rank's rows): each rank's extremes of the drawn experiments, then the least
+    lowest and greatest highest over ranks (exact: min and max in any order). Every rank
+    calls it (one collective) and gets the same dict."""
+    from ..backends import mpi_world
+
+    drawn = drawn_physical_curves(experiments)
+    local = scaled_z_extremes(table, drawn)
+    ends = np.array([local.get(e.identifier, (np.inf, -np.inf)) for e in drawn],
+                    dtype=np.float64).reshape(-1, 2)
+    every = mpi_world.allgather_rows(ends[None, :, :])
+    lowest, highest = every[:, :, 0].min(axis=0), every[:, :, 1].max(axis=0)
+    return {e.identifier: (float(lo), float(hi))
+            for e, lo, hi in zip(drawn, lowest, highest) if lo <= hi}
+
+
+def model_curves(experiments, table=None, extremes=None) -> dict:
     """Curves of the experiments' scaling models; `table`: the scaled reflections (for the
-    positions scaling used, see the module docstring)."""
+    positions scaling used, see the module docstring), or `extremes`: their
+    scaled_z_extremes made elsewhere (scaled_z_extremes_over_ranks)."""
     # only the curves drawn need the z range scaling used
-    drawn = [e for e in experiments if (e.scaling_model or {}).get("__id__") == "physical"
-             and not e.is_still][:MAX_CURVE_DATASETS]
-    extremes = scaled_z_extremes(table, drawn)
+    drawn = drawn_physical_curves(experiments)
+    if extremes is None:
+        extremes = scaled_z_extremes(table, drawn)
     physical, array, kb_scale, kb_b, kb_identifier = [], [], [], [], []
     for e in experiments:
         model = e.scaling_model or {}
