@@ -5,6 +5,15 @@ over its observations. Random choices use numpy's default_rng with a fixed seed 
 seed DIALS gives its generator), so a run is reproducible; the picks differ from DIALS's
 scitbx generator, so only the statistics of the subset match DIALS, not its members.
 
+Issue 11 (rank-local jobs, backends/rank_local.py): the table may hold only this MPI rank's
+groups, a contiguous run of the one-process groups. Per-row and per-group quantities are
+computed from the rank's own rows (a group is whole on one rank); the group-level choices
+(candidate lists, mean multiplicities, random draws, the quasi-random loops) run on per-group
+arrays gathered in rank order (= the one-process group order), identically on every rank,
+and each rank keeps its own part. So every rank's mask is the one-process mask restricted to
+its observations, bit for bit; in one process the primitives are identities and the masks
+are those of the code before issue 11.
+
 quasi_random for several datasets is simplified: (1) groups spanning the most datasets are
 taken first, least-covered dataset first, until each dataset has its share of the
 connected target; (2) random groups within each dataset; (3) random groups overall up to
@@ -16,6 +25,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..backends import rank_local
 
 SEED = 42
 
@@ -58,16 +69,32 @@ def _random_groups(candidates, n_choose, n_groups, seed):
     return chosen
 
 
+def _all_groups(values):
+    """Per-group values of every rank's groups, in the one-process group order."""
+    return rank_local.gather_in_rank_order(np.ascontiguousarray(values))
+
+
+def _observation_mask(table, chosen_all_groups, grp=None):
+    """The mask over this table's observations of groups chosen among all groups."""
+    own = rank_local.own_part(chosen_all_groups, table.n_groups)
+    return own[table.group_of_observation() if grp is None else grp]
+
+
+def _use_all(table):
+    return np.ones(table.n_obs, dtype=bool)
+
+
 def select_single_dataset(table, preselected, min_groups=2000, min_reflections=50000,
                           seed=SEED):
     """8.1: random groups whose preselected multiplicity > 1; falls back to use_all."""
     counts, grp = _group_counts(table, preselected)
+    counts = _all_groups(counts)
     candidates = np.flatnonzero(counts > 1)
     if candidates.size == 0:
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     n_choose = _n_groups_to_choose(counts[candidates].mean(), min_groups, min_reflections)
-    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
-    return chosen[grp] & preselected
+    chosen = _random_groups(candidates, n_choose, counts.size, seed)
+    return _observation_mask(table, chosen, grp) & preselected
 
 
 def _group_mean_isigma(table):
@@ -78,15 +105,35 @@ def _group_mean_isigma(table):
 
 def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
     """Groups with mean I/sigma > cutoff and n > 1, max(min_groups, ceil(min_refl/<m>))."""
-    mult = table.multiplicity()
-    candidates = np.flatnonzero((_group_mean_isigma(table) > isigma_cutoff) & (mult > 1))
+    mult = _all_groups(table.multiplicity())
+    bright = _all_groups(_group_mean_isigma(table) > isigma_cutoff)
+    candidates = np.flatnonzero(bright & (mult > 1))
     if candidates.size == 0:
         candidates = np.flatnonzero(mult > 1)
     if candidates.size == 0:
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     n_choose = _n_groups_to_choose(mult[candidates].mean(), min_groups, min_reflections)
-    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
-    return chosen[table.group_of_observation()]
+    chosen = _random_groups(candidates, n_choose, mult.size, seed)
+    return _observation_mask(table, chosen)
+
+
+def _group_dataset_pairs(table, grp, n_datasets, eligible_own):
+    """(group, dataset) pairs of the eligible groups with their observation counts, sparse
+    and group-major, over all ranks' groups (global group numbers): a dense datasets x groups
+    count matrix costs 8 B x datasets x groups (and a scan of every group once per dataset).
+    Only eligible groups' pairs are kept: the quasi-random steps never look at the others."""
+    first_group = rank_local.offset(table.n_groups)
+    pair_key, pair_count = np.unique(
+        (grp.astype(np.int64) + first_group) * n_datasets
+        + np.asarray(table.dataset_id, dtype=np.int64), return_counts=True)
+    keep = eligible_own[pair_key // n_datasets - first_group]
+    # each rank's keys ascend and its groups follow the previous rank's: the gathered keys
+    # ascend, as np.unique over all observations would give them
+    pair_key = rank_local.gather_in_rank_order(pair_key[keep])
+    pair_count = rank_local.gather_in_rank_order(pair_count[keep].astype(np.int64))
+    pair_group = pair_key // n_datasets
+    pair_dataset = pair_key - pair_group * n_datasets
+    return pair_group, pair_dataset, pair_count
 
 
 def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
@@ -94,27 +141,22 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
     """Simplified 8.2 (see module docstring)."""
     rng = np.random.default_rng(seed)
     grp = table.group_of_observation()
-    mult = table.multiplicity()
-    eligible = (_group_mean_isigma(table) > isigma_cutoff) & (mult > 1)
+    mult = _all_groups(table.multiplicity())
+    mean_isigma = _all_groups(_group_mean_isigma(table))
+    eligible = (mean_isigma > isigma_cutoff) & (mult > 1)
     if not eligible.any():
-        eligible = (_group_mean_isigma(table) > 0) & (mult > 1)
+        eligible = (mean_isigma > 0) & (mult > 1)
+    del mean_isigma
     if not eligible.any():
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     mean_mult = mult[mult > 1].mean()
     total_target = max(mean_mult * min_groups, min_reflections)
     target_qr = min(1000, min_groups) * mean_mult
-    # (group, dataset) pairs with their observation counts, sparse and group-major: a
-    # dense datasets x groups count matrix costs 8 B x datasets x groups (and a scan of
-    # every group once per dataset)
-    n_groups = table.n_groups
-    pair_key, pair_count = np.unique(
-        grp.astype(np.int64) * n_datasets + np.asarray(table.dataset_id, dtype=np.int64),
-        return_counts=True)
-    pair_group = pair_key // n_datasets
-    pair_dataset = pair_key - pair_group * n_datasets
-    del pair_key
+    n_groups = mult.size
+    pair_group, pair_dataset, pair_count = _group_dataset_pairs(
+        table, grp, n_datasets, rank_local.own_part(eligible, table.n_groups))
     group_pairs = np.searchsorted(pair_group, np.arange(n_groups + 1))
-    span = np.diff(group_pairs)  # datasets per group
+    span = np.diff(group_pairs)  # datasets per (eligible) group
     chosen = np.zeros(n_groups, dtype=bool)
     per_dataset = np.zeros(n_datasets, dtype=np.int64)
     share = target_qr / (n_datasets * 4.0)
@@ -156,7 +198,7 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
         cumulative = np.cumsum(mult[rest])
         take = rest[: int(np.searchsorted(cumulative, total_target - used)) + 1]
         chosen[take] = True
-    return chosen[grp] & preselected
+    return _observation_mask(table, chosen, grp) & preselected
 
 
 def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_range=(2.0, 0.0),
@@ -165,6 +207,40 @@ def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_r
     keep = preselection(table, isigma_range, min_partiality, d_range, d, partiality)
     if e_squared is not None:
         keep &= (e_squared > e2_range[0]) & (e_squared < e2_range[1])
+    return keep
+
+
+def _e_squared(table, space_group, unit_cell):
+    """outliers.e_squared without its size rule (the caller decides on all ranks' rows)."""
+    from .normalisation import grouped_quasi_normalised_e_squared
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = table.intensity / table.g
+    scaled[table.g == 0] = 0.0
+    return grouped_quasi_normalised_e_squared(table.asu_index, table.group_start, scaled,
+                                              space_group, unit_cell)
+
+
+def e2_window_by_dataset(table, keep, n_datasets, space_group, unit_cell,
+                         e2_range=(0.8, 5.0), min_rows=None):
+    """keep &= the E^2 window, in place, for each dataset with more than min_rows rows
+    (default: the size DIALS normalises at; stills are below it); E^2 is normalised per
+    dataset. Datasets are chosen by their rows on all ranks: every rank takes part in the
+    E^2 of such a dataset (its shell sums span the ranks) even with no rows of it."""
+    from ..kernels.flat import split_positions
+    from .outliers import MIN_REFLECTIONS_FOR_NORMALISATION
+
+    min_rows = MIN_REFLECTIONS_FOR_NORMALISATION if min_rows is None else min_rows
+    positions_of = split_positions(table.dataset_id, n_datasets)
+    sizes = rank_local.totals([p.size for p in positions_of])
+    group_of_obs = None
+    for d in np.flatnonzero(sizes > min_rows):
+        positions = positions_of[d]
+        if group_of_obs is None:
+            group_of_obs = table.group_of_observation()
+        esq = _e_squared(table.select(positions, group_of_obs=group_of_obs), space_group,
+                         unit_cell)
+        keep[positions] &= (esq > e2_range[0]) & (esq < e2_range[1])
     return keep
 
 
