@@ -193,6 +193,9 @@ from dials_vmerge.errors import VmergeError
 from dials_vmerge.scaling import selection as sel
 
 split, out = sys.argv[1], sys.argv[2]
+# quasi_random's first step gathers the pairs of the groups it visits in batches; small ones
+# here (the one-process run keeps the default) so that its 73-977 visits cross several
+sel._MembersInOrder.FIRST_BATCH = 16
 r, n = mpi_world.rank(), mpi_world.n_ranks()
 result = {{"n_ranks": n, "runs": {{}}, "negative": {{}}}}
 arrays = {{}}

@@ -117,23 +117,70 @@ def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1
     return _observation_mask(table, chosen)
 
 
-def _group_dataset_pairs(table, grp, n_datasets, eligible_own):
-    """(group, dataset) pairs of the eligible groups with their observation counts, sparse
-    and group-major, over all ranks' groups (global group numbers): a dense datasets x groups
-    count matrix costs 8 B x datasets x groups (and a scan of every group once per dataset).
-    Only eligible groups' pairs are kept: the quasi-random steps never look at the others."""
-    first_group = rank_local.offset(table.n_groups)
-    pair_key, pair_count = np.unique(
-        (grp.astype(np.int64) + first_group) * n_datasets
-        + np.asarray(table.dataset_id, dtype=np.int64), return_counts=True)
-    keep = eligible_own[pair_key // n_datasets - first_group]
-    # each rank's keys ascend and its groups follow the previous rank's: the gathered keys
-    # ascend, as np.unique over all observations would give them
-    pair_key = rank_local.gather_in_rank_order(pair_key[keep])
-    pair_count = rank_local.gather_in_rank_order(pair_count[keep].astype(np.int64))
-    pair_group = pair_key // n_datasets
-    pair_dataset = pair_key - pair_group * n_datasets
-    return pair_group, pair_dataset, pair_count
+class _Pairs:
+    """This rank's (group, dataset) pairs with their observation counts, sparse and
+    group-major, with global group numbers (the offset of the rank's first group added): a
+    dense datasets x groups count matrix costs 8 B x datasets x groups (and a scan of every
+    group once per dataset).
+
+    The quasi-random steps read other ranks' pairs only through `gather`, which gives every
+    rank the pairs of some groups in the one-process order (group, then dataset); never all
+    pairs at once: with many stills there are about as many pairs as observations."""
+
+    def __init__(self, table, grp, n_datasets):
+        self.first_group = rank_local.offset(table.n_groups)
+        key, self.count = np.unique(
+            (grp.astype(np.int64) + self.first_group) * n_datasets
+            + np.asarray(table.dataset_id, dtype=np.int64), return_counts=True)
+        self.group = key // n_datasets
+        self.dataset = key - self.group * n_datasets
+        del key
+        self.bounds = np.searchsorted(self.group, self.first_group
+                                      + np.arange(table.n_groups + 1, dtype=np.int64))
+
+    def span(self):
+        """The number of datasets in each of this rank's groups."""
+        return np.diff(self.bounds)
+
+    def gather(self, keep):
+        """(group, dataset, count) of the pairs where keep (a mask over them), of all ranks:
+        each rank's pairs ascend and its groups follow the previous rank's, so the gathered
+        pairs ascend as np.unique over all observations gives them."""
+        return tuple(rank_local.gather_in_rank_order(np.ascontiguousarray(a[keep]))
+                     for a in (self.group, self.dataset, self.count))
+
+
+class _MembersInOrder:
+    """The datasets and counts of the groups visited in `order`, gathered in batches (a
+    doubling number of groups, the same requests on every rank): the first quasi-random
+    step usually stops long before the end of `order`."""
+
+    FIRST_BATCH = 4096
+
+    def __init__(self, pairs, order, n_groups_local):
+        self.pairs, self.order, self.n_local = pairs, order, n_groups_local
+        self.fetched = 0
+        self.batch = self.FIRST_BATCH
+
+    def _fetch(self):
+        groups = self.order[self.fetched:self.fetched + self.batch]
+        self.fetched += groups.size
+        self.batch *= 2
+        own = groups - self.pairs.first_group
+        own = own[(own >= 0) & (own < self.n_local)]
+        wanted = np.zeros(self.n_local, dtype=bool)
+        wanted[own] = True
+        keep = wanted[self.pairs.group - self.pairs.first_group]
+        self.group, self.dataset, self.count = self.pairs.gather(keep)
+
+    def __call__(self, position):
+        """(datasets, counts) of group order[position]; positions are asked in increasing
+        order."""
+        if position >= self.fetched:
+            self._fetch()
+        grp_id = self.order[position]
+        lo, hi = np.searchsorted(self.group, [grp_id, grp_id + 1])
+        return self.dataset[lo:hi], self.count[lo:hi]
 
 
 def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
@@ -153,34 +200,42 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
     total_target = max(mean_mult * min_groups, min_reflections)
     target_qr = min(1000, min_groups) * mean_mult
     n_groups = mult.size
-    pair_group, pair_dataset, pair_count = _group_dataset_pairs(
-        table, grp, n_datasets, rank_local.own_part(eligible, table.n_groups))
-    group_pairs = np.searchsorted(pair_group, np.arange(n_groups + 1))
-    span = np.diff(group_pairs)  # datasets per (eligible) group
+    pairs = _Pairs(table, grp, n_datasets)
+    span = _all_groups(pairs.span())  # datasets per group
     chosen = np.zeros(n_groups, dtype=bool)
     per_dataset = np.zeros(n_datasets, dtype=np.int64)
     share = target_qr / (n_datasets * 4.0)
     order = np.flatnonzero(eligible)
     order = order[np.argsort(-span[order], kind="stable")]
+    del span
+    members_of = _MembersInOrder(pairs, order, table.n_groups)
     used = 0
-    for grp_id in order:  # loop over candidate groups, not reflections
+    for position, grp_id in enumerate(order):  # loop over candidate groups, not reflections
         if used > 1.2 * target_qr or (per_dataset >= share).all():
             break
         neediest = int(np.argmin(per_dataset))
-        members = pair_dataset[group_pairs[grp_id]:group_pairs[grp_id + 1]]
+        members, counts = members_of(position)
         if per_dataset[neediest] < share and not (members == neediest).any():
             continue
         chosen[grp_id] = True
-        per_dataset[members] += pair_count[group_pairs[grp_id]:group_pairs[grp_id + 1]]
+        per_dataset[members] += counts
         used += mult[grp_id]
-    # within each dataset: random eligible groups until its share is reached
+    del members_of
+    # within each dataset: random eligible groups until its share is reached. Only pairs
+    # of more than one observation in a group not chosen above can be taken: those alone
+    # are gathered (with stills, few)
+    own = slice(pairs.first_group, pairs.first_group + table.n_groups)
+    open_own = eligible[own] & ~chosen[own]
+    pair_group, pair_dataset, pair_count = pairs.gather(
+        (pairs.count > 1) & open_own[pairs.group - pairs.first_group])
+    del pairs, open_own
     per_dataset_target = (total_target - used) / (2.0 * n_datasets)
     by_dataset = np.argsort(pair_dataset, kind="stable")  # groups ascending within each
     dataset_pairs = np.searchsorted(pair_dataset[by_dataset], np.arange(n_datasets + 1))
     for d in range(n_datasets):
         mine = by_dataset[dataset_pairs[d]:dataset_pairs[d + 1]]
         groups, counts = pair_group[mine], pair_count[mine]
-        usable = (counts > 1) & eligible[groups] & ~chosen[groups]
+        usable = ~chosen[groups]  # (more than one observation, eligible: gathered so)
         groups, counts = groups[usable], counts[usable]
         # the permutation a shuffle of the groups themselves would make (it depends on the
         # length alone), applied to groups and counts together
