@@ -41,7 +41,7 @@ CELL = (50.0, 60.0, 70.0, 90.0, 90.0, 90.0)
 # small enough that random and quasi_random choose a real subset of these tables
 MIN_GROUPS = 300
 MIN_REFLECTIONS = 3000
-CONFIGS = ("rotation", "stills", "single")
+CONFIGS = ("rotation", "stills", "single", "anomalous")
 METHODS = {
     # rotation: 43 500 rows over 5 datasets (auto: quasi_random only by the count of all
     # ranks' rows; a rank alone holds fewer than 40 000)
@@ -50,6 +50,9 @@ METHODS = {
     # 24 000 rows: auto is quasi_random (one dataset: select_single_dataset) only by the
     # count of all ranks' rows
     "single": ("auto", "random", "quasi_random", "intensity_ranges"),
+    # grouped by the anomalous index (I(-) rows as -h): the one-process group order
+    # interleaves the ranks' groups (42 000 rows: auto is quasi_random)
+    "anomalous": ("auto", "random", "quasi_random", "intensity_ranges"),
 }
 
 
@@ -62,7 +65,7 @@ def _pool(h_max=14, k_max=16, l_max=18):
 
 def simulate(config, seed=11):
     """Per dataset: (identifier, is_still, asu (n, 3) int32, intensity, variance, g,
-    partiality, d)."""
+    partiality, d, the non-anomalous ASU index the read-time partition keys on)."""
     rng = np.random.default_rng(seed + CONFIGS.index(config))
     pool = _pool()
     d_star_sq = ((pool / np.array(CELL[:3])) ** 2).sum(axis=1)
@@ -75,8 +78,11 @@ def simulate(config, seed=11):
     elif config == "stills":
         spec = [(f"still{i}", 200, None, 1.0) for i in range(60)]
         still = True
-    else:
+    elif config == "single":
         spec = [("sweep", 24000, None, 1.0)]
+        still = False
+    else:
+        spec = [(f"sweep{i}", 14000, None, 1.0) for i in range(3)]
         still = False
     datasets = []
     for name, n, where, brightness in spec:
@@ -90,8 +96,11 @@ def simulate(config, seed=11):
         if brightness < 1.0:  # below the preselection's I/sigma > 2 on every row
             intensity = np.minimum(intensity, 1.5 * np.sqrt(variance))
         partiality = rng.uniform(0.0, 1.0, n)
-        datasets.append((name, still, pool[which].astype(np.int32), intensity, variance, g,
-                         partiality, 1.0 / np.sqrt(d_star_sq[which])))
+        hkl = pool[which].astype(np.int32)
+        asu = hkl * rng.choice(np.array([-1, 1], dtype=np.int32), n)[:, None] \
+            if config == "anomalous" else hkl
+        datasets.append((name, still, asu, intensity, variance, g, partiality,
+                         1.0 / np.sqrt(d_star_sq[which]), hkl))
     return datasets
 
 
@@ -101,9 +110,16 @@ def one_process_table(datasets):
                           [d[5] for d in datasets])
 
 
+def partition_table(datasets):
+    """The one-process groups of the non-anomalous index (the read-time partition's)."""
+    return build_ih_table([d[8] for d in datasets], [d[3] for d in datasets],
+                          [d[4] for d in datasets], [1.0 / d[4] for d in datasets],
+                          [d[5] for d in datasets])
+
+
 def group_bounds(datasets, n_ranks, split):
-    """Rank r owns groups bounds[r]:bounds[r + 1] of the one-process table (key order)."""
-    table = one_process_table(datasets)
+    """Rank r owns the non-anomalous groups bounds[r]:bounds[r + 1] (key order)."""
+    table = partition_table(datasets)
     if split == "balanced":
         return shard_bounds(table.group_start, n_ranks)
     # "first_empty": rank 0 holds nothing, rank 1 the first third of the groups
@@ -113,14 +129,14 @@ def group_bounds(datasets, n_ranks, split):
 
 def rank_rows(datasets, bounds, rank):
     """Per dataset, the ascending rows whose key lies in rank's key range."""
-    table = one_process_table(datasets)
+    table = partition_table(datasets)
     keys = packed_keys(table.asu_index)
     assert np.all(np.diff(keys) > 0)  # the table's groups are in key order
     key_range = [keys[b] if b < keys.size else np.iinfo(np.int64).max for b in bounds]
     lo, hi = key_range[rank], key_range[rank + 1]
     out = []
     for d in datasets:
-        k = packed_keys(d[2])
+        k = packed_keys(d[8])
         out.append(np.flatnonzero((k >= lo) & (k < hi)))
     return out
 
@@ -172,7 +188,8 @@ def stub_run(datasets, rows, method, config):
     run._layout = None
     run.states = []
     offset = 0
-    for (name, still, asu, intensity, variance, g, _, _), r in zip(datasets, rows):
+    for d, r in zip(datasets, rows):
+        name, still, asu, intensity, variance, g = d[:6]
         state = DatasetState(None, SimpleNamespace(identifier=name, is_still=still), None,
                              offset + r, asu[r], intensity[r], variance[r], g[r],
                              np.zeros(r.size, dtype=bool))
@@ -190,6 +207,20 @@ def select(datasets, rows, method, config):
     masks = {s.experiment.identifier: (s.suitable_rows - s.offset, s.selected)
              for s in run.states}
     return masks, run.lines, kept
+
+
+def e_squared_by_row(datasets, rows, config):
+    """Per dataset above the normalisation size (rows of all ranks): (its rows held, E^2 of
+    them) from the layout select_reflections uses (normalisation over all ranks' groups)."""
+    run = stub_run(datasets, rows, "intensity_ranges", config)
+    table = run.global_table(error_model_weights=True)
+    sizes = rank_local.totals([r.size for r in rows])
+    out = {}
+    for d in np.flatnonzero(sizes > 10000):
+        positions = np.flatnonzero(table.dataset_id == d)
+        esq = sel._e_squared(table.select(positions), run.space_group, run.unit_cell)
+        out[datasets[d][0]] = (rows[d][table.loc_index[positions]], esq)
+    return out
 
 
 def full_masks(datasets, pieces):
@@ -216,6 +247,7 @@ import dials_vmerge
 import numpy as np
 import test_mpi_rank_local_selection as t
 from dials_vmerge.backends import mpi_world, rank_local
+from dials_vmerge.backends.group_order import GroupOrder
 from dials_vmerge.errors import VmergeError
 from dials_vmerge.scaling import selection as sel
 
@@ -234,10 +266,18 @@ for config in t.CONFIGS:
         with rank_local.rank_local_job() as active:
             assert active
             masks, lines, kept = t.select(datasets, rows, method, config)
-        result["runs"][config + "/" + method] = {{"lines": lines, "kept": kept}}
+            run = t.stub_run(datasets, rows, method, config)
+            in_rank_order = GroupOrder(
+                run.global_table(error_model_weights=True).asu_index).in_rank_order
+        result["runs"][config + "/" + method] = {{"lines": lines, "kept": kept,
+                                                 "in_rank_order": in_rank_order}}
         for name, (own_rows, mask) in masks.items():
             arrays[f"{{config}}/{{method}}/{{name}}/rows"] = own_rows
             arrays[f"{{config}}/{{method}}/{{name}}/mask"] = mask
+    with rank_local.rank_local_job():
+        for name, (own_rows, esq) in t.e_squared_by_row(datasets, rows, config).items():
+            arrays[f"esq/{{config}}/{{name}}/rows"] = own_rows
+            arrays[f"esq/{{config}}/{{name}}/values"] = esq
     # the negative check: the same stage outside a rank-local job draws over this rank's
     # own groups and normalises E^2 over its own rows
     for method in ("random", "quasi_random", "intensity_ranges"):
@@ -259,6 +299,16 @@ def _launcher():
     if launcher is None:
         pytest.skip("no mpiexec beside the interpreter or on PATH (install the `mpi` extra)")
     return launcher
+
+
+@pytest.fixture(scope="module")
+def one_process_e_squared():
+    out = {}
+    for config in CONFIGS:
+        datasets = simulate(config)
+        rows = [np.arange(len(d[3]), dtype=np.int64) for d in datasets]
+        out[config] = e_squared_by_row(datasets, rows, config)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +337,9 @@ def test_the_one_process_runs_exercise_every_path(one_process):
     masks, lines, kept = one_process["single", "auto"]
     assert lines[0].startswith("Reflection selection (quasi_random)") and kept == ["sweep"]
     assert 0.05 < masks["sweep"].mean() < 0.9
+    masks, lines, kept = one_process["anomalous", "auto"]
+    assert lines[0].startswith("Reflection selection (quasi_random)") and len(kept) == 3
+    assert all(0.02 < m.mean() < 0.9 for m in masks.values())
     # the preselection's partiality and resolution cuts
     sweep = simulate("single")[0]
     partiality, d = sweep[6], sweep[7]
@@ -299,7 +352,8 @@ def test_the_one_process_runs_exercise_every_path(one_process):
 
 
 @pytest.mark.parametrize("n_ranks,split", [(2, "balanced"), (3, "first_empty")])
-def test_ranks_choose_the_one_process_subset(tmp_path, one_process, n_ranks, split):
+def test_ranks_choose_the_one_process_subset(tmp_path, one_process, one_process_e_squared,
+                                             n_ranks, split):
     launcher = _launcher()
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(here=HERE))
@@ -327,11 +381,26 @@ def test_ranks_choose_the_one_process_subset(tmp_path, one_process, n_ranks, spl
             for res in results:  # the same log and the same datasets on every rank
                 assert res["runs"][key]["lines"] == expected_lines, key
                 assert res["runs"][key]["kept"] == expected_kept, key
+                # anomalous groups interleave the ranks (backends/group_order.py)
+                assert res["runs"][key]["in_rank_order"] == (config != "anomalous"), key
             pieces = {name: [(a[f"{key}/{name}/rows"], a[f"{key}/{name}/mask"])
                              for a in arrays] for name in expected_kept}
             got = full_masks(datasets, pieces)
             for name in expected_kept:
                 assert np.array_equal(got[name], expected_masks[name]), (key, name)
+        # E^2 itself, bitwise (the window hides last-bit differences)
+        assert len(one_process_e_squared[config]) == {"rotation": 3, "stills": 0, "single": 1,
+                                                      "anomalous": 3}[config]
+        for name, (all_rows, expected) in one_process_e_squared[config].items():
+            got = np.full(all_rows.size, np.nan)
+            seen = np.zeros(all_rows.size, dtype=np.int64)
+            for a in arrays:
+                got[a[f"esq/{config}/{name}/rows"]] = a[f"esq/{config}/{name}/values"]
+                seen[a[f"esq/{config}/{name}/rows"]] += 1
+            assert np.all(seen == 1)
+            want = np.empty(all_rows.size)
+            want[all_rows] = expected
+            assert np.array_equal(got, want), (config, name)
         for method in ("random", "quasi_random", "intensity_ranges"):
             expected_masks = one_process[config, method][0]
             key = f"negative/{config}/{method}"
@@ -349,6 +418,7 @@ def test_ranks_choose_the_one_process_subset(tmp_path, one_process, n_ranks, spl
             assert any(d[:2] == (config, method) for d in differs), (config, method)
     assert any(d[:2] == ("rotation", "intensity_ranges") for d in differs)
     assert any(d[:2] == ("single", "intensity_ranges") for d in differs)
+    assert any(d[:2] == ("anomalous", "intensity_ranges") for d in differs)
 
 
 # -- one process: the masks of the code before issue 11 ------------------------------------

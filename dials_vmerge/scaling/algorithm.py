@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import flags
 from ..backends import rank_local
+from ..backends.group_order import GroupOrder
 from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
                             split_positions)
 from ..errors import VmergeError
@@ -347,10 +348,11 @@ class ScalingRun:
         partiality = self._sorted_column(table, "partiality")
         d = self._sorted_column(table, "d")
         pre = sel.preselection(table, isig_range, min_p, d_range, d, partiality)
+        groups = GroupOrder(table.asu_index) if method in ("random", "quasi_random") else None
         if method == "use_all":
             mask = np.ones(table.n_obs, dtype=bool)
         elif method == "random":
-            mask = sel.select_random(table, min_groups, min_refl, cutoff)
+            mask = sel.select_random(table, min_groups, min_refl, cutoff, groups=groups)
         elif method == "intensity_ranges":
             # The preselection is per row; only E^2 is normalised per dataset, and only for
             # datasets above the size DIALS normalises at (stills are below it).
@@ -358,10 +360,10 @@ class ScalingRun:
                 table, pre.copy(), len(self.states), self.space_group, self.unit_cell,
                 tuple(param(p, "reflection_selection.E2_range", (0.8, 5.0))))
         elif len(self.states) == 1:
-            mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
+            mask = sel.select_single_dataset(table, pre, min_groups, min_refl, groups=groups)
         else:
             mask = sel.select_quasi_random_multi(table, len(self.states), pre, min_groups,
-                                                 min_refl, cutoff)
+                                                 min_refl, cutoff, groups=groups)
         selected = scatter_mask(table.dataset_id, table.loc_index, mask,
                                 [s.suitable_rows.size for s in self.states])
         for state, chosen in zip(self.states, selected):

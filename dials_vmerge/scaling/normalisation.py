@@ -7,8 +7,10 @@ N(d) is cctbx's intensity_quasi_normalisations (shell mean of I/epsilon, interpo
 Issue 11: in a rank-local job (backends/rank_local.py) the groups passed are this MPI rank's
 run of the one-process groups. The shells depend on the number of observations and the d*^2
 range of all ranks (an exact count, min and max), the shell sums are one sequential pass over
-the groups continued from rank to rank (the bits of the one-process pass), and N(d) is then
-evaluated per group: every rank gets the one-process E^2 of its own observations.
+the groups continued from rank to rank (the bits of the one-process pass; groups by the
+anomalous index interleave the ranks: their per-group terms are gathered in the one-process
+order instead), and N(d) is then evaluated per group: every rank gets the one-process E^2 of
+its own observations.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     from cctbx.array_family import flex
 
     from ..backends import rank_local
+    from ..backends.group_order import GroupOrder
     from ..merging.groups import flex_indices
 
     n_obs = rank_local.total(intensity.size)
@@ -64,14 +67,22 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     weighted = clipped_sum / epsilon
     multiplicity_f = multiplicity.astype(np.float64)
 
-    def add_groups(sums):
-        # np.bincount's order of addition (group by group, from 0.0), continued over ranks:
-        # np.add.at adds one term at a time in index order, as bincount does
-        np.add.at(sums[0], bin_of_group, weighted)
-        np.add.at(sums[1], bin_of_group, multiplicity_f)
+    order = GroupOrder(group_asu)
+    if order.in_rank_order:
+        def add_groups(sums):
+            # np.bincount's order of addition (group by group, from 0.0), continued over
+            # ranks: np.add.at adds one term at a time in index order, as bincount does
+            np.add.at(sums[0], bin_of_group, weighted)
+            np.add.at(sums[1], bin_of_group, multiplicity_f)
 
-    shell_sum, shell_count = rank_local.sequential_over_ranks(np.zeros((2, n_bins_all)),
-                                                              add_groups)
+        shell_sum, shell_count = rank_local.sequential_over_ranks(np.zeros((2, n_bins_all)),
+                                                                  add_groups)
+    else:
+        all_bins = order.gather(bin_of_group)
+        shell_sum = np.bincount(all_bins, weights=order.gather(weighted), minlength=n_bins_all)
+        shell_count = np.bincount(all_bins, weights=order.gather(multiplicity_f),
+                                  minlength=n_bins_all)
+        del all_bins
     del weighted, multiplicity_f
     used = list(binner.range_used())
     means = [shell_sum[b] / shell_count[b] if shell_count[b] > 0 else 0.0 for b in used]

@@ -6,11 +6,12 @@ seed DIALS gives its generator), so a run is reproducible; the picks differ from
 scitbx generator, so only the statistics of the subset match DIALS, not its members.
 
 Issue 11 (rank-local jobs, backends/rank_local.py): the table may hold only this MPI rank's
-groups, a contiguous run of the one-process groups. Per-row and per-group quantities are
-computed from the rank's own rows (a group is whole on one rank); the group-level choices
-(candidate lists, mean multiplicities, random draws, the quasi-random loops) run on per-group
-arrays gathered in rank order (= the one-process group order), identically on every rank,
-and each rank keeps its own part. So every rank's mask is the one-process mask restricted to
+groups (a contiguous run of the one-process groups, or, grouped by the anomalous index,
+groups interleaved with other ranks'). Per-row and per-group quantities are computed from the
+rank's own rows (a group is whole on one rank); the group-level choices (candidate lists,
+mean multiplicities, random draws, the quasi-random loops) run on per-group arrays gathered
+in the one-process group order (backends/group_order.py), identically on every rank, and
+each rank keeps its own part. So every rank's mask is the one-process mask restricted to
 its observations, bit for bit; in one process the primitives are identities and the masks
 are those of the code before issue 11.
 
@@ -27,6 +28,7 @@ import math
 import numpy as np
 
 from ..backends import rank_local
+from ..backends.group_order import GroupOrder
 
 SEED = 42
 
@@ -69,14 +71,15 @@ def _random_groups(candidates, n_choose, n_groups, seed):
     return chosen
 
 
-def _all_groups(values):
-    """Per-group values of every rank's groups, in the one-process group order."""
-    return rank_local.gather_in_rank_order(np.ascontiguousarray(values))
+def _group_order(table, groups):
+    """Where the table's groups lie among all ranks' groups (GroupOrder), built once per
+    selection by the caller or here."""
+    return GroupOrder(table.asu_index) if groups is None else groups
 
 
-def _observation_mask(table, chosen_all_groups, grp=None):
+def _observation_mask(table, groups, chosen_all_groups, grp=None):
     """The mask over this table's observations of groups chosen among all groups."""
-    own = rank_local.own_part(chosen_all_groups, table.n_groups)
+    own = groups.own(chosen_all_groups)
     return own[table.group_of_observation() if grp is None else grp]
 
 
@@ -85,16 +88,17 @@ def _use_all(table):
 
 
 def select_single_dataset(table, preselected, min_groups=2000, min_reflections=50000,
-                          seed=SEED):
+                          seed=SEED, groups=None):
     """8.1: random groups whose preselected multiplicity > 1; falls back to use_all."""
+    groups = _group_order(table, groups)
     counts, grp = _group_counts(table, preselected)
-    counts = _all_groups(counts)
+    counts = groups.gather(counts)
     candidates = np.flatnonzero(counts > 1)
     if candidates.size == 0:
         return _use_all(table)
     n_choose = _n_groups_to_choose(counts[candidates].mean(), min_groups, min_reflections)
     chosen = _random_groups(candidates, n_choose, counts.size, seed)
-    return _observation_mask(table, chosen, grp) & preselected
+    return _observation_mask(table, groups, chosen, grp) & preselected
 
 
 def _group_mean_isigma(table):
@@ -103,10 +107,12 @@ def _group_mean_isigma(table):
     return total / np.maximum(table.multiplicity(), 1)
 
 
-def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED,
+                  groups=None):
     """Groups with mean I/sigma > cutoff and n > 1, max(min_groups, ceil(min_refl/<m>))."""
-    mult = _all_groups(table.multiplicity())
-    bright = _all_groups(_group_mean_isigma(table) > isigma_cutoff)
+    groups = _group_order(table, groups)
+    mult = groups.gather(table.multiplicity())
+    bright = groups.gather(_group_mean_isigma(table) > isigma_cutoff)
     candidates = np.flatnonzero(bright & (mult > 1))
     if candidates.size == 0:
         candidates = np.flatnonzero(mult > 1)
@@ -114,40 +120,45 @@ def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1
         return _use_all(table)
     n_choose = _n_groups_to_choose(mult[candidates].mean(), min_groups, min_reflections)
     chosen = _random_groups(candidates, n_choose, mult.size, seed)
-    return _observation_mask(table, chosen)
+    return _observation_mask(table, groups, chosen)
 
 
 class _Pairs:
     """This rank's (group, dataset) pairs with their observation counts, sparse and
-    group-major, with global group numbers (the offset of the rank's first group added): a
-    dense datasets x groups count matrix costs 8 B x datasets x groups (and a scan of every
-    group once per dataset).
+    group-major, the groups numbered by their one-process positions (GroupOrder): a dense
+    datasets x groups count matrix costs 8 B x datasets x groups (and a scan of every group
+    once per dataset).
 
     The quasi-random steps read other ranks' pairs only through `gather`, which gives every
     rank the pairs of some groups in the one-process order (group, then dataset); never all
     pairs at once: with many stills there are about as many pairs as observations."""
 
-    def __init__(self, table, grp, n_datasets):
-        self.first_group = rank_local.offset(table.n_groups)
+    def __init__(self, table, grp, n_datasets, groups):
+        self.groups = groups
         key, self.count = np.unique(
-            (grp.astype(np.int64) + self.first_group) * n_datasets
-            + np.asarray(table.dataset_id, dtype=np.int64), return_counts=True)
-        self.group = key // n_datasets
-        self.dataset = key - self.group * n_datasets
+            grp.astype(np.int64) * n_datasets + np.asarray(table.dataset_id, dtype=np.int64),
+            return_counts=True)
+        self.local_group = key // n_datasets
+        self.dataset = key - self.local_group * n_datasets
         del key
-        self.bounds = np.searchsorted(self.group, self.first_group
-                                      + np.arange(table.n_groups + 1, dtype=np.int64))
+        # ascending, as the local groups' positions are
+        self.group = groups.positions(self.local_group)
+        self.n_local = table.n_groups
 
     def span(self):
         """The number of datasets in each of this rank's groups."""
-        return np.diff(self.bounds)
+        return np.bincount(self.local_group, minlength=self.n_local)
 
     def gather(self, keep):
-        """(group, dataset, count) of the pairs where keep (a mask over them), of all ranks:
-        each rank's pairs ascend and its groups follow the previous rank's, so the gathered
-        pairs ascend as np.unique over all observations gives them."""
-        return tuple(rank_local.gather_in_rank_order(np.ascontiguousarray(a[keep]))
-                     for a in (self.group, self.dataset, self.count))
+        """(group, dataset, count) of the pairs where keep (a mask over them), of all ranks,
+        in (group, dataset) order as np.unique over all observations gives them."""
+        group, dataset, count = (
+            rank_local.gather_in_rank_order(np.ascontiguousarray(a[keep]))
+            for a in (self.group, self.dataset, self.count))
+        if not self.groups.in_rank_order:  # each rank's pairs ascend: merge them
+            by_pair = np.lexsort((dataset, group))
+            group, dataset, count = group[by_pair], dataset[by_pair], count[by_pair]
+        return group, dataset, count
 
 
 class _MembersInOrder:
@@ -157,21 +168,20 @@ class _MembersInOrder:
 
     FIRST_BATCH = 4096
 
-    def __init__(self, pairs, order, n_groups_local):
-        self.pairs, self.order, self.n_local = pairs, order, n_groups_local
+    def __init__(self, pairs, order):
+        self.pairs, self.order = pairs, order
         self.fetched = 0
         self.batch = self.FIRST_BATCH
 
     def _fetch(self):
-        groups = self.order[self.fetched:self.fetched + self.batch]
-        self.fetched += groups.size
+        positions = self.order[self.fetched:self.fetched + self.batch]
+        self.fetched += positions.size
         self.batch *= 2
-        own = groups - self.pairs.first_group
-        own = own[(own >= 0) & (own < self.n_local)]
-        wanted = np.zeros(self.n_local, dtype=bool)
-        wanted[own] = True
-        keep = wanted[self.pairs.group - self.pairs.first_group]
-        self.group, self.dataset, self.count = self.pairs.gather(keep)
+        owned, local = self.pairs.groups.local_of(positions)
+        wanted = np.zeros(self.pairs.n_local, dtype=bool)
+        wanted[local[owned]] = True
+        self.group, self.dataset, self.count = self.pairs.gather(
+            wanted[self.pairs.local_group])
 
     def __call__(self, position):
         """(datasets, counts) of group order[position]; positions are asked in increasing
@@ -184,12 +194,14 @@ class _MembersInOrder:
 
 
 def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
-                              min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+                              min_reflections=50000, isigma_cutoff=1.0, seed=SEED,
+                              groups=None):
     """Simplified 8.2 (see module docstring)."""
+    placed = _group_order(table, groups)  # (`groups` is reused below for group ids)
     rng = np.random.default_rng(seed)
     grp = table.group_of_observation()
-    mult = _all_groups(table.multiplicity())
-    mean_isigma = _all_groups(_group_mean_isigma(table))
+    mult = placed.gather(table.multiplicity())
+    mean_isigma = placed.gather(_group_mean_isigma(table))
     eligible = (mean_isigma > isigma_cutoff) & (mult > 1)
     if not eligible.any():
         eligible = (mean_isigma > 0) & (mult > 1)
@@ -200,15 +212,15 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
     total_target = max(mean_mult * min_groups, min_reflections)
     target_qr = min(1000, min_groups) * mean_mult
     n_groups = mult.size
-    pairs = _Pairs(table, grp, n_datasets)
-    span = _all_groups(pairs.span())  # datasets per group
+    pairs = _Pairs(table, grp, n_datasets, placed)
+    span = placed.gather(pairs.span())  # datasets per group
     chosen = np.zeros(n_groups, dtype=bool)
     per_dataset = np.zeros(n_datasets, dtype=np.int64)
     share = target_qr / (n_datasets * 4.0)
     order = np.flatnonzero(eligible)
     order = order[np.argsort(-span[order], kind="stable")]
     del span
-    members_of = _MembersInOrder(pairs, order, table.n_groups)
+    members_of = _MembersInOrder(pairs, order)
     used = 0
     for position, grp_id in enumerate(order):  # loop over candidate groups, not reflections
         if used > 1.2 * target_qr or (per_dataset >= share).all():
@@ -224,10 +236,9 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
     # within each dataset: random eligible groups until its share is reached. Only pairs
     # of more than one observation in a group not chosen above can be taken: those alone
     # are gathered (with stills, few)
-    own = slice(pairs.first_group, pairs.first_group + table.n_groups)
-    open_own = eligible[own] & ~chosen[own]
+    open_own = placed.own(eligible & ~chosen)
     pair_group, pair_dataset, pair_count = pairs.gather(
-        (pairs.count > 1) & open_own[pairs.group - pairs.first_group])
+        (pairs.count > 1) & open_own[pairs.local_group])
     del pairs, open_own
     per_dataset_target = (total_target - used) / (2.0 * n_datasets)
     by_dataset = np.argsort(pair_dataset, kind="stable")  # groups ascending within each
@@ -253,7 +264,7 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
         cumulative = np.cumsum(mult[rest])
         take = rest[: int(np.searchsorted(cumulative, total_target - used)) + 1]
         chosen[take] = True
-    return _observation_mask(table, chosen, grp) & preselected
+    return _observation_mask(table, placed, chosen, grp) & preselected
 
 
 def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_range=(2.0, 0.0),
