@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import flags
+from ..backends import rank_local
+from ..backends.group_order import GroupOrder
 from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
                             split_positions)
 from ..errors import VmergeError
@@ -328,11 +330,15 @@ class ScalingRun:
                 start = stop
 
     def select_reflections(self):
+        """The minimisation subset (scaling/selection.py). In a rank-local job (issue 11)
+        the table holds this rank's groups; the selection functions give every rank the
+        one-process mask of its own rows, and the method, the log line and the datasets
+        dropped are decided from counts over all ranks."""
         p = self.params
         table = self.global_table(error_model_weights=True)
         method = sel.resolve_method(param(p, "reflection_selection.method", "auto"),
                                     all(_is_still(s.experiment) for s in self.states),
-                                    table.n_obs, len(self.states))
+                                    rank_local.total(table.n_obs), len(self.states))
         isig_range = param(p, "reflection_selection.Isigma_range", (2.0, 0.0))
         min_p = param(p, "reflection_selection.min_partiality", 0.25)
         d_range = param(p, "reflection_selection.d_range")
@@ -342,52 +348,51 @@ class ScalingRun:
         partiality = self._sorted_column(table, "partiality")
         d = self._sorted_column(table, "d")
         pre = sel.preselection(table, isig_range, min_p, d_range, d, partiality)
+        groups = GroupOrder(table.asu_index) if method in ("random", "quasi_random") else None
         if method == "use_all":
             mask = np.ones(table.n_obs, dtype=bool)
         elif method == "random":
-            mask = sel.select_random(table, min_groups, min_refl, cutoff)
+            mask = sel.select_random(table, min_groups, min_refl, cutoff, groups=groups)
         elif method == "intensity_ranges":
             # The preselection is per row; only E^2 is normalised per dataset, and only for
             # datasets above the size DIALS normalises at (stills are below it).
-            mask = pre.copy()
-            e2_low, e2_high = param(p, "reflection_selection.E2_range", (0.8, 5.0))
-            group_of_obs = None
-            for positions in split_positions(table.dataset_id, len(self.states)):
-                if positions.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION:
-                    continue
-                if group_of_obs is None:
-                    group_of_obs = table.group_of_observation()
-                esq = outl.e_squared(table.select(positions, group_of_obs=group_of_obs),
-                                     self.space_group, self.unit_cell)
-                if esq is not None:
-                    mask[positions] &= (esq > e2_low) & (esq < e2_high)
+            mask = sel.e2_window_by_dataset(
+                table, pre.copy(), len(self.states), self.space_group, self.unit_cell,
+                tuple(param(p, "reflection_selection.E2_range", (0.8, 5.0))))
         elif len(self.states) == 1:
-            mask = sel.select_single_dataset(table, pre, min_groups, min_refl)
+            mask = sel.select_single_dataset(table, pre, min_groups, min_refl, groups=groups)
         else:
             mask = sel.select_quasi_random_multi(table, len(self.states), pre, min_groups,
-                                                 min_refl, cutoff)
+                                                 min_refl, cutoff, groups=groups)
         selected = scatter_mask(table.dataset_id, table.loc_index, mask,
                                 [s.suitable_rows.size for s in self.states])
         for state, chosen in zip(self.states, selected):
             state.selected = chosen
         self.log(f"Reflection selection ({method}): "
-                 + summarise_per_dataset([int(s.selected.sum()) for s in self.states]))
+                 + summarise_per_dataset(self._selected_counts().tolist()))
         self._remove_datasets_without_selection()
+
+    def _selected_counts(self):
+        """Selected rows per dataset over all ranks (a dataset may have no rows on a rank)."""
+        return rank_local.totals([int(s.selected.sum()) for s in self.states])
 
     def _remove_datasets_without_selection(self):
         """As DIALS: a dataset the selection left with nothing to minimise on is removed
-        from scaling (and from the output) with a warning; the run goes on without it."""
-        empty = [s for s in self.states if not s.selected.any()]
-        if not empty:
+        from scaling (and from the output) with a warning; the run goes on without it.
+        Decided from the counts over all ranks, never from a rank's own rows."""
+        counts = self._selected_counts()
+        if (counts > 0).all():
             return
-        for state in empty:
+        for state, count in zip(self.states, counts):
+            if count > 0:
+                continue
             identifier = getattr(state.experiment, "identifier", "")
             self.log(f"Warning: dataset {identifier}: reflection selection left nothing to "
                      "minimise on; removing it from scaling")
             self.summary["dropped_datasets"].append(identifier)
             self.summary.setdefault("dropped_reasons", {})[identifier] = (
                 "reflection selection left nothing to minimise on")
-        self.states = [s for s in self.states if s.selected.any()]
+        self.states = [s for s, count in zip(self.states, counts) if count > 0]
         self._layout = None
         if not self.states:
             raise VmergeError("reflection selection left no dataset with anything to "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import flags
+from ..backends import rank_local
 from ..model.base import param
 from .algorithm import ScalingRun
 
@@ -59,6 +60,8 @@ class FreeSetScalingRun(ScalingRun):
             free = free_set_mask(state.asu, percentage, offset)
             state.selected &= ~free
             n_free += int(free.sum())
+        # issue 11: the observations of all ranks (a rank-local job holds its own rows)
+        n_free = rank_local.total(n_free)
         self.summary["free_set"] = {"percentage": percentage, "offset": offset,
                                     "n_free_observations": n_free}
         self.log(f"Free set ({percentage:g}%, offset {offset}): {n_free} observations "

@@ -3,6 +3,14 @@
 Negative intensities count as 0 in the shell means; 10, 15 or 20 shells (<= 15k, <= 20k,
 > 20k reflections) in equal d*^2 steps over the data range widened by 1e-6 of its span;
 N(d) is cctbx's intensity_quasi_normalisations (shell mean of I/epsilon, interpolated in d*).
+
+Issue 11: in a rank-local job (backends/rank_local.py) the groups passed are this MPI rank's
+run of the one-process groups. The shells depend on the number of observations and the d*^2
+range of all ranks (an exact count, min and max), the shell sums are one sequential pass over
+the groups continued from rank to rank (the bits of the one-process pass; groups by the
+anomalous index interleave the ranks: their per-group terms are gathered in the one-process
+order instead), and N(d) is then evaluated per group: every rank gets the one-process E^2 of
+its own observations.
 """
 
 from __future__ import annotations
@@ -33,14 +41,17 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     from cctbx import crystal, miller, uctbx
     from cctbx.array_family import flex
 
+    from ..backends import rank_local
+    from ..backends.group_order import GroupOrder
     from ..merging.groups import flex_indices
 
-    n_obs = intensity.size
+    n_obs = rank_local.total(intensity.size)
     multiplicity = np.diff(group_start)
     symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
     groups = miller.set(symmetry, flex_indices(group_asu), anomalous_flag=False)
     d_star_sq = groups.d_star_sq().data().as_numpy_array()
-    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
+    lo = rank_local.minimum(float(d_star_sq.min()) if d_star_sq.size else np.inf)
+    hi = rank_local.maximum(float(d_star_sq.max()) if d_star_sq.size else -np.inf)
     span = hi - lo
     lo = max(lo - span * 1e-6, 1e-12)
     hi += span * 1e-6
@@ -51,10 +62,28 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     bin_of_group = binner.bin_indices().as_numpy_array().astype(np.int64)
     epsilon = groups.epsilons().data().as_double().as_numpy_array()
     clipped_sum = np.add.reduceat(np.maximum(intensity, 0.0), group_start[:-1]) \
-        if n_obs else np.zeros(0)
+        if intensity.size else np.zeros(0)
     n_bins_all = binner.n_bins_all()
-    shell_sum = np.bincount(bin_of_group, weights=clipped_sum / epsilon, minlength=n_bins_all)
-    shell_count = np.bincount(bin_of_group, weights=multiplicity, minlength=n_bins_all)
+    weighted = clipped_sum / epsilon
+    multiplicity_f = multiplicity.astype(np.float64)
+
+    order = GroupOrder(group_asu)
+    if order.in_rank_order:
+        def add_groups(sums):
+            # np.bincount's order of addition (group by group, from 0.0), continued over
+            # ranks: np.add.at adds one term at a time in index order, as bincount does
+            np.add.at(sums[0], bin_of_group, weighted)
+            np.add.at(sums[1], bin_of_group, multiplicity_f)
+
+        shell_sum, shell_count = rank_local.sequential_over_ranks(np.zeros((2, n_bins_all)),
+                                                                  add_groups)
+    else:
+        all_bins = order.gather(bin_of_group)
+        shell_sum = np.bincount(all_bins, weights=order.gather(weighted), minlength=n_bins_all)
+        shell_count = np.bincount(all_bins, weights=order.gather(multiplicity_f),
+                                  minlength=n_bins_all)
+        del all_bins
+    del weighted, multiplicity_f
     used = list(binner.range_used())
     means = [shell_sum[b] / shell_count[b] if shell_count[b] > 0 else 0.0 for b in used]
     per_group = binner.interpolate(flex.double(means), 1).as_numpy_array()

@@ -5,6 +5,16 @@ over its observations. Random choices use numpy's default_rng with a fixed seed 
 seed DIALS gives its generator), so a run is reproducible; the picks differ from DIALS's
 scitbx generator, so only the statistics of the subset match DIALS, not its members.
 
+Issue 11 (rank-local jobs, backends/rank_local.py): the table may hold only this MPI rank's
+groups (a contiguous run of the one-process groups, or, grouped by the anomalous index,
+groups interleaved with other ranks'). Per-row and per-group quantities are computed from the
+rank's own rows (a group is whole on one rank); the group-level choices (candidate lists,
+mean multiplicities, random draws, the quasi-random loops) run on per-group arrays gathered
+in the one-process group order (backends/group_order.py), identically on every rank, and
+each rank keeps its own part. So every rank's mask is the one-process mask restricted to
+its observations, bit for bit; in one process the primitives are identities and the masks
+are those of the code before issue 11.
+
 quasi_random for several datasets is simplified: (1) groups spanning the most datasets are
 taken first, least-covered dataset first, until each dataset has its share of the
 connected target; (2) random groups within each dataset; (3) random groups overall up to
@@ -16,6 +26,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..backends import rank_local
+from ..backends.group_order import GroupOrder
 
 SEED = 42
 
@@ -58,16 +71,34 @@ def _random_groups(candidates, n_choose, n_groups, seed):
     return chosen
 
 
+def _group_order(table, groups):
+    """Where the table's groups lie among all ranks' groups (GroupOrder), built once per
+    selection by the caller or here."""
+    return GroupOrder(table.asu_index) if groups is None else groups
+
+
+def _observation_mask(table, groups, chosen_all_groups, grp=None):
+    """The mask over this table's observations of groups chosen among all groups."""
+    own = groups.own(chosen_all_groups)
+    return own[table.group_of_observation() if grp is None else grp]
+
+
+def _use_all(table):
+    return np.ones(table.n_obs, dtype=bool)
+
+
 def select_single_dataset(table, preselected, min_groups=2000, min_reflections=50000,
-                          seed=SEED):
+                          seed=SEED, groups=None):
     """8.1: random groups whose preselected multiplicity > 1; falls back to use_all."""
+    groups = _group_order(table, groups)
     counts, grp = _group_counts(table, preselected)
+    counts = groups.gather(counts)
     candidates = np.flatnonzero(counts > 1)
     if candidates.size == 0:
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     n_choose = _n_groups_to_choose(counts[candidates].mean(), min_groups, min_reflections)
-    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
-    return chosen[grp] & preselected
+    chosen = _random_groups(candidates, n_choose, counts.size, seed)
+    return _observation_mask(table, groups, chosen, grp) & preselected
 
 
 def _group_mean_isigma(table):
@@ -76,69 +107,146 @@ def _group_mean_isigma(table):
     return total / np.maximum(table.multiplicity(), 1)
 
 
-def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+def select_random(table, min_groups=2000, min_reflections=50000, isigma_cutoff=1.0, seed=SEED,
+                  groups=None):
     """Groups with mean I/sigma > cutoff and n > 1, max(min_groups, ceil(min_refl/<m>))."""
-    mult = table.multiplicity()
-    candidates = np.flatnonzero((_group_mean_isigma(table) > isigma_cutoff) & (mult > 1))
+    groups = _group_order(table, groups)
+    mult = groups.gather(table.multiplicity())
+    bright = groups.gather(_group_mean_isigma(table) > isigma_cutoff)
+    candidates = np.flatnonzero(bright & (mult > 1))
     if candidates.size == 0:
         candidates = np.flatnonzero(mult > 1)
     if candidates.size == 0:
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     n_choose = _n_groups_to_choose(mult[candidates].mean(), min_groups, min_reflections)
-    chosen = _random_groups(candidates, n_choose, table.n_groups, seed)
-    return chosen[table.group_of_observation()]
+    chosen = _random_groups(candidates, n_choose, mult.size, seed)
+    return _observation_mask(table, groups, chosen)
+
+
+class _Pairs:
+    """This rank's (group, dataset) pairs with their observation counts, sparse and
+    group-major, the groups numbered by their one-process positions (GroupOrder): a dense
+    datasets x groups count matrix costs 8 B x datasets x groups (and a scan of every group
+    once per dataset).
+
+    The quasi-random steps read other ranks' pairs only through `gather`, which gives every
+    rank the pairs of some groups in the one-process order (group, then dataset); never all
+    pairs at once: with many stills there are about as many pairs as observations."""
+
+    def __init__(self, table, grp, n_datasets, groups):
+        self.groups = groups
+        key, self.count = np.unique(
+            grp.astype(np.int64) * n_datasets + np.asarray(table.dataset_id, dtype=np.int64),
+            return_counts=True)
+        self.local_group = key // n_datasets
+        self.dataset = key - self.local_group * n_datasets
+        del key
+        # ascending, as the local groups' positions are
+        self.group = groups.positions(self.local_group)
+        self.n_local = table.n_groups
+
+    def span(self):
+        """The number of datasets in each of this rank's groups."""
+        return np.bincount(self.local_group, minlength=self.n_local)
+
+    def gather(self, keep):
+        """(group, dataset, count) of the pairs where keep (a mask over them), of all ranks,
+        in (group, dataset) order as np.unique over all observations gives them."""
+        group, dataset, count = (
+            rank_local.gather_in_rank_order(np.ascontiguousarray(a[keep]))
+            for a in (self.group, self.dataset, self.count))
+        if not self.groups.in_rank_order:  # each rank's pairs ascend: merge them
+            by_pair = np.lexsort((dataset, group))
+            group, dataset, count = group[by_pair], dataset[by_pair], count[by_pair]
+        return group, dataset, count
+
+
+class _MembersInOrder:
+    """The datasets and counts of the groups visited in `order`, gathered in batches (a
+    doubling number of groups, the same requests on every rank): the first quasi-random
+    step usually stops long before the end of `order`."""
+
+    FIRST_BATCH = 4096
+
+    def __init__(self, pairs, order):
+        self.pairs, self.order = pairs, order
+        self.fetched = 0
+        self.batch = self.FIRST_BATCH
+
+    def _fetch(self):
+        positions = self.order[self.fetched:self.fetched + self.batch]
+        self.fetched += positions.size
+        self.batch *= 2
+        owned, local = self.pairs.groups.local_of(positions)
+        wanted = np.zeros(self.pairs.n_local, dtype=bool)
+        wanted[local[owned]] = True
+        self.group, self.dataset, self.count = self.pairs.gather(
+            wanted[self.pairs.local_group])
+
+    def __call__(self, position):
+        """(datasets, counts) of group order[position]; positions are asked in increasing
+        order."""
+        if position >= self.fetched:
+            self._fetch()
+        grp_id = self.order[position]
+        lo, hi = np.searchsorted(self.group, [grp_id, grp_id + 1])
+        return self.dataset[lo:hi], self.count[lo:hi]
 
 
 def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
-                              min_reflections=50000, isigma_cutoff=1.0, seed=SEED):
+                              min_reflections=50000, isigma_cutoff=1.0, seed=SEED,
+                              groups=None):
     """Simplified 8.2 (see module docstring)."""
+    placed = _group_order(table, groups)  # (`groups` is reused below for group ids)
     rng = np.random.default_rng(seed)
     grp = table.group_of_observation()
-    mult = table.multiplicity()
-    eligible = (_group_mean_isigma(table) > isigma_cutoff) & (mult > 1)
+    mult = placed.gather(table.multiplicity())
+    mean_isigma = placed.gather(_group_mean_isigma(table))
+    eligible = (mean_isigma > isigma_cutoff) & (mult > 1)
     if not eligible.any():
-        eligible = (_group_mean_isigma(table) > 0) & (mult > 1)
+        eligible = (mean_isigma > 0) & (mult > 1)
+    del mean_isigma
     if not eligible.any():
-        return np.ones(table.n_obs, dtype=bool)
+        return _use_all(table)
     mean_mult = mult[mult > 1].mean()
     total_target = max(mean_mult * min_groups, min_reflections)
     target_qr = min(1000, min_groups) * mean_mult
-    # (group, dataset) pairs with their observation counts, sparse and group-major: a
-    # dense datasets x groups count matrix costs 8 B x datasets x groups (and a scan of
-    # every group once per dataset)
-    n_groups = table.n_groups
-    pair_key, pair_count = np.unique(
-        grp.astype(np.int64) * n_datasets + np.asarray(table.dataset_id, dtype=np.int64),
-        return_counts=True)
-    pair_group = pair_key // n_datasets
-    pair_dataset = pair_key - pair_group * n_datasets
-    del pair_key
-    group_pairs = np.searchsorted(pair_group, np.arange(n_groups + 1))
-    span = np.diff(group_pairs)  # datasets per group
+    n_groups = mult.size
+    pairs = _Pairs(table, grp, n_datasets, placed)
+    span = placed.gather(pairs.span())  # datasets per group
     chosen = np.zeros(n_groups, dtype=bool)
     per_dataset = np.zeros(n_datasets, dtype=np.int64)
     share = target_qr / (n_datasets * 4.0)
     order = np.flatnonzero(eligible)
     order = order[np.argsort(-span[order], kind="stable")]
+    del span
+    members_of = _MembersInOrder(pairs, order)
     used = 0
-    for grp_id in order:  # loop over candidate groups, not reflections
+    for position, grp_id in enumerate(order):  # loop over candidate groups, not reflections
         if used > 1.2 * target_qr or (per_dataset >= share).all():
             break
         neediest = int(np.argmin(per_dataset))
-        members = pair_dataset[group_pairs[grp_id]:group_pairs[grp_id + 1]]
+        members, counts = members_of(position)
         if per_dataset[neediest] < share and not (members == neediest).any():
             continue
         chosen[grp_id] = True
-        per_dataset[members] += pair_count[group_pairs[grp_id]:group_pairs[grp_id + 1]]
+        per_dataset[members] += counts
         used += mult[grp_id]
-    # within each dataset: random eligible groups until its share is reached
+    del members_of
+    # within each dataset: random eligible groups until its share is reached. Only pairs
+    # of more than one observation in a group not chosen above can be taken: those alone
+    # are gathered (with stills, few)
+    open_own = placed.own(eligible & ~chosen)
+    pair_group, pair_dataset, pair_count = pairs.gather(
+        (pairs.count > 1) & open_own[pairs.local_group])
+    del pairs, open_own
     per_dataset_target = (total_target - used) / (2.0 * n_datasets)
     by_dataset = np.argsort(pair_dataset, kind="stable")  # groups ascending within each
     dataset_pairs = np.searchsorted(pair_dataset[by_dataset], np.arange(n_datasets + 1))
     for d in range(n_datasets):
         mine = by_dataset[dataset_pairs[d]:dataset_pairs[d + 1]]
         groups, counts = pair_group[mine], pair_count[mine]
-        usable = (counts > 1) & eligible[groups] & ~chosen[groups]
+        usable = ~chosen[groups]  # (more than one observation, eligible: gathered so)
         groups, counts = groups[usable], counts[usable]
         # the permutation a shuffle of the groups themselves would make (it depends on the
         # length alone), applied to groups and counts together
@@ -156,7 +264,7 @@ def select_quasi_random_multi(table, n_datasets, preselected, min_groups=2000,
         cumulative = np.cumsum(mult[rest])
         take = rest[: int(np.searchsorted(cumulative, total_target - used)) + 1]
         chosen[take] = True
-    return chosen[grp] & preselected
+    return _observation_mask(table, placed, chosen, grp) & preselected
 
 
 def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_range=(2.0, 0.0),
@@ -165,6 +273,40 @@ def select_intensity_ranges(table, e_squared=None, e2_range=(0.8, 5.0), isigma_r
     keep = preselection(table, isigma_range, min_partiality, d_range, d, partiality)
     if e_squared is not None:
         keep &= (e_squared > e2_range[0]) & (e_squared < e2_range[1])
+    return keep
+
+
+def _e_squared(table, space_group, unit_cell):
+    """outliers.e_squared without its size rule (the caller decides on all ranks' rows)."""
+    from .normalisation import grouped_quasi_normalised_e_squared
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = table.intensity / table.g
+    scaled[table.g == 0] = 0.0
+    return grouped_quasi_normalised_e_squared(table.asu_index, table.group_start, scaled,
+                                              space_group, unit_cell)
+
+
+def e2_window_by_dataset(table, keep, n_datasets, space_group, unit_cell,
+                         e2_range=(0.8, 5.0), min_rows=None):
+    """keep &= the E^2 window, in place, for each dataset with more than min_rows rows
+    (default: the size DIALS normalises at; stills are below it); E^2 is normalised per
+    dataset. Datasets are chosen by their rows on all ranks: every rank takes part in the
+    E^2 of such a dataset (its shell sums span the ranks) even with no rows of it."""
+    from ..kernels.flat import split_positions
+    from .outliers import MIN_REFLECTIONS_FOR_NORMALISATION
+
+    min_rows = MIN_REFLECTIONS_FOR_NORMALISATION if min_rows is None else min_rows
+    positions_of = split_positions(table.dataset_id, n_datasets)
+    sizes = rank_local.totals([p.size for p in positions_of])
+    group_of_obs = None
+    for d in np.flatnonzero(sizes > min_rows):
+        positions = positions_of[d]
+        if group_of_obs is None:
+            group_of_obs = table.group_of_observation()
+        esq = _e_squared(table.select(positions, group_of_obs=group_of_obs), space_group,
+                         unit_cell)
+        keep[positions] &= (esq > e2_range[0]) & (esq < e2_range[1])
     return keep
 
 
