@@ -30,6 +30,7 @@ import numpy as np
 from .. import flags
 from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
                             split_positions)
+from ..backends import rank_local
 from ..errors import VmergeError
 from ..memory import release_free_memory
 from ..model.base import is_auto, param
@@ -138,10 +139,14 @@ class ScalingRun:
         table = self.table
         suitable = suitable_selection(table)
         kept = []
+        # a rank-local job (issue 11): a dataset is dropped only when no rank has a suitable
+        # row of it; a kept dataset's state may hold no row on a rank
+        per_dataset = [rows[suitable[rows]] for rows in self.dataset_rows]
+        n_suitable = rank_local.totals([r.size for r in per_dataset]) if per_dataset else []
         for position, (expt, rows, model) in enumerate(zip(experiments, self.dataset_rows,
                                                            models)):
-            suitable_rows = rows[suitable[rows]]
-            if suitable_rows.size == 0:
+            suitable_rows = per_dataset[position]
+            if n_suitable[position] == 0:
                 identifier = getattr(expt, "identifier", str(position))
                 self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
                 self.summary["dropped_datasets"].append(identifier)
@@ -178,7 +183,8 @@ class ScalingRun:
         # for sweeps or wedges, whose models read several columns that would all be held
         shared = SharedRowViews(table, [k[2] for k in kept]) \
             if (len(kept) > SHARED_READ_MIN_DATASETS
-                and all_rows.size <= SHARED_READ_MAX_MEAN_ROWS * len(kept)) else None
+                and rank_local.total(all_rows.size) <= SHARED_READ_MAX_MEAN_ROWS * len(kept)) \
+            else None
         for n, (expt, model, rows, _) in enumerate(kept):
             model.configure(RowView(table, rows) if shared is None else shared.view(n), expt)
             a, b = bounds[n], bounds[n + 1]
@@ -304,9 +310,11 @@ class ScalingRun:
                if not (self._configdict(s.experiment)
                        or getattr(s.experiment, "scaling_model", None))]
         # a model that was scaled before: DIALS skips this pass for it
-        small = [s for s in new if s.suitable_rows.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
-        for state in new:
-            if state.suitable_rows.size > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+        # (sizes over all ranks in a rank-local job: the E^2 test's threshold is global)
+        sizes = rank_local.totals([s.suitable_rows.size for s in new]) if new else []
+        small = [s for s, n in zip(new, sizes) if n <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
+        for state, n in zip(new, sizes):
+            if n > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
                 table = self.global_table([state], error_model_weights=True)
                 state.outlier = self._outliers_to_states(table, [state], True)[0]
         if small:
@@ -377,7 +385,11 @@ class ScalingRun:
     def _remove_datasets_without_selection(self):
         """As DIALS: a dataset the selection left with nothing to minimise on is removed
         from scaling (and from the output) with a warning; the run goes on without it."""
-        empty = [s for s in self.states if not s.selected.any()]
+        # rank-local job: a dataset is empty when no rank selected a row of it
+        has_selection = rank_local.totals([s.selected.any() for s in self.states]) > 0
+        for state, kept in zip(self.states, has_selection):
+            state._has_selection = bool(kept)
+        empty = [s for s in self.states if not s._has_selection]
         if not empty:
             return
         for state in empty:
@@ -387,7 +399,7 @@ class ScalingRun:
             self.summary["dropped_datasets"].append(identifier)
             self.summary.setdefault("dropped_reasons", {})[identifier] = (
                 "reflection selection left nothing to minimise on")
-        self.states = [s for s in self.states if s.selected.any()]
+        self.states = [s for s in self.states if s._has_selection]
         self._layout = None
         if not self.states:
             raise VmergeError("reflection selection left no dataset with anything to "
@@ -471,7 +483,7 @@ class ScalingRun:
         """compute.device for a per-observation pass (backends/run_device.py)."""
         from ..backends.run_device import device_for_run
 
-        return device_for_run(self, table.n_obs)
+        return device_for_run(self, rank_local.total(table.n_obs))
 
     def _outliers_to_states(self, table, states, error_model_weights=None):
         p = self.params
@@ -493,7 +505,8 @@ class ScalingRun:
         new = self._outliers_to_states(self.global_table(), self.states)
         for state, o in zip(self.states, new):
             state.outlier = o
-        self.log("Outlier rejection: " + summarise_per_dataset([int(o.sum()) for o in new]))
+        self.log("Outlier rejection: " + summarise_per_dataset(
+            rank_local.totals([int(o.sum()) for o in new]).tolist()))
 
     @property
     def outliers_active(self):
@@ -791,12 +804,16 @@ class ScalingRun:
         if sum(r.size for r in kept_rows) != table.nrows:
             # rows of datasets removed during scaling leave with their datasets
             table = table.select(np.sort(np.concatenate(kept_rows)))
+        # counts over all ranks in a rank-local job
+        counts = rank_local.totals(np.array(
+            [[s.suitable_rows.size, int(s.selected.sum()), int(s.outlier.sum())]
+             for s in self.states], dtype=np.int64).ravel()).reshape(-1, 3)
         self.summary["datasets"] = [{
             "identifier": getattr(s.experiment, "identifier", ""),
             "error_model": None if s.error_model is None else s.error_model.parameters,
-            "Imid": s.imid, "n_suitable": int(s.suitable_rows.size),
-            "n_selected": int(s.selected.sum()), "n_outliers": int(s.outlier.sum()),
-        } for s in self.states]
+            "Imid": s.imid, "n_suitable": int(n_suitable),
+            "n_selected": int(n_selected), "n_outliers": int(n_outliers),
+        } for s, (n_suitable, n_selected, n_outliers) in zip(self.states, counts)]
         self.summary["experiments"] = [s.experiment for s in self.states]
         return table, [s.model for s in self.states], self.summary
 

@@ -33,14 +33,19 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     from cctbx import crystal, miller, uctbx
     from cctbx.array_family import flex
 
+    from ..backends import rank_local
     from ..merging.groups import flex_indices
 
-    n_obs = intensity.size
+    # A rank-local job (issue 11): each rank holds whole groups; the shells' range and
+    # count are the global ones and the shell sums one pass over all groups in rank order
+    # (= group order), so every rank gets the one-process values.
+    n_obs = rank_local.total(intensity.size)
     multiplicity = np.diff(group_start)
     symmetry = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
     groups = miller.set(symmetry, flex_indices(group_asu), anomalous_flag=False)
     d_star_sq = groups.d_star_sq().data().as_numpy_array()
-    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
+    lo = rank_local.minimum(float(d_star_sq.min()) if d_star_sq.size else np.inf)
+    hi = rank_local.maximum(float(d_star_sq.max()) if d_star_sq.size else -np.inf)
     span = hi - lo
     lo = max(lo - span * 1e-6, 1e-12)
     hi += span * 1e-6
@@ -51,10 +56,23 @@ def grouped_quasi_normalised_e_squared(group_asu, group_start, intensity, space_
     bin_of_group = binner.bin_indices().as_numpy_array().astype(np.int64)
     epsilon = groups.epsilons().data().as_double().as_numpy_array()
     clipped_sum = np.add.reduceat(np.maximum(intensity, 0.0), group_start[:-1]) \
-        if n_obs else np.zeros(0)
+        if intensity.size else np.zeros(0)
     n_bins_all = binner.n_bins_all()
-    shell_sum = np.bincount(bin_of_group, weights=clipped_sum / epsilon, minlength=n_bins_all)
-    shell_count = np.bincount(bin_of_group, weights=multiplicity, minlength=n_bins_all)
+    if rank_local.active():
+        terms = clipped_sum / epsilon
+
+        def add_shell_terms(values):
+            # np.add.at adds in index order: the bincount's sequential pass, continued
+            np.add.at(values, bin_of_group, terms)
+
+        shell_sum = rank_local.sequential_over_ranks(np.zeros(n_bins_all), add_shell_terms)
+        shell_count = rank_local.totals(np.bincount(
+            bin_of_group, weights=multiplicity, minlength=n_bins_all).astype(np.int64)
+        ).astype(np.float64)
+    else:
+        shell_sum = np.bincount(bin_of_group, weights=clipped_sum / epsilon,
+                                minlength=n_bins_all)
+        shell_count = np.bincount(bin_of_group, weights=multiplicity, minlength=n_bins_all)
     used = list(binner.range_used())
     means = [shell_sum[b] / shell_count[b] if shell_count[b] > 0 else 0.0 for b in used]
     per_group = binner.interpolate(flex.double(means), 1).as_numpy_array()
