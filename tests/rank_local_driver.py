@@ -60,6 +60,7 @@ def run(params, inputs, log):
         raise AssertionError("output_order_key is not ascending on this rank")
     mine = {name: np.asarray(table.peek(name)) for name in COLUMNS}
     mine["key"] = key
+    mine["rank"] = np.full(key.size, mpi_world.rank(), dtype=np.int64)
     everything = gather((mine, recording.lines, rank_local, rows_in))
     if mpi_world.rank() != 0:
         return None
