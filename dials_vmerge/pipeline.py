@@ -180,13 +180,18 @@ def run_scaling_job(params, experiments, table, log):
     # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported)
     enabled = (RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
                and rank_local_supported(params) and not rerun.is_rescale(table))
+    # the job's stages replace the table as they go: no frame here keeps the input alive
+    holder = [table]
+    del table
     with rank_local.rank_local_job(enabled) as local:
-        return _run_scaling_job(params, experiments, table, log, local)
+        return _run_scaling_job(params, experiments, holder, log, local)
 
 
-def _run_scaling_job(params, experiments, table, log, local):
+def _run_scaling_job(params, experiments, holder, log, local):
     from .model.factory import create_scaling_model
     from .scaling.algorithm import scale_table
+
+    table = holder.pop()
 
     check_consistent_space_groups(experiments)
     if not local:
@@ -384,9 +389,8 @@ def rank_local_rows(experiments, table):
     rows carry their one-process original_index (position within the dataset in input
     order: rank_partition.positions_within_dataset) for preparation."""
     from .backends import mpi_world
-    from .backends.rank_partition import (InputRowKeys, _distinct_key_counts,
-                                          non_anomalous_keys, partition_of_counts,
-                                          positions_within_dataset)
+    from .backends.rank_partition import (_distinct_key_counts, non_anomalous_keys,
+                                          partition_of_counts, positions_within_dataset)
     from .geometry import space_group
 
     if not len(experiments):
@@ -398,16 +402,44 @@ def rank_local_rows(experiments, table):
     located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
         else None
     if located is not None:
-        # only this rank's rows' keys are looked up later (scaling's grouping)
-        column, file_rows = located
-        by_file_row = np.full(column.file_rows, -1, dtype=np.int64)
-        by_file_row[file_rows] = keys[rows]
-        row_keys = InputRowKeys(column, by_file_row)
+        # only this rank's rows' keys are looked up later (scaling's grouping): kept by
+        # file row for its rows alone, not 8 B for every input row
+        row_keys = _RankRowKeys(located[0], located[1], keys[rows])
     del keys
     original_index = positions_within_dataset(table, rows).astype(np.uint64)
     own = table.select(rows)
     own[RANK_ORIGINAL_INDEX] = original_index
     return partition, row_keys, own
+
+
+class _RankRowKeys:
+    """rank_partition.InputRowKeys for a rank's own rows: their file rows (sorted) and keys,
+    looked up by binary search; the same answers for those rows."""
+
+    def __init__(self, column, file_rows, keys):
+        order = np.argsort(file_rows, kind="stable")
+        self.column = column
+        self.file_rows = np.asarray(file_rows, dtype=np.int64)[order]
+        self.keys = np.asarray(keys, dtype=np.int64)[order]
+
+    def release(self):
+        self.file_rows = self.keys = None
+
+    def asu_of(self, table, rows):
+        from .backends.rank_partition import unpack_keys
+
+        if self.keys is None:
+            return None
+        located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
+            else None
+        if located is None or not located[0]._same_blob(self.column):
+            return None
+        at = np.searchsorted(self.file_rows, located[1])
+        at = np.minimum(at, max(self.file_rows.size - 1, 0))
+        if located[1].size and (self.file_rows.size == 0
+                                or np.any(self.file_rows[at] != located[1])):
+            return None
+        return unpack_keys(self.keys[at]).astype(np.int32)
 
 
 def output_order_key(experiments, table):

@@ -209,3 +209,33 @@ def test_predicate_names_the_supported_configurations():
         assert not pipeline.rank_local_supported(params(**change)), change
     # until dials.vmerge's output side takes a rank-local job's tables, nothing runs so
     assert pipeline.RANK_LOCAL_OUTPUT_READY is False
+
+
+def test_a_rank_without_rows(tmp_path):
+    """One sweep of ~12 600 rows is 3 key blocks: under 4 ranks one rank holds no row at all
+    (empty states, no group for the E^2 shells: the sweep is above the normalisation
+    threshold) and the result is still the one-process one, bit for bit."""
+    done = mpi_helpers.run(["dials.vmerge.simulate", "rotation.n_sweeps=1",
+                            "n_obs_target=11500", "noise.outlier_fraction=0.01", "seed=7"],
+                           cwd=tmp_path, timeout_s=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    expt, refl = str(tmp_path / "simulated.expt"), str(tmp_path / "simulated.refl")
+    out = {}
+    for n_ranks in (None, 4):
+        d = tmp_path / f"ranks{n_ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, n_ranks)
+        assert done.returncode == 0, done.stderr
+        out[n_ranks] = dict(np.load(d / "out.npz"))
+    rows = out[4]["rows_per_rank"]
+    assert rows.size == 4 and np.count_nonzero(rows == 0) == 1
+    assert out[None]["key"].size > 10000
+    # the outlier rejection flagged rows (the sweep, above 10 000 rows, takes the E^2 test too)
+    from dials_vmerge import flags
+
+    assert np.count_nonzero(out[None]["flags"] & flags.outlier_in_scaling) > 20
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(out[None][column], out[4][column], err_msg=column)
+    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
+    for lines in json.loads(str(out[4]["log_lines"])):
+        assert comparable(lines) == one_log
