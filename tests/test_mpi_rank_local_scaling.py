@@ -254,3 +254,36 @@ def test_input_held_in_memory(datasets, results, tmp_path):
     assert many["rank_local"].all()
     for column in FLOATS + EXACT:
         np.testing.assert_array_equal(one[column], many[column], err_msg=column)
+
+
+@pytest.mark.parametrize("extra", [
+    # image and dataset exclusions, a resolution cut, the absorption surface (its
+    # coefficients from the geometry of each rank's rows)
+    ["physical.absorption_correction=True", "exclude_images=0:1:10",
+     "dataset_selection.exclude_datasets=2", "cut_data.d_min=1.8"],
+    # the array model: its grid ranges (x, y, d) over every rank's rows
+    ["model=array"],
+], ids=["exclusions_absorption", "array"])
+def test_more_configurations(datasets, tmp_path, extra):
+    expt, refl = datasets["sweeps3"]
+    out = {}
+    for n_ranks in (None, 2):
+        d = tmp_path / f"ranks{n_ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, n_ranks, extra=extra)
+        assert done.returncode == 0, done.stderr
+        out[n_ranks] = dict(np.load(d / "out.npz"))
+    assert out[2]["rank_local"].all()
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(out[None][column], out[2][column], err_msg=column)
+    np.testing.assert_array_equal(model_numbers(out[None]["models"]),
+                                  model_numbers(out[2]["models"]))
+    models = json.loads(str(out[2]["models"]))
+    corrections = models[0]["configuration_parameters"]["corrections"]
+    assert "absorption" in corrections
+    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
+    for lines in json.loads(str(out[2]["log_lines"])):
+        assert comparable(lines) == one_log
+    if "exclude_images=0:1:10" in extra:
+        assert len(models) == 2  # dataset 2 excluded
+        assert any("valid image ranges now 11-" in line for line in one_log)
