@@ -379,8 +379,11 @@ class ScalingTarget(ModelTerms):
 
     # -- MPI: each rank evaluates the models at the rows of its own blocks only ----------
     def _rank_share(self):
-        """This rank's RankShare of the table (None in one process: every row is used)."""
-        if mpi_world.n_ranks() == 1:
+        """This rank's RankShare of the table (None in one process: every row is used; None
+        in a rank-local job too, whose table holds only this rank's groups: the whole table
+        is its share, and the model families then reuse the fused pass's per-row inputs as
+        in one process instead of a second copy of them)."""
+        if mpi_world.n_ranks() == 1 or rank_local.active():
             return None
         if getattr(self, "_share", None) is None:
             self._share = RankShare(self.table.group_start, self.n_par, self.key_blocks)
