@@ -263,8 +263,10 @@ def test_input_held_in_memory(datasets, results, tmp_path):
      "dataset_selection.exclude_datasets=2", "cut_data.d_min=1.8"],
     # the array model: its grid ranges (x, y, d) over every rank's rows
     ["model=array"],
-], ids=["exclusions_absorption", "array"])
-def test_more_configurations(datasets, tmp_path, extra):
+    # summation intensities (the PHIL's last assignment wins over PARAMS' profile)
+    ["reflection_selection.intensity_choice=sum"],
+], ids=["exclusions_absorption", "array", "sum"])
+def test_more_configurations(datasets, results, tmp_path, extra):
     expt, refl = datasets["sweeps3"]
     out = {}
     for n_ranks in (None, 2):
@@ -280,10 +282,39 @@ def test_more_configurations(datasets, tmp_path, extra):
                                   model_numbers(out[2]["models"]))
     models = json.loads(str(out[2]["models"]))
     corrections = models[0]["configuration_parameters"]["corrections"]
-    assert "absorption" in corrections
+    assert ("absorption" in corrections) == ("physical.absorption_correction=True" in extra
+                                             or "model=array" in extra)
+    if "reflection_selection.intensity_choice=sum" in extra:  # not the profile result
+        assert not np.array_equal(out[2]["intensity_scale_value"],
+                                  results["sweeps3", None]["intensity_scale_value"])
     one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
     for lines in json.loads(str(out[2]["log_lines"])):
         assert comparable(lines) == one_log
     if "exclude_images=0:1:10" in extra:
         assert len(models) == 2  # dataset 2 excluded
         assert any("valid image ranges now 11-" in line for line in one_log)
+
+
+def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):
+    """With the error model on (not rank-local until its branch lands) every rank holds and
+    scales every row, as before, and the rows gathered from rank 0 are those of one process
+    run the same way."""
+    expt, refl = datasets["stills200"]
+    out = {}
+    for n_ranks in (None, 2):
+        d = tmp_path / f"ranks{n_ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, n_ranks,
+                          extra=["weighting.error_model.error_model=basic"])
+        assert done.returncode == 0, done.stderr
+        out[n_ranks] = dict(np.load(d / "out.npz"))
+    assert not out[2]["rank_local"].any()
+    n = out[None]["key"].size
+    np.testing.assert_array_equal(out[2]["rows_per_rank"], [n, n])
+    # rank 0's rows (each rank holds all of them: the gathered table holds each row twice)
+    first = out[2]["rank"] == 0
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(out[None][column], out[2][column][first], err_msg=column)
+    # and the error model changed the variances (not the rank-local run's rows)
+    assert not np.array_equal(out[None]["intensity_scale_variance"],
+                              results["stills200", None]["intensity_scale_variance"])
