@@ -51,6 +51,10 @@ def check_consistent_space_groups(experiments) -> None:
 
 
 def check_usable_intensities(table, path_hint: str = "the reflection file") -> None:
+    """In a rank-local job (backends/rank_local.py) each rank checks its own rows and the
+    decisions are taken over all ranks, so every rank raises the same error."""
+    from .backends import rank_local
+
     has = [c for c in ("intensity.prf.value", "intensity.sum.value") if c in table]
     if not has:
         raise VmergeError(f"{path_hint}: no intensity.sum.value or intensity.prf.value column")
@@ -61,10 +65,12 @@ def check_usable_intensities(table, path_hint: str = "the reflection file") -> N
         if variance not in table:
             raise VmergeError(f"{path_hint}: has {column} but no {variance} column")
         variances = table.peek(variance)
-        if not np.all(np.isfinite(table.peek(column))) or not np.all(np.isfinite(variances)):
+        finite = bool(np.all(np.isfinite(table.peek(column)))) and bool(
+            np.all(np.isfinite(variances)))
+        if not rank_local.all_ranks(finite):
             raise VmergeError(f"{path_hint}: {column} or its variance holds NaN or infinite values")
         any_positive_variance = any_positive_variance or bool(np.any(variances > 0))
-    if not any_positive_variance:
+    if not rank_local.any_rank(any_positive_variance):
         raise VmergeError(f"{path_hint}: every intensity variance is zero or negative")
     if "xyzobs.px.value" not in table:
         raise VmergeError(f"{path_hint}: no xyzobs.px.value column (needed for image numbers)")
@@ -137,6 +143,11 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
         d_values = d_from_unit_cell(table.peek("miller_index"), median_unit_cell(experiments))
     suitable_before = (rerun.previously_suitable(table, dataset_index)
                        if rerun.is_rescale(table) else None)
+    # a rank-local job's rows carry their one-process original_index (set at the partition)
+    original_index = None
+    if RANK_ORIGINAL_INDEX in table:
+        original_index = np.asarray(table[RANK_ORIGINAL_INDEX], dtype=np.uint64)
+        table.del_column(RANK_ORIGINAL_INDEX)
     prepared = prepare_dataset(
         table,
         intensity_choice=params.reflection_selection.intensity_choice,
@@ -148,6 +159,7 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
         clear_flags=False,
         consume_input=True,
         dataset_index=dataset_index,
+        original_index=original_index,
     )
     if suitable_before is not None:
         rerun.restart_prepared_table(prepared, suitable_before)
@@ -155,12 +167,36 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
 
 
 def run_scaling_job(params, experiments, table, log):
-    """Everything dials.vmerge does; returns (experiments, scaled table, merge result)."""
+    """Everything dials.vmerge does; returns (experiments, scaled table, merge result).
+
+    Under MPI with a supported configuration (rank_local_supported) the job is rank-local
+    (issue 11, backends/rank_local.py): each rank selects, prepares and scales only the rows
+    of its own unique reflections (rank_local_rows), every decision and log line is taken
+    from values reduced over the ranks, and the returned table holds the rank's rows with
+    `output_order_key` (see OUTPUT_ORDER_SHIFT) giving their place in the one-process
+    scaled.refl row order."""
+    from .backends import rank_local
+    from .scaling import rerun
+
+    # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported)
+    enabled = (RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
+               and rank_local_supported(params) and not rerun.is_rescale(table))
+    # the job's stages replace the table as they go: no frame here keeps the input alive
+    holder = [table]
+    del table
+    with rank_local.rank_local_job(enabled) as local:
+        return _run_scaling_job(params, experiments, holder, log, local)
+
+
+def _run_scaling_job(params, experiments, holder, log, local):
     from .model.factory import create_scaling_model
     from .scaling.algorithm import scale_table
 
+    table = holder.pop()
+
     check_consistent_space_groups(experiments)
-    check_usable_intensities(table)
+    if not local:
+        check_usable_intensities(table)
     if params.scaling_options.reference:  # a missing reference fails before any work
         from .io.reference import check_reference_path
 
@@ -173,8 +209,14 @@ def run_scaling_job(params, experiments, table, log):
         # issue 11: the read-time key blocks of every block sum of this job, cut from the
         # input rows (the same for any number of MPI ranks, one process included), once
         # switched on
-        partition, row_keys = (read_time_keyed_partition(experiments, table)
-                               if USE_READ_TIME_KEY_BLOCKS else (None, None))
+        if local:
+            # every rank maps all rows' keys (8 B per input row, held until the rank's rows
+            # are chosen) and keeps its own rows; the intensities are checked on them
+            partition, row_keys, table = rank_local_rows(experiments, table)
+            check_usable_intensities(table)
+        else:
+            partition, row_keys = (read_time_keyed_partition(experiments, table)
+                                   if USE_READ_TIME_KEY_BLOCKS else (None, None))
         with stage(log, "Selection"):
             experiments, table, _ = select(params, experiments, table, log)
         from .unit_cells import check_unit_cells_of_table
@@ -255,7 +297,165 @@ def run_scaling_job(params, experiments, table, log):
     # were scaled, or the written .refl names an experiment the .expt lacks.
     kept_identifiers = {e.identifier for e in experiments}
     scaled.identifiers = {k: v for k, v in scaled.identifiers.items() if v in kept_identifiers}
+    if local:
+        scaled.output_order_key = output_order_key(experiments, scaled)
     return experiments, scaled, summary
+
+
+# -- issue 11: the rank-local job (each rank its own rows) ------------------------------------
+# Set when dials.vmerge's output side (writer, merge) takes the tables of a rank-local job
+# (their rows and output_order_key): until then every configuration keeps the repeated path.
+RANK_LOCAL_OUTPUT_READY = False
+# The column that carries a rank's rows' one-process original_index from the partition to
+# preparation (dropped there).
+RANK_ORIGINAL_INDEX = "__rank_original_index"
+# output_order_key = (position of the row's dataset in the scaled experiments) <<
+# OUTPUT_ORDER_SHIFT | original_index (< 2^40 rows per dataset).
+OUTPUT_ORDER_SHIFT = 40
+
+
+def _no_likelihood_target(params):
+    return params.scaling_options.target != "likelihood"
+
+
+def _no_reference(params):
+    return not params.scaling_options.reference
+
+
+def _no_free_set(params):
+    return not params.scaling_options.use_free_set
+
+
+def _no_filtering(params):
+    return params.filtering.method in (None, "None")
+
+
+def _no_cross_validation(params):
+    return not params.cross_validation.cross_validation_mode
+
+
+def _not_anomalous(params):
+    # the anomalous groups of one key interleave the ranks' group order (contract point 4)
+    return not params.anomalous
+
+
+def _not_variational(params):
+    method = params.merging.method
+    methods = {method} if isinstance(method, str) else set(method or [])
+    return not methods & {"variational", "all"}
+
+
+def _not_cuda(params):
+    # the device passes and resident tables hold every row (backends/run_device.py)
+    from .backends.select import cuda_available
+
+    device = str(params.compute.device).strip().lower()
+    return device == "cpu" or (device == "auto" and not cuda_available())
+
+
+# Stages whose rank-local versions live in other branches (h11sel: selection, h11em:
+# intensity combination and error model): until they land, only the configurations that
+# skip them run rank-local. Drop a condition here when its stage is rank-correct.
+def _selection_uses_all(params):
+    return params.reflection_selection.method == "use_all"
+
+
+def _no_intensity_combination(params):
+    return params.reflection_selection.intensity_choice != "combine"
+
+
+def _no_error_model(params):
+    return params.weighting.error_model.error_model in (None, "None")
+
+
+RANK_LOCAL_CONDITIONS = [
+    _no_likelihood_target, _no_reference, _no_free_set, _no_filtering, _no_cross_validation,
+    _not_anomalous, _not_variational, _not_cuda,
+    _selection_uses_all, _no_intensity_combination, _no_error_model,
+]
+
+
+def rank_local_supported(params) -> bool:
+    """Whether a scaling job with these parameters runs rank-local under MPI (each rank its
+    own rows; backends/rank_local.py). Others repeat every stage on every rank (README,
+    "Running under MPI"). Each condition is one named function of RANK_LOCAL_CONDITIONS."""
+    return all(condition(params) for condition in RANK_LOCAL_CONDITIONS)
+
+
+def rank_local_rows(experiments, table):
+    """(partition, InputRowKeys or None, this rank's table) of a rank-local job: the
+    read-time key partition of all rows (every rank maps every row's key, as
+    read_time_keyed_partition), then this rank's rows in input order, lazy columns left in
+    their file (table.select keeps them lazy, so the rank materialises only its rows). The
+    rows carry their one-process original_index (position within the dataset in input
+    order: rank_partition.positions_within_dataset) for preparation."""
+    from .backends import mpi_world
+    from .backends.rank_partition import (_distinct_key_counts, non_anomalous_keys,
+                                          partition_of_counts, positions_within_dataset)
+    from .geometry import space_group
+
+    if not len(experiments):
+        return None, None, table
+    keys = non_anomalous_keys(table, space_group(experiments[0]))
+    partition = partition_of_counts(*_distinct_key_counts(keys), mpi_world.n_ranks())
+    rows = partition.rows_of_rank(keys, mpi_world.rank())
+    row_keys = None
+    located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
+        else None
+    if located is not None:
+        # only this rank's rows' keys are looked up later (scaling's grouping): kept by
+        # file row for its rows alone, not 8 B for every input row
+        row_keys = _RankRowKeys(located[0], located[1], keys[rows])
+    del keys
+    original_index = positions_within_dataset(table, rows).astype(np.uint64)
+    own = table.select(rows)
+    own[RANK_ORIGINAL_INDEX] = original_index
+    return partition, row_keys, own
+
+
+class _RankRowKeys:
+    """rank_partition.InputRowKeys for a rank's own rows: their file rows (sorted) and keys,
+    looked up by binary search; the same answers for those rows."""
+
+    def __init__(self, column, file_rows, keys):
+        order = np.argsort(file_rows, kind="stable")
+        self.column = column
+        self.file_rows = np.asarray(file_rows, dtype=np.int64)[order]
+        self.keys = np.asarray(keys, dtype=np.int64)[order]
+
+    def release(self):
+        self.file_rows = self.keys = None
+
+    def asu_of(self, table, rows):
+        from .backends.rank_partition import unpack_keys
+
+        if self.keys is None:
+            return None
+        located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
+            else None
+        if located is None or not located[0]._same_blob(self.column):
+            return None
+        at = np.searchsorted(self.file_rows, located[1])
+        at = np.minimum(at, max(self.file_rows.size - 1, 0))
+        if located[1].size and (self.file_rows.size == 0
+                                or np.any(self.file_rows[at] != located[1])):
+            return None
+        return unpack_keys(self.keys[at]).astype(np.int32)
+
+
+def output_order_key(experiments, table):
+    """int64 per row of a scaled table: (position of the row's dataset in `experiments`) <<
+    OUTPUT_ORDER_SHIFT | original_index. One process orders scaled.refl dataset by dataset
+    in experiment order, input order within a dataset (group_rows_by_dataset; a summed
+    partial takes its first piece's place), so the ranks' keys merged in ascending order
+    give that order; each rank's rows are ascending in it."""
+    from .selection import dataset_position_of_rows
+
+    position = dataset_position_of_rows(table, experiments)
+    index = np.asarray(table.peek("original_index"), dtype=np.int64)
+    if index.size and int(index.max()) >= (1 << OUTPUT_ORDER_SHIFT):
+        raise VmergeError("a dataset with 2^40 rows or more")
+    return (position.astype(np.int64) << OUTPUT_ORDER_SHIFT) | index
 
 
 # On (session 7): every block sum of a scaling job, one process included, uses the input

@@ -282,11 +282,16 @@ def drop_empty_datasets(experiments, table, log=None):
     keep = []
     key_of_identifier = {ident: key for key, ident in table.identifiers.items()}
     usable_ids = set(np.unique(np.asarray(table["id"])[~bad]).tolist())
+    # a rank-local job (issue 11): a dataset is usable if it has a usable row on any rank
+    from .backends import rank_local
+
+    usable = rank_local.totals([key_of_identifier.get(e.identifier) in usable_ids
+                                for e in experiments]) > 0
     for i, e in enumerate(experiments):
         key = key_of_identifier.get(e.identifier)
         if key is None:
             raise SelectionError(f"experiment {e.identifier} has no reflections")
-        if key in usable_ids:
+        if usable[i]:
             keep.append(i)
         elif log is not None:
             log.warning(f"Warning: dataset {key} ({e.identifier}) has no reflections left; removing it")

@@ -212,13 +212,15 @@ def absorption_coefficients(s0c, s1c, lmax: int) -> np.ndarray:
     return sph_harm_coefficients(s0c, s1c, lmax)
 
 
-def configure_absorption(component, s0c, s1c) -> None:
-    """Configure an SHAbsorption as DIALS would for this many observations.
+def configure_absorption(component, s0c, s1c, n_observations=None) -> None:
+    """Configure an SHAbsorption as DIALS would for this many observations (n_observations:
+    the dataset's, when s0c holds only some of them: a rank-local job).
 
     Above LOOKUP_THRESHOLD only the two table cells per observation are kept (8 B instead
     of lmax(lmax+2) doubles); coefficient rows are formed from the table when needed.
     """
-    if len(s0c) > LOOKUP_THRESHOLD:
+    n = len(s0c) if n_observations is None else n_observations
+    if n > LOOKUP_THRESHOLD:
         cell_s0 = lookup_index(*theta_phi(s0c)).astype(np.int32)
         cell_s1 = lookup_index(*theta_phi(s1c)).astype(np.int32)
         component.configure_lookup(cell_s0, cell_s1)
@@ -236,9 +238,13 @@ def configure_absorption_from_geometry(component, experiment, z_obs, s1) -> None
     """configure_absorption(component, *crystal_frame_vectors(experiment, z_obs, s1)); above
     LOOKUP_THRESHOLD the vectors and their table cells are formed chunk by chunk (element by
     element, so the same cells as all rows at once)."""
+    from ..backends import rank_local
+
     n = len(z_obs)
-    if n <= LOOKUP_THRESHOLD:
-        configure_absorption(component, *crystal_frame_vectors(experiment, z_obs, s1))
+    # the dataset's rows on all ranks of a rank-local job choose the representation
+    n_all = rank_local.total(n)
+    if n_all <= LOOKUP_THRESHOLD:
+        configure_absorption(component, *crystal_frame_vectors(experiment, z_obs, s1), n_all)
         return
     cell_s0 = np.empty(n, np.int32)
     cell_s1 = np.empty(n, np.int32)

@@ -52,24 +52,31 @@ class ArrayScalingModel(ScalingModel):
     @classmethod
     def from_data(cls, params, experiment, table):
         p = param(params, "array")
+        from ..backends import rank_local
+
         d = np.asarray(table["d"], dtype=np.float64)
         good = d > 0.0
-        if not good.any():
+        if not rank_local.any_rank(good.any()):
             raise VmergeError("array model: no reflections with d > 0 to set up the grids")
         xyz = np.asarray(table["xyzobs.px.value"], dtype=np.float64)[good]
         d = d[good]
+        # the ranges of every rank's rows of the dataset in a rank-local job (issue 11)
+        low = rank_local.minimum(np.array([xyz[:, 0].min(), xyz[:, 1].min(), d.min()])
+                                 if d.size else np.full(3, np.inf))
+        high = rank_local.maximum(np.array([xyz[:, 0].max(), xyz[:, 1].max(), d.max()])
+                                  if d.size else np.full(3, -np.inf))
         (osc_start, osc_end), osc_width = scan_oscillation_range(experiment)
         configdict = {"corrections": [], "valid_osc_range": [osc_start, osc_end]}
         n_time, time_norm_fac, time_spacing = initialise_smooth_input(
             (osc_start, osc_end), osc_width, float(param(p, "decay_interval", 20.0))
         )
-        xmax, xmin = float(xyz[:, 0].max()) + 0.001, float(xyz[:, 0].min()) - 0.001
-        ymax, ymin = float(xyz[:, 1].max()) + 0.001, float(xyz[:, 1].min()) - 0.001
+        xmax, xmin = float(high[0]) + 0.001, float(low[0]) - 0.001
+        ymax, ymin = float(high[1]) + 0.001, float(low[1]) - 0.001
         setups = {}
         if param(p, "decay_correction", True):
             configdict["corrections"].append("decay")
-            resmax = (1.0 / (float(d.min()) ** 2)) + 1e-6
-            resmin = (1.0 / (float(d.max()) ** 2)) - 1e-6
+            resmax = (1.0 / (float(low[2]) ** 2)) + 1e-6
+            resmin = (1.0 / (float(high[2]) ** 2)) - 1e-6
             n_res, res_bin_width = calc_n_param_from_bins(
                 resmin, resmax, int(param(p, "n_resolution_bins", 10))
             )

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ..backends import rank_local
 from ..errors import VmergeError
 from .absorption_sh import (
     SHAbsorption,
@@ -56,6 +57,10 @@ def max_scattering_angle_rad(experiment, s1) -> float:
     s1 = np.ascontiguousarray(s1, dtype=np.float64).reshape(-1, 3)
     beam = np.ascontiguousarray(geometry.s0(experiment), dtype=np.float64)
     angle, n_good = max_scattering_angle_kernel(s1, beam, float(np.linalg.norm(beam)))
+    if rank_local.active():  # every rank's rows of the dataset (issue 11)
+        n_good = rank_local.total(n_good)
+        nan = rank_local.any_rank(math.isnan(angle))
+        angle = math.nan if nan else rank_local.maximum(float(angle))
     return math.inf if n_good == 0 else float(angle)
 
 
@@ -231,7 +236,7 @@ class PhysicalScalingModel(SmoothRotationModel):
         absorption = param(p, "absorption_correction")
         if is_auto(absorption):
             absorption = osc_span > AUTO_ABSORPTION_MIN_RANGE_DEG
-            if table is not None and "s1" in table and table.nrows:
+            if table is not None and "s1" in table and rank_local.total(table.nrows):
                 if max_scattering_angle_rad(experiment, table["s1"]) < MIN_SCATTERING_ANGLE_RAD:
                     absorption = False
         if absorption or param(p, "absorption_level"):

@@ -89,7 +89,22 @@ def smoother_coordinates(normalised_x: np.ndarray, n_values: int) -> np.ndarray:
     [floor(round(min, 10)), max(ceil(round(max, 10)), 1)] and the spacing is
     range / n_intervals; z = (x - x0) / spacing.
     """
+    from ..backends import rank_local
+
     x = np.asarray(normalised_x, dtype=np.float64)
+    if rank_local.active():
+        # a rank-local job (issue 11): the range of every rank's rows of the dataset. The
+        # shift is monotone in each value, so min/max of the shifted values are the shifted
+        # global min/max, with the bits of one process.
+        low = rank_local.minimum(float(x.min()) if x.size else np.inf)
+        high = rank_local.maximum(float(x.max()) if x.size else -np.inf)
+        if x.size == 0 or not np.isfinite(low):
+            return x.copy()
+        x = x - low
+        x0 = float(math.floor(round(float(low - low), 10)))
+        x1 = float(max(math.ceil(round(float(high - low), 10)), 1))
+        spacing = (x1 - x0) / float(n_intervals_from_values(n_values))
+        return (x - x0) / spacing
     if x.size == 0:
         return x.copy()
     x = x - x.min()

@@ -32,6 +32,7 @@ from ..backends import rank_local
 from ..backends.group_order import GroupOrder
 from ..kernels.flat import (dataset_keyed_indices, gather_by_dataset, scatter_mask,
                             split_positions)
+from ..backends import rank_local
 from ..errors import VmergeError
 from ..memory import release_free_memory
 from ..model.base import is_auto, param
@@ -140,10 +141,14 @@ class ScalingRun:
         table = self.table
         suitable = suitable_selection(table)
         kept = []
+        # a rank-local job (issue 11): a dataset is dropped only when no rank has a suitable
+        # row of it; a kept dataset's state may hold no row on a rank
+        per_dataset = [rows[suitable[rows]] for rows in self.dataset_rows]
+        n_suitable = rank_local.totals([r.size for r in per_dataset]) if per_dataset else []
         for position, (expt, rows, model) in enumerate(zip(experiments, self.dataset_rows,
                                                            models)):
-            suitable_rows = rows[suitable[rows]]
-            if suitable_rows.size == 0:
+            suitable_rows = per_dataset[position]
+            if n_suitable[position] == 0:
                 identifier = getattr(expt, "identifier", str(position))
                 self.log(f"Dataset {identifier}: no suitable reflections; removed from scaling")
                 self.summary["dropped_datasets"].append(identifier)
@@ -180,7 +185,8 @@ class ScalingRun:
         # for sweeps or wedges, whose models read several columns that would all be held
         shared = SharedRowViews(table, [k[2] for k in kept]) \
             if (len(kept) > SHARED_READ_MIN_DATASETS
-                and all_rows.size <= SHARED_READ_MAX_MEAN_ROWS * len(kept)) else None
+                and rank_local.total(all_rows.size) <= SHARED_READ_MAX_MEAN_ROWS * len(kept)) \
+            else None
         for n, (expt, model, rows, _) in enumerate(kept):
             model.configure(RowView(table, rows) if shared is None else shared.view(n), expt)
             a, b = bounds[n], bounds[n + 1]
@@ -306,9 +312,11 @@ class ScalingRun:
                if not (self._configdict(s.experiment)
                        or getattr(s.experiment, "scaling_model", None))]
         # a model that was scaled before: DIALS skips this pass for it
-        small = [s for s in new if s.suitable_rows.size <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
-        for state in new:
-            if state.suitable_rows.size > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
+        # (sizes over all ranks in a rank-local job: the E^2 test's threshold is global)
+        sizes = rank_local.totals([s.suitable_rows.size for s in new]) if new else []
+        small = [s for s, n in zip(new, sizes) if n <= outl.MIN_REFLECTIONS_FOR_NORMALISATION]
+        for state, n in zip(new, sizes):
+            if n > outl.MIN_REFLECTIONS_FOR_NORMALISATION:
                 table = self.global_table([state], error_model_weights=True)
                 state.outlier = self._outliers_to_states(table, [state], True)[0]
         if small:
@@ -476,7 +484,7 @@ class ScalingRun:
         """compute.device for a per-observation pass (backends/run_device.py)."""
         from ..backends.run_device import device_for_run
 
-        return device_for_run(self, table.n_obs)
+        return device_for_run(self, rank_local.total(table.n_obs))
 
     def _outliers_to_states(self, table, states, error_model_weights=None):
         p = self.params
@@ -498,7 +506,8 @@ class ScalingRun:
         new = self._outliers_to_states(self.global_table(), self.states)
         for state, o in zip(self.states, new):
             state.outlier = o
-        self.log("Outlier rejection: " + summarise_per_dataset([int(o.sum()) for o in new]))
+        self.log("Outlier rejection: " + summarise_per_dataset(
+            rank_local.totals([int(o.sum()) for o in new]).tolist()))
 
     @property
     def outliers_active(self):
@@ -796,12 +805,16 @@ class ScalingRun:
         if sum(r.size for r in kept_rows) != table.nrows:
             # rows of datasets removed during scaling leave with their datasets
             table = table.select(np.sort(np.concatenate(kept_rows)))
+        # counts over all ranks in a rank-local job
+        counts = rank_local.totals(np.array(
+            [[s.suitable_rows.size, int(s.selected.sum()), int(s.outlier.sum())]
+             for s in self.states], dtype=np.int64).ravel()).reshape(-1, 3)
         self.summary["datasets"] = [{
             "identifier": getattr(s.experiment, "identifier", ""),
             "error_model": None if s.error_model is None else s.error_model.parameters,
-            "Imid": s.imid, "n_suitable": int(s.suitable_rows.size),
-            "n_selected": int(s.selected.sum()), "n_outliers": int(s.outlier.sum()),
-        } for s in self.states]
+            "Imid": s.imid, "n_suitable": int(n_suitable),
+            "n_selected": int(n_selected), "n_outliers": int(n_outliers),
+        } for s, (n_suitable, n_selected, n_outliers) in zip(self.states, counts)]
         self.summary["experiments"] = [s.experiment for s in self.states]
         return table, [s.model for s in self.states], self.summary
 

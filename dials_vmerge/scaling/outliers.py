@@ -187,9 +187,11 @@ def targeted_outliers(intensity, variance, g, target_ih, target_variance, zmax=6
 
 def e_squared(table, space_group, unit_cell):
     """E^2 = (I/g) / N(d) per observation, or None below the size DIALS normalises at."""
+    from ..backends import rank_local
     from .normalisation import grouped_quasi_normalised_e_squared
 
-    if table.n_obs <= MIN_REFLECTIONS_FOR_NORMALISATION:
+    # every rank's observations in a rank-local job (issue 11): all ranks decide alike
+    if rank_local.total(table.n_obs) <= MIN_REFLECTIONS_FOR_NORMALISATION:
         return None
     # np.where(g != 0, I / g, 0) without the division's temporary beside its result
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -109,12 +109,15 @@ def initial_filter_selection(table, intensity_choice="combine", partiality_cutof
 
 
 def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.25,
-                         min_isigi=-5.0, dataset_index=None):
+                         min_isigi=-5.0, dataset_index=None, original_index=None):
     """Flag filter failures excluded_for_scaling and number rows in `original_index`
-    (within each dataset, as dials.scale numbers each dataset's table)."""
+    (within each dataset, as dials.scale numbers each dataset's table). original_index: the
+    numbers when the caller knows them (a rank-local job's rank holds only some rows of each
+    dataset: pipeline.rank_local_rows)."""
     bad = initial_filter_selection(table, intensity_choice, partiality_cutoff, min_isigi)
     table.set_flags(bad, flags.excluded_for_scaling)
-    table["original_index"] = rank_within_dataset(dataset_index, table.nrows)
+    table["original_index"] = (rank_within_dataset(dataset_index, table.nrows)
+                               if original_index is None else original_index)
     return bad
 
 
@@ -275,15 +278,18 @@ def choose_initial_intensities(table, intensity_choice="combine", dataset_index=
     profile: prf*c. sum/combine: sum*c/p, then for combine prf*c overwrites rows flagged
     integrated_prf. Falls back to summation when there is no usable profile column.
     """
+    from ..backends import rank_local
+
     correction = prescaling_correction(table)
     table["prescaling_correction"] = correction
-    use_profile = has_usable_profile(table)
+    # rank-local job: the profile's presence is decided over every rank's rows
+    use_profile = rank_local.any_rank(has_usable_profile(table))
     if use_profile and dataset_index is not None:
         # per dataset, as on each dataset's own table: a dataset without any
         # profile-integrated row falls back to summation
         dataset_index = np.asarray(dataset_index, dtype=np.int64)
-        with_prf = np.bincount(dataset_index, weights=table.get_flags(
-            flags.integrated_prf).astype(np.float64)) > 0
+        with_prf = rank_local.totals(_count_per_dataset(
+            dataset_index, table.get_flags(flags.integrated_prf))) > 0
         use_profile = with_prf[dataset_index]
     if intensity_choice == "profile" and np.all(use_profile):
         intensity, variance = profile_intensities(table, correction)
@@ -309,13 +315,15 @@ def initialise_inverse_scale_factor(table, dataset_index=None):
     if "inverse_scale_factor" not in table:
         table["inverse_scale_factor"] = np.ones(table.nrows)
         return
+    from ..backends import rank_local
+
     g = table["inverse_scale_factor"]
     if dataset_index is None:
-        if not np.any(g):
+        if not rank_local.any_rank(np.any(g)):
             table["inverse_scale_factor"] = np.ones(table.nrows)
         return
     dataset_index = np.asarray(dataset_index, dtype=np.int64)
-    scaled_before = np.bincount(dataset_index, weights=(g != 0).astype(np.float64)) > 0
+    scaled_before = rank_local.totals(_count_per_dataset(dataset_index, g != 0)) > 0
     fresh = ~scaled_before[dataset_index]
     if fresh.any():
         g = np.array(g, dtype=np.float64)
@@ -323,9 +331,20 @@ def initialise_inverse_scale_factor(table, dataset_index=None):
         table["inverse_scale_factor"] = g
 
 
+def _count_per_dataset(dataset_index, mask):
+    """Rows with `mask` per dataset (integer counts: summed over the ranks of a rank-local
+    job), the same length on every rank (the datasets' count, from the job's datasets)."""
+    from ..backends import rank_local
+
+    n = int(dataset_index.max()) + 1 if dataset_index.size else 0
+    if rank_local.active():
+        n = int(rank_local.maximum(float(n), empty=0.0))
+    return np.bincount(dataset_index[np.asarray(mask, dtype=bool)], minlength=n)
+
+
 def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=-5.0,
                     d_min=None, d_max=None, d_values=None, clear_flags=True,
-                    consume_input=False, dataset_index=None):
+                    consume_input=False, dataset_index=None, original_index=None):
     """Run steps 1-6 on one dataset's table; returns the new table (rows may be removed).
 
     d_values: per-row d from the best cell for the d-range cut (default: the `d` column).
@@ -337,7 +356,8 @@ def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, m
     if clear_flags:
         clear_scaling_flags(table)
     apply_user_exclusions(table, d_min, d_max, partiality_cutoff, d_values)
-    apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi, dataset_index)
+    apply_initial_filter(table, intensity_choice, partiality_cutoff, min_isigi, dataset_index,
+                         original_index)
     table, dataset_index = _sum_partials_keeping_index(table, consume_input, dataset_index)
     initialise_inverse_scale_factor(table, dataset_index)
     choose_initial_intensities(table, intensity_choice, dataset_index)

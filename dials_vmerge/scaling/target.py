@@ -26,7 +26,7 @@ from ..kernels.physical_family import DERIVATIVE_BLOCK_ROWS
 from ..kernels.size_dispatch import parallel_when_large
 from ..kernels.variance_of_g import variance_of_g_row
 
-from ..backends import mpi_world
+from ..backends import mpi_world, rank_local
 from ..backends.block_sums import (batch_blocks_for, blockwise_sum, fixed_block_bounds,
                                    rank_group_range)
 from ..backends.rank_partition import key_blocks_of_groups
@@ -267,6 +267,8 @@ class ModelTerms:
         self.nproc = nproc
         self.restraint_weights = manager.restraint_weights()
         self.n_restraints = int(np.count_nonzero(self.restraint_weights))
+        # the observations of all ranks in a rank-local job (RMSD, degrees of freedom)
+        self._n_obs = rank_local.total(table.n_obs)
         # KB models: one family kernel over all rows of the table (scaling/family.py).
         self.family = None
         if KBFamily.applies(manager.models):
@@ -282,7 +284,7 @@ class ModelTerms:
 
     @property
     def n_obs(self):
-        return self.table.n_obs
+        return self._n_obs
 
     @property
     def n_equations(self):
@@ -316,14 +318,15 @@ class ScalingTarget(ModelTerms):
         self.key_blocks = key_blocks_of_groups(ih_table.asu_index)
         # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
         self.fused = None
-        if uses_fused_physical_pass(manager.models) and ih_table.n_obs:
+        if uses_fused_physical_pass(manager.models) and self.n_obs:
             self.fused = PhysicalPassInputs(manager.models, ih_table.dataset_id,
                                             ih_table.loc_index, ih_table.intensity,
                                             ih_table.weight)
             self.block_bounds = (self.key_blocks[0] if self.key_blocks is not None else
                                  fixed_block_bounds(ih_table.group_start,
                                                     self.fused.full_parameters().size))
-            self.max_group_size = int(np.diff(ih_table.group_start).max())
+            # (a rank of a rank-local job may hold no group of this table)
+            self.max_group_size = int(np.diff(ih_table.group_start).max(initial=0))
             self.full_to_free = manager.full_to_free()
             self.free_entries = np.flatnonzero(self.full_to_free >= 0)
             # the full vector at x without setting every model's parameters per call
@@ -376,8 +379,11 @@ class ScalingTarget(ModelTerms):
 
     # -- MPI: each rank evaluates the models at the rows of its own blocks only ----------
     def _rank_share(self):
-        """This rank's RankShare of the table (None in one process: every row is used)."""
-        if mpi_world.n_ranks() == 1:
+        """This rank's RankShare of the table (None in one process: every row is used; None
+        in a rank-local job too, whose table holds only this rank's groups: the whole table
+        is its share, and the model families then reuse the fused pass's per-row inputs as
+        in one process instead of a second copy of them)."""
+        if mpi_world.n_ranks() == 1 or rank_local.active():
             return None
         if getattr(self, "_share", None) is None:
             self._share = RankShare(self.table.group_start, self.n_par, self.key_blocks)
