@@ -213,6 +213,12 @@ def _run_scaling_job(params, experiments, holder, log, local):
             # every rank maps all rows' keys (8 B per input row, held until the rank's rows
             # are chosen) and keeps its own rows; the intensities are checked on them
             partition, row_keys, table = rank_local_rows(experiments, table)
+            from .backends import mpi_world
+
+            rows_per_rank = mpi_world.allgather_rows(np.array([table.nrows], dtype=np.int64))
+            log.info("MPI: scaling each rank's own unique reflections (rows per rank "
+                     f"{' / '.join(str(int(n)) for n in rows_per_rank)} of "
+                     f"{int(rows_per_rank.sum())})")
             check_usable_intensities(table)
         else:
             partition, row_keys = (read_time_keyed_partition(experiments, table)
@@ -303,9 +309,10 @@ def _run_scaling_job(params, experiments, holder, log, local):
 
 
 # -- issue 11: the rank-local job (each rank its own rows) ------------------------------------
-# Set when dials.vmerge's output side (writer, merge) takes the tables of a rank-local job
-# (their rows and output_order_key): until then every configuration keeps the repeated path.
-RANK_LOCAL_OUTPUT_READY = False
+# dials.vmerge's output side (io/rank_local_refl.py, merging/rank_merge.py) takes the tables
+# of a rank-local job (their rows and output_order_key); False: every configuration keeps the
+# repeated path.
+RANK_LOCAL_OUTPUT_READY = True
 # The column that carries a rank's rows' one-process original_index from the partition to
 # preparation (dropped there).
 RANK_ORIGINAL_INDEX = "__rank_original_index"
@@ -353,13 +360,17 @@ def _not_cuda(params):
     return device == "cpu" or (device == "auto" and not cuda_available())
 
 
+def _merged_on_rank_rows(params):
+    # the merge takes the rank's rows as they are only for the methods merged per rank
+    from .backends import mpi_world
+    from .merging import rank_merge
+
+    return rank_merge.applies(params, max(2, mpi_world.n_ranks()))
+
+
 # Stages whose rank-local versions live in other branches (h11sel: selection, h11em:
 # intensity combination and error model): until they land, only the configurations that
 # skip them run rank-local. Drop a condition here when its stage is rank-correct.
-def _selection_uses_all(params):
-    return params.reflection_selection.method == "use_all"
-
-
 def _no_intensity_combination(params):
     return params.reflection_selection.intensity_choice != "combine"
 
@@ -371,7 +382,7 @@ def _no_error_model(params):
 RANK_LOCAL_CONDITIONS = [
     _no_likelihood_target, _no_reference, _no_free_set, _no_filtering, _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda,
-    _selection_uses_all, _no_intensity_combination, _no_error_model,
+    _merged_on_rank_rows, _no_intensity_combination, _no_error_model,
 ]
 
 
@@ -390,14 +401,14 @@ def rank_local_rows(experiments, table):
     rows carry their one-process original_index (position within the dataset in input
     order: rank_partition.positions_within_dataset) for preparation."""
     from .backends import mpi_world
-    from .backends.rank_partition import (_distinct_key_counts, non_anomalous_keys,
-                                          partition_of_counts, positions_within_dataset)
+    from .backends.rank_partition import keys_and_partition, positions_within_dataset
     from .geometry import space_group
 
     if not len(experiments):
         return None, None, table
-    keys = non_anomalous_keys(table, space_group(experiments[0]))
-    partition = partition_of_counts(*_distinct_key_counts(keys), mpi_world.n_ranks())
+    # the blocks of a one-process run of the same input (rows preparation keeps)
+    keys, partition = keys_and_partition(table, space_group(experiments[0]),
+                                         mpi_world.n_ranks())
     rows = partition.rows_of_rank(keys, mpi_world.rank())
     row_keys = None
     located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \

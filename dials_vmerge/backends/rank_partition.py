@@ -294,16 +294,25 @@ class InputRowKeys:
         return unpack_keys(keys).astype(np.int32)
 
 
+def keys_and_partition(table, space_group, n_ranks: int,
+                       chunk_rows: int = PARTITION_CHUNK_ROWS):
+    """(every row's packed key, the partition cut from the counts of the rows preparation
+    keeps): the one partition of a job, whether every rank holds every row (keyed_partition)
+    or each rank only its own (pipeline.rank_local_rows), so that both sum over the same
+    blocks."""
+    keys = non_anomalous_keys(table, space_group, chunk_rows)
+    unkept = [_rows_preparation_drops(table, start, keys[start:start + chunk_rows])
+              for start in range(0, table.nrows, chunk_rows)]
+    return keys, partition_of_counts(
+        *prepared_key_counts(*_distinct_key_counts(keys), unkept), n_ranks)
+
+
 def keyed_partition(table, space_group, n_ranks: int, chunk_rows: int = PARTITION_CHUNK_ROWS):
     """(partition_table's partition, InputRowKeys or None) of a table whose rows every rank
     holds (today's programs): one pass maps every row, holding 8 B of key per row, so that
     preparation can reuse the mapping. None: miller_index is not in a file (no row
     provenance to look the keys up by)."""
-    keys = non_anomalous_keys(table, space_group, chunk_rows)
-    unkept = [_rows_preparation_drops(table, start, keys[start:start + chunk_rows])
-              for start in range(0, table.nrows, chunk_rows)]
-    partition = partition_of_counts(
-        *prepared_key_counts(*_distinct_key_counts(keys), unkept), n_ranks)
+    keys, partition = keys_and_partition(table, space_group, n_ranks, chunk_rows)
     located = table.file_rows_of("miller_index", np.arange(table.nrows)) \
         if hasattr(table, "file_rows_of") else None
     if located is None:
