@@ -87,19 +87,35 @@ def staged(experiments, table, dataset_rows, models, params, log=None):
     seen = []
     choose = comb.choose_imid
 
+    in_local = [False]  # the local run's calls (in one process: all rows, no rank-local job)
+
     def recording(datasets, *args, **kwargs):
-        if rank_local.active():
+        if in_local[0]:
             seen.append(comb.candidate_imids(np.concatenate([d["i_sum"] for d in datasets]),
                                              np.concatenate([d["partiality"] for d in datasets]))
                         if sum(d["i_sum"].size for d in datasets) else [])
         return choose(datasets, *args, **kwargs)
 
+    candidates = []
+    sorted_candidates = comb.candidate_imids_sorted
+
+    def recording_candidates(*args, **kwargs):
+        values = sorted_candidates(*args, **kwargs)
+        if in_local[0]:
+            candidates.append(values)
+        return values
+
     comb.choose_imid = recording
+    comb.candidate_imids_sorted = recording_candidates
     full_log.clear()
     full.combine_intensities()
+    in_local[0] = True
     with rank_local.rank_local_job():
         local.combine_intensities()
+    in_local[0] = False
     comb.choose_imid = choose
+    comb.candidate_imids_sorted = sorted_candidates
+    result["candidates"] = [hexes(c) for c in candidates]
     result["combine_full"] = list(full_log)
     result["combine_local"] = list(local_log)
     result["imid_full"] = hexes(s.imid for s in full.states)
