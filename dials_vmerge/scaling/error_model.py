@@ -683,7 +683,7 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
 
         lo, x, fx, hi = _bracket_minimum(f, DEFAULT_B)
         b = abs(float(_brent_minimise(f, lo, hi, x, fx)))
-        b = _polish_stationary_point(cost_slope, b)
+        b = _polish_stationary_point(cost_slope, b, lambda x: a_sq_and_cost(x)[1])
     return float(np.sqrt(a_sq_and_cost(b)[0])), b
 
 
@@ -736,18 +736,30 @@ SLOPE_POLISH_STEPS = 6
 B_ZERO = 10.0 * B_XATOL
 
 
-def _polish_stationary_point(slope, b):
+# How far (relative to b, plus B_XATOL) the polish may move Brent's b. Brent's b is
+# sqrt(eps)-accurate only where the cost is curved enough: for a small, weakly determined b its
+# cost differences near the minimum fall below the rounding of the sums sooner, and Brent's b
+# was seen 3e-6 (relative) from the slope's zero (the 1e6 sweep's final refinement, b = 0.0044:
+# README issue 11). Within this window the cost is a parabola about its minimum, so the
+# slope's zero found there is that minimum (checked against the cost as well).
+POLISH_WINDOW = 1e-4
+
+
+def _polish_stationary_point(slope, b, cost=None):
     """b refined from the Brent minimum by secant steps on d cost / d b = 0.
 
-    Why: Brent locates a minimum from cost values, so only to ~sqrt(eps) relative: closer
-    in, cost differences are below the rounding of a sum over every observation, and which
-    point wins depends on that rounding (the CPU kernel and its CUDA twin, which add in
-    different orders, found b 1e-7 apart). The zero of the analytic slope is determined to
-    ~eps, so both devices agree to ~1e-13 and the run's 1e-10 agreement holds. A step that
-    leaves Brent's accuracy (B_XATOL + 1e-6 b) is not taken.
+    Why: Brent locates a minimum from cost values, so only to ~sqrt(eps) relative at best:
+    closer in, cost differences are below the rounding of a sum over every observation, and
+    which point wins depends on that rounding (the CPU kernel and its CUDA twin, which add in
+    different orders, found b 1e-7 apart; two orders of the same observations in one process,
+    3e-6 apart at b = 0.0044). The zero of the analytic slope is determined to ~eps, so the
+    orders agree to ~1e-13 and the run's 1e-10 agreement holds. A step that leaves
+    POLISH_WINDOW b + B_XATOL of Brent's b is not taken, nor a result whose cost (when `cost`
+    is given) exceeds Brent's by more than rounding.
     """
     if not b > B_ZERO:
         return b
+    window = POLISH_WINDOW * b + B_XATOL
     x0, s0 = b, slope(b)
     x1 = b * (1.0 + 1e-6)
     s1 = slope(x1)
@@ -755,13 +767,19 @@ def _polish_stationary_point(slope, b):
         if not (np.isfinite(s0) and np.isfinite(s1)) or s1 == s0:
             break
         x2 = x1 - s1 * (x1 - x0) / (s1 - s0)
-        if not abs(x2 - b) <= 1e-6 * b + B_XATOL:
+        if not abs(x2 - b) <= window:
             return b
         x0, s0, x1 = x1, s1, x2
         if abs(x1 - x0) <= 1e-15 * x1:
             break
         s1 = slope(x1)
-    return float(x1) if abs(x1 - b) <= 1e-6 * b + B_XATOL else b
+    if not abs(x1 - b) <= window:
+        return b
+    if cost is not None:
+        at_brent, polished = cost(b), cost(float(x1))
+        if not polished <= at_brent + 1e-12 * abs(at_brent):
+            return b
+    return float(x1)
 
 
 def refine_regression(table):
