@@ -2,7 +2,8 @@
 
 Every rank simulates the same rotation data and takes its rows of a key partition of the
 rows in which one rank holds nothing (argv: out, n_ranks-independent seed, the rank that
-holds nothing or -1, error-model filter "rotation" | "stills"). With g the simulation's true
+holds nothing or -1, error-model filter "rotation" | "stills", optionally the error model's
+minimisation: auto (the likelihood) | individual | regression). With g the simulation's true
 scales, inside job_partition and rank_local_job, it runs combine.choose_imid (the joint
 search) and error_model.refine_error_model on the friedel_pair_layout of its rows, and
 writes <out>.<rank>.json: the Imid log lines, the chosen Imid and (a, b) as float.hex.
@@ -30,6 +31,7 @@ from test_error_model_calibration import ORTHORHOMBIC  # noqa: E402
 
 def main():
     out, seed, empty_rank, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    minimisation = sys.argv[5] if len(sys.argv) > 5 else "auto"
     experiments_dict, table, truth = simulate_rotation(
         n_obs_target=20000, n_sweeps=2, model="physical", seed=seed, multiplicity=6.5,
         mean_i_over_sigma=10.0, error_model_a=1.3, error_model_b=0.03, **ORTHORHOMBIC)
@@ -79,7 +81,8 @@ def main():
         try:
             model = em.refine_error_model(
                 None, [intensity], [variance], [g], None, None, 0.25, 25.0,
-                stills=(2.0, 4) if kind == "stills" else None, ih_table=table_em)
+                minimisation=minimisation, stills=(2.0, 4) if kind == "stills" else None,
+                ih_table=table_em)
             result["ab"] = [float(model.a).hex(), float(model.b).hex()]
         except em.ErrorModelError as e:
             result["ab"] = str(e)

@@ -168,15 +168,39 @@ def friedel_pair_layout(anomalous_asu, non_anomalous_asu, rows=None, full_sizes=
 
 def rank_local_supported(minimisation="auto", deviation="unbiased", target="least_squares"):
     """Whether refine_error_model gives one process's a, b in a rank-local MPI job (issue
-    11): the maximum-likelihood fit (the default: minimisation=auto with deviation=unbiased)
-    with the rotation or the stills filter. `individual` (a global sort of deviations and
-    order-statistic bin edges) and `regression` are not rank-local; nor is the likelihood
-    target's own fit (scaling/likelihood.py)."""
-    if target == "likelihood":
-        return False
-    if minimisation == "auto":
-        minimisation = "likelihood" if deviation == "unbiased" else "individual"
-    return minimisation == "likelihood"
+    11), and how: the maximum-likelihood fit (the default: minimisation=auto with
+    deviation=unbiased) sums over each rank's own observations (a few floats exchanged per
+    evaluation of b); `individual` and `regression` filter on the ranks' own rows and then
+    gather the filtered table to every rank (~50 B per kept observation on each rank: not
+    1/N memory for that step) and fit it as one process. Not the likelihood target's own
+    fit (scaling/likelihood.py)."""
+    return target != "likelihood"
+
+
+def gathered_table(table):
+    """In a rank-local job: every rank's filtered error-model table concatenated in rank
+    order, on every rank. The ranks' groups are consecutive runs of the one-process group
+    order (friedel_pair_layout), so this is the one-process table, bit for bit. Elsewhere:
+    the table itself."""
+    from ..backends import rank_local
+    from .ih_table import IhTable
+
+    if not rank_local.active():
+        return table
+    sizes = rank_local.gather_in_rank_order(np.diff(table.group_start).astype(np.int64))
+    group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def rows(values, dtype):
+        return rank_local.gather_in_rank_order(np.ascontiguousarray(values, dtype=dtype))
+
+    weight = table.weight if table.weight is not None else 1.0 / table.variance
+    return IhTable(rows(table.intensity, np.float64), rows(table.variance, np.float64),
+                   rows(weight, np.float64), rows(table.g, np.float64),
+                   rows(table.dataset_id, np.int32), rows(table.loc_index, np.int64),
+                   group_start,
+                   rows(np.asarray(table.asu_index).reshape(-1, 3), np.int32),
+                   {name: rows(values, np.float64) for name, values in
+                    sorted(table.extra.items())})
 
 
 def _too_few(n_obs):
@@ -813,16 +837,15 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
     """
     if minimisation == "auto":
         minimisation = "likelihood" if deviation == "unbiased" else "individual"
-    from ..backends import rank_local
-
-    if rank_local.active() and not rank_local_supported(minimisation, deviation):
-        raise RuntimeError(f"error model minimisation={minimisation} is not rank-local "
-                           "(rank_local_supported): run it on every rank's rows")
     model = model or BasicErrorModel()
     table = filter_for_error_model(asu_indices, intensities, variances, gs, partialities,
                                    min_partiality, min_ih, layout, stills, model, deviation,
                                    ih_table)
     del ih_table
+    if minimisation != "likelihood":
+        # their bins' edges, the a-step's sort and the regression's fit read all
+        # observations at once: a rank-local job gathers the filtered table (issue 11)
+        table = gathered_table(table)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":
