@@ -70,6 +70,17 @@ def test_split_likelihood_sums_have_the_one_pass_bits(b, fixed_a_sq):
         kernels.add_slope_sums(residual_sq[lo:hi], unit, unit_slope, slope_sums)
     assert a_sq == a_sq_one
     assert logs[0] + ratio[0] / a_sq == cost_one
+    # the terms computed first, then only added part after part (what the ranks do)
+    ratio_2, logs_2 = np.zeros(1), np.zeros(1)
+    for (lo, hi), unit in zip(parts, units):
+        terms = np.empty(hi - lo)
+        kernels.ratio_terms(residual_sq[lo:hi], unit, terms)
+        kernels.add_sum(terms, ratio_2)
+    for (lo, hi), unit in zip(parts, units):
+        terms = np.empty(hi - lo)
+        kernels.log_terms(unit, a_sq, terms)
+        kernels.add_sum(terms, logs_2)
+    assert ratio_2[0] == ratio[0] and logs_2[0] == logs[0]
     assert slope_sums[0] - slope_sums[1] / a_sq == slope_one
     # and not by accident: the same terms added in another order change the last bits
     shuffled = np.zeros(1)

@@ -213,3 +213,27 @@ def friedel_pair_keys(anomalous, merged, rows, lo, span1, span2, out, start):
             if anomalous[i, k] != merged[i, k]:
                 hand = 1
         out[start + j] = 2 * key + hand
+
+
+@njit(cache=True)
+def ratio_terms(residual_sq, unit, out):
+    """out[i] = r^2 / unit (the terms add_ratio_sum adds), computed locally."""
+    for i in range(unit.size):
+        out[i] = residual_sq[i] / unit[i]
+
+
+@njit(cache=True)
+def log_terms(unit, a_sq, out):
+    """out[i] = log(a^2 unit) (the terms add_log_sum adds), computed locally."""
+    for i in range(unit.size):
+        out[i] = np.log(a_sq * unit[i])
+
+
+@njit(cache=True)
+def add_sum(terms, totals):
+    """totals[0] += the terms, one by one in row order: with the terms computed first on
+    every rank at once, only these additions run one rank after another."""
+    s = totals[0]
+    for i in range(terms.size):
+        s += terms[i]
+    totals[0] = s

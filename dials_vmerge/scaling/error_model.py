@@ -732,12 +732,16 @@ def _rank_local_likelihood_sums(arrays, group, n_groups, fixed_a_sq):
         return sum_ratio / n if n > 0 else np.nan
 
     def a_sq_and_cost(b):
+        # the terms (divisions, logarithms) on every rank at once; only their additions
+        # pass from rank to rank (unit_slope is free scratch here)
         kernels.unit_kernel(intensity, variance, g, share, group, n_groups, float(b), unit)
+        kernels.ratio_terms(residual_sq, unit, unit_slope)
         sum_ratio = float(rank_local.sequential_over_ranks(
-            np.zeros(1), lambda t: kernels.add_ratio_sum(residual_sq, unit, t))[0])
+            np.zeros(1), lambda t: kernels.add_sum(unit_slope, t))[0])
         a_sq = profiled_a_sq(sum_ratio)
+        kernels.log_terms(unit, a_sq, unit_slope)
         sum_log = float(rank_local.sequential_over_ranks(
-            np.zeros(1), lambda t: kernels.add_log_sum(unit, a_sq, t))[0])
+            np.zeros(1), lambda t: kernels.add_sum(unit_slope, t))[0])
         return float(a_sq), float(sum_log + sum_ratio / a_sq)
 
     def cost_slope(b):
