@@ -32,8 +32,9 @@ from test_error_model_calibration import ORTHORHOMBIC  # noqa: E402
 def main():
     out, seed, empty_rank, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     minimisation = sys.argv[5] if len(sys.argv) > 5 else "auto"
+    size = int(float(sys.argv[6])) if len(sys.argv) > 6 else 20000
     experiments_dict, table, truth = simulate_rotation(
-        n_obs_target=20000, n_sweeps=2, model="physical", seed=seed, multiplicity=6.5,
+        n_obs_target=size, n_sweeps=2, model="physical", seed=seed, multiplicity=6.5,
         mean_i_over_sigma=10.0, error_model_a=1.3, error_model_b=0.03, **ORTHORHOMBIC)
     from dials_vmerge.geometry import space_group
     from dials_vmerge.io.expt import ExperimentList
@@ -78,6 +79,10 @@ def main():
                                         rows=[np.flatnonzero(keep)], full_sizes=[mine.size])
         extra = [p] if kind == "stills" else None
         table_em = em.unfiltered_table(None, [intensity], [variance], [g], extra, layout)
+        import time
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        before = dict(mpi_world.communication_stats())
         try:
             model = em.refine_error_model(
                 None, [intensity], [variance], [g], None, None, 0.25, 25.0,
@@ -86,6 +91,10 @@ def main():
             result["ab"] = [float(model.a).hex(), float(model.b).hex()]
         except em.ErrorModelError as e:
             result["ab"] = str(e)
+        result["error_model_seconds"] = [time.perf_counter() - wall, time.process_time() - cpu]
+        after = mpi_world.communication_stats()
+        result["error_model_comm"] = {k: after[k] - before.get(k, 0) for k in after
+                                      if isinstance(after[k], (int, float))}
     result["imid_log"] = log
     result["imid"] = float(imid).hex()
     with open(f"{out}.{rank}.json", "w") as handle:
