@@ -83,6 +83,14 @@ def test_rotation_imid_and_error_model_on_rank_rows(tmp_path, rotation_one, n_ra
     assert all(0 < r["rows"][0] < r["rows"][1] for r in ranks)
 
 
+def test_individual_error_model_on_rank_rows(tmp_path):
+    # minimisation=individual: filtered on the ranks' rows, fitted on the gathered table
+    phil = ("weighting.error_model.basic.minimisation=individual",)
+    one = run_driver(tmp_path, "one", None, "rotation", 7, 30000, *phil)
+    ranks = run_driver(tmp_path, "ranks", 2, "rotation", 7, 30000, *phil)
+    check_ranks_equal_one_process(one, ranks)
+
+
 def test_stills_imid_and_error_model_on_rank_rows(tmp_path):
     # 40 stills (the stills filter of the error model; partialities; one Imid for all)
     one = run_driver(tmp_path, "one", None, "stills", 3, 40)
