@@ -103,3 +103,137 @@ def binned_deviation_sums(intensity, variance, g, ih, prefactor, bin_index, n_bi
         s1[k] += d
         s2[k] += d * d
     return s1, s2
+
+
+# -- the same sums split into local passes and sequential sums (issue 11) ---------------------
+# In a rank-local MPI job each rank holds a contiguous run of the error model's groups (the
+# Friedel-pair order of scaling/error_model.py friedel_pair_layout). The per-observation units
+# are local (their group sums lie within a group); the sums over observations are continued
+# from rank to rank (backends/rank_local.sequential_over_ranks), each kernel below adding its
+# terms to the running totals it is given in row order: the additions of the one-pass kernels
+# above in the same order, hence their bits (tests/test_error_model_ml_kernel.py).
+
+@njit(cache=True)
+def unit_kernel(intensity, variance, g, share, group, n_groups, b, unit):
+    """unit of a_sq_and_cost_kernel at b into `unit` (clamped as there)."""
+    n = intensity.size
+    spread = np.zeros(n_groups)
+    for i in range(n):
+        bi = b * intensity[i]
+        q = (variance[i] + bi * bi) / (g[i] * g[i])
+        unit[i] = q
+        spread[group[i]] += share[i] * share[i] * q
+    for i in range(n):
+        u = unit[i] * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        if not u >= 1e-300:
+            u = 1e-300 if u == u else u
+        unit[i] = u
+
+
+@njit(cache=True)
+def unit_and_slope_kernel(intensity, variance, g, share, group, n_groups, b, unit,
+                          unit_slope):
+    """unit and d unit / d b of cost_slope_kernel at b (clamped as there)."""
+    n = intensity.size
+    spread = np.zeros(n_groups)
+    spread_slope = np.zeros(n_groups)
+    for i in range(n):
+        bi = b * intensity[i]
+        g_sq = g[i] * g[i]
+        q = (variance[i] + bi * bi) / g_sq
+        dq = 2.0 * b * intensity[i] * intensity[i] / g_sq
+        unit[i] = q
+        unit_slope[i] = dq
+        p_sq = share[i] * share[i]
+        spread[group[i]] += p_sq * q
+        spread_slope[group[i]] += p_sq * dq
+    for i in range(n):
+        u = unit[i] * (1.0 - 2.0 * share[i]) + spread[group[i]]
+        du = unit_slope[i] * (1.0 - 2.0 * share[i]) + spread_slope[group[i]]
+        if not u >= 1e-300:
+            u = 1e-300 if u == u else u
+            du = 0.0
+        unit[i] = u
+        unit_slope[i] = du
+
+
+@njit(cache=True)
+def add_ratio_sum(residual_sq, unit, totals):
+    """totals[0] += r^2 / unit, term by term in row order."""
+    s = totals[0]
+    for i in range(unit.size):
+        s += residual_sq[i] / unit[i]
+    totals[0] = s
+
+
+@njit(cache=True)
+def add_log_sum(unit, a_sq, totals):
+    """totals[0] += log(a^2 unit), term by term in row order."""
+    s = totals[0]
+    for i in range(unit.size):
+        s += np.log(a_sq * unit[i])
+    totals[0] = s
+
+
+@njit(cache=True)
+def add_slope_sums(residual_sq, unit, unit_slope, totals):
+    """totals[0] += unit'/unit and totals[1] += r^2 unit'/unit^2, in row order."""
+    s_log = totals[0]
+    s_ratio = totals[1]
+    for i in range(unit.size):
+        s_log += unit_slope[i] / unit[i]
+        s_ratio += residual_sq[i] * unit_slope[i] / unit[i] / unit[i]
+    totals[0] = s_log
+    totals[1] = s_ratio
+
+
+@njit(cache=True)
+def index_bounds(merged, rows, lo, hi):
+    """lo, hi (3,) int64 lowered / raised to cover the indices merged[rows]."""
+    for j in range(rows.size):
+        i = rows[j]
+        for k in range(3):
+            v = np.int64(merged[i, k])
+            if v < lo[k]:
+                lo[k] = v
+            if v > hi[k]:
+                hi[k] = v
+
+
+@njit(cache=True)
+def friedel_pair_keys(anomalous, merged, rows, lo, span1, span2, out, start):
+    """out[start + j] = 2 key(merged[rows[j]]) + hand, key the (h, k, l)-ordered packing of
+    the non-anomalous index from origin lo, hand 1 where the anomalous index differs."""
+    for j in range(rows.size):
+        i = rows[j]
+        key = ((np.int64(merged[i, 0]) - lo[0]) * span1
+               + (np.int64(merged[i, 1]) - lo[1])) * span2 + (np.int64(merged[i, 2]) - lo[2])
+        hand = 0
+        for k in range(3):
+            if anomalous[i, k] != merged[i, k]:
+                hand = 1
+        out[start + j] = 2 * key + hand
+
+
+@njit(cache=True)
+def ratio_terms(residual_sq, unit, out):
+    """out[i] = r^2 / unit (the terms add_ratio_sum adds), computed locally."""
+    for i in range(unit.size):
+        out[i] = residual_sq[i] / unit[i]
+
+
+@njit(cache=True)
+def log_terms(unit, a_sq, out):
+    """out[i] = log(a^2 unit) (the terms add_log_sum adds), computed locally."""
+    for i in range(unit.size):
+        out[i] = np.log(a_sq * unit[i])
+
+
+@njit(cache=True)
+def add_sum(terms, totals):
+    """totals[0] += the terms, one by one in row order: with the terms computed first on
+    every rank at once, only these additions run one rank after another."""
+    s = totals[0]
+    for i in range(terms.size):
+        s += terms[i]
+    totals[0] = s

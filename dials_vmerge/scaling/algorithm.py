@@ -260,11 +260,21 @@ class ScalingRun:
         """
         rows = [np.flatnonzero(mask) for mask in masks]
         members = [self.states[d] for d in positions]
-        # a dataset without masked rows uses its mapped indices as they are (no copy)
-        asu = [full if r.size == full.shape[0] else full[r]
-               for full, r in zip(self.anomalous_asu(members), rows)]
-        return GroupLayout(asu, loc_indices=rows,
-                           full_sizes=[self.states[d].suitable_rows.size for d in positions])
+        # groups in (unique reflection, hand) order: an MPI rank's groups are then one
+        # contiguous run of the one-process order (issue 11; error_model.friedel_pair_layout,
+        # which reads the masked rows of the indices in place)
+        return em.friedel_pair_layout(
+            self.anomalous_asu(members), self._non_anomalous_asu(members), rows=rows,
+            full_sizes=[self.states[d].suitable_rows.size for d in positions])
+
+    def _non_anomalous_asu(self, members):
+        """Per state of `members`: the non-anomalous ASU indices of all its suitable rows
+        (the states' own grouping unless the run is anomalous; then mapped, not kept)."""
+        if not self.anomalous:
+            return [s.asu for s in members]
+        indices = self._per_state_column("miller_index", members)
+        merged = map_indices_to_asu(np.concatenate(indices), self.space_group, False)
+        return np.split(merged, np.cumsum([m.suitable_rows.size for m in members])[:-1])
 
     def anomalous_asu(self, members):
         """Per state of `members`: the anomalous ASU indices of all its suitable rows.
@@ -569,7 +579,11 @@ class ScalingRun:
                                     by_key_blocks=True)
             imids = [imid] * len(self.states)
         else:
-            imids = [comb.choose_imid([d], user_list, self.nproc, self.log) for d in datasets]
+            # few datasets: over the job's key blocks as the joint search (the same bits for
+            # any number of MPI ranks; a rank-local job needs them: combine.py)
+            by_blocks = len(datasets) <= comb.PER_DATASET_KEY_BLOCKS_MAX
+            imids = [comb.choose_imid([d], user_list, self.nproc, self.log,
+                                      by_key_blocks=by_blocks) for d in datasets]
         if joint:
             values, variances = comb.apply_imid(t, imids[0], all_rows)
             per_state = zip(np.split(values, np.cumsum([s.suitable_rows.size

@@ -72,13 +72,70 @@ def scaled_combined_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g
 
 
 def candidate_imids(i_sum, partiality):
+    """The candidates from all test rows in one array (np.mean's pairwise sum; callers with
+    the rows sorted by group use candidate_imids_sorted, whose mean is split-invariant)."""
     p = np.where(partiality > 0, partiality, 1.0)
     ratio = i_sum / p
-    avg = max(10.0, float(np.mean(ratio)))
-    values = [0.0, 1.0, avg, float(np.max(ratio)) / 10.0]
+    return _candidates(float(np.mean(ratio)), float(np.max(ratio)))
+
+
+def _candidates(mean_ratio, max_ratio):
+    avg = max(10.0, mean_ratio)
+    values = [0.0, 1.0, avg, max_ratio / 10.0]
     while values[-1] > avg:
         values.append(values[-1] / 10.0)
     return values
+
+
+@parallel_when_large
+def ratio_sums_kernel(i_sum, partiality, group_start, chunk_start, sums, counts):
+    """Per chunk of groups: the sum of I_sum/p (p <= 0 counts as 1) in row order, and the
+    number of rows."""
+    for c in prange(chunk_start.size - 1):
+        total = 0.0
+        lo = group_start[chunk_start[c]]
+        hi = group_start[chunk_start[c + 1]]
+        for r in range(lo, hi):
+            p = partiality[r] if partiality[r] > 0 else 1.0
+            total += i_sum[r] / p
+        sums[c] = total
+        counts[c] = hi - lo
+
+
+def candidate_imids_sorted(i_sum, partiality, group_start, nproc=1, key_blocks=None):
+    """candidate_imids of test rows sorted by group (offsets group_start), with a mean whose
+    bits do not depend on how the rows are split (issue 11): the sum of I_sum/p is taken
+    block by block and added as the block sums' tree (the job's key blocks when given, else
+    blocks cut from these groups), the count and the maximum over all MPI ranks of a
+    rank-local job (backends/rank_local.py). In a rank-local job each rank passes only its
+    own groups' rows; in any other run the rows of all groups.
+
+    (np.mean's pairwise sum over the rows in dataset order, used before session 10, depends
+    on the rows' order and on every row being in one array: the avg candidate moved in its
+    last bit, README issue 11.)"""
+    from ..backends import rank_local
+    from ..backends.block_sums import batch_blocks_for, blockwise_sum
+
+    def evaluate(chunks):
+        n = chunks.size - 1
+        sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
+        ratio_sums_kernel(i_sum, partiality, group_start, chunks, sums, counts)
+        return [sums, counts.astype(np.float64)]  # counts exact below 2^53
+
+    if key_blocks is not None:
+        block_bounds, rank_blocks = key_blocks
+        total, count = blockwise_sum(group_start, evaluate, batch_blocks_for(2, nproc),
+                                     block_bounds, rank_blocks=rank_blocks)
+    else:
+        if rank_local.active():
+            raise RuntimeError("a rank-local job's Imid search needs the job's key blocks")
+        total, count = blockwise_sum(group_start, evaluate, batch_blocks_for(2, nproc))
+    if i_sum.size:
+        p = np.where(partiality > 0, partiality, 1.0)
+        local_max = float(np.max(i_sum / p))
+    else:
+        local_max = -np.inf
+    return _candidates(float(total) / float(count), rank_local.maximum(local_max))
 
 
 @parallel_when_large
@@ -179,6 +236,18 @@ def _joined_popped(datasets, key):
     return parts.pop() if len(parts) == 1 else np.concatenate(parts)
 
 
+# Per-dataset Imid searches (joint_analysis=False) of at most this many datasets sum over the
+# job's key blocks, as the joint search does (one process too, so that N = 1, 2, 3 ranks agree
+# bit for bit); more datasets (stills) keep per-thread chunks, and a rank-local job does not
+# support them (rank_local_supported).
+PER_DATASET_KEY_BLOCKS_MAX = 64
+
+
+def rank_local_supported(joint_analysis, n_datasets):
+    """Whether the Imid search gives one process's bits in a rank-local job (issue 11)."""
+    return bool(joint_analysis) or n_datasets <= PER_DATASET_KEY_BLOCKS_MAX
+
+
 def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
     """The Imid with the lowest Rmeas over the pooled datasets.
 
@@ -186,16 +255,23 @@ def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
     v_sum, partiality, correction, g (already restricted to the test selection); the dicts
     are emptied. by_key_blocks: Rmeas summed over the job's read-time key blocks when a job
     partition is active (rmeas_sorted; issue 11): each MPI rank then combines and sums only
-    the rows of its own blocks. (Per-dataset searches keep the per-thread chunks: hundreds of
-    mostly empty blocks per dataset would cost more than the search.)
+    the rows of its own blocks, and the avg candidate's mean is a block-tree sum too
+    (candidate_imids_sorted). Always so in a rank-local job (each rank's datasets hold only
+    its own groups' rows). Without: per-thread chunks and np.mean (hundreds of mostly empty
+    blocks per dataset would cost more than a per-dataset search of many small datasets:
+    see PER_DATASET_KEY_BLOCKS_MAX).
     """
     # the datasets' arrays are released as they are joined (the caller is done with them);
     # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
     # its original was this step's peak RSS (issue 10, memory)
+    from ..backends import rank_local
+
     cat = {k: _joined_popped(datasets, k) for k in list(datasets[0])}
-    if cat["i_sum"].size == 0:
+    if rank_local.total(cat["i_sum"].size) == 0:  # a rank-local job: over all ranks
         return 0.0
-    if not imids:
+    by_key_blocks = by_key_blocks or rank_local.active()
+    if not imids and not by_key_blocks:
+        # per-thread chunks: the candidates as before session 10 (np.mean of the rows)
         imids = candidate_imids(cat["i_sum"], cat["partiality"])
     best, best_score = 0.0, None
     # Sorted by group once, array by array: every candidate's Rmeas then reads them in place.
@@ -209,10 +285,16 @@ def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
         from ..backends.rank_partition import key_blocks_of_groups
 
         key_blocks = key_blocks_of_groups(asu[order[group_start[:-1]]])
+        if key_blocks is None and rank_local.active():
+            raise RuntimeError("a rank-local job's Imid search needs the job's key blocks")
     del asu
     for name in list(cat):
         cat[name] = cat.pop(name)[order]
     del order
+    if not imids:
+        # from the sorted rows (a rank-local job: this rank's groups), split-invariant
+        imids = candidate_imids_sorted(cat["i_sum"], cat["partiality"], group_start, nproc,
+                                       key_blocks)
     # the joined, mapped and sorted-away arrays of the set-up left holes in the heaps under
     # the arrays the loop reads: their pages go back before the loop allocates (memory.py)
     release_free_memory(collect_cycles=False)

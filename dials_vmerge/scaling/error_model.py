@@ -84,6 +84,136 @@ class ErrorModelData:
     group: np.ndarray = None  # per observation, its group
 
 
+def friedel_pair_layout(anomalous_asu, non_anomalous_asu, rows=None, full_sizes=None):
+    """The anomalous group sort of rows `rows` (per dataset; None: all) of the per-dataset
+    index arrays, as an ih_table.GroupLayout (the layout GroupLayout(anomalous_asu[rows],
+    loc_indices=rows, full_sizes=full_sizes) would be), with its groups ordered by
+    (non-anomalous ASU index, hand): I(+) then I(-) of one unique reflection, unique
+    reflections in (h, k, l) order. Within a group the observations keep the
+    dataset-then-row order.
+
+    Why not GroupLayout's (h, k, l) order of the anomalous indices: there the I(-) groups of
+    one range of unique reflections lie among the I(+) groups of another, so the groups of an
+    MPI rank's key range (issue 11, backends/rank_partition.py) were not one contiguous run
+    of the one-process order. In this order they are, and sums over the error model's
+    observations continued from rank to rank (rank_local.sequential_over_ranks) have the
+    bits of one process. Every run, one process included, uses this order (its sums over
+    observations moved a, b in their last bits once: README, issue 11).
+
+    hand: 1 where the anomalous index differs from the non-anomalous one (the Friedel mate
+    of the unique reflection's representative), 0 where it is the representative; a unique
+    reflection has at most these two anomalous groups. The keys are packed per dataset from
+    the rows themselves (no joined or masked copy of the indices).
+    """
+    from ..kernels.error_model_ml import friedel_pair_keys, index_bounds
+    from ..kernels.group_sort import grouped_counting_sort
+    from .ih_table import COUNTING_SORT_MIN_SPAN, COUNTING_SORT_SPAN_PER_ROW, GroupLayout
+
+    anomalous_asu = [np.ascontiguousarray(a, dtype=np.int32).reshape(-1, 3)
+                     for a in anomalous_asu]
+    non_anomalous_asu = [np.ascontiguousarray(a, dtype=np.int32).reshape(-1, 3)
+                         for a in non_anomalous_asu]
+    if rows is None:
+        rows = [np.arange(a.shape[0], dtype=np.int64) for a in anomalous_asu]
+    rows = [np.asarray(r, dtype=np.int64) for r in rows]
+    for a, m, r in zip(anomalous_asu, non_anomalous_asu, rows):
+        if a.shape != m.shape or (r.size and int(r.max()) >= a.shape[0]):
+            raise ValueError("friedel_pair_layout: index arrays and rows do not match")
+    n_per = [r.size for r in rows]
+    n = int(sum(n_per))
+    lo = np.full(3, np.iinfo(np.int64).max, np.int64)
+    hi = np.full(3, np.iinfo(np.int64).min, np.int64)
+    for m, r in zip(non_anomalous_asu, rows):
+        index_bounds(m, r, lo, hi)
+    keys = np.empty(n, np.int64)
+    if n:
+        span1, span2 = int(hi[1] - lo[1] + 1), int(hi[2] - lo[2] + 1)
+        start = 0
+        for a, m, r in zip(anomalous_asu, non_anomalous_asu, rows):
+            friedel_pair_keys(a, m, r, lo, span1, span2, keys, start)
+            start += r.size
+        span = int(keys.max()) + 1
+        if span <= max(COUNTING_SORT_SPAN_PER_ROW * n, COUNTING_SORT_MIN_SPAN):
+            order, group_start = grouped_counting_sort(keys, span)
+        else:
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            boundaries = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+            group_start = np.concatenate([[0], boundaries, [n]]).astype(np.int64)
+            del sorted_keys
+    else:
+        order, group_start = np.zeros(0, np.int64), np.zeros(1, np.int64)
+    del keys
+    layout = GroupLayout.__new__(GroupLayout)
+    layout.offsets = np.concatenate([[0], np.cumsum(n_per)]).astype(np.int64)
+    layout.order = np.asarray(order, dtype=np.int64)
+    layout.group_start = np.asarray(group_start, dtype=np.int64)
+    layout.dataset_id = np.repeat(np.arange(len(n_per), dtype=np.int32), n_per)[layout.order]
+    joined_rows = rows[0] if len(rows) == 1 else (np.concatenate(rows) if rows
+                                                   else np.zeros(0, np.int64))
+    layout.loc_index = np.ascontiguousarray(joined_rows[layout.order])
+    del joined_rows
+    first = layout.group_start[:-1]
+    group_asu = np.empty((first.size, 3), np.int32)
+    first_dataset = layout.dataset_id[first]
+    for d, a in enumerate(anomalous_asu):
+        mine = np.flatnonzero(first_dataset == d)
+        group_asu[mine] = a[layout.loc_index[first[mine]]]
+    layout.group_asu = group_asu
+    sizes = full_sizes if full_sizes is not None else [a.shape[0] for a in anomalous_asu]
+    layout.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    layout.order = layout.offsets[layout.dataset_id] + layout.loc_index
+    return layout
+
+
+def rank_local_supported(minimisation="auto", deviation="unbiased", target="least_squares"):
+    """Whether refine_error_model gives one process's a, b in a rank-local MPI job (issue
+    11), and how: the maximum-likelihood fit (the default: minimisation=auto with
+    deviation=unbiased) sums over each rank's own observations (a few floats exchanged per
+    evaluation of b); `individual` and `regression` filter on the ranks' own rows and then
+    gather the filtered table to every rank (~50 B per kept observation on each rank: not
+    1/N memory for that step) and fit it as one process. Not the likelihood target's own
+    fit (scaling/likelihood.py)."""
+    return target != "likelihood"
+
+
+def gathered_table(table):
+    """In a rank-local job: every rank's filtered error-model table concatenated in rank
+    order, on every rank. The ranks' groups are consecutive runs of the one-process group
+    order (friedel_pair_layout), so this is the one-process table, bit for bit. Elsewhere:
+    the table itself."""
+    from ..backends import rank_local
+    from .ih_table import IhTable
+
+    if not rank_local.active():
+        return table
+    sizes = rank_local.gather_in_rank_order(np.diff(table.group_start).astype(np.int64))
+    group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def rows(values, dtype):
+        return rank_local.gather_in_rank_order(np.ascontiguousarray(values, dtype=dtype))
+
+    weight = table.weight if table.weight is not None else 1.0 / table.variance
+    return IhTable(rows(table.intensity, np.float64), rows(table.variance, np.float64),
+                   rows(weight, np.float64), rows(table.g, np.float64),
+                   rows(table.dataset_id, np.int32), rows(table.loc_index, np.int64),
+                   group_start,
+                   rows(np.asarray(table.asu_index).reshape(-1, 3), np.int32),
+                   {name: rows(values, np.float64) for name, values in
+                    sorted(table.extra.items())})
+
+
+def _too_few(n_obs):
+    """ErrorModelError when fewer than MIN_REFLECTIONS observations are left (counted over
+    the ranks of a rank-local job: the same decision on every rank)."""
+    from ..backends import rank_local
+
+    total = rank_local.total(n_obs)
+    if total < MIN_REFLECTIONS:
+        raise ErrorModelError(
+            f"too few reflections for error model refinement ({total} < {MIN_REFLECTIONS})")
+
+
 def unfiltered_table(asu_indices, intensities, variances, gs, partialities=None, layout=None):
     """The anomalous Ih table of the reflections, before the error model's filters: weights
     1 / variance, partialities carried along (see filter_for_error_model)."""
@@ -143,9 +273,7 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
     table = table.select(keep, consume=True, group_of_obs=grp)
     del grp, keep
     table = table.select(table.intensity > 0.001, consume=True)
-    if table.n_obs < MIN_REFLECTIONS:
-        raise ErrorModelError(
-            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    _too_few(table.n_obs)
     grp = _group_of_observation(table)
     keep = (table.multiplicity() > 1)[grp]
     table = table.select(keep, consume=True, group_of_obs=grp)
@@ -159,11 +287,13 @@ def filter_for_error_model(asu_indices, intensities, variances, gs, partialities
         n_h - 1, 1)
     del scaled
     external = np.bincount(grp, table.variance / table.g ** 2, minlength=table.n_groups) / n_h
-    limit = max(50.0, float(ih.max()) / 40.0) if ih.size else 50.0
+    # the largest Ih over all ranks of a rank-local job (-inf where a rank has none)
+    from ..backends import rank_local
+
+    largest = rank_local.maximum(float(ih.max()) if ih.size else -np.inf)
+    limit = max(50.0, largest / 40.0) if np.isfinite(largest) else 50.0
     table = table.select((internal / external < limit)[grp], consume=True)
-    if table.n_obs < MIN_REFLECTIONS:
-        raise ErrorModelError(
-            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    _too_few(table.n_obs)
     return table
 
 
@@ -192,9 +322,7 @@ def _filter_stills(table, stills, min_ih, model, deviation="unbiased"):
     table = table.select(np.abs(delta) < 6.0, consume=True)
     table = table.select((table.multiplicity() >= min_multiplicity)[table.group_of_observation()],
                          consume=True)
-    if table.n_obs < MIN_REFLECTIONS:
-        raise ErrorModelError(
-            f"too few reflections for error model refinement ({table.n_obs} < {MIN_REFLECTIONS})")
+    _too_few(table.n_obs)
     return table
 
 
@@ -228,14 +356,16 @@ def unbiased_prefactor(table):
     return 1.0 / np.sqrt(np.clip(remaining, 1e-12, None))
 
 
-def error_model_data(table, n_bins=10, deviation="unbiased"):
+def error_model_data(table, n_bins=10, deviation="unbiased", bins=True):
+    """bins: False for the maximum-likelihood fit, which reads no intensity bins (their
+    edges are order statistics over all observations: not rank-local, issue 11)."""
     grp = table.group_of_observation()
     ih = table.merged_intensity()[grp]
     n_h = table.multiplicity()[grp].astype(float)
     expected = ih * table.g
     if "partiality" in table.extra:
         expected = expected * table.extra["partiality"]
-    bin_index, kept = intensity_bins(expected, n_bins)
+    bin_index, kept = intensity_bins(expected, n_bins) if bins else (None, 0)
     prefactor = unbiased_prefactor(table) if deviation == "unbiased" else \
         DEVIATION_PREFACTORS[deviation](n_h)
     u = table.weight * table.g * table.g
@@ -536,7 +666,12 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
                                        arrays[4], n_groups, float(b), fixed_a_sq, scratch,
                                        np.empty(group.size)))
 
-    if _on_device() and (group.size == 0 or np.all(np.diff(group) >= 0)):
+    from ..backends import rank_local
+
+    if rank_local.active():
+        a_sq_and_cost, cost_slope = _rank_local_likelihood_sums(arrays, group, n_groups,
+                                                                fixed_a_sq)
+    elif _on_device() and (group.size == 0 or np.all(np.diff(group) >= 0)):
         # the scaling job's device: the arrays copied once, every evaluation of b there
         # (kernels.cuda.error_model; the Ih table's observations are sorted by group)
         from ..kernels.cuda.error_model import DeviceErrorModelSums
@@ -572,8 +707,54 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
 
         lo, x, fx, hi = _bracket_minimum(f, DEFAULT_B)
         b = abs(float(_brent_minimise(f, lo, hi, x, fx)))
-        b = _polish_stationary_point(cost_slope, b)
+        b = _polish_stationary_point(cost_slope, b, lambda x: a_sq_and_cost(x)[1])
     return float(np.sqrt(a_sq_and_cost(b)[0])), b
+
+
+def _rank_local_likelihood_sums(arrays, group, n_groups, fixed_a_sq):
+    """a_sq_and_cost and cost_slope of refine_maximum_likelihood in a rank-local MPI job
+    (issue 11): this rank's observations are a contiguous run of the one-process order
+    (friedel_pair_layout), so each sum over observations is continued from rank to rank
+    (rank_local.sequential_over_ranks: the bits of the one-pass kernels), its total known
+    on every rank; the units are computed locally first, so that only the additions run one
+    rank after another. Per evaluation of b: two passes of one or two floats."""
+    from ..backends import rank_local
+    from ..kernels import error_model_ml as kernels
+
+    intensity, variance, g, share, residual_sq = arrays
+    n = rank_local.total(group.size)
+    unit = np.empty(group.size)
+    unit_slope = np.empty(group.size)
+
+    def profiled_a_sq(sum_ratio):
+        if fixed_a_sq >= 0.0:
+            return fixed_a_sq
+        return sum_ratio / n if n > 0 else np.nan
+
+    def a_sq_and_cost(b):
+        # the terms (divisions, logarithms) on every rank at once; only their additions
+        # pass from rank to rank (unit_slope is free scratch here)
+        kernels.unit_kernel(intensity, variance, g, share, group, n_groups, float(b), unit)
+        kernels.ratio_terms(residual_sq, unit, unit_slope)
+        sum_ratio = float(rank_local.sequential_over_ranks(
+            np.zeros(1), lambda t: kernels.add_sum(unit_slope, t))[0])
+        a_sq = profiled_a_sq(sum_ratio)
+        kernels.log_terms(unit, a_sq, unit_slope)
+        sum_log = float(rank_local.sequential_over_ranks(
+            np.zeros(1), lambda t: kernels.add_sum(unit_slope, t))[0])
+        return float(a_sq), float(sum_log + sum_ratio / a_sq)
+
+    def cost_slope(b):
+        kernels.unit_and_slope_kernel(intensity, variance, g, share, group, n_groups,
+                                      float(b), unit, unit_slope)
+        sum_ratio = float(rank_local.sequential_over_ranks(
+            np.zeros(1), lambda t: kernels.add_ratio_sum(residual_sq, unit, t))[0])
+        a_sq = profiled_a_sq(sum_ratio)
+        sums = rank_local.sequential_over_ranks(
+            np.zeros(2), lambda t: kernels.add_slope_sums(residual_sq, unit, unit_slope, t))
+        return float(sums[0] - sums[1] / a_sq)
+
+    return a_sq_and_cost, cost_slope
 
 
 SLOPE_POLISH_STEPS = 6
@@ -583,18 +764,30 @@ SLOPE_POLISH_STEPS = 6
 B_ZERO = 10.0 * B_XATOL
 
 
-def _polish_stationary_point(slope, b):
+# How far (relative to b, plus B_XATOL) the polish may move Brent's b. Brent's b is
+# sqrt(eps)-accurate only where the cost is curved enough: for a small, weakly determined b its
+# cost differences near the minimum fall below the rounding of the sums sooner, and Brent's b
+# was seen 3e-6 (relative) from the slope's zero (the 1e6 sweep's final refinement, b = 0.0044:
+# README issue 11). Within this window the cost is a parabola about its minimum, so the
+# slope's zero found there is that minimum (checked against the cost as well).
+POLISH_WINDOW = 1e-4
+
+
+def _polish_stationary_point(slope, b, cost=None):
     """b refined from the Brent minimum by secant steps on d cost / d b = 0.
 
-    Why: Brent locates a minimum from cost values, so only to ~sqrt(eps) relative: closer
-    in, cost differences are below the rounding of a sum over every observation, and which
-    point wins depends on that rounding (the CPU kernel and its CUDA twin, which add in
-    different orders, found b 1e-7 apart). The zero of the analytic slope is determined to
-    ~eps, so both devices agree to ~1e-13 and the run's 1e-10 agreement holds. A step that
-    leaves Brent's accuracy (B_XATOL + 1e-6 b) is not taken.
+    Why: Brent locates a minimum from cost values, so only to ~sqrt(eps) relative at best:
+    closer in, cost differences are below the rounding of a sum over every observation, and
+    which point wins depends on that rounding (the CPU kernel and its CUDA twin, which add in
+    different orders, found b 1e-7 apart; two orders of the same observations in one process,
+    3e-6 apart at b = 0.0044). The zero of the analytic slope is determined to ~eps, so the
+    orders agree to ~1e-13 and the run's 1e-10 agreement holds. A step that leaves
+    POLISH_WINDOW b + B_XATOL of Brent's b is not taken, nor a result whose cost (when `cost`
+    is given) exceeds Brent's by more than rounding.
     """
     if not b > B_ZERO:
         return b
+    window = POLISH_WINDOW * b + B_XATOL
     x0, s0 = b, slope(b)
     x1 = b * (1.0 + 1e-6)
     s1 = slope(x1)
@@ -602,13 +795,19 @@ def _polish_stationary_point(slope, b):
         if not (np.isfinite(s0) and np.isfinite(s1)) or s1 == s0:
             break
         x2 = x1 - s1 * (x1 - x0) / (s1 - s0)
-        if not abs(x2 - b) <= 1e-6 * b + B_XATOL:
+        if not abs(x2 - b) <= window:
             return b
         x0, s0, x1 = x1, s1, x2
         if abs(x1 - x0) <= 1e-15 * x1:
             break
         s1 = slope(x1)
-    return float(x1) if abs(x1 - b) <= 1e-6 * b + B_XATOL else b
+    if not abs(x1 - b) <= window:
+        return b
+    if cost is not None:
+        at_brent, polished = cost(b), cost(float(x1))
+        if not polished <= at_brent + 1e-12 * abs(at_brent):
+            return b
+    return float(x1)
 
 
 def refine_regression(table):
@@ -647,13 +846,17 @@ def refine_error_model(asu_indices, intensities, variances, gs, model=None, part
                                    min_partiality, min_ih, layout, stills, model, deviation,
                                    ih_table)
     del ih_table
+    if minimisation != "likelihood":
+        # their bins' edges, the a-step's sort and the regression's fit read all
+        # observations at once: a rank-local job gathers the filtered table (issue 11)
+        table = gathered_table(table)
     a = model.a if fixed_a is None else fixed_a
     b = model.b if fixed_b is None else fixed_b
     if minimisation == "regression":
         ra, rb = refine_regression(table)
         return BasicErrorModel(fixed_a if fixed_a is not None else ra,
                                fixed_b if fixed_b is not None else rb)
-    data = error_model_data(table, n_bins, deviation)
+    data = error_model_data(table, n_bins, deviation, bins=minimisation != "likelihood")
     if minimisation == "likelihood":
         return BasicErrorModel(*refine_maximum_likelihood(data, fixed_a, fixed_b))
     if data.n_bins < 1:
