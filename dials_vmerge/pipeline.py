@@ -180,7 +180,8 @@ def run_scaling_job(params, experiments, table, log):
 
     # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported)
     enabled = (RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
-               and rank_local_supported(params) and not rerun.is_rescale(table))
+               and rank_local_supported(params, len(experiments))
+               and not rerun.is_rescale(table))
     # the job's stages replace the table as they go: no frame here keeps the input alive
     holder = [table]
     del table
@@ -368,29 +369,27 @@ def _merged_on_rank_rows(params):
     return rank_merge.applies(params, max(2, mpi_world.n_ranks()))
 
 
-# Stages whose rank-local versions live in other branches (h11sel: selection, h11em:
-# intensity combination and error model): until they land, only the configurations that
-# skip them run rank-local. Drop a condition here when its stage is rank-correct.
-def _no_intensity_combination(params):
-    return params.reflection_selection.intensity_choice != "combine"
-
-
-def _no_error_model(params):
-    return params.weighting.error_model.error_model in (None, "None")
-
-
 RANK_LOCAL_CONDITIONS = [
     _no_likelihood_target, _no_reference, _no_free_set, _no_filtering, _no_cross_validation,
-    _not_anomalous, _not_variational, _not_cuda,
-    _merged_on_rank_rows, _no_intensity_combination, _no_error_model,
+    _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 
 
-def rank_local_supported(params) -> bool:
-    """Whether a scaling job with these parameters runs rank-local under MPI (each rank its
-    own rows; backends/rank_local.py). Others repeat every stage on every rank (README,
-    "Running under MPI"). Each condition is one named function of RANK_LOCAL_CONDITIONS."""
-    return all(condition(params) for condition in RANK_LOCAL_CONDITIONS)
+def _imid_search_on_rank_rows(params, n_datasets):
+    # per-dataset Imid searches above 64 datasets sum per thread chunk, not by key blocks
+    from .scaling import combine
+
+    return combine.rank_local_supported(params.reflection_selection.combine.joint_analysis,
+                                        n_datasets)
+
+
+def rank_local_supported(params, n_datasets: int = 1) -> bool:
+    """Whether a scaling job with these parameters (and experiments) runs rank-local under
+    MPI (each rank its own rows; backends/rank_local.py). Others repeat every stage on every
+    rank (README, "Running under MPI"). Each condition is one named function of
+    RANK_LOCAL_CONDITIONS, and the Imid search's depends on the number of datasets."""
+    return (all(condition(params) for condition in RANK_LOCAL_CONDITIONS)
+            and _imid_search_on_rank_rows(params, n_datasets))
 
 
 def rank_local_rows(experiments, table):
