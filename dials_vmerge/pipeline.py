@@ -16,7 +16,7 @@ from . import flags
 from .batches import format_batch_table
 from .errors import VmergeError
 from .memory import heap_top_retained, release_free_memory
-from .model.base import is_auto
+from .model.base import is_auto, param
 from .geometry import image_range, space_group_info
 from .selection import (
     apply_image_exclusions,
@@ -322,33 +322,35 @@ RANK_ORIGINAL_INDEX = "__rank_original_index"
 OUTPUT_ORDER_SHIFT = 40
 
 
+# Each condition reads its parameter with model.base.param (a default where a caller's
+# parameters lack the scope: library callers pass partial extracts).
 def _no_likelihood_target(params):
-    return params.scaling_options.target != "likelihood"
+    return param(params, "scaling_options.target", "least_squares") != "likelihood"
 
 
 def _no_reference(params):
-    return not params.scaling_options.reference
+    return not param(params, "scaling_options.reference")
 
 
 def _no_free_set(params):
-    return not params.scaling_options.use_free_set
+    return not param(params, "scaling_options.use_free_set", False)
 
 
 def _no_filtering(params):
-    return params.filtering.method in (None, "None")
+    return param(params, "filtering.method") in (None, "None")
 
 
 def _no_cross_validation(params):
-    return not params.cross_validation.cross_validation_mode
+    return not param(params, "cross_validation.cross_validation_mode")
 
 
 def _not_anomalous(params):
     # the anomalous groups of one key interleave the ranks' group order (contract point 4)
-    return not params.anomalous
+    return not param(params, "anomalous", False)
 
 
 def _not_variational(params):
-    method = params.merging.method
+    method = param(params, "merging.method", ["classical"])
     methods = {method} if isinstance(method, str) else set(method or [])
     return not methods & {"variational", "all"}
 
@@ -357,7 +359,7 @@ def _not_cuda(params):
     # the device passes and resident tables hold every row (backends/run_device.py)
     from .backends.select import cuda_available
 
-    device = str(params.compute.device).strip().lower()
+    device = str(param(params, "compute.device", "auto")).strip().lower()
     return device == "cpu" or (device == "auto" and not cuda_available())
 
 
@@ -379,8 +381,8 @@ def _imid_search_on_rank_rows(params, n_datasets):
     # per-dataset Imid searches above 64 datasets sum per thread chunk, not by key blocks
     from .scaling import combine
 
-    return combine.rank_local_supported(params.reflection_selection.combine.joint_analysis,
-                                        n_datasets)
+    return combine.rank_local_supported(
+        param(params, "reflection_selection.combine.joint_analysis", True), n_datasets)
 
 
 def rank_local_supported(params, n_datasets: int = 1) -> bool:

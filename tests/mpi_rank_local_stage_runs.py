@@ -160,9 +160,12 @@ def main():
     params = vmerge_params(*sys.argv[5:])
     experiments = ExperimentList.from_dict(copy.deepcopy(experiments_dict))
     algorithm.scale_table = staged
-    from dials_vmerge.pipeline import run_scaling_job
+    from dials_vmerge import pipeline
 
-    run_scaling_job(params, experiments, table, LOG)
+    # the job itself on the repeated path (every rank all rows): `staged` cuts the rank's
+    # rows and enters the rank-local job itself, around the local run's steps only
+    pipeline.RANK_LOCAL_OUTPUT_READY = False
+    pipeline.run_scaling_job(params, experiments, table, LOG)
     raise AssertionError("staged() did not run")
 
 

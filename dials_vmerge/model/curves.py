@@ -126,6 +126,8 @@ def scaled_z_extremes_over_ranks(table, experiments) -> dict:
     from ..backends import mpi_world
 
     drawn = drawn_physical_curves(experiments)
+    if not drawn:  # the same experiments on every rank: all skip the collective
+        return {}
     local = scaled_z_extremes(table, drawn)
     ends = np.array([local.get(e.identifier, (np.inf, -np.inf)) for e in drawn],
                     dtype=np.float64).reshape(-1, 2)
