@@ -141,13 +141,15 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
     d_values = None
     if cut.d_min is not None or cut.d_max is not None:
         d_values = d_from_unit_cell(table.peek("miller_index"), median_unit_cell(experiments))
-    suitable_before = (rerun.previously_suitable(table, dataset_index)
-                       if rerun.is_rescale(table) else None)
     # a rank-local job's rows carry their one-process original_index (set at the partition)
     original_index = None
     if RANK_ORIGINAL_INDEX in table:
         original_index = np.asarray(table[RANK_ORIGINAL_INDEX], dtype=np.uint64)
         table.del_column(RANK_ORIGINAL_INDEX)
+    # a rerun looks the previous preparation's exclusions up by (dataset, original_index):
+    # the numbers preparation gives, a rank's own rows included (issue 11)
+    suitable_before = (rerun.previously_suitable(table, dataset_index, original_index)
+                       if rerun.is_rescale(table) else None)
     prepared = prepare_dataset(
         table,
         intensity_choice=params.reflection_selection.intensity_choice,
@@ -176,12 +178,12 @@ def run_scaling_job(params, experiments, table, log):
     `output_order_key` (see OUTPUT_ORDER_SHIFT) giving their place in the one-process
     scaled.refl row order."""
     from .backends import rank_local
-    from .scaling import rerun
 
-    # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported)
+    # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported);
+    # reruns on scaled data too (their previous exclusions are looked up by one-process
+    # original_index: prepare_for_scaling)
     enabled = (RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
-               and rank_local_supported(params, len(experiments))
-               and not rerun.is_rescale(table))
+               and rank_local_supported(params, len(experiments)))
     # the job's stages replace the table as they go: no frame here keeps the input alive
     holder = [table]
     del table

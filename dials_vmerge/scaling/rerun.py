@@ -41,48 +41,83 @@ def clear_flags_for_rerun(table) -> None:
                       flags.outlier_in_scaling | flags.scaled)
 
 
+# A (dataset, original_index) pair packed in one int64: dataset << ORIGINAL_INDEX_BITS |
+# original_index (pipeline.OUTPUT_ORDER_SHIFT: fewer than 2^40 rows per dataset).
+ORIGINAL_INDEX_BITS = 40
+
+
 class SuitableBefore:
     """Which rows the previous run's preparation kept, looked up as preparation's
     `original_index` numbers them: by (dataset, position among that dataset's rows)
     (prepare.rank_within_dataset). A table joining several datasets numbers each dataset
     from 0, so a row's original_index is not its row number in the table (issue 15: indexed
     as one, a multi-dataset rerun took other datasets' rows for its own and lost the
-    previous run's exclusions)."""
+    previous run's exclusions).
 
-    def __init__(self, suitable: np.ndarray, dataset_index=None, ids=None):
+    The rows are found by their explicit (dataset, original_index) values (a binary search),
+    not by position: a rank of a rank-local MPI job (issue 11) holds only some rows of each
+    dataset, numbered with their one-process original_index (pipeline.rank_local_rows), so
+    positions among the rank's rows are not those numbers. original_index None: the rows
+    are all of their datasets' rows and are numbered as preparation numbers them."""
+
+    def __init__(self, suitable: np.ndarray, dataset_index=None, ids=None,
+                 original_index=None):
         suitable = np.asarray(suitable, dtype=bool)
         if dataset_index is None:
-            self.by_rank = suitable
-            self.offsets = np.zeros(1, dtype=np.int64)
+            dataset = np.zeros(suitable.size, dtype=np.int64)
             self.dataset_of_id = None
-            return
-        from ..kernels.flat import rows_by_dataset
+        else:
+            dataset = np.asarray(dataset_index, dtype=np.int64)
+            ids = np.asarray(ids, dtype=np.int64)
+            self.dataset_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1,
+                                         dtype=np.int64)
+            self.dataset_of_id[ids] = dataset  # one dataset per id
+        if original_index is None:
+            from .prepare import rank_within_dataset
 
-        dataset_index = np.asarray(dataset_index, dtype=np.int64)
-        n_datasets = int(dataset_index.max()) + 1 if dataset_index.size else 0
-        order, offsets = rows_by_dataset(dataset_index, n_datasets)
-        self.by_rank = suitable[order]  # dataset-major, each dataset's rows in row order
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        ids = np.asarray(ids, dtype=np.int64)
-        self.dataset_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
-        self.dataset_of_id[ids] = dataset_index  # one dataset per id
+            original_index = rank_within_dataset(dataset_index, suitable.size)
+        keys = _packed(dataset, original_index)
+        if keys.size and np.any(keys[1:] <= keys[:-1]):
+            # rows grouped dataset by dataset in input order (pipeline.group_rows_by_dataset)
+            # are already ascending; other callers' rows are sorted here
+            order = np.argsort(keys, kind="stable")
+            keys, suitable = keys[order], suitable[order]
+            if np.any(keys[1:] == keys[:-1]):
+                raise ValueError("two rows with the same dataset and original_index")
+        self.keys = keys
+        self.suitable = suitable
 
     def of_rows(self, original_index, ids=None) -> np.ndarray:
         """Previous suitability of prepared rows, given their original_index and id."""
-        rank = np.asarray(original_index, dtype=np.int64)
         if self.dataset_of_id is None:
-            return self.by_rank[rank]
-        dataset = self.dataset_of_id[np.asarray(ids, dtype=np.int64)]
-        return self.by_rank[self.offsets[dataset] + rank]
+            dataset = np.zeros(np.shape(original_index), dtype=np.int64)
+        else:
+            dataset = self.dataset_of_id[np.asarray(ids, dtype=np.int64)]
+        wanted = _packed(dataset, original_index)
+        at = np.searchsorted(self.keys, wanted)
+        found = at < self.keys.size
+        found[found] = self.keys[at[found]] == wanted[found]
+        if not found.all():
+            raise ValueError("a prepared row's (dataset, original_index) is not among the "
+                             "rows before preparation")
+        return self.suitable[at]
 
 
-def previously_suitable(table, dataset_index=None) -> SuitableBefore:
+def _packed(dataset, original_index) -> np.ndarray:
+    index = np.asarray(original_index).astype(np.int64)
+    if index.size and (index.min() < 0 or index.max() >= (1 << ORIGINAL_INDEX_BITS)):
+        raise ValueError("original_index outside 0..2^40-1")
+    return (np.asarray(dataset, dtype=np.int64) << ORIGINAL_INDEX_BITS) | index
+
+
+def previously_suitable(table, dataset_index=None, original_index=None) -> SuitableBefore:
     """Rows neither user-excluded nor excluded_for_scaling (before this run's preparation);
-    dataset_index: each row's dataset, as given to preparation."""
+    dataset_index: each row's dataset, as given to preparation; original_index: each row's
+    original_index when the caller gives preparation its own (a rank-local job's rows)."""
     suitable = ~table.get_flags(PREPARATION_FLAGS, all=False)
     if dataset_index is None:
-        return SuitableBefore(suitable)
-    return SuitableBefore(suitable, dataset_index, table["id"])
+        return SuitableBefore(suitable, original_index=original_index)
+    return SuitableBefore(suitable, dataset_index, table["id"], original_index)
 
 
 def restart_prepared_table(table, suitable_before: SuitableBefore) -> None:
