@@ -15,7 +15,8 @@ with cut_data.min_isigi=3, which makes this run's initial filter exclude thousan
 the previous preparation kept, so the look-up decides their flags (restart_prepared_table).
 scaled.refl, scaled.expt and merged.mtz must be byte-identical to the one-process rerun's,
 the log must say that the scaling ran on each rank's own rows, and the log must equal the
-one-process log apart from MPI lines and timings.
+one-process log apart from MPI lines and timings. A rerun of 80 KB-scaled stills with
+exclude_datasets=3 under 3 ranks is checked the same way.
 """
 
 import filecmp
@@ -77,9 +78,7 @@ def rerun(first, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("name,n_ranks", CASES)
-def test_rerun_under_ranks_is_rank_local_and_equals_one_process(rerun, name, n_ranks):
-    one, many = rerun(name, None), rerun(name, n_ranks)
+def assert_rank_local_and_equal(one, many):
     log = (many / "dials.vmerge.log").read_text()
     assert RANK_LOCAL_LINE in log
     assert RANK_LOCAL_LINE not in (one / "dials.vmerge.log").read_text()
@@ -87,6 +86,40 @@ def test_rerun_under_ranks_is_rank_local_and_equals_one_process(rerun, name, n_r
         assert filecmp.cmp(one / output, many / output, shallow=False), output
     assert (mpi_helpers.comparable_log(many / "dials.vmerge.log")
             == mpi_helpers.comparable_log(one / "dials.vmerge.log"))
+
+
+@pytest.mark.parametrize("name,n_ranks", CASES)
+def test_rerun_under_ranks_is_rank_local_and_equals_one_process(rerun, name, n_ranks):
+    assert_rank_local_and_equal(rerun(name, None), rerun(name, n_ranks))
+
+
+def test_stills_rerun_with_a_dataset_excluded_under_three_ranks(tmp_path):
+    # 80 KB-scaled stills (one dataset per image, ~250 rows each, every rank holding a
+    # little of each): the previous exclusions are looked up per image dataset, with
+    # dataset 3 dropped by the rerun's selection
+    for d in ("first", "one", "ranks3"):
+        (tmp_path / d).mkdir()
+    done = mpi_helpers.run(["dials.vmerge.simulate", "mode=stills", "stills.n_images=80",
+                            "model=KB", "crystal.d_min=3", "seed=4"], tmp_path,
+                           timeout_s=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    done = mpi_helpers.run(["dials.vmerge", "../simulated.expt", "../simulated.refl",
+                            "nproc=1"], tmp_path / "first", timeout_s=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    args = ["dials.vmerge", "../first/scaled.expt", "../first/scaled.refl", "nproc=1",
+            "exclude_datasets=3"]
+    for d, n_ranks in (("one", None), ("ranks3", 3)):
+        done = mpi_helpers.run(args, tmp_path / d, n_ranks=n_ranks, timeout_s=TIMEOUT_S)
+        assert done.returncode == 0, done.stderr
+    assert_rank_local_and_equal(tmp_path / "one", tmp_path / "ranks3")
+    rows = [int(n) for n in mpi_helpers.RANK_ROWS.search(
+        (tmp_path / "ranks3" / "dials.vmerge.log").read_text()).group(1).split(" / ")]
+    assert len(rows) == 3 and min(rows) > 0
+    import json
+
+    n_experiments = [len(json.load(open(tmp_path / d / "scaled.expt"))["experiment"])
+                     for d in ("first", "ranks3")]
+    assert n_experiments == [80, 79]
 
 
 def test_the_options_act_on_the_rerun(first, rerun):
@@ -186,6 +219,16 @@ def test_lookup_of_a_ranks_own_rows_equals_one_process():
         except ValueError:
             n_wrong_by_position += prepared.size
     assert n_wrong_by_position > 100
+    # a rank holding no row, and a rank without one dataset's rows (id 7)
+    nothing = SuitableBefore(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                             np.zeros(0, np.uint64))
+    assert nothing.of_rows(np.zeros(0, np.uint64), np.zeros(0, np.int32)).size == 0
+    held = np.flatnonzero((key < 500) & (ids != 7))
+    rows, dataset = grouped(held)
+    original_index = one_index_of_row[rows].astype(np.uint64)
+    on_rank = SuitableBefore(suitable[rows], dataset, ids[rows], original_index)
+    expected = np.array([truth[int(d), int(i)] for d, i in zip(ids[rows], original_index)])
+    np.testing.assert_array_equal(on_rank.of_rows(original_index, ids[rows]), expected)
     # a (dataset, original_index) the table before preparation did not hold is an error
     with pytest.raises(ValueError, match="not among"):
         one.of_rows(np.array([n], np.uint64), np.array([0]))
