@@ -38,7 +38,7 @@ from ..backends import mpi_world
 from ..errors import VmergeError
 from ..table import COLUMN_TYPES
 from .atomic import atomic_write
-from .refl import MAGIC, WRITE_VERSION, _bin_header
+from .refl import write_column_header, write_table_header
 
 # file rows per window: the unit of one gather and one write (a window of a vec3 double
 # column is 6 MB on rank 0, twice: received and placed). On a 1e6-row file at N = 2, rank
@@ -220,26 +220,12 @@ def write_rank_local_reflections(table, path: str, window_rows: int | None = Non
         write = f.write if output else (lambda data: None)
         packer = msgpack.Packer(use_bin_type=True)
         # the header exactly as io.refl._stream_reflections writes it
-        write(packer.pack_array_header(3))
-        write(packer.pack(MAGIC))
-        write(packer.pack(WRITE_VERSION))
-        write(packer.pack_map_header(3))
-        write(packer.pack("identifiers"))
-        write(packer.pack({k: v for k, v in identifiers}))
-        write(packer.pack("nrows"))
-        write(packer.pack(total))
-        write(packer.pack("data"))
-        write(packer.pack_map_header(len(columns)))
+        write_table_header(write, packer, identifiers, total, len(columns))
         for name, type_name in columns:
             dtype, shape = COLUMN_TYPES[type_name]
             is_bool = type_name == "bool"
             element_bytes = dtype.itemsize * int(np.prod(shape))
-            write(packer.pack(name))
-            write(packer.pack_array_header(2))
-            write(packer.pack(type_name))
-            write(packer.pack_array_header(2))
-            write(packer.pack(total))
-            write(_bin_header(element_bytes * total))
+            write_column_header(write, packer, name, type_name, total, element_bytes * total)
             start = 0
             for w in range(counts.shape[0]):
                 stop = start + int(counts[w, me])

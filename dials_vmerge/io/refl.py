@@ -350,26 +350,40 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
-def _stream_reflections(table: ReflectionTable, write) -> None:
-    """Write the msgpack encoding piece by piece: column blobs are never copied into one buffer."""
-    packer = msgpack.Packer(use_bin_type=True)
+def write_table_header(write, packer, identifiers, nrows: int, n_columns: int) -> None:
+    """The encoding up to the first column: magic, version, identifiers (sorted (int, str)
+    pairs), nrows and the data map's header (one writer's bytes for every caller: the
+    streamed writer below and the rank-local one, io/rank_local_refl.py)."""
     write(packer.pack_array_header(3))
     write(packer.pack(MAGIC))
     write(packer.pack(WRITE_VERSION))
     write(packer.pack_map_header(3))
     write(packer.pack("identifiers"))
-    write(packer.pack({int(k): str(v) for k, v in sorted(table.identifiers.items())}))
+    write(packer.pack({int(k): str(v) for k, v in identifiers}))
     write(packer.pack("nrows"))
-    write(packer.pack(int(table.nrows)))
+    write(packer.pack(int(nrows)))
     write(packer.pack("data"))
-    write(packer.pack_map_header(len(table.keys())))
+    write(packer.pack_map_header(n_columns))
+
+
+def write_column_header(write, packer, name: str, type_name: str, nrows: int,
+                        size: int) -> None:
+    """A column's name, type and row count, and its blob's msgpack bin header (size bytes)."""
+    write(packer.pack(name))
+    write(packer.pack_array_header(2))
+    write(packer.pack(type_name))
+    write(packer.pack_array_header(2))
+    write(packer.pack(int(nrows)))
+    write(_bin_header(size))
+
+
+def _stream_reflections(table: ReflectionTable, write) -> None:
+    """Write the msgpack encoding piece by piece: column blobs are never copied into one buffer."""
+    packer = msgpack.Packer(use_bin_type=True)
+    write_table_header(write, packer, sorted(table.identifiers.items()), table.nrows,
+                       len(table.keys()))
     for name, type_name, size, pieces in _column_blobs(table):
-        write(packer.pack(name))
-        write(packer.pack_array_header(2))
-        write(packer.pack(type_name))
-        write(packer.pack_array_header(2))
-        write(packer.pack(int(table.nrows)))
-        write(_bin_header(size))
+        write_column_header(write, packer, name, type_name, table.nrows, size)
         written = 0
         for piece in pieces:
             write(piece)
