@@ -113,3 +113,42 @@ def test_stricter_partiality_cutoff_flags_the_rows_below_it(runs):
     g1 = np.asarray(rerun["inverse_scale_factor"])
     still = _kept(rerun)
     assert np.max(np.abs(g1[still] / g0[still] - 1)) > 1e-4
+
+
+def test_restart_undoes_only_the_summation_effect_unless_a_stricter_min_isigi():
+    # Five rows as this rerun's preparation leaves them, all flagged excluded_for_scaling by
+    # its initial filter; rows 0-3 were kept by the previous preparation, row 4 was not.
+    # Row 0 (I/sigma -6 on the summed row, below the default -5) and row 1 (I/sigma 1) are
+    # what the undo is for at the default cut; under min_isigi=3 rows 0, 1 (sum 1) and 2
+    # (prf 2) are below the new cut and stay flagged; row 3 (I/sigma 4 and 5) fails for another
+    # reason (the previous run judged its pieces) and is always undone.
+    from dials_vmerge.scaling.rerun import SuitableBefore, restart_prepared_table
+    from dials_vmerge.table import ReflectionTable
+
+    def prepared():
+        t = ReflectionTable(5)
+        t["id"] = np.zeros(5, dtype=np.int32)
+        t["original_index"] = np.arange(5, dtype=np.uint64)
+        t["intensity.sum.value"] = np.array([-6.0, 1.0, 9.0, 4.0, 10.0])
+        t["intensity.sum.variance"] = np.ones(5)
+        t["intensity.prf.value"] = np.array([-6.0, 1.0, 2.0, 5.0, 10.0])
+        t["intensity.prf.variance"] = np.ones(5)
+        t["variance"] = np.ones(5)
+        t["flags"] = np.full(5, flags.integrated_sum | flags.integrated_prf
+                             | flags.excluded_for_scaling, dtype=np.uint64)
+        return t
+
+    before = SuitableBefore(np.array([True, True, True, True, False]))
+    for min_isigi, still_flagged in ((None, [4]), (-5.0, [4]), (-6.5, [4]),
+                                     (MIN_ISIGI, [0, 1, 2, 4])):
+        t = prepared()
+        restart_prepared_table(t, before, "combine", min_isigi)
+        assert np.flatnonzero(t.get_flags(flags.excluded_for_scaling)).tolist() == \
+            still_flagged, min_isigi
+        np.testing.assert_array_equal(t["inverse_scale_factor"], np.ones(5))
+    # profile only: row 2's prf I/sigma 2 is checked; summation only: row 2 (sum 9) passes
+    for choice, still_flagged in (("profile", [0, 1, 2, 4]), ("sum", [0, 1, 4])):
+        t = prepared()
+        restart_prepared_table(t, before, choice, MIN_ISIGI)
+        assert np.flatnonzero(t.get_flags(flags.excluded_for_scaling)).tolist() == \
+            still_flagged, choice
