@@ -164,7 +164,9 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
         original_index=original_index,
     )
     if suitable_before is not None:
-        rerun.restart_prepared_table(prepared, suitable_before)
+        rerun.restart_prepared_table(prepared, suitable_before,
+                                     params.reflection_selection.intensity_choice,
+                                     cut.min_isigi)
     return prepared
 
 

@@ -12,7 +12,9 @@ The first run is one process on two simulated files (two sweeps each, split part
 file numbering partial_id from 0; tests/test_rerun_multi_file.py). Its output is rerun as one
 process without a launcher and under 2 and 3 ranks: with no option, with exclude_batches, and
 with cut_data.min_isigi=3, which makes this run's initial filter exclude thousands of rows that
-the previous preparation kept, so the look-up decides their flags (restart_prepared_table).
+the previous preparation kept; restart_prepared_table looks each up and keeps the flag where
+the row's I/sigma is below the new cut (issue 15, tests/test_rerun_stricter_cuts.py), so
+each rank must take the same decisions as one process.
 scaled.refl, scaled.expt and merged.mtz must be byte-identical to the one-process rerun's,
 the log must say that the scaling ran on each rank's own rows, and the log must equal the
 one-process log apart from MPI lines and timings. A rerun of 80 KB-scaled stills with
@@ -142,8 +144,8 @@ def test_the_options_act_on_the_rerun(first, rerun):
 def test_min_isigi_rerun_makes_the_lookup_decide_many_rows(first):
     # rows the first run's preparation kept whose I/sigma (sum or profile, as the initial
     # filter with intensity_choice=combine judges) is below 3: this rerun's filter flags
-    # them, and restart_prepared_table looks each up (by dataset and original_index) to
-    # decide whether the flag stays
+    # them, and restart_prepared_table looks each up (by dataset and original_index); the
+    # flag stays on them, a stricter cut given on the rerun (issue 15)
     from dials_vmerge.io import read_reflections
     from dials_vmerge.scaling.rerun import PREPARATION_FLAGS
 

@@ -102,10 +102,18 @@ def initial_filter_selection(table, intensity_choice="combine", partiality_cutof
     if partiality_cutoff is not None and _has(table, "partiality"):
         bad |= table["partiality"] < partiality_cutoff
     if min_isigi is not None:
-        for kind in kinds:
-            isig = _isigma(table[f"intensity.{kind}.value"], table[f"intensity.{kind}.variance"])
-            bad |= isig < min_isigi
+        bad |= isigi_selection(table, intensity_choice, min_isigi)
     return bad
+
+
+def isigi_selection(table, intensity_choice, min_isigi):
+    """Rows whose I/sigma is below min_isigi for an intensity type the initial filter
+    checks (the filter's min_isigi test alone; a rerun re-applies it: rerun.py)."""
+    below = np.zeros(table.nrows, dtype=bool)
+    for kind in filter_intensity_types(table, intensity_choice):
+        isig = _isigma(table[f"intensity.{kind}.value"], table[f"intensity.{kind}.variance"])
+        below |= isig < min_isigi
+    return below
 
 
 def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.25,

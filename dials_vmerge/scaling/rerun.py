@@ -16,9 +16,14 @@ Here a rerun is a replay of the same scaling on the same prepared observations:
     pieces; `user_excluded_in_scaling` and `excluded_for_scaling`);
   * started again: parameters at their null values, g = 1, the default error model, the
     initial outlier pass (outlier flags are cleared, as DIALS does), the Imid search;
-  * new options (exclude_images/exclude_batches, cuts) act on top of that.
+  * new options (exclude_images/exclude_batches, cuts) act on top of that: d_min/d_max and
+    partiality_cutoff flag this run's rows as a first run does; a min_isigi above its
+    default flags this run's rows whose I/sigma is below it (restart_prepared_table).
 So a rerun with no new options reproduces the previous run, and one with exclusions differs
 only by what was excluded. A cut cannot be relaxed on a rerun (start from integrated data).
+A min_isigi is judged on the rerun's rows, the summed partials as sums (the previous run
+judged their pieces): repeating a first run's min_isigi on its rerun can flag a few summed
+rows more.
 """
 
 from __future__ import annotations
@@ -120,11 +125,20 @@ def previously_suitable(table, dataset_index=None, original_index=None) -> Suita
     return SuitableBefore(suitable, dataset_index, table["id"], original_index)
 
 
-def restart_prepared_table(table, suitable_before: SuitableBefore) -> None:
-    """g = 1 on every row; undo `excluded_for_scaling` that this run's initial filter set on rows the previous
-    preparation kept: the previous run judged them as partial pieces, this one would judge
-    the summed rows (I/sigma of a sum of pieces, each above min_isigi, can be below it).
-    User cuts (`user_excluded_in_scaling`) stay: they are the same or stricter."""
+# cut_data.min_isigi's default (phil/input.phil); a rerun's min_isigi above it is a new cut
+DEFAULT_MIN_ISIGI = -5.0
+
+
+def restart_prepared_table(table, suitable_before: SuitableBefore, intensity_choice="combine",
+                           min_isigi=None) -> None:
+    """g = 1 on every row; undo `excluded_for_scaling` that this run's initial filter set on
+    rows the previous preparation kept: the previous run judged them as partial pieces, this
+    one would judge the summed rows (I/sigma of a sum of pieces, each above min_isigi, can be
+    below it). Except a min_isigi above its default: a cut given on this run, kept
+    where the row's I/sigma (the filter's test, on this run's rows) is below it, as
+    dials.scale cuts the rows of its scaled input on a rerun. Without it a stricter cut on a
+    rerun was undone on every row the previous run kept. User cuts (d range, partiality:
+    `user_excluded_in_scaling`) are never undone here, so they act on a rerun as given."""
     table["inverse_scale_factor"] = np.ones(table.nrows)
     if "original_index" not in table:
         return
@@ -133,6 +147,10 @@ def restart_prepared_table(table, suitable_before: SuitableBefore) -> None:
     refilter = kept_before & table.get_flags(flags.excluded_for_scaling)
     if "variance" in table:
         refilter &= np.asarray(table["variance"]) > 0
+    if min_isigi is not None and min_isigi > DEFAULT_MIN_ISIGI and refilter.any():
+        from .prepare import isigi_selection
+
+        refilter &= ~isigi_selection(table, intensity_choice, min_isigi)
     if refilter.any():
         table.unset_flags(refilter, flags.excluded_for_scaling)
 
