@@ -42,6 +42,38 @@ def time_sharded_work():
     target.ScalingTarget._rank_ell = timed(target.ScalingTarget._rank_ell)
 
 
+def heap_breakdown():
+    """At a new RSS peak: anonymous vs file-backed RSS (smaps_rollup) and glibc's heap
+    counters (mallinfo2: bytes in use, free inside the heaps, mmapped), in MiB, to tell the
+    live data from the heaps' free holes."""
+    import ctypes
+
+    out = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Anonymous", "Pss_File", "Pss_Anon"):
+                    out[name] = int(rest.split()[0]) / 1024.0
+    except OSError:
+        pass
+    try:
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        out.update({"heap_mib": info.arena / 2 ** 20, "in_use_mib": info.uordblks / 2 ** 20,
+                    "free_in_heap_mib": info.fordblks / 2 ** 20,
+                    "mmapped_mib": info.hblkhd / 2 ** 20, "mmapped_blocks": info.hblks,
+                    "top_free_mib": info.keepcost / 2 ** 20})
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
 class PeakSampler:
     """With VMERGE_PEAK_STACK=1: a thread samples this rank's RSS every 20 ms and keeps the
     main thread's Python stack at the highest sample, to say what makes the peak."""
@@ -70,6 +102,7 @@ class PeakSampler:
                 self.timeline.append((round(rss, 1), " < ".join(where[::-1][:3])))
             if rss > self.peak_mib:
                 self.peak_mib = rss
+                self.heap = heap_breakdown()
                 self.stack = [f"{s.filename.split('dials_vmerge/')[-1]}:{s.lineno} {s.name}"
                               for s in traceback.extract_stack(frame)][-12:]
 
@@ -77,6 +110,7 @@ class PeakSampler:
         self.stop.set()
         self.thread.join()
         return {"sampled_peak_mib": self.peak_mib, "stack_at_peak": self.stack,
+                "heap_at_peak": getattr(self, "heap", None),
                 "rss_timeline_20ms": self.timeline}
 
 

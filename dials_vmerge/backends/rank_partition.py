@@ -194,22 +194,76 @@ def _rows_preparation_drops(table, start, keys):
     return dropped, (ids[at], partial_id, rows[at], keys[at])
 
 
+def _packed_candidates(candidates):
+    """The partial-summation candidates of a slice, (ids, partial_id, rows, keys) as
+    _rows_preparation_drops gives them, kept as (ids << 32 | partial_id, keys) when every id
+    is below 2^31 and every partial_id in [0, 2^32): 16 B per candidate instead of 32 B (for
+    stills every row is one). The rows are not needed: the slices come in ascending row
+    order and their candidates in row order, so the position in their concatenation orders
+    the pieces of a partial as the rows do. Else the 4-tuple unchanged."""
+    if candidates is None:
+        return None
+    ids, partial_id, _, keys = candidates
+    if ids.size and (ids.max() >= (1 << 31) or partial_id.min() < 0
+                     or partial_id.max() >= (1 << 32)):
+        return candidates
+    return (ids << 32) | partial_id, keys
+
+
+def _later_piece_keys(unkept):
+    """The keys of the candidates that are not the first piece (in row order) of their
+    (id, partial_id): those summation merges into the first. Consumes the candidates of
+    `unkept` (each slice's entry becomes (dropped, None)) so that the slices' arrays are
+    freed while their concatenation is built."""
+    sizes = [c[-1].size for _, c in unkept if c is not None]
+    total = int(sum(sizes))
+    packed = all(len(c) == 2 for _, c in unkept if c is not None)
+    sort_key = np.empty(total, np.int64) if packed else None
+    ids = partial_id = None
+    if not packed:
+        ids, partial_id = np.empty(total, np.int64), np.empty(total, np.int64)
+    keys = np.empty(total, np.int64)
+    at = 0
+    for i, (dropped, c) in enumerate(unkept):
+        if c is None:
+            continue
+        unkept[i] = (dropped, None)
+        n = c[-1].size
+        keys[at:at + n] = c[-1]
+        if packed:
+            sort_key[at:at + n] = c[0]
+        elif len(c) == 2:
+            ids[at:at + n], partial_id[at:at + n] = c[0] >> 32, c[0] & 0xFFFFFFFF
+        else:
+            ids[at:at + n], partial_id[at:at + n] = c[0], c[1]
+        at += n
+        del c
+    # a stable sort by (id, partial_id): pieces of one partial in row order (concatenation
+    # order is row order)
+    if packed:
+        order = np.argsort(sort_key, kind="stable")
+        sort_key = sort_key[order]
+        later = np.zeros(total, dtype=bool)
+        np.equal(sort_key[1:], sort_key[:-1], out=later[1:])
+    else:
+        order = np.lexsort((partial_id, ids))
+        ids, partial_id = ids[order], partial_id[order]
+        later = np.r_[False, (ids[1:] == ids[:-1]) & (partial_id[1:] == partial_id[:-1])]
+    return keys[order[later]]
+
+
 def prepared_key_counts(distinct, counts, unkept):
     """(sorted distinct keys, rows per key) of the rows preparation keeps, from those of all
-    rows (distinct, counts) and the slices' _rows_preparation_drops: rows of no dataset are
+    rows (distinct, counts) and the slices' _rows_preparation_drops (in ascending row order;
+    their candidates may be packed by _packed_candidates; consumed): rows of no dataset are
     taken off, and of the candidates sharing (id, partial_id) (one split partial; summed per
     dataset, files number partial_id from 0 each) all but the first in row order, which
     summation keeps, each at its own key."""
     distinct = np.asarray(distinct, dtype=np.int64)
     counts = np.array(counts, dtype=np.int64)
     dropped = [d for d, _ in unkept]
-    pieces = [c for _, c in unkept if c is not None and c[0].size]
-    if pieces:
-        ids, partial_id, rows, keys = (np.concatenate([p[i] for p in pieces]) for i in range(4))
-        order = np.lexsort((rows, partial_id, ids))
-        ids, partial_id, keys = ids[order], partial_id[order], keys[order]
-        later = np.r_[False, (ids[1:] == ids[:-1]) & (partial_id[1:] == partial_id[:-1])]
-        dropped.append(keys[later])
+    if any(c is not None and c[-1].size for _, c in unkept):
+        dropped.append(_later_piece_keys(unkept))
     dropped = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
     if dropped.size == 0:
         return distinct, counts
@@ -240,22 +294,36 @@ def partition_table(table, space_group, n_ranks: int,
     return partition_of_counts(*prepared_key_counts(distinct, counts, unkept), n_ranks)
 
 
-def _distinct_key_counts(keys):
+def _distinct_key_counts(keys, chunk_rows: int = 1 << 20):
     """(sorted distinct keys, rows per key), as np.unique(keys, return_counts=True): by a
     count over the keys' dense (h, k, l) box when it is small beside the rows (always for
-    diffraction data: ~3x faster than the sort), else by np.unique."""
+    diffraction data: ~3x faster than the sort), else by np.unique. The components and the
+    box index are computed slice by slice: one int64 per row beside the keys, not the five
+    whole-length temporaries of a vectorised expression (issue 11: this pass runs on every
+    MPI rank over all input rows, so its transients bounded each rank's peak)."""
     keys = np.asarray(keys, dtype=np.int64)
     if keys.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     mask = (1 << KEY_COMPONENT_BITS) - 1
-    h, k, l = keys >> (2 * KEY_COMPONENT_BITS), (keys >> KEY_COMPONENT_BITS) & mask, keys & mask
-    lo = [int(c.min()) for c in (h, k, l)]
-    span = [int(c.max()) - m + 1 for c, m in zip((h, k, l), lo)]
+
+    def components(chunk):
+        return (chunk >> (2 * KEY_COMPONENT_BITS), (chunk >> KEY_COMPONENT_BITS) & mask,
+                chunk & mask)
+
+    lo, hi = [None] * 3, [None] * 3
+    for start in range(0, keys.size, chunk_rows):
+        for i, c in enumerate(components(keys[start:start + chunk_rows])):
+            lo[i] = int(c.min()) if lo[i] is None else min(lo[i], int(c.min()))
+            hi[i] = int(c.max()) if hi[i] is None else max(hi[i], int(c.max()))
+    span = [h - m + 1 for h, m in zip(hi, lo)]
     if span[0] * span[1] * span[2] > 4 * keys.size + (1 << 20):
         return np.unique(keys, return_counts=True)
-    dense = ((h - lo[0]) * span[1] + (k - lo[1])) * span[2] + (l - lo[2])
-    del h, k, l
+    dense = np.empty(keys.size, np.int64)
+    for start in range(0, keys.size, chunk_rows):
+        h, k, l = components(keys[start:start + chunk_rows])
+        dense[start:start + h.size] = ((h - lo[0]) * span[1] + (k - lo[1])) * span[2] + (l - lo[2])
     counts = np.bincount(dense, minlength=span[0] * span[1] * span[2])
+    del dense
     present = np.flatnonzero(counts)
     dh, rest = np.divmod(present, span[1] * span[2])
     dk, dl = np.divmod(rest, span[2])
@@ -301,10 +369,15 @@ def keys_and_partition(table, space_group, n_ranks: int,
     or each rank only its own (pipeline.rank_local_rows), so that both sum over the same
     blocks."""
     keys = non_anomalous_keys(table, space_group, chunk_rows)
-    unkept = [_rows_preparation_drops(table, start, keys[start:start + chunk_rows])
-              for start in range(0, table.nrows, chunk_rows)]
-    return keys, partition_of_counts(
-        *prepared_key_counts(*_distinct_key_counts(keys), unkept), n_ranks)
+    # the counts of all rows first, then the slices' candidates (packed: for stills every row
+    # is one), so that the two passes' transients never coexist
+    distinct, counts = _distinct_key_counts(keys)
+    unkept = []
+    for start in range(0, table.nrows, chunk_rows):
+        dropped, candidates = _rows_preparation_drops(table, start,
+                                                      keys[start:start + chunk_rows])
+        unkept.append((dropped, _packed_candidates(candidates)))
+    return keys, partition_of_counts(*prepared_key_counts(distinct, counts, unkept), n_ranks)
 
 
 def keyed_partition(table, space_group, n_ranks: int, chunk_rows: int = PARTITION_CHUNK_ROWS):
