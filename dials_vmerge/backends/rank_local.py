@@ -17,6 +17,17 @@ primitives below:
 Outside a rank-local job (one process, or programs that repeat a stage on every rank) every
 primitive is the identity, so stage code calls them unconditionally and N = 1 runs the same
 arithmetic as N > 1.
+
+The contract the stages keep (pipeline.run_scaling_job enters the job):
+- a rank's table holds the rows of its key range in the one-process row order; experiments,
+  models, parameters and the scaling run's datasets are the same on every rank, and a
+  dataset's per-row arrays may be empty on a rank: decide from totals, never from local
+  emptiness;
+- every decision and log line is taken from values identical on every rank;
+- anomalous layouts are the exception to "rank order = group order" (I(+) and I(-) of one
+  key sort apart): gather with explicit positions (backends/group_order.py) or order the
+  groups by (key, hand) in every run (scaling/error_model.py friedel_pair_layout);
+- the scaled table returned carries `output_order_key` (see holds_own_rows).
 """
 
 from __future__ import annotations
@@ -127,7 +138,7 @@ def sequential_over_ranks(values, add):
 
 def holds_own_rows(table) -> bool:
     """True when `table` (the scaled table run_scaling_job returned) holds only this rank's
-    rows of a rank-local job: it carries `output_order_key` (h11in's contract: int64,
+    rows of a rank-local job: it carries `output_order_key` (int64,
     ascending on each rank; the ranks' keys merged in ascending order are the one-process
     scaled.refl row order) and the run has more than one rank. The stages after scaling
     (writing scaled.refl, merging, the report) then work on the rank's rows with collectives
