@@ -5,8 +5,9 @@ ranks' scaled rows, gathered in output_order_key order, are the one-process scal
 Runs tests/rank_local_driver.py (the scaling job alone, rank-local switched on) as one
 process and under mpiexec -n 2 and -n 3 on a 3-sweep physical rotation simulation (with
 outliers, datasets above the E^2 normalisation threshold) and a 200-still KB simulation, with
-parameters that skip the stages other branches make rank-local (reflection selection,
-intensity combination, error model). Compared per row: g, var(g), intensity.scale.value and
+use_all selection, profile intensities and no error model (those stages have their own
+rank-local tests: test_mpi_rank_local_selection.py, test_mpi_rank_local_em_imid.py; the
+defaults run end to end in test_mpi_runs.py). Compared per row: g, var(g), intensity.scale.value and
 variance (1e-10 relative), flags, original_index, dataset (identical); the models; every
 rank's log lines (identical to each other and to one process's); each rank's share of the
 rows; a dataset without rows on a rank; a bad input's one-line error.
