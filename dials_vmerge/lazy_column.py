@@ -81,6 +81,16 @@ class FileSource:
         self.bytes_read += done
 
 
+def _compact_rows(rows, file_rows: int):
+    """A selection's file rows as int32 where the file has fewer than 2^31 rows: the row
+    index is held as long as a column stays in its file (the rows of an MPI rank's own
+    unique reflections, issue 11: 4 B per row instead of 8). Already int32: the same
+    array, so the columns of one selection share it."""
+    if rows is None or rows.dtype == np.int32 or file_rows > np.iinfo(np.int32).max:
+        return rows
+    return rows.astype(np.int32)
+
+
 class LazyColumn:
     """Rows `rows` (None: all, in order) of the column blob at `offset` in `source`."""
 
@@ -118,13 +128,17 @@ class LazyColumn:
 
     def _with_rows(self, rows) -> "LazyColumn":
         return LazyColumn(self.source, self.name, self.offset, self.dtype, self.row_shape,
-                          self.file_rows, self.is_bool, rows)
+                          self.file_rows, self.is_bool, _compact_rows(rows, self.file_rows))
 
     # -- row algebra (no reading) -------------------------------------------------------
     def file_rows_of(self, index: np.ndarray) -> np.ndarray:
-        """The file rows of table rows `index` (int64, negative counted from the end)."""
+        """The file rows of table rows `index` (int64, or int32 where a selection holds them
+        so (_compact_rows); negative counted from the end; a
+        slice gives a view of the row index, not a copy)."""
         if self.rows is not None:
             return self.rows[index]
+        if isinstance(index, slice):
+            return np.arange(self.file_rows, dtype=np.int64)[index]
         index = np.array(index, dtype=np.int64)  # a copy: the caller may reuse its array
         if index.size and (index.min() < -self.file_rows or index.max() >= self.file_rows):
             raise IndexError(f"row index out of range for a column of {self.file_rows} rows")
@@ -138,7 +152,7 @@ class LazyColumn:
             return self._with_rows(self.file_rows_of(index))
         key = id(self.rows)
         if key not in memo:
-            memo[key] = (self.rows, self.file_rows_of(index))
+            memo[key] = (self.rows, _compact_rows(self.file_rows_of(index), self.file_rows))
         return self._with_rows(memo[key][1])
 
     @staticmethod
@@ -153,6 +167,7 @@ class LazyColumn:
         rows = np.concatenate([
             np.arange(c.file_rows, dtype=np.int64) if c.rows is None else c.rows for c in columns
         ])
+        rows = _compact_rows(rows, first.file_rows)
         if memo is not None:
             memo[key] = ([c.rows for c in columns], rows)  # keeps the keyed arrays alive
         return first._with_rows(rows)

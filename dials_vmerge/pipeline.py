@@ -415,16 +415,19 @@ def rank_local_rows(experiments, table):
     keys, partition = keys_and_partition(table, space_group(experiments[0]),
                                          mpi_world.n_ranks())
     rows = partition.rows_of_rank(keys, mpi_world.rank())
+    original_index = positions_within_dataset(table, rows).astype(np.uint64)
+    own = table.select(rows)
+    del table  # the input table (its `id` column read whole) is not kept
     row_keys = None
-    located = table.file_rows_of("miller_index", rows) if hasattr(table, "file_rows_of") \
-        else None
+    # the file rows of own's lazy miller_index column: the row index its lazy columns share
+    # (LazyColumn.select's memo), not a second copy (8 B per row of the rank)
+    located = own.file_rows_of("miller_index", slice(None)) \
+        if hasattr(own, "file_rows_of") else None
     if located is not None:
         # only this rank's rows' keys are looked up later (scaling's grouping): kept by
         # file row for its rows alone, not 8 B for every input row
         row_keys = _RankRowKeys(located[0], located[1], keys[rows])
     del keys
-    original_index = positions_within_dataset(table, rows).astype(np.uint64)
-    own = table.select(rows)
     own[RANK_ORIGINAL_INDEX] = original_index
     return partition, row_keys, own
 
@@ -434,10 +437,15 @@ class _RankRowKeys:
     looked up by binary search; the same answers for those rows."""
 
     def __init__(self, column, file_rows, keys):
-        order = np.argsort(file_rows, kind="stable")
         self.column = column
-        self.file_rows = np.asarray(file_rows, dtype=np.int64)[order]
-        self.keys = np.asarray(keys, dtype=np.int64)[order]
+        file_rows = np.asarray(file_rows)  # int32 or int64, as the lazy column holds them
+        keys = np.asarray(keys, dtype=np.int64)
+        if file_rows.size > 1 and np.any(file_rows[1:] < file_rows[:-1]):
+            order = np.argsort(file_rows, kind="stable")
+            file_rows, keys = file_rows[order], keys[order]
+        # ascending (the rank's rows in input order of one file): the arrays as given, so
+        # file_rows may be the lazy columns' own row index, shared, not copied
+        self.file_rows, self.keys = file_rows, keys
 
     def release(self):
         self.file_rows = self.keys = None

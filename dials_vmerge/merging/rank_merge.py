@@ -464,35 +464,42 @@ def _merged_on_output_rank(local_merged, french_wilson_amplitudes):
     """All ranks' merges (each rank's merging.api.merge_groups of its own groups, without
     amplitudes) in the one-process group order on rank 0, with French-Wilson amplitudes
     (its prior is by resolution shell: global); an empty MergedIntensities on the other
-    ranks, which write no merged file."""
+    ranks, which write no merged file.
+
+    Gathered column by column in each column's own dtype and put in ASU order as it
+    arrives: rank 0 alone holds every merged reflection here (a rotation run's merged and
+    anomalous sets: its peak at N = 2 before, issue 11), so it holds the ordered columns
+    and one gathered column at a time, not a float64 matrix of all columns, its sorted
+    copy and the columns taken from it (~3x the merged data)."""
+    from ..memory import release_free_memory
     from .french_wilson import french_wilson
 
     merged = local_merged
     extra = sorted(k for k, v in merged.extra.items()
                    if isinstance(v, np.ndarray) and v.shape == (len(merged),))
-    rows = np.empty((len(merged), 9 + len(extra)), dtype=np.float64)
-    rows[:, :3] = merged.asu_index
-    rows[:, 3] = merged.intensity
-    rows[:, 4] = merged.sigma
-    rows[:, 5] = merged.n_obs
-    rows[:, 6] = merged.centric
-    rows[:, 7] = merged.epsilon
-    rows[:, 8] = merged.dstar_sq
-    for j, name in enumerate(extra):
-        rows[:, 9 + j] = merged.extra[name]
-    rows = mpi_world.gather_rows_to_output_rank(rows)
-    if not mpi_world.is_output_rank():
-        rows = rows[:0]
-    asu = rows[:, :3].astype(np.int32)
-    rows = rows[np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))]
+    # the merge's temporaries are gone: give their heap holes back before rank 0's gather
+    release_free_memory(collect_cycles=False)
+    output = mpi_world.is_output_rank()
+    asu = mpi_world.gather_rows_to_output_rank(
+        np.ascontiguousarray(merged.asu_index, dtype=np.int32).reshape(-1, 3))
+    if not output:
+        asu = asu[:0]
+    order = np.lexsort((asu[:, 2], asu[:, 1], asu[:, 0]))
+    asu = np.ascontiguousarray(asu[order])
+
+    def gathered(values, dtype):
+        values = mpi_world.gather_rows_to_output_rank(np.ascontiguousarray(values, dtype=dtype))
+        return values[order] if output else values[:0]
+
     out = MergedIntensities(
-        asu_index=np.ascontiguousarray(rows[:, :3].astype(np.int32)),
-        intensity=np.ascontiguousarray(rows[:, 3]), sigma=np.ascontiguousarray(rows[:, 4]),
-        n_obs=rows[:, 5].astype(np.int64), centric=rows[:, 6] != 0,
-        epsilon=np.ascontiguousarray(rows[:, 7]), dstar_sq=np.ascontiguousarray(rows[:, 8]),
+        asu_index=asu,
+        intensity=gathered(merged.intensity, np.float64),
+        sigma=gathered(merged.sigma, np.float64),
+        n_obs=gathered(merged.n_obs, np.int64), centric=gathered(merged.centric, bool),
+        epsilon=gathered(merged.epsilon, np.float64),
+        dstar_sq=gathered(merged.dstar_sq, np.float64),
         anomalous=merged.anomalous, method=merged.method,
-        extra={name: rows[:, 9 + j].astype(merged.extra[name].dtype)
-               for j, name in enumerate(extra)})
+        extra={name: gathered(merged.extra[name], merged.extra[name].dtype) for name in extra})
     if french_wilson_amplitudes and len(out):
         _, _, F, sigma_F = french_wilson(out.intensity, out.sigma, out.centric, out.dstar_sq)
         out.amplitude, out.amplitude_sigma = F, sigma_F
