@@ -149,15 +149,16 @@ class RankGrouping:
 
     def to_global(self, *local_values):
         """Per-group float64 arrays of this rank's groups -> on rank 0, the arrays over all
-        groups in global order (one Gatherv of all of them); None on the other ranks."""
-        packed = np.empty((self.local.n_groups, len(local_values)), dtype=np.float64)
-        for j, values in enumerate(local_values):
-            packed[:, j] = values
-        gathered = mpi_world.gather_rows_to_output_rank(packed)
-        del packed
-        if not mpi_world.is_output_rank():
-            return [None] * len(local_values)
-        return [np.ascontiguousarray(gathered[self.order, j]) for j in range(len(local_values))]
+        groups in global order; None on the other ranks."""
+        # one Gatherv per array, each put in global order as it arrives: rank 0 holds the
+        # ordered arrays and one gathered array, not a matrix of all of them and its columns
+        out = []
+        for values in local_values:
+            gathered = mpi_world.gather_rows_to_output_rank(
+                np.ascontiguousarray(values, dtype=np.float64))
+            out.append(gathered[self.order] if mpi_world.is_output_rank() else None)
+            del gathered
+        return out
 
     def bijvoet_pairs(self, space_group):
         """(statistics.bijvoet_partner, its plus hemisphere with a partner) of all groups in
