@@ -200,7 +200,6 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params())
     for change in ({"scaling_options__target": "likelihood"},
                    {"scaling_options__reference": "ref.mtz"},
-                   {"scaling_options__use_free_set": True},
                    {"filtering__method": "deltacchalf"},
                    {"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
@@ -209,6 +208,8 @@ def test_predicate_names_the_supported_configurations():
         assert not pipeline.rank_local_supported(params(**change)), change
     # the defaults (selection auto, Imid search, basic error model) run rank-local
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
+    # a free set (membership by ASU index; test_more_configurations runs it)
+    assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
@@ -271,7 +272,10 @@ def test_input_held_in_memory(datasets, results, tmp_path):
     ["model=array"],
     # summation intensities (the PHIL's last assignment wins over PARAMS' profile)
     ["reflection_selection.intensity_choice=sum"],
-], ids=["exclusions_absorption", "array", "sum"])
+    # a free set left out of minimisation (each rank decides its own rows' membership)
+    ["scaling_options.use_free_set=True", "scaling_options.free_set_percentage=20",
+     "scaling_options.free_set_offset=1"],
+], ids=["exclusions_absorption", "array", "sum", "free_set"])
 def test_more_configurations(datasets, results, tmp_path, extra):
     expt, refl = datasets["sweeps3"]
     out = {}
@@ -296,6 +300,11 @@ def test_more_configurations(datasets, results, tmp_path, extra):
     one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
     for lines in json.loads(str(out[2]["log_lines"])):
         assert comparable(lines) == one_log
+    if "scaling_options.use_free_set=True" in extra:
+        # the free set changed the minimisation: not the default run's scales
+        assert any(line.startswith("Free set (20%, offset 1): ") for line in one_log)
+        assert not np.array_equal(out[2]["inverse_scale_factor"],
+                                  results["sweeps3", None]["inverse_scale_factor"])
     if "exclude_images=0:1:10" in extra:
         assert len(models) == 2  # dataset 2 excluded
         assert any("valid image ranges now 11-" in line for line in one_log)
