@@ -32,6 +32,7 @@ The contract the stages keep (pipeline.run_scaling_job enters the job):
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -179,7 +180,7 @@ def exact_sum(values) -> float:
     try:
         return exact / (1 << _EXPONENT_OFFSET)
     except OverflowError:  # beyond the float64 range
-        return float(np.copysign(np.inf, exact))
+        return math.inf if exact > 0 else -math.inf
 
 
 def total_float(value) -> float:
