@@ -264,15 +264,19 @@ def test_input_held_in_memory(datasets, results, tmp_path):
         np.testing.assert_array_equal(one[column], many[column], err_msg=column)
 
 
-@pytest.fixture(scope="module")
-def reference_mtz(datasets, tmp_path_factory):
-    """merged.mtz of a one-process dials.vmerge run (defaults) of the 3-sweep data: a
+def one_process_merged_mtz(datasets, tmp_path_factory, name):
+    """merged.mtz of a one-process dials.vmerge run (defaults) of dataset `name`: a
     reference with every reflection of the data, on the data's scale."""
-    expt, refl = datasets["sweeps3"]
-    d = tmp_path_factory.mktemp("reference_run")
+    expt, refl = datasets[name]
+    d = tmp_path_factory.mktemp(f"reference_run_{name}")
     done = mpi_helpers.run(["dials.vmerge", expt, refl, "nproc=1"], cwd=d, timeout_s=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     return str(d / "merged.mtz")
+
+
+@pytest.fixture(scope="module")
+def reference_mtz(datasets, tmp_path_factory):
+    return one_process_merged_mtz(datasets, tmp_path_factory, "sweeps3")
 
 
 REFERENCE = "scaling_options.reference=REFERENCE"
@@ -340,6 +344,31 @@ def test_more_configurations(datasets, results, tmp_path, extra, request):
     if "exclude_images=0:1:10" in extra:
         assert len(models) == 2  # dataset 2 excluded
         assert any("valid image ranges now 11-" in line for line in one_log)
+
+
+def test_reference_scaling_of_stills_on_three_ranks(datasets, tmp_path, tmp_path_factory):
+    """200 KB stills against their own one-process merged.mtz at N = 3 (some stills have
+    no row on some rank: their prescale and target sums are empty there): rows, models and
+    log bit for bit against one process."""
+    expt, refl = datasets["stills200"]
+    extra = ["scaling_options.reference="
+             + one_process_merged_mtz(datasets, tmp_path_factory, "stills200")]
+    out = {}
+    for n_ranks in (None, 3):
+        d = tmp_path / f"ranks{n_ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, n_ranks, extra=extra)
+        assert done.returncode == 0, done.stderr
+        out[n_ranks] = dict(np.load(d / "out.npz"))
+    assert out[3]["rank_local"].all()
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(out[None][column], out[3][column], err_msg=column)
+    np.testing.assert_array_equal(model_numbers(out[None]["models"]),
+                                  model_numbers(out[3]["models"]))
+    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
+    assert any(line.startswith("LBFGS against the reference: ") for line in one_log)
+    for lines in json.loads(str(out[3]["log_lines"])):
+        assert comparable(lines) == one_log
 
 
 def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):
