@@ -117,7 +117,7 @@ def prescale_sums_kernel(intensity, weight, predicted, dataset_id, chunk_start, 
 
 
 def _grouped_sum(rows, kernel_arrays, kernel, partial_shapes, nproc):
-    """Totals of a per-row-chunk kernel over the rows of `rows` (a _grouped_rows result),
+    """Totals of a per-row-chunk kernel over the rows of `rows` (a _fixed_table result),
     summed per key block and as the block tree of backends/block_sums.py: the bits depend on
     the rows and the job's key blocks only, not on nproc or the number of MPI ranks (the
     rows of one key block are all on one rank, in the one-process order)."""
@@ -249,11 +249,9 @@ class TargetedScalingRun(ScalingRun):
         dose_decay) is linear in its parameters. Models without a scale term (array) keep
         c = 1.
         """
-        numerator, denominator = self._prescale_sums()
+        numerator, denominator = (_ordered_sum(v) for v in self._prescale_sums())
         scalable = all("scale" in s.model.components for s in self.states)
-        c = (_ordered_sum(numerator) / _ordered_sum(denominator)
-             if scalable and _ordered_sum(denominator) > 0 and _ordered_sum(numerator) > 0
-             else 1.0)
+        c = numerator / denominator if scalable and denominator > 0 and numerator > 0 else 1.0
         self.internal_scale = c
         for state in self.states:
             state.target = state.target * c
