@@ -332,10 +332,6 @@ def _no_likelihood_target(params):
     return param(params, "scaling_options.target", "least_squares") != "likelihood"
 
 
-def _no_reference(params):
-    return not param(params, "scaling_options.reference")
-
-
 def _no_filtering(params):
     return param(params, "filtering.method") in (None, "None")
 
@@ -374,8 +370,10 @@ def _merged_on_rank_rows(params):
 # scaling_options.use_free_set runs rank-local (session 11): a row's membership is a hash of
 # its ASU index (scaling/free_set.py), decided by the rank that holds it, and the free count
 # is a sum over ranks; outputs byte-identical at N = 1, 2, 3 (rotation and stills).
+# scaling_options.reference too: the targeted sums go over the job's key blocks
+# (scaling/targeted.py _grouped_sum), the small scale cutoff's mean is an exact sum.
 RANK_LOCAL_CONDITIONS = [
-    _no_likelihood_target, _no_reference, _no_filtering, _no_cross_validation,
+    _no_likelihood_target, _no_filtering, _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 

@@ -199,7 +199,6 @@ def test_predicate_names_the_supported_configurations():
 
     assert pipeline.rank_local_supported(params())
     for change in ({"scaling_options__target": "likelihood"},
-                   {"scaling_options__reference": "ref.mtz"},
                    {"filtering__method": "deltacchalf"},
                    {"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
@@ -210,6 +209,8 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
     # a free set (membership by ASU index; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
+    # a reference (targeted sums over the key blocks; test_more_configurations runs it)
+    assert pipeline.rank_local_supported(params(scaling_options__reference="ref.mtz"))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
@@ -263,6 +264,24 @@ def test_input_held_in_memory(datasets, results, tmp_path):
         np.testing.assert_array_equal(one[column], many[column], err_msg=column)
 
 
+def one_process_merged_mtz(datasets, tmp_path_factory, name):
+    """merged.mtz of a one-process dials.vmerge run (defaults) of dataset `name`: a
+    reference with every reflection of the data, on the data's scale."""
+    expt, refl = datasets[name]
+    d = tmp_path_factory.mktemp(f"reference_run_{name}")
+    done = mpi_helpers.run(["dials.vmerge", expt, refl, "nproc=1"], cwd=d, timeout_s=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    return str(d / "merged.mtz")
+
+
+@pytest.fixture(scope="module")
+def reference_mtz(datasets, tmp_path_factory):
+    return one_process_merged_mtz(datasets, tmp_path_factory, "sweeps3")
+
+
+REFERENCE = "scaling_options.reference=REFERENCE"
+
+
 @pytest.mark.parametrize("extra", [
     # image and dataset exclusions, a resolution cut, the absorption surface (its
     # coefficients from the geometry of each rank's rows)
@@ -275,9 +294,17 @@ def test_input_held_in_memory(datasets, results, tmp_path):
     # a free set left out of minimisation (each rank decides its own rows' membership)
     ["scaling_options.use_free_set=True", "scaling_options.free_set_percentage=20",
      "scaling_options.free_set_offset=1"],
-], ids=["exclusions_absorption", "array", "sum", "free_set"])
-def test_more_configurations(datasets, results, tmp_path, extra):
+    # scaling against a reference (scaling/targeted.py: its sums over the key blocks);
+    # the second with the basic error model (refined against the reference's g)
+    [REFERENCE, "scaling_options.outlier_rejection=standard"],
+    [REFERENCE, "weighting.error_model.error_model=basic"],
+], ids=["exclusions_absorption", "array", "sum", "free_set", "reference",
+        "reference_error_model"])
+def test_more_configurations(datasets, results, tmp_path, extra, request):
     expt, refl = datasets["sweeps3"]
+    if REFERENCE in extra:
+        path = request.getfixturevalue("reference_mtz")
+        extra = [f"scaling_options.reference={path}" if e == REFERENCE else e for e in extra]
     out = {}
     for n_ranks in (None, 2):
         d = tmp_path / f"ranks{n_ranks}"
@@ -305,9 +332,43 @@ def test_more_configurations(datasets, results, tmp_path, extra):
         assert any(line.startswith("Free set (20%, offset 1): ") for line in one_log)
         assert not np.array_equal(out[2]["inverse_scale_factor"],
                                   results["sweeps3", None]["inverse_scale_factor"])
+    if any(e.startswith("scaling_options.reference=") for e in extra):
+        matched = [line for line in one_log if line.startswith("Reference ")]
+        assert len(matched) == 1 and " measured intensities; " in matched[0], matched
+        assert int(matched[0].split("; ")[1].split()[0]) > 40000  # every rank's rows
+        assert any(line.startswith("LBFGS against the reference: ") for line in one_log)
+        assert any(line.startswith("Outlier rejection against the reference: ")
+                   for line in one_log)
+        assert not np.array_equal(out[2]["inverse_scale_factor"],
+                                  results["sweeps3", None]["inverse_scale_factor"])
     if "exclude_images=0:1:10" in extra:
         assert len(models) == 2  # dataset 2 excluded
         assert any("valid image ranges now 11-" in line for line in one_log)
+
+
+def test_reference_scaling_of_stills_on_three_ranks(datasets, tmp_path, tmp_path_factory):
+    """200 KB stills against their own one-process merged.mtz at N = 3 (some stills have
+    no row on some rank: their prescale and target sums are empty there): rows, models and
+    log bit for bit against one process."""
+    expt, refl = datasets["stills200"]
+    extra = ["scaling_options.reference="
+             + one_process_merged_mtz(datasets, tmp_path_factory, "stills200")]
+    out = {}
+    for n_ranks in (None, 3):
+        d = tmp_path / f"ranks{n_ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, n_ranks, extra=extra)
+        assert done.returncode == 0, done.stderr
+        out[n_ranks] = dict(np.load(d / "out.npz"))
+    assert out[3]["rank_local"].all()
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(out[None][column], out[3][column], err_msg=column)
+    np.testing.assert_array_equal(model_numbers(out[None]["models"]),
+                                  model_numbers(out[3]["models"]))
+    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
+    assert any(line.startswith("LBFGS against the reference: ") for line in one_log)
+    for lines in json.loads(str(out[3]["log_lines"])):
+        assert comparable(lines) == one_log
 
 
 def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):

@@ -32,6 +32,7 @@ The contract the stages keep (pipeline.run_scaling_job enters the job):
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -145,3 +146,45 @@ def holds_own_rows(table) -> bool:
     instead of on the whole table. Unlike `active()`, this is asked after the job has
     returned (the rank-local context is closed by then)."""
     return getattr(table, "output_order_key", None) is not None and mpi_world.n_ranks() > 1
+
+
+# float64 v = m 2^e exactly with m an integer of at most 53 bits and e in [-1126, 971]
+_EXPONENT_OFFSET = 1126
+_N_EXPONENTS = 2100
+_LOW_BITS = 26
+
+
+def exact_sum(values) -> float:
+    """The correctly rounded sum of `values` over all ranks (a float64 array each): every
+    term is split into an integer mantissa and a power of two, the mantissas are added per
+    exponent as int64 (exact: |high| < 2^27, 0 <= low < 2^26, so 2^36 terms fit), and the
+    exact total is rounded once. The bits depend on the values alone, not on their order or
+    on how the ranks share them. Non-finite values give their ordinary (rank-local) sum."""
+    v = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(v)):
+        return float(total_float(np.sum(v)))
+    m, e = np.frexp(v)
+    mantissa = (m * float(1 << 53)).astype(np.int64)
+    slot = (e.astype(np.int64) - 53) + _EXPONENT_OFFSET
+    high = mantissa >> _LOW_BITS
+    low = mantissa - (high << _LOW_BITS)
+    sums = np.zeros(2 * _N_EXPONENTS, dtype=np.int64)
+    for s in np.flatnonzero(np.bincount(slot, minlength=_N_EXPONENTS)):
+        here = slot == s
+        sums[s] = int(high[here].sum())
+        sums[_N_EXPONENTS + s] = int(low[here].sum())
+    sums = totals(sums)
+    exact = 0
+    for s in np.flatnonzero(sums[:_N_EXPONENTS] | sums[_N_EXPONENTS:]):
+        exact += ((int(sums[s]) << _LOW_BITS) + int(sums[_N_EXPONENTS + s])) << int(s)
+    try:
+        return exact / (1 << _EXPONENT_OFFSET)
+    except OverflowError:  # beyond the float64 range
+        return math.inf if exact > 0 else -math.inf
+
+
+def total_float(value) -> float:
+    """A float summed over ranks in rank order (for non-finite totals only)."""
+    if not active():
+        return float(value)
+    return float(mpi_world.allgather_rows(np.array([float(value)])).sum())

@@ -32,6 +32,9 @@ import numpy as np
 from numba import njit, prange
 
 from .. import flags
+from ..backends import rank_local
+from ..backends.block_sums import batch_blocks_for, blockwise_sum, fixed_block_bounds
+from ..backends.rank_partition import key_blocks_of_groups, packed_keys
 from ..errors import VmergeError
 from ..io.reference import read_reference
 from ..model.base import is_auto, param
@@ -40,9 +43,7 @@ from .algorithm import ScalingRun
 from .ih_table import map_indices_to_asu, pack_indices
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager
-from .target import ModelTerms, _ordered_rows_sum, _ordered_sum
-
-ROWS_PER_CHUNK_MIN = 4096
+from .target import ModelTerms, _ordered_sum
 
 
 @njit(cache=True, parallel=True)
@@ -98,45 +99,68 @@ def fixed_normal_kernel(intensity, weight, g, target, deriv_values, deriv_col, c
         normal_partial[c, :, :] = normal
 
 
-def _row_chunks(n, nproc):
-    n_chunks = max(1, min(int(nproc), n // ROWS_PER_CHUNK_MIN)) if n else 1
-    return np.linspace(0, n, n_chunks + 1).astype(np.int64)
+@njit(cache=True, parallel=True)
+def prescale_sums_kernel(intensity, weight, predicted, dataset_id, chunk_start, num_partial,
+                         den_partial):
+    """Per chunk of rows: per dataset sum w I p and sum w p^2 (p = g I_ref)."""
+    n_chunks = chunk_start.size - 1
+    n_datasets = num_partial.shape[1]
+    for c in prange(n_chunks):
+        num = np.zeros(n_datasets)
+        den = np.zeros(n_datasets)
+        for i in range(chunk_start[c], chunk_start[c + 1]):
+            wp = weight[i] * predicted[i]
+            num[dataset_id[i]] += wp * intensity[i]
+            den[dataset_id[i]] += wp * predicted[i]
+        num_partial[c, :] = num
+        den_partial[c, :] = den
+
+
+def _grouped_sum(rows, kernel_arrays, kernel, partial_shapes, nproc):
+    """Totals of a per-row-chunk kernel over the rows of `rows` (a _fixed_table result),
+    summed per key block and as the block tree of backends/block_sums.py: the bits depend on
+    the rows and the job's key blocks only, not on nproc or the number of MPI ranks (the
+    rows of one key block are all on one rank, in the one-process order)."""
+    group_start = rows.group_start
+
+    def evaluate(chunks):
+        n = chunks.size - 1
+        partials = [np.zeros((n,) + shape) for shape in partial_shapes]
+        kernel(*kernel_arrays, group_start[chunks], *partials)
+        return partials
+
+    size = sum(int(np.prod(shape)) for shape in partial_shapes)
+    return blockwise_sum(group_start, evaluate, batch_blocks_for(size, nproc),
+                         rows.block_bounds, rank_blocks=rows.rank_blocks)
 
 
 class FixedTarget(ModelTerms):
     """The targeted least-squares problem for the models behind a ParameterManager
-    (the interface of ScalingTarget that the minimisers use); Ih is the fixed reference,
-    so rows need no grouping and are summed in row chunks."""
-
-    def __init__(self, manager, table, nproc=1):
-        super().__init__(manager, table, nproc)
-        self.chunks = _row_chunks(table.n_obs, nproc)
+    (the interface of ScalingTarget that the minimisers use); Ih is the fixed reference, so
+    rows need no Ih per group, but they are summed per group of equal ASU index in the job's
+    key blocks (_grouped_sum) so that MPI ranks holding only their own rows (issue 11) get
+    the one-process bits."""
 
     def value_and_gradient(self, x):
         g, values, cols = self._ell(x)
         t = self.table
-        n_chunks = self.chunks.size - 1
-        phi_partial = np.zeros(n_chunks)
-        grad_partial = np.zeros((n_chunks, self.n_par))
-        fixed_target_gradient_kernel(t.intensity, t.weight, g, t.target, values, cols,
-                                     self.chunks, phi_partial, grad_partial)
+        phi, grad = _grouped_sum(t, (t.intensity, t.weight, g, t.target, values, cols),
+                                 fixed_target_gradient_kernel, [(), (self.n_par,)],
+                                 self.nproc)
         wr = self.restraint_weights
-        phi = _ordered_sum(phi_partial) + float(np.sum(wr * x * x))
-        return phi, _ordered_rows_sum(grad_partial) + 2.0 * wr * x
+        phi = float(phi) + float(np.sum(wr * x * x))
+        return phi, grad + 2.0 * wr * x
 
     def normal_equations(self, x):
         g, values, cols = self._ell(x)
         t = self.table
-        n_chunks = self.chunks.size - 1
-        phi_partial = np.zeros(n_chunks)
-        rhs_partial = np.zeros((n_chunks, self.n_par))
-        normal_partial = np.zeros((n_chunks, self.n_par, self.n_par))
-        fixed_normal_kernel(t.intensity, t.weight, g, t.target, values, cols, self.chunks,
-                            phi_partial, rhs_partial, normal_partial)
+        phi, rhs, normal = _grouped_sum(
+            t, (t.intensity, t.weight, g, t.target, values, cols), fixed_normal_kernel,
+            [(), (self.n_par,), (self.n_par, self.n_par)], self.nproc)
         wr = self.restraint_weights
-        phi = _ordered_sum(phi_partial) + float(np.sum(wr * x * x))
-        return (phi, _ordered_rows_sum(rhs_partial) + wr * x,
-                _ordered_rows_sum(normal_partial) + np.diag(wr))
+        phi = float(phi) + float(np.sum(wr * x * x))
+        return phi, rhs + wr * x, normal + np.diag(wr)
+
 
 def match_to_reference(data_asu, reference_asu):
     """Per data row the reference row with the same ASU index, or -1."""
@@ -152,17 +176,20 @@ def match_to_reference(data_asu, reference_asu):
 
 def auto_small_scale_cutoff(reference_mean, states):
     """DIALS: round(1e-5 / (<I_ref> / <I_sum>), 12), <I_sum> over integrated_sum rows,
-    the datasets' means weighted by their table sizes."""
+    the datasets' means weighted by their table sizes. The means are correctly rounded
+    (rank_local.exact_sum), so they do not depend on how MPI ranks share the rows."""
     total, count = 0.0, 0
     for s in states:
         t = s.table
         if "intensity.sum.value" not in t:
             continue
         ok = t.get_flags(flags.integrated_sum)
-        if not ok.any():
+        n_ok = rank_local.total(int(ok.sum()))
+        if n_ok == 0:
             continue
-        total += float(np.mean(t.peek("intensity.sum.value")[ok])) * t.nrows
-        count += t.nrows
+        nrows = rank_local.total(t.nrows)
+        total += rank_local.exact_sum(t.peek("intensity.sum.value")[ok]) / n_ok * nrows
+        count += nrows
     if count == 0 or reference_mean <= 0:
         return None
     return round(1e-5 / (reference_mean / (total / count)), 12)
@@ -176,7 +203,10 @@ class TargetedScalingRun(ScalingRun):
         path = str(param(params, "scaling_options.reference"))
         d_min = param(params, "cut_data.d_min")
         if d_min is None:
-            d_min = min(float(np.min(s.table.peek("d", s.suitable_rows))) for s in self.states)
+            # over all ranks' rows (a rank may hold no suitable row of a dataset)
+            d_min = rank_local.minimum(min(
+                (float(np.min(s.table.peek("d", s.suitable_rows))) for s in self.states
+                 if s.suitable_rows.size), default=np.inf))
         wavelength = float(np.mean([geometry.wavelength(e) for e in experiments]))
         reference = read_reference(
             path, self.space_group, self.anomalous, d_min, wavelength,
@@ -193,6 +223,7 @@ class TargetedScalingRun(ScalingRun):
                 np.where(state.has_target, reference.variance[np.maximum(row, 0)], 0.0)
             state.selected = state.has_target.copy()
             matched += int(state.has_target.sum())
+        matched = rank_local.total(matched)
         if matched == 0:
             raise VmergeError(f"reference={path}: no reflection of the data is in the reference")
         self.reference = reference
@@ -218,13 +249,7 @@ class TargetedScalingRun(ScalingRun):
         dose_decay) is linear in its parameters. Models without a scale term (array) keep
         c = 1.
         """
-        numerator = denominator = 0.0
-        for state in self.states:
-            use = state.has_target & ~state.outlier
-            w = state.weights()[use]
-            predicted = state.g[use] * state.target[use]
-            numerator += float(np.sum(w * state.intensity[use] * predicted))
-            denominator += float(np.sum(w * predicted * predicted))
+        numerator, denominator = (_ordered_sum(v) for v in self._prescale_sums())
         scalable = all("scale" in s.model.components for s in self.states)
         c = numerator / denominator if scalable and denominator > 0 and numerator > 0 else 1.0
         self.internal_scale = c
@@ -233,18 +258,25 @@ class TargetedScalingRun(ScalingRun):
             state.target_variance = state.target_variance * (c * c)
             if c != 1.0:
                 self._rescale_model(state, 1.0 / c)
-        for state in self.states:
+        numerator, denominator = self._prescale_sums()
+        for d, state in enumerate(self.states):
             if self._configdict(state.experiment) or "scale" not in state.model.components:
                 continue  # a stored (scaled) model starts where it ended
-            use = state.has_target & ~state.outlier
-            w = state.weights()[use]
-            predicted = state.g[use] * state.target[use]
-            denominator = float(np.sum(w * predicted * predicted))
-            if denominator <= 0:
+            if denominator[d] <= 0:
                 continue
-            k = float(np.sum(w * state.intensity[use] * predicted)) / denominator
+            k = float(numerator[d]) / float(denominator[d])
             if k > 0:
                 self._rescale_model(state, k)
+
+    def _prescale_sums(self):
+        """Per dataset sum w I p and sum w p^2 (p = g I_ref) over the rows matched to the
+        reference and not outliers, summed as the target is (_grouped_sum)."""
+        rows = self._fixed_table()
+        predicted = np.concatenate([s.g[s.has_target & ~s.outlier] *
+                                    s.target[s.has_target & ~s.outlier]
+                                    for s in self.states])[rows.order]
+        return _grouped_sum(rows, (rows.intensity, rows.weight, predicted, rows.dataset_id),
+                            prescale_sums_kernel, [(len(self.states),)] * 2, self.nproc)
 
     @staticmethod
     def _rescale_model(state, factor):
@@ -286,14 +318,29 @@ class TargetedScalingRun(ScalingRun):
             state.selected = state.has_target.copy()
 
     def _fixed_table(self):
+        """The rows matched to the reference and not outliers, ordered by (ASU key, dataset,
+        row) and grouped by ASU index: in a rank-local job each rank holds the groups of
+        its own key blocks, in the one-process order of the same rows."""
         parts = []
         for d, state in enumerate(self.states):
             use = np.flatnonzero(state.has_target & ~state.outlier)
             parts.append((np.full(use.size, d, dtype=np.int64), use, state.intensity[use],
-                          state.weights()[use], state.target[use]))
-        cat = [np.concatenate([p[k] for p in parts]) for k in range(5)]
-        return SimpleNamespace(dataset_id=cat[0], loc_index=cat[1], intensity=cat[2],
-                               weight=cat[3], target=cat[4], n_obs=int(cat[0].size))
+                          state.weights()[use], state.target[use], state.asu[use]))
+        cat = [np.concatenate([p[k] for p in parts]) for k in range(6)]
+        keys = packed_keys(cat[5])
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) \
+            if keys.size else np.zeros(0, dtype=np.int64)
+        group_start = np.concatenate([first, [keys.size]]).astype(np.int64)
+        key_blocks = key_blocks_of_groups(cat[5][order[first]])
+        block_bounds, rank_blocks = key_blocks if key_blocks is not None else (
+            fixed_block_bounds(group_start), None)
+        return SimpleNamespace(dataset_id=cat[0][order], loc_index=cat[1][order],
+                               intensity=cat[2][order], weight=cat[3][order],
+                               target=cat[4][order], n_obs=int(keys.size), order=order,
+                               group_start=group_start, block_bounds=block_bounds,
+                               rank_blocks=rank_blocks)
 
     def minimise(self, engine="LBFGS", fix_initial=False, final=False):
         p = self.params
@@ -331,6 +378,7 @@ class TargetedScalingRun(ScalingRun):
                                                   zmax)
             state.outlier = outlier
             counts.append(int(outlier.sum()))
+        counts = rank_local.totals(counts).tolist()
         self.log("Outlier rejection against the reference: " + ", ".join(map(str, counts)))
 
     def run(self):
