@@ -328,10 +328,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _no_likelihood_target(params):
-    return param(params, "scaling_options.target", "least_squares") != "likelihood"
-
-
 def _no_reference(params):
     return not param(params, "scaling_options.reference")
 
@@ -374,8 +370,11 @@ def _merged_on_rank_rows(params):
 # scaling_options.use_free_set runs rank-local (session 11): a row's membership is a hash of
 # its ASU index (scaling/free_set.py), decided by the rank that holds it, and the free count
 # is a sum over ranks; outputs byte-identical at N = 1, 2, 3 (rotation and stills).
+# scaling_options.target=likelihood runs rank-local (session 11): its sums over groups are
+# key-block trees and its resolution bins order statistics over the gathered groups
+# (scaling/likelihood.py).
 RANK_LOCAL_CONDITIONS = [
-    _no_likelihood_target, _no_reference, _no_filtering, _no_cross_validation,
+    _no_reference, _no_filtering, _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 

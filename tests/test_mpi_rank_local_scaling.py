@@ -198,8 +198,7 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"scaling_options__target": "likelihood"},
-                   {"scaling_options__reference": "ref.mtz"},
+    for change in ({"scaling_options__reference": "ref.mtz"},
                    {"filtering__method": "deltacchalf"},
                    {"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
@@ -210,6 +209,8 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
     # a free set (membership by ASU index; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
+    # the likelihood target (sums by key blocks; test_more_configurations runs it)
+    assert pipeline.rank_local_supported(params(scaling_options__target="likelihood"))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
@@ -275,7 +276,11 @@ def test_input_held_in_memory(datasets, results, tmp_path):
     # a free set left out of minimisation (each rank decides its own rows' membership)
     ["scaling_options.use_free_set=True", "scaling_options.free_set_percentage=20",
      "scaling_options.free_set_offset=1"],
-], ids=["exclusions_absorption", "array", "sum", "free_set"])
+    # the marginal-likelihood target: its sums over groups by the key blocks, its resolution
+    # bins over the gathered groups, its error model (a, b) fitted inside the likelihood
+    # from sums over ranks (PARAMS' error_model=None overridden)
+    ["scaling_options.target=likelihood", "weighting.error_model.error_model=basic"],
+], ids=["exclusions_absorption", "array", "sum", "free_set", "likelihood"])
 def test_more_configurations(datasets, results, tmp_path, extra):
     expt, refl = datasets["sweeps3"]
     out = {}
@@ -303,6 +308,12 @@ def test_more_configurations(datasets, results, tmp_path, extra):
     if "scaling_options.use_free_set=True" in extra:
         # the free set changed the minimisation: not the default run's scales
         assert any(line.startswith("Free set (20%, offset 1): ") for line in one_log)
+        assert not np.array_equal(out[2]["inverse_scale_factor"],
+                                  results["sweeps3", None]["inverse_scale_factor"])
+    if "scaling_options.target=likelihood" in extra:
+        # the likelihood's own error model: not the default run's scales
+        assert any(line.startswith("Error model (marginal likelihood): a = ")
+                   for line in one_log)
         assert not np.array_equal(out[2]["inverse_scale_factor"],
                                   results["sweeps3", None]["inverse_scale_factor"])
     if "exclude_images=0:1:10" in extra:
