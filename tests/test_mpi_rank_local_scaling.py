@@ -219,7 +219,13 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.RANK_LOCAL_OUTPUT_READY is True
 
 
-def test_a_rank_without_rows(tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    # the likelihood's error-model groups (group, hand) of a rank without rows (an IndexError
+    # before the fix in set_plug_intensity)
+    ["scaling_options.target=likelihood", "weighting.error_model.error_model=basic"],
+], ids=["default", "likelihood"])
+def test_a_rank_without_rows(tmp_path, extra):
     """One sweep of ~12 600 rows is 3 key blocks: under 4 ranks one rank holds no row at all
     (empty states, no group for the E^2 shells: the sweep is above the normalisation
     threshold) and the result is still the one-process one, bit for bit."""
@@ -232,7 +238,7 @@ def test_a_rank_without_rows(tmp_path):
     for n_ranks in (None, 4):
         d = tmp_path / f"ranks{n_ranks}"
         d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks)
+        done = run_driver(expt, refl, d, n_ranks, extra=extra)
         assert done.returncode == 0, done.stderr
         out[n_ranks] = dict(np.load(d / "out.npz"))
     rows = out[4]["rows_per_rank"]
@@ -249,6 +255,9 @@ def test_a_rank_without_rows(tmp_path):
     one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
     for lines in json.loads(str(out[4]["log_lines"])):
         assert comparable(lines) == one_log
+    if extra:
+        assert any(line.startswith("Error model (marginal likelihood): a = ")
+                   for line in one_log)
 
 
 def test_input_held_in_memory(datasets, results, tmp_path):

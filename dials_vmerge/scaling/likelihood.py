@@ -464,7 +464,8 @@ class LikelihoodTarget(ScalingTarget):
             # observations sorted by (group, hand): the error model's groups are I(+), I(-)
             order = np.lexsort((np.asarray(hand, dtype=np.int64), grp))
             key = grp[order] * 2 + np.asarray(hand, dtype=np.int64)[order]
-            starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            # (no group at all where a rank of a rank-local job holds no row of the table)
+            starts = np.flatnonzero(np.r_[key.size > 0, key[1:] != key[:-1]])
             self._em_order = order
             self._em_parent = grp[order][starts]
             self._em_group_start = np.append(starts, t.n_obs).astype(t.group_start.dtype)
