@@ -328,10 +328,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _no_likelihood_target(params):
-    return param(params, "scaling_options.target", "least_squares") != "likelihood"
-
-
 def _no_filtering(params):
     return param(params, "filtering.method") in (None, "None")
 
@@ -372,8 +368,10 @@ def _merged_on_rank_rows(params):
 # is a sum over ranks; outputs byte-identical at N = 1, 2, 3 (rotation and stills).
 # scaling_options.reference too: the targeted sums go over the job's key blocks
 # (scaling/targeted.py _grouped_sum), the small scale cutoff's mean is an exact sum.
+# scaling_options.target=likelihood too: its sums over groups are key-block trees and its
+# resolution bins order statistics over the gathered groups (scaling/likelihood.py).
 RANK_LOCAL_CONDITIONS = [
-    _no_likelihood_target, _no_filtering, _no_cross_validation,
+    _no_filtering, _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 

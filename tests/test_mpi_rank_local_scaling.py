@@ -198,8 +198,7 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"scaling_options__target": "likelihood"},
-                   {"filtering__method": "deltacchalf"},
+    for change in ({"filtering__method": "deltacchalf"},
                    {"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
                    {"merging__method": ["all"]}, {"compute__device": "cuda"},
@@ -211,6 +210,8 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
     # a reference (targeted sums over the key blocks; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__reference="ref.mtz"))
+    # the likelihood target (sums by key blocks; test_more_configurations runs it)
+    assert pipeline.rank_local_supported(params(scaling_options__target="likelihood"))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
@@ -219,7 +220,13 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.RANK_LOCAL_OUTPUT_READY is True
 
 
-def test_a_rank_without_rows(tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    # the likelihood's error-model groups (group, hand) of a rank without rows (an IndexError
+    # before the fix in set_plug_intensity)
+    ["scaling_options.target=likelihood", "weighting.error_model.error_model=basic"],
+], ids=["default", "likelihood"])
+def test_a_rank_without_rows(tmp_path, extra):
     """One sweep of ~12 600 rows is 3 key blocks: under 4 ranks one rank holds no row at all
     (empty states, no group for the E^2 shells: the sweep is above the normalisation
     threshold) and the result is still the one-process one, bit for bit."""
@@ -232,7 +239,7 @@ def test_a_rank_without_rows(tmp_path):
     for n_ranks in (None, 4):
         d = tmp_path / f"ranks{n_ranks}"
         d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks)
+        done = run_driver(expt, refl, d, n_ranks, extra=extra)
         assert done.returncode == 0, done.stderr
         out[n_ranks] = dict(np.load(d / "out.npz"))
     rows = out[4]["rows_per_rank"]
@@ -249,6 +256,9 @@ def test_a_rank_without_rows(tmp_path):
     one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
     for lines in json.loads(str(out[4]["log_lines"])):
         assert comparable(lines) == one_log
+    if extra:
+        assert any(line.startswith("Error model (marginal likelihood): a = ")
+                   for line in one_log)
 
 
 def test_input_held_in_memory(datasets, results, tmp_path):
@@ -298,8 +308,12 @@ REFERENCE = "scaling_options.reference=REFERENCE"
     # the second with the basic error model (refined against the reference's g)
     [REFERENCE, "scaling_options.outlier_rejection=standard"],
     [REFERENCE, "weighting.error_model.error_model=basic"],
+    # the marginal-likelihood target: its sums over groups by the key blocks, its resolution
+    # bins over the gathered groups, its error model (a, b) fitted inside the likelihood
+    # from sums over ranks (PARAMS' error_model=None overridden)
+    ["scaling_options.target=likelihood", "weighting.error_model.error_model=basic"],
 ], ids=["exclusions_absorption", "array", "sum", "free_set", "reference",
-        "reference_error_model"])
+        "reference_error_model", "likelihood"])
 def test_more_configurations(datasets, results, tmp_path, extra, request):
     expt, refl = datasets["sweeps3"]
     if REFERENCE in extra:
@@ -338,6 +352,12 @@ def test_more_configurations(datasets, results, tmp_path, extra, request):
         assert int(matched[0].split("; ")[1].split()[0]) > 40000  # every rank's rows
         assert any(line.startswith("LBFGS against the reference: ") for line in one_log)
         assert any(line.startswith("Outlier rejection against the reference: ")
+                   for line in one_log)
+        assert not np.array_equal(out[2]["inverse_scale_factor"],
+                                  results["sweeps3", None]["inverse_scale_factor"])
+    if "scaling_options.target=likelihood" in extra:
+        # the likelihood's own error model: not the default run's scales
+        assert any(line.startswith("Error model (marginal likelihood): a = ")
                    for line in one_log)
         assert not np.array_equal(out[2]["inverse_scale_factor"],
                                   results["sweeps3", None]["inverse_scale_factor"])

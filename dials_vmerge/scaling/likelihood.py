@@ -52,7 +52,10 @@ a, b at every E-step inside the theta rounds as well reached the same a, b but w
 on the anomalous scenario (merged-I error 0.02756 against 0.02741, CCanom 0.925 against
 0.930). The output (merged sigmas) applies the fitted a, b in dials.scale's form
 a^2 (sigma^2 + (b I)^2), as for least squares.
-Deterministic: fixed quadrature, chunked sums reduced in order.
+Deterministic: fixed quadrature; every sum over groups is a fixed-block tree
+(backends/block_sums.py: the job's read-time key blocks), over MPI ranks too, and the
+per-bin sums one pass in group order, so a rank-local MPI job (issue 11: each rank its
+own groups) has one process's bits for any nproc and number of ranks.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .ih_table import chunk_bounds
-from .target import ScalingTarget, _ordered_rows_sum, _ordered_sum
+from ..backends import rank_local
+from ..backends.block_sums import batch_blocks_for, blockwise_sum, fixed_block_bounds
+from .target import ScalingTarget
 from .target import normal_equations as least_squares_normal_equations
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -244,6 +248,16 @@ def error_model_gradient_kernel(intensity, u, g, log_s_sq, c_factor, em_group, n
         grad_partial[c, :] = grad
 
 
+@njit(cache=True)
+def block_observation_sums(values, group_start, chunk_start, out):
+    """Per block of groups: the sum of `values` over its observations, in order."""
+    for c in range(chunk_start.size - 1):
+        total = 0.0
+        for i in range(group_start[chunk_start[c]], group_start[chunk_start[c + 1]]):
+            total += values[i]
+        out[c] = total
+
+
 @njit(cache=True, parallel=True)
 def posterior_kernel(intensity, u, g, group_start, centric, mean_prior, nodes, weights,
                      mean_out, second_out):
@@ -352,11 +366,14 @@ class LikelihoodTarget(ScalingTarget):
                                                        unit_cell)
         self.centric = np.ascontiguousarray(centric, dtype=np.bool_)
         self.epsilon = np.asarray(epsilon, dtype=np.float64)
-        self.bins, self.n_bins = resolution_bins(np.asarray(dstar_sq, dtype=np.float64),
-                                                 n_resolution_bins)
+        # issue 11: the bins are order statistics over all groups: in a rank-local job over
+        # the ranks' groups gathered in rank order (the one-process group order)
+        dstar_sq = np.asarray(dstar_sq, dtype=np.float64)
+        bins, self.n_bins = resolution_bins(rank_local.gather_in_rank_order(dstar_sq),
+                                            n_resolution_bins)
+        self.bins = np.ascontiguousarray(rank_local.own_part(bins, dstar_sq.size))
         self.dof = dof
         self.nodes, self.weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
-        self.chunks = chunk_bounds(ih_table.group_start, nproc)
         self.u0 = np.ascontiguousarray(ih_table.weight, dtype=np.float64)
         self.u = self.u0.copy()
         self.student_w = np.ones(ih_table.n_obs)
@@ -417,7 +434,7 @@ class LikelihoodTarget(ScalingTarget):
         ug = self.u * g
         ih = np.bincount(grp, ug * t.intensity, minlength=t.n_groups) / np.maximum(
             np.bincount(grp, ug * g, minlength=t.n_groups), 1e-300)
-        chi_sq = float(np.sum(self.u * (t.intensity - g * ih[grp]) ** 2))
+        chi_sq = self._observation_sum(self.u * (t.intensity - g * ih[grp]) ** 2)
         self.rmsd_offset = phi - chi_sq
 
     def _sigma_fixed_point(self, g):
@@ -442,17 +459,16 @@ class LikelihoodTarget(ScalingTarget):
             self._em_order = None
             self._em_parent = np.arange(t.n_groups)
             self._em_group_start = t.group_start
-            self._em_chunks = self.chunks
             sizes = n_h
         else:
             # observations sorted by (group, hand): the error model's groups are I(+), I(-)
             order = np.lexsort((np.asarray(hand, dtype=np.int64), grp))
             key = grp[order] * 2 + np.asarray(hand, dtype=np.int64)[order]
-            starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            # (no group at all where a rank of a rank-local job holds no row of the table)
+            starts = np.flatnonzero(np.r_[key.size > 0, key[1:] != key[:-1]])
             self._em_order = order
             self._em_parent = grp[order][starts]
             self._em_group_start = np.append(starts, t.n_obs).astype(t.group_start.dtype)
-            self._em_chunks = chunk_bounds(self._em_group_start, self.nproc)
             sizes = np.diff(self._em_group_start)
         self.error_model_groups_used = np.ascontiguousarray(
             (sizes > 1) & parent_used[self._em_parent])
@@ -477,16 +493,20 @@ class LikelihoodTarget(ScalingTarget):
             intensity, em_group, u, g = intensity[order], em_group[order], u[order], g[order]
             log_s_sq, c_factor = log_s_sq[order], c_factor[order]
         parent = self._em_parent
-        n_chunks = self._em_chunks.size - 1
-        phi_partial = np.zeros(n_chunks)
-        grad_partial = np.zeros((n_chunks, 2 * k))
-        error_model_gradient_kernel(intensity, u, g, log_s_sq, c_factor, em_group, k,
-                                    self._em_group_start, self.error_model_groups_used,
-                                    np.ascontiguousarray(self.centric[parent]),
-                                    np.ascontiguousarray(self.mean_prior[parent]), self.nodes,
-                                    self.weights, self._em_chunks, phi_partial, grad_partial)
-        sums = _ordered_rows_sum(grad_partial)
-        return _ordered_sum(phi_partial), sums[:k] / alpha, sums[k:]
+        centric = np.ascontiguousarray(self.centric[parent])
+        mean_prior = np.ascontiguousarray(self.mean_prior[parent])
+
+        def evaluate(chunks):
+            phi_partial = np.zeros(chunks.size - 1)
+            grad_partial = np.zeros((chunks.size - 1, 2 * k))
+            error_model_gradient_kernel(intensity, u, g, log_s_sq, c_factor, em_group, k,
+                                        self._em_group_start, self.error_model_groups_used,
+                                        centric, mean_prior, self.nodes, self.weights, chunks,
+                                        phi_partial, grad_partial)
+            return [phi_partial, grad_partial]
+
+        phi, sums = self._group_sum(self._em_group_start, evaluate, 2 * k, parent)
+        return float(phi), sums[:k] / alpha, sums[k:]
 
     def error_model_value_and_gradient(self, g, a, b):
         """(phi, d phi/d a, d phi/d b) per error-model group."""
@@ -509,10 +529,11 @@ class LikelihoodTarget(ScalingTarget):
         sub_group = em.group if self._em_order is None else em.group[self._em_order]
         if self._em_order is not None:
             c_factor = c_factor[self._em_order]
-        count = np.bincount(sub_group, used, minlength=k)
+        # sums over all ranks' observations (a rank-local job), in observation order
+        count = rank_local.totals(np.bincount(sub_group[used], minlength=k)).astype(np.float64)
         info = np.concatenate([0.5 * count / start[:k] ** 2,
-                               0.5 * np.bincount(sub_group, used * c_factor * c_factor,
-                                                 minlength=k)])
+                               0.5 * self._ordered_bincount(sub_group, used * c_factor
+                                                            * c_factor, k)])
         scale = np.sqrt(np.where(info > 0, info, 1.0))
         upper = np.concatenate([np.full(k, np.inf), np.full(k, MAX_B * MAX_B)])
         lower = np.concatenate([np.full(k, 1e-8), np.zeros(k)])
@@ -556,8 +577,52 @@ class LikelihoodTarget(ScalingTarget):
         return models
 
     def _bin_means(self, values):
-        count = np.bincount(self.bins, minlength=self.n_bins)
-        return np.bincount(self.bins, values, minlength=self.n_bins) / np.maximum(count, 1)
+        count = rank_local.totals(np.bincount(self.bins, minlength=self.n_bins))
+        return self._ordered_bincount(self.bins, values, self.n_bins) / np.maximum(count, 1)
+
+    # -- sums over all groups (issue 11: over all ranks of a rank-local job) -------------
+    @staticmethod
+    def _ordered_bincount(index, values, n):
+        """np.bincount(index, values, minlength=n) with the bits of one sequential pass
+        over all ranks' terms in rank order (np.bincount's own order in one process)."""
+        index = np.asarray(index, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        return rank_local.sequential_over_ranks(
+            np.zeros(n), lambda acc: np.add.at(acc, index, values))
+
+    def _block_bounds(self, group_start, n_partial, parent=None):
+        """(block bounds over the groups of group_start, rank block offsets or None): the
+        job's read-time key blocks (ScalingTarget.key_blocks) or, outside a job, blocks cut
+        from the table's group sizes. parent: the table group of each group of group_start
+        (the error model's (group, hand) groups), whose blocks are then the table's."""
+        t = self.table
+        if self.key_blocks is not None:
+            bounds, rank_blocks = self.key_blocks
+        else:
+            bounds, rank_blocks = fixed_block_bounds(t.group_start, n_partial), None
+        if parent is not None:
+            bounds = np.searchsorted(parent, bounds, side="left").astype(np.int64)
+        return bounds, rank_blocks
+
+    def _group_sum(self, group_start, evaluate, n_partial, parent=None):
+        """blockwise_sum over the blocks of _block_bounds: the same bits for any nproc and
+        any number of MPI ranks (backends/block_sums.py)."""
+        bounds, rank_blocks = self._block_bounds(group_start, n_partial, parent)
+        return blockwise_sum(group_start, evaluate, batch_blocks_for(1 + n_partial,
+                                                                     self.nproc),
+                             bounds, n_partial, rank_blocks)
+
+    def _observation_sum(self, values):
+        """The sum of a per-observation array over all observations (all ranks)."""
+        t = self.table
+        values = np.ascontiguousarray(values, dtype=np.float64)
+
+        def evaluate(chunks):
+            out = np.zeros(chunks.size - 1)
+            block_observation_sums(values, t.group_start, chunks, out)
+            return [out]
+
+        return float(self._group_sum(t.group_start, evaluate, 0)[0])
 
     # -- M-step target -------------------------------------------------------------------
     def _ell(self, x):
@@ -581,14 +646,18 @@ class LikelihoodTarget(ScalingTarget):
             self.e_step(x)
         g, values, cols = self._ell(x)
         t = self.table
-        n_chunks = self.chunks.size - 1
-        phi_partial = np.zeros(n_chunks)
-        grad_partial = np.zeros((n_chunks, self.n_par))
-        likelihood_gradient_kernel(t.intensity, self.u, g, values, cols, t.group_start,
-                                   self.centric, self.mean_prior, self.nodes, self.weights,
-                                   self.chunks, phi_partial, grad_partial)
-        phi = _ordered_sum(phi_partial)
-        grad = _ordered_rows_sum(grad_partial)
+        n_par = self.n_par
+
+        def evaluate(chunks):
+            phi_partial = np.zeros(chunks.size - 1)
+            grad_partial = np.zeros((chunks.size - 1, n_par))
+            likelihood_gradient_kernel(t.intensity, self.u, g, values, cols, t.group_start,
+                                       self.centric, self.mean_prior, self.nodes,
+                                       self.weights, chunks, phi_partial, grad_partial)
+            return [phi_partial, grad_partial]
+
+        phi, grad = self._group_sum(t.group_start, evaluate, n_par)
+        phi = float(phi)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         grad = grad + 2.0 * wr * x
@@ -609,7 +678,8 @@ class LikelihoodTarget(ScalingTarget):
         g, values, cols = self._ell(x)
         t = self.table
         _, _, normal = least_squares_normal_equations(t.intensity, self.u, g, values, cols,
-                                                      t.group_start, self.n_par, self.nproc)
+                                                      t.group_start, self.n_par, self.nproc,
+                                                      key_blocks=self.key_blocks)
         return phi, 0.5 * grad, normal + np.diag(self.restraint_weights)
 
     @property
