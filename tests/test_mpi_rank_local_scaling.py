@@ -220,6 +220,31 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.RANK_LOCAL_OUTPUT_READY is True
 
 
+def one_process_and_ranks(expt, refl, tmp_path, n_ranks, extra):
+    """The driver's .npz of one process and of n_ranks ranks with the same parameters."""
+    out = []
+    for ranks in (None, n_ranks):
+        d = tmp_path / f"ranks{ranks}"
+        d.mkdir()
+        done = run_driver(expt, refl, d, ranks, extra=extra)
+        assert done.returncode == 0, done.stderr
+        out.append(dict(np.load(d / "out.npz")))
+    return out
+
+
+def assert_same_job(one, many):
+    """A rank-local job's rows, models and every rank's log equal to one process's, bit
+    for bit; returns one process's comparable log lines."""
+    assert many["rank_local"].all()
+    for column in FLOATS + EXACT:
+        np.testing.assert_array_equal(one[column], many[column], err_msg=column)
+    np.testing.assert_array_equal(model_numbers(one["models"]), model_numbers(many["models"]))
+    one_log = comparable(json.loads(str(one["log_lines"]))[0])
+    for lines in json.loads(str(many["log_lines"])):
+        assert comparable(lines) == one_log
+    return one_log
+
+
 @pytest.mark.parametrize("extra", [
     [],
     # the likelihood's error-model groups (group, hand) of a rank without rows (an IndexError
@@ -320,17 +345,8 @@ def test_more_configurations(datasets, results, tmp_path, extra, request):
         path = request.getfixturevalue("reference_mtz")
         extra = [f"scaling_options.reference={path}" if e == REFERENCE else e for e in extra]
     out = {}
-    for n_ranks in (None, 2):
-        d = tmp_path / f"ranks{n_ranks}"
-        d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks, extra=extra)
-        assert done.returncode == 0, done.stderr
-        out[n_ranks] = dict(np.load(d / "out.npz"))
-    assert out[2]["rank_local"].all()
-    for column in FLOATS + EXACT:
-        np.testing.assert_array_equal(out[None][column], out[2][column], err_msg=column)
-    np.testing.assert_array_equal(model_numbers(out[None]["models"]),
-                                  model_numbers(out[2]["models"]))
+    out[None], out[2] = one_process_and_ranks(expt, refl, tmp_path, 2, extra)
+    one_log = assert_same_job(out[None], out[2])
     models = json.loads(str(out[2]["models"]))
     corrections = models[0]["configuration_parameters"]["corrections"]
     assert ("absorption" in corrections) == ("physical.absorption_correction=True" in extra
@@ -338,9 +354,6 @@ def test_more_configurations(datasets, results, tmp_path, extra, request):
     if "reflection_selection.intensity_choice=sum" in extra:  # not the profile result
         assert not np.array_equal(out[2]["intensity_scale_value"],
                                   results["sweeps3", None]["intensity_scale_value"])
-    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
-    for lines in json.loads(str(out[2]["log_lines"])):
-        assert comparable(lines) == one_log
     if "scaling_options.use_free_set=True" in extra:
         # the free set changed the minimisation: not the default run's scales
         assert any(line.startswith("Free set (20%, offset 1): ") for line in one_log)
@@ -373,22 +386,9 @@ def test_reference_scaling_of_stills_on_three_ranks(datasets, tmp_path, tmp_path
     expt, refl = datasets["stills200"]
     extra = ["scaling_options.reference="
              + one_process_merged_mtz(datasets, tmp_path_factory, "stills200")]
-    out = {}
-    for n_ranks in (None, 3):
-        d = tmp_path / f"ranks{n_ranks}"
-        d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks, extra=extra)
-        assert done.returncode == 0, done.stderr
-        out[n_ranks] = dict(np.load(d / "out.npz"))
-    assert out[3]["rank_local"].all()
-    for column in FLOATS + EXACT:
-        np.testing.assert_array_equal(out[None][column], out[3][column], err_msg=column)
-    np.testing.assert_array_equal(model_numbers(out[None]["models"]),
-                                  model_numbers(out[3]["models"]))
-    one_log = comparable(json.loads(str(out[None]["log_lines"]))[0])
+    one, many = one_process_and_ranks(expt, refl, tmp_path, 3, extra)
+    one_log = assert_same_job(one, many)
     assert any(line.startswith("LBFGS against the reference: ") for line in one_log)
-    for lines in json.loads(str(out[3]["log_lines"])):
-        assert comparable(lines) == one_log
 
 
 def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):
