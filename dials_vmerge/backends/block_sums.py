@@ -244,6 +244,16 @@ def blockwise_sum(group_start, evaluate, batch_blocks=1, block_bounds=None, n_pa
     return tree_root(nodes, n_blocks)
 
 
+def key_block_sum(group_start, evaluate, partial_doubles, nproc=1, key_blocks=None, n_par=0):
+    """blockwise_sum with as many blocks per kernel call as partials of `partial_doubles`
+    float64 allow (batch_blocks_for), over key_blocks = (block bounds, rank block offsets)
+    when given (the job's read-time key blocks, rank_partition.key_blocks_of_groups), else
+    over fixed_block_bounds(group_start, n_par): the one way the scaling targets call it."""
+    block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
+    return blockwise_sum(group_start, evaluate, batch_blocks_for(partial_doubles, nproc),
+                         block_bounds, n_par, rank_blocks)
+
+
 def blockwise_sum_of_rank_rows(group_keys, evaluate, partition, batch_blocks=1):
     """Totals of a per-block kernel when each rank holds only its own rows (issue 11's
     per-rank layout, backends/rank_partition.py), identical on every rank and for any N.

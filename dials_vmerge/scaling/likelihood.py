@@ -67,7 +67,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backends import rank_local
-from ..backends.block_sums import batch_blocks_for, blockwise_sum, fixed_block_bounds
+from ..backends.block_sums import fixed_block_bounds, key_block_sum
 from .target import ScalingTarget
 from .target import normal_equations as least_squares_normal_equations
 
@@ -590,27 +590,24 @@ class LikelihoodTarget(ScalingTarget):
         return rank_local.sequential_over_ranks(
             np.zeros(n), lambda acc: np.add.at(acc, index, values))
 
-    def _block_bounds(self, group_start, n_partial, parent=None):
-        """(block bounds over the groups of group_start, rank block offsets or None): the
-        job's read-time key blocks (ScalingTarget.key_blocks) or, outside a job, blocks cut
-        from the table's group sizes. parent: the table group of each group of group_start
-        (the error model's (group, hand) groups), whose blocks are then the table's."""
-        t = self.table
+    def _table_blocks(self, n_partial, parent=None):
+        """(block bounds, rank block offsets or None) over the table's groups: the job's
+        read-time key blocks (ScalingTarget.key_blocks) or, outside a job, blocks cut from
+        the table's group sizes. parent: the table group of each group summed (the error
+        model's (group, hand) groups), whose blocks are then their table groups' blocks."""
         if self.key_blocks is not None:
             bounds, rank_blocks = self.key_blocks
         else:
-            bounds, rank_blocks = fixed_block_bounds(t.group_start, n_partial), None
+            bounds, rank_blocks = fixed_block_bounds(self.table.group_start, n_partial), None
         if parent is not None:
             bounds = np.searchsorted(parent, bounds, side="left").astype(np.int64)
         return bounds, rank_blocks
 
     def _group_sum(self, group_start, evaluate, n_partial, parent=None):
-        """blockwise_sum over the blocks of _block_bounds: the same bits for any nproc and
-        any number of MPI ranks (backends/block_sums.py)."""
-        bounds, rank_blocks = self._block_bounds(group_start, n_partial, parent)
-        return blockwise_sum(group_start, evaluate, batch_blocks_for(1 + n_partial,
-                                                                     self.nproc),
-                             bounds, n_partial, rank_blocks)
+        """Totals over the groups of group_start by the table's blocks (_table_blocks): the
+        same bits for any nproc and any number of MPI ranks (backends/block_sums.py)."""
+        return key_block_sum(group_start, evaluate, 1 + n_partial, self.nproc,
+                             self._table_blocks(n_partial, parent), n_partial)
 
     def _observation_sum(self, values):
         """The sum of a per-observation array over all observations (all ranks)."""

@@ -28,7 +28,7 @@ from ..kernels.variance_of_g import variance_of_g_row
 
 from ..backends import mpi_world, rank_local
 from ..backends.block_sums import (batch_blocks_for, blockwise_sum, fixed_block_bounds,
-                                   rank_group_range)
+                                   key_block_sum, rank_group_range)
 from ..backends.rank_partition import key_blocks_of_groups
 from .family import KBFamily, ModelFamilies
 from .ih_table import chunk_bounds, group_weighted_sums
@@ -199,9 +199,7 @@ def target_and_gradient(intensity, weight, g, deriv_values, deriv_col, group_sta
                                grad_partial)
         return [phi_partial, grad_partial]
 
-    block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
-    phi, grad = blockwise_sum(group_start, evaluate, _batch_blocks(nproc, n_par), block_bounds,
-                              n_par, rank_blocks)
+    phi, grad = key_block_sum(group_start, evaluate, 1 + n_par, nproc, key_blocks, n_par)
     return float(phi), grad
 
 
@@ -223,10 +221,8 @@ def normal_equations(intensity, weight, g, deriv_values, deriv_col, group_start,
 
     # as many blocks per call as keep the batch's n_par^2 partials within the block sums'
     # buffer limit (all blocks for a physical sweep's ~50 parameters)
-    block_bounds, rank_blocks = key_blocks if key_blocks is not None else (None, None)
-    phi, rhs, normal = blockwise_sum(group_start, evaluate,
-                                     batch_blocks_for(1 + n_par + n_par * n_par, nproc),
-                                     block_bounds, n_par, rank_blocks)
+    phi, rhs, normal = key_block_sum(group_start, evaluate, 1 + n_par + n_par * n_par, nproc,
+                                     key_blocks, n_par)
     return float(phi), rhs, normal
 
 

@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from .. import flags
 from ..backends import rank_local
-from ..backends.block_sums import batch_blocks_for, blockwise_sum, fixed_block_bounds
+from ..backends.block_sums import key_block_sum
 from ..backends.rank_partition import key_blocks_of_groups, packed_keys
 from ..errors import VmergeError
 from ..io.reference import read_reference
@@ -130,8 +130,7 @@ def _grouped_sum(rows, kernel_arrays, kernel, partial_shapes, nproc):
         return partials
 
     size = sum(int(np.prod(shape)) for shape in partial_shapes)
-    return blockwise_sum(group_start, evaluate, batch_blocks_for(size, nproc),
-                         rows.block_bounds, rank_blocks=rows.rank_blocks)
+    return key_block_sum(group_start, evaluate, size, nproc, rows.key_blocks)
 
 
 class FixedTarget(ModelTerms):
@@ -333,14 +332,12 @@ class TargetedScalingRun(ScalingRun):
         first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) \
             if keys.size else np.zeros(0, dtype=np.int64)
         group_start = np.concatenate([first, [keys.size]]).astype(np.int64)
+        # None outside a job: blocks cut from these groups' sizes (key_block_sum)
         key_blocks = key_blocks_of_groups(cat[5][order[first]])
-        block_bounds, rank_blocks = key_blocks if key_blocks is not None else (
-            fixed_block_bounds(group_start), None)
         return SimpleNamespace(dataset_id=cat[0][order], loc_index=cat[1][order],
                                intensity=cat[2][order], weight=cat[3][order],
                                target=cat[4][order], n_obs=int(keys.size), order=order,
-                               group_start=group_start, block_bounds=block_bounds,
-                               rank_blocks=rank_blocks)
+                               group_start=group_start, key_blocks=key_blocks)
 
     def minimise(self, engine="LBFGS", fix_initial=False, final=False):
         p = self.params
