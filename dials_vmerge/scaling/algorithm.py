@@ -46,7 +46,7 @@ from .likelihood import make_target, minimise_with_e_steps
 from .minimisers import lbfgs, levenberg_marquardt
 from .family import evaluate_all_rows
 from .parameters import ParameterManager, first_fix_initial_dataset
-from .prepare import d_from_unit_cell, prepare_dataset, suitable_selection
+from .prepare import DEFAULT_MIN_ISIGI, d_from_unit_cell, prepare_dataset, suitable_selection
 from .target import ScalingTarget, variance_of_g
 from ..table import RowView, SharedRowViews
 
@@ -975,7 +975,7 @@ def scale_datasets(experiments, tables, models, params, log=None):
                 table, intensity_choice=param(params, "reflection_selection.intensity_choice",
                                               "combine"),
                 partiality_cutoff=param(params, "cut_data.partiality_cutoff", 0.25),
-                min_isigi=param(params, "cut_data.min_isigi", -5.0),
+                min_isigi=param(params, "cut_data.min_isigi", DEFAULT_MIN_ISIGI),
                 d_min=param(params, "cut_data.d_min"), d_max=param(params, "cut_data.d_max"),
                 d_values=d_values)
         prepared.append(table)

@@ -27,6 +27,9 @@ SCALING_FLAGS = (
 
 # Partials with a piece at or above this partiality are treated as full (DIALS constant).
 FULL_PARTIALITY = 0.99
+# cut_data.min_isigi's default (phil: input): the initial filter's I/sigma cut; a rerun
+# treats a min_isigi above it as a cut given on that run (rerun.restart_prepared_table)
+DEFAULT_MIN_ISIGI = -5.0
 
 
 def clear_scaling_flags(table) -> None:
@@ -81,7 +84,7 @@ def filter_intensity_types(table, intensity_choice):
 
 
 def initial_filter_selection(table, intensity_choice="combine", partiality_cutoff=0.25,
-                             min_isigi=-5.0):
+                             min_isigi=DEFAULT_MIN_ISIGI):
     """Rows that fail the initial filter (True = excluded_for_scaling). Section 3.1."""
     kinds = filter_intensity_types(table, intensity_choice)
     flag_bits = table["flags"]
@@ -117,7 +120,7 @@ def isigi_selection(table, intensity_choice, min_isigi):
 
 
 def apply_initial_filter(table, intensity_choice="combine", partiality_cutoff=0.25,
-                         min_isigi=-5.0, dataset_index=None, original_index=None):
+                         min_isigi=DEFAULT_MIN_ISIGI, dataset_index=None, original_index=None):
     """Flag filter failures excluded_for_scaling and number rows in `original_index`
     (within each dataset, as dials.scale numbers each dataset's table). original_index: the
     numbers when the caller knows them (a rank-local job's rank holds only some rows of each
@@ -350,7 +353,7 @@ def _count_per_dataset(dataset_index, mask):
     return np.bincount(dataset_index[np.asarray(mask, dtype=bool)], minlength=n)
 
 
-def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=-5.0,
+def prepare_dataset(table, intensity_choice="combine", partiality_cutoff=0.25, min_isigi=DEFAULT_MIN_ISIGI,
                     d_min=None, d_max=None, d_values=None, clear_flags=True,
                     consume_input=False, dataset_index=None, original_index=None):
     """Run steps 1-6 on one dataset's table; returns the new table (rows may be removed).

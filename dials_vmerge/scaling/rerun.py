@@ -125,10 +125,6 @@ def previously_suitable(table, dataset_index=None, original_index=None) -> Suita
     return SuitableBefore(suitable, dataset_index, table["id"], original_index)
 
 
-# cut_data.min_isigi's default (phil/input.phil); a rerun's min_isigi above it is a new cut
-DEFAULT_MIN_ISIGI = -5.0
-
-
 def restart_prepared_table(table, suitable_before: SuitableBefore, intensity_choice="combine",
                            min_isigi=None) -> None:
     """g = 1 on every row; undo `excluded_for_scaling` that this run's initial filter set on
@@ -147,9 +143,9 @@ def restart_prepared_table(table, suitable_before: SuitableBefore, intensity_cho
     refilter = kept_before & table.get_flags(flags.excluded_for_scaling)
     if "variance" in table:
         refilter &= np.asarray(table["variance"]) > 0
-    if min_isigi is not None and min_isigi > DEFAULT_MIN_ISIGI and refilter.any():
-        from .prepare import isigi_selection
+    from .prepare import DEFAULT_MIN_ISIGI, isigi_selection
 
+    if min_isigi is not None and min_isigi > DEFAULT_MIN_ISIGI and refilter.any():
         refilter &= ~isigi_selection(table, intensity_choice, min_isigi)
     if refilter.any():
         table.unset_flags(refilter, flags.excluded_for_scaling)
