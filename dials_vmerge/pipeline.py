@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -181,19 +182,63 @@ def run_scaling_job(params, experiments, table, log):
     scaled.refl row order."""
     from .backends import rank_local
 
+    cycles = _scaling_cycles[-1] if _scaling_cycles else None
     # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported);
     # reruns on scaled data too (their previous exclusions are looked up by one-process
-    # original_index: prepare_for_scaling)
-    enabled = (RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
-               and rank_local_supported(params, len(experiments)))
+    # original_index: prepare_for_scaling); the jobs of scaling_cycles as their first
+    enabled = (cycles.enabled if cycles is not None
+               else _rank_local_enabled(params, len(experiments)))
     # the job's stages replace the table as they go: no frame here keeps the input alive
     holder = [table]
     del table
     with rank_local.rank_local_job(enabled) as local:
-        return _run_scaling_job(params, experiments, holder, log, local)
+        return _run_scaling_job(params, experiments, holder, log, local, cycles)
 
 
-def _run_scaling_job(params, experiments, holder, log, local):
+def _rank_local_enabled(params, n_datasets):
+    return bool(RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
+                and rank_local_supported(params, n_datasets))
+
+
+class ScalingCycles:
+    """Scaling jobs run one after the other, each on the scaled table of the one before less
+    what was removed in between (filtering.method=deltacchalf's cycles: scaling/filtering.py).
+
+    enabled: whether the jobs are rank-local, decided once for all of them (a later job
+    with fewer datasets must not change it: its table is the earlier job's, held by rank).
+    partition: the first job's read-time key blocks and rank ranges (None until it ran),
+    kept by every later job, in one process as under MPI. A rank holds the rows of its key
+    range of that partition from the first job on; blocks recut from a later job's fewer
+    rows would put rank boundaries elsewhere, i.e. move rows between ranks (and the block
+    sums' rank boundaries must be block boundaries). One process used to recut them: its
+    later cycles' sums now group their terms by the first job's blocks (README, issue 11)."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.partition = None
+        self.started = False
+
+
+_scaling_cycles = []
+
+
+@contextmanager
+def scaling_cycles(params, experiments):
+    """Scaling jobs in the enclosed block are ScalingCycles (rank-local together, under
+    MPI, if the first job's configuration is), and so is the work between them: the block
+    runs inside rank_local.rank_local_job, so its stages reduce over the ranks."""
+    from .backends import rank_local
+
+    cycles = ScalingCycles(_rank_local_enabled(params, len(experiments)))
+    _scaling_cycles.append(cycles)
+    try:
+        with rank_local.rank_local_job(cycles.enabled):
+            yield cycles
+    finally:
+        _scaling_cycles.pop()
+
+
+def _run_scaling_job(params, experiments, holder, log, local, cycles=None):
     from .model.factory import create_scaling_model
     from .scaling.algorithm import scale_table
 
@@ -214,10 +259,20 @@ def _run_scaling_job(params, experiments, holder, log, local):
         # issue 11: the read-time key blocks of every block sum of this job, cut from the
         # input rows (the same for any number of MPI ranks, one process included), once
         # switched on
+        later_cycle = cycles is not None and cycles.started
+        if later_cycle:
+            # the first cycle's key blocks (ScalingCycles); the grouping maps the ASU
+            # indices itself
+            partition, row_keys = cycles.partition, None
         if local:
-            # every rank maps all rows' keys (8 B per input row, held until the rank's rows
-            # are chosen) and keeps its own rows; the intensities are checked on them
-            partition, row_keys, table = rank_local_rows(experiments, table)
+            if later_cycle:
+                # the table is this rank's rows of the job before (its key range)
+                table = later_cycle_rank_rows(experiments, table)
+            else:
+                # every rank maps all rows' keys (8 B per input row, held until the rank's
+                # rows are chosen) and keeps its own rows; the intensities are checked on
+                # them
+                partition, row_keys, table = rank_local_rows(experiments, table)
             from .backends import mpi_world
 
             rows_per_rank = mpi_world.allgather_rows(np.array([table.nrows], dtype=np.int64))
@@ -225,9 +280,11 @@ def _run_scaling_job(params, experiments, holder, log, local):
                      f"{' / '.join(str(int(n)) for n in rows_per_rank)} of "
                      f"{int(rows_per_rank.sum())})")
             check_usable_intensities(table)
-        else:
+        elif not later_cycle:
             partition, row_keys = (read_time_keyed_partition(experiments, table)
                                    if USE_READ_TIME_KEY_BLOCKS else (None, None))
+        if cycles is not None and not later_cycle:
+            cycles.partition, cycles.started = partition, True
         with stage(log, "Selection"):
             experiments, table, _ = select(params, experiments, table, log)
         from .unit_cells import check_unit_cells_of_table
@@ -328,10 +385,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _no_filtering(params):
-    return param(params, "filtering.method") in (None, "None")
-
-
 def _no_cross_validation(params):
     return not param(params, "cross_validation.cross_validation_mode")
 
@@ -370,8 +423,14 @@ def _merged_on_rank_rows(params):
 # (scaling/targeted.py _grouped_sum), the small scale cutoff's mean is an exact sum.
 # scaling_options.target=likelihood too: its sums over groups are key-block trees and its
 # resolution bins order statistics over the gathered groups (scaling/likelihood.py).
+# filtering.method=deltacchalf too (session 12): its cycles are ScalingCycles (every rank
+# keeps its key range of the first cycle's partition, one process the same blocks); the
+# ΔCC½ sums are passes over the unique reflections continued from rank to rank
+# (scaling/delta_cc_half.py), the groups, image ranges, bins and counts reduced over ranks,
+# the per-cycle statistics merging/rank_merge.py's; outputs byte-identical at N = 1, 2, 3
+# (dataset mode on rotation and stills, image_group mode).
 RANK_LOCAL_CONDITIONS = [
-    _no_filtering, _no_cross_validation,
+    _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 
@@ -425,6 +484,24 @@ def rank_local_rows(experiments, table):
     del keys
     own[RANK_ORIGINAL_INDEX] = original_index
     return partition, row_keys, own
+
+
+def later_cycle_rank_rows(experiments, table):
+    """A rank's rows of a scaled table given to a later job of ScalingCycles (the rank's
+    rows of the job before, less removed datasets), with the one-process original_index of
+    each for preparation (RANK_ORIGINAL_INDEX): one process numbers a dataset's rows of
+    that table in its row order, which is output_order_key order (the rows are in the
+    first job's output order), so a row's number is the count of the dataset's rows, on
+    every rank, with a smaller key. Every rank gathers every row's key (8 B per row of the
+    job, transient) for the count."""
+    from .backends import rank_local
+
+    key = output_order_key(experiments, table)
+    everyone = np.sort(rank_local.gather_in_rank_order(key), kind="stable")
+    dataset_start = (key >> OUTPUT_ORDER_SHIFT) << OUTPUT_ORDER_SHIFT
+    table[RANK_ORIGINAL_INDEX] = (np.searchsorted(everyone, key)
+                                  - np.searchsorted(everyone, dataset_start)).astype(np.uint64)
+    return table
 
 
 class _RankRowKeys:

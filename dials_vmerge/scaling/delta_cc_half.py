@@ -49,36 +49,33 @@ def _mean_cc_half(s1, s2, sv, count):
 
 
 @njit(cache=True)
-def bin_sums_kernel(sum_x, sum_x2, n_obs, bin_of_unique, n_bins):
-    """Per-bin Σ mean, Σ mean², Σ var and count over the unique reflections with n > 1."""
-    s1 = np.zeros(n_bins)
-    s2 = np.zeros(n_bins)
-    sv = np.zeros(n_bins)
-    count = np.zeros(n_bins)
+def bin_sums_kernel(sum_x, sum_x2, n_obs, bin_of_unique, sums):
+    """Adds to sums (4, n_bins) the per-bin Σ mean, Σ mean², Σ var and count of the unique
+    reflections with n > 1, one after the other in their order."""
     for h in range(sum_x.shape[0]):
         if n_obs[h] > 1:
             mean, var = _contribution(sum_x[h], sum_x2[h], n_obs[h])
             b = bin_of_unique[h]
-            s1[b] += mean
-            s2[b] += mean * mean
-            sv[b] += var
-            count[b] += 1.0
-    return s1, s2, sv, count
+            sums[0, b] += mean
+            sums[1, b] += mean * mean
+            sums[2, b] += var
+            sums[3, b] += 1.0
 
 
 @njit(cache=True, parallel=True)
 def leave_one_out_kernel(x_sorted, unique_sorted, group_start, sum_x, sum_x2, n_obs,
-                         bin_of_unique, s1, s2, sv, count):
-    """CC½ without each group. x_sorted, unique_sorted: the observations sorted by (group,
-    unique reflection); group g owns positions group_start[g]:group_start[g + 1]."""
+                         bin_of_unique, state):
+    """Takes each group's observations out of its bin sums. x_sorted, unique_sorted: the
+    observations sorted by (group, unique reflection); group g owns positions
+    group_start[g]:group_start[g + 1]; state (n_groups, 4, n_bins): group g's bin sums
+    (those of all observations, less the groups' reflections already passed), updated in
+    place reflection by reflection in their order."""
     n_groups = group_start.shape[0] - 1
-    n_bins = s1.shape[0]
-    cc = np.empty(n_groups)
     for g in prange(n_groups):
-        b1 = s1.copy()
-        b2 = s2.copy()
-        bv = sv.copy()
-        bc = count.copy()
+        b1 = state[g, 0]
+        b2 = state[g, 1]
+        bv = state[g, 2]
+        bc = state[g, 3]
         i = group_start[g]
         end = group_start[g + 1]
         while i < end:
@@ -106,16 +103,36 @@ def leave_one_out_kernel(x_sorted, unique_sorted, group_start, sum_x, sum_x2, n_
                 b2[b] += mean * mean
                 bv[b] += var
                 bc[b] += 1.0
-        cc[g] = _mean_cc_half(b1, b2, bv, bc)
+
+
+@njit(cache=True)
+def cc_of_states(state):
+    n_groups = state.shape[0]
+    cc = np.empty(n_groups)
+    for g in range(n_groups):
+        cc[g] = _mean_cc_half(state[g, 0], state[g, 1], state[g, 2], state[g, 3])
     return cc
 
 
-def cc_half_without_each_group(x, unique, group, bin_of_unique, n_groups, n_bins):
+def _in_place(values, add):
+    add(values)
+    return values
+
+
+def cc_half_without_each_group(x, unique, group, bin_of_unique, n_groups, n_bins,
+                               sequential=_in_place):
     """(CC½ of all observations, CC½ without group g for each g).
 
-    x: scaled intensities; unique: unique-reflection index of each observation (0..U-1);
-    group: the group each observation belongs to (0..n_groups-1); bin_of_unique: resolution
-    bin of each unique reflection (0..n_bins-1)."""
+    x: scaled intensities; unique: unique-reflection index of each observation (0..U-1,
+    in the reflections' order); group: the group each observation belongs to
+    (0..n_groups-1); bin_of_unique: resolution bin of each unique reflection (0..n_bins-1).
+
+    sequential(values, add): add(values) in place on a float64 array, returning the values;
+    both sums (the bins', then each group's leave-one-out corrections) are one pass over
+    the unique reflections in order. Under MPI each rank passes its own reflections (a
+    contiguous run of the one-process order: filtering.py gives
+    rank_local.sequential_over_ranks, which continues each pass from rank to rank), so
+    every rank gets the bits of one process."""
     x = np.ascontiguousarray(x, dtype=np.float64)
     unique = np.ascontiguousarray(unique, dtype=np.int64)
     group = np.ascontiguousarray(group, dtype=np.int64)
@@ -124,11 +141,17 @@ def cc_half_without_each_group(x, unique, group, bin_of_unique, n_groups, n_bins
     sum_x = np.bincount(unique, weights=x, minlength=n_unique)
     sum_x2 = np.bincount(unique, weights=x * x, minlength=n_unique)
     n_obs = np.bincount(unique, minlength=n_unique).astype(np.int64)
-    s1, s2, sv, count = bin_sums_kernel(sum_x, sum_x2, n_obs, bin_of_unique, n_bins)
-    cc_all = _mean_cc_half(s1, s2, sv, count)
+    sums = sequential(np.zeros((4, n_bins)), lambda s: bin_sums_kernel(
+        sum_x, sum_x2, n_obs, bin_of_unique, s)).reshape(4, n_bins)
+    cc_all = _mean_cc_half(sums[0], sums[1], sums[2], sums[3])
     # one sort on a combined key (group major): much faster than lexsort on two keys
     order = np.argsort(group * np.int64(max(n_unique, 1)) + unique, kind="stable")
     group_start = np.searchsorted(group[order], np.arange(n_groups + 1)).astype(np.int64)
-    cc_without = leave_one_out_kernel(x[order], unique[order], group_start, sum_x, sum_x2,
-                                      n_obs, bin_of_unique, s1, s2, sv, count)
-    return float(cc_all), cc_without
+    x_sorted, unique_sorted = x[order], unique[order]
+    del order
+    state = np.empty((n_groups, 4, n_bins))
+    state[:] = sums
+    state = sequential(state, lambda s: leave_one_out_kernel(
+        x_sorted, unique_sorted, group_start, sum_x, sum_x2, n_obs, bin_of_unique,
+        s.reshape(n_groups, 4, n_bins))).reshape(n_groups, 4, n_bins)
+    return float(cc_all), cc_of_states(state)

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import flags
+from ..backends import rank_local
 from ..errors import VmergeError
 from .delta_cc_half import cc_half_without_each_group
 
@@ -72,7 +73,7 @@ def delta_cc_half_input(table, experiments, partiality_cutoff=None,
         keep &= table.peek("partiality") >= partiality_cutoff
     rows = np.flatnonzero(keep)
     del keep
-    if rows.size == 0:
+    if rank_local.total(rows.size) == 0:
         raise VmergeError("ΔCC½ filtering: no scaled reflections to analyse")
     x = table.peek("intensity.scale.value", rows) / g[rows]
     del g
@@ -87,13 +88,15 @@ def delta_cc_half_input(table, experiments, partiality_cutoff=None,
     cell = mean_unit_cell(experiments)
     d = per_index_chunks(asu[first], cell.d)
     d_star_sq = 1.0 / d ** 2
-    low, high = float(d_star_sq.min()), float(d_star_sq.max())
+    # the bins span every rank's reflections (a rank may have none)
+    low = rank_local.minimum(d_star_sq.min() if d_star_sq.size else np.inf)
+    high = rank_local.maximum(d_star_sq.max() if d_star_sq.size else -np.inf)
     if not high > low:
         raise VmergeError("ΔCC½ filtering: the scaled reflections span no resolution range")
     width = (high - low) / n_bins
     bin_of_unique = np.clip(np.floor((d_star_sq - low) / width).astype(np.int64), 0,
                             n_bins - 1)
-    n_scaled = int(table.get_flags(flags.scaled).sum()) if "flags" in table else 0
+    n_scaled = rank_local.total(table.get_flags(flags.scaled).sum()) if "flags" in table else 0
     return DeltaCCHalfInput(x, dataset, image, unique.ravel().astype(np.int64), bin_of_unique,
                             n_scaled)
 
@@ -110,21 +113,29 @@ class Groups:
         return len(self.dataset)
 
 
+def _dataset_ids(data: DeltaCCHalfInput):
+    """(the id values with rows on any rank, ascending; each row's position among them)."""
+    ids = np.unique(rank_local.gather_in_rank_order(np.unique(data.dataset)))
+    return ids, np.searchsorted(ids, data.dataset).astype(np.int64)
+
+
 def dataset_groups(data: DeltaCCHalfInput) -> Groups:
-    ids, of_row = np.unique(data.dataset, return_inverse=True)
-    return Groups(of_row.ravel(), ids, None)
+    ids, of_row = _dataset_ids(data)
+    return Groups(of_row, ids, None)
 
 
 def image_groups(data: DeltaCCHalfInput, group_size: int) -> Groups:
     """Groups of group_size images from each dataset's first image with data; a last group
     shorter than group_size − 1 images joins the one before (dials.compute_delta_cchalf)."""
-    ids, position = np.unique(data.dataset, return_inverse=True)
-    position = position.ravel()
+    ids, position = _dataset_ids(data)
     n = len(ids)
-    first = np.full(n, np.iinfo(np.int64).max)
-    last = np.full(n, np.iinfo(np.int64).min)
-    np.minimum.at(first, position, data.image)
-    np.maximum.at(last, position, data.image)
+    # each dataset's first and last image over every rank's rows (exact in float64)
+    first = np.full(n, np.inf)
+    last = np.full(n, -np.inf)
+    np.minimum.at(first, position, data.image.astype(np.float64))
+    np.maximum.at(last, position, data.image.astype(np.float64))
+    first = np.atleast_1d(rank_local.minimum(first)).astype(np.int64)
+    last = np.atleast_1d(rank_local.maximum(last)).astype(np.int64)
     n_starts = (last - first) // group_size + 1
     last_start = first + (n_starts - 1) * group_size
     short = (n_starts > 1) & (last - last_start < group_size - 1)
@@ -168,8 +179,11 @@ def delta_cc_half_analysis(data: DeltaCCHalfInput, groups: Groups, stdcutoff: fl
             + ("one dataset cannot be filtered in mode=dataset; use "
                "filtering.deltacchalf.mode=image_group" if groups.image_range is None else
                "only one image group; choose a smaller filtering.deltacchalf.group_size"))
-    cc_all, cc_without = cc_half_without_each_group(data.x, data.unique, groups.of_row,
-                                                     data.bin_of_unique, groups.n, n_bins)
+    # a rank's unique reflections are a contiguous run of the one-process order: the
+    # passes over them continue from rank to rank (one process's bits)
+    cc_all, cc_without = cc_half_without_each_group(
+        data.x, data.unique, groups.of_row, data.bin_of_unique, groups.n, n_bins,
+        sequential=rank_local.sequential_over_ranks)
     delta = cc_all - cc_without
     # population standard deviation, as DIALS
     cutoff = float(delta.mean() - stdcutoff * delta.std())
@@ -189,7 +203,7 @@ class Removal:
 
 
 def _scaled_count(table) -> int:
-    return int(table.get_flags(flags.scaled).sum())
+    return rank_local.total(table.get_flags(flags.scaled).sum())
 
 
 def remove_datasets(experiments, table, ids, log):
@@ -268,11 +282,20 @@ def _merging_stats(table, experiments) -> Optional[dict]:
     from ..merging.statistics import merging_statistics
 
     cell = median_unit_cell(experiments)
-    obs = scaled_observations(table, experiments, unit_cell=cell)
+    if rank_local.active():
+        # each rank its own rows (whole groups): merging/rank_merge.py's statistics, the
+        # one-process values on every rank
+        from ..merging.rank_merge import _empty_observations, rank_merging_statistics
+
+        statistics = rank_merging_statistics
+        obs = (scaled_observations(table, experiments, unit_cell=cell) if table.nrows
+               else _empty_observations())
+    else:
+        statistics = merging_statistics
+        obs = scaled_observations(table, experiments, unit_cell=cell)
     try:
-        stats = merging_statistics(obs.miller_index, obs.intensity, obs.sigma,
-                                   space_group(experiments[0]), cell, n_bins=20,
-                                   suggest_cut=False)
+        stats = statistics(obs.miller_index, obs.intensity, obs.sigma,
+                           space_group(experiments[0]), cell, n_bins=20, suggest_cut=False)
     except Exception:  # too few reflections for shells: the cycle is still reported
         return None
     overall = stats.overall
@@ -311,6 +334,17 @@ def scale_and_filter(params, experiments, table, log, scale: Callable):
     if mode == "image_group" and all(e.is_still for e in experiments):
         raise VmergeError("filtering.deltacchalf.mode=image_group needs rotation data; use "
                           "mode=dataset for stills")
+    from ..pipeline import scaling_cycles
+
+    # under MPI every cycle (and the analysis between them) runs on the ranks' own rows
+    # when the configuration allows (pipeline.scaling_cycles)
+    with scaling_cycles(params, experiments):
+        return _cycles(params, experiments, table, log, scale)
+
+
+def _cycles(params, experiments, table, log, scale):
+    options = params.filtering.deltacchalf
+    mode = options.mode
     partiality_cutoff = params.cut_data.partiality_cutoff
     results = {"termination_reason": None, "initial_n_reflections": None,
                "initial_expids_and_image_ranges": None, "expids_and_image_ranges": None,
