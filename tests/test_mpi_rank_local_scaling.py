@@ -198,8 +198,7 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"filtering__method": "deltacchalf"},
-                   {"cross_validation__cross_validation_mode": "single"},
+    for change in ({"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
                    {"merging__method": ["all"]}, {"compute__device": "cuda"},
                    {"merging__method": ["robust", "classical"]}):
@@ -210,6 +209,8 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
     # a reference (targeted sums over the key blocks; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__reference="ref.mtz"))
+    # ΔCC½ filtering's cycles (test_mpi_rank_local_filtering.py runs them)
+    assert pipeline.rank_local_supported(params(filtering__method="deltacchalf"))
     # the likelihood target (sums by key blocks; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__target="likelihood"))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
