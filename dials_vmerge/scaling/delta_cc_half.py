@@ -14,6 +14,10 @@ kernel walks that group's (h, Σx, Σx², n) pairs of the observations sorted by
 takes each h's full contribution out of its bin and puts back the contribution without the
 group. The work is one pass over the observations plus n_bins per group, not one merge per
 group.
+
+Both sums (the bins', then each group's corrections) run over the unique reflections in
+order, so under MPI, where each rank holds a contiguous run of them (issue 11), a pass
+continued from rank to rank (the `sequential` argument) gives the one-process bits.
 """
 
 from __future__ import annotations

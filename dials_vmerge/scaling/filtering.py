@@ -18,6 +18,13 @@ min_completeness (then one more scaling of what is left). As dials.scale:
 * the cycles scale without the full-matrix round; when the run wants one (full_matrix, or
   auto: rotation data, at most 10 datasets), the data left are scaled once more with it at
   the end, as are they whenever the last cycle removed something.
+
+Under MPI (issue 11) the cycles are pipeline.ScalingCycles: each rank keeps its own rows (its
+key range of the first cycle's partition) from cycle to cycle, and everything here is
+reduced over ranks so that every rank takes one process's decisions with its bits: counts
+(rank_local.total), the bins' range (min/max), the groups (ids gathered, image ranges by
+min/max), the ΔCC½ sums (passes continued rank to rank: delta_cc_half.py) and the cycle's
+merging statistics (merging/rank_merge.py). Outside a rank-local job these are identities.
 """
 
 from __future__ import annotations
