@@ -185,7 +185,7 @@ def run_scaling_job(params, experiments, table, log):
     cycles = _scaling_cycles[-1] if _scaling_cycles else None
     # issue 11: each MPI rank holds and scales only its own rows (rank_local_supported);
     # reruns on scaled data too (their previous exclusions are looked up by one-process
-    # original_index: prepare_for_scaling); the jobs of scaling_cycles as their first
+    # original_index: prepare_for_scaling); a job of scaling_cycles as decided for all
     enabled = (cycles.enabled if cycles is not None
                else _rank_local_enabled(params, len(experiments)))
     # the job's stages replace the table as they go: no frame here keeps the input alive
