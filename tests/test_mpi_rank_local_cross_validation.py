@@ -141,17 +141,21 @@ def test_each_rank_partitions_once_and_holds_its_own_rows(results, name, n_ranks
         assert not any(rank_jobs[k]["input_alive"] for rank_jobs in jobs)
 
 
-def independent_rmeas(miller_index, intensity, sigma, hall_symbol):
-    """Rmeas of unmerged I, sigma: groups by non-anomalous ASU index (cctbx), the
-    inverse-variance mean of each (observations with sigma above 1e-6 of the group's largest,
-    as cctbx), sum over groups of n >= 2 of sqrt(n / (n - 1)) sum |I - <I>| over sum I."""
+def cctbx_asu(miller_index, hall_symbol):
+    """Non-anomalous ASU indices by cctbx's map_to_asu."""
     from cctbx import crystal, miller, sgtbx
     from cctbx.array_family import flex
 
     symmetry = crystal.symmetry(space_group=sgtbx.space_group(hall_symbol))
     indices = flex.miller_index([tuple(int(v) for v in row) for row in miller_index])
-    asu = np.array(miller.set(symmetry, indices, anomalous_flag=False).map_to_asu()
-                   .indices(), dtype=np.int64).reshape(-1, 3)
+    return np.array(miller.set(symmetry, indices, anomalous_flag=False).map_to_asu()
+                    .indices(), dtype=np.int64).reshape(-1, 3)
+
+
+def independent_rmeas(asu, intensity, sigma):
+    """Rmeas of unmerged I, sigma grouped by ASU index: the inverse-variance mean of each
+    group (observations with sigma above 1e-6 of the group's largest, as cctbx), then over
+    groups of n >= 2: sum sqrt(n / (n - 1)) sum |I - <I>| / sum I."""
     keep = sigma > 0
     asu, intensity, sigma = asu[keep], intensity[keep], sigma[keep]
     _, group = np.unique(asu, axis=0, return_inverse=True)
@@ -178,24 +182,16 @@ def test_work_and_free_rmeas_against_an_independent_recomputation(results, name)
 
     many = results[name, 3]
     first = [float.fromhex(v) for v in json.loads(str(many["results"]))[0][0]]
-    experiments = json.loads(str(many["experiments"]))
-    hall = experiments["crystal"][0]["space_group_hall_symbol"]
+    hall = json.loads(str(many["experiments"]))["crystal"][0]["space_group_hall_symbol"]
     scaled = (many["first_flags"] & np.uint64(flags.scaled)) != 0
-    hkl = many["first_miller_index"][scaled]
     g = many["first_inverse_scale_factor"][scaled]
     intensity = many["first_intensity_scale_value"][scaled] / g
     sigma = np.sqrt(many["first_intensity_scale_variance"][scaled]) / g
-    from cctbx import crystal, miller, sgtbx
-    from cctbx.array_family import flex
-
-    symmetry = crystal.symmetry(space_group=sgtbx.space_group(hall))
-    asu = np.array(miller.set(symmetry, flex.miller_index([tuple(int(v) for v in r)
-                                                           for r in hkl]),
-                              anomalous_flag=False).map_to_asu().indices()).reshape(-1, 3)
+    asu = cctbx_asu(many["first_miller_index"][scaled], hall)
     free = free_set_mask(asu, 10.0, 0)
     assert 0.05 < free.mean() < 0.15
-    work_r = independent_rmeas(hkl[~free], intensity[~free], sigma[~free], hall)
-    free_r = independent_rmeas(hkl[free], intensity[free], sigma[free], hall)
+    work_r = independent_rmeas(asu[~free], intensity[~free], sigma[~free])
+    free_r = independent_rmeas(asu[free], intensity[free], sigma[free])
     assert work_r == pytest.approx(first[0], rel=1e-12)
     assert free_r == pytest.approx(first[1], rel=1e-12)
     assert first[2] == first[1] - first[0]
