@@ -47,7 +47,10 @@ def run(params, inputs, log):
         from dials_vmerge.cli import load_phil_text
         from dials_vmerge.cross_validation import run_cross_validation
 
-        run_cross_validation(params, inputs.experiments, inputs.reflections, log,
+        # the input goes in a holder, its only reference: under MPI each rank keeps only
+        # its own rows (issue 11)
+        reflections, inputs.reflections = [inputs.reflections], None
+        run_cross_validation(params, inputs.experiments, reflections, log,
                              iotbx.phil.parse(load_phil_text(PHIL_FILES)))
         return
     with run_progress(log, N_STAGES):

@@ -91,27 +91,56 @@ def configurations(params, master_phil):
     return [(f"{cv.parameter}={v}", set_parameter(params, cv.parameter, v)) for v in values]
 
 
+def job_parameters(config, fold):
+    """The parameters of one fold's scaling job of a configuration."""
+    run_params = copy.deepcopy(config)
+    run_params.scaling_options.use_free_set = True
+    run_params.scaling_options.free_set_offset = fold
+    return run_params
+
+
 def run_cross_validation(params, experiments, table, log, master_phil):
-    """Scale every configuration nfolds times; returns (rows, table text, best labels)."""
+    """Scale every configuration nfolds times; returns (rows, table text, best labels).
+
+    table: the input table, or a one-element list holding it (the caller's only reference,
+    taken out here: under MPI the input is then dropped once each rank has its own rows).
+
+    Under MPI (issue 11), when every fold's job runs rank-local (pipeline.rank_local_enabled),
+    each rank reads its own rows once (pipeline.rank_local_input: the read-time partition of
+    one job) and every job scales a copy of them; the work/free statistics are then
+    rank_merge.rank_merging_statistics of the ranks' rows (free_set.work_free_statistics),
+    the one-process values bit for bit. Otherwise every rank repeats every job on all rows."""
+    from .backends import mpi_world
     from .io.expt import ExperimentList
-    from .pipeline import run_scaling_job
+    from .pipeline import rank_local_enabled, rank_local_input, run_scaling_job
     from .scaling.free_set import fold_interval, work_free_statistics
 
+    holder = table if isinstance(table, list) else [table]
+    del table
     configs = configurations(params, master_phil)
+    folds = {label: range(min(params.cross_validation.nfolds,
+                                  fold_interval(config.scaling_options.free_set_percentage)))
+             for label, config in configs}
+    rank_rows = None
+    if mpi_world.n_ranks() > 1 and all(
+            rank_local_enabled(job_parameters(config, fold), len(experiments))
+            for label, config in configs for fold in folds[label]):
+        rank_rows = rank_local_input(experiments, holder)
     experiments_dict = experiments.to_dict()
     rows = []
     for label, config in configs:
         so = config.scaling_options
-        interval = fold_interval(so.free_set_percentage)
         results = []
-        for fold in range(min(params.cross_validation.nfolds, interval)):
-            run_params = copy.deepcopy(config)
-            run_params.scaling_options.use_free_set = True
-            run_params.scaling_options.free_set_offset = fold
+        for fold in folds[label]:
+            run_params = job_parameters(config, fold)
             log.info(f"Cross-validation: {label}, fold {fold + 1}")
+            # each job scales a copy (its stages consume their input); lazy columns stay
+            # in their file
+            job_table = rank_rows.table.copy() if rank_rows is not None else holder[0].copy()
             scaled_experiments, scaled, _ = run_scaling_job(
                 run_params, ExperimentList.from_dict(copy.deepcopy(experiments_dict)),
-                table.copy(), log)
+                job_table, log, rank_rows=rank_rows)
+            del job_table
             results.append(work_free_statistics(scaled, scaled_experiments,
                                                 so.free_set_percentage, fold))
             del scaled

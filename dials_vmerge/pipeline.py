@@ -171,7 +171,7 @@ def prepare_for_scaling(params, experiments, table, dataset_index=None):
     return prepared
 
 
-def run_scaling_job(params, experiments, table, log):
+def run_scaling_job(params, experiments, table, log, rank_rows=None):
     """Everything dials.vmerge does; returns (experiments, scaled table, merge result).
 
     Under MPI with a supported configuration (rank_local_supported) the job is rank-local
@@ -179,7 +179,11 @@ def run_scaling_job(params, experiments, table, log):
     of its own unique reflections (rank_local_rows), every decision and log line is taken
     from values reduced over the ranks, and the returned table holds the rank's rows with
     `output_order_key` (see OUTPUT_ORDER_SHIFT) giving their place in the one-process
-    scaled.refl row order."""
+    scaled.refl row order.
+
+    rank_rows: a RankRows (rank_local_input) whose `table` (or a copy of it) is `table`:
+    the input is already this rank's rows, partitioned once for several jobs
+    (cross-validation), and the job takes them as they are."""
     from .backends import rank_local
 
     cycles = _scaling_cycles[-1] if _scaling_cycles else None
@@ -187,15 +191,21 @@ def run_scaling_job(params, experiments, table, log):
     # reruns on scaled data too (their previous exclusions are looked up by one-process
     # original_index: prepare_for_scaling); a job of scaling_cycles as decided for all
     enabled = (cycles.enabled if cycles is not None
-               else _rank_local_enabled(params, len(experiments)))
+               else rank_local_enabled(params, len(experiments)))
     # the job's stages replace the table as they go: no frame here keeps the input alive
     holder = [table]
     del table
     with rank_local.rank_local_job(enabled) as local:
-        return _run_scaling_job(params, experiments, holder, log, local, cycles)
+        if rank_rows is not None and not local:
+            # a rank's own rows scaled as if they were all the rows: a wrong result
+            raise VmergeError("internal error: rank-local rows given to a job that is not "
+                              "rank-local")
+        return _run_scaling_job(params, experiments, holder, log, local, cycles, rank_rows)
 
 
-def _rank_local_enabled(params, n_datasets):
+def rank_local_enabled(params, n_datasets: int) -> bool:
+    """Whether run_scaling_job with these parameters runs rank-local under MPI (more than one
+    rank: rank_local.rank_local_job)."""
     return bool(RANK_LOCAL_OUTPUT_READY and USE_READ_TIME_KEY_BLOCKS
                 and rank_local_supported(params, n_datasets))
 
@@ -229,7 +239,7 @@ def scaling_cycles(params, experiments):
     runs inside rank_local.rank_local_job, so its stages reduce over the ranks."""
     from .backends import rank_local
 
-    cycles = ScalingCycles(_rank_local_enabled(params, len(experiments)))
+    cycles = ScalingCycles(rank_local_enabled(params, len(experiments)))
     _scaling_cycles.append(cycles)
     try:
         with rank_local.rank_local_job(cycles.enabled):
@@ -238,7 +248,30 @@ def scaling_cycles(params, experiments):
         _scaling_cycles.pop()
 
 
-def _run_scaling_job(params, experiments, holder, log, local, cycles=None):
+class RankRows:
+    """This rank's rows of an input, partitioned once for several rank-local jobs
+    (rank_local_rows' partition, row keys and table): each job takes a copy of `table`
+    (lazy columns stay in their file) and its own view of the row keys (a job releases
+    the keys it was given after its one look-up: partition_asu_of_rows)."""
+
+    def __init__(self, partition, row_keys, table):
+        self.partition, self.row_keys, self.table = partition, row_keys, table
+
+    def for_job(self):
+        """(the partition, the row keys for one job)."""
+        import copy
+
+        return self.partition, (None if self.row_keys is None else copy.copy(self.row_keys))
+
+
+def rank_local_input(experiments, holder):
+    """RankRows of the input table holder.pop() (the caller's only reference: the input,
+    with the `id` column every rank reads whole, is not kept)."""
+    partition, row_keys, own = rank_local_rows(experiments, holder.pop())
+    return RankRows(partition, row_keys, own)
+
+
+def _run_scaling_job(params, experiments, holder, log, local, cycles=None, rank_rows=None):
     from .model.factory import create_scaling_model
     from .scaling.algorithm import scale_table
 
@@ -268,11 +301,13 @@ def _run_scaling_job(params, experiments, holder, log, local, cycles=None):
             if later_cycle:
                 # the table is this rank's rows of the job before (its key range)
                 table = later_cycle_rank_rows(experiments, table)
-            else:
+            elif rank_rows is None:
                 # every rank maps all rows' keys (8 B per input row, held until the rank's
                 # rows are chosen) and keeps its own rows; the intensities are checked on
                 # them
                 partition, row_keys, table = rank_local_rows(experiments, table)
+            else:  # partitioned once before this job (RankRows)
+                partition, row_keys = rank_rows.for_job()
             from .backends import mpi_world
 
             rows_per_rank = mpi_world.allgather_rows(np.array([table.nrows], dtype=np.int64))
@@ -385,10 +420,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _no_cross_validation(params):
-    return not param(params, "cross_validation.cross_validation_mode")
-
-
 def _not_anomalous(params):
     # the anomalous groups of one key interleave the ranks' group order (contract point 4)
     return not param(params, "anomalous", False)
@@ -429,8 +460,11 @@ def _merged_on_rank_rows(params):
 # (scaling/delta_cc_half.py), the groups, image ranges, bins and counts reduced over ranks,
 # the per-cycle statistics merging/rank_merge.py's; outputs byte-identical at N = 1, 2, 3
 # (dataset mode on rotation and stills, image_group mode).
+# Cross-validation too (session 12): its jobs are free-set jobs on the rank's rows,
+# partitioned once for all folds and configurations (RankRows), and the work/free
+# statistics are rank_merge.rank_merging_statistics of the ranks' rows
+# (cross_validation.py); its table byte-identical at N = 1, 2, 3.
 RANK_LOCAL_CONDITIONS = [
-    _no_cross_validation,
     _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 

@@ -198,8 +198,7 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"cross_validation__cross_validation_mode": "single"},
-                   {"anomalous": True}, {"merging__method": ["variational"]},
+    for change in ({"anomalous": True}, {"merging__method": ["variational"]},
                    {"merging__method": ["all"]}, {"compute__device": "cuda"},
                    {"merging__method": ["robust", "classical"]}):
         assert not pipeline.rank_local_supported(params(**change)), change
@@ -213,6 +212,8 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(filtering__method="deltacchalf"))
     # the likelihood target (sums by key blocks; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__target="likelihood"))
+    # cross-validation's free-set jobs (test_mpi_rank_local_cross_validation.py)
+    assert pipeline.rank_local_supported(params(cross_validation__cross_validation_mode="single"))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)

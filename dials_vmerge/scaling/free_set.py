@@ -70,8 +70,16 @@ class FreeSetScalingRun(ScalingRun):
 
 def work_free_statistics(table, experiments, free_set_percentage=10.0, offset=0, n_bins=20):
     """[work Rmeas, free Rmeas, Rmeas gap, work CC1/2, free CC1/2, CC1/2 gap] of the scaled
-    rows of an output table (non-anomalous, as DIALS's work_free_stats)."""
+    rows of an output table (non-anomalous, as DIALS's work_free_stats).
+
+    A rank-local job's table (rank_local.holds_own_rows: this rank's rows, whole unique
+    reflections) gives the statistics of all ranks' rows, computed by every rank together
+    (merging/rank_merge.py: per-group values gathered in the one-process group order,
+    cctbx's half-split stream reproduced), the one-process values bit for bit. The free set
+    is whole unique reflections too, so each half is whole groups on every rank."""
+    from ..backends.rank_local import holds_own_rows
     from ..geometry import median_unit_cell, space_group
+    from ..merging.rank_merge import rank_merging_statistics
     from ..merging.statistics import merging_statistics
     from .ih_table import map_indices_to_asu
 
@@ -83,10 +91,11 @@ def work_free_statistics(table, experiments, free_set_percentage=10.0, offset=0,
     intensity = np.asarray(table["intensity.scale.value"], dtype=np.float64)[scaled] / g
     sigma = np.sqrt(np.asarray(table["intensity.scale.variance"], dtype=np.float64)[scaled]) / g
     free = free_set_mask(map_indices_to_asu(hkl, sg, False), free_set_percentage, offset)
+    statistics = rank_merging_statistics if holds_own_rows(table) else merging_statistics
     stats = {}
     for name, rows in (("work", ~free), ("free", free)):
-        result = merging_statistics(hkl[rows], intensity[rows], sigma[rows], sg, cell, n_bins,
-                                    anomalous=False, suggest_cut=False)
+        result = statistics(hkl[rows], intensity[rows], sigma[rows], sg, cell, n_bins,
+                            anomalous=False, suggest_cut=False)
         stats[name] = (float(result.overall.r_meas or 0.0), float(result.overall.cc_half))
     (work_r, work_cc), (free_r, free_cc) = stats["work"], stats["free"]
     return [work_r, free_r, free_r - work_r, work_cc, free_cc, work_cc - free_cc]
