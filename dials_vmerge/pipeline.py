@@ -336,11 +336,6 @@ def _no_cross_validation(params):
     return not param(params, "cross_validation.cross_validation_mode")
 
 
-def _not_anomalous(params):
-    # the anomalous groups of one key interleave the ranks' group order (contract point 4)
-    return not param(params, "anomalous", False)
-
-
 def _not_variational(params):
     method = param(params, "merging.method", ["classical"])
     methods = {method} if isinstance(method, str) else set(method or [])
@@ -370,9 +365,14 @@ def _merged_on_rank_rows(params):
 # (scaling/targeted.py _grouped_sum), the small scale cutoff's mean is an exact sum.
 # scaling_options.target=likelihood too: its sums over groups are key-block trees and its
 # resolution bins order statistics over the gathered groups (scaling/likelihood.py).
+# anomalous=True too (issue 11, session 12): the scaling run's groups by the anomalous index
+# are in (unique reflection, hand) order in every run (ih_table.GroupLayout.friedel_ordered),
+# so a rank's groups are a contiguous run of the one-process groups and the sums over them go
+# by the job's key blocks; group-level choices (selection, E^2 shells) still take the (h, k,
+# l) order of the anomalous indices (backends/group_order.py).
 RANK_LOCAL_CONDITIONS = [
     _no_filtering, _no_cross_validation,
-    _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
+    _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 
 

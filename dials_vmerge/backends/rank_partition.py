@@ -500,7 +500,9 @@ def partition_asu_of_rows(table, rows, release=True):
 def key_blocks_of_groups(group_asu):
     """(group offsets of the key blocks (n_blocks + 1), rank block offsets (n_ranks + 1)) of a
     layout whose groups have the ASU indices `group_asu`, sorted in (h, k, l) order; None
-    when no job partition is active.
+    when no job partition is active. Groups by the anomalous index pass their non-anomalous
+    indices (ih_table.IhTable.block_key_asu): I(+) and I(-) of one key are consecutive
+    groups with the same index, kept in one block.
 
     Groups keyed below the first block or above the last (a later layout may hold indices
     the input rows did not: anomalous groups of Friedel mates) join the first or last block,
@@ -514,7 +516,7 @@ def key_blocks_of_groups(group_asu):
         raise ValueError(f"partition for {partition.n_ranks} ranks used by "
                          f"{mpi_world.n_ranks()}")
     keys = packed_keys(group_asu)
-    if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
+    if keys.size > 1 and np.any(keys[1:] < keys[:-1]):
         raise ValueError("the layout's groups are not sorted by ASU index")
     bounds = partition.block_bounds_of_groups(keys)
     bounds[0] = 0

@@ -249,6 +249,10 @@ class ScalingRun:
         """The group sort of all suitable reflections (ASU indices never change in a run)."""
         if getattr(self, "_layout", None) is None:
             self._layout = GroupLayout([s.asu for s in self.states])
+            if self.anomalous:
+                # groups by the anomalous index in (unique reflection, hand) order: an MPI
+                # rank's groups are one contiguous run of the one-process order (issue 11)
+                self._layout = self._layout.friedel_ordered(self.space_group)
         return self._layout
 
     def anomalous_layout(self, positions, masks):
