@@ -328,30 +328,19 @@ class GroupLayout:
         (block_sums.key_block_sum) cannot be cut by key. In this order they are; every run,
         one process included, uses it (the same order as error_model.friedel_pair_layout).
         Only the G group indices are mapped (not every observation's)."""
-        from ..backends.rank_partition import packed_keys
-
-        merged = map_indices_to_asu(self.group_asu, space_group, False)
-        hand = np.any(np.asarray(merged) != np.asarray(self.group_asu), axis=1)
-        # keys are unique per group: a plain sort; 2 key + hand could overflow 63 bits
-        permutation = np.lexsort((hand, packed_keys(merged))) if merged.shape[0] else \
-            np.zeros(0, np.int64)
-        return self._groups_permuted(permutation, np.asarray(merged, dtype=np.int32))
+        permutation, key_asu = friedel_group_order(self.group_asu, space_group)
+        return self._groups_permuted(permutation, key_asu)
 
     def _groups_permuted(self, permutation, key_asu):
         """The layout with group permutation[j] as its group j (key_asu: the per-group
-        non-anomalous indices in this layout's group order)."""
-        sizes = np.diff(self.group_start)[permutation]
-        group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        # observation i of new group j is observation i - group_start[j] of old group
-        # permutation[j]
-        rows = np.repeat(self.group_start[:-1][permutation] - group_start[:-1], sizes) \
-            + np.arange(int(group_start[-1]), dtype=np.int64)
+        non-anomalous indices in the new group order)."""
+        rows, group_start = permuted_group_rows(self.group_start, permutation)
         out = GroupLayout.__new__(GroupLayout)
         out.offsets = self.offsets
         out.order = self.order[rows]
         out.group_start = group_start
         out.group_asu = self.group_asu[permutation]
-        out.key_asu = key_asu[permutation]
+        out.key_asu = key_asu
         out.dataset_id = self.dataset_id[rows]
         out.loc_index = out.order if self.loc_index is self.order else self.loc_index[rows]
         return out
@@ -401,6 +390,35 @@ class GroupLayout:
         out.loc_index = out.order if self.loc_index is self.order else \
             self.loc_index[keep_sorted]
         return out
+
+
+def friedel_group_order(group_asu, space_group):
+    """(permutation, key_asu) putting groups of anomalous ASU indices `group_asu` (distinct)
+    in (unique reflection, hand) order: I(+) then I(-) of one non-anomalous ASU index, unique
+    reflections in (h, k, l) order (GroupLayout.friedel_ordered); key_asu: the non-anomalous
+    index of each group in that order. Only the groups' indices are mapped."""
+    from ..backends.rank_partition import packed_keys
+
+    group_asu = np.asarray(group_asu).reshape(-1, 3)
+    if not group_asu.shape[0]:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int32)
+    merged = np.asarray(map_indices_to_asu(group_asu, space_group, False), dtype=np.int32)
+    hand = np.any(merged != group_asu, axis=1)
+    # a sort of (key, hand) pairs, unique per group (2 key + hand could pass 63 bits)
+    permutation = np.lexsort((hand, packed_keys(merged)))
+    return permutation, merged[permutation]
+
+
+def permuted_group_rows(group_start, permutation):
+    """(rows, new group_start): the observation positions, in the old order, of the groups
+    taken in `permutation` order (each group's observations keep their order)."""
+    sizes = np.diff(group_start)[permutation]
+    new_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # observation i of new group j is observation i - new_start[j] of old group
+    # permutation[j], which starts at group_start[permutation[j]]
+    rows = np.repeat(group_start[:-1][permutation] - new_start[:-1], sizes) \
+        + np.arange(int(new_start[-1]), dtype=np.int64)
+    return rows, new_start
 
 
 def set_num_threads(nproc):
