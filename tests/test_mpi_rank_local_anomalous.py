@@ -295,3 +295,31 @@ def test_anomalous_grouping_is_in_effect(simulations, tmp_path):
          for d in (anomalous, plain)]
     assert g[0].size == g[1].size
     assert np.max(np.abs(g[0] - g[1]) / g[1]) > 1e-6
+
+
+@pytest.mark.parametrize("anomalous", [False, True])
+def test_the_partition_keys_are_released_when_scaling_starts(simulations, tmp_path,
+                                                             monkeypatch, anomalous):
+    """The read-time partition's keys of every input row (8 B per row) are given back once
+    the run's datasets are set up, also when the run groups by the anomalous index and never
+    looks them up (before session 12 they were then held to the end of the job)."""
+    from dials_vmerge.backends import rank_partition
+    from dials_vmerge.command_line.vmerge import main
+    from dials_vmerge.scaling.algorithm import ScalingRun
+
+    seen = []
+    original = ScalingRun.initial_outlier_rejection
+
+    def probe(run):
+        keys = rank_partition._active_keys[-1]
+        seen.append((keys is not None, getattr(keys, "keys_by_file_row", None)))
+        return original(run)
+
+    monkeypatch.setattr(ScalingRun, "initial_outlier_rejection", probe)
+    monkeypatch.chdir(tmp_path)
+    inputs = simulations["rotation"]
+    assert main([*inputs, "nproc=1", f"anomalous={anomalous}"]) in (0, None)
+    # the job had keys to hand (the input is read lazily from its file), released by now
+    assert len(seen) == 1
+    held, keys = seen[0]
+    assert held and keys is None

@@ -497,6 +497,15 @@ def partition_asu_of_rows(table, rows, release=True):
     return asu
 
 
+def release_partition_keys():
+    """Give the running job's input-row keys back unused: a run grouped by the anomalous
+    index looks no non-anomalous ASU index up from them (partition_asu_of_rows), and would
+    otherwise hold them (8 B per row) to the end of the job."""
+    row_keys = _active_keys[-1] if _active_keys else None
+    if row_keys is not None:
+        row_keys.release()
+
+
 def key_blocks_of_groups(group_asu):
     """(group offsets of the key blocks (n_blocks + 1), rank block offsets (n_ranks + 1)) of a
     layout whose groups have the ASU indices `group_asu`, sorted in (h, k, l) order; None

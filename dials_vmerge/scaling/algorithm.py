@@ -159,9 +159,11 @@ class ScalingRun:
         all_rows = np.concatenate([k[2] for k in kept])
         bounds = np.concatenate([[0], np.cumsum([k[2].size for k in kept])]).astype(np.int64)
         # issue 11: the read-time partition already mapped these rows (non-anomalous)
-        from ..backends.rank_partition import partition_asu_of_rows
+        from ..backends.rank_partition import partition_asu_of_rows, release_partition_keys
 
         asu = None if self.anomalous else partition_asu_of_rows(table, all_rows)
+        if self.anomalous:
+            release_partition_keys()
         if asu is None:
             asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
                                      self.anomalous)
