@@ -17,7 +17,8 @@ Program runs: `dials.vmerge anomalous=True` at N = 1, 2 and 3 on a 3-sweep rotat
 stills simulated with an anomalous signal (defaults: Imid search, outlier rejection with E^2,
 basic error model; and with quasi-random / random selection and the likelihood target):
 scaled.refl, merged.mtz, scaled.expt and dials.vmerge.json byte for byte equal, the ranks
-really scaling their own rows (the log's rank-local line).
+really scaling their own rows (the log's rank-local line). And an anomalous run gives the
+read-time partition's row keys back when its datasets are set up.
 """
 
 import os
