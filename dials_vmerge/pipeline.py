@@ -420,11 +420,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _not_anomalous(params):
-    # the anomalous groups of one key interleave the ranks' group order (contract point 4)
-    return not param(params, "anomalous", False)
-
-
 def _not_variational(params):
     method = param(params, "merging.method", ["classical"])
     methods = {method} if isinstance(method, str) else set(method or [])
@@ -464,8 +459,13 @@ def _merged_on_rank_rows(params):
 # partitioned once for all folds and configurations (RankRows), and the work/free
 # statistics are rank_merge.rank_merging_statistics of the ranks' rows
 # (cross_validation.py); its table byte-identical at N = 1, 2, 3.
+# anomalous=True too (issue 11, session 12): the scaling run's groups by the anomalous index
+# are in (unique reflection, hand) order in every run (ih_table.GroupLayout.friedel_ordered),
+# so a rank's groups are a contiguous run of the one-process groups and the sums over them go
+# by the job's key blocks; group-level choices (selection, E^2 shells) still take the (h, k,
+# l) order of the anomalous indices (backends/group_order.py).
 RANK_LOCAL_CONDITIONS = [
-    _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
+    _not_variational, _not_cuda, _merged_on_rank_rows,
 ]
 
 

@@ -198,7 +198,7 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"anomalous": True}, {"merging__method": ["variational"]},
+    for change in ({"merging__method": ["variational"]},
                    {"merging__method": ["all"]}, {"compute__device": "cuda"},
                    {"merging__method": ["robust", "classical"]}):
         assert not pipeline.rank_local_supported(params(**change)), change
@@ -214,6 +214,9 @@ def test_predicate_names_the_supported_configurations():
     assert pipeline.rank_local_supported(params(scaling_options__target="likelihood"))
     # cross-validation's free-set jobs (test_mpi_rank_local_cross_validation.py)
     assert pipeline.rank_local_supported(params(cross_validation__cross_validation_mode="single"))
+    # anomalous=True (groups in (unique reflection, hand) order; test_more_configurations
+    # and test_mpi_rank_local_anomalous.py run it)
+    assert pipeline.rank_local_supported(params(anomalous=True))
     # per-dataset Imid searches: by key blocks up to 64 datasets only
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
@@ -339,8 +342,13 @@ REFERENCE = "scaling_options.reference=REFERENCE"
     # bins over the gathered groups, its error model (a, b) fitted inside the likelihood
     # from sums over ranks (PARAMS' error_model=None overridden)
     ["scaling_options.target=likelihood", "weighting.error_model.error_model=basic"],
+    # anomalous groups (I(+) and I(-) apart) in (unique reflection, hand) order: a rank's
+    # groups are a contiguous run of the one-process groups; with the quasi-random draws
+    # (in the (h, k, l) order of the anomalous indices) and the basic error model
+    ["anomalous=True", "reflection_selection.method=quasi_random",
+     "weighting.error_model.error_model=basic"],
 ], ids=["exclusions_absorption", "array", "sum", "free_set", "reference",
-        "reference_error_model", "likelihood"])
+        "reference_error_model", "likelihood", "anomalous"])
 def test_more_configurations(datasets, results, tmp_path, extra, request):
     expt, refl = datasets["sweeps3"]
     if REFERENCE in extra:
@@ -376,6 +384,12 @@ def test_more_configurations(datasets, results, tmp_path, extra, request):
                    for line in one_log)
         assert not np.array_equal(out[2]["inverse_scale_factor"],
                                   results["sweeps3", None]["inverse_scale_factor"])
+    if "anomalous=True" in extra:
+        # the anomalous grouping changed the minimisation: not the default run's scales
+        assert any(line.startswith("Reflection selection (quasi_random): ") for line in one_log)
+        assert any(line.startswith("Error model: a = ") for line in one_log)
+        assert not np.array_equal(out[2]["inverse_scale_factor"],
+                                  results["sweeps3", None]["inverse_scale_factor"])
     if "exclude_images=0:1:10" in extra:
         assert len(models) == 2  # dataset 2 excluded
         assert any("valid image ranges now 11-" in line for line in one_log)
@@ -394,16 +408,18 @@ def test_reference_scaling_of_stills_on_three_ranks(datasets, tmp_path, tmp_path
 
 
 def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):
-    """With anomalous=True (not rank-local: the scaling groups of one key interleave the
-    ranks' group order) every rank holds and scales every row, as before, and the rows
-    gathered from rank 0 are those of one process run the same way."""
+    """With a per-dataset Imid search over more than 64 datasets (not rank-local: its sums
+    go per thread chunk, not by key blocks; 200 stills) every rank holds and scales every
+    row, as before, and the rows gathered from rank 0 are those of one process run the same
+    way. (anomalous=True was the example here until it ran rank-local, session 12.)"""
     expt, refl = datasets["stills200"]
     out = {}
     for n_ranks in (None, 2):
         d = tmp_path / f"ranks{n_ranks}"
         d.mkdir()
         done = run_driver(expt, refl, d, n_ranks,
-                          extra=["anomalous=True"])
+                          extra=["reflection_selection.combine.joint_analysis=False",
+                                 "reflection_selection.intensity_choice=combine"])
         assert done.returncode == 0, done.stderr
         out[n_ranks] = dict(np.load(d / "out.npz"))
     assert not out[2]["rank_local"].any()
@@ -413,6 +429,6 @@ def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tm
     first = out[2]["rank"] == 0
     for column in FLOATS + EXACT:
         np.testing.assert_array_equal(out[None][column], out[2][column][first], err_msg=column)
-    # and anomalous grouping changed the scales (not the rank-local run's rows)
+    # and the per-dataset Imid search changed the scales (not the rank-local run's rows)
     assert not np.array_equal(out[None]["inverse_scale_factor"],
                               results["stills200", None]["inverse_scale_factor"])

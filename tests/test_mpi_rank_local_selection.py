@@ -185,6 +185,7 @@ def stub_run(datasets, rows, method, config):
     run.space_group = sgtbx.space_group_info(SPACE_GROUP).group()
     run.unit_cell = uctbx.unit_cell(CELL)
     run.global_uses_error_model_weights = True
+    run.anomalous = False  # the datasets' asu are non-anomalous (the run's layout reads it)
     run._layout = None
     run.states = []
     offset = 0

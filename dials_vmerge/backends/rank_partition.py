@@ -497,10 +497,21 @@ def partition_asu_of_rows(table, rows, release=True):
     return asu
 
 
+def release_partition_keys():
+    """Give the running job's input-row keys back unused: a run grouped by the anomalous
+    index looks no non-anomalous ASU index up from them (partition_asu_of_rows), and would
+    otherwise hold them (8 B per row) to the end of the job."""
+    row_keys = _active_keys[-1] if _active_keys else None
+    if row_keys is not None:
+        row_keys.release()
+
+
 def key_blocks_of_groups(group_asu):
     """(group offsets of the key blocks (n_blocks + 1), rank block offsets (n_ranks + 1)) of a
     layout whose groups have the ASU indices `group_asu`, sorted in (h, k, l) order; None
-    when no job partition is active.
+    when no job partition is active. Groups by the anomalous index pass their non-anomalous
+    indices (ih_table.IhTable.block_key_asu): I(+) and I(-) of one key are consecutive
+    groups with the same index, kept in one block.
 
     Groups keyed below the first block or above the last (a later layout may hold indices
     the input rows did not: anomalous groups of Friedel mates) join the first or last block,
@@ -514,7 +525,7 @@ def key_blocks_of_groups(group_asu):
         raise ValueError(f"partition for {partition.n_ranks} ranks used by "
                          f"{mpi_world.n_ranks()}")
     keys = packed_keys(group_asu)
-    if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
+    if keys.size > 1 and np.any(keys[1:] < keys[:-1]):
         raise ValueError("the layout's groups are not sorted by ASU index")
     bounds = partition.block_bounds_of_groups(keys)
     bounds[0] = 0

@@ -159,9 +159,11 @@ class ScalingRun:
         all_rows = np.concatenate([k[2] for k in kept])
         bounds = np.concatenate([[0], np.cumsum([k[2].size for k in kept])]).astype(np.int64)
         # issue 11: the read-time partition already mapped these rows (non-anomalous)
-        from ..backends.rank_partition import partition_asu_of_rows
+        from ..backends.rank_partition import partition_asu_of_rows, release_partition_keys
 
         asu = None if self.anomalous else partition_asu_of_rows(table, all_rows)
+        if self.anomalous:
+            release_partition_keys()
         if asu is None:
             asu = map_indices_to_asu(table.peek("miller_index", all_rows), self.space_group,
                                      self.anomalous)
@@ -249,6 +251,10 @@ class ScalingRun:
         """The group sort of all suitable reflections (ASU indices never change in a run)."""
         if getattr(self, "_layout", None) is None:
             self._layout = GroupLayout([s.asu for s in self.states])
+            if self.anomalous:
+                # groups by the anomalous index in (unique reflection, hand) order: an MPI
+                # rank's groups are one contiguous run of the one-process order (issue 11)
+                self._layout = self._layout.friedel_ordered(self.space_group)
         return self._layout
 
     def anomalous_layout(self, positions, masks):

@@ -140,6 +140,15 @@ class IhTable:
     group_start: np.ndarray
     asu_index: np.ndarray
     extra: dict
+    # groups by the anomalous index in (unique reflection, hand) order (friedel_ordered):
+    # the non-anomalous index of each group, whose key places it in the job's key blocks
+    # (issue 11); None when the groups are by the non-anomalous index (asu_index itself)
+    key_asu: np.ndarray = None
+
+    @property
+    def block_key_asu(self):
+        """The per-group ASU indices the key blocks of a sum over groups are cut by."""
+        return self.asu_index if self.key_asu is None else self.key_asu
 
     @property
     def n_obs(self):
@@ -195,6 +204,7 @@ class IhTable:
             if consume:
                 del self.extra[name]
         return IhTable(group_start=group_start, asu_index=self.asu_index[group_ids], extra=extra,
+                       key_asu=None if self.key_asu is None else self.key_asu[group_ids],
                        **columns)
 
 
@@ -299,10 +309,41 @@ class GroupLayout:
         if full_sizes is not None:
             self.offsets = np.concatenate([[0], np.cumsum(full_sizes)]).astype(np.int64)
             self.order = self.offsets[self.dataset_id] + self.loc_index
+        self.key_asu = None
 
     @property
     def n_obs(self):
         return self.order.size
+
+    def friedel_ordered(self, space_group):
+        """This layout of groups by the ANOMALOUS index with its groups put in (unique
+        reflection, hand) order: I(+) then I(-) of one non-anomalous ASU index, unique
+        reflections in (h, k, l) order; observations within a group keep their order.
+        key_asu holds each group's non-anomalous index.
+
+        Why (issue 11): in the (h, k, l) order of the anomalous indices the I(-) groups of
+        one range of unique reflections lie among the I(+) groups of another, so an MPI
+        rank's groups (whole non-anomalous ASU groups of its key range) are not a contiguous
+        run of the one-process order, and sums over groups by the job's key blocks
+        (block_sums.key_block_sum) cannot be cut by key. In this order they are; every run,
+        one process included, uses it (the same order as error_model.friedel_pair_layout).
+        Only the G group indices are mapped (not every observation's)."""
+        permutation, key_asu = friedel_group_order(self.group_asu, space_group)
+        return self._groups_permuted(permutation, key_asu)
+
+    def _groups_permuted(self, permutation, key_asu):
+        """The layout with group permutation[j] as its group j (key_asu: the per-group
+        non-anomalous indices in the new group order)."""
+        rows, group_start = permuted_group_rows(self.group_start, permutation)
+        out = GroupLayout.__new__(GroupLayout)
+        out.offsets = self.offsets
+        out.order = self.order[rows]
+        out.group_start = group_start
+        out.group_asu = self.group_asu[permutation]
+        out.key_asu = key_asu
+        out.dataset_id = self.dataset_id[rows]
+        out.loc_index = out.order if self.loc_index is self.order else self.loc_index[rows]
+        return out
 
     def gather(self, arrays, dtype=np.float64):
         """Per-dataset arrays -> one array in sorted observation order."""
@@ -320,7 +361,8 @@ class GroupLayout:
     def table(self, intensities, variances, weights, gs, extra=None):
         return IhTable(self.gather(intensities), self.gather(variances), self.gather(weights),
                        self.gather(gs), self.dataset_id, self.loc_index, self.group_start,
-                       self.group_asu, {k: self.gather(v) for k, v in (extra or {}).items()})
+                       self.group_asu, {k: self.gather(v) for k, v in (extra or {}).items()},
+                       getattr(self, "key_asu", None))
 
     def subset(self, masks):
         """The layout of the observations selected by per-dataset boolean masks; `gather`
@@ -337,13 +379,46 @@ class GroupLayout:
             out.group_start = np.concatenate([[0], boundaries, [group_of_obs.size]]).astype(
                 np.int64)
             out.group_asu = self.group_asu[group_of_obs[out.group_start[:-1]]]
+            out.key_asu = None if getattr(self, "key_asu", None) is None else \
+                self.key_asu[group_of_obs[out.group_start[:-1]]]
         else:
             out.group_start = np.zeros(1, np.int64)
             out.group_asu = np.zeros((0, 3), np.int32)
+            out.key_asu = None if getattr(self, "key_asu", None) is None else \
+                np.zeros((0, 3), np.int32)
         out.dataset_id = self.dataset_id[keep_sorted]
         out.loc_index = out.order if self.loc_index is self.order else \
             self.loc_index[keep_sorted]
         return out
+
+
+def friedel_group_order(group_asu, space_group):
+    """(permutation, key_asu) putting groups of anomalous ASU indices `group_asu` (distinct)
+    in (unique reflection, hand) order: I(+) then I(-) of one non-anomalous ASU index, unique
+    reflections in (h, k, l) order (GroupLayout.friedel_ordered); key_asu: the non-anomalous
+    index of each group in that order. Only the groups' indices are mapped."""
+    from ..backends.rank_partition import packed_keys
+
+    group_asu = np.asarray(group_asu).reshape(-1, 3)
+    if not group_asu.shape[0]:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int32)
+    merged = np.asarray(map_indices_to_asu(group_asu, space_group, False), dtype=np.int32)
+    hand = np.any(merged != group_asu, axis=1)
+    # a sort of (key, hand) pairs, unique per group (2 key + hand could pass 63 bits)
+    permutation = np.lexsort((hand, packed_keys(merged)))
+    return permutation, merged[permutation]
+
+
+def permuted_group_rows(group_start, permutation):
+    """(rows, new group_start): the observation positions, in the old order, of the groups
+    taken in `permutation` order (each group's observations keep their order)."""
+    sizes = np.diff(group_start)[permutation]
+    new_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # observation i of new group j is observation i - new_start[j] of old group
+    # permutation[j], which starts at group_start[permutation[j]]
+    rows = np.repeat(group_start[:-1][permutation] - new_start[:-1], sizes) \
+        + np.arange(int(new_start[-1]), dtype=np.int64)
+    return rows, new_start
 
 
 def set_num_threads(nproc):

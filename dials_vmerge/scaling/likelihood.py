@@ -281,11 +281,14 @@ def student_weights_kernel(intensity, u0, g, group_start, mean, second, dof, out
             out[i] = (dof + 1.0) / (dof + u0[i] * max(expected_sq, 0.0))
 
 
-def resolution_bins(dstar_sq, n_bins=DEFAULT_RESOLUTION_BINS):
-    """Equal-count bin of each group by d*^2 (at least MIN_GROUPS_PER_BIN per bin)."""
+def resolution_bins(dstar_sq, n_bins=DEFAULT_RESOLUTION_BINS, tie_key=None):
+    """Equal-count bin of each group by d*^2 (at least MIN_GROUPS_PER_BIN per bin). Groups
+    of equal d*^2 are ordered by tie_key (default: their position), so a bin edge among
+    them does not depend on the order the groups are held in."""
     n = dstar_sq.size
     n_bins = max(1, min(n_bins, n // MIN_GROUPS_PER_BIN))
-    order = np.argsort(dstar_sq, kind="stable")
+    order = np.argsort(dstar_sq, kind="stable") if tie_key is None else \
+        np.lexsort((tie_key, dstar_sq))
     bins = np.empty(n, dtype=np.int64)
     for k, chunk in enumerate(np.array_split(order, n_bins)):
         bins[chunk] = k
@@ -367,10 +370,18 @@ class LikelihoodTarget(ScalingTarget):
         self.centric = np.ascontiguousarray(centric, dtype=np.bool_)
         self.epsilon = np.asarray(epsilon, dtype=np.float64)
         # issue 11: the bins are order statistics over all groups: in a rank-local job over
-        # the ranks' groups gathered in rank order (the one-process group order)
+        # the ranks' groups gathered in rank order (the one-process group order). Ties of
+        # d*^2 (I(+) and I(-) of one reflection, and others) go by the (h, k, l) order of the
+        # groups' indices: the bins of the anomalous layout's (unique reflection, hand) order
+        # are those of the (h, k, l) order (a bin edge among ties moved g by 3e-3 otherwise)
         dstar_sq = np.asarray(dstar_sq, dtype=np.float64)
+        tie_key = None
+        if ih_table.key_asu is not None:
+            from ..backends.rank_partition import packed_keys
+
+            tie_key = rank_local.gather_in_rank_order(packed_keys(ih_table.asu_index))
         bins, self.n_bins = resolution_bins(rank_local.gather_in_rank_order(dstar_sq),
-                                            n_resolution_bins)
+                                            n_resolution_bins, tie_key)
         self.bins = np.ascontiguousarray(rank_local.own_part(bins, dstar_sq.size))
         self.dof = dof
         self.nodes, self.weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)

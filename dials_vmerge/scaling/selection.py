@@ -141,7 +141,8 @@ class _Pairs:
         self.local_group = key // n_datasets
         self.dataset = key - self.local_group * n_datasets
         del key
-        # ascending, as the local groups' positions are
+        # ascending where the local groups' positions are (not for the anomalous layout's
+        # (unique reflection, hand) order: gather then sorts the pairs)
         self.group = groups.positions(self.local_group)
         self.n_local = table.n_groups
 

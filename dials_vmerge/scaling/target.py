@@ -311,7 +311,7 @@ class ScalingTarget(ModelTerms):
         self.last_phi = None
         # issue 11: the job's read-time key blocks, the same for any number of ranks (None
         # outside a program's scaling job: blocks cut from this table's group sizes)
-        self.key_blocks = key_blocks_of_groups(ih_table.asu_index)
+        self.key_blocks = key_blocks_of_groups(ih_table.block_key_asu)
         # Physical models: value and gradient in one fused pass (physical_pass), no ELL table
         self.fused = None
         if uses_fused_physical_pass(manager.models) and self.n_obs:

@@ -40,7 +40,7 @@ from ..io.reference import read_reference
 from ..model.base import is_auto, param
 from . import outliers as outl
 from .algorithm import ScalingRun
-from .ih_table import map_indices_to_asu, pack_indices
+from .ih_table import friedel_group_order, map_indices_to_asu, pack_indices, permuted_group_rows
 from .minimisers import lbfgs, levenberg_marquardt
 from .parameters import ParameterManager
 from .target import ModelTerms, _ordered_sum
@@ -318,8 +318,9 @@ class TargetedScalingRun(ScalingRun):
 
     def _fixed_table(self):
         """The rows matched to the reference and not outliers, ordered by (ASU key, dataset,
-        row) and grouped by ASU index: in a rank-local job each rank holds the groups of
-        its own key blocks, in the one-process order of the same rows."""
+        row) and grouped by ASU index (anomalous: by (ASU key, hand), see below): in a
+        rank-local job each rank holds the groups of its own key blocks, in the one-process
+        order of the same rows."""
         parts = []
         for d, state in enumerate(self.states):
             use = np.flatnonzero(state.has_target & ~state.outlier)
@@ -332,8 +333,16 @@ class TargetedScalingRun(ScalingRun):
         first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) \
             if keys.size else np.zeros(0, dtype=np.int64)
         group_start = np.concatenate([first, [keys.size]]).astype(np.int64)
+        key_asu = cat[5][order[first]]
+        if self.anomalous:
+            # groups by the anomalous index in (unique reflection, hand) order, placed in the
+            # key blocks by their non-anomalous index (as the run's layout: ih_table.
+            # GroupLayout.friedel_ordered): a rank's groups are then its key blocks' groups
+            permutation, key_asu = friedel_group_order(key_asu, self.space_group)
+            rows, group_start = permuted_group_rows(group_start, permutation)
+            order = order[rows]
         # None outside a job: blocks cut from these groups' sizes (key_block_sum)
-        key_blocks = key_blocks_of_groups(cat[5][order[first]])
+        key_blocks = key_blocks_of_groups(key_asu)
         return SimpleNamespace(dataset_id=cat[0][order], loc_index=cat[1][order],
                                intensity=cat[2][order], weight=cat[3][order],
                                target=cat[4][order], n_obs=int(keys.size), order=order,
