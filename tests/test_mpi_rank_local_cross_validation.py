@@ -13,7 +13,7 @@ process's; the partition ran once per rank and each job held only the rank's row
 input table gone; the first job's scaled rows gathered from the ranks equal one process's;
 and its work and free Rmeas against an independent recomputation from those rows (numpy
 group sums over cctbx's ASU indices). Also: a configuration that is not rank-local
-(anomalous=True) keeps the repeated path for its jobs with the same table, and a bad
+(a per-dataset Imid search over 200 stills) keeps the repeated path for its jobs with the same table, and a bad
 parameter under MPI is one line on stderr, exit 1.
 """
 
@@ -199,11 +199,14 @@ def test_work_and_free_rmeas_against_an_independent_recomputation(results, name)
 
 
 def test_configuration_not_rank_local_keeps_the_repeated_path(datasets, tmp_path):
-    """parameter=anomalous: the anomalous=True job is not rank-local (every rank scales all
-    rows), the anomalous=False job is (partitioned for that job); the results are one
-    process's, bit for bit."""
+    """parameter=reflection_selection.combine.joint_analysis on 200 stills: the False job (a
+    per-dataset Imid search over more than 64 datasets) is not rank-local (every rank scales
+    all rows), the True job is (partitioned for that job); the results are one process's,
+    bit for bit. (anomalous=True, the mixed case before session 12's anomalous work, is
+    rank-local now.)"""
     expt, refl = datasets["stills200"]
-    extra = ["cross_validation.cross_validation_mode=multi", "cross_validation.parameter=anomalous"]
+    extra = ["cross_validation.cross_validation_mode=multi",
+             "cross_validation.parameter=reflection_selection.combine.joint_analysis"]
     out = {}
     for n_ranks in (None, 2):
         d = tmp_path / f"ranks{n_ranks}"
@@ -217,7 +220,7 @@ def test_configuration_not_rank_local_keeps_the_repeated_path(datasets, tmp_path
         assert rank_results == one_results
     n_rows = int(out[None]["input_rows"][0])
     jobs = json.loads(str(out[2]["jobs"]))
-    # every job is given all rows (the repeated path needs them); the anomalous=False job
+    # every job is given all rows (the repeated path needs them); the joint_analysis=True job
     # takes its rank's rows itself (its own partition, once per rank), the other none
     assert all(job["rows"] == n_rows and not job["rank_rows"]
                for rank_jobs in jobs for job in rank_jobs)
