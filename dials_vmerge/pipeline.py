@@ -341,12 +341,6 @@ def _not_anomalous(params):
     return not param(params, "anomalous", False)
 
 
-def _not_variational(params):
-    method = param(params, "merging.method", ["classical"])
-    methods = {method} if isinstance(method, str) else set(method or [])
-    return not methods & {"variational", "all"}
-
-
 def _not_cuda(params):
     # the device passes and resident tables hold every row (backends/run_device.py)
     from .backends.select import cuda_available
@@ -357,6 +351,8 @@ def _not_cuda(params):
 
 def _merged_on_rank_rows(params):
     # the merge takes the rank's rows as they are only for the methods merged per rank
+    # (rank_merge.RANK_METHODS: one method; variational too, its Sigma(d) fitted over the
+    # ranks, merging/rank_variational.py)
     from .backends import mpi_world
     from .merging import rank_merge
 
@@ -370,9 +366,11 @@ def _merged_on_rank_rows(params):
 # (scaling/targeted.py _grouped_sum), the small scale cutoff's mean is an exact sum.
 # scaling_options.target=likelihood too: its sums over groups are key-block trees and its
 # resolution bins order statistics over the gathered groups (scaling/likelihood.py).
+# merging.method=variational too (session 12): its Sigma(d) EM takes the bins and per-bin sums
+# over all ranks' groups (merging/rank_variational.py); outputs byte-identical at N = 1, 2, 3.
 RANK_LOCAL_CONDITIONS = [
     _no_filtering, _no_cross_validation,
-    _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
+    _not_anomalous, _not_cuda, _merged_on_rank_rows,
 ]
 
 
