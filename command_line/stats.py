@@ -1,6 +1,5 @@
 """dials.vmerge.stats: merging statistics and half-dataset cross-validation, per method."""
 
-from dials_vmerge.backends import mpi_world
 from dials_vmerge.cli import Program, write_json
 from dials_vmerge.io.atomic import StagedOutputs
 from dials_vmerge.report import stage_report
@@ -8,7 +7,6 @@ from dials_vmerge.pipeline import check_usable_intensities
 from dials_vmerge.merging.api import (
     apply_input_selection,
     log_statistics,
-    merge_scaled_table,
     selected_methods,
     summary_table,
 )
@@ -35,11 +33,10 @@ def run(params, inputs, log):
     check_usable_intensities(inputs.reflections, ", ".join(inputs.reflection_paths))
     experiments, table = apply_input_selection(params, inputs.experiments, inputs.reflections, log)
     methods = selected_methods(params)
-    # under MPI with one method of rank_merge.RANK_METHODS: merge, statistics and half-dataset
-    # cross-validation on each rank's own rows (issue 11); several methods (method_differences
-    # compares their merges) are repeated on every rank
-    merge = rank_merge.merge_scaled_table if len(methods) == 1 and rank_merge.applies(
-        params, mpi_world.n_ranks()) else merge_scaled_table
+    # under MPI: each method's merge, statistics and half-dataset cross-validation on each
+    # rank's own rows (issue 11) when rank_merge.applies to it (merging.method is set to that
+    # one method below); method_differences compares the merges gathered on rank 0
+    merge = rank_merge.merge_scaled_table
     report = {"methods": methods, "half_dataset": {}}
     first = None
     for method in methods:

@@ -420,12 +420,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _not_variational(params):
-    method = param(params, "merging.method", ["classical"])
-    methods = {method} if isinstance(method, str) else set(method or [])
-    return not methods & {"variational", "all"}
-
-
 def _not_cuda(params):
     # the device passes and resident tables hold every row (backends/run_device.py)
     from .backends.select import cuda_available
@@ -436,6 +430,8 @@ def _not_cuda(params):
 
 def _merged_on_rank_rows(params):
     # the merge takes the rank's rows as they are only for the methods merged per rank
+    # (rank_merge.RANK_METHODS: one method; variational too, its Sigma(d) fitted over the
+    # ranks, merging/rank_variational.py)
     from .backends import mpi_world
     from .merging import rank_merge
 
@@ -464,8 +460,10 @@ def _merged_on_rank_rows(params):
 # so a rank's groups are a contiguous run of the one-process groups and the sums over them go
 # by the job's key blocks; group-level choices (selection, E^2 shells) still take the (h, k,
 # l) order of the anomalous indices (backends/group_order.py).
+# merging.method=variational too (session 12): its Sigma(d) EM takes the bins and per-bin sums
+# over all ranks' groups (merging/rank_variational.py); outputs byte-identical at N = 1, 2, 3.
 RANK_LOCAL_CONDITIONS = [
-    _not_variational, _not_cuda, _merged_on_rank_rows,
+    _not_cuda, _merged_on_rank_rows,
 ]
 
 

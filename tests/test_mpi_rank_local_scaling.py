@@ -198,12 +198,13 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"merging__method": ["variational"]},
-                   {"merging__method": ["all"]}, {"compute__device": "cuda"},
+    for change in ({"merging__method": ["all"]}, {"compute__device": "cuda"},
                    {"merging__method": ["robust", "classical"]}):
         assert not pipeline.rank_local_supported(params(**change)), change
     # the defaults (selection auto, Imid search, basic error model) run rank-local
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
+    # variational: Sigma(d) fitted over the ranks (tests/test_mpi_rank_merge_variational.py)
+    assert pipeline.rank_local_supported(params(merging__method=["variational"]))
     # a free set (membership by ASU index; test_more_configurations runs it)
     assert pipeline.rank_local_supported(params(scaling_options__use_free_set=True))
     # a reference (targeted sums over the key blocks; test_more_configurations runs it)

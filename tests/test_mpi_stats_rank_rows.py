@@ -97,14 +97,17 @@ def test_stats_on_rank_rows_equals_one_process(sweeps, one_process, tmp_path, me
     assert done.stdout.count("Half-dataset cross-validation") == 1  # rank 0 alone prints
 
 
-def test_stats_with_two_methods_repeats_on_every_rank(sweeps, tmp_path):
-    """Several methods (method_differences compares their merges) keep the repeated path at
-    N = 2: no rank-rows line, and the one-process JSON."""
+def test_stats_with_two_methods_on_rank_rows(sweeps, tmp_path):
+    """Several methods (method_differences compares their merges, gathered on rank 0): each
+    method merged on the ranks' own rows at N = 2 (the rank-rows line once per method), and
+    the one-process JSON (all three methods: tests/test_mpi_rank_merge_variational.py)."""
     expt, refl = sweeps
     args = ["dials.vmerge.stats", expt, refl, "merging.method=classical+robust",
             "half_dataset_repeats=2"]
     one, two = mpi_helpers.one_process_and_ranks(args, tmp_path, 2, TIMEOUT_S)
-    assert rows_per_rank(two / "dials.vmerge.stats.log") is None
+    assert rows_per_rank(two / "dials.vmerge.stats.log")
+    assert open(two / "dials.vmerge.stats.log").read().count(
+        "MPI: merging each rank's own unique reflections") == 2
     report = json.load(open(two / "dials.vmerge.stats.json"))
     assert sorted(report["half_dataset"]) == ["classical", "robust"]
     assert "robust" in report["method_differences"]

@@ -430,7 +430,10 @@ def _batches(table, rows, experiments):
 
 # -- the methods ----------------------------------------------------------------------------
 def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, params=None,
-                 french_wilson_amplitudes=True, wilson_sigma_per_group=None) -> MergedIntensities:
+                 french_wilson_amplitudes=True, wilson_sigma_per_group=None,
+                 wilson_prior=None) -> MergedIntensities:
+    """wilson_prior: the variational Sigma(d) fit's steps over all groups
+    (variational.WilsonPrior; None: these groups)."""
     if method == "classical":
         merged = merge_classical(groups, intensity, sigma)
     elif method == "robust":
@@ -444,6 +447,7 @@ def merge_groups(method: str, groups: GroupedObservations, intensity, sigma, par
             dof=_param(params, "merging.variational.dof", 0.0) or 0.0,
             n_bins=_param(params, "merging.variational.n_bins", 20),
             wilson_sigma_per_group=wilson_sigma_per_group,
+            prior=wilson_prior,
         )
         return merged
     else:
@@ -537,11 +541,14 @@ class MethodMerger:
 
 
 class HalfDatasetMerger:
-    """merge(groups, I, sigma, context, anomalous) for the half-dataset statistics."""
+    """merge(groups, I, sigma, context, anomalous) for the half-dataset statistics.
+    wilson_prior: makes the variational Sigma(d) fit's all-group steps for the full merges of
+    `prepare` (a variational.WilsonPrior class; None: the groups given, one process)."""
 
-    def __init__(self, method, params=None):
+    def __init__(self, method, params=None, wilson_prior=None):
         self.method = method
         self.params = params
+        self.wilson_prior = wilson_prior
 
     def prepare(self, context, intensity, sigma):
         if self.method != "variational":
@@ -549,7 +556,9 @@ class HalfDatasetMerger:
         fixed = {}
         for key, anomalous in (("full", False), ("full_anom", True)):
             groups = context[key]
-            full = merge_groups("variational", groups, intensity, sigma, self.params)
+            prior = self.wilson_prior() if self.wilson_prior is not None else None
+            full = merge_groups("variational", groups, intensity, sigma, self.params,
+                                wilson_prior=prior)
             fixed[anomalous] = (groups.asu_index, full.extra["wilson_sigma_per_group"])
         return fixed
 

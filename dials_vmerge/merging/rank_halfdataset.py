@@ -9,8 +9,12 @@ ranks:
   so every rank takes the one-process halves;
 - the shells: the extreme indices of all ranks' observations (what equal_volume_limits
   reads of them);
+- variational: the full data's Wilson Sigma(d), which fixes the half merges, fitted over
+  all ranks' groups before the repeats (rank_variational.RankWilsonPrior: the one-process
+  bins and per-bin sums);
 - per repeat, each rank merges the two halves of its own groups (a merge of RANK_METHODS is a
-  function of each group's observations, which keep the one-process order within a group)
+  function of each group's observations, given Sigma for variational, and the observations
+  keep the one-process order within a group)
   and sends, per group of its full groupings, whether the group is in each half with its half
   merge (non-anomalous), and whether it has an anomalous difference I(+) - I(-) in each half
   with that difference (anomalous; a Bijvoet partner lies on its group's rank). Rank 0
@@ -32,6 +36,7 @@ from .halfdataset import _correlations, _plus, half_dataset_summary, split_batch
 from .lookup import find_indices
 from .rank_merge import (RankGrouping, _global_extreme_indices, _on_every_rank,
                          _raise_together)
+from .rank_variational import rank_half_dataset_merger
 from .statistics import equal_volume_limits, shell_of, symmetry_compatible_cell
 
 
@@ -48,8 +53,10 @@ def _present_groups(grouping, mask):
 class _LocalHalves:
     """One rank's half merges of its own groups for a split of the batches."""
 
-    def __init__(self, full, full_anom, intensity, sigma, batch, merge, space_group):
+    def __init__(self, full, full_anom, intensity, sigma, batch, merge, space_group,
+                 context=None):
         self.full, self.full_anom = full, full_anom
+        self.context = context  # merge.prepare's (variational: the full data's Sigma)
         self.intensity, self.sigma, self.batch = intensity, sigma, batch
         self.merge = merge
         # Bijvoet partner and hemisphere depend on the ASU index alone: found once among
@@ -67,7 +74,8 @@ class _LocalHalves:
         if part.n_groups:
             where = _present_groups(grouping, mask)
             present[where] = 1.0
-            merged[where] = self.merge(part, self.intensity[mask], self.sigma[mask], None,
+            merged[where] = self.merge(part, self.intensity[mask], self.sigma[mask],
+                                       self.context,
                                        anomalous)
         return present, merged
 
@@ -112,9 +120,12 @@ def rank_half_dataset_statistics(
 ):
     """halfdataset.half_dataset_statistics of all ranks' observations, each rank giving the
     rows of its own unique reflections (whole non-anomalous groups; input order kept within
-    a group); every rank returns the one-process result. `merge(groups, I, sigma, None,
-    anomalous)` must merge each group from its own observations alone (classical, robust:
-    not variational, whose prior is fitted over all groups). Every rank calls it."""
+    a group); every rank returns the one-process result. `merge(groups, I, sigma, context,
+    anomalous)` must merge each group from its own observations alone given `context`
+    (merge.prepare's, if it has one; classical, robust: None). Variational: prepare fits
+    the full data's Sigma(d) over all ranks (rank_variational.rank_half_dataset_merger
+    makes the merger do so) and each half is merged with it held fixed. Every rank calls
+    it."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -128,7 +139,13 @@ def rank_half_dataset_statistics(
     full_anom = groupings.get(True, unit_cell)
     every = RankGrouping(full)
     every_anom = RankGrouping(full_anom)
-    local = _LocalHalves(full, full_anom, intensity, sigma, batch, merge, space_group)
+    merge = rank_half_dataset_merger(merge)
+    # as half_dataset_statistics: the merger's context from the full groupings (a collective
+    # for variational: every rank fits Sigma(d) with the others)
+    context = merge.prepare({"full": full, "full_anom": full_anom}, intensity, sigma) \
+        if hasattr(merge, "prepare") else None
+    local = _LocalHalves(full, full_anom, intensity, sigma, batch, merge, space_group,
+                         context)
     error = None
     try:
         limits, d_ranges = equal_volume_limits(unit_cell, extremes, n_bins)

@@ -1,8 +1,9 @@
 """Merging and merging statistics on each MPI rank's own rows (issue 11).
 
-Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical or robust, host
-passes; dials.vmerge's merging stage and dials.vmerge.stats too, the latter with the
-half-dataset cross-validation of rank_halfdataset.py) every rank reads only the rows of its
+Under `mpiexec -n N dials.vmerge.merge` (N > 1, merging.method=classical, robust or
+variational, host passes; dials.vmerge's merging stage and dials.vmerge.stats too, the latter
+with the half-dataset cross-validation of rank_halfdataset.py and, for several methods, each
+method in turn) every rank reads only the rows of its
 own unique reflections (backends/rank_partition.py: whole non-anomalous ASU groups, so I(+),
 I(-) and the Friedel-merged group of a reflection are all on one rank) and computes per-group
 values of its own groups only. What crosses ranks is one row of values per unique reflection
@@ -11,7 +12,11 @@ statistics:
 
 - merged.mtz: each rank's merges (Friedel mates together and apart) gathered to rank 0 in
   the one-process group order ((h, k, l) of the ASU index), French-Wilson on the gathered
-  values (its prior is by resolution shell, a global quantity).
+  values (its prior is by resolution shell, a global quantity; not for variational, whose
+  amplitudes are its posterior's and are gathered). Variational: the Wilson Sigma(d) of the
+  merges is fitted by EM over every rank's groups (rank_variational.py: the bins and per-bin
+  sums on rank 0 from one gathered value per group per iteration); the statistics' subsets
+  and halves are merged with it held fixed (rank_variational.RankMethodMerger).
 - statistics (statistics.merging_statistics's definitions and shell code, unchanged): the
   per-group sums of statistics._Prepared (merged I and sigma, sum |I - <I>|, sum I, the
   anomalous merge) are computed by each rank for its groups and gathered to rank 0 alone,
@@ -55,9 +60,10 @@ from .merged import MergedIntensities
 from .statistics import half_labels_from_draw_starts, half_means_from_draw_starts
 
 
-# Methods whose merge is a function of each group's observations alone (variational's Wilson
-# prior is fitted over all groups: it is still merged from every row on every rank).
-RANK_METHODS = ("classical", "robust")
+# Methods merged on each rank's own rows: classical and robust merge each group from its own
+# observations; variational too given the Wilson Sigma(d), whose EM fit over all groups takes
+# its all-group steps over the ranks (merging/rank_variational.py).
+RANK_METHODS = ("classical", "robust", "variational")
 
 
 def applies(params, n_ranks: int) -> bool:
@@ -82,8 +88,8 @@ def merge_scaled_table(table, experiments, params, log=None, half_dataset=False)
         # a rank-local scaling job must only be switched on where its merge is too
         # (pipeline's predicate includes `applies`): no rank holds the other ranks' rows
         raise VmergeError("internal error: a rank-local scaled table cannot be merged with "
-                          "these merging parameters (merging.method classical or robust on "
-                          "the host only)")
+                          "these merging parameters (one merging.method of "
+                          + ", ".join(RANK_METHODS) + " on the host only)")
     from .api import merge_scaled_table as merge_every_row
 
     return merge_every_row(table, experiments, params, log, half_dataset=half_dataset)
@@ -216,8 +222,13 @@ class RankPrepared:
     distributed = True
 
     def __init__(self, intensity, sigma, space_group, unit_cell, anomalous, groupings,
-                 method="classical", params=None):
-        self.merger = None  # the statistics' one-process merger hooks stay unused
+                 method="classical", params=None, merger=None):
+        # merger: the method's merges of this rank's groupings (rank_variational.
+        # RankMethodMerger; None: merge_groups of each grouping, for methods that merge each
+        # group from its own observations). The statistics' one-process merger hooks
+        # (self.merger) stay unused.
+        self.method_merger = merger
+        self.merger = None
         self.method = method
         self.params = params
         self.space_group = space_group
@@ -251,6 +262,8 @@ class RankPrepared:
         if self.method == "classical":
             mean, merged_sigma = merge_sums(i_sorted, s_sorted, local.group_start,
                                             SIGMA_DYNAMIC_RANGE, use_internal_variance)
+        elif self.method_merger is not None:
+            mean, merged_sigma = self.method_merger.merge(local, self.intensity, self.sigma)
         else:  # statistics of the method's merged intensities (api.MethodMerger)
             merged = merge_groups(self.method, local, self.intensity, self.sigma, self.params,
                                   french_wilson_amplitudes=False)
@@ -331,8 +344,13 @@ class RankPrepared:
         for half in (1, 2):
             keep = label == half
             part = local.subset(keep)
-            means = merge_groups(self.method, part, self.intensity[keep], self.sigma[keep],
-                                 self.params, french_wilson_amplitudes=False).intensity
+            if self.method_merger is not None:
+                means = self.method_merger.half_means(part, self.intensity[keep],
+                                                      self.sigma[keep])
+            else:
+                means = merge_groups(self.method, part, self.intensity[keep],
+                                     self.sigma[keep], self.params,
+                                     french_wilson_amplitudes=False).intensity
             out = np.full(local_order.size, np.nan)
             where = find_indices(local.asu_index[local_order], part.asu_index)
             found = where >= 0
@@ -405,12 +423,12 @@ def _on_every_rank(statistics):
 def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_cell,
                             n_bins=20, anomalous=False, significance_level=0.01,
                             with_anomalous_table=False, suggest_cut=True, groupings=None,
-                            method="classical", params=None):
+                            method="classical", params=None, merger=None):
     """statistics.merging_statistics of all ranks' observations, each rank giving its own
     rows (whole groups); every rank returns the same MergingStatistics (made on rank 0 while
     the other ranks answer its half-split requests). method: whose merged intensities the
     statistics describe (classical: cctbx's inverse-variance means; robust: as
-    api.MethodMerger)."""
+    api.MethodMerger; variational: with `merger`, rank_variational.RankMethodMerger)."""
     miller_index = np.asarray(miller_index, dtype=np.int32).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -425,7 +443,7 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
         used = groupings.subset(positive)
         used_intensity, used_sigma = intensity[positive], sigma[positive]
     prep = RankPrepared(used_intensity, used_sigma, space_group, unit_cell, anomalous, used,
-                        method, params)
+                        method, params, merger)
     if prep.groups.n_groups == 0:  # known to every rank
         raise ValueError("no reflections with sigma > 0")
     result = None
@@ -448,7 +466,7 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
         result.anomalous_statistics = rank_merging_statistics(
             miller_index, intensity, sigma, space_group, unit_cell, n_bins, True,
             significance_level, False, suggest_cut=False, groupings=groupings, method=method,
-            params=params)
+            params=params, merger=merger)
     d_fit = result.d_min_cc_half_fit
     if (suggest_cut and d_fit is not None
             and d_fit - result.shells[-1].d_min > st.CUT_TOLERANCE_A):
@@ -456,16 +474,21 @@ def rank_merging_statistics(miller_index, intensity, sigma, space_group, unit_ce
         result.cut_statistics = rank_merging_statistics(
             miller_index[keep], intensity[keep], sigma[keep], space_group, unit_cell, n_bins,
             anomalous, significance_level, with_anomalous_table, suggest_cut=False,
-            groupings=groupings.subset(keep), method=method, params=params)
+            groupings=groupings.subset(keep), method=method, params=params, merger=merger)
     return result
 
 
 # -- merged intensities -------------------------------------------------------------------------
+# MergedIntensities.extra entries with one value per group (variational.merge_variational's)
+PER_GROUP_EXTRAS = ("bin_of", "wilson_sigma_per_group")
+
+
 def _merged_on_output_rank(local_merged, french_wilson_amplitudes):
     """All ranks' merges (each rank's merging.api.merge_groups of its own groups, without
-    amplitudes) in the one-process group order on rank 0, with French-Wilson amplitudes
-    (its prior is by resolution shell: global); an empty MergedIntensities on the other
-    ranks, which write no merged file.
+    French-Wilson amplitudes) in the one-process group order on rank 0, with French-Wilson
+    amplitudes when asked (its prior is by resolution shell: global) or the merge's own
+    (variational's posterior F); an empty MergedIntensities on the other ranks, which write
+    no merged file.
 
     Gathered column by column in each column's own dtype and put in ASU order as it
     arrives: rank 0 alone holds every merged reflection here (a rotation run's merged and
@@ -476,8 +499,11 @@ def _merged_on_output_rank(local_merged, french_wilson_amplitudes):
     from .french_wilson import french_wilson
 
     merged = local_merged
-    extra = sorted(k for k, v in merged.extra.items()
-                   if isinstance(v, np.ndarray) and v.shape == (len(merged),))
+    # per-group extras (variational: Sigma and bin per group) named alike on every rank: a
+    # rank's own count of groups can equal the length of a per-bin array by chance
+    extra = [k for k in PER_GROUP_EXTRAS if isinstance(merged.extra.get(k), np.ndarray)]
+    # the rest (variational: the per-bin Sigma, the EM iterations) is the same on every rank
+    shared = {k: v for k, v in merged.extra.items() if k not in PER_GROUP_EXTRAS}
     # the merge's temporaries are gone: give their heap holes back before rank 0's gather
     release_free_memory(collect_cycles=False)
     output = mpi_world.is_output_rank()
@@ -501,6 +527,10 @@ def _merged_on_output_rank(local_merged, french_wilson_amplitudes):
         dstar_sq=gathered(merged.dstar_sq, np.float64),
         anomalous=merged.anomalous, method=merged.method,
         extra={name: gathered(merged.extra[name], merged.extra[name].dtype) for name in extra})
+    out.extra.update(shared)
+    if merged.amplitude is not None:  # the method's own amplitudes (variational posterior)
+        out.amplitude = gathered(merged.amplitude, np.float64)
+        out.amplitude_sigma = gathered(merged.amplitude_sigma, np.float64)
     if french_wilson_amplitudes and len(out):
         _, _, F, sigma_F = french_wilson(out.intensity, out.sigma, out.centric, out.dstar_sq)
         out.amplitude, out.amplitude_sigma = F, sigma_F
@@ -826,20 +856,37 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
     fw = bool(_param(params, "merging.french_wilson", True))
     n_bins = int(_param(params, "merging.nbins", 20))
     groupings = Groupings(obs.miller_index, space_group, unit_cell)
+    merger = None
+    if method == "variational":
+        # as merging.api.merge_observations: the merges first (Sigma(d) fitted over every
+        # rank's groups), then the statistics of them (MethodMerger: subsets merged with
+        # the full data's Sigma held fixed)
+        from .rank_variational import RankMethodMerger, merge_variational_rank_rows
+
+        local_merged = merge_variational_rank_rows(groupings.get(False), obs.intensity,
+                                                   obs.sigma, params)
+        local_merged_anom = merge_variational_rank_rows(groupings.get(True), obs.intensity,
+                                                        obs.sigma, params)
+        merger = RankMethodMerger(method, params, [local_merged, local_merged_anom])
     try:
         statistics = rank_merging_statistics(
             obs.miller_index, obs.intensity, obs.sigma, space_group, unit_cell, n_bins=n_bins,
             with_anomalous_table=not space_group.is_centric(), groupings=groupings,
-            method=method, params=params)
+            method=method, params=params, merger=merger)
     except Exception as e:  # every rank meets the same (gathered) values: all fail alike
         log.warning(f"Merging statistics could not be computed: {e}")
         statistics = None
+    del merger
     half = _rank_half_dataset(obs, groupings, space_group, unit_cell, method, params) \
         if half_dataset else None
-    local_merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma,
-                                params, french_wilson_amplitudes=False)
-    local_merged_anom = merge_groups(method, groupings.get(True), obs.intensity, obs.sigma,
-                                     params, french_wilson_amplitudes=False)
+    if method != "variational":
+        local_merged = merge_groups(method, groupings.get(False), obs.intensity, obs.sigma,
+                                    params, french_wilson_amplitudes=False)
+        local_merged_anom = merge_groups(method, groupings.get(True), obs.intensity,
+                                         obs.sigma, params, french_wilson_amplitudes=False)
+    # French-Wilson is not applied to variational merges (their amplitudes are the
+    # posterior's), as in merging.api.merge_observations
+    fw = fw and method != "variational"
     unmerged = bool(_param(params, "merging.output.unmerged_mtz", None))
     # the observations of all ranks on rank 0 only for the unmerged MTZ, which lists them
     gathered = _observations_on_output_rank(obs) if unmerged else _empty_observations()
@@ -864,7 +911,9 @@ def merge_rank_rows(table, experiments, params, log=None, half_dataset=False) ->
 
 
 def _rank_half_dataset(obs, groupings, space_group, unit_cell, method, params) -> dict:
-    """merging.api.half_dataset_for on the ranks' own observations (every rank gets it)."""
+    """merging.api.half_dataset_for on the ranks' own observations (every rank gets it;
+    variational: the full data's Sigma fitted over all ranks, rank_half_dataset_statistics
+    takes the rank version of the merger)."""
     from .api import HalfDatasetMerger
     from .rank_halfdataset import rank_half_dataset_statistics
 

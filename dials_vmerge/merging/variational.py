@@ -49,9 +49,35 @@ def resolution_bins(dstar_sq: np.ndarray, n_bins: int, min_per_bin: int = 50) ->
 
 def estimate_wilson_sigma(mean_j, epsilon, bin_of, n_bins):
     """M-step: Sigma per bin = mean of E[J]/eps."""
-    sums = np.bincount(bin_of, weights=mean_j / epsilon, minlength=n_bins)
+    return bin_means(mean_j / epsilon, bin_of, n_bins)
+
+
+def bin_means(values, bin_of, n_bins):
+    """Mean of `values` per bin (0 for an empty bin): sums in the order of `values`."""
+    sums = np.bincount(bin_of, weights=values, minlength=n_bins)
     counts = np.bincount(bin_of, minlength=n_bins)
     return sums / np.maximum(counts, 1)
+
+
+class WilsonPrior:
+    """The steps of the Sigma(d) fit that read every group: the resolution bins (an order
+    statistic of 1/d^2), the per-bin means of E[J]/eps and the floor (a mean over groups).
+    This is the one-process version over the groups merged; merging/rank_variational.py's
+    RankWilsonPrior takes the same steps over all MPI ranks' groups (each rank merging its
+    own), with the same bits."""
+
+    def bins(self, groups, n_bins):
+        """(bin of each group, number of bins used)."""
+        bin_of = resolution_bins(groups.dstar_sq, n_bins)
+        return bin_of, int(bin_of.max()) + 1 if len(bin_of) else 0
+
+    def start(self, values, bin_of, n_used_bins):
+        """(per-bin means of `values` (per-group classical E[J]/eps), the positive floor)."""
+        return bin_means(values, bin_of, n_used_bins), _positive_floor(values)
+
+    def update(self, values, bin_of, n_used_bins):
+        """Per-bin means of `values` (per-group E[J]/eps)."""
+        return bin_means(values, bin_of, n_used_bins)
 
 
 def merge_variational(
@@ -64,11 +90,14 @@ def merge_variational(
     em_tolerance: float = 1e-6,
     wilson_sigma_per_group=None,
     max_t_iterations: int = 100,
+    prior: WilsonPrior = None,
 ) -> MergedIntensities:
     """Posterior mean/SD of J and F for every group.
 
     `wilson_sigma_per_group` fixes Sigma (e.g. from the full data when merging half
-    datasets); otherwise Sigma(d) is estimated by EM in `n_bins` resolution bins."""
+    datasets); otherwise Sigma(d) is estimated by EM in `n_bins` resolution bins, its steps
+    over all groups taken by `prior` (WilsonPrior: these groups; under MPI the ranks' groups
+    together, rank_variational.RankWilsonPrior, every rank calling with its own groups)."""
     i_sorted = groups.gather(np.asarray(intensity, dtype=np.float64))
     s_sorted = groups.gather(np.asarray(sigma, dtype=np.float64))
     centric = np.ascontiguousarray(groups.centric, dtype=np.bool_)
@@ -99,22 +128,22 @@ def merge_variational(
 
     extra = {}
     if wilson_sigma_per_group is None:
-        bin_of = resolution_bins(groups.dstar_sq, n_bins)
-        n_used_bins = int(bin_of.max()) + 1 if len(bin_of) else 0
+        prior = WilsonPrior() if prior is None else prior
+        bin_of, n_used_bins = prior.bins(groups, n_bins)
         # Start from the inverse-variance means, floored so the prior is proper.
         precision = np.add.reduceat(1.0 / s_sorted**2, groups.group_start[:-1]) if len(
             s_sorted) else np.zeros(0)
         weighted = np.add.reduceat(i_sorted / s_sorted**2, groups.group_start[:-1]) if len(
             s_sorted) else np.zeros(0)
         classical = weighted / precision
-        wilson_sigma = estimate_wilson_sigma(classical, epsilon, bin_of, n_used_bins)
-        floor = _positive_floor(classical / epsilon)
+        wilson_sigma, floor = prior.start(classical / epsilon, bin_of, n_used_bins)
         wilson_sigma = np.maximum(wilson_sigma, floor)
         iterations = 0
         for iterations in range(1, max_em_iterations + 1):
             mean_j, _, _, _ = e_step(epsilon * wilson_sigma[bin_of], False)
-            updated = np.maximum(estimate_wilson_sigma(mean_j, epsilon, bin_of, n_used_bins),
+            updated = np.maximum(prior.update(mean_j / epsilon, bin_of, n_used_bins),
                                  floor * 1e-6)
+            # the same per-bin arrays on every rank (RankWilsonPrior): the same decision
             change = np.max(np.abs(updated / wilson_sigma - 1.0)) if len(updated) else 0.0
             wilson_sigma = updated
             if change < em_tolerance:
