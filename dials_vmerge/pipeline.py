@@ -347,14 +347,6 @@ def _not_variational(params):
     return not methods & {"variational", "all"}
 
 
-def _not_cuda(params):
-    # the device passes and resident tables hold every row (backends/run_device.py)
-    from .backends.select import cuda_available
-
-    device = str(param(params, "compute.device", "auto")).strip().lower()
-    return device == "cpu" or (device == "auto" and not cuda_available())
-
-
 def _merged_on_rank_rows(params):
     # the merge takes the rank's rows as they are only for the methods merged per rank
     from .backends import mpi_world
@@ -372,7 +364,7 @@ def _merged_on_rank_rows(params):
 # resolution bins order statistics over the gathered groups (scaling/likelihood.py).
 RANK_LOCAL_CONDITIONS = [
     _no_filtering, _no_cross_validation,
-    _not_anomalous, _not_variational, _not_cuda, _merged_on_rank_rows,
+    _not_anomalous, _not_variational, _merged_on_rank_rows,
 ]
 
 
@@ -516,6 +508,10 @@ def choose_compute_device(params, log) -> str:
 
     device = choose_device(params.compute.device)
     if device == "cuda":
+        from .backends.select import select_rank_device
+
+        # under MPI, rank r on GPU r % (visible GPUs) (README, "GPU")
+        select_rank_device()
         # issue 12: the per-observation passes run on the device (backends/run_device.py
         # logs which); the minimiser stays on the host.
         log.info("compute.device: a GPU is visible; scaling target and gradient use it for large jobs "

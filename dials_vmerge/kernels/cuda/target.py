@@ -153,6 +153,40 @@ class _Batch:
 N_STREAMS = 2
 
 
+def batch_partials_on_streams(batches, streams, n_params, launch):
+    """(Phi per batch (n,), gradient per batch (n, n_params)) of batches enqueued as in
+    sum_batches_on_streams: each batch's Phi is its per-block partials added exactly
+    (math.fsum) and its gradient its segment rows added in order, so a batch's partials
+    depend on the batch's groups alone (issue 11: batches that are the job's key blocks
+    give the same partials whichever MPI rank evaluates them)."""
+    phi = np.zeros(len(batches))
+    gradient = np.zeros((len(batches), n_params))
+    pending = [None] * len(streams)  # (batch index, batch) each stream is copying
+
+    def collect(k):
+        if pending[k] is None:
+            return
+        index, batch = pending[k]
+        streams[k].synchronize()
+        phi[index] = math.fsum(batch.phi_host.tolist())
+        if n_params:
+            gradient[index] = ordered_rows_sum(batch.grad_host)
+        pending[k] = None
+
+    for index, batch in enumerate(batches):
+        k = index % len(streams)
+        collect(k)
+        stream = streams[k]
+        launch(batch, k, stream)
+        batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
+        if n_params:
+            batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
+        pending[k] = (index, batch)
+    for k in range(len(streams)):
+        collect(k)
+    return phi, gradient
+
+
 def sum_batches_on_streams(batches, streams, n_params, launch):
     """(Phi, gradient) of batches whose kernels launch(batch, stream_index, stream) enqueues (leaving the
     batch's phi_block and, with parameters, grad_partial filled on the device).
@@ -196,13 +230,17 @@ class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
     def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None,
-                 upload=None, columns=None, device_group_start=None, device_cols=None):
+                 upload=None, columns=None, device_group_start=None, device_cols=None,
+                 group_bounds=None):
         """upload(host array): its device copy (default cuda.to_device; the run passes its
         job table's counted upload). columns: (intensity, weight) already on the device
         (gathered there from the job's resident arrays), used instead of uploading them.
         device_group_start, device_cols: the table's group offsets and ELL columns already
         on the device (equal to group_start and deriv_col): each batch's offsets and column
-        entries are then derived there, nothing with a row per observation goes up."""
+        entries are then derived there, nothing with a row per observation goes up.
+        group_bounds: group offsets of the batches (issue 11: the job's key blocks of this
+        MPI rank, whose partials evaluate_partials returns one per bound pair), instead of
+        batches of batch_size observations; empty ones get no batch."""
         upload = upload or cuda.to_device
         intensity = np.ascontiguousarray(intensity, dtype=np.float64)
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
@@ -225,9 +263,18 @@ class DeviceTarget:
             self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
         self.factor = cuda.device_array(max(self.n_obs, 1))
         self.batches = []
-        bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
+        if group_bounds is not None:
+            bounds = np.asarray(group_bounds, dtype=np.int64)
+        else:
+            bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
+        self.group_bounds = bounds
+        # the bound pair of each batch (evaluate_partials puts a batch's partials there)
+        self.batch_slot = []
         for b in range(len(bounds) - 1):
             g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
+            if group_bounds is not None and g_lo == g_hi:
+                continue
+            self.batch_slot.append(b)
             lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
             self.batches.append(_Batch(
                 lo, hi, group_start[g_lo:g_hi + 1] - lo, deriv_col[lo:hi], self.n_params,
@@ -267,6 +314,32 @@ class DeviceTarget:
 
         return sum_batches_on_streams([b for b in self.batches if b.n_obs], streams,
                                       self.n_params, launch)
+
+    def evaluate_partials(self, g, deriv_values):
+        """(Phi (n_bounds,), gradient (n_bounds, n_params)): the partials of each bound pair of
+        group_bounds (exact zeros for an empty one), for device arrays g and deriv_values;
+        each depends on its groups alone (batch_partials_on_streams)."""
+        streams = self._streams()
+
+        def launch(batch, stream_index, stream):
+            sl = slice(batch.obs_lo, batch.obs_hi)
+            self._residuals(g, batch, stream)
+            if self.n_params:
+                n_threads = batch.n_segments * self.n_params
+                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
+                    self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
+                    batch.grad_partial)
+
+        used = [k for k, b in enumerate(self.batches) if b.n_obs]
+        phi_used, grad_used = batch_partials_on_streams([self.batches[k] for k in used],
+                                                        streams, self.n_params, launch)
+        n_slots = max(len(self.group_bounds) - 1, 0)
+        phi = np.zeros(n_slots)
+        gradient = np.zeros((n_slots, self.n_params))
+        slots = np.asarray([self.batch_slot[k] for k in used], dtype=np.int64)
+        phi[slots] = phi_used
+        gradient[slots] = grad_used
+        return phi, gradient
 
     def _streams(self):
         """Two CUDA streams when there are several batches (one, the default, otherwise)."""
