@@ -198,3 +198,11 @@ def test_cuda_runs_rank_local():
                                    combine=NS(joint_analysis=True)),
            weighting=NS(error_model=NS(error_model="basic")))
     assert pipeline.rank_local_supported(p)
+
+
+def test_devices_reports_the_gpu_of_each_rank(tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    done = mpi_helpers.run(["dials.vmerge.devices"], cwd=tmp_path, n_ranks=2, env=env)
+    assert done.returncode == 0, done.stderr
+    # the simulator is one device: both ranks on device 0
+    assert "GPU per rank:         rank r uses CUDA device r % 1" in done.stdout

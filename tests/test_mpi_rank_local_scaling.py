@@ -201,9 +201,11 @@ def test_predicate_names_the_supported_configurations():
     for change in ({"filtering__method": "deltacchalf"},
                    {"cross_validation__cross_validation_mode": "single"},
                    {"anomalous": True}, {"merging__method": ["variational"]},
-                   {"merging__method": ["all"]}, {"compute__device": "cuda"},
+                   {"merging__method": ["all"]},
                    {"merging__method": ["robust", "classical"]}):
         assert not pipeline.rank_local_supported(params(**change)), change
+    # compute.device=cuda (device sums per key block: test_mpi_rank_local_cuda.py)
+    assert pipeline.rank_local_supported(params(compute__device="cuda"))
     # the defaults (selection auto, Imid search, basic error model) run rank-local
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
     # a free set (membership by ASU index; test_more_configurations runs it)

@@ -253,6 +253,7 @@ class DeviceTarget:
         self.n_slots = deriv_col.shape[1]
         self.n_params = int(n_params)
         self.n_groups = group_start.size - 1
+        explicit_batch_size = batch_size is not None
         if batch_size is None:
             batch_size = auto_batch_size(self.n_obs)
         self.batch_size = int(batch_size)
@@ -263,17 +264,31 @@ class DeviceTarget:
             self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
         self.factor = cuda.device_array(max(self.n_obs, 1))
         self.batches = []
+        # (group offsets of a batch, the bound pair it belongs to)
+        pieces = []
         if group_bounds is not None:
             bounds = np.asarray(group_bounds, dtype=np.int64)
+            for b in range(len(bounds) - 1):
+                g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
+                if g_lo == g_hi:
+                    continue
+                if not explicit_batch_size:
+                    # a key block is at most max(4096, n_obs / 512) observations: one batch
+                    # (not the rank's free memory, which would make the partials depend on
+                    # the device and the rank's share)
+                    pieces.append((g_lo, g_hi, b))
+                    continue
+                # compute.gpu.batch_size: the block cut by its own group sizes alone
+                local = group_batches(group_start[g_lo:g_hi + 1] - group_start[g_lo],
+                                      self.batch_size) + g_lo
+                pieces.extend((int(lo), int(hi), b) for lo, hi in zip(local[:-1], local[1:]))
         else:
             bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
+            pieces = [(int(bounds[b]), int(bounds[b + 1]), b) for b in range(len(bounds) - 1)]
         self.group_bounds = bounds
-        # the bound pair of each batch (evaluate_partials puts a batch's partials there)
+        # the bound pair of each batch (evaluate_partials adds a batch's partials there)
         self.batch_slot = []
-        for b in range(len(bounds) - 1):
-            g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
-            if group_bounds is not None and g_lo == g_hi:
-                continue
+        for g_lo, g_hi, b in pieces:
             self.batch_slot.append(b)
             lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
             self.batches.append(_Batch(
@@ -334,11 +349,12 @@ class DeviceTarget:
         phi_used, grad_used = batch_partials_on_streams([self.batches[k] for k in used],
                                                         streams, self.n_params, launch)
         n_slots = max(len(self.group_bounds) - 1, 0)
-        phi = np.zeros(n_slots)
+        phi_parts = [[] for _ in range(n_slots)]
         gradient = np.zeros((n_slots, self.n_params))
-        slots = np.asarray([self.batch_slot[k] for k in used], dtype=np.int64)
-        phi[slots] = phi_used
-        gradient[slots] = grad_used
+        for j, k in enumerate(used):  # a block's batches in order
+            phi_parts[self.batch_slot[k]].append(phi_used[j])
+            gradient[self.batch_slot[k]] += grad_used[j]
+        phi = np.array([math.fsum(parts) for parts in phi_parts])
         return phi, gradient
 
     def _streams(self):
