@@ -9,7 +9,7 @@ with one GPU all ranks share it. From the repository root:
     python benchmarks/gpu_mpi_check.py --out gpu_mpi_check.json          # 2e5 rotation, 2e3 stills
     python benchmarks/gpu_mpi_check.py --ranks 2 4 --n-obs 1e6
     NUMBA_ENABLE_CUDASIM=1 python benchmarks/gpu_mpi_check.py --n-obs 1000 --stills 50 \\
-        --block-observations 300                                            # simulator smoke test
+        --stills-d-min 8 --ranks 2 --block-observations 300                 # simulator smoke test
 
 --block-observations other than 4096 runs the program through tests/cuda_rank_local_driver.py
 (the job's key blocks made smaller so that tiny simulator data still has several blocks).
@@ -116,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--n-obs", type=float, default=2e5)
     parser.add_argument("--stills", type=int, default=2000)
+    parser.add_argument("--stills-d-min", type=float, default=None,
+                        help="crystal.d_min of the stills (default: the simulator's)")
     parser.add_argument("--block-observations", type=int, default=4096)
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--out")
@@ -126,7 +128,8 @@ def main(argv=None):
             "rotation", ["rotation.n_sweeps=2", f"n_obs_target={int(args.n_obs)}", "seed=5"],
             args.ranks, args.block_observations, work, args.timeout)
         report["stills"] = check(
-            "stills", ["mode=stills", f"stills.n_images={args.stills}", "model=KB", "seed=4"],
+            "stills", ["mode=stills", f"stills.n_images={args.stills}", "model=KB", "seed=4"]
+            + ([] if args.stills_d_min is None else [f"crystal.d_min={args.stills_d_min}"]),
             args.ranks, args.block_observations, work, args.timeout)
     text = json.dumps(report, indent=1)
     print(text)

@@ -162,6 +162,25 @@ def test_stills_cuda_same_bits_run_after_run(stills, tmp_path):
         np.testing.assert_array_equal(second[name], values, err_msg=name)
 
 
+def test_streamed_layout_host_sums_under_mpi(stills, tmp_path):
+    """A rank whose layout exceeds its device memory (a tiny compute.gpu.device_memory_limit
+    here): the streamed batches are not key blocks, so with N > 1 every rank adds its key
+    blocks on the host. N = 2 and 3 then agree bit for bit, and with the device run (not
+    streamed, N = 1) to 1e-10 (measured 2.8e-16)."""
+    data, dirs = stills
+    limit = ["compute.gpu.device_memory_limit=20000"]
+    many = {}
+    for n in (2, 3):
+        (tmp_path / f"n{n}").mkdir()
+        many[n] = run_program(data, tmp_path / f"n{n}", n, extra=limit)
+    log = open(many[2] / "dials.vmerge.log").read()
+    assert "device target: host sums (a rank streamed) model" in log
+    two, three = outputs(many[2]), outputs(many[3])
+    for name, values in two.items():
+        np.testing.assert_array_equal(three[name], values, err_msg=name)
+    check_agrees_with_cpu(two, dirs[None], 1e-10)  # the device run as the reference
+
+
 @pytest.mark.slow
 def test_rotation_cuda_full_matrix_same_bits_for_1_2_3_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda_rank_local_rotation")
