@@ -44,8 +44,9 @@ def target_for_run(run, manager, ih_table):
     from . import rank_local
 
     # the job's observations over all ranks of a rank-local job (compute.device=auto's size
-    # test): every rank resolves the same device
-    device = device_for_run(run, rank_local.total(ih_table.n_obs))
+    # test, asked once per job): every rank resolves the same device
+    device = getattr(run, "_compute_device", None) or device_for_run(
+        run, rank_local.total(ih_table.n_obs))
     limit = getattr(run, "_gpu_memory_limit", None)
     columns = None
     if device == "cuda":
