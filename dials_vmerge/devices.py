@@ -129,4 +129,8 @@ def format_report(r: dict) -> str:
         lines.append(f"MPI library:          {r['mpi_library']}")
         lines.append(f"MPI ranks:            {r['mpi_ranks']} on {len(r['mpi_hosts'])} host(s): "
                      + ", ".join(r["mpi_hosts"]))
+        if r["cuda_available"] and r["mpi_ranks"] > 1:
+            n_gpus = max(len(r["cuda_devices"]), 1)
+            lines.append(f"GPU per rank:         rank r uses CUDA device r % {n_gpus} "
+                         "(compute.device=cuda or auto)")
     return "\n".join(lines)

@@ -420,14 +420,6 @@ OUTPUT_ORDER_SHIFT = 40
 
 # Each condition reads its parameter with model.base.param (a default where a caller's
 # parameters lack the scope: library callers pass partial extracts).
-def _not_cuda(params):
-    # the device passes and resident tables hold every row (backends/run_device.py)
-    from .backends.select import cuda_available
-
-    device = str(param(params, "compute.device", "auto")).strip().lower()
-    return device == "cpu" or (device == "auto" and not cuda_available())
-
-
 def _merged_on_rank_rows(params):
     # the merge takes the rank's rows as they are only for the methods merged per rank
     # (rank_merge.RANK_METHODS: one method; variational too, its Sigma(d) fitted over the
@@ -463,7 +455,7 @@ def _merged_on_rank_rows(params):
 # merging.method=variational too (session 12): its Sigma(d) EM takes the bins and per-bin sums
 # over all ranks' groups (merging/rank_variational.py); outputs byte-identical at N = 1, 2, 3.
 RANK_LOCAL_CONDITIONS = [
-    _not_cuda, _merged_on_rank_rows,
+    _merged_on_rank_rows,
 ]
 
 
@@ -625,6 +617,10 @@ def choose_compute_device(params, log) -> str:
 
     device = choose_device(params.compute.device)
     if device == "cuda":
+        from .backends.select import select_rank_device
+
+        # under MPI, rank r on GPU r % (visible GPUs) (README, "GPU")
+        select_rank_device()
         # issue 12: the per-observation passes run on the device (backends/run_device.py
         # logs which); the minimiser stays on the host.
         log.info("compute.device: a GPU is visible; scaling target and gradient use it for large jobs "

@@ -336,6 +336,16 @@ def compare_normal(target, cpu, x, n_segments):
     from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations
 
     out = {}
+    if n_segments is not None and getattr(target, "_key_bounds", None) is not None:
+        # issue 11: a program's job sums one device segment per key block (added as
+        # block_sums' tree); checked against the CPU here, then the forced segments below
+        # (the non-key path, as outside a program's job) for the ordered reduction
+        phi_k, rhs_k, normal_k = target.normal_equations(x)
+        phi_c, rhs_c, normal_c = cpu.normal_equations(x)
+        out["normal_key_blocks"] = max(rel(phi_k, phi_c), rel(rhs_k, rhs_c),
+                                       rel(normal_k, normal_c))
+        out["normal_key_block_segments"] = target._normal.n_segments
+        target._key_bounds = None
     if n_segments is not None:  # several segments on a small layout: the ordered reduction
         gs = np.ascontiguousarray(target.table.group_start, dtype=np.int64)
         dt = target._device_target

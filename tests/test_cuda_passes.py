@@ -104,6 +104,9 @@ def test_device_passes_equal_cpu_kernels(tmp_path, case):
         assert float(d[name]) <= RTOL, (case, name, float(d[name]))
     if case in ("kb_normal", "array"):
         assert int(d["normal_segments"]) == 3
+        # the program job's key-block segments (issue 11) against the CPU as well
+        assert int(d["normal_key_block_segments"]) >= 1
+        assert float(d["normal_key_blocks"]) <= RTOL, float(d["normal_key_blocks"])
     normal, rhs = dense_normal_equations(d)
     scale = np.max(np.abs(normal))
     assert np.max(np.abs(d["normal_device"] - normal)) <= RTOL * scale

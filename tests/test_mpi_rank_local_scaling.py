@@ -198,9 +198,11 @@ def test_predicate_names_the_supported_configurations():
         return p
 
     assert pipeline.rank_local_supported(params())
-    for change in ({"merging__method": ["all"]}, {"compute__device": "cuda"},
+    for change in ({"merging__method": ["all"]},
                    {"merging__method": ["robust", "classical"]}):
         assert not pipeline.rank_local_supported(params(**change)), change
+    # compute.device=cuda (device sums per key block: test_mpi_rank_local_cuda.py)
+    assert pipeline.rank_local_supported(params(compute__device="cuda"))
     # the defaults (selection auto, Imid search, basic error model) run rank-local
     assert pipeline.rank_local_supported(params(merging__method=["robust"]))
     # variational: Sigma(d) fitted over the ranks (tests/test_mpi_rank_merge_variational.py)

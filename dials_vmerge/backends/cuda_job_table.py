@@ -239,8 +239,12 @@ def room_to_keep(nbytes):
 def transfer_lines(table):
     """Log lines: MB host->device per pass (observation arrays; parameters and other small
     per-call inputs), and the observation MB of each call."""
-    lines = ["Device transfers host->device per pass (observation arrays | parameters and "
-             "other per-call inputs):"]
+    from . import mpi_world
+
+    # under MPI each rank uploads its own rows to its own device: the log is rank 0's
+    where = " of rank 0 (each rank its own rows)" if mpi_world.n_ranks() > 1 else ""
+    lines = [f"Device transfers host->device per pass{where} (observation arrays | "
+             "parameters and other per-call inputs):"]
     for name, v in table.summary().items():
         per_call = " ".join(f"{c['observation_bytes'] / 1e6:.3g}" for c in v["calls"])
         lines.append(f"  {name}: {v['observation_bytes'] / 1e6:.3f} MB | "

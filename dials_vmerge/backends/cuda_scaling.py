@@ -28,6 +28,8 @@ from dials_vmerge.kernels.cuda import models as device_models
 from dials_vmerge.kernels.cuda.normal import DeviceNormalEquations
 from dials_vmerge.backends import cuda_streamed_scaling as streamed_target
 from dials_vmerge.kernels.cuda.target import DeviceTarget
+from dials_vmerge.backends import mpi_world
+from dials_vmerge.backends.block_sums import blockwise_sum
 from dials_vmerge.scaling.target import ScalingTarget
 
 def array_layout(models, dataset_id, loc_index, column_of_parameter):
@@ -90,6 +92,18 @@ def array_layout(models, dataset_id, loc_index, column_of_parameter):
             "n_full": n_full}
 
 
+def _rank_key_bounds(key_blocks):
+    """The group offsets of this MPI rank's key blocks (blocks [lo, hi) of the job's
+    read-time partition: hi - lo + 1 offsets, empty blocks included), or None outside a
+    program's scaling job."""
+    if key_blocks is None:
+        return None
+    block_bounds, rank_blocks = key_blocks
+    rank = mpi_world.rank()
+    lo, hi = int(rank_blocks[rank]), int(rank_blocks[rank + 1])
+    return np.asarray(block_bounds[lo:hi + 1], dtype=np.int64)
+
+
 class CudaScalingTarget(ScalingTarget):
     def __init__(self, manager, ih_table, nproc=1, batch_size=None, host_resident=None,
                  device_memory_limit=None, device_columns=None):
@@ -108,12 +122,30 @@ class CudaScalingTarget(ScalingTarget):
         n = t.n_obs
         self._n = n
         self.host_resident = False
+        self._host_sums = False
+        # issue 11: in a program's scaling job the sums run per key block of this MPI rank
+        # (the job's read-time blocks, the same for any number of ranks) and are added as
+        # block_sums' tree over all ranks: the same bits for N = 1, 2, 3 ranks
+        self._key_bounds = _rank_key_bounds(self.key_blocks)
+        streamed = False
         if host_resident is not False and n:
             # a layout larger than free device memory (or a forced one): streamed per batch
             # (every model kind: KB, physical, array, host-evaluated)
-            if streamed_target.stream_layout(self, host_resident, batch_size,
-                                             device_memory_limit):
+            streamed = streamed_target.stream_layout(self, host_resident, batch_size,
+                                                     device_memory_limit)
+        if self._key_bounds is not None and mpi_world.n_ranks() > 1:
+            # the streamed batches are not key blocks: when any rank streams, every rank
+            # adds its blocks on the host (ScalingTarget's kernels), not on the device
+            from . import rank_local
+
+            if rank_local.any_rank(streamed):
+                self._host_sums, self.host_resident = True, False
+                self._kind, self._device_target = "host sums (a rank streamed)", None
                 return
+        if streamed:
+            # one rank (or one process) streaming: the streamed batches' own sums
+            self._key_bounds = None
+            return
         # the round's table on the device from the job's resident columns
         # (backends.cuda_resident_inputs), or its I and weights alone, or None (uploaded):
         # asked for once, by the first device model that wants it
@@ -218,7 +250,7 @@ class CudaScalingTarget(ScalingTarget):
                     t.intensity, t.weight, t.group_start, cols, self._n_params, batch_size,
                     self._upload, columns,
                     device_group_start=None if inputs is None else resident.group_start,
-                    device_cols=self._device_cols)
+                    device_cols=self._device_cols, group_bounds=self._key_bounds)
 
     def _mixed_layout(self):
         """The host's per-family inputs of the table (backends.cuda_mixed_models), or None
@@ -306,8 +338,61 @@ class CudaScalingTarget(ScalingTarget):
                 self._fixed, self._has_fixed, self._upload(parameters, "parameters"), self._g[:n],
                 self._deriv[:n])
 
+    def _key_block_total(self, partials):
+        """The totals of per-key-block partials (one leading row per block of this rank) over
+        all ranks: block_sums' pairwise tree over the block index."""
+        block_bounds, rank_blocks = self.key_blocks
+
+        def evaluate(chunks):
+            return [p[:chunks.size - 1] for p in partials]
+
+        return blockwise_sum(self.table.group_start, evaluate,
+                             max(len(self._key_bounds) - 1, 1), block_bounds,
+                             rank_blocks=rank_blocks)
+
+    def _key_block_target(self, x):
+        """(Phi, gradient over the target's columns) of the key-block sums."""
+        n_blocks = len(self._key_bounds) - 1
+        if self._n == 0:
+            partials = [np.zeros(n_blocks), np.zeros((n_blocks, self._n_params))]
+        elif self._kind == "host-model":
+            g, values, cols = self._ell(x)
+            if self._device_target is None or not np.array_equal(cols, self._cols):
+                self._cols = cols
+                self._device_target = DeviceTarget(
+                    self.table.intensity, self.table.weight, self.table.group_start, cols,
+                    self.n_par, self._batch_size, self._upload,
+                    group_bounds=self._key_bounds)
+            with self._store.counting("scaling target"):
+                self._store._count("observations", g.nbytes + values.nbytes, "host-model g")
+            self._g[:self._n].copy_to_device(np.ascontiguousarray(g, dtype=np.float64))
+            partials = list(self._device_target.evaluate_partials(
+                self._g[:self._n], cuda.to_device(np.ascontiguousarray(values,
+                                                                       dtype=np.float64))))
+        else:
+            self._device_model(x)
+            partials = list(self._device_target.evaluate_partials(self._g[:self._n],
+                                                                  self._deriv[:self._n]))
+        phi, grad_cols = self._key_block_total(partials)
+        return float(phi), grad_cols
+
     def value_and_gradient(self, x):
         t = self.table
+        if self._host_sums:
+            return ScalingTarget.value_and_gradient(self, x)
+        if self._key_bounds is not None:
+            phi, grad_cols = self._key_block_target(x)
+            if self._kind == "physical":
+                grad = np.zeros(self.n_par)
+                np.add.at(grad, self.full_to_free[self.free_entries],
+                          grad_cols[:self.fused.n_full][self.free_entries])
+            else:
+                grad = grad_cols
+            wr = self.restraint_weights
+            phi += float(np.sum(wr * x * x))
+            grad = grad + 2.0 * wr * x
+            self.last_phi = phi
+            return phi, grad
         if self._kind == "host-model" and not self.host_resident:
             g, values, cols = self._ell(x)
             if self._device_target is None or not np.array_equal(cols, self._cols):
@@ -363,9 +448,13 @@ class CudaScalingTarget(ScalingTarget):
 
     def normal_equations(self, x):
         """(phi, b, N) with b = J^T W r + wr p and N = J^T W J + diag(wr), on the device."""
-        if self._n == 0 or (self._kind == "host-model" and not self.host_resident):
+        if self._host_sums or (self._kind == "host-model" and not self.host_resident):
             return super().normal_equations(x)
-        if self.host_resident:
+        if self._key_bounds is not None:
+            phi, rhs, normal = self._key_block_normal_equations(x)
+        elif self._n == 0:
+            return super().normal_equations(x)
+        elif self.host_resident:
             # a layout larger than device memory: over the streamed batches
             phi, rhs, normal = streamed_target.normal_equations(self, x)
         else:
@@ -376,7 +465,20 @@ class CudaScalingTarget(ScalingTarget):
         normal = normal + np.diag(wr)
         return phi, rhs, normal
 
-    def _resident_normal_equations(self, x):
+    def _key_block_normal_equations(self, x):
+        """(phi, J^T W r, J^T W J) of the data term from a device segment per key block of
+        this rank, added as block_sums' tree over all ranks."""
+        n_blocks, p = len(self._key_bounds) - 1, self.n_par
+        if self._n == 0:
+            partials = [np.zeros(n_blocks), np.zeros((n_blocks, p)), np.zeros((n_blocks, p, p))]
+        else:
+            self._resident_normal_equations(x, evaluate=False)
+            partials = list(self._normal.evaluate_partials(self._g[:self._n],
+                                                           self._deriv[:self._n]))
+        phi, rhs, normal = self._key_block_total(partials)
+        return float(phi), rhs, normal
+
+    def _resident_normal_equations(self, x, evaluate=True):
         if getattr(self, "_normal", None) is None:
             gs = np.ascontiguousarray(self.table.group_start, dtype=np.int64)
             dt = self._device_target
@@ -394,6 +496,9 @@ class CudaScalingTarget(ScalingTarget):
                 device_gs, free_cols = self._upload(gs), self.normal_free_columns()
             self._normal = DeviceNormalEquations(dt.intensity, dt.weight, gs, device_gs,
                                                  free_cols, self.n_par,
-                                                 upload=self._upload)
+                                                 upload=self._upload,
+                                                 segment_bounds=self._key_bounds)
         self._device_model(x)
+        if not evaluate:  # g and dg/dp at x are on the device
+            return None
         return self._normal.evaluate(self._g[:self._n], self._deriv[:self._n])

@@ -41,7 +41,12 @@ def target_for_run(run, manager, ih_table):
     """The hook of ScalingRun.minimise: the device is resolved once per scaling job (from
     compute.device and the job's size) and logged; every round then builds its target on it,
     copying that round's observation arrays to the device once."""
-    device = device_for_run(run, ih_table.n_obs)
+    from . import rank_local
+
+    # the job's observations over all ranks of a rank-local job (compute.device=auto's size
+    # test, asked once per job): every rank resolves the same device
+    device = getattr(run, "_compute_device", None) or device_for_run(
+        run, rank_local.total(ih_table.n_obs))
     limit = getattr(run, "_gpu_memory_limit", None)
     columns = None
     if device == "cuda":
@@ -68,10 +73,16 @@ def target_for_run(run, manager, ih_table):
                 f"streamed from the host in "
                 f"{len(target._device_target.batches)} batch(es) of whole groups")
     if device == "cuda":
-        n_batches = (len(target._device_target.batches)
-                     if target._device_target is not None else 0)
-        run.log(f"  device target: {target.kind} model, {target.n_obs} observations, "
-                f"{n_batches} batch(es)")
+        key_bounds = getattr(target, "_key_bounds", None)
+        if key_bounds is not None:
+            # the job's key blocks (the same for any number of MPI ranks: so is the log)
+            run.log(f"  device target: {target.kind} model, {target.n_obs} observations, "
+                    f"{len(target.key_blocks[0]) - 1} key block(s)")
+        else:
+            n_batches = (len(target._device_target.batches)
+                         if target._device_target is not None else 0)
+            run.log(f"  device target: {target.kind} model, {target.n_obs} observations, "
+                    f"{n_batches} batch(es)")
     return target
 
 

@@ -54,3 +54,31 @@ def choose_device(requested: str) -> str:
     if device == "cuda" and not available:
         raise VmergeError("compute.device=cuda: no GPU visible to numba (see dials.vmerge.devices)")
     return "cuda" if available else "cpu"
+
+
+def rank_device_index(rank: int, n_devices: int) -> int:
+    """The GPU an MPI rank uses (issue 11): rank r takes device r % n_devices of those
+    numba sees (CUDA_VISIBLE_DEVICES applies first), so ranks share GPUs round-robin when
+    there are more ranks than GPUs on a host. Ranks are numbered over all hosts: with
+    a launcher that packs ranks host by host and as many ranks per host as GPUs (or a
+    multiple), each host's ranks cover its GPUs evenly."""
+    return int(rank) % max(int(n_devices), 1)
+
+
+def select_rank_device():
+    """Make this MPI rank's GPU (rank_device_index) numba's current device, before the run
+    creates a CUDA context; returns its index (0 in one process or with one visible
+    device, or under the simulator, which has a single device)."""
+    import os
+
+    from . import mpi_world
+
+    if mpi_world.n_ranks() == 1 or os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1":
+        return 0
+    from numba import cuda
+
+    n_devices = len(cuda.gpus)
+    index = rank_device_index(mpi_world.rank(), n_devices)
+    if n_devices > 1:
+        cuda.select_device(index)
+    return index

@@ -67,14 +67,14 @@ RANK_METHODS = ("classical", "robust", "variational")
 
 
 def applies(params, n_ranks: int) -> bool:
-    """True when the merge runs on each rank's own rows: more than one rank, a merging.method
-    of RANK_METHODS and the passes on the host."""
-    from ..backends.run_device import pass_device
-
+    """True when the merge runs on each rank's own rows: more than one rank and a
+    merging.method of RANK_METHODS. With compute.device=cuda each rank's groups are merged on
+    its device (classical.merge_sums / deviation_sums: a thread per group, so the values do
+    not depend on the split); the statistics' sums over groups run on the host here
+    (statistics._device_sums is off for the distributed preparation)."""
     method = _param(params, "merging.method", ["classical"])
     method = [method] if isinstance(method, str) else list(method)
-    return (n_ranks > 1 and len(method) == 1 and method[0] in RANK_METHODS
-            and pass_device() != "cuda")
+    return n_ranks > 1 and len(method) == 1 and method[0] in RANK_METHODS
 
 
 def merge_scaled_table(table, experiments, params, log=None, half_dataset=False) -> MergeResult:

@@ -448,6 +448,16 @@ def _on_device():
     return pass_device() == "cuda"
 
 
+def _split_invariant_job():
+    """True inside a program's scaling job (its read-time key partition is active): there
+    the likelihood's sums are the host's one pass (continued rank to rank under MPI), so
+    compute.device=cuda gives the same a and b for any number of MPI ranks. The device
+    twin's per-CUDA-block partials depend on the rows a device holds (issue 11)."""
+    from ..backends.rank_partition import active_partition
+
+    return active_partition() is not None
+
+
 def _device_binned_sums(data, prefactor):
     """The device twin of _binned_deviation_sums for this data (its arrays copied once)."""
     device = getattr(data, "_device_binned_sums", None)
@@ -671,7 +681,8 @@ def refine_maximum_likelihood(data, fixed_a=None, fixed_b=None):
     if rank_local.active():
         a_sq_and_cost, cost_slope = _rank_local_likelihood_sums(arrays, group, n_groups,
                                                                 fixed_a_sq)
-    elif _on_device() and (group.size == 0 or np.all(np.diff(group) >= 0)):
+    elif (_on_device() and not _split_invariant_job()
+          and (group.size == 0 or np.all(np.diff(group) >= 0))):
         # the scaling job's device: the arrays copied once, every evaluation of b there
         # (kernels.cuda.error_model; the Ih table's observations are sorted by group)
         from ..kernels.cuda.error_model import DeviceErrorModelSums

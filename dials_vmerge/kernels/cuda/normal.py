@@ -125,7 +125,10 @@ class DeviceNormalEquations:
     intensity, weight and group offsets are already on the device."""
 
     def __init__(self, intensity, weight, group_start_host, group_start, deriv_col, n_par,
-                 n_segments=None, upload=None):
+                 n_segments=None, upload=None, segment_bounds=None):
+        """segment_bounds: the segments' group offsets (issue 11: the job's key blocks of
+        this MPI rank, whose partials evaluate_partials returns), instead of n_segments
+        chunks of about equal size."""
         from dials_vmerge.scaling.ih_table import chunk_bounds
 
         self.intensity, self.weight, self.group_start = intensity, weight, group_start
@@ -134,7 +137,10 @@ class DeviceNormalEquations:
         n_groups = group_start_host.size - 1
         if n_segments is None:
             n_segments = segment_count(n_obs, n_groups, self.n_par)
-        bounds = chunk_bounds(np.asarray(group_start_host, np.int64), n_segments)
+        if segment_bounds is not None:
+            bounds = np.ascontiguousarray(segment_bounds, dtype=np.int64)
+        else:
+            bounds = chunk_bounds(np.asarray(group_start_host, np.int64), n_segments)
         self.n_segments = bounds.size - 1
         self.segment_groups = cuda.to_device(bounds)
         if hasattr(deriv_col, "copy_to_host"):  # already on the device (a resident table)
@@ -168,3 +174,24 @@ class DeviceNormalEquations:
             rhs += row
         normal = self.normal.copy_to_host().reshape(p, p)
         return phi, rhs[:self.n_par], normal[:self.n_par, :self.n_par]
+
+    def evaluate_partials(self, g, deriv_values):
+        """(phi (s,), J^T W r (s, n_par), J^T W J (s, n_par, n_par)) of each segment: one
+        thread's sequential pass over the segment's groups, so a segment's partials depend on
+        its groups alone (the key-block sums of issue 11 add them as block_sums' tree)."""
+        s = self.n_segments
+        if s == 0:
+            return np.zeros(0), np.zeros((0, self.n_par)), np.zeros((0, self.n_par, self.n_par))
+        normal_segment_kernel[_blocks(s), THREADS_PER_BLOCK](
+            self.intensity, self.weight, g, deriv_values, self.deriv_col, self.group_start,
+            self.segment_groups, self.local_of_col, self.cols, self.dih, self.jrow,
+            self.phi_partial, self.rhs_partial, self.normal_partial)
+        p = max(self.n_par, 1)
+        normal = self.normal_partial.copy_to_host()
+        # the reduction zeroes the partials for the next evaluation (its sum is not used)
+        ordered_segment_sum_kernel[_blocks(p * p), THREADS_PER_BLOCK](
+            self.normal_partial.reshape(s, p * p), self.normal)
+        phi = self.phi_partial.copy_to_host()
+        rhs = self.rhs_partial.copy_to_host()
+        return (phi, rhs[:, :self.n_par].copy(),
+                normal[:, :self.n_par, :self.n_par].copy())

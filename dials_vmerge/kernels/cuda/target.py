@@ -153,6 +153,40 @@ class _Batch:
 N_STREAMS = 2
 
 
+def batch_partials_on_streams(batches, streams, n_params, launch):
+    """(Phi per batch (n,), gradient per batch (n, n_params)) of batches enqueued as in
+    sum_batches_on_streams: each batch's Phi is its per-block partials added exactly
+    (math.fsum) and its gradient its segment rows added in order, so a batch's partials
+    depend on the batch's groups alone (issue 11: batches that are the job's key blocks
+    give the same partials whichever MPI rank evaluates them)."""
+    phi = np.zeros(len(batches))
+    gradient = np.zeros((len(batches), n_params))
+    pending = [None] * len(streams)  # (batch index, batch) each stream is copying
+
+    def collect(k):
+        if pending[k] is None:
+            return
+        index, batch = pending[k]
+        streams[k].synchronize()
+        phi[index] = math.fsum(batch.phi_host.tolist())
+        if n_params:
+            gradient[index] = ordered_rows_sum(batch.grad_host)
+        pending[k] = None
+
+    for index, batch in enumerate(batches):
+        k = index % len(streams)
+        collect(k)
+        stream = streams[k]
+        launch(batch, k, stream)
+        batch.phi_block.copy_to_host(batch.phi_host, stream=stream)
+        if n_params:
+            batch.grad_partial.copy_to_host(batch.grad_host, stream=stream)
+        pending[k] = (index, batch)
+    for k in range(len(streams)):
+        collect(k)
+    return phi, gradient
+
+
 def sum_batches_on_streams(batches, streams, n_params, launch):
     """(Phi, gradient) of batches whose kernels launch(batch, stream_index, stream) enqueues (leaving the
     batch's phi_block and, with parameters, grad_partial filled on the device).
@@ -196,13 +230,17 @@ class DeviceTarget:
     """sum w (I - g Ih)^2 and its gradient over one group-sorted table kept on the device."""
 
     def __init__(self, intensity, weight, group_start, deriv_col, n_params, batch_size=None,
-                 upload=None, columns=None, device_group_start=None, device_cols=None):
+                 upload=None, columns=None, device_group_start=None, device_cols=None,
+                 group_bounds=None):
         """upload(host array): its device copy (default cuda.to_device; the run passes its
         job table's counted upload). columns: (intensity, weight) already on the device
         (gathered there from the job's resident arrays), used instead of uploading them.
         device_group_start, device_cols: the table's group offsets and ELL columns already
         on the device (equal to group_start and deriv_col): each batch's offsets and column
-        entries are then derived there, nothing with a row per observation goes up."""
+        entries are then derived there, nothing with a row per observation goes up.
+        group_bounds: group offsets of the batches (issue 11: the job's key blocks of this
+        MPI rank, whose partials evaluate_partials returns one per bound pair), instead of
+        batches of batch_size observations; empty ones get no batch."""
         upload = upload or cuda.to_device
         intensity = np.ascontiguousarray(intensity, dtype=np.float64)
         group_start = np.ascontiguousarray(group_start, dtype=np.int64)
@@ -215,6 +253,7 @@ class DeviceTarget:
         self.n_slots = deriv_col.shape[1]
         self.n_params = int(n_params)
         self.n_groups = group_start.size - 1
+        explicit_batch_size = batch_size is not None
         if batch_size is None:
             batch_size = auto_batch_size(self.n_obs)
         self.batch_size = int(batch_size)
@@ -225,9 +264,32 @@ class DeviceTarget:
             self.weight = upload(np.ascontiguousarray(weight, dtype=np.float64))
         self.factor = cuda.device_array(max(self.n_obs, 1))
         self.batches = []
-        bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
-        for b in range(len(bounds) - 1):
-            g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
+        # (group offsets of a batch, the bound pair it belongs to)
+        pieces = []
+        if group_bounds is not None:
+            bounds = np.asarray(group_bounds, dtype=np.int64)
+            for b in range(len(bounds) - 1):
+                g_lo, g_hi = int(bounds[b]), int(bounds[b + 1])
+                if g_lo == g_hi:
+                    continue
+                if not explicit_batch_size:
+                    # a key block is at most max(4096, n_obs / 512) observations: one batch
+                    # (not the rank's free memory, which would make the partials depend on
+                    # the device and the rank's share)
+                    pieces.append((g_lo, g_hi, b))
+                    continue
+                # compute.gpu.batch_size: the block cut by its own group sizes alone
+                local = group_batches(group_start[g_lo:g_hi + 1] - group_start[g_lo],
+                                      self.batch_size) + g_lo
+                pieces.extend((int(lo), int(hi), b) for lo, hi in zip(local[:-1], local[1:]))
+        else:
+            bounds = group_batches(group_start, self.batch_size) if self.n_groups else [0, 0]
+            pieces = [(int(bounds[b]), int(bounds[b + 1]), b) for b in range(len(bounds) - 1)]
+        self.group_bounds = bounds
+        # the bound pair of each batch (evaluate_partials adds a batch's partials there)
+        self.batch_slot = []
+        for g_lo, g_hi, b in pieces:
+            self.batch_slot.append(b)
             lo, hi = int(group_start[g_lo]), int(group_start[g_hi])
             self.batches.append(_Batch(
                 lo, hi, group_start[g_lo:g_hi + 1] - lo, deriv_col[lo:hi], self.n_params,
@@ -267,6 +329,33 @@ class DeviceTarget:
 
         return sum_batches_on_streams([b for b in self.batches if b.n_obs], streams,
                                       self.n_params, launch)
+
+    def evaluate_partials(self, g, deriv_values):
+        """(Phi (n_bounds,), gradient (n_bounds, n_params)): the partials of each bound pair of
+        group_bounds (exact zeros for an empty one), for device arrays g and deriv_values;
+        each depends on its groups alone (batch_partials_on_streams)."""
+        streams = self._streams()
+
+        def launch(batch, stream_index, stream):
+            sl = slice(batch.obs_lo, batch.obs_hi)
+            self._residuals(g, batch, stream)
+            if self.n_params:
+                n_threads = batch.n_segments * self.n_params
+                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
+                    self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
+                    batch.grad_partial)
+
+        used = [k for k, b in enumerate(self.batches) if b.n_obs]
+        phi_used, grad_used = batch_partials_on_streams([self.batches[k] for k in used],
+                                                        streams, self.n_params, launch)
+        n_slots = max(len(self.group_bounds) - 1, 0)
+        phi_parts = [[] for _ in range(n_slots)]
+        gradient = np.zeros((n_slots, self.n_params))
+        for j, k in enumerate(used):  # a block's batches in order
+            phi_parts[self.batch_slot[k]].append(phi_used[j])
+            gradient[self.batch_slot[k]] += grad_used[j]
+        phi = np.array([math.fsum(parts) for parts in phi_parts])
+        return phi, gradient
 
     def _streams(self):
         """Two CUDA streams when there are several batches (one, the default, otherwise)."""
