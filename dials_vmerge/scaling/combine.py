@@ -437,9 +437,9 @@ def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
     partition is active (rmeas_sorted; issue 11): each MPI rank then combines and sums only
     the rows of its own blocks, and the avg candidate's mean is a block-tree sum too
     (candidate_imids_sorted). Always so in a rank-local job (each rank's datasets hold only
-    its own groups' rows). Without: per-thread chunks and np.mean (hundreds of mostly empty
-    blocks per dataset would cost more than a per-dataset search of many small datasets:
-    see PER_DATASET_KEY_BLOCKS_MAX).
+    its own groups' rows). Without: per-thread chunks and np.mean, whose bits depend on
+    nproc (the program calls it with key blocks only since session 12; many datasets go to
+    choose_imids_per_dataset: see PER_DATASET_KEY_BLOCKS_MAX).
     """
     # the datasets' arrays are released as they are joined (the caller is done with them);
     # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
