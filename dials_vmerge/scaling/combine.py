@@ -11,7 +11,7 @@ internal-variance merging, non-anomalous groups) wins.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
@@ -138,6 +138,31 @@ def candidate_imids_sorted(i_sum, partiality, group_start, nproc=1, key_blocks=N
     return _candidates(float(total) / float(count), rank_local.maximum(local_max))
 
 
+@njit(cache=True)
+def _group_rmeas_sums(intensity, sigma, lo, hi, num, den):
+    """(num, den, n) continued over one group (observations lo:hi) of the Rmeas sums: n the
+    observations with sigma > 0 and I/sigma > 1; for n > 1, num += sqrt(n/(n-1)) sum |I -
+    <I>| and den += each I in order, <I> the 1/sigma^2 weighted mean."""
+    n = 0
+    sw = 0.0
+    swi = 0.0
+    for i in range(lo, hi):
+        if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+            n += 1
+            w = 1.0 / (sigma[i] * sigma[i])
+            sw += w
+            swi += w * intensity[i]
+    if n < 2:
+        return num, den, n
+    mean = swi / sw
+    dev = 0.0
+    for i in range(lo, hi):
+        if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+            dev += abs(intensity[i] - mean)
+            den += intensity[i]
+    return num + np.sqrt(n / (n - 1.0)) * dev, den, n
+
+
 @parallel_when_large
 def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_partial,
                            den_partial, n_partial):
@@ -150,27 +175,9 @@ def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_parti
         den = 0.0
         n_kept = 0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
-            lo = group_start[grp]
-            hi = group_start[grp + 1]
-            n = 0
-            sw = 0.0
-            swi = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    n += 1
-                    w = 1.0 / (sigma[i] * sigma[i])
-                    sw += w
-                    swi += w * intensity[i]
+            num, den, n = _group_rmeas_sums(intensity, sigma, group_start[grp],
+                                            group_start[grp + 1], num, den)
             n_kept += n
-            if n < 2:
-                continue
-            mean = swi / sw
-            dev = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    dev += abs(intensity[i] - mean)
-                    den += intensity[i]
-            num += np.sqrt(n / (n - 1.0)) * dev
         num_partial[c] = num
         den_partial[c] = den
         n_partial[c] = n_kept
@@ -271,27 +278,9 @@ def dataset_rmeas_kernel(intensity, sigma, group_start, dataset_groups, active, 
         den = state[1, d]
         n_kept = state[2, d]  # exact below 2^53
         for grp in range(dataset_groups[d], dataset_groups[d + 1]):
-            lo = group_start[grp]
-            hi = group_start[grp + 1]
-            n = 0
-            sw = 0.0
-            swi = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    n += 1
-                    w = 1.0 / (sigma[i] * sigma[i])
-                    sw += w
-                    swi += w * intensity[i]
+            num, den, n = _group_rmeas_sums(intensity, sigma, group_start[grp],
+                                            group_start[grp + 1], num, den)
             n_kept += n
-            if n < 2:
-                continue
-            mean = swi / sw
-            dev = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    dev += abs(intensity[i] - mean)
-                    den += intensity[i]
-            num += np.sqrt(n / (n - 1.0)) * dev
         state[0, d] = num
         state[1, d] = den
         state[2, d] = n_kept
