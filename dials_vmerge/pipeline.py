@@ -459,21 +459,13 @@ RANK_LOCAL_CONDITIONS = [
 ]
 
 
-def _imid_search_on_rank_rows(params, n_datasets):
-    # per-dataset Imid searches above 64 datasets sum per thread chunk, not by key blocks
-    from .scaling import combine
-
-    return combine.rank_local_supported(
-        param(params, "reflection_selection.combine.joint_analysis", True), n_datasets)
-
-
 def rank_local_supported(params, n_datasets: int = 1) -> bool:
     """Whether a scaling job with these parameters (and experiments) runs rank-local under
     MPI (each rank its own rows; backends/rank_local.py). Others repeat every stage on every
     rank (README, "Running under MPI"). Each condition is one named function of
-    RANK_LOCAL_CONDITIONS, and the Imid search's depends on the number of datasets."""
-    return (all(condition(params) for condition in RANK_LOCAL_CONDITIONS)
-            and _imid_search_on_rank_rows(params, n_datasets))
+    RANK_LOCAL_CONDITIONS. (n_datasets: none depends on it since session 12, when the
+    per-dataset Imid search of more than 64 datasets became rank-local.)"""
+    return all(condition(params) for condition in RANK_LOCAL_CONDITIONS)
 
 
 def rank_local_rows(experiments, table):

@@ -220,10 +220,12 @@ def test_predicate_names_the_supported_configurations():
     # anomalous=True (groups in (unique reflection, hand) order; test_more_configurations
     # and test_mpi_rank_local_anomalous.py run it)
     assert pipeline.rank_local_supported(params(anomalous=True))
-    # per-dataset Imid searches: by key blocks up to 64 datasets only
+    # per-dataset Imid searches, by key blocks up to 64 datasets, all datasets at once above
+    # (session 12; test_mpi_rank_local_imid_per_dataset.py runs 120 stills)
     per_dataset = params(reflection_selection__combine__joint_analysis=False)
     assert pipeline.rank_local_supported(per_dataset, 64)
-    assert not pipeline.rank_local_supported(per_dataset, 65)
+    assert pipeline.rank_local_supported(per_dataset, 65)
+    assert pipeline.rank_local_supported(per_dataset, 20000)
     assert pipeline.rank_local_supported(params(), 65)
     assert pipeline.RANK_LOCAL_OUTPUT_READY is True
 

@@ -571,25 +571,31 @@ class ScalingRun:
         # only `pooled` holds the test rows' arrays now: choose_imid releases them as it
         # sorts them (this step's peak)
         del g_full, test, asu
+        user_list = list(user) if user else None
+        few = len(self.states) <= comb.PER_DATASET_KEY_BLOCKS_MAX
         if joint:
-            datasets = [pooled]
-        else:
+            imid = comb.choose_imid([pooled], user_list, self.nproc, self.log,
+                                    by_key_blocks=True)
+            imids = [imid] * len(self.states)
+        elif few:
+            # few datasets: over the job's key blocks as the joint search (the same bits for
+            # any number of MPI ranks and threads)
             state_bounds = np.cumsum([s.suitable_rows.size for s in self.states])
             cuts = np.searchsorted(position, state_bounds[:-1])
             datasets = [dict(zip(pooled, parts)) for parts in
                         zip(*(np.split(v, cuts) for v in pooled.values()))]
-        del position, pooled
-        user_list = list(user) if user else None
-        if joint:
-            imid = comb.choose_imid(datasets, user_list, self.nproc, self.log,
-                                    by_key_blocks=True)
-            imids = [imid] * len(self.states)
-        else:
-            # few datasets: over the job's key blocks as the joint search (the same bits for
-            # any number of MPI ranks; a rank-local job needs them: combine.py)
-            by_blocks = len(datasets) <= comb.PER_DATASET_KEY_BLOCKS_MAX
+            del pooled
             imids = [comb.choose_imid([d], user_list, self.nproc, self.log,
-                                      by_key_blocks=by_blocks) for d in datasets]
+                                      by_key_blocks=True) for d in datasets]
+            del datasets
+        else:
+            # many datasets (stills): all at once, each dataset's sums one sequential pass
+            # continued over the ranks (combine.choose_imids_per_dataset)
+            state_bounds = np.cumsum([s.suitable_rows.size for s in self.states])
+            rows_per_dataset = np.diff(np.searchsorted(position, state_bounds), prepend=0)
+            imids = comb.choose_imids_per_dataset(pooled, rows_per_dataset, user_list,
+                                                  self.log)
+        del position
         if joint:
             values, variances = comb.apply_imid(t, imids[0], all_rows)
             per_state = zip(np.split(values, np.cumsum([s.suitable_rows.size

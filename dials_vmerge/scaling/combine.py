@@ -11,13 +11,13 @@ internal-variance merging, non-anomalous groups) wins.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ..kernels.size_dispatch import parallel_when_large
 
 from .. import flags
 from ..memory import release_free_memory
-from .ih_table import chunk_bounds, group_sort
+from .ih_table import chunk_bounds, group_sort, pack_indices
 
 
 def combine_values(i_prf, v_prf, i_sum, v_sum, partiality, imid):
@@ -138,6 +138,31 @@ def candidate_imids_sorted(i_sum, partiality, group_start, nproc=1, key_blocks=N
     return _candidates(float(total) / float(count), rank_local.maximum(local_max))
 
 
+@njit(cache=True)
+def _group_rmeas_sums(intensity, sigma, lo, hi, num, den):
+    """(num, den, n) continued over one group (observations lo:hi) of the Rmeas sums: n the
+    observations with sigma > 0 and I/sigma > 1; for n > 1, num += sqrt(n/(n-1)) sum |I -
+    <I>| and den += each I in order, <I> the 1/sigma^2 weighted mean."""
+    n = 0
+    sw = 0.0
+    swi = 0.0
+    for i in range(lo, hi):
+        if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+            n += 1
+            w = 1.0 / (sigma[i] * sigma[i])
+            sw += w
+            swi += w * intensity[i]
+    if n < 2:
+        return num, den, n
+    mean = swi / sw
+    dev = 0.0
+    for i in range(lo, hi):
+        if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
+            dev += abs(intensity[i] - mean)
+            den += intensity[i]
+    return num + np.sqrt(n / (n - 1.0)) * dev, den, n
+
+
 @parallel_when_large
 def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_partial,
                            den_partial, n_partial):
@@ -150,27 +175,9 @@ def rmeas_of_sorted_kernel(intensity, sigma, group_start, chunk_start, num_parti
         den = 0.0
         n_kept = 0
         for grp in range(chunk_start[c], chunk_start[c + 1]):
-            lo = group_start[grp]
-            hi = group_start[grp + 1]
-            n = 0
-            sw = 0.0
-            swi = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    n += 1
-                    w = 1.0 / (sigma[i] * sigma[i])
-                    sw += w
-                    swi += w * intensity[i]
+            num, den, n = _group_rmeas_sums(intensity, sigma, group_start[grp],
+                                            group_start[grp + 1], num, den)
             n_kept += n
-            if n < 2:
-                continue
-            mean = swi / sw
-            dev = 0.0
-            for i in range(lo, hi):
-                if sigma[i] > 0.0 and intensity[i] / sigma[i] > 1.0:
-                    dev += abs(intensity[i] - mean)
-                    den += intensity[i]
-            num += np.sqrt(n / (n - 1.0)) * dev
         num_partial[c] = num
         den_partial[c] = den
         n_partial[c] = n_kept
@@ -237,15 +244,177 @@ def _joined_popped(datasets, key):
 
 
 # Per-dataset Imid searches (joint_analysis=False) of at most this many datasets sum over the
-# job's key blocks, as the joint search does (one process too, so that N = 1, 2, 3 ranks agree
-# bit for bit); more datasets (stills) keep per-thread chunks, and a rank-local job does not
-# support them (rank_local_supported).
+# job's key blocks, as the joint search does (hundreds of mostly empty blocks per dataset would
+# cost more than one pass over many small datasets); more datasets (stills) are searched all
+# at once by choose_imids_per_dataset. Both give one process's bits for any nproc and any
+# number of MPI ranks (issue 11).
 PER_DATASET_KEY_BLOCKS_MAX = 64
 
 
-def rank_local_supported(joint_analysis, n_datasets):
-    """Whether the Imid search gives one process's bits in a rank-local job (issue 11)."""
-    return bool(joint_analysis) or n_datasets <= PER_DATASET_KEY_BLOCKS_MAX
+@parallel_when_large
+def dataset_ratio_sums_kernel(i_sum, partiality, row_start, state):
+    """Per dataset d (rows row_start[d]:row_start[d + 1], sorted by group): continue the
+    sequential sum of I_sum/p (p <= 0 counts as 1) in state[0, d] and the row count in
+    state[1, d]."""
+    for d in prange(row_start.size - 1):
+        total = state[0, d]
+        for r in range(row_start[d], row_start[d + 1]):
+            p = partiality[r] if partiality[r] > 0 else 1.0
+            total += i_sum[r] / p
+        state[0, d] = total
+        state[1, d] += row_start[d + 1] - row_start[d]
+
+
+@parallel_when_large
+def dataset_rmeas_kernel(intensity, sigma, group_start, dataset_groups, active, state):
+    """rmeas_of_sorted_kernel's sums per dataset d (its groups dataset_groups[d]:
+    dataset_groups[d + 1]), for active datasets only, continued from state[:, d] = (num,
+    den, kept): one sequential pass over the dataset's groups in order, so a pass continued
+    from rank to rank has the bits of one pass over all of them."""
+    for d in prange(dataset_groups.size - 1):
+        if not active[d]:
+            continue
+        num = state[0, d]
+        den = state[1, d]
+        n_kept = state[2, d]  # exact below 2^53
+        for grp in range(dataset_groups[d], dataset_groups[d + 1]):
+            num, den, n = _group_rmeas_sums(intensity, sigma, group_start[grp],
+                                            group_start[grp + 1], num, den)
+            n_kept += n
+        state[0, d] = num
+        state[1, d] = den
+        state[2, d] = n_kept
+
+
+@parallel_when_large
+def scaled_combined_rows_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g,
+                                imid, weight, scaled_i, scaled_sigma):
+    """scaled_combined_kernel with one Imid per row (imid[r])."""
+    for r in prange(i_prf.size):
+        p = partiality[r] if partiality[r] > 0 else 1.0
+        sum_i = i_sum[r] / p
+        sum_v = v_sum[r] / (p * p)
+        if imid[r] == 0:
+            i = i_prf[r]
+            v = v_prf[r]
+        elif imid[r] == 1:
+            i = sum_i
+            v = sum_v
+        else:
+            w = weight[r]
+            i = w * i_prf[r] + (1.0 - w) * sum_i
+            v = w * v_prf[r] + (1.0 - w) * sum_v
+        scaled_i[r] = i * correction[r] / g[r]
+        scaled_sigma[r] = np.sqrt(max(v, 0.0)) * correction[r] / g[r]
+
+
+def _dataset_group_sort(asu_index, rows_per_dataset):
+    """(order, group_start, dataset_groups, row_start) of rows in dataset order: a stable
+    permutation sorting by (dataset, ASU index), the group offsets, each dataset's first
+    group (n_datasets + 1) and first sorted row (n_datasets + 1)."""
+    n_datasets = len(rows_per_dataset)
+    counts = np.asarray(rows_per_dataset, dtype=np.int64)
+    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    keys = pack_indices(asu_index) if counts.sum() else np.zeros(0, dtype=np.int64)
+    dataset = np.repeat(np.arange(n_datasets, dtype=np.int64), counts)
+    span = int(keys.max()) + 1 if keys.size else 1
+    if span * max(n_datasets, 1) < (1 << 62):
+        order = np.argsort(dataset * span + keys, kind="stable")
+    else:
+        order = np.lexsort((keys, dataset))
+    sorted_keys, sorted_dataset = keys[order], dataset[order]
+    new_group = np.ones(order.size, dtype=bool)
+    if order.size:
+        new_group[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | \
+            (sorted_dataset[1:] != sorted_dataset[:-1])
+    first_rows = np.flatnonzero(new_group)
+    group_start = np.concatenate([first_rows, [order.size]]).astype(np.int64)
+    dataset_groups = np.searchsorted(first_rows, row_start).astype(np.int64)
+    return order, group_start, dataset_groups, row_start
+
+
+def choose_imids_per_dataset(pooled, rows_per_dataset, imids=None, log=None):
+    """The Imid with the lowest Rmeas of each dataset (joint_analysis=False), all datasets at
+    once; what choose_imid([dataset]) chose with one thread chunk, for any nproc and any
+    number of MPI ranks.
+
+    pooled: the arrays of choose_imid's datasets (test rows) of all datasets, in dataset
+    order, rows_per_dataset rows each (the dict is emptied). The rows are sorted by (dataset,
+    ASU index): in a rank-local job a rank's rows of a dataset are its own groups, in key
+    order, so every per-dataset sum (the candidates' mean of I_sum/p, and per candidate the
+    Rmeas sums) is one sequential pass over the dataset's groups continued from rank to rank
+    (rank_local.sequential_over_ranks) with the state of all datasets in one array: one
+    collective per pass, not per dataset. The maxima are an elementwise maximum over ranks.
+    The mean is that sequential sum over the rows in key order (np.mean's pairwise sum over
+    the rows in input order before session 12: README issue 11)."""
+    from ..backends import rank_local
+
+    n_datasets = len(rows_per_dataset)
+    order, group_start, dataset_groups, row_start = _dataset_group_sort(
+        pooled.pop("asu_index"), rows_per_dataset)
+    for name in list(pooled):
+        pooled[name] = pooled.pop(name)[order]
+    del order
+    cat = pooled
+    if imids:
+        counts = rank_local.totals(np.diff(row_start))
+        candidates = [list(imids) if counts[d] else [] for d in range(n_datasets)]
+    else:
+        def add_ratios(state):
+            dataset_ratio_sums_kernel(cat["i_sum"], cat["partiality"], row_start, state)
+
+        sums = rank_local.sequential_over_ranks(np.zeros((2, n_datasets)), add_ratios)
+        p = np.where(cat["partiality"] > 0, cat["partiality"], 1.0)
+        ratio = cat["i_sum"] / p
+        del p
+        local_max = np.full(n_datasets, -np.inf)
+        nonempty = np.flatnonzero(np.diff(row_start) > 0)
+        if nonempty.size:
+            local_max[nonempty] = np.maximum.reduceat(ratio, row_start[nonempty])
+        del ratio
+        maxima = rank_local.maximum(local_max)
+        candidates = [_candidates(float(sums[0, d]) / float(sums[1, d]), float(maxima[d]))
+                      if sums[1, d] > 0 else [] for d in range(n_datasets)]
+    n_passes = max((len(c) for c in candidates), default=0)
+    table = np.zeros((n_datasets, max(n_passes, 1)))
+    for d, values in enumerate(candidates):
+        table[d, :len(values)] = values
+    length = np.array([len(c) for c in candidates], dtype=np.int64)
+    dataset_of_row = np.repeat(np.arange(n_datasets, dtype=np.int64), np.diff(row_start))
+    scaled_i = np.empty(cat["i_sum"].size)
+    scaled_sigma = np.empty(cat["i_sum"].size)
+    scores = np.full((n_datasets, max(n_passes, 1)), -1.0)
+    for k in range(n_passes):
+        active = length > k
+        row_imid = table[dataset_of_row, k]
+        # the weights go into scaled_i: the kernel reads weight[r] before it writes it
+        weight = profile_weight(cat["i_sum"], row_imid, out=scaled_i)
+        scaled_combined_rows_kernel(cat["i_prf"], cat["v_prf"], cat["i_sum"], cat["v_sum"],
+                                    cat["partiality"], cat["correction"], cat["g"],
+                                    row_imid, weight, scaled_i, scaled_sigma)
+        del weight, row_imid
+
+        def add_rmeas(state):
+            dataset_rmeas_kernel(scaled_i, scaled_sigma, group_start, dataset_groups, active,
+                                 state)
+
+        num, den, kept = rank_local.sequential_over_ranks(np.zeros((3, n_datasets)),
+                                                          add_rmeas)
+        ok = active & (kept >= 2) & (den > 0)
+        scores[ok, k] = num[ok] / den[ok]
+    chosen = []
+    for d, values in enumerate(candidates):
+        best, best_score = 0.0, None
+        for k, imid in enumerate(values):
+            score = float(scores[d, k])
+            if log is not None:
+                log(f"  Imid {imid:.6g}: Rmeas {score:.5f}")
+            if score < 0:
+                continue
+            if best_score is None or score < best_score:
+                best, best_score = imid, score
+        chosen.append(best)
+    return chosen
 
 
 def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
@@ -257,9 +426,9 @@ def choose_imid(datasets, imids=None, nproc=1, log=None, by_key_blocks=False):
     partition is active (rmeas_sorted; issue 11): each MPI rank then combines and sums only
     the rows of its own blocks, and the avg candidate's mean is a block-tree sum too
     (candidate_imids_sorted). Always so in a rank-local job (each rank's datasets hold only
-    its own groups' rows). Without: per-thread chunks and np.mean (hundreds of mostly empty
-    blocks per dataset would cost more than a per-dataset search of many small datasets:
-    see PER_DATASET_KEY_BLOCKS_MAX).
+    its own groups' rows). Without: per-thread chunks and np.mean, whose bits depend on
+    nproc (the program calls it with key blocks only since session 12; many datasets go to
+    choose_imids_per_dataset: see PER_DATASET_KEY_BLOCKS_MAX).
     """
     # the datasets' arrays are released as they are joined (the caller is done with them);
     # one dataset's (the joint analysis) are taken as they are: a joined copy of each beside
