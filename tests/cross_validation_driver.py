@@ -109,6 +109,16 @@ def run(params, inputs, log):
     return None
 
 
+# The mixed case (one configuration rank-local, one repeated on every rank): every real
+# configuration runs rank-local since session 12, so the test names a bool parameter whose
+# True value is kept off the rank-local path, a stand-in for one the ranks could not share.
+REPEATED_WHEN_TRUE = os.environ.get("CV_REPEATED_WHEN_TRUE")
+if REPEATED_WHEN_TRUE:
+    from dials_vmerge.model.base import param
+
+    pipeline.RANK_LOCAL_CONDITIONS.append(
+        lambda params: not param(params, REPEATED_WHEN_TRUE, False))
+
 main = Program(name="cross_validation_driver", phil_files=vmerge.PHIL_FILES, run=run,
                help="").main
 

@@ -12,9 +12,9 @@ float.hex on every rank; every rank's log (the summary table included) against o
 process's; the partition ran once per rank and each job held only the rank's rows, with the
 input table gone; the first job's scaled rows gathered from the ranks equal one process's;
 and its work and free Rmeas against an independent recomputation from those rows (numpy
-group sums over cctbx's ASU indices). Also: a configuration that is not rank-local
-(a per-dataset Imid search over 200 stills) keeps the repeated path for its jobs with the same table, and a bad
-parameter under MPI is one line on stderr, exit 1.
+group sums over cctbx's ASU indices). Also: a configuration that is not rank-local (a
+stand-in: every real one is rank-local since session 12) keeps the repeated path for its
+jobs with the same table, and a bad parameter under MPI is one line on stderr, exit 1.
 """
 
 import json
@@ -43,11 +43,11 @@ CASES = {
 }
 
 
-def run_driver(expt, refl, cwd, n_ranks=None, extra=()):
+def run_driver(expt, refl, cwd, n_ranks=None, extra=(), env_extra=None):
     command = [sys.executable, DRIVER, expt, refl, "nproc=1"] + list(extra)
     if n_ranks is not None:
         command = [launcher(), "-n", str(n_ranks)] + command
-    env = dict(os.environ, CV_OUT=str(cwd / "out.npz"))
+    env = dict(os.environ, CV_OUT=str(cwd / "out.npz"), **(env_extra or {}))
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env,
                           timeout=TIMEOUT_S)
 
@@ -199,19 +199,17 @@ def test_work_and_free_rmeas_against_an_independent_recomputation(results, name)
 
 
 def test_configuration_not_rank_local_keeps_the_repeated_path(datasets, tmp_path):
-    """parameter=reflection_selection.combine.joint_analysis on 200 stills: the False job (a
-    per-dataset Imid search over more than 64 datasets) is not rank-local (every rank scales
-    all rows), the True job is (partitioned for that job); the results are one process's,
-    bit for bit. (anomalous=True, the mixed case before session 12's anomalous work, is
-    rank-local now.)"""
+    """parameter=anomalous with the anomalous=True job kept off the rank-local path (the
+    driver's CV_REPEATED_WHEN_TRUE: every real configuration is rank-local since session 12):
+    that job scales all rows on every rank, the anomalous=False job is rank-local
+    (partitioned for that job); the results are one process's, bit for bit."""
     expt, refl = datasets["stills200"]
-    extra = ["cross_validation.cross_validation_mode=multi",
-             "cross_validation.parameter=reflection_selection.combine.joint_analysis"]
+    extra = ["cross_validation.cross_validation_mode=multi", "cross_validation.parameter=anomalous"]
     out = {}
     for n_ranks in (None, 2):
         d = tmp_path / f"ranks{n_ranks}"
         d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks, extra)
+        done = run_driver(expt, refl, d, n_ranks, extra, {"CV_REPEATED_WHEN_TRUE": "anomalous"})
         assert done.returncode == 0, done.stderr
         out[n_ranks] = dict(np.load(d / "out.npz"))
     one_results = json.loads(str(out[None]["results"]))[0]
@@ -220,7 +218,7 @@ def test_configuration_not_rank_local_keeps_the_repeated_path(datasets, tmp_path
         assert rank_results == one_results
     n_rows = int(out[None]["input_rows"][0])
     jobs = json.loads(str(out[2]["jobs"]))
-    # every job is given all rows (the repeated path needs them); the joint_analysis=True job
+    # every job is given all rows (the repeated path needs them); the anomalous=False job
     # takes its rank's rows itself (its own partition, once per rank), the other none
     assert all(job["rows"] == n_rows and not job["rank_rows"]
                for rank_jobs in jobs for job in rank_jobs)
