@@ -18,3 +18,13 @@ def quartz_dir():
 
 def data_path(*parts):
     return os.path.join(DATA, *parts)
+
+
+@pytest.fixture(scope="session")
+def rank_local_simulations(tmp_path_factory):
+    """mpi_helpers.RANK_LOCAL_SIMULATIONS' inputs, simulated once for every test file that
+    compares one process with MPI ranks on them (their outputs go elsewhere)."""
+    import mpi_helpers
+
+    return mpi_helpers.simulated_inputs(tmp_path_factory.mktemp("rank_local_inputs"),
+                                        mpi_helpers.RANK_LOCAL_SIMULATIONS)

@@ -70,3 +70,26 @@ def comparable_log(path):
             continue
         keep.append(line)
     return keep
+
+
+# The two simulations the rank-local test files scale (3 sweeps of a rotation, 200 KB stills),
+# made once per test session (conftest.py's rank_local_simulations).
+RANK_LOCAL_SIMULATIONS = {
+    "sweeps3": ["rotation.n_sweeps=3", "n_obs_target=45000", "noise.outlier_fraction=0.01",
+                "seed=5"],
+    "stills200": ["mode=stills", "stills.n_images=200", "model=KB", "crystal.d_min=6",
+                  "seed=4"],
+}
+
+
+def simulated_inputs(root, simulations, timeout_s=300):
+    """{name: (simulated.expt, simulated.refl)}: dials.vmerge.simulate with each name's
+    arguments, in root/name."""
+    out = {}
+    for name, args in simulations.items():
+        directory = root / name
+        directory.mkdir()
+        done = run(["dials.vmerge.simulate"] + list(args), cwd=directory, timeout_s=timeout_s)
+        assert done.returncode == 0, done.stderr
+        out[name] = (str(directory / "simulated.expt"), str(directory / "simulated.refl"))
+    return out

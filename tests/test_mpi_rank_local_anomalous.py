@@ -204,22 +204,14 @@ def test_likelihood_bins_ties_follow_the_hkl_order():
 @pytest.fixture(scope="module")
 def simulations(tmp_path_factory):
     pytest.importorskip("mpi4py")
-    root = tmp_path_factory.mktemp("anomalous_inputs")
-    out = {}
-    for name, args in (
+    return mpi_helpers.simulated_inputs(tmp_path_factory.mktemp("anomalous_inputs"), {
         # ~33 000 rows: 8 key blocks, each sweep above the E^2 normalisation threshold
-        ("rotation", ["rotation.n_sweeps=3", "n_obs_target=30000", "crystal.anomalous=True",
-                      "seed=5"]),
+        "rotation": ["rotation.n_sweeps=3", "n_obs_target=30000", "crystal.anomalous=True",
+                     "seed=5"],
         # ~25 600 rows; at N = 3 some stills have no row on some rank
-        ("stills", ["mode=stills", "stills.n_images=200", "model=KB", "crystal.d_min=4",
-                    "crystal.anomalous=True", "seed=4"]),
-    ):
-        d = root / name
-        d.mkdir()
-        done = mpi_helpers.run(["dials.vmerge.simulate"] + args, cwd=d, timeout_s=TIMEOUT_S)
-        assert done.returncode == 0, done.stderr
-        out[name] = (str(d / "simulated.expt"), str(d / "simulated.refl"))
-    return out
+        "stills": ["mode=stills", "stills.n_images=200", "model=KB", "crystal.d_min=4",
+                   "crystal.anomalous=True", "seed=4"],
+    }, timeout_s=TIMEOUT_S)
 
 
 def _run(inputs, directory, n_ranks, extra):

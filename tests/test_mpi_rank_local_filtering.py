@@ -45,21 +45,8 @@ CONFIGURATIONS = {
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("filtering_inputs")
-    out = {}
-    for name, args in (
-        ("sweeps3", ["rotation.n_sweeps=3", "n_obs_target=45000", "noise.outlier_fraction=0.01",
-                     "seed=5"]),
-        ("stills200", ["mode=stills", "stills.n_images=200", "model=KB", "crystal.d_min=6",
-                       "seed=4"]),
-    ):
-        d = root / name
-        d.mkdir()
-        done = mpi_helpers.run(["dials.vmerge.simulate"] + args, cwd=d, timeout_s=TIMEOUT_S)
-        assert done.returncode == 0, done.stderr
-        out[name] = (str(d / "simulated.expt"), str(d / "simulated.refl"))
-    return out
+def datasets(rank_local_simulations):
+    return rank_local_simulations
 
 
 def scaling_jobs(log_text):
