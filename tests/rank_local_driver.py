@@ -48,6 +48,14 @@ def gather(obj):
 
 def run(params, inputs, log):
     pipeline.RANK_LOCAL_OUTPUT_READY = True
+    repeated_when_true = os.environ.get("RANK_LOCAL_REPEATED_WHEN_TRUE")
+    if repeated_when_true:
+        # a bool parameter whose True value is kept off the rank-local path: the test of the
+        # repeated path's stand-in (every real configuration is rank-local since session 12)
+        from dials_vmerge.model.base import param
+
+        pipeline.RANK_LOCAL_CONDITIONS.append(
+            lambda p: not param(p, repeated_when_true, False))
     recording = RecordingLog(log)
     rows_in = inputs.reflections.nrows
     if os.environ.get("RANK_LOCAL_IN_MEMORY"):

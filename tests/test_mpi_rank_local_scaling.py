@@ -37,11 +37,11 @@ FLOATS = ("inverse_scale_factor", "inverse_scale_factor_variance", "intensity_sc
 EXACT = ("flags", "original_index", "id", "key")
 
 
-def run_driver(expt, refl, cwd, n_ranks=None, extra=(), in_memory=False):
+def run_driver(expt, refl, cwd, n_ranks=None, extra=(), in_memory=False, env_extra=None):
     command = [sys.executable, DRIVER, expt, refl] + PARAMS + list(extra)
     if n_ranks is not None:
         command = [launcher(), "-n", str(n_ranks)] + command
-    env = dict(os.environ, RANK_LOCAL_OUT=str(cwd / "out.npz"))
+    env = dict(os.environ, RANK_LOCAL_OUT=str(cwd / "out.npz"), **(env_extra or {}))
     if in_memory:
         env["RANK_LOCAL_IN_MEMORY"] = "1"
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env,
@@ -400,18 +400,18 @@ def test_reference_scaling_of_stills_on_three_ranks(datasets, tmp_path, tmp_path
 
 
 def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tmp_path):
-    """With a per-dataset Imid search over more than 64 datasets (not rank-local: its sums
-    go per thread chunk, not by key blocks; 200 stills) every rank holds and scales every
-    row, as before, and the rows gathered from rank 0 are those of one process run the same
-    way. (anomalous=True was the example here until it ran rank-local, session 12.)"""
+    """A configuration kept off the rank-local path (anomalous=True, by the driver's
+    RANK_LOCAL_REPEATED_WHEN_TRUE: every real configuration is rank-local since session 12,
+    the per-dataset Imid search of 200 stills, the example before, included): every rank
+    holds and scales every row, and the rows gathered from rank 0 are those of one process
+    run the same way."""
     expt, refl = datasets["stills200"]
     out = {}
     for n_ranks in (None, 2):
         d = tmp_path / f"ranks{n_ranks}"
         d.mkdir()
-        done = run_driver(expt, refl, d, n_ranks,
-                          extra=["reflection_selection.combine.joint_analysis=False",
-                                 "reflection_selection.intensity_choice=combine"])
+        done = run_driver(expt, refl, d, n_ranks, extra=["anomalous=True"],
+                          env_extra={"RANK_LOCAL_REPEATED_WHEN_TRUE": "anomalous"})
         assert done.returncode == 0, done.stderr
         out[n_ranks] = dict(np.load(d / "out.npz"))
     assert not out[2]["rank_local"].any()
@@ -421,6 +421,6 @@ def test_unsupported_configuration_keeps_the_repeated_path(datasets, results, tm
     first = out[2]["rank"] == 0
     for column in FLOATS + EXACT:
         np.testing.assert_array_equal(out[None][column], out[2][column][first], err_msg=column)
-    # and the per-dataset Imid search changed the scales (not the rank-local run's rows)
+    # and anomalous=True changed the scales (not the rank-local run's rows)
     assert not np.array_equal(out[None]["inverse_scale_factor"],
                               results["stills200", None]["inverse_scale_factor"])
