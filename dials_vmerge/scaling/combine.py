@@ -47,6 +47,27 @@ def profile_weight(i_sum, imid, out=None):
     return w
 
 
+@njit(cache=True)
+def _scaled_combined_row(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid, weight,
+                         r, scaled_i, scaled_sigma):
+    """Row r of scaled_combined_kernel with Imid `imid` (both kernels' arithmetic)."""
+    p = partiality[r] if partiality[r] > 0 else 1.0
+    sum_i = i_sum[r] / p
+    sum_v = v_sum[r] / (p * p)
+    if imid == 0:
+        i = i_prf[r]
+        v = v_prf[r]
+    elif imid == 1:
+        i = sum_i
+        v = sum_v
+    else:
+        w = weight[r]
+        i = w * i_prf[r] + (1.0 - w) * sum_i
+        v = w * v_prf[r] + (1.0 - w) * sum_v
+    scaled_i[r] = i * correction[r] / g[r]
+    scaled_sigma[r] = np.sqrt(max(v, 0.0)) * correction[r] / g[r]
+
+
 @parallel_when_large
 def scaled_combined_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid,
                            weight, scaled_i, scaled_sigma):
@@ -54,21 +75,8 @@ def scaled_combined_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correction, g
     with the same operations (no temporaries for the Imid search). weight: profile_weight
     for Imid other than 0 and 1 (unused otherwise)."""
     for r in prange(i_prf.size):
-        p = partiality[r] if partiality[r] > 0 else 1.0
-        sum_i = i_sum[r] / p
-        sum_v = v_sum[r] / (p * p)
-        if imid == 0:
-            i = i_prf[r]
-            v = v_prf[r]
-        elif imid == 1:
-            i = sum_i
-            v = sum_v
-        else:
-            w = weight[r]
-            i = w * i_prf[r] + (1.0 - w) * sum_i
-            v = w * v_prf[r] + (1.0 - w) * sum_v
-        scaled_i[r] = i * correction[r] / g[r]
-        scaled_sigma[r] = np.sqrt(max(v, 0.0)) * correction[r] / g[r]
+        _scaled_combined_row(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid,
+                             weight, r, scaled_i, scaled_sigma)
 
 
 def candidate_imids(i_sum, partiality):
@@ -291,21 +299,8 @@ def scaled_combined_rows_kernel(i_prf, v_prf, i_sum, v_sum, partiality, correcti
                                 imid, weight, scaled_i, scaled_sigma):
     """scaled_combined_kernel with one Imid per row (imid[r])."""
     for r in prange(i_prf.size):
-        p = partiality[r] if partiality[r] > 0 else 1.0
-        sum_i = i_sum[r] / p
-        sum_v = v_sum[r] / (p * p)
-        if imid[r] == 0:
-            i = i_prf[r]
-            v = v_prf[r]
-        elif imid[r] == 1:
-            i = sum_i
-            v = sum_v
-        else:
-            w = weight[r]
-            i = w * i_prf[r] + (1.0 - w) * sum_i
-            v = w * v_prf[r] + (1.0 - w) * sum_v
-        scaled_i[r] = i * correction[r] / g[r]
-        scaled_sigma[r] = np.sqrt(max(v, 0.0)) * correction[r] / g[r]
+        _scaled_combined_row(i_prf, v_prf, i_sum, v_sum, partiality, correction, g, imid[r],
+                             weight, r, scaled_i, scaled_sigma)
 
 
 def _dataset_group_sort(asu_index, rows_per_dataset):
