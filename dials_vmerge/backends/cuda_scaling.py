@@ -382,18 +382,8 @@ class CudaScalingTarget(ScalingTarget):
             return ScalingTarget.value_and_gradient(self, x)
         if self._key_bounds is not None:
             phi, grad_cols = self._key_block_target(x)
-            if self._kind == "physical":
-                grad = np.zeros(self.n_par)
-                np.add.at(grad, self.full_to_free[self.free_entries],
-                          grad_cols[:self.fused.n_full][self.free_entries])
-            else:
-                grad = grad_cols
-            wr = self.restraint_weights
-            phi += float(np.sum(wr * x * x))
-            grad = grad + 2.0 * wr * x
-            self.last_phi = phi
-            return phi, grad
-        if self._kind == "host-model" and not self.host_resident:
+            grad = self._free_gradient(grad_cols)
+        elif self._kind == "host-model" and not self.host_resident:
             g, values, cols = self._ell(x)
             if self._device_target is None or not np.array_equal(cols, self._cols):
                 self._cols = cols
@@ -425,19 +415,23 @@ class CudaScalingTarget(ScalingTarget):
                 self._device_model(x)
                 phi, grad_cols = self._device_target.evaluate(self._g[:self._n],
                                                               self._deriv[:self._n])
-            if self._kind == "physical":
-                grad_full = grad_cols[:self.fused.n_full]
-                grad = np.zeros(self.n_par)
-                # as the CPU path: fixed order of the full entries, shared components add up
-                np.add.at(grad, self.full_to_free[self.free_entries],
-                          grad_full[self.free_entries])
-            else:
-                grad = grad_cols
+            grad = self._free_gradient(grad_cols)
         wr = self.restraint_weights
         phi += float(np.sum(wr * x * x))
         grad = grad + 2.0 * wr * x
         self.last_phi = phi
         return phi, grad
+
+    def _free_gradient(self, grad_cols):
+        """The gradient in the free parameters from the device's per-column gradient (the
+        physical model's full entries mapped as the CPU path: fixed order, shared components
+        add up)."""
+        if self._kind != "physical":
+            return grad_cols
+        grad = np.zeros(self.n_par)
+        np.add.at(grad, self.full_to_free[self.free_entries],
+                  grad_cols[:self.fused.n_full][self.free_entries])
+        return grad
 
     def normal_free_columns(self):
         """The ELL columns of the device dg/dp in the free vector (-1: fixed or guard)."""

@@ -297,6 +297,17 @@ class DeviceTarget:
                 None if device_group_start is None else device_group_start[g_lo:g_hi + 1],
                 None if device_cols is None else device_cols[lo:hi]))
 
+    def _residuals_and_gradient(self, g, deriv_values, batch, stream):
+        """One batch's residual pass and, with parameters, its per-segment gradient partials
+        (the launch of evaluate and of evaluate_partials)."""
+        self._residuals(g, batch, stream)
+        if self.n_params:
+            sl = slice(batch.obs_lo, batch.obs_hi)
+            n_threads = batch.n_segments * self.n_params
+            gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
+                self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
+                batch.grad_partial)
+
     def _residuals(self, g, batch, stream=0):
         sl = slice(batch.obs_lo, max(batch.obs_hi, batch.obs_lo + 1))
         group_residual_kernel[batch.group_blocks, THREADS_PER_BLOCK, stream](
@@ -316,16 +327,11 @@ class DeviceTarget:
         streams = self._streams()
 
         def launch(batch, stream_index, stream):
-            sl = slice(batch.obs_lo, batch.obs_hi)
             if g_host is not None:
+                sl = slice(batch.obs_lo, batch.obs_hi)
                 g[sl].copy_to_device(g_host[sl], stream=stream)
                 deriv_values[sl].copy_to_device(deriv_host[sl], stream=stream)
-            self._residuals(g, batch, stream)
-            if self.n_params:
-                n_threads = batch.n_segments * self.n_params
-                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
-                    self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
-                    batch.grad_partial)
+            self._residuals_and_gradient(g, deriv_values, batch, stream)
 
         return sum_batches_on_streams([b for b in self.batches if b.n_obs], streams,
                                       self.n_params, launch)
@@ -337,13 +343,7 @@ class DeviceTarget:
         streams = self._streams()
 
         def launch(batch, stream_index, stream):
-            sl = slice(batch.obs_lo, batch.obs_hi)
-            self._residuals(g, batch, stream)
-            if self.n_params:
-                n_threads = batch.n_segments * self.n_params
-                gradient_segment_kernel[_blocks(n_threads), THREADS_PER_BLOCK, stream](
-                    self.factor[sl], deriv_values[sl], batch.entry_flat, batch.entry_offset,
-                    batch.grad_partial)
+            self._residuals_and_gradient(g, deriv_values, batch, stream)
 
         used = [k for k, b in enumerate(self.batches) if b.n_obs]
         phi_used, grad_used = batch_partials_on_streams([self.batches[k] for k in used],
