@@ -27,30 +27,10 @@ from dials_vmerge.backends import mpi_world
 from dials_vmerge.cli import Program
 from dials_vmerge.command_line import vmerge
 from dials_vmerge.scaling import free_set
+from rank_local_driver import RecordingLog, gather, repeat_when_true  # this directory's
 
 COLUMNS = ("miller_index", "inverse_scale_factor", "intensity.scale.value",
            "intensity.scale.variance", "flags")
-
-
-def gather(obj):
-    if mpi_world.n_ranks() == 1:
-        return [obj]
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.gather(obj, root=0)
-
-
-class RecordingLog:
-    def __init__(self, log):
-        self.log, self.lines = log, []
-
-    def info(self, message, *args):
-        self.lines.append(str(message))
-        self.log.info(message, *args)
-
-    def warning(self, message, *args):
-        self.lines.append(str(message))
-        self.log.warning(message, *args)
 
 
 def run(params, inputs, log):
@@ -109,15 +89,9 @@ def run(params, inputs, log):
     return None
 
 
-# The mixed case (one configuration rank-local, one repeated on every rank): every real
-# configuration runs rank-local since session 12, so the test names a bool parameter whose
-# True value is kept off the rank-local path, a stand-in for one the ranks could not share.
-REPEATED_WHEN_TRUE = os.environ.get("CV_REPEATED_WHEN_TRUE")
-if REPEATED_WHEN_TRUE:
-    from dials_vmerge.model.base import param
-
-    pipeline.RANK_LOCAL_CONDITIONS.append(
-        lambda params: not param(params, REPEATED_WHEN_TRUE, False))
+# The mixed case (one configuration rank-local, one repeated on every rank) needs a stand-in:
+# the test names a bool parameter whose True value is kept off the rank-local path.
+repeat_when_true(os.environ.get("CV_REPEATED_WHEN_TRUE"))
 
 main = Program(name="cross_validation_driver", phil_files=vmerge.PHIL_FILES, run=run,
                help="").main

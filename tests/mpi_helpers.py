@@ -93,3 +93,24 @@ def simulated_inputs(root, simulations, timeout_s=300):
         assert done.returncode == 0, done.stderr
         out[name] = (str(directory / "simulated.expt"), str(directory / "simulated.refl"))
     return out
+
+
+def runs_at_one_two_three(args, tmp_path, timeout_s=300):
+    """{None, 2, 3: output directory} of `args` run as one process and at 2 and 3 ranks."""
+    runs = {}
+    for n_ranks in (None, 2, 3):
+        directory = tmp_path / f"ranks{n_ranks}"
+        directory.mkdir()
+        done = run(args, cwd=directory, n_ranks=n_ranks, timeout_s=timeout_s)
+        assert done.returncode == 0, done.stderr
+        runs[n_ranks] = directory
+    return runs
+
+
+def assert_same_files_and_log(one, many, outputs, n_ranks):
+    """`outputs` byte-identical in directories one and many, and their dials.vmerge.log equal
+    apart from timings and MPI lines."""
+    for output in outputs:
+        assert (one / output).read_bytes() == (many / output).read_bytes(), (n_ranks, output)
+    assert (comparable_log(one / "dials.vmerge.log")
+            == comparable_log(many / "dials.vmerge.log")), n_ranks

@@ -46,16 +46,19 @@ def gather(obj):
     return MPI.COMM_WORLD.gather(obj, root=0)
 
 
-def run(params, inputs, log):
-    pipeline.RANK_LOCAL_OUTPUT_READY = True
-    repeated_when_true = os.environ.get("RANK_LOCAL_REPEATED_WHEN_TRUE")
-    if repeated_when_true:
-        # a bool parameter whose True value is kept off the rank-local path: the test of the
-        # repeated path's stand-in (every real configuration is rank-local since session 12)
+def repeat_when_true(name):
+    """Keep jobs whose bool parameter `name` is True off the rank-local path (None: none):
+    the repeated path's tests need a stand-in, every real configuration being rank-local
+    since session 12."""
+    if name:
         from dials_vmerge.model.base import param
 
-        pipeline.RANK_LOCAL_CONDITIONS.append(
-            lambda p: not param(p, repeated_when_true, False))
+        pipeline.RANK_LOCAL_CONDITIONS.append(lambda p: not param(p, name, False))
+
+
+def run(params, inputs, log):
+    pipeline.RANK_LOCAL_OUTPUT_READY = True
+    repeat_when_true(os.environ.get("RANK_LOCAL_REPEATED_WHEN_TRUE"))
     recording = RecordingLog(log)
     rows_in = inputs.reflections.nrows
     if os.environ.get("RANK_LOCAL_IN_MEMORY"):

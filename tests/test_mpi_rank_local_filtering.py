@@ -60,20 +60,10 @@ def test_filtering_outputs_identical_at_one_two_three_ranks(datasets, tmp_path, 
     data, extra = CONFIGURATIONS[name]
     expt, refl = datasets[data]
     args = ["dials.vmerge", expt, refl] + FILTER + extra
-    runs = {}
-    for n_ranks in (None, 2, 3):
-        d = tmp_path / f"ranks{n_ranks}"
-        d.mkdir()
-        done = mpi_helpers.run(args, cwd=d, n_ranks=n_ranks, timeout_s=TIMEOUT_S)
-        assert done.returncode == 0, done.stderr
-        runs[n_ranks] = d
+    runs = mpi_helpers.runs_at_one_two_three(args, tmp_path, TIMEOUT_S)
     one = runs[None]
     for n_ranks in (2, 3):
-        for output in OUTPUTS:
-            assert (one / output).read_bytes() == (runs[n_ranks] / output).read_bytes(), \
-                (n_ranks, output)
-        assert (mpi_helpers.comparable_log(one / "dials.vmerge.log")
-                == mpi_helpers.comparable_log(runs[n_ranks] / "dials.vmerge.log")), n_ranks
+        mpi_helpers.assert_same_files_and_log(one, runs[n_ranks], OUTPUTS, n_ranks)
         # every scaling job of the cycles ran on the ranks' own rows: one line per job, the
         # ranks' rows adding up, fewer rows once datasets were removed
         text = (runs[n_ranks] / "dials.vmerge.log").read_text()
